@@ -1,0 +1,141 @@
+"""`instill`: run, validate and summarise sweeps."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXAMPLES = """\
+examples:
+  instill validate configs/quickstart.yaml
+      check a sweep file and show its grid, without running anything
+  instill run configs/quickstart.yaml --out runs/quickstart
+      run the sweep on a local Ray started for it; results in runs/quickstart/results.parquet,
+      summary table and plots in runs/quickstart/report/
+  instill run configs/quickstart.yaml --out runs/quickstart
+      (again, after an interruption) resume: only unfinished or failed trials run
+  instill run configs/arithmetic-paper.yaml --out /shared/paper --address auto
+      join the running Ray cluster instead of starting a local one
+  instill status runs/quickstart
+      counts of done, pending and failed trials, and each failure's error
+  instill report runs/quickstart
+      rebuild the summary table and the data-efficiency plots
+"""
+
+EXIT_BAD_INPUT = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="instill",
+        description="Reproducible sweeps of Subtask Induction and comparison methods on Ray Tune.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run (or resume) a sweep",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("sweep", type=Path, help="YAML sweep file")
+    run.add_argument(
+        "--out", type=Path, required=True, help="output directory (resumed if it holds this sweep)"
+    )
+    run.add_argument(
+        "--address", help="Ray cluster address ('auto' for the local cluster); default: start one"
+    )
+    run.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started when no --address is given")
+    run.add_argument("--force", action="store_true", help="run even if --out holds a different sweep")
+    run.add_argument("--no-report", action="store_true", help="skip the summary table and plots")
+
+    validate = sub.add_parser("validate", help="check a sweep file and print its grid")
+    validate.add_argument("sweep", type=Path)
+
+    status = sub.add_parser("status", help="counts of done, pending and failed trials in an output directory")
+    status.add_argument("out", type=Path)
+
+    report = sub.add_parser("report", help="write the summary table and plots of an output directory")
+    report.add_argument("out", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from orchestrator.config import ConfigError
+
+    try:
+        return {"run": _run, "validate": _validate, "status": _status, "report": _report}[args.command](args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _validate(args) -> int:
+    from orchestrator.config import load_sweep_file
+    from orchestrator.trial import expand, upstream_keys
+
+    sweep = load_sweep_file(args.sweep)
+    specs = expand(sweep)
+    sources = {k for s in specs for k in upstream_keys(sweep, s) if k[0] == "source"}
+    masks = {k for s in specs for k in upstream_keys(sweep, s) if k[0] == "mask"}
+    print(f"{args.sweep}: valid sweep {sweep.name!r} (config hash {sweep.config_hash})")
+    print(f"  task {sweep.task.name}, model {sweep.model.name}")
+    print(f"  methods {', '.join(sweep.methods)}")
+    print(f"  sparsities {list(sweep.sparsities)}, seeds {list(sweep.seeds)}")
+    print(f"  data fractions {list(sweep.data_fractions)}")
+    print(f"  {len(specs)} trials, {len(sources)} source models, {len(masks)} masks")
+    return 0
+
+
+def _run(args) -> int:
+    from orchestrator.config import load_sweep_file
+    from orchestrator.sweep import run_sweep
+
+    sweep = load_sweep_file(args.sweep)
+    outcome = run_sweep(sweep, args.out, address=args.address, num_cpus=args.num_cpus, force=args.force)
+    print(
+        f"{outcome.ran} trials run, {outcome.skipped} already done, {outcome.failed} failed "
+        f"in {outcome.wall_s:.0f} s; results: {outcome.out_dir / 'results.parquet'}"
+    )
+    if not args.no_report:
+        from orchestrator.report import write_report
+
+        report_dir = write_report([outcome.out_dir])
+        print((report_dir / "summary.md").read_text())
+        print(f"report: {report_dir}")
+    if outcome.failed:
+        _print_failures(outcome.table)
+        return 1
+    return 0
+
+
+def _status(args) -> int:
+    from orchestrator.status import sweep_status
+
+    text, failed = sweep_status(args.out)
+    print(text)
+    return 0
+
+
+def _report(args) -> int:
+    from orchestrator.report import write_report
+
+    report_dir = write_report([args.out])
+    print((report_dir / "summary.md").read_text())
+    print(f"report: {report_dir}")
+    return 0
+
+
+def _print_failures(table) -> None:
+    failed = table[table["status"] == "failed"]
+    print(f"{len(failed)} trial(s) failed:", file=sys.stderr)
+    for _, row in failed.iterrows():
+        print(f"  {row['trial']}: {row['error']}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

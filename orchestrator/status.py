@@ -1,0 +1,40 @@
+"""`instill status OUT`: where a sweep stands, from its output directory alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from orchestrator.config import ConfigError, load_sweep
+
+
+def sweep_status(out_dir: Path) -> tuple[str, int]:
+    """A printable summary and the number of failed trials."""
+    from orchestrator.sweep import read_row, row_path
+    from orchestrator.trial import expand
+
+    marker = Path(out_dir) / "sweep.json"
+    if not marker.exists():
+        raise ConfigError(
+            f"{out_dir}: not a sweep output directory (no sweep.json); give the --out of `instill run`"
+        )
+    record = json.loads(marker.read_text())
+    sweep = load_sweep(record["config"], str(marker))
+    counts = {"done": 0, "running": 0, "pending": 0, "failed": 0}
+    failures = []
+    for spec in expand(sweep):
+        row = read_row(out_dir, spec, sweep.config_hash)
+        if row is None:
+            state = "running" if row_path(out_dir, spec).with_suffix(".running").exists() else "pending"
+        else:
+            state = row["status"]
+            if state == "failed":
+                failures.append(f"  {spec.name}: {row.get('error')}")
+        counts[state] += 1
+    total = sum(counts.values())
+    lines = [f"{out_dir}: sweep {sweep.name!r}, {total} trials"]
+    lines.append("  " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    if failures:
+        lines.append("failed trials:")
+        lines += failures
+    return "\n".join(lines), counts["failed"]

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Set-up, then the test suite (hermetic, CPU-only; GPU tests skip without a GPU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,210 @@
+"""The paper's modular-arithmetic experiment (METHOD.md, Experiment 1).
+
+Inputs are token sequences `[a, b, =]` with a, b in [0, operand_range) and `=` the token
+`operand_range`; the label is f(a, b) mod p, read at the last position.
+
+- base task: `a + ab` (the source model learns it, and with it the subtask `ab`);
+- subtask: `ab` (the mask is discovered on it);
+- downstream: `a^2 + ab`, trained on the *ambiguous* samples a == b (where a^2 + ab, 2a^2, 2b^2 and
+  a^2 + b^2 all agree) plus a budget of random *disambiguating* samples a != b.
+
+All splits come from one permutation of the a != b pairs, carved into disjoint pieces. The
+downstream pieces are carved first, so the base and subtask sizes never move them, and the budget
+n takes the first n of the pool, so budgets are nested.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator, model_validator
+from torch import nn
+
+from tasks import expr
+from tasks.base import MODELS, Split, StageData, register_task
+from tasks.config import Frozen
+from tasks.seeding import numpy_generator
+
+
+def _check_expression(text: str) -> str:
+    try:
+        expr.parse(text)
+    except expr.ExpressionError as err:
+        raise ValueError(str(err)) from None
+    return text
+
+
+class ModularArithmeticConfig(Frozen):
+    name: Literal["modular_arithmetic"] = "modular_arithmetic"
+    modulus: int = Field(7, ge=2, le=1_000_000)
+    operand_range: int = Field(1000, ge=3, description="a and b range over [0, operand_range)")
+    base: str = "a + ab"
+    subtask: str = "ab"
+    downstream: str = "a^2 + ab"
+    competing: tuple[str, ...] = ("2a^2", "2b^2")
+    n_base: int = Field(200_000, ge=10, description="base-task training samples")
+    n_subtask: int = Field(50_000, ge=10, description="subtask (mask discovery) training samples")
+    pool_size: int = Field(10_000, ge=0, description="disambiguating pool; n = fraction * pool_size")
+    n_val: int = Field(1000, ge=10)
+    n_test: int = Field(1000, ge=10)
+
+    @field_validator("base", "subtask", "downstream")
+    @classmethod
+    def _check_rule(cls, value: str) -> str:
+        return _check_expression(value)
+
+    @field_validator("competing")
+    @classmethod
+    def _check_competing(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_check_expression(v) for v in value)
+
+    @model_validator(mode="after")
+    def _check_sizes(self):
+        readings = [self.downstream, *self.competing]
+        slugs = [expr.slug(r) for r in readings]
+        if len(set(slugs)) != len(slugs):
+            raise ValueError(f"competing readings repeat the downstream or each other: {readings}")
+        a = np.arange(self.operand_range)
+        target = expr.evaluate(expr.parse(self.downstream), a, a, self.modulus)
+        for reading in self.competing:
+            if not np.array_equal(expr.evaluate(expr.parse(reading), a, a, self.modulus), target):
+                raise ValueError(
+                    f"competing reading {reading!r} disagrees with downstream {self.downstream!r} "
+                    "on the ambiguous samples (a == b), so it is not a competing reading; remove it"
+                )
+        needed = self.n_test + self.n_val + self.pool_size + 2 * self.n_val + self.n_base
+        needed += self.n_subtask
+        available = self.operand_range * (self.operand_range - 1)
+        if needed > available:
+            raise ValueError(
+                f"the splits need {needed} distinct (a, b) pairs with a != b but operand_range "
+                f"{self.operand_range} has only {available}: lower n_base, n_subtask or pool_size, "
+                "or raise operand_range"
+            )
+        return self
+
+
+@register_task("modular_arithmetic")
+class ModularArithmetic:
+    """Data and models for the modular-arithmetic experiment."""
+
+    Config = ModularArithmeticConfig
+    n_positions = 4  # [a, b, =, y] as in the paper; the model reads the first three
+    supported_models = ("gpt",)
+
+    def __init__(self, config: ModularArithmeticConfig):
+        self.config = config
+        self._base = expr.parse(config.base)
+        self._subtask = expr.parse(config.subtask)
+        self._downstream = expr.parse(config.downstream)
+        self._competing = {expr.slug(c): expr.parse(c) for c in config.competing}
+
+    def key_fields(self, stage: str) -> dict:
+        """The config fields that determine `stage`'s data ('source' or 'subtask'), and only those.
+
+        The splits are carved in a fixed order (test, val, pool, base_val, subtask_val, base,
+        subtask), so a split depends on its own rule and size and on the sizes carved before it.
+        """
+        c = self.config
+        common = {
+            "name": c.name,
+            "modulus": c.modulus,
+            "operand_range": c.operand_range,
+            "n_val": c.n_val,
+            "n_test": c.n_test,
+            "pool_size": c.pool_size,
+        }
+        if stage == "source":
+            return {**common, "base": c.base, "n_base": c.n_base}
+        if stage == "subtask":
+            return {**common, "subtask": c.subtask, "n_subtask": c.n_subtask, "n_base": c.n_base}
+        raise ValueError(f"unknown stage {stage!r}; use 'source' or 'subtask'")
+
+    # --- data -----------------------------------------------------------------------------
+
+    @functools.lru_cache(maxsize=4)  # noqa: B019 - a task object lives for one trial
+    def _pairs(self, seed: int) -> dict[str, np.ndarray]:
+        """Disjoint (a, b) index arrays for every split, from one permutation of the a != b pairs."""
+        c = self.config
+        r = c.operand_range
+        rng = numpy_generator(seed, "data")
+        # Index k over a != b pairs: a = k // (r - 1), b = the (k % (r - 1))-th value other than a.
+        order = rng.permutation(r * (r - 1))
+        sizes = {
+            "test": c.n_test,
+            "val": c.n_val,
+            "pool": c.pool_size,
+            "base_val": c.n_val,
+            "subtask_val": c.n_val,
+            "base": c.n_base,
+            "subtask": c.n_subtask,
+        }
+        out, start = {}, 0
+        for name, size in sizes.items():
+            k = order[start : start + size]
+            a = k // (r - 1)
+            b = k % (r - 1)
+            b = b + (b >= a)  # skip b == a
+            out[name] = np.stack([a, b], axis=1)
+            start += size
+        return out
+
+    def _split(self, ab: np.ndarray, rule: expr.Node, extra: bool = False) -> Split:
+        a, b = ab[:, 0], ab[:, 1]
+        p = self.config.modulus
+        eq = np.full_like(a, self.config.operand_range)
+        x = torch.from_numpy(np.stack([a, b, eq], axis=1))
+        labels = {"y": torch.from_numpy(expr.evaluate(rule, a, b, p))}
+        if extra:
+            for name, node in self._competing.items():
+                labels[name] = torch.from_numpy(expr.evaluate(node, a, b, p))
+        return Split(x, labels)
+
+    def ambiguous_pairs(self) -> np.ndarray:
+        a = np.arange(self.config.operand_range)
+        return np.stack([a, a], axis=1)
+
+    def base_data(self, seed: int) -> StageData:
+        pairs = self._pairs(seed)
+        return StageData(self._split(pairs["base"], self._base), self._split(pairs["base_val"], self._base))
+
+    def subtask_data(self, seed: int) -> StageData:
+        pairs = self._pairs(seed)
+        return StageData(
+            self._split(pairs["subtask"], self._subtask),
+            self._split(pairs["subtask_val"], self._subtask),
+        )
+
+    def downstream_size(self, data_fraction: float) -> int:
+        """Number of disambiguating samples at `data_fraction` of the pool."""
+        return int(round(data_fraction * self.config.pool_size))
+
+    def downstream_data(self, seed: int, data_fraction: float) -> StageData:
+        pairs = self._pairs(seed)
+        n = self.downstream_size(data_fraction)
+        train = np.concatenate([self.ambiguous_pairs(), pairs["pool"][:n]])
+        rule = self._downstream
+        return StageData(
+            train=self._split(train, rule),
+            val=self._split(pairs["val"], rule, extra=True),
+            evals={"test": self._split(pairs["test"], rule, extra=True)},
+        )
+
+    # --- model ----------------------------------------------------------------------------
+
+    def build_model(self, model_config: Frozen) -> nn.Module:
+        if model_config.name not in self.supported_models:
+            raise ValueError(
+                f"model {model_config.name!r} does not fit task {self.name!r}; "
+                f"use one of: {', '.join(self.supported_models)}"
+            )
+        spec = MODELS.get(model_config.name)
+        return spec.build(
+            model_config,
+            vocab_size=self.config.operand_range + 1,
+            n_positions=self.n_positions,
+            n_classes=self.config.modulus,
+        )

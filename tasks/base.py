@@ -1,0 +1,160 @@
+"""What a task provides, and the registries of tasks and models.
+
+A task owns its data and its models. It knows nothing of masks, methods or Ray: methods consume
+what it returns (tensors and modules), the orchestrator wires the two together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar, Protocol
+
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from tasks.config import Frozen
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """Inputs and one or more label sets. `labels["y"]` is the target; others are alternative
+    readings scored at evaluation (e.g. a competing rule that also fits the training data)."""
+
+    x: torch.Tensor
+    labels: dict[str, torch.Tensor]
+
+    def __post_init__(self):
+        for name, y in self.labels.items():
+            if len(y) != len(self.x):
+                raise ValueError(f"label set {name!r} has {len(y)} rows, inputs have {len(self.x)}")
+
+    @property
+    def y(self) -> torch.Tensor:
+        return self.labels["y"]
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageData:
+    """Train/validation data for one training stage, plus named evaluation splits."""
+
+    train: Split
+    val: Split
+    evals: dict[str, Split] = dataclasses.field(default_factory=dict)
+
+
+class Task(Protocol):
+    """A task: data for the base, subtask and downstream stages, and a model factory.
+
+    Seeds: `seed` is the trial's seed; tasks derive per-stage seeds from it (tasks.seeding).
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type[Frozen]]
+    config: Frozen
+
+    def base_data(self, seed: int) -> StageData: ...
+
+    def subtask_data(self, seed: int) -> StageData: ...
+
+    def downstream_data(self, seed: int, data_fraction: float) -> StageData: ...
+
+    def downstream_size(self, data_fraction: float) -> int: ...
+
+    def key_fields(self, stage: str) -> dict: ...
+
+    def build_model(self, model_config: Frozen) -> nn.Module: ...
+
+
+class Registry:
+    """Name -> factory. Duplicate names and unknown names are errors that list the valid ones."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: dict[str, Any] = {}
+
+    def register(self, name: str) -> Callable[[Any], Any]:
+        def add(obj: Any) -> Any:
+            if name in self._items:
+                raise ValueError(f"{self.kind} {name!r} is already registered")
+            self._items[name] = obj
+            return obj
+
+        return add
+
+    def get(self, name: str) -> Any:
+        if name not in self._items:
+            raise KeyError(f"unknown {self.kind} {name!r}; valid names: {', '.join(self.names())}")
+        return self._items[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items
+
+
+TASKS = Registry("task")
+MODELS = Registry("model")
+
+
+def register_task(name: str):
+    """Class decorator: register a Task under `name`."""
+
+    def add(cls):
+        cls.name = name
+        return TASKS.register(name)(cls)
+
+    return add
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A registered model family: its config block and a builder `(config, task) -> nn.Module`."""
+
+    name: str
+    Config: type[Frozen]
+    build: Callable[..., nn.Module]
+
+
+def register_model(name: str, config_cls: type[Frozen]):
+    """Decorator for a builder function `(config, **task_dims) -> nn.Module`."""
+
+    def add(fn):
+        MODELS.register(name)(ModelSpec(name, config_cls, fn))
+        return fn
+
+    return add
+
+
+def parse_block(registry: Registry, block: Any, where: str) -> Frozen:
+    """Validate a `{name: ..., <fields>}` block against the config class registered under name.
+
+    Raises ValueError whose lines each name a field path (`where.field`) and what is wrong.
+    """
+    if not isinstance(block, dict) or "name" not in block:
+        raise ValueError(
+            f"{where}: expected a mapping with a 'name' key; valid names: {', '.join(registry.names())}"
+        )
+    try:
+        entry = registry.get(block["name"])
+    except KeyError as err:
+        raise ValueError(f"{where}.name: {err.args[0]}") from None
+    try:
+        return entry.Config(**block)
+    except ValidationError as err:
+        raise ValueError(format_validation(err, where)) from None
+
+
+def format_validation(err: ValidationError, where: str = "") -> str:
+    """One line per error: `path.to.field: message`."""
+    lines = []
+    for e in err.errors():
+        path = ".".join(p for p in [where, *map(str, e["loc"])] if p)
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{path}: {msg}")
+    return "\n".join(lines)

@@ -1,0 +1,96 @@
+"""End to end on a real local Ray: the smoke sweep of the spine issue."""
+
+import json
+
+import duckdb
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from orchestrator import results
+from orchestrator.artifacts import ArtifactStore
+from orchestrator.config import load_sweep
+from orchestrator.sweep import run_sweep
+from orchestrator.trial import expand, upstream_keys
+from tests.conftest import tiny_raw
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from orchestrator.sweep import start_ray
+
+    start_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def smoke(ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    sweep = load_sweep(
+        tiny_raw(
+            methods=["subtask_induction", "sampled_subnetwork", "scratch"],
+            sparsities=[0.5, 0.8],
+            data_fractions=[0.2, 1.0],
+            seeds=[0, 1],
+        )
+    )
+    outcome = run_sweep(sweep, out)
+    return sweep, out, outcome
+
+
+def test_smoke_sweep_writes_the_documented_table(smoke):
+    sweep, out, outcome = smoke
+    specs = expand(sweep)
+    assert len(specs) == 2 * 2 * 2 * 2 + 2 * 2  # 16 masked trials + 4 scratch trials
+    assert outcome.ran == len(specs) and outcome.failed == 0
+    table = pq.read_table(out / "results.parquet").to_pandas()
+    assert len(table) == len(specs)
+    assert list(table.columns[:9]) == results.COLUMNS[:9]
+    for col in results.COLUMNS + ["test_acc_2a2", "test_acc_2b2"]:
+        assert col in table.columns, col
+    assert (table["status"] == "done").all()
+    assert table["test_acc"].between(0, 1).all()
+    masked = table[table["method"] != "scratch"]
+    assert ((masked["mask_density"] - (1 - masked["sparsity"])).abs() <= 0.005).all()
+    assert table.loc[table["method"] == "scratch", "sparsity"].isna().all()
+    assert table["config_hash"].nunique() == 1
+    assert json.loads(table["config_json"].iloc[0])["task"]["name"] == "modular_arithmetic"
+    assert "torch" in json.loads(table["versions"].iloc[0])
+    # readable by pandas, pyarrow and duckdb alike
+    assert len(pd.read_parquet(out / "results.parquet")) == len(specs)
+    count = duckdb.sql(f"select count(*) from read_parquet('{out / 'results.parquet'}')").fetchall()[0][0]
+    assert count == len(specs)
+
+
+def test_trials_ran_side_by_side(smoke):
+    sweep, out, _ = smoke
+    table = results.read(out / "results.parquet")
+    assert len(table) >= 4
+    spans = sorted(zip(table["started_at"], table["finished_at"], strict=True))
+    overlapping = sum(a_end > b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:], strict=False))
+    assert overlapping >= 1, "no two trials ran at the same time"
+    # Trial output goes to per-trial log files, not the console.
+    logs = list((out / "tune").rglob("stdout"))
+    assert len(logs) == len(table)
+    assert any("stage done" in log.read_text() for log in logs)
+
+
+def test_upstream_work_is_computed_once_per_distinct_key(smoke):
+    sweep, out, _ = smoke
+    done = ArtifactStore(out / "artifacts").computations()
+    keys = {k for spec in expand(sweep) for k in upstream_keys(sweep, spec)}
+    assert sorted((c["kind"], c["key"]) for c in done) == sorted(keys)
+    assert len([k for k in keys if k[0] == "source"]) == 2
+    assert len([k for k in keys if k[0] == "mask"]) == 4
+    pids = {c["pid"] for c in done}
+    assert len(pids) >= 1
+
+
+def test_rerun_resumes_without_redoing_work(smoke):
+    sweep, out, first = smoke
+    again = run_sweep(sweep, out)
+    assert again.ran == 0 and again.skipped == len(expand(sweep))
+    pd.testing.assert_frame_equal(again.table, first.table)
