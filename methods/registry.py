@@ -45,9 +45,7 @@ METHODS = Registry("method")
 def register_method(name: str, *, uses_source: bool, uses_mask: bool, description: str):
     """Decorator for `build(inputs) -> nn.Module`; a new method is one function and this line."""
     if uses_mask and not uses_source:
-        raise ValueError(
-            f"method {name!r}: a mask is found in a source model, so uses_mask needs uses_source"
-        )
+        raise ValueError(f"method {name!r}: a mask is found in a source model, so uses_mask needs uses_source")
 
     def add(fn):
         METHODS.register(name)(Method(name, fn, uses_source, uses_mask, description))
@@ -60,16 +58,12 @@ def get_method(name: str) -> Method:
     return METHODS.get(name)
 
 
-@register_method(
-    "scratch", uses_source=False, uses_mask=False, description="fresh model, nothing transferred"
-)
+@register_method("scratch", uses_source=False, uses_mask=False, description="fresh model, nothing transferred")
 def _scratch(inp: MethodInputs) -> nn.Module:
     return inp.fresh
 
 
-@register_method(
-    "full_transfer", uses_source=True, uses_mask=False, description="the whole source model, fine-tuned"
-)
+@register_method("full_transfer", uses_source=True, uses_mask=False, description="the whole source model, fine-tuned")
 def _full_transfer(inp: MethodInputs) -> nn.Module:
     model = copy.deepcopy(inp.source)
     for p in model.parameters():

@@ -118,9 +118,7 @@ def _train(model, data, cfg, generator, params, on_epoch) -> TrainResult:
         if cfg.patience is not None and stale >= cfg.patience:
             break
     model.load_state_dict(best[2])
-    return TrainResult(
-        best_val_acc=best[0], best_epoch=best[1], epochs_run=epoch, steps=steps, history=history
-    )
+    return TrainResult(best_val_acc=best[0], best_epoch=best[1], epochs_run=epoch, steps=steps, history=history)
 
 
 def _device_of(model: nn.Module) -> torch.device:

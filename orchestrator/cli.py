@@ -42,12 +42,8 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("sweep", type=Path, help="YAML sweep file")
-    run.add_argument(
-        "--out", type=Path, required=True, help="output directory (resumed if it holds this sweep)"
-    )
-    run.add_argument(
-        "--address", help="Ray cluster address ('auto' for the local cluster); default: start one"
-    )
+    run.add_argument("--out", type=Path, required=True, help="output directory (resumed if it holds this sweep)")
+    run.add_argument("--address", help="Ray cluster address ('auto' for the local cluster); default: start one")
     run.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started when no --address is given")
     run.add_argument("--force", action="store_true", help="run even if --out holds a different sweep")
     run.add_argument("--no-report", action="store_true", help="skip the summary table and plots")

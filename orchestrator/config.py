@@ -49,9 +49,7 @@ class Resources(Frozen):
 
 
 class Storage(Frozen):
-    artifacts: str | None = Field(
-        None, description="where source models and masks are cached; default OUT/artifacts"
-    )
+    artifacts: str | None = Field(None, description="where source models and masks are cached; default OUT/artifacts")
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -94,9 +92,7 @@ class SweepConfig(Frozen):
     def _sparsities(cls, v: tuple[float, ...]) -> tuple[float, ...]:
         bad = [s for s in v if not (math.isfinite(s) and 0.0 <= s < 1.0)]
         if bad:
-            raise ValueError(
-                f"sparsities must lie in [0, 1) (the fraction of masked weights set to 0); got {bad}"
-            )
+            raise ValueError(f"sparsities must lie in [0, 1) (the fraction of masked weights set to 0); got {bad}")
         return _unique(v, "sparsities")
 
     @field_validator("data_fractions")
@@ -104,9 +100,7 @@ class SweepConfig(Frozen):
     def _fractions(cls, v: tuple[float, ...]) -> tuple[float, ...]:
         bad = [f for f in v if not (math.isfinite(f) and 0.0 <= f <= 1.0)]
         if bad:
-            raise ValueError(
-                f"data_fractions must lie in [0, 1] (fractions of the downstream pool); got {bad}"
-            )
+            raise ValueError(f"data_fractions must lie in [0, 1] (fractions of the downstream pool); got {bad}")
         return _unique(v, "data_fractions")
 
     @field_validator("seeds")
@@ -139,22 +133,28 @@ def _unique(values: tuple, field: str) -> tuple:
 def load_sweep(raw: Any, source: str = "sweep") -> SweepConfig:
     """Validate a parsed sweep mapping. Raises ConfigError listing every problem by field path."""
     if not isinstance(raw, dict):
-        raise ConfigError(
-            f"{source}: the top level must be a mapping of keys to values, got {type(raw).__name__}"
-        )
+        raise ConfigError(f"{source}: the top level must be a mapping of keys to values, got {type(raw).__name__}")
     errors: list[str] = []
     data = dict(raw)
     for key, registry in (("task", tasks.TASKS), ("model", tasks.MODELS)):
         if key not in data:
-            errors.append(
-                f"{key}: missing; give a mapping with 'name' (one of: {', '.join(registry.names())})"
-            )
+            errors.append(f"{key}: missing; give a mapping with 'name' (one of: {', '.join(registry.names())})")
             continue
         try:
             data[key] = parse_block(registry, data[key], key)
         except ValueError as err:
             errors.append(str(err))
-    if not errors:
+    if errors:
+        # Still check the other fields, so one pass reports every problem: stand-ins replace the
+        # blocks that failed (a bare Frozen() passes the field's type check).
+        for key in ("task", "model"):
+            if not isinstance(data.get(key), Frozen):
+                data[key] = Frozen()
+        try:
+            SweepConfig(**data)
+        except ValidationError as err:
+            errors.append(format_validation(err))
+    else:
         try:
             config = SweepConfig(**data)
         except ValidationError as err:
@@ -173,9 +173,7 @@ def load_sweep_file(path: str | Path) -> SweepConfig:
     """Read and validate a YAML sweep file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(
-            f"{path}: no such sweep file; pass the path of a YAML file such as configs/quickstart.yaml"
-        )
+        raise ConfigError(f"{path}: no such sweep file; pass the path of a YAML file such as configs/quickstart.yaml")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:

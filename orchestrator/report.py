@@ -18,9 +18,7 @@ from orchestrator import results
 METRIC = "test_acc"
 
 
-def bootstrap_ci(
-    values: np.ndarray, level: float = 0.95, n_boot: int = 2000, seed: int = 0
-) -> tuple[float, float]:
+def bootstrap_ci(values: np.ndarray, level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap CI of the mean; (nan, nan) for no values, (v, v) for one."""
     values = np.asarray(values, dtype=float)
     values = values[np.isfinite(values)]
@@ -65,9 +63,7 @@ def _markdown(summary: pd.DataFrame, metric: str = METRIC) -> str:
     )
     cell = summary.apply(
         lambda r: (
-            f"{r[f'{metric}_mean']:.3f} ± {r[f'{metric}_std']:.3f}"
-            if r["seeds"] > 1
-            else f"{r[f'{metric}_mean']:.3f}"
+            f"{r[f'{metric}_mean']:.3f} ± {r[f'{metric}_std']:.3f}" if r["seeds"] > 1 else f"{r[f'{metric}_mean']:.3f}"
         ),
         axis=1,
     )
@@ -98,9 +94,7 @@ def plot_curves(summary: pd.DataFrame, path_stem: Path, metric: str = METRIC) ->
             group = group.sort_values("n_train")
             x = group["n_train"].to_numpy(dtype=float)
             ax.plot(x, group[f"{metric}_mean"], marker="o", ms=3, label=method, color=colours[method])
-            ax.fill_between(
-                x, group[f"{metric}_ci_lo"], group[f"{metric}_ci_hi"], alpha=0.2, color=colours[method]
-            )
+            ax.fill_between(x, group[f"{metric}_ci_lo"], group[f"{metric}_ci_hi"], alpha=0.2, color=colours[method])
         ax.set_xscale("symlog", linthresh=10)
         ax.set_xlabel("disambiguating training samples (n)")
         ax.set_title("no mask" if sparsity is None else f"mask sparsity {sparsity:g}")

@@ -15,9 +15,7 @@ def sweep_status(out_dir: Path) -> tuple[str, int]:
 
     marker = Path(out_dir) / "sweep.json"
     if not marker.exists():
-        raise ConfigError(
-            f"{out_dir}: not a sweep output directory (no sweep.json); give the --out of `instill run`"
-        )
+        raise ConfigError(f"{out_dir}: not a sweep output directory (no sweep.json); give the --out of `instill run`")
     record = json.loads(marker.read_text())
     sweep = load_sweep(record["config"], str(marker))
     counts = {"done": 0, "running": 0, "pending": 0, "failed": 0}

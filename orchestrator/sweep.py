@@ -97,9 +97,7 @@ def prepare_out_dir(sweep: SweepConfig, out_dir: Path, force: bool = False) -> N
         stale.unlink()
     tmp = marker.with_suffix(".tmp")
     tmp.write_text(
-        json.dumps(
-            {"name": sweep.name, "config_hash": sweep.config_hash, "config": sweep.canonical()}, indent=1
-        )
+        json.dumps({"name": sweep.name, "config_hash": sweep.config_hash, "config": sweep.canonical()}, indent=1)
     )
     os.replace(tmp, marker)
 
@@ -295,9 +293,7 @@ def run_sweep(
         todo = order_trials(sweep, todo, concurrency)
         rows_cb, callbacks = _make_callbacks(out_dir, sweep, len(todo), len(specs) - len(todo))
         trainable = tune.with_resources(
-            tune.with_parameters(
-                _trainable, sweep_json=json.dumps(sweep.canonical()), store_root=str(store.root)
-            ),
+            tune.with_parameters(_trainable, sweep_json=json.dumps(sweep.canonical()), store_root=str(store.root)),
             {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu},
         )
         tuner = tune.Tuner(

@@ -54,9 +54,7 @@ def expand(sweep: SweepConfig) -> list[TrialSpec]:
         for sparsity in sparsities:
             for fraction in sweep.data_fractions:
                 for seed in sweep.seeds:
-                    specs.append(
-                        TrialSpec(method=method, sparsity=sparsity, data_fraction=fraction, seed=seed)
-                    )
+                    specs.append(TrialSpec(method=method, sparsity=sparsity, data_fraction=fraction, seed=seed))
     return specs
 
 
@@ -220,7 +218,8 @@ def run_trial(
     val_readings = evaluate(model, data.val, sweep.training.eval_batch_size)
     row.update({f"val_acc_{label}": acc for label, acc in val_readings.items() if label != "y"})
     lap("eval")
-    times["total_s"] = sum(v for k, v in times.items() if k != "wait_s")
+    # Compute time: the stages' wall time less the time spent waiting on another trial's lock.
+    times["total_s"] = sum(v for k, v in times.items() if k != "wait_s") - times["wait_s"]
     row.update(times, status="done", device=str(device), finished_at=time.time())
     report({"stage": "done", "row_json": json.dumps(row), **{k: row[k] for k in ("val_acc", "test_acc")}})
     return row

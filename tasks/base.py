@@ -137,9 +137,7 @@ def parse_block(registry: Registry, block: Any, where: str) -> Frozen:
     Raises ValueError whose lines each name a field path (`where.field`) and what is wrong.
     """
     if not isinstance(block, dict) or "name" not in block:
-        raise ValueError(
-            f"{where}: expected a mapping with a 'name' key; valid names: {', '.join(registry.names())}"
-        )
+        raise ValueError(f"{where}: expected a mapping with a 'name' key; valid names: {', '.join(registry.names())}")
     try:
         entry = registry.get(block["name"])
     except KeyError as err:

@@ -90,9 +90,7 @@ def test_budgets_are_nested_and_data_is_deterministic(task):
 
 def test_downstream_splits_do_not_move_with_base_sizes(task):
     bigger = ModularArithmetic(task.config.model_copy(update={"n_base": 400}))
-    assert torch.equal(
-        bigger.downstream_data(0, 1.0).evals["test"].x, task.downstream_data(0, 1.0).evals["test"].x
-    )
+    assert torch.equal(bigger.downstream_data(0, 1.0).evals["test"].x, task.downstream_data(0, 1.0).evals["test"].x)
 
 
 def test_too_many_samples_for_the_operand_range_is_a_config_error():

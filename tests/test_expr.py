@@ -98,9 +98,7 @@ def _combine(children):
 
 
 @settings(max_examples=200, deadline=None)
-@given(
-    st.recursive(leaves, _combine, max_leaves=8), st.integers(0, 999), st.integers(0, 999), st.integers(2, 50)
-)
+@given(st.recursive(leaves, _combine, max_leaves=8), st.integers(0, 999), st.integers(0, 999), st.integers(2, 50))
 def test_parser_agrees_with_python_arithmetic(tree, a, b, p):
     text, reference = tree
     assert ev(text, a, b, p) == reference(a, b) % p

@@ -19,9 +19,7 @@ def _setup(tiny, **transfer_kwargs):
     fresh_copy = {k: v.clone() for k, v in fresh.state_dict().items()}
     names = maskable_names(source, MaskSelection())
     gen = torch.Generator().manual_seed(0)
-    mask = topk_mask(
-        {n: torch.rand(dict(source.named_parameters())[n].shape, generator=gen) for n in names}, 0.6
-    )
+    mask = topk_mask({n: torch.rand(dict(source.named_parameters())[n].shape, generator=gen) for n in names}, 0.6)
     model = transfer(source, fresh, mask, TransferConfig(**transfer_kwargs))
     return sweep, task, source, fresh_copy, mask, model
 

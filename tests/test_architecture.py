@@ -1,0 +1,45 @@
+"""Data flows config -> tasks -> methods -> orchestrator; only the orchestrator imports Ray."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _imports(package: str) -> dict[str, set[str]]:
+    found = {}
+    for file in (ROOT / package).rglob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+        found[str(file.relative_to(ROOT))] = names
+    return found
+
+
+@pytest.mark.parametrize(
+    "package, forbidden",
+    [("tasks", {"methods", "orchestrator", "ray"}), ("methods", {"orchestrator", "ray"})],
+)
+def test_layers_import_only_downstream(package, forbidden):
+    for file, names in _imports(package).items():
+        assert not names & forbidden, f"{file} imports {names & forbidden}"
+
+
+def test_no_eval_or_exec_and_no_unsafe_loading():
+    for package in ("tasks", "methods", "orchestrator"):
+        for file in (ROOT / package).rglob("*.py"):
+            tree = ast.parse(file.read_text())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                    assert node.func.id not in {"eval", "exec"}, f"{file}: {node.func.id}()"
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load":
+                    owner = getattr(node.func.value, "id", "")
+                    if owner in {"torch", "pickle"}:
+                        kw = {k.arg: getattr(k.value, "value", None) for k in node.keywords}
+                        assert owner == "torch" and kw.get("weights_only") is True, f"{file}: unsafe {owner}.load"
+            assert "yaml.load(" not in file.read_text(), f"{file}: use yaml.safe_load"
