@@ -94,6 +94,7 @@ def topk_mask(scores: dict[str, torch.Tensor], sparsity: float) -> Mask:
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    scores = _sorted(scores)
     flat = torch.cat([s.detach().reshape(-1).float().cpu() for s in scores.values()])
     keep = int(round((1.0 - sparsity) * flat.numel()))
     order = torch.argsort(flat, descending=True, stable=True)
@@ -104,6 +105,7 @@ def topk_mask(scores: dict[str, torch.Tensor], sparsity: float) -> Mask:
 
 def sample_like(mask: Mask, generator: torch.Generator) -> Mask:
     """A uniformly random mask over the same parameters with exactly as many ones as `mask`."""
+    mask = _sorted(mask)
     total = sum(m.numel() for m in mask.values())
     ones = sum(int(m.sum()) for m in mask.values())
     chosen = torch.zeros(total, dtype=torch.bool)
@@ -113,6 +115,12 @@ def sample_like(mask: Mask, generator: torch.Generator) -> Mask:
 
 def complement(mask: Mask) -> Mask:
     return {name: ~m for name, m in mask.items()}
+
+
+def _sorted(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # Flattening follows name order, so a mask's meaning never depends on dict order (a mask loaded
+    # from disk and the same mask fresh from discovery must give the same random draws and ties).
+    return {name: tensors[name] for name in sorted(tensors)}
 
 
 def _unflatten(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> Mask:

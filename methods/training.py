@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -70,20 +71,30 @@ def train(
     generator: torch.Generator,
     params: list[nn.Parameter] | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
+    mixed_precision: bool = False,
 ) -> TrainResult:
     """Train with AdamW and cross-entropy; restore the epoch with the best validation accuracy.
 
     Shuffling uses `generator` only, so the run is a function of its inputs. `params` defaults to
-    every parameter that requires grad.
+    every parameter that requires grad. `mixed_precision` runs forward passes in bfloat16 autocast
+    on CUDA (ignored on CPU, where results must stay bit-reproducible).
     """
     with torch.random.fork_rng(devices=[]):
         # Dropout draws from torch's global RNG: seed it from `generator` so that the run depends on
         # its inputs only, and restore the caller's RNG state afterwards.
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-        return _train(model, data, cfg, generator, params, on_epoch)
+        return _train(model, data, cfg, generator, params, on_epoch, mixed_precision)
 
 
-def _train(model, data, cfg, generator, params, on_epoch) -> TrainResult:
+def autocast(model: nn.Module, enabled: bool):
+    """bfloat16 autocast on CUDA when `enabled`; a no-op elsewhere."""
+    device = _device_of(model)
+    if enabled and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _train(model, data, cfg, generator, params, on_epoch, mixed_precision) -> TrainResult:
     params = [p for p in model.parameters() if p.requires_grad] if params is None else params
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     device = _device_of(model)
@@ -96,7 +107,8 @@ def _train(model, data, cfg, generator, params, on_epoch) -> TrainResult:
         loss_sum = torch.zeros((), device=device)
         for idx in batches(len(x), cfg.batch_size, generator):
             idx = idx.to(device)
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            with autocast(model, mixed_precision):
+                loss = F.cross_entropy(model(x[idx]).float(), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

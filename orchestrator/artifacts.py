@@ -1,10 +1,19 @@
-"""Content-addressed store for upstream artifacts (source models, masks), shared by all trials.
+"""Content-checked store for upstream artifacts (source models, masks), shared by all trials.
 
-An artifact is a set of tensors (safetensors: loading runs no code) plus JSON metadata, kept under
-`ROOT/<kind>/<key-hash>/`. The key is the dict of config fields that determine the artifact, and
-nothing else. Writes go to a temporary directory renamed into place, so a reader never sees half an
-artifact; the file's SHA-256 is checked on every load, and a corrupted artifact is reported and
-recomputed. A file lock per key makes concurrent trials compute each artifact exactly once.
+An artifact is one safetensors file, `ROOT/<kind>/<key-hash>.safetensors`: its tensors, and in the
+header's metadata the key it was computed for, its metadata (accuracies, timings) and the SHA-256 of
+its data section. Loading parses no pickle and runs no code; the hash is checked on every load, and
+a corrupted artifact is reported and recomputed, never used.
+
+ROOT is a local path, an NFS path, or any pyarrow filesystem URI (`s3://bucket/prefix`,
+`gs://bucket/prefix`; S3 options such as `endpoint_override` go in the query string). Writes go to a
+temporary name that is then moved into place, so a reader never sees half an artifact (a rename
+locally; on object stores the final object appears whole).
+
+Exactly-once computation: a file lock per key (on the store itself for local and NFS paths, on the
+node for object stores) makes concurrent processes wait for the one computing an artifact; across
+nodes of an object store, the sweep computes upstream artifacts in a phase of their own before any
+trial needs them (`orchestrator.sweep.precompute`).
 """
 
 from __future__ import annotations
@@ -14,23 +23,30 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import socket
+import struct
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 from filelock import FileLock
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 
 from tasks.config import stable_hash
 
 log = logging.getLogger(__name__)
 
 Tensors = dict[str, torch.Tensor]
+
+
+class CorruptArtifact(ValueError):
+    """An artifact whose bytes do not match its recorded hash, or that cannot be parsed."""
 
 
 @dataclasses.dataclass
@@ -41,15 +57,37 @@ class Fetched:
     wait_s: float  # time spent waiting for another process holding the lock
 
 
+def open_filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str, bool]:
+    """(filesystem, root path inside it, whether the root is on a POSIX file system)."""
+    text = str(uri)
+    if "://" in text and not text.startswith("file://"):
+        fs, path = pafs.FileSystem.from_uri(text)
+        return fs, path.rstrip("/"), False
+    path = Path(text.removeprefix("file://")).expanduser().resolve()
+    return pafs.LocalFileSystem(), str(path), True
+
+
 class ArtifactStore:
-    """A directory of artifacts keyed by config; safe for concurrent processes on one file system."""
+    """Artifacts keyed by config, on a local path, NFS, or a pyarrow filesystem URI."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.uri = str(root)
+        self.fs, self.root, self.posix = open_filesystem(root)
+        self.fs.create_dir(self.root, recursive=True)
 
-    def path(self, kind: str, key: dict[str, Any]) -> Path:
-        return self.root / kind / stable_hash(key, 24)
+    @property
+    def location(self) -> str:
+        """Where the store lives, as another process on another node should be given it."""
+        return self.root if self.posix else self.uri
+
+    def __reduce__(self):  # pickles as its URI: filesystems hold connections
+        return (ArtifactStore, (self.uri,))
+
+    def path(self, kind: str, key: dict[str, Any]) -> str:
+        return f"{self.root}/{kind}/{stable_hash(key, 24)}.safetensors"
+
+    def exists(self, kind: str, key: dict[str, Any]) -> bool:
+        return self.fs.get_file_info(self.path(kind, key)).type == pafs.FileType.File
 
     def get_or_compute(
         self, kind: str, key: dict[str, Any], compute: Callable[[], tuple[Tensors, dict[str, Any]]]
@@ -59,9 +97,8 @@ class ArtifactStore:
         hit = self._load(path)
         if hit is not None:
             return Fetched(*hit, computed=False, wait_s=0.0)
-        path.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        with FileLock(str(path) + ".lock"):
+        with FileLock(self._lock_path(path)):
             waited = time.perf_counter() - t0
             hit = self._load(path)  # another process may have finished it while we waited
             if hit is not None:
@@ -70,66 +107,98 @@ class ArtifactStore:
             tensors, meta = compute()
             meta = {**meta, "compute_s": time.perf_counter() - start}
             self._write(path, kind, key, tensors, meta)
-            self._log_computation(kind, path.name, meta["compute_s"])
-        return Fetched(tensors, self._read_meta(path), computed=True, wait_s=waited)
+            self._log_computation(kind, path, meta["compute_s"])
+        return Fetched({k: v.detach().cpu() for k, v in tensors.items()}, meta, computed=True, wait_s=waited)
 
-    # --- internals --------------------------------------------------------------------------
-
-    def _write(self, path: Path, kind: str, key: dict, tensors: Tensors, meta: dict) -> None:
-        tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex}"
-        tmp.mkdir()
-        try:
-            file = tmp / "tensors.safetensors"
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(file))
-            record = {"kind": kind, "key": key, "sha256": _sha256(file), "meta": meta}
-            (tmp / "meta.json").write_text(json.dumps(record, indent=1, sort_keys=True, default=str))
-            if path.exists():  # a corrupt copy, already reported by _load
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-
-    def _read_meta(self, path: Path) -> dict[str, Any]:
-        return json.loads((path / "meta.json").read_text())["meta"]
-
-    def _load(self, path: Path) -> tuple[Tensors, dict[str, Any]] | None:
-        if not path.exists():
-            return None
-        try:
-            record = json.loads((path / "meta.json").read_text())
-            file = path / "tensors.safetensors"
-            if _sha256(file) != record["sha256"]:
-                raise ValueError("content hash mismatch")
-            return load_file(str(file)), record["meta"]
-        except (OSError, ValueError, KeyError) as err:
-            log.warning("artifact %s is corrupt (%s); recomputing it", path, err)
-            return None
-
-    def _log_computation(self, kind: str, key_hash: str, seconds: float) -> None:
-        line = json.dumps(
-            {
-                "kind": kind,
-                "key": key_hash,
-                "seconds": seconds,
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-            }
-        )
-        with FileLock(str(self.root / "computations.lock")), open(self.root / "computations.jsonl", "a") as f:
-            f.write(line + "\n")
+    def load(self, kind: str, key: dict[str, Any]) -> tuple[Tensors, dict[str, Any]]:
+        """Load an artifact that must exist and be intact; raises FileNotFoundError or CorruptArtifact."""
+        path = self.path(kind, key)
+        with self.fs.open_input_stream(path) as f:
+            return _decode(f.read())
 
     def computations(self) -> list[dict[str, Any]]:
         """Every computation this store has recorded, oldest first."""
-        log_file = self.root / "computations.jsonl"
-        if not log_file.exists():
-            return []
-        return [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
+        selector = pafs.FileSelector(f"{self.root}/computations", allow_not_found=True)
+        records = []
+        for info in self.fs.get_file_info(selector):
+            if info.type == pafs.FileType.File and info.path.endswith(".json"):
+                with self.fs.open_input_stream(info.path) as f:
+                    records.append(json.loads(f.read()))
+        return sorted(records, key=lambda r: r["time"])
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _lock_path(self, path: str) -> str:
+        if self.posix:
+            return path + ".lock"
+        # Object stores have no locks: serialise per node; the sweep's upstream phase covers the cluster.
+        folder = Path(tempfile.gettempdir()) / "instill-locks"
+        folder.mkdir(exist_ok=True)
+        return str(folder / (hashlib.sha256(f"{self.uri}|{path}".encode()).hexdigest()[:32] + ".lock"))
+
+    def _write(self, path: str, kind: str, key: dict, tensors: Tensors, meta: dict) -> None:
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        data = _encode(kind, key, tensors, meta)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, path)
+
+    def _load(self, path: str) -> tuple[Tensors, dict[str, Any]] | None:
+        try:
+            with self.fs.open_input_stream(path) as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
+                return None
+            raise err
+        try:
+            return _decode(data)
+        except CorruptArtifact as err:
+            log.warning("artifact %s is corrupt (%s); recomputing it", path, err)
+            return None
+
+    def _log_computation(self, kind: str, path: str, seconds: float) -> None:
+        record = {
+            "kind": kind,
+            "key": path.rsplit("/", 1)[1].removesuffix(".safetensors"),
+            "seconds": seconds,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "time": time.time(),
+        }
+        folder = f"{self.root}/computations"
+        self.fs.create_dir(folder, recursive=True)
+        with self.fs.open_output_stream(f"{folder}/{kind}-{record['key']}-{uuid.uuid4().hex[:8]}.json") as f:
+            f.write(json.dumps(record).encode())
 
 
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _encode(kind: str, key: dict, tensors: Tensors, meta: dict) -> bytes:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    body = save_bytes(tensors)
+    digest = hashlib.sha256(_data_section(body)).hexdigest()
+    info = {"kind": kind, "key": key, "meta": meta, "sha256": digest}
+    return save_bytes(tensors, metadata={"instill": json.dumps(info, default=str)})
+
+
+def _data_section(blob: bytes) -> bytes:
+    (header_len,) = struct.unpack("<Q", blob[:8])
+    return blob[8 + header_len :]
+
+
+def _decode(blob: bytes) -> tuple[Tensors, dict[str, Any]]:
+    try:
+        (header_len,) = struct.unpack("<Q", blob[:8])
+        header = json.loads(blob[8 : 8 + header_len])
+        info = json.loads(header["__metadata__"]["instill"])
+    except (struct.error, ValueError, KeyError, TypeError) as err:
+        raise CorruptArtifact(f"unreadable header: {err}") from None
+    if hashlib.sha256(_data_section(blob)).hexdigest() != info.get("sha256"):
+        raise CorruptArtifact("content hash mismatch")
+    try:
+        tensors = load_bytes(blob)
+    except Exception as err:  # safetensors raises its own error types on malformed input
+        raise CorruptArtifact(f"unreadable tensors: {err}") from None
+    return tensors, info["meta"]

@@ -6,6 +6,7 @@ message names every bad field by its path (`training.lr: Input should be greater
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 from pathlib import Path
@@ -46,6 +47,7 @@ class Resources(Frozen):
     cpu: float = Field(1.0, gt=0, description="CPUs per trial; torch threads are pinned to this")
     gpu: float = Field(0.0, ge=0, description="GPUs per trial; 0.25 packs four trials on a GPU")
     max_concurrent: int | None = Field(None, ge=1, description="cap on trials running at once")
+    mixed_precision: bool = Field(False, description="bfloat16 autocast for training on GPU (ignored on CPU)")
 
 
 class Storage(Frozen):
@@ -57,6 +59,9 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 class SweepConfig(Frozen):
     name: str = "sweep"
+    plugins: tuple[str, ...] = Field(
+        (), description="modules imported before validation, e.g. ones that register more methods or tasks"
+    )
     task: SerializeAsAny[Frozen]
     model: SerializeAsAny[Frozen]
     source: SourceTraining = SourceTraining()
@@ -136,6 +141,15 @@ def load_sweep(raw: Any, source: str = "sweep") -> SweepConfig:
         raise ConfigError(f"{source}: the top level must be a mapping of keys to values, got {type(raw).__name__}")
     errors: list[str] = []
     data = dict(raw)
+    plugins = data.get("plugins", ())
+    if not isinstance(plugins, (list, tuple)) or not all(isinstance(p, str) for p in plugins):
+        errors.append("plugins: expected a list of module names, e.g. [my_lab.methods]")
+    else:
+        for module in plugins:
+            try:
+                importlib.import_module(module)
+            except Exception as err:  # any import failure is the user's to fix; say which and why
+                errors.append(f"plugins: cannot import {module!r}: {type(err).__name__}: {err}")
     for key, registry in (("task", tasks.TASKS), ("model", tasks.MODELS)):
         if key not in data:
             errors.append(f"{key}: missing; give a mapping with 'name' (one of: {', '.join(registry.names())})")

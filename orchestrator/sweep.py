@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from methods import get_method
 from orchestrator import results
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.config import ConfigError, SweepConfig, load_sweep
@@ -142,6 +143,67 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, num_gpus:
         ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+
+
+def _upstream(sweep_json: str, store_root: str, kind: str, seed: int, sparsity: float | None) -> float:
+    """Runs inside a Ray worker: compute one source model or mask into the store."""
+    import torch
+
+    from orchestrator.trial import get_mask, get_source, pick_device
+
+    sweep = load_sweep(json.loads(sweep_json))
+    torch.set_num_threads(max(1, int(sweep.resources.cpu)))
+    store, task, device = ArtifactStore(store_root), sweep.build_task(), pick_device(sweep)
+    start = time.perf_counter()
+    source, _ = get_source(sweep, task, seed, store, device)
+    if kind == "mask":
+        get_mask(sweep, task, seed, sparsity, source, store)
+    return time.perf_counter() - start
+
+
+def precompute(sweep: SweepConfig, store: ArtifactStore, specs: list[TrialSpec], concurrency: int) -> dict[str, str]:
+    """Compute the missing upstream artifacts of `specs`, each once, before any trial runs.
+
+    Sources first, then masks, as Ray tasks with a trial's resources and at most `concurrency` at a
+    time. This makes computation exactly-once on any storage, object stores included, and keeps
+    trials from idling on each other's locks. A failure here is reported and left to the trials
+    that need the artifact: they retry it and record the error. Returns {artifact: error}.
+    """
+    import ray
+
+    from orchestrator.trial import mask_key, source_key
+
+    sweep_json = json.dumps(sweep.canonical())
+    remote = ray.remote(_upstream).options(num_cpus=sweep.resources.cpu, num_gpus=sweep.resources.gpu)
+    errors: dict[str, str] = {}
+    seeds = sorted({s.seed for s in specs if get_method(s.method).uses_source})
+    masks = sorted({(s.seed, s.sparsity) for s in specs if get_method(s.method).uses_mask})
+    phases = [
+        [("source", seed, None) for seed in seeds if not store.exists("source", source_key(sweep, seed))],
+        [("mask", seed, sp) for seed, sp in masks if not store.exists("mask", mask_key(sweep, seed, sp))],
+    ]
+    for jobs in phases:
+        if not jobs:
+            continue
+        print(f"[instill] computing {len(jobs)} {jobs[0][0]} artifact(s) before the trials", file=sys.stderr)
+        pending, running = list(jobs), {}
+        while pending or running:
+            while pending and len(running) < concurrency:
+                job = pending.pop(0)
+                if job[0] == "mask" and f"source seed {job[1]}" in errors:
+                    continue  # its source failed: the trials will report it
+                running[remote.remote(sweep_json, store.location, *job)] = job
+            if not running:
+                continue
+            ready, _ = ray.wait(list(running), num_returns=1)
+            job = running.pop(ready[0])
+            try:
+                ray.get(ready[0])
+            except Exception as err:  # reported, then left to the trials (see docstring)
+                name = f"{job[0]} seed {job[1]}" + (f" sparsity {job[2]}" if job[2] is not None else "")
+                errors[name] = str(err).strip().splitlines()[-1]
+                print(f"[instill] {name} failed: {errors[name]}", file=sys.stderr)
+    return errors
 
 
 def _trainable(config: dict[str, Any], sweep_json: str, store_root: str) -> None:
@@ -281,7 +343,6 @@ def run_sweep(
     specs = expand(sweep)
     todo = [s for s in specs if (read_row(out_dir, s, sweep.config_hash) or {}).get("status") != "done"]
     start = time.monotonic()
-    rows_cb = None
     if todo:
         start_ray(address, num_cpus=num_cpus, num_gpus=None)
         import ray
@@ -290,10 +351,11 @@ def run_sweep(
         concurrency = max(1, int(cpus // sweep.resources.cpu))
         if sweep.resources.max_concurrent:
             concurrency = min(concurrency, sweep.resources.max_concurrent)
+        precompute(sweep, store, todo, concurrency)
         todo = order_trials(sweep, todo, concurrency)
-        rows_cb, callbacks = _make_callbacks(out_dir, sweep, len(todo), len(specs) - len(todo))
+        _, callbacks = _make_callbacks(out_dir, sweep, len(todo), len(specs) - len(todo))
         trainable = tune.with_resources(
-            tune.with_parameters(_trainable, sweep_json=json.dumps(sweep.canonical()), store_root=str(store.root)),
+            tune.with_parameters(_trainable, sweep_json=json.dumps(sweep.canonical()), store_root=store.location),
             {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu},
         )
         tuner = tune.Tuner(

@@ -106,7 +106,13 @@ def get_source(sweep: SweepConfig, task, seed: int, store: ArtifactStore, device
 
     def compute():
         model = fresh_model(sweep, task, seed, "source_init").to(device)
-        result = train(model, task.base_data(seed), sweep.source, torch_generator(seed, "source_train"))
+        result = train(
+            model,
+            task.base_data(seed),
+            sweep.source,
+            torch_generator(seed, "source_train"),
+            mixed_precision=sweep.resources.mixed_precision,
+        )
         meta = {
             "val_acc": result.best_val_acc,
             "best_epoch": result.best_epoch,
@@ -207,7 +213,13 @@ def run_trial(
     report({"stage": "transfer", **times})
 
     data = task.downstream_data(seed, spec.data_fraction)
-    result = train(model, data, sweep.training, torch_generator(seed, "downstream_train"))
+    result = train(
+        model,
+        data,
+        sweep.training,
+        torch_generator(seed, "downstream_train"),
+        mixed_precision=sweep.resources.mixed_precision,
+    )
     row.update(val_acc=result.best_val_acc, best_epoch=result.best_epoch, epochs_run=result.epochs_run)
     lap("train")
     report({"stage": "train", "val_acc": result.best_val_acc, **times})

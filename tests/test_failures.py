@@ -1,0 +1,57 @@
+"""A failing trial is retried, then recorded `failed` with its error; the sweep finishes the rest."""
+
+import pytest
+import yaml
+
+from orchestrator import results
+from orchestrator.cli import main
+from tests.conftest import tiny_raw
+
+
+@pytest.fixture(scope="module")
+def failing_sweep(tmp_path_factory):
+    import os
+
+    import ray
+
+    tmp = tmp_path_factory.mktemp("failing")
+    attempts = tmp / "attempts"
+    attempts.mkdir()
+    os.environ["INSTILL_TEST_ATTEMPTS"] = str(attempts)
+    raw = tiny_raw(
+        plugins=["tests.plugins.faulty"],
+        methods=["scratch", "explodes", "goes_nan"],
+        data_fractions=[0.5],
+        max_failures=1,
+    )
+    path = tmp / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = tmp / "out"
+    rc = main(["run", str(path), "--out", str(out), "--num-cpus", "2", "--no-report"])
+    ray.shutdown()
+    os.environ.pop("INSTILL_TEST_ATTEMPTS")
+    return rc, out, attempts
+
+
+def test_failed_trials_are_recorded_and_the_rest_finish(failing_sweep, capsys):
+    rc, out, _ = failing_sweep
+    assert rc == 1, "a sweep with failed trials exits non-zero"
+    table = results.read(out / "results.parquet").set_index("method")
+    assert table.loc["scratch", "status"] == "done"
+    assert table.loc["explodes", "status"] == "failed"
+    assert "deliberate failure" in table.loc["explodes", "error"]
+    assert table.loc["goes_nan", "status"] == "failed"
+    assert "NonFiniteLoss" in table.loc["goes_nan", "error"]
+
+
+def test_failing_trial_is_retried_max_failures_times(failing_sweep):
+    _, _, attempts = failing_sweep
+    assert len((attempts / "explodes").read_text()) == 2  # the first try and one retry
+
+
+def test_status_shows_counts_and_errors(failing_sweep, capsys):
+    _, out, _ = failing_sweep
+    assert main(["status", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "1 done, 0 running, 0 pending, 2 failed" in text
+    assert "explodes-f0.5-seed0: RuntimeError: deliberate failure" in text

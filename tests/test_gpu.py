@@ -1,0 +1,66 @@
+"""GPU behaviour; skipped on machines without CUDA (see docs/PERFORMANCE.md for recorded runs)."""
+
+import pytest
+import torch
+
+from orchestrator.artifacts import ArtifactStore
+from orchestrator.trial import TrialSpec, pick_device, run_trial
+
+pytestmark = pytest.mark.gpu
+
+
+def test_device_is_cuda_when_a_gpu_is_assigned(tiny):
+    assert pick_device(tiny(resources={"gpu": 0.25})).type == "cuda"
+
+
+@pytest.mark.parametrize("mixed_precision", [False, True])
+def test_trial_runs_on_gpu(tiny, tmp_path, mixed_precision):
+    sweep = tiny(resources={"gpu": 1, "mixed_precision": mixed_precision})
+    row = run_trial(
+        sweep, TrialSpec(method="subtask_induction", sparsity=0.5, data_fraction=0.5, seed=0), ArtifactStore(tmp_path)
+    )
+    assert row["device"] == "cuda" and 0 <= row["test_acc"] <= 1
+
+
+def test_transfer_is_exact_on_gpu(tiny):
+    from methods.masking import MaskSelection, maskable_names, topk_mask
+    from methods.transfer import TransferConfig, transfer
+    from orchestrator.trial import fresh_model
+
+    sweep = tiny()
+    task = sweep.build_task()
+    source = fresh_model(sweep, task, 0, "a").cuda()
+    fresh = fresh_model(sweep, task, 0, "b").cuda()
+    names = maskable_names(source, MaskSelection())
+    params = dict(source.named_parameters())
+    mask = topk_mask({n: torch.rand(params[n].shape) for n in names}, 0.5)
+    model = transfer(source, fresh, mask, TransferConfig())
+    eff = model.effective_weights()
+    for n, m in mask.items():
+        assert torch.equal(eff[n][m.cuda()], params[n][m.cuda()])
+
+
+def test_quarter_gpus_pack_four_trials(tmp_path):
+    import ray
+
+    from orchestrator.config import load_sweep
+    from orchestrator.sweep import run_sweep
+    from tests.conftest import tiny_raw
+
+    sweep = load_sweep(
+        tiny_raw(
+            resources={"gpu": 0.25, "cpu": 1},
+            methods=["scratch"],
+            data_fractions=[0.25, 0.5, 0.75, 1.0],
+            training={"epochs": 30},
+        )
+    )
+    ray.shutdown()
+    outcome = run_sweep(sweep, tmp_path, num_cpus=4)
+    ray.shutdown()
+    table = outcome.table
+    assert (table["device"] == "cuda").all()
+    spans = sorted(zip(table["started_at"], table["finished_at"], strict=True))
+    latest_start = max(s for s, _ in spans)
+    earliest_end = min(e for _, e in spans)
+    assert latest_start < earliest_end, "all four trials should run at once on one GPU"
