@@ -17,6 +17,10 @@ examples:
       (again, after an interruption) resume: only unfinished or failed trials run
   instill run configs/arithmetic-paper.yaml --out /shared/paper --address auto
       join the running Ray cluster instead of starting a local one
+  instill tune configs/quickstart.yaml --out runs/qs-tuning
+      Optuna search per method (same budget each) on validation data; writes runs/qs-tuning/tuned.yaml
+  instill run configs/quickstart.yaml --out runs/qs-tuned --tuned runs/qs-tuning/tuned.yaml
+      run the sweep with every method at its tuned values
   instill status runs/quickstart
       counts of done, pending and failed trials, and each failure's error
   instill report runs/quickstart
@@ -47,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started when no --address is given")
     run.add_argument("--force", action="store_true", help="run even if --out holds a different sweep")
     run.add_argument("--no-report", action="store_true", help="skip the summary table and plots")
+    run.add_argument("--tuned", type=Path, help="per-method values from `instill tune` (its tuned.yaml)")
+
+    tune = sub.add_parser("tune", help="Optuna search of each method's hyperparameters on validation data")
+    tune.add_argument("sweep", type=Path)
+    tune.add_argument("--out", type=Path, required=True, help="directory for tuned.yaml and the search's state")
+    tune.add_argument("--address", help="Ray cluster address; default: start a local one")
+    tune.add_argument("--num-cpus", type=int)
 
     validate = sub.add_parser("validate", help="check a sweep file and print its grid")
     validate.add_argument("sweep", type=Path)
@@ -64,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator.config import ConfigError
 
     try:
-        return {"run": _run, "validate": _validate, "status": _status, "report": _report}[args.command](args)
+        commands = {"run": _run, "validate": _validate, "status": _status, "report": _report, "tune": _tune}
+        return commands[args.command](args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -92,6 +104,10 @@ def _run(args) -> int:
     from orchestrator.sweep import run_sweep
 
     sweep = load_sweep_file(args.sweep)
+    if args.tuned:
+        from orchestrator.tuning import apply_tuned
+
+        sweep = apply_tuned(sweep, args.tuned)
     outcome = run_sweep(sweep, args.out, address=args.address, num_cpus=args.num_cpus, force=args.force)
     print(
         f"{outcome.ran} trials run, {outcome.skipped} already done, {outcome.failed} failed "
@@ -106,6 +122,17 @@ def _run(args) -> int:
     if outcome.failed:
         _print_failures(outcome.table)
         return 1
+    return 0
+
+
+def _tune(args) -> int:
+    from orchestrator.config import load_sweep_file
+    from orchestrator.tuning import tune_methods
+
+    sweep = load_sweep_file(args.sweep)
+    path = tune_methods(sweep, args.out, address=args.address, num_cpus=args.num_cpus)
+    print(path.read_text())
+    print(f"tuned values: {path}; use them with `instill run {args.sweep} --out DIR --tuned {path}`")
     return 0
 
 

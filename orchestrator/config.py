@@ -54,6 +54,51 @@ class Storage(Frozen):
     artifacts: str | None = Field(None, description="where source models and masks are cached; default OUT/artifacts")
 
 
+TUNABLE = {
+    "training.lr": float,
+    "training.epochs": int,
+    "training.weight_decay": float,
+    "training.batch_size": int,
+    "discovery.l0_lambda": float,
+    "discovery.lr": float,
+    "discovery.epochs": int,
+}
+
+
+class Tuning(Frozen):
+    """`instill tune`: an Optuna search per method over these ranges, on the validation split.
+
+    Float ranges are searched on a log scale, integer ranges uniformly. `discovery.*` is tuned for
+    subtask_induction only, and the controls that reuse its mask (sampled, complement) inherit it.
+    """
+
+    budget: int = Field(8, ge=1, description="Optuna trials per method: the same effort for every method")
+    data_fractions: tuple[float, ...] = Field((0.1,), min_length=1)
+    seeds: tuple[int, ...] = Field((0,), min_length=1)
+    space: dict[str, tuple[float, float]] = {
+        "training.lr": (1e-4, 1e-2),
+        "training.epochs": (10, 100),
+        "discovery.l0_lambda": (1e-8, 1e-5),
+    }
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, v: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        for key, (low, high) in v.items():
+            if key not in TUNABLE:
+                raise ValueError(f"cannot tune {key!r}; tunable fields: {', '.join(TUNABLE)}")
+            if not 0 < low < high:
+                raise ValueError(f"{key}: the range must satisfy 0 < low < high, got [{low}, {high}]")
+        return v
+
+    @field_validator("data_fractions")
+    @classmethod
+    def _fractions(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0.0 <= f <= 1.0 for f in v):
+            raise ValueError(f"data_fractions must lie in [0, 1]; got {list(v)}")
+        return v
+
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -71,6 +116,10 @@ class SweepConfig(Frozen):
     resources: Resources = Resources()
     storage: Storage = Storage()
     max_failures: int = Field(1, ge=0, description="retries of a failing trial before it is recorded failed")
+    tuning: Tuning = Tuning()
+    method_overrides: dict[str, dict[str, float]] = Field(
+        {}, description="per-method values of tunable fields, e.g. from `instill tune` (see --tuned)"
+    )
 
     methods: tuple[str, ...] = Field(min_length=1)
     sparsities: tuple[float, ...] = (0.75,)
@@ -112,6 +161,38 @@ class SweepConfig(Frozen):
     @classmethod
     def _seeds(cls, v: tuple[int, ...]) -> tuple[int, ...]:
         return _unique(v, "seeds")
+
+    @model_validator(mode="after")
+    def _overrides(self):
+        for method, values in self.method_overrides.items():
+            if method not in self.methods:
+                raise ValueError(f"method_overrides names {method!r}, which is not in methods {list(self.methods)}")
+            bad = [k for k in values if k not in TUNABLE]
+            if bad:
+                raise ValueError(f"method_overrides.{method}: cannot set {bad}; settable fields: {', '.join(TUNABLE)}")
+        return self
+
+    def for_method(self, method: str) -> SweepConfig:
+        """This sweep with `method`'s overrides applied. Discovery settings follow the method whose
+        mask is used: subtask_induction's, for every method that uses a mask."""
+        values = dict(self.method_overrides.get(method, {}))
+        if METHODS.get(method).uses_mask:
+            values = {k: v for k, v in values.items() if not k.startswith("discovery.")}
+            values.update(
+                {
+                    k: v
+                    for k, v in self.method_overrides.get("subtask_induction", {}).items()
+                    if k.startswith("discovery.")
+                }
+            )
+        if not values:
+            return self
+        blocks: dict[str, dict] = {}
+        for path, value in values.items():
+            block, field = path.split(".")
+            blocks.setdefault(block, {})[field] = TUNABLE[path](value)
+        updates = {b: getattr(self, b).model_validate({**getattr(self, b).canonical(), **f}) for b, f in blocks.items()}
+        return self.model_copy(update=updates)
 
     @model_validator(mode="after")
     def _sparsities_needed(self):

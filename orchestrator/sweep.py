@@ -30,6 +30,7 @@ from orchestrator import results
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.config import ConfigError, SweepConfig, load_sweep
 from orchestrator.trial import TrialSpec, expand, failed_row, run_trial, upstream_keys
+from tasks.config import stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -173,14 +174,20 @@ def precompute(sweep: SweepConfig, store: ArtifactStore, specs: list[TrialSpec],
 
     from orchestrator.trial import mask_key, source_key
 
-    sweep_json = json.dumps(sweep.canonical())
     remote = ray.remote(_upstream).options(num_cpus=sweep.resources.cpu, num_gpus=sweep.resources.gpu)
     errors: dict[str, str] = {}
-    seeds = sorted({s.seed for s in specs if get_method(s.method).uses_source})
-    masks = sorted({(s.seed, s.sparsity) for s in specs if get_method(s.method).uses_mask})
+    sources: dict[str, tuple] = {}
+    masks: dict[str, tuple] = {}
+    for spec in specs:
+        method, effective = get_method(spec.method), sweep.for_method(spec.method)
+        as_json = json.dumps(effective.canonical())
+        if method.uses_source and not store.exists("source", key := source_key(effective, spec.seed)):
+            sources[stable_hash(key)] = ("source", spec.seed, None, as_json)
+        if method.uses_mask and not store.exists("mask", key := mask_key(effective, spec.seed, spec.sparsity)):
+            masks[stable_hash(key)] = ("mask", spec.seed, spec.sparsity, as_json)
     phases = [
-        [("source", seed, None) for seed in seeds if not store.exists("source", source_key(sweep, seed))],
-        [("mask", seed, sp) for seed, sp in masks if not store.exists("mask", mask_key(sweep, seed, sp))],
+        sorted(sources.values(), key=lambda j: (j[1], j[3])),
+        sorted(masks.values(), key=lambda j: (j[1], j[2], j[3])),
     ]
     for jobs in phases:
         if not jobs:
@@ -192,7 +199,8 @@ def precompute(sweep: SweepConfig, store: ArtifactStore, specs: list[TrialSpec],
                 job = pending.pop(0)
                 if job[0] == "mask" and f"source seed {job[1]}" in errors:
                     continue  # its source failed: the trials will report it
-                running[remote.remote(sweep_json, store.location, *job)] = job
+                kind, seed, sparsity, as_json = job
+                running[remote.remote(as_json, store.location, kind, seed, sparsity)] = job
             if not running:
                 continue
             ready, _ = ray.wait(list(running), num_returns=1)

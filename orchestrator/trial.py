@@ -84,6 +84,7 @@ def mask_key(sweep: SweepConfig, seed: int, sparsity: float) -> dict[str, Any]:
 def upstream_keys(sweep: SweepConfig, spec: TrialSpec) -> list[tuple[str, str]]:
     """(kind, key hash) of every artifact the trial needs, in the order it needs them."""
     method = get_method(spec.method)
+    sweep = sweep.for_method(spec.method)
     keys = []
     if method.uses_source:
         keys.append(("source", stable_hash(source_key(sweep, spec.seed), 24)))
@@ -172,6 +173,7 @@ def run_trial(
     method = get_method(spec.method)
     seed = spec.seed
     row: dict[str, Any] = base_row(sweep, spec, task)
+    sweep = sweep.for_method(spec.method)  # tuned values, if any, from here on
     row["started_at"] = time.time()
     times: dict[str, float] = {"wait_s": 0.0}
     clock = time.perf_counter()
@@ -240,6 +242,7 @@ def run_trial(
 def base_row(sweep: SweepConfig, spec: TrialSpec, task=None) -> dict[str, Any]:
     """The identifying columns of a trial's row, filled for done and failed trials alike."""
     task = task or sweep.build_task()
+    effective = sweep.for_method(spec.method)
     return {
         "trial": spec.name,
         "task": sweep.task.name,
@@ -249,10 +252,10 @@ def base_row(sweep: SweepConfig, spec: TrialSpec, task=None) -> dict[str, Any]:
         "data_fraction": spec.data_fraction,
         "n_train": task.downstream_size(spec.data_fraction),
         "seed": spec.seed,
-        "unmasked": sweep.transfer.unmasked,
-        "trainable_subnetwork": sweep.transfer.trainable_subnetwork,
-        "config_hash": sweep.config_hash,
-        "config_json": json.dumps(sweep.canonical(), sort_keys=True),
+        "unmasked": effective.transfer.unmasked,
+        "trainable_subnetwork": effective.transfer.trainable_subnetwork,
+        "config_hash": sweep.config_hash,  # the sweep's, so that a resumed sweep recognises its rows
+        "config_json": json.dumps(effective.canonical(), sort_keys=True),  # what this trial ran with
         "versions": json.dumps(versions(), sort_keys=True),
     }
 

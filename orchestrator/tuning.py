@@ -1,0 +1,133 @@
+"""`instill tune`: the same tuning effort for every method, by Optuna search in Ray Tune.
+
+For each method of the sweep, an Optuna search (OptunaSearch, seeded) runs `tuning.budget` trials
+over `tuning.space`; each trial runs the method at the tuning budgets and seeds and scores the mean
+*validation* accuracy (never test). The best values go to a YAML file that `instill run --tuned`
+applies as per-method overrides, so baselines are tuned as hard as the method.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from methods import get_method
+from orchestrator.artifacts import ArtifactStore
+from orchestrator.config import TUNABLE, ConfigError, SweepConfig, load_sweep
+from orchestrator.trial import TrialSpec, run_trial
+from tasks.config import stable_hash
+
+
+def _key(path: str) -> str:
+    return path.replace(".", "__")
+
+
+def method_space(sweep: SweepConfig, method: str) -> dict[str, tuple[float, float]]:
+    """The part of the tuning space that applies to `method`."""
+    uses_own_discovery = method == "subtask_induction"
+    return {k: v for k, v in sweep.tuning.space.items() if not k.startswith("discovery.") or uses_own_discovery}
+
+
+def _objective(config: dict[str, Any], sweep_json: str, method: str, store_root: str) -> None:
+    import torch
+    from ray import tune
+
+    base = load_sweep(json.loads(sweep_json))
+    torch.set_num_threads(max(1, int(base.resources.cpu)))
+    values = {path: config[_key(path)] for path in TUNABLE if _key(path) in config}
+    overrides = dict(base.method_overrides)
+    overrides[method] = {**overrides.get(method, {}), **values}
+    sweep = base.model_copy(update={"method_overrides": overrides})
+    store = ArtifactStore(store_root)
+    scores = []
+    for fraction in sweep.tuning.data_fractions:
+        for seed in sweep.tuning.seeds:
+            sparsity = sweep.sparsities[0] if get_method(method).uses_mask else None
+            row = run_trial(
+                sweep, TrialSpec(method=method, sparsity=sparsity, data_fraction=fraction, seed=seed), store
+            )
+            scores.append(row["val_acc"])
+    tune.report({"val_acc": sum(scores) / len(scores)})
+
+
+def tune_methods(sweep: SweepConfig, out_dir: str | Path, *, address: str | None = None, num_cpus: int | None = None):
+    """Tune every method of `sweep`; write and return OUT/tuned.yaml."""
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from orchestrator.sweep import start_ray, store_for
+
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store = store_for(sweep, out_dir)
+    start_ray(address, num_cpus=num_cpus)
+    import ray
+
+    concurrency = max(1, int(ray.cluster_resources().get("CPU", 1) // sweep.resources.cpu))
+    best: dict[str, dict[str, float]] = {}
+    scores: dict[str, float] = {}
+    for method in sweep.methods:
+        space = {}
+        for path, (low, high) in method_space(sweep, method).items():
+            space[_key(path)] = (
+                tune.randint(int(low), int(high) + 1) if TUNABLE[path] is int else tune.loguniform(low, high)
+            )
+        if not space:
+            continue
+        print(f"[instill] tuning {method}: {sweep.tuning.budget} trials over {sorted(space)}", file=sys.stderr)
+        trainable = tune.with_resources(
+            tune.with_parameters(
+                _objective, sweep_json=json.dumps(sweep.canonical()), method=method, store_root=store.location
+            ),
+            {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu},
+        )
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                search_alg=OptunaSearch(metric="val_acc", mode="max", seed=int(stable_hash(method, 8), 16)),
+                num_samples=sweep.tuning.budget,
+                max_concurrent_trials=concurrency,
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                name=f"tune-{method}", storage_path=str(out_dir / "tune"), verbose=0, log_to_file=True
+            ),
+        )
+        result = tuner.fit().get_best_result(metric="val_acc", mode="max")
+        if result.metrics is None or "val_acc" not in result.metrics:
+            raise RuntimeError(f"tuning {method}: no trial finished; see {out_dir / 'tune'}")
+        best[method] = {
+            path: TUNABLE[path](result.config[_key(path)]) for path in TUNABLE if _key(path) in result.config
+        }
+        scores[method] = float(result.metrics["val_acc"])
+    record = {
+        "sweep": sweep.name,
+        "config_hash": sweep.config_hash,
+        "objective": "mean validation accuracy over tuning.data_fractions x tuning.seeds",
+        "budget_per_method": sweep.tuning.budget,
+        "best_val_acc": scores,
+        "method_overrides": best,
+    }
+    path = out_dir / "tuned.yaml"
+    path.write_text(yaml.safe_dump(record, sort_keys=False))
+    return path
+
+
+def apply_tuned(sweep: SweepConfig, tuned_file: str | Path) -> SweepConfig:
+    """`sweep` with the per-method values of a `tuned.yaml` written by `instill tune`."""
+    path = Path(tuned_file)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such tuned-values file; write one with `instill tune SWEEP --out DIR`")
+    try:
+        record = yaml.safe_load(path.read_text())
+        overrides = {m: v for m, v in record["method_overrides"].items() if m in sweep.methods}
+    except (yaml.YAMLError, KeyError, TypeError, AttributeError) as err:
+        raise ConfigError(f"{path}: not a tuned-values file from `instill tune` ({err})") from None
+    raw = sweep.canonical()
+    raw["method_overrides"] = {**raw.get("method_overrides", {}), **overrides}
+    return load_sweep(raw, str(path))

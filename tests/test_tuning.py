@@ -1,0 +1,95 @@
+import pytest
+import yaml
+
+from orchestrator.cli import main
+from orchestrator.config import ConfigError, load_sweep
+from orchestrator.trial import TrialSpec, mask_key, upstream_keys
+from orchestrator.tuning import apply_tuned, method_space
+from tests.conftest import tiny_raw
+
+
+def test_overrides_apply_per_method_and_controls_inherit_discovery(tiny):
+    sweep = tiny(
+        methods=["subtask_induction", "sampled_subnetwork", "scratch"],
+        method_overrides={
+            "subtask_induction": {"training.lr": 0.003, "discovery.l0_lambda": 1e-6},
+            "sampled_subnetwork": {"training.epochs": 7, "discovery.l0_lambda": 1e-3},
+            "scratch": {"training.lr": 0.01},
+        },
+    )
+    si, sampled, scratch = (sweep.for_method(m) for m in ("subtask_induction", "sampled_subnetwork", "scratch"))
+    assert si.training.lr == 0.003 and si.discovery.l0_lambda == 1e-6
+    assert sampled.training.epochs == 7 and sampled.training.lr == sweep.training.lr
+    assert sampled.discovery.l0_lambda == 1e-6, "controls use subtask_induction's mask settings"
+    assert scratch.training.lr == 0.01 and scratch.discovery == sweep.discovery
+    # the controls' mask is the very mask subtask_induction uses
+    a = upstream_keys(sweep, TrialSpec(method="subtask_induction", sparsity=0.5, data_fraction=0.5, seed=0))
+    b = upstream_keys(sweep, TrialSpec(method="sampled_subnetwork", sparsity=0.5, data_fraction=0.5, seed=0))
+    assert a == b and mask_key(si, 0, 0.5) != mask_key(sweep, 0, 0.5)
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        ({"magic": {"training.lr": 0.1}}, "not in methods"),
+        ({"scratch": {"model.d_model": 4}}, "cannot set"),
+    ],
+)
+def test_bad_overrides_are_refused(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_sweep(tiny_raw(method_overrides=overrides))
+
+
+def test_bad_tuning_space_is_refused():
+    with pytest.raises(ConfigError, match="cannot tune 'model.d_model'"):
+        load_sweep(tiny_raw(tuning={"space": {"model.d_model": [8, 64]}}))
+    with pytest.raises(ConfigError, match="0 < low < high"):
+        load_sweep(tiny_raw(tuning={"space": {"training.lr": [0.1, 0.01]}}))
+
+
+def test_method_space_tunes_discovery_for_subtask_induction_only(tiny):
+    sweep = tiny()
+    assert "discovery.l0_lambda" in method_space(sweep, "subtask_induction")
+    assert "discovery.l0_lambda" not in method_space(sweep, "scratch")
+
+
+def test_tune_then_run_with_tuned_values(tmp_path, capsys):
+    import ray
+
+    raw = tiny_raw(
+        methods=["subtask_induction", "scratch"],
+        tuning={
+            "budget": 3,
+            "data_fractions": [0.5],
+            "seeds": [0],
+            "space": {"training.lr": [1e-4, 1e-2], "training.epochs": [1, 3], "discovery.l0_lambda": [1e-8, 1e-5]},
+        },
+    )
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["tune", str(path), "--out", str(tmp_path / "tuning"), "--num-cpus", "2"]) == 0
+    tuned = yaml.safe_load((tmp_path / "tuning" / "tuned.yaml").read_text())
+    assert tuned["budget_per_method"] == 3
+    assert set(tuned["method_overrides"]) == {"subtask_induction", "scratch"}
+    si = tuned["method_overrides"]["subtask_induction"]
+    assert 1e-4 <= si["training.lr"] <= 1e-2 and 1 <= si["training.epochs"] <= 3 and "discovery.l0_lambda" in si
+    assert "discovery.l0_lambda" not in tuned["method_overrides"]["scratch"]
+    n_trials = {p.name: len([t for t in p.iterdir() if t.is_dir()]) for p in (tmp_path / "tuning" / "tune").iterdir()}
+    assert n_trials == {"tune-subtask_induction": 3, "tune-scratch": 3}, "the same effort for every method"
+
+    sweep = apply_tuned(load_sweep(raw), tmp_path / "tuning" / "tuned.yaml")
+    assert sweep.for_method("scratch").training.lr == tuned["method_overrides"]["scratch"]["training.lr"]
+    out = tmp_path / "run"
+    assert (
+        main(["run", str(path), "--out", str(out), "--tuned", str(tmp_path / "tuning" / "tuned.yaml"), "--no-report"])
+        == 0
+    )
+    ray.shutdown()
+
+
+def test_missing_tuned_file(tmp_path, capsys):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(tiny_raw()))
+    assert main(["run", str(path), "--out", str(tmp_path / "o"), "--tuned", str(tmp_path / "nope.yaml")]) == 2
+    assert "no such tuned-values file" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
