@@ -49,17 +49,21 @@ def main() -> None:
         if sweep.resources.max_concurrent:
             slots = min(slots, sweep.resources.max_concurrent)
         table = outcome.table
-        compute = float(table["total_s"].sum())
-        waits = float(table["wait_s"].sum())
-        ideal = compute / slots
         store: ArtifactStore = store_for(sweep, outcome.out_dir)
         done = store.computations()
+        upstream = sum(c["seconds"] for c in done)  # source training and discovery, before the trials
+        trials = float(table["total_s"].sum())
+        compute = upstream + trials
+        waits = float(table["wait_s"].sum())
+        ideal = compute / slots
         keys = {k for spec in expand(sweep) for k in upstream_keys(sweep, spec)}
 
         print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}")
         print(f"sweep: {args.sweep} ({len(table)} trials, {slots} at once, {int(sweep.resources.cpu)} CPU each)")
         print(f"wall time (incl. Ray start):           {wall:8.1f} s")
-        print(f"sum of trial compute times:            {compute:8.1f} s")
+        print(f"upstream compute (sources, masks):     {upstream:8.1f} s")
+        print(f"trial compute (transfer, train, eval): {trials:8.1f} s")
+        print(f"sum of compute times:                  {compute:8.1f} s")
         print(f"  of which lock waits (not counted):   {waits:8.1f} s")
         print(f"ideal wall = compute / concurrency:    {ideal:8.1f} s")
         print(f"overhead ratio wall / ideal:           {wall / ideal:8.2f}   (target <= 1.2)")

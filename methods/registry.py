@@ -99,3 +99,16 @@ def _sampled(inp: MethodInputs) -> nn.Module:
 )
 def _complement(inp: MethodInputs) -> nn.Module:
     return transfer(inp.source, inp.fresh, complement(inp.mask), inp.transfer)
+
+
+@register_method(
+    "paper_sampled_subnetwork",
+    uses_source=True,
+    uses_mask=True,
+    description=(
+        "the paper's code's sampled baseline, for reproducing its figure only: the complement of a random "
+        "mask with |S| ones, i.e. almost the whole source network with |S| random weights re-initialised"
+    ),
+)
+def _paper_sampled(inp: MethodInputs) -> nn.Module:
+    return transfer(inp.source, inp.fresh, complement(sample_like(inp.mask, inp.generator)), inp.transfer)

@@ -24,7 +24,9 @@ examples:
   instill status runs/quickstart
       counts of done, pending and failed trials, and each failure's error
   instill report runs/quickstart
-      rebuild the summary table and the data-efficiency plots
+      rebuild the summary tables, plots and index.html in runs/quickstart/report/
+  instill report runs/a runs/b --to runs/merged-report
+      one report over several result directories
 """
 
 EXIT_BAD_INPUT = 2
@@ -65,8 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="counts of done, pending and failed trials in an output directory")
     status.add_argument("out", type=Path)
 
-    report = sub.add_parser("report", help="write the summary table and plots of an output directory")
-    report.add_argument("out", type=Path)
+    report = sub.add_parser("report", help="summary tables, plots and index.html of one or more output directories")
+    report.add_argument("out", type=Path, nargs="+", help="output directories of `instill run` (merged)")
+    report.add_argument("--to", type=Path, help="report directory (default: FIRST_OUT/report)")
+    report.add_argument("--target", type=float, default=0.9, help="accuracy whose required budget is reported")
     return parser
 
 
@@ -147,7 +151,7 @@ def _status(args) -> int:
 def _report(args) -> int:
     from orchestrator.report import write_report
 
-    report_dir = write_report([args.out])
+    report_dir = write_report(args.out, args.to, target=args.target)
     print((report_dir / "summary.md").read_text())
     print(f"report: {report_dir}")
     return 0

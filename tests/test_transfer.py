@@ -72,3 +72,19 @@ def test_transfer_refuses_different_architectures(tiny):
     task = sweep.build_task()
     with pytest.raises(ValueError, match="one architecture"):
         transfer(fresh_model(sweep, task, 0, "a"), fresh_model(other, task, 0, "b"), {}, TransferConfig())
+
+
+def test_sampled_controls_keep_the_documented_number_of_source_weights(tiny):
+    from methods import MethodInputs, get_method
+    from methods.masking import density
+
+    sweep, task, source, _, mask, _ = _setup(tiny)
+    kept = {}
+    for name in ("subtask_induction", "sampled_subnetwork", "complement_subnetwork", "paper_sampled_subnetwork"):
+        fresh = fresh_model(sweep, task, 0, "init")
+        inputs = MethodInputs(fresh, source, mask, TransferConfig(), torch.Generator().manual_seed(3))
+        model = get_method(name).build(inputs)
+        kept[name] = density({n: fn.mask for n, fn in zip(model.names, model.fns.values(), strict=True)})
+    assert kept["sampled_subnetwork"] == pytest.approx(kept["subtask_induction"])
+    assert kept["complement_subnetwork"] == pytest.approx(1 - kept["subtask_induction"])
+    assert kept["paper_sampled_subnetwork"] == pytest.approx(1 - kept["subtask_induction"])  # the inverted mask
