@@ -256,11 +256,18 @@ def load_sweep(raw: Any, source: str = "sweep") -> SweepConfig:
             errors.append(format_validation(err))
         else:
             try:
-                config.build_task().build_model(config.model)
+                task = config.build_task()
+                task.build_model(config.model)
             except ValueError as err:
-                errors.append(f"model.name: {err}")
+                errors.append(f"model: {err}")
             else:
-                return config
+                if not task.trains_on_zero and any(task.downstream_size(f) < 1 for f in config.data_fractions):
+                    errors.append(
+                        f"data_fractions: {list(config.data_fractions)} includes a budget of 0 training samples, "
+                        f"and task {config.task.name!r} has nothing else to train on; use fractions > 0"
+                    )
+                else:
+                    return config
     raise ConfigError(f"{source}: invalid sweep file\n  " + "\n  ".join("\n".join(errors).splitlines()))
 
 

@@ -229,6 +229,7 @@ def run_trial(
     for split_name, split in data.evals.items():
         for label, acc in evaluate(model, split, sweep.training.eval_batch_size).items():
             row[f"{split_name}_acc" if label == "y" else f"{split_name}_acc_{label}"] = acc
+    row.update(task.derived_metrics(row))
     val_readings = evaluate(model, data.val, sweep.training.eval_batch_size)
     row.update({f"val_acc_{label}": acc for label, acc in val_readings.items() if label != "y"})
     lap("eval")

@@ -55,6 +55,8 @@ class Task(Protocol):
 
     name: ClassVar[str]
     Config: ClassVar[type[Frozen]]
+    supported_models: ClassVar[tuple[str, ...]]
+    trains_on_zero: ClassVar[bool]  # whether data fraction 0 still leaves downstream training data
     config: Frozen
 
     def base_data(self, seed: int) -> StageData: ...
@@ -66,6 +68,8 @@ class Task(Protocol):
     def downstream_size(self, data_fraction: float) -> int: ...
 
     def key_fields(self, stage: str) -> dict: ...
+
+    def derived_metrics(self, row: dict) -> dict: ...
 
     def build_model(self, model_config: Frozen) -> nn.Module: ...
 

@@ -1,0 +1,176 @@
+"""`shapes`: the paper's shape-bias experiment (METHOD.md, Experiment 2) on procedural images.
+
+Class k is shape k carrying texture k (Trifeature style, see `tasks.shapes_render`); colour, pose,
+scale and texture phase vary at random. Splits:
+
+- `textured` (shape and texture agree): base training of the source, downstream training (a budget
+  of the pool), validation and test;
+- `silhouette` (the shape in one flat colour, no texture): the subtask the mask is discovered on, the
+  analogue of the paper's mean-pooled images; also a test split;
+- `cue_conflict` (shape of class i, texture of class j != i): shape bias = shape decisions /
+  (shape decisions + texture decisions);
+- `texture_only` (texture over the whole frame, no shape): accuracy against the texture's class.
+
+Every split is a pure function of (generator settings, split name, seed) and is cached on disk as a
+uint8 `.npz` (loaded with `allow_pickle=False`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import uuid
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import nn
+
+from tasks.base import MODELS, Split, StageData, register_task
+from tasks.config import Frozen, stable_hash
+from tasks.seeding import numpy_generator
+from tasks.shapes_render import SHAPES, TEXTURES, render
+
+GENERATOR_VERSION = 1  # bump when rendering changes: cached splits and artifacts keyed on it are redone
+MEAN, STD = 0.5, 0.25  # inputs are (pixel / 255 - MEAN) / STD
+
+
+class ShapesConfig(Frozen):
+    name: Literal["shapes"] = "shapes"
+    n_classes: int = Field(10, ge=2, le=len(SHAPES))
+    image_size: int = Field(32, ge=16, le=128)
+    n_base: int = Field(10_000, ge=10, description="textured images for the source model")
+    n_subtask: int = Field(5_000, ge=10, description="silhouettes for mask discovery")
+    pool_size: int = Field(5_000, ge=1, description="textured downstream pool; n = fraction * pool_size")
+    n_val: int = Field(1_000, ge=10)
+    n_test: int = Field(2_000, ge=10, description="size of each test split")
+    cache_dir: str | None = Field(None, description="where splits are cached; default ~/.cache/instill/shapes")
+
+
+def _normalise(images: np.ndarray) -> torch.Tensor:
+    return (torch.from_numpy(images).float() / 255.0 - MEAN) / STD
+
+
+@register_task("shapes")
+class Shapes:
+    """Procedural shape/texture images; see the module docstring."""
+
+    Config = ShapesConfig
+    supported_models = ("resnet18", "vit")
+    trains_on_zero = False  # downstream training needs at least one textured image
+
+    def __init__(self, config: ShapesConfig):
+        self.config = config
+        if len(TEXTURES) < config.n_classes:
+            raise ValueError(f"only {len(TEXTURES)} textures for {config.n_classes} classes")
+
+    # --- generation and cache ---------------------------------------------------------------
+
+    def _generator_fields(self) -> dict:
+        c = self.config
+        return {"name": c.name, "version": GENERATOR_VERSION, "n_classes": c.n_classes, "image_size": c.image_size}
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.config.cache_dir or Path.home() / ".cache" / "instill" / "shapes").expanduser()
+
+    @functools.lru_cache(maxsize=16)  # noqa: B019 - a task object lives for one trial
+    def split_arrays(self, split: str, n: int, seed: int) -> dict[str, np.ndarray]:
+        """images uint8 [n, 3, S, S], shape ids and texture ids, from the cache or freshly rendered."""
+        key = {**self._generator_fields(), "split": split, "n": n, "seed": seed}
+        path = self.cache_dir / f"{split}-{stable_hash(key, 20)}.npz"
+        if path.exists():
+            try:
+                with np.load(path, allow_pickle=False) as f:
+                    return {k: f[k] for k in ("images", "shape", "texture")}
+            except (OSError, ValueError, KeyError):
+                path.unlink(missing_ok=True)  # a damaged cache file is regenerated
+        arrays = self._render(split, n, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+        return arrays
+
+    def _render(self, split: str, n: int, seed: int) -> dict[str, np.ndarray]:
+        k = self.config.n_classes
+        rng = numpy_generator(seed, f"shapes:{split}")
+        shape = rng.permutation(np.arange(n) % k)  # exactly balanced classes
+        if split == "cue_conflict":
+            texture = (shape + rng.integers(1, k, n)) % k  # any other class, uniformly
+        else:
+            texture = shape.copy()
+        if split in ("subtask", "subtask_val", "silhouette_test"):
+            mode = "silhouette"
+        elif split == "texture_only":
+            mode = "texture_only"
+        else:
+            mode = "textured"
+        images = render(shape, texture, rng, self.config.image_size, k, mode=mode)
+        return {"images": images, "shape": shape.astype(np.int64), "texture": texture.astype(np.int64)}
+
+    def _split(self, split: str, n: int, seed: int, labels: tuple[str, ...] = ("y",)) -> Split:
+        arrays = self.split_arrays(split, n, seed)
+        sources = {"y": arrays["texture"] if split == "texture_only" else arrays["shape"],
+                   "shape": arrays["shape"], "texture": arrays["texture"]}  # fmt: skip
+        return Split(_normalise(arrays["images"]), {name: torch.from_numpy(sources[name]) for name in labels})
+
+    # --- stages -----------------------------------------------------------------------------
+
+    def key_fields(self, stage: str) -> dict:
+        c = self.config
+        if stage == "source":
+            return {**self._generator_fields(), "n_base": c.n_base, "n_val": c.n_val}
+        if stage == "subtask":
+            return {**self._generator_fields(), "n_subtask": c.n_subtask, "n_val": c.n_val}
+        raise ValueError(f"unknown stage {stage!r}; use 'source' or 'subtask'")
+
+    def base_data(self, seed: int) -> StageData:
+        c = self.config
+        return StageData(self._split("base", c.n_base, seed), self._split("base_val", c.n_val, seed))
+
+    def subtask_data(self, seed: int) -> StageData:
+        c = self.config
+        return StageData(self._split("subtask", c.n_subtask, seed), self._split("subtask_val", c.n_val, seed))
+
+    def downstream_size(self, data_fraction: float) -> int:
+        return int(round(data_fraction * self.config.pool_size))
+
+    def downstream_data(self, seed: int, data_fraction: float) -> StageData:
+        c = self.config
+        n = self.downstream_size(data_fraction)
+        if n < 1:
+            raise ValueError(f"data fraction {data_fraction} of pool_size {c.pool_size} leaves no training images")
+        pool = self._split("pool", c.pool_size, seed)
+        train = Split(pool.x[:n], {"y": pool.y[:n]})
+        return StageData(
+            train=train,
+            val=self._split("val", c.n_val, seed),
+            evals={
+                "test": self._split("test", c.n_test, seed),
+                "silhouette": self._split("silhouette_test", c.n_test, seed),
+                "cue_conflict": self._split("cue_conflict", c.n_test, seed, labels=("shape", "texture")),
+                "texture_only": self._split("texture_only", c.n_test, seed),
+            },
+        )
+
+    @staticmethod
+    def derived_metrics(row: dict) -> dict:
+        """Shape bias on cue-conflict images: shape decisions / (shape + texture decisions).
+        Every cue-conflict image has two different classes, so the decision counts are n * accuracy."""
+        shape, texture = row.get("cue_conflict_acc_shape"), row.get("cue_conflict_acc_texture")
+        if shape is None or texture is None:
+            return {}
+        return {"shape_bias": shape / (shape + texture) if shape + texture > 0 else float("nan")}
+
+    def build_model(self, model_config: Frozen) -> nn.Module:
+        if model_config.name not in self.supported_models:
+            raise ValueError(
+                f"model {model_config.name!r} does not fit task {self.name!r}; "
+                f"use one of: {', '.join(self.supported_models)}"
+            )
+        return MODELS.get(model_config.name).build(
+            model_config, n_classes=self.config.n_classes, image_size=self.config.image_size
+        )
