@@ -47,6 +47,7 @@ COLUMNS = [
     "source_computed",
     "mask_computed",
     "device",
+    "worker",
     "started_at",
     "finished_at",
     "error",

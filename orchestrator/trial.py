@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import platform
 import time
 import traceback
@@ -175,6 +176,7 @@ def run_trial(
     row: dict[str, Any] = base_row(sweep, spec, task)
     sweep = sweep.for_method(spec.method)  # tuned values, if any, from here on
     row["started_at"] = time.time()
+    row["worker"] = f"{platform.node()}:{os.getpid()}"
     times: dict[str, float] = {"wait_s": 0.0}
     clock = time.perf_counter()
 

@@ -35,6 +35,7 @@ def smoke(ray_local, tmp_path_factory):
             sparsities=[0.5, 0.8],
             data_fractions=[0.2, 1.0],
             seeds=[0, 1],
+            training={"epochs": 60},  # long enough (~0.6 s) that two trials visibly overlap
         )
     )
     outcome = run_sweep(sweep, out)
@@ -69,9 +70,10 @@ def test_trials_ran_side_by_side(smoke):
     sweep, out, _ = smoke
     table = results.read(out / "results.parquet")
     assert len(table) >= 4
-    spans = sorted(zip(table["started_at"], table["finished_at"], strict=True))
-    overlapping = sum(a_end > b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:], strict=False))
+    spans = list(zip(table["started_at"], table["finished_at"], strict=True))
+    overlapping = sum(s1 < e2 and s2 < e1 for i, (s1, e1) in enumerate(spans) for s2, e2 in spans[i + 1 :])
     assert overlapping >= 1, "no two trials ran at the same time"
+    assert table["worker"].nunique() >= 2, "trials ran in at least two worker processes"
     # Trial output goes to per-trial log files, not the console.
     logs = list((out / "tune").rglob("stdout"))
     assert len(logs) == len(table)
