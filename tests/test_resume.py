@@ -14,7 +14,7 @@ from orchestrator import results
 from tests.conftest import tiny_raw
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOLATILE = ("_s", "started_at", "finished_at", "_computed", "device")
+VOLATILE = ("_s", "started_at", "finished_at", "_computed", "device", "worker")
 
 
 def _run(sweep_path, out, wait=True):
