@@ -99,6 +99,7 @@ class Tuning(Frozen):
         return v
 
 
+_TASK_CACHE: dict[str, object] = {}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -201,8 +202,12 @@ class SweepConfig(Frozen):
         return self
 
     def build_task(self):
-        """A fresh task object for this sweep's task block."""
-        return tasks.TASKS.get(self.task.name)(self.task)
+        """The task object for this sweep's task block (one per distinct block and process: building
+        one may scan data directories, and it caches the data it generates)."""
+        key = stable_hash(self.task.canonical())
+        if key not in _TASK_CACHE:
+            _TASK_CACHE[key] = tasks.TASKS.get(self.task.name)(self.task)
+        return _TASK_CACHE[key]
 
     @property
     def config_hash(self) -> str:
@@ -257,10 +262,16 @@ def load_sweep(raw: Any, source: str = "sweep") -> SweepConfig:
         else:
             try:
                 task = config.build_task()
-                task.build_model(config.model)
+            except ValueError as err:  # e.g. a data directory that is missing or malformed
+                errors.append(str(err))
+                task = None
+            try:
+                if task is not None:
+                    task.build_model(config.model)
             except ValueError as err:
                 errors.append(f"model: {err}")
-            else:
+                task = None
+            if task is not None:
                 if not task.trains_on_zero and any(task.downstream_size(f) < 1 for f in config.data_fractions):
                     errors.append(
                         f"data_fractions: {list(config.data_fractions)} includes a budget of 0 training samples, "

@@ -1,6 +1,7 @@
 """Tasks: data and models. Importing this package registers every built-in task and model."""
 
 from tasks import arithmetic as _arithmetic  # noqa: F401  (registers modular_arithmetic)
+from tasks import imagenet16 as _imagenet16  # noqa: F401  (registers imagenet16)
 from tasks import shapes as _shapes  # noqa: F401  (registers shapes)
 from tasks.base import MODELS, TASKS, Split, StageData, Task, parse_block, register_model, register_task
 from tasks.models import gpt as _gpt  # noqa: F401  (registers gpt)
