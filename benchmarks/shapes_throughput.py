@@ -1,6 +1,6 @@
 """Procedural images per second of the `shapes` generator (tasks/shapes_render.py).
 
-    python benchmarks/shapes_throughput.py [--n 20000] [--size 32] [--classes 10] [--threads 1 2]
+python benchmarks/shapes_throughput.py [--n 20000] [--size 32] [--classes 10] [--threads 1 2]
 """
 
 from __future__ import annotations

@@ -235,7 +235,15 @@ def _trainable(config: dict[str, Any], sweep_json: str, store_root: str) -> None
     run_trial(sweep, spec, ArtifactStore(store_root), report=report)
 
 
-def _make_callbacks(out_dir: Path, sweep: SweepConfig, total: int, done_before: int):
+def _cost(spec: TrialSpec) -> float:
+    """Relative cost of a trial for the ETA: training time grows with the budget; 0.1 stands for the
+    fixed part (evaluation, set-up)."""
+    return spec.data_fraction + 0.1
+
+
+def _make_callbacks(out_dir: Path, sweep: SweepConfig, todo: list[TrialSpec], done_before: int):
+    total = len(todo)
+    total_cost = sum(_cost(s) for s in todo)
     from ray import tune
 
     class Rows(tune.Callback):
@@ -243,6 +251,7 @@ def _make_callbacks(out_dir: Path, sweep: SweepConfig, total: int, done_before: 
 
         def __init__(self):
             self.done = self.failed = self.running = 0
+            self.cost_done = 0.0
             self.failures: list[tuple[str, str]] = []
 
         def on_step_end(self, iteration, trials, **info):
@@ -255,6 +264,7 @@ def _make_callbacks(out_dir: Path, sweep: SweepConfig, total: int, done_before: 
 
         def _finish(self, trial) -> TrialSpec:
             spec = TrialSpec(**trial.config["spec"])
+            self.cost_done += _cost(spec)
             row_path(out_dir, spec).with_suffix(".running").unlink(missing_ok=True)
             return spec
 
@@ -289,7 +299,8 @@ def _make_callbacks(out_dir: Path, sweep: SweepConfig, total: int, done_before: 
             running = min(r.running, total - finished)  # Tune's states lag completions by a step
             pending = total - finished - running
             elapsed = time.monotonic() - self.start
-            eta = "?" if finished == 0 else _hms(elapsed / finished * (total - finished))
+            # Largest budgets run first, so a plain count would overstate the time left.
+            eta = "?" if finished == 0 else _hms(elapsed / r.cost_done * (total_cost - r.cost_done))
             return (
                 f"[instill] {done_before + r.done}/{done_before + total} done, {running} running, "
                 f"{pending} pending, {r.failed} failed | elapsed {_hms(elapsed)} | ETA {eta}"
@@ -361,7 +372,7 @@ def run_sweep(
             concurrency = min(concurrency, sweep.resources.max_concurrent)
         precompute(sweep, store, todo, concurrency)
         todo = order_trials(sweep, todo, concurrency)
-        _, callbacks = _make_callbacks(out_dir, sweep, len(todo), len(specs) - len(todo))
+        _, callbacks = _make_callbacks(out_dir, sweep, todo, len(specs) - len(todo))
         trainable = tune.with_resources(
             tune.with_parameters(_trainable, sweep_json=json.dumps(sweep.canonical()), store_root=store.location),
             {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu},

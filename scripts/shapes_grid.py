@@ -1,6 +1,6 @@
 """Write docs/shapes_splits.png: a grid of each split of the `shapes` task, as the model sees it.
 
-    python scripts/shapes_grid.py [--classes 10] [--size 32] [--out docs/shapes_splits.png]
+python scripts/shapes_grid.py [--classes 10] [--size 32] [--out docs/shapes_splits.png]
 """
 
 from __future__ import annotations
@@ -19,14 +19,18 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--out", default="docs/shapes_splits.png")
+    parser.add_argument("--texture-rotation", type=float, default=0.0, help="as the task's texture_rotation")
     args = parser.parse_args()
     k, size, zoom, pad, label_w = args.classes, args.size, 3, 4, 120
     ids = np.arange(k)
+    rot = args.texture_rotation
     rows = {
-        "textured": render(ids, ids, numpy_generator(0, "grid:t"), size, k),
+        "textured": render(ids, ids, numpy_generator(0, "grid:t"), size, k, texture_rotation=rot),
         "silhouette": render(ids, None, numpy_generator(0, "grid:s"), size, k, mode="silhouette"),
-        "cue_conflict": render(ids, (ids + 1) % k, numpy_generator(0, "grid:c"), size, k),
-        "texture_only": render(ids, ids, numpy_generator(0, "grid:o"), size, k, mode="texture_only"),
+        "cue_conflict": render(ids, (ids + 1) % k, numpy_generator(0, "grid:c"), size, k, texture_rotation=rot),
+        "texture_only": render(
+            ids, ids, numpy_generator(0, "grid:o"), size, k, mode="texture_only", texture_rotation=rot
+        ),
     }
     cell = size * zoom + pad
     canvas = Image.new("RGB", (label_w + k * cell, 24 + len(rows) * cell), "white")

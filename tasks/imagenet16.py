@@ -236,8 +236,11 @@ class ImageNet16:
         return StageData(
             train=Split(pool.x[:n], {"y": pool.y[:n]}),
             val=self._split("val", seed),
-            evals={"test": self._split("test", seed), "meanpooled": self._split("test", seed, pooled=True),
-                   "cue_conflict": cue},  # fmt: skip
+            evals={
+                "test": self._split("test", seed),
+                "meanpooled": self._split("test", seed, pooled=True),
+                "cue_conflict": cue,
+            },  # fmt: skip
         )
 
     @staticmethod

@@ -33,7 +33,7 @@ from tasks.config import Frozen, stable_hash
 from tasks.seeding import numpy_generator
 from tasks.shapes_render import SHAPES, TEXTURES, render
 
-GENERATOR_VERSION = 1  # bump when rendering changes: cached splits and artifacts keyed on it are redone
+GENERATOR_VERSION = 2  # bump when rendering changes: cached splits and artifacts keyed on it are redone
 MEAN, STD = 0.5, 0.25  # inputs are (pixel / 255 - MEAN) / STD
 
 
@@ -46,6 +46,13 @@ class ShapesConfig(Frozen):
     pool_size: int = Field(5_000, ge=1, description="textured downstream pool; n = fraction * pool_size")
     n_val: int = Field(1_000, ge=10)
     n_test: int = Field(2_000, ge=10, description="size of each test split")
+    texture_rotation: float = Field(
+        0.0,
+        ge=0,
+        le=180,
+        description="textures turn by up to this many degrees; 0 keeps them upright, which makes texture the "
+        "easy cue and scratch CNNs texture-biased (see docs/VISION.md)",
+    )
     cache_dir: str | None = Field(None, description="where splits are cached; default ~/.cache/instill/shapes")
 
 
@@ -70,7 +77,8 @@ class Shapes:
 
     def _generator_fields(self) -> dict:
         c = self.config
-        return {"name": c.name, "version": GENERATOR_VERSION, "n_classes": c.n_classes, "image_size": c.image_size}
+        return {"name": c.name, "version": GENERATOR_VERSION, "n_classes": c.n_classes, "image_size": c.image_size,
+                "texture_rotation": c.texture_rotation}  # fmt: skip
 
     @property
     def cache_dir(self) -> Path:
@@ -108,7 +116,8 @@ class Shapes:
             mode = "texture_only"
         else:
             mode = "textured"
-        images = render(shape, texture, rng, self.config.image_size, k, mode=mode)
+        images = render(shape, texture, rng, self.config.image_size, k, mode=mode,
+                        texture_rotation=self.config.texture_rotation)  # fmt: skip
         return {"images": images, "shape": shape.astype(np.int64), "texture": texture.astype(np.int64)}
 
     def _split(self, split: str, n: int, seed: int, labels: tuple[str, ...] = ("y",)) -> Split:

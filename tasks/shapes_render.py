@@ -209,12 +209,16 @@ def render(
     n_classes: int,
     mode: str = "textured",
     chunk: int = 512,
+    texture_rotation: float = 180.0,
+    shape_radius: tuple[float, float] = (0.30, 0.42),
 ) -> np.ndarray:
     """Render images as uint8 [N, 3, size, size].
 
     mode: 'textured' (shape filled with texture), 'silhouette' (shape, flat fill) or 'texture_only'
     (texture over the whole frame). All randomness (colour, pose, texture phase and rotation) comes
-    from `rng`, drawn up front, so a given rng state always gives the same images.
+    from `rng`, drawn up front, so a given rng state always gives the same images. Textures turn by
+    up to `texture_rotation` degrees; shapes by up to +-45 degrees, with a radius drawn from
+    `shape_radius` (fractions of the image size).
     """
     n = len(shape_ids)
     names = list(SHAPES)[:n_classes]
@@ -223,12 +227,12 @@ def render(
     # Per-image random parameters.
     colour = COLOURS[rng.integers(0, len(COLOURS), n)] + torch.from_numpy(rng.uniform(-0.05, 0.05, (n, 3))).float()
     colour = colour.clamp(0, 1)
-    radius = torch.from_numpy(rng.uniform(0.30, 0.42, n) * size).float()
+    radius = torch.from_numpy(rng.uniform(*shape_radius, n) * size).float()
     centre = torch.from_numpy(rng.uniform(0, 1, (n, 2))).float() * (size - 2 * radius).unsqueeze(1) + radius.unsqueeze(
         1
     )
     angle = torch.from_numpy(rng.uniform(-math.pi / 4, math.pi / 4, n)).float()
-    tex_angle = torch.from_numpy(rng.uniform(0, math.pi, n)).float()
+    tex_angle = torch.from_numpy(rng.uniform(0, math.radians(texture_rotation), n)).float()
     tex_phase = torch.from_numpy(rng.uniform(0, 1, (n, 2))).float()
     period = torch.from_numpy(rng.uniform(4.0, 6.0, n) * size / 32).float()
     salt = torch.from_numpy(rng.uniform(0, 100, n)).float()
