@@ -24,7 +24,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from tasks import expr
-from tasks.base import MODELS, Split, StageData, register_task
+from tasks.base import Split, StageData, build_model_for, register_task
 from tasks.config import Frozen
 from tasks.seeding import numpy_generator
 
@@ -201,13 +201,8 @@ class ModularArithmetic:
     # --- model ----------------------------------------------------------------------------
 
     def build_model(self, model_config: Frozen) -> nn.Module:
-        if model_config.name not in self.supported_models:
-            raise ValueError(
-                f"model {model_config.name!r} does not fit task {self.name!r}; "
-                f"use one of: {', '.join(self.supported_models)}"
-            )
-        spec = MODELS.get(model_config.name)
-        return spec.build(
+        return build_model_for(
+            self,
             model_config,
             vocab_size=self.config.operand_range + 1,
             n_positions=self.n_positions,

@@ -125,6 +125,15 @@ class ModelSpec:
     build: Callable[..., nn.Module]
 
 
+def build_model_for(task: Task, model_config: Frozen, **dims) -> nn.Module:
+    """Build the registered model `model_config.name` with the task's dimensions, refusing models
+    the task does not support."""
+    if model_config.name not in task.supported_models:
+        valid = ", ".join(task.supported_models)
+        raise ValueError(f"model {model_config.name!r} does not fit task {task.name!r}; use one of: {valid}")
+    return MODELS.get(model_config.name).build(model_config, **dims)
+
+
 def register_model(name: str, config_cls: type[Frozen]):
     """Decorator for a builder function `(config, **task_dims) -> nn.Module`."""
 

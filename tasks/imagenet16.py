@@ -27,7 +27,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from tasks.base import MODELS, Split, StageData, register_task
+from tasks.base import Split, StageData, build_model_for, register_task
 from tasks.config import Frozen, stable_hash
 from tasks.seeding import numpy_generator
 
@@ -250,11 +250,6 @@ class ImageNet16:
         return Shapes.derived_metrics(row)
 
     def build_model(self, model_config: Frozen) -> nn.Module:
-        if model_config.name not in self.supported_models:
-            raise ValueError(
-                f"model {model_config.name!r} does not fit task {self.name!r}; "
-                f"use one of: {', '.join(self.supported_models)}"
-            )
-        return MODELS.get(model_config.name).build(
-            model_config, n_classes=len(self.config.classes), image_size=self.config.image_size
+        return build_model_for(
+            self, model_config, n_classes=len(self.config.classes), image_size=self.config.image_size
         )

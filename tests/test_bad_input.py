@@ -13,6 +13,12 @@ def _yaml(**overrides):
     return yaml.safe_dump(tiny_raw(**overrides), sort_keys=False)
 
 
+def _replace(key, value):
+    raw = tiny_raw()
+    raw[key] = value
+    return yaml.safe_dump(raw)
+
+
 def _drop(key):
     raw = tiny_raw()
     del raw[key]
@@ -49,6 +55,7 @@ CASES = [
     ("zero-cpu", _yaml(resources={"cpu": 0}), ["resources.cpu", "greater than 0"]),
     ("bad-unmasked", _yaml(transfer={"unmasked": "zero"}), ["transfer.unmasked", "'keep' or 'reinit'"]),
     ("bad-name", _yaml(name="../escape"), ["name", "not a usable name"]),
+    ("model-does-not-fit-task", _replace("model", {"name": "resnet18"}), ["model 'resnet18' does not fit task", "gpt"]),
     ("bad-selection-key", _yaml(discovery={"selection": {"heads": True}}), ["discovery.selection.heads"]),
 ]
 
