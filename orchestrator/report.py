@@ -164,8 +164,15 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _done(table: pd.DataFrame) -> pd.DataFrame:
+    """Finished rows; a method run with non-default transfer settings is reported as its own series
+    (`subtask_induction [reinit]`), so merged result directories never average different settings."""
     done = table[table["status"] == "done"].copy()
     done["sparsity"] = pd.to_numeric(done["sparsity"], errors="coerce")
+    masked = done["sparsity"].notna()
+    reinit = masked & (done["unmasked"] == "reinit")
+    trainable = masked & done["trainable_subnetwork"].fillna(False).astype(bool)
+    done.loc[reinit, "method"] = done.loc[reinit, "method"] + " [reinit]"
+    done.loc[trainable, "method"] = done.loc[trainable, "method"] + " [trainable]"
     return done
 
 

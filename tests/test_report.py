@@ -182,3 +182,13 @@ def test_index_html_renders_in_a_real_browser_with_every_figure(tmp_path):
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert pixels.std() > 10, "the screenshot is blank"
     assert (pixels < 128).mean() > 0.01, "too little ink: text and figures did not render"
+
+
+def test_transfer_variants_are_reported_as_separate_series():
+    keep = _table({"subtask_induction": {99: [0.9, 0.9]}}, 0.75)
+    reinit = _table({"subtask_induction": {99: [0.3, 0.3]}}, 0.75)
+    keep["unmasked"], reinit["unmasked"] = "keep", "reinit"
+    keep["trainable_subnetwork"] = reinit["trainable_subnetwork"] = False
+    summary = summarise(pd.concat([keep, reinit], ignore_index=True)).set_index("method")
+    assert summary.loc["subtask_induction", "test_acc_mean"] == pytest.approx(0.9)
+    assert summary.loc["subtask_induction [reinit]", "test_acc_mean"] == pytest.approx(0.3)
