@@ -1,5 +1,9 @@
 """A failing trial is retried, then recorded `failed` with its error; the sweep finishes the rest."""
 
+import contextlib
+import io
+import re
+
 import pytest
 import yaml
 
@@ -27,14 +31,16 @@ def failing_sweep(tmp_path_factory):
     path = tmp / "sweep.yaml"
     path.write_text(yaml.safe_dump(raw))
     out = tmp / "out"
-    rc = main(["run", str(path), "--out", str(out), "--num-cpus", "2", "--no-report"])
+    console = io.StringIO()
+    with contextlib.redirect_stderr(console):
+        rc = main(["run", str(path), "--out", str(out), "--num-cpus", "2", "--no-report"])
     ray.shutdown()
     os.environ.pop("INSTILL_TEST_ATTEMPTS")
-    return rc, out, attempts
+    return rc, out, attempts, console.getvalue()
 
 
 def test_failed_trials_are_recorded_and_the_rest_finish(failing_sweep, capsys):
-    rc, out, _ = failing_sweep
+    rc, out, _, _ = failing_sweep
     assert rc == 1, "a sweep with failed trials exits non-zero"
     table = results.read(out / "results.parquet").set_index("method")
     assert table.loc["scratch", "status"] == "done"
@@ -45,13 +51,22 @@ def test_failed_trials_are_recorded_and_the_rest_finish(failing_sweep, capsys):
 
 
 def test_failing_trial_is_retried_max_failures_times(failing_sweep):
-    _, _, attempts = failing_sweep
+    _, _, attempts, _ = failing_sweep
     assert len((attempts / "explodes").read_text()) == 2  # the first try and one retry
 
 
 def test_status_shows_counts_and_errors(failing_sweep, capsys):
-    _, out, _ = failing_sweep
+    _, out, _, _ = failing_sweep
     assert main(["status", str(out)]) == 0
     text = capsys.readouterr().out
     assert "1 done, 0 running, 0 pending, 2 failed" in text
     assert "explodes-f0.5-seed0: RuntimeError: deliberate failure" in text
+
+
+def test_console_shows_the_live_summary_and_a_failure_list(failing_sweep):
+    _, _, _, console = failing_sweep
+    lines = [line for line in console.splitlines() if line.startswith("[instill] ")]
+    pattern = r"\[instill\] \d+/3 done, \d+ running, \d+ pending, \d+ failed \| elapsed \S+ \| ETA \S+"
+    assert lines and all(re.fullmatch(pattern, line) for line in lines if " done, " in line)
+    assert any(line.startswith("[instill] 1/3 done, 0 running, 0 pending, 2 failed") for line in lines)
+    assert "2 trial(s) failed:" in console and "deliberate failure" in console
