@@ -176,18 +176,23 @@ def precompute(sweep: SweepConfig, store: ArtifactStore, specs: list[TrialSpec],
 
     remote = ray.remote(_upstream).options(num_cpus=sweep.resources.cpu, num_gpus=sweep.resources.gpu)
     errors: dict[str, str] = {}
-    sources: dict[str, tuple] = {}
-    masks: dict[str, tuple] = {}
+    jobs: dict[tuple[str, str], tuple] = {}  # (kind, key hash) -> job: one entry per distinct artifact
     for spec in specs:
         method, effective = get_method(spec.method), sweep.for_method(spec.method)
         as_json = json.dumps(effective.canonical())
-        if method.uses_source and not store.exists("source", key := source_key(effective, spec.seed)):
-            sources[stable_hash(key)] = ("source", spec.seed, None, as_json)
-        if method.uses_mask and not store.exists("mask", key := mask_key(effective, spec.seed, spec.sparsity)):
-            masks[stable_hash(key)] = ("mask", spec.seed, spec.sparsity, as_json)
+        if method.uses_source:
+            key = source_key(effective, spec.seed)
+            jobs.setdefault(("source", stable_hash(key)), ("source", spec.seed, None, as_json, key))
+        if method.uses_mask:
+            key = mask_key(effective, spec.seed, spec.sparsity)
+            jobs.setdefault(("mask", stable_hash(key)), ("mask", spec.seed, spec.sparsity, as_json, key))
+    # One existence check per distinct artifact (each is a request on an object store), not per trial.
+    missing = [job[:4] for job in jobs.values() if not store.exists(job[0], job[4])]
+    sources = [j for j in missing if j[0] == "source"]
+    masks = [j for j in missing if j[0] == "mask"]
     phases = [
-        sorted(sources.values(), key=lambda j: (j[1], j[3])),
-        sorted(masks.values(), key=lambda j: (j[1], j[2], j[3])),
+        sorted(sources, key=lambda j: (j[1], j[3])),
+        sorted(masks, key=lambda j: (j[1], j[2], j[3])),
     ]
     for jobs in phases:
         if not jobs:
@@ -252,7 +257,6 @@ def _make_callbacks(out_dir: Path, sweep: SweepConfig, todo: list[TrialSpec], do
         def __init__(self):
             self.done = self.failed = self.running = 0
             self.cost_done = 0.0
-            self.failures: list[tuple[str, str]] = []
 
         def on_step_end(self, iteration, trials, **info):
             # Counted from Tune's own states: with reused actors, on_trial_start is not always called.
@@ -283,7 +287,6 @@ def _make_callbacks(out_dir: Path, sweep: SweepConfig, todo: list[TrialSpec], do
             message = _error_text(trial)
             write_row(out_dir, spec, failed_row(sweep, spec, message))
             self.failed += 1
-            self.failures.append((spec.name, message))
 
     class Progress(tune.Callback):
         """One live summary line: done, running, pending, failed, elapsed, ETA."""
