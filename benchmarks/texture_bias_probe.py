@@ -27,7 +27,7 @@ def main() -> None:
 
     from methods import TrainConfig, evaluate, train
     from tasks.models.vision import SmallImageResNet
-    from tasks.seeding import seeded_init, torch_generator
+    from common.seeding import seeded_init, torch_generator
     from tasks.shapes import Shapes, ShapesConfig
 
     torch.set_num_threads(1)

@@ -30,7 +30,7 @@ def main() -> None:
     from methods.training import batches
     from orchestrator.config import load_sweep_file
     from orchestrator.trial import fresh_model
-    from tasks.seeding import torch_generator
+    from common.seeding import torch_generator
 
     torch.set_num_threads(1)
     sweep = load_sweep_file(args.sweep)

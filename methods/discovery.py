@@ -1,22 +1,28 @@
-"""Subnetwork discovery by continuous sparsification (METHOD.md, stage 2).
+"""Subnetwork discovery (METHOD.md, stage 2): a registry of discoverers, each an objective of the
+shared training loop (or, for magnitude pruning, no training at all).
 
-One score s per masked weight, initialised to -0.1. The soft mask sigmoid(T * s) multiplies the
-frozen source weights; the loss is cross-entropy on the subtask plus lambda * sum(sigmoid(T * s)),
-an L0 surrogate. T starts at 1 and is multiplied by final_temperature ** (1 / epochs) after each
-epoch. After every epoch the hard mask at the requested sparsity (the top (1 - sparsity) scores)
-is scored on the subtask's validation split; the best epoch's mask is kept.
+`continuous_sparsification` (the paper's): one score s per masked weight, initialised to -0.1. The
+soft mask sigmoid(T * s) multiplies the frozen source weights; the loss is cross-entropy on the
+subtask plus lambda * sum(sigmoid(T * s)), an L0 surrogate. T starts at 1 and is multiplied by
+final_temperature ** (1 / epochs) after each epoch. After every epoch the hard mask at the requested
+sparsity (the top (1 - sparsity) scores) is scored on the subtask's validation split; the best
+epoch's mask is kept. Every discoverer hits the requested sparsity exactly by ranking.
+
+A new discoverer is one function `(model, data, cfg, sparsity, generator, mixed_precision) ->
+Discovery` under `@DISCOVERERS.register(name)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 from torch.nn import functional as F
 
+from common.config import Frozen
+from common.registry import Registry
 from methods.masking import (
     Mask,
     MaskedModel,
@@ -26,13 +32,14 @@ from methods.masking import (
     maskable_names,
     topk_mask,
 )
-from methods.training import NonFiniteLoss, batches, evaluate
+from methods.training import Objective, TrainConfig, evaluate, fit
 from tasks.base import StageData
-from tasks.config import Frozen
+
+DISCOVERERS = Registry("discovery method")
 
 
 class DiscoveryConfig(Frozen):
-    method: Literal["continuous_sparsification", "magnitude"] = "continuous_sparsification"
+    method: str = Field("continuous_sparsification", description="a registered discoverer")
     epochs: int = Field(50, ge=1)
     batch_size: int = Field(500, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -41,13 +48,24 @@ class DiscoveryConfig(Frozen):
     final_temperature: float = Field(100.0, ge=1)
     selection: MaskSelection = MaskSelection()
 
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in DISCOVERERS:
+            raise ValueError(f"unknown discovery method {v!r}; valid names: {', '.join(DISCOVERERS.names())}")
+        return v
+
+    def loop(self) -> TrainConfig:
+        """The shared loop's settings for a discoverer that trains scores (no weight decay on them)."""
+        return TrainConfig(lr=self.lr, weight_decay=0.0, batch_size=self.batch_size, epochs=self.epochs)
+
 
 @dataclasses.dataclass
 class Discovery:
     mask: Mask
     subtask_acc: float  # hard-masked model's subtask validation accuracy at the requested sparsity
     density: float
-    natural_density: float  # fraction of scores > 0 at the kept epoch (the paper's own mask)
+    natural_density: float  # the discoverer's own, uncontrolled mask density at the kept epoch
     best_epoch: int
     history: list[float]
 
@@ -58,54 +76,99 @@ def discover(
     cfg: DiscoveryConfig,
     sparsity: float,
     generator: torch.Generator,
+    mixed_precision: bool = False,
 ) -> Discovery:
-    """Find a mask over `model`'s selected weights that keeps the subtask at `sparsity`."""
-    model.eval()  # dropout and batch-norm statistics off; the base weights never change
+    """Find a mask over `model`'s selected weights that keeps the subtask at `sparsity`.
+
+    The model is put in eval mode (dropout and batch-norm statistics off) and its weights are frozen.
+    """
+    model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    names = maskable_names(model, cfg.selection)
+    return DISCOVERERS.get(cfg.method)(model, data, cfg, sparsity, generator, mixed_precision)
+
+
+@DISCOVERERS.register("magnitude")
+def _magnitude(model, data, cfg, sparsity, generator, mixed_precision) -> Discovery:
     params = dict(model.named_parameters())
-    if cfg.method == "magnitude":
-        mask = topk_mask({n: params[n].abs() for n in names}, sparsity)
-        acc = _hard_accuracy(model, mask, data)
-        return Discovery(mask, acc, density(mask), density(mask), 0, [acc])
+    mask = topk_mask({n: params[n].abs() for n in maskable_names(model, cfg.selection)}, sparsity)
+    acc = hard_accuracy(model, mask, data)
+    return Discovery(mask, acc, density(mask), density(mask), 0, [acc])
 
+
+class ScoredMasks:
+    """Shared by score-based discoverers: after each epoch, rank the scores into the hard mask at the
+    requested sparsity, score it on the subtask's validation split, and keep the best epoch's mask."""
+
+    def __init__(self, model: nn.Module, fns: dict[str, nn.Module], scores: dict[str, torch.Tensor], data, sparsity):
+        self.model, self.fns, self.scores, self.data, self.sparsity = model, fns, scores, data, sparsity
+        self.masked = MaskedModel(model, fns).eval()
+        self.last: tuple[Mask, float] | None = None
+        self.kept: tuple[Mask, float] | None = None
+
+    def natural(self) -> float:
+        """Fraction of scores > 0: the discoverer's own mask, before ranking."""
+        on = sum(int((s > 0).sum()) for s in self.scores.values())
+        return on / sum(s.numel() for s in self.scores.values())
+
+    def score(self) -> float:
+        mask = topk_mask(self.scores, self.sparsity)
+        acc = hard_accuracy(self.model, mask, self.data, self.masked, self.fns)
+        self.last = (mask, acc)
+        return acc
+
+    def snapshot(self):
+        return None if self.last is None else (self.last[0], self.natural())
+
+    def restore(self, state) -> None:
+        self.kept = state
+
+    def objective(self, loss, end_epoch) -> Objective:
+        return Objective(
+            loss=loss,
+            module=self.masked,
+            params=list(self.scores.values()),
+            score=self.score,
+            train_mode=False,
+            snapshot=self.snapshot,
+            restore=self.restore,
+            end_epoch=end_epoch,
+        )
+
+    def result(self, trained) -> Discovery:
+        mask, natural = self.kept
+        return Discovery(mask, trained.best_val_acc, density(mask), natural, trained.best_epoch, trained.history)
+
+
+@DISCOVERERS.register("continuous_sparsification")
+def _continuous_sparsification(model, data, cfg, sparsity, generator, mixed_precision) -> Discovery:
+    params = dict(model.named_parameters())
+    names = maskable_names(model, cfg.selection)
     fns = {n: ScoreMask(params[n].shape, cfg.init_score).to(params[n].device) for n in names}
-    masked = MaskedModel(model, fns).eval()
-    scores = {n: fns[n].scores for n in names}
-    opt = torch.optim.AdamW(list(scores.values()), lr=cfg.lr, weight_decay=0.0)
+    found = ScoredMasks(model, fns, {n: fns[n].scores for n in names}, data, sparsity)
     growth = cfg.final_temperature ** (1.0 / cfg.epochs)
-    device = next(iter(scores.values())).device
-    x, y = data.train.x.to(device), data.train.y.to(device)
+    state = {"temperature": 1.0}
 
-    temperature = 1.0
-    best: tuple[float, int, Mask, float] = (-1.0, 0, {}, 0.0)
-    history = []
-    for epoch in range(1, cfg.epochs + 1):
+    def loss(batch, step):
+        t = state["temperature"]
+        l0 = sum(torch.sigmoid(t * s).sum() for s in found.scores.values())
+        ce = F.cross_entropy(found.masked(batch["train"].x), batch["train"].y)
+        return ce + cfg.l0_lambda * l0, {"ce": ce, "l0": l0}
+
+    def end_epoch(epoch):
+        state["temperature"] *= growth
         for fn in fns.values():
-            fn.temperature, fn.hard = temperature, None
-        for idx in batches(len(x), cfg.batch_size, generator):
-            idx = idx.to(device)
-            l0 = sum(torch.sigmoid(temperature * s).sum() for s in scores.values())
-            loss = F.cross_entropy(masked(x[idx]), y[idx]) + cfg.l0_lambda * l0
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"discovery loss became {loss.item()} in epoch {epoch}")
-        temperature *= growth
-        mask = topk_mask(scores, sparsity)
-        acc = _hard_accuracy(model, mask, data, masked, fns)
-        history.append(acc)
-        if acc > best[0]:
-            natural = sum(int((s > 0).sum()) for s in scores.values())
-            natural /= sum(s.numel() for s in scores.values())
-            best = (acc, epoch, mask, natural)
-    acc, epoch, mask, natural = best
-    return Discovery(mask, acc, density(mask), natural, epoch, history)
+            fn.temperature = state["temperature"]
+        return {"temperature": state["temperature"]}
+
+    for fn in fns.values():
+        fn.temperature, fn.hard = 1.0, None
+    trained = fit(found.objective(loss, end_epoch), data, cfg.loop(), generator, mixed_precision=mixed_precision)
+    return found.result(trained)
 
 
-def _hard_accuracy(model, mask: Mask, data: StageData, masked=None, fns=None) -> float:
+def hard_accuracy(model, mask: Mask, data: StageData, masked=None, fns=None) -> float:
+    """Subtask validation accuracy of `model` with `mask` applied (masked weights set to 0)."""
     if masked is None:
         fns = {n: ScoreMask(m.shape, 0.0) for n, m in mask.items()}
         masked = MaskedModel(model, fns)

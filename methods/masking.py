@@ -16,7 +16,7 @@ from pydantic import Field
 from torch import nn
 from torch.func import functional_call
 
-from tasks.config import Frozen
+from common.config import Frozen
 
 Mask = dict[str, torch.Tensor]
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from methods.masking import Mask, complement, sample_like
 from methods.transfer import TransferConfig, transfer
-from tasks.base import Registry
+from common.registry import Registry
 
 
 @dataclasses.dataclass

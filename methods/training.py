@@ -1,4 +1,13 @@
-"""Supervised training with best-epoch selection on a validation split, and evaluation."""
+"""The one training loop, and the objectives it optimises.
+
+`fit(objective, data, cfg, generator)` trains the source model, discovers masks (continuous
+sparsification is an objective: cross-entropy + L0) and trains every downstream method. An
+`Objective` says which batch streams it consumes, how it turns a batch of each into a loss and named
+measurements, which parameters it updates, and how an epoch is scored for best-epoch selection.
+Cross-entropy on the training split, scored by validation accuracy, is the default
+(`cross_entropy`). The loop keeps seeding, NaN/inf detection, mixed precision and best-epoch
+selection in one place, so every method inherits them.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +16,16 @@ import copy
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
+from common.config import Frozen
+from common.seeding import stage_seed
 from tasks.base import Split, StageData
-from tasks.config import Frozen
 
 
 class TrainConfig(Frozen):
@@ -35,13 +46,74 @@ class NonFiniteLoss(FloatingPointError):
     """Training diverged: the loss became NaN or inf."""
 
 
+Batch = dict[str, Split]  # stream name -> this step's batch of that stream
+Measurements = dict[str, torch.Tensor]
+
+
+@dataclasses.dataclass
+class Objective:
+    """What one training run optimises.
+
+    - `loss(batch, step)` returns the scalar loss and named measurements (tensors; averaged per
+      epoch and logged). `batch[stream]` is a `Split` for each name in `streams`.
+    - `streams`: "train" is `data.train`; any other name is `data.streams[name]`. An epoch is one
+      pass over the first stream; the others cycle, each with its own shuffling generator.
+    - `params`: what the optimiser updates. `module`: put in train mode (or eval, `train_mode=False`)
+      at the start of every epoch.
+    - `score()`: higher is better; the epoch with the best score is restored at the end
+      (`snapshot()` / `restore(state)`; the default copies the module's state dict).
+    - `end_epoch(epoch)`: optional hook after each epoch (e.g. annealing); may return measurements.
+    """
+
+    loss: Callable[[Batch, int], tuple[torch.Tensor, Measurements]]
+    module: nn.Module
+    params: list[nn.Parameter]
+    score: Callable[[], float]
+    streams: tuple[str, ...] = ("train",)
+    train_mode: bool = True
+    snapshot: Callable[[], Any] | None = None
+    restore: Callable[[Any], None] | None = None
+    end_epoch: Callable[[int], dict[str, float] | None] | None = None
+
+    def __post_init__(self):
+        if not self.streams:
+            raise ValueError("an objective needs at least one batch stream")
+        if self.snapshot is None:
+            self.snapshot = lambda: copy.deepcopy(self.module.state_dict())
+            self.restore = self.module.load_state_dict
+        elif self.restore is None:
+            raise ValueError("an objective with its own snapshot() needs restore() too")
+
+
 @dataclasses.dataclass
 class TrainResult:
-    best_val_acc: float
+    best_val_acc: float  # the best epoch's score (validation accuracy for the default objective)
     best_epoch: int
     epochs_run: int
     steps: int
-    history: list[float]
+    history: list[float]  # score per epoch
+    measurements: list[dict[str, float]]  # per epoch: mean of each loss measurement, plus end_epoch's
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def cross_entropy(
+    model: nn.Module, data: StageData, eval_batch_size: int = 2000, params: list[nn.Parameter] | None = None
+) -> Objective:
+    """The default objective: cross-entropy on the training split, scored by validation accuracy."""
+
+    def loss(batch: Batch, step: int):
+        ce = F.cross_entropy(model(batch["train"].x).float(), batch["train"].y)
+        return ce, {"ce": ce}
+
+    return Objective(
+        loss=loss,
+        module=model,
+        params=trainable(model) if params is None else params,
+        score=lambda: evaluate(model, data.val, eval_batch_size)["y"],
+    )
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator | None) -> list[torch.Tensor]:
@@ -64,26 +136,18 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 2000) -> dict[str
     return {name: float((pred == y).float().mean()) for name, y in split.labels.items()}
 
 
-def train(
-    model: nn.Module,
-    data: StageData,
-    cfg: TrainConfig,
-    generator: torch.Generator,
-    params: list[nn.Parameter] | None = None,
-    on_epoch: Callable[[int, float], None] | None = None,
-    mixed_precision: bool = False,
-) -> TrainResult:
-    """Train with AdamW and cross-entropy; restore the epoch with the best validation accuracy.
-
-    Shuffling uses `generator` only, so the run is a function of its inputs. `params` defaults to
-    every parameter that requires grad. `mixed_precision` runs forward passes in bfloat16 autocast
-    on CUDA (ignored on CPU, where results must stay bit-reproducible).
-    """
-    with torch.random.fork_rng(devices=[]):
-        # Dropout draws from torch's global RNG: seed it from `generator` so that the run depends on
-        # its inputs only, and restore the caller's RNG state afterwards.
-        torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-        return _train(model, data, cfg, generator, params, on_epoch, mixed_precision)
+@torch.no_grad()
+def mean_loss(model: nn.Module, split: Split, batch_size: int = 2000) -> float:
+    """Mean cross-entropy of `model` on `split` (eval mode)."""
+    was_training = model.training
+    model.eval()
+    device = _device_of(model)
+    total = 0.0
+    for idx in batches(len(split), batch_size, None):
+        logits = model(split.x[idx].to(device)).float()
+        total += float(F.cross_entropy(logits, split.y[idx].to(device), reduction="sum"))
+    model.train(was_training)
+    return total / max(1, len(split))
 
 
 def autocast(model: nn.Module, enabled: bool):
@@ -94,43 +158,129 @@ def autocast(model: nn.Module, enabled: bool):
     return contextlib.nullcontext()
 
 
-def _train(model, data, cfg, generator, params, on_epoch, mixed_precision) -> TrainResult:
-    params = [p for p in model.parameters() if p.requires_grad] if params is None else params
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    device = _device_of(model)
-    x, y = data.train.x.to(device), data.train.y.to(device)
-    best = (-1.0, 0, copy.deepcopy(model.state_dict()))
-    history, steps, stale = [], 0, 0
-    epoch = 0
+def train(
+    model: nn.Module,
+    data: StageData,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    params: list[nn.Parameter] | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
+    mixed_precision: bool = False,
+) -> TrainResult:
+    """`fit` with the default objective: cross-entropy, best epoch by validation accuracy."""
+    objective = cross_entropy(model, data, cfg.eval_batch_size, params)
+    return fit(objective, data, cfg, generator, on_epoch=on_epoch, mixed_precision=mixed_precision)
+
+
+def fit(
+    objective: Objective,
+    data: StageData,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    *,
+    on_epoch: Callable[[int, float], None] | None = None,
+    mixed_precision: bool = False,
+) -> TrainResult:
+    """Train `objective` with AdamW; restore the epoch with the best score.
+
+    Shuffling of the first stream uses `generator`; every other stream and the global RNG (dropout)
+    get seeds derived from its seed without drawing from it, so the run is a function of its inputs
+    and adding a stream never moves the first stream's batches. Stops at `cfg.epochs`, once the
+    score reaches `cfg.target_val_acc`, or after `cfg.patience` epochs without gain.
+    `mixed_precision` runs the loss in bfloat16 autocast on CUDA (a no-op on CPU, which stays
+    bit-reproducible). A NaN or inf loss raises `NonFiniteLoss`.
+    """
+    with torch.random.fork_rng(devices=_cuda_devices(objective.module)):
+        # Dropout draws from torch's global RNG: seed it from the run's seed and restore the
+        # caller's RNG state afterwards.
+        torch.manual_seed(stage_seed(generator.initial_seed(), "global_rng"))
+        return _fit(objective, data, cfg, generator, on_epoch, mixed_precision)
+
+
+def _fit(objective: Objective, data, cfg, generator, on_epoch, mixed_precision) -> TrainResult:
+    module = objective.module
+    device = _device_of(module)
+    splits = {name: _stream(data, name).to(device) for name in objective.streams}
+    gens = {
+        name: generator if i == 0 else _derived(generator, f"stream:{name}")
+        for i, name in enumerate(objective.streams)
+    }
+    lead, others = objective.streams[0], objective.streams[1:]
+    queues: dict[str, list[torch.Tensor]] = {name: [] for name in others}
+    opt = torch.optim.AdamW(objective.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    best = (-math.inf, 0, objective.snapshot())
+    history: list[float] = []
+    measured: list[dict[str, float]] = []
+    steps = stale = epoch = 0
     for epoch in range(1, cfg.epochs + 1):
-        model.train()
+        module.train(objective.train_mode)
+        sums: dict[str, torch.Tensor] = {}
+        n_steps = 0
         loss_sum = torch.zeros((), device=device)
-        for idx in batches(len(x), cfg.batch_size, generator):
-            idx = idx.to(device)
-            with autocast(model, mixed_precision):
-                loss = F.cross_entropy(model(x[idx]).float(), y[idx])
+        for idx in batches(len(splits[lead]), cfg.batch_size, gens[lead]):
+            batch = {lead: splits[lead].take(idx.to(device))}
+            for name in others:
+                if not queues[name]:
+                    queues[name] = batches(len(splits[name]), cfg.batch_size, gens[name])
+                batch[name] = splits[name].take(queues[name].pop(0).to(device))
+            with autocast(module, mixed_precision):
+                loss, measurements = objective.loss(batch, steps)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             loss_sum += loss.detach()
+            for key, value in measurements.items():
+                sums[key] = sums.get(key, 0.0) + value.detach().float()
             steps += 1
+            n_steps += 1
         # Checked once per epoch: a per-step .item() would stall a GPU on every step.
         if not math.isfinite(loss_sum.item()):
             raise NonFiniteLoss(f"training loss became {loss_sum.item()} in epoch {epoch}")
-        acc = evaluate(model, data.val, cfg.eval_batch_size)["y"]
-        history.append(acc)
+        row = {key: float(value) / max(1, n_steps) for key, value in sums.items()}
+        if objective.end_epoch is not None:
+            row.update(objective.end_epoch(epoch) or {})
+        score = objective.score()
+        history.append(score)
+        measured.append(row)
         if on_epoch is not None:
-            on_epoch(epoch, acc)
-        if acc > best[0]:
-            best, stale = (acc, epoch, copy.deepcopy(model.state_dict())), 0
+            on_epoch(epoch, score)
+        if score > best[0]:
+            best, stale = (score, epoch, objective.snapshot()), 0
         else:
             stale += 1
-        if cfg.target_val_acc is not None and acc >= cfg.target_val_acc:
+        if cfg.target_val_acc is not None and score >= cfg.target_val_acc:
             break
         if cfg.patience is not None and stale >= cfg.patience:
             break
-    model.load_state_dict(best[2])
-    return TrainResult(best_val_acc=best[0], best_epoch=best[1], epochs_run=epoch, steps=steps, history=history)
+    objective.restore(best[2])
+    return TrainResult(
+        best_val_acc=best[0],
+        best_epoch=best[1],
+        epochs_run=epoch,
+        steps=steps,
+        history=history,
+        measurements=measured,
+    )
+
+
+def _stream(data: StageData, name: str) -> Split:
+    if name == "train":
+        return data.train
+    if name not in data.streams:
+        raise KeyError(f"the objective reads batch stream {name!r}, which the data lacks; it has: "
+                       f"{', '.join(['train', *data.streams])}")
+    return data.streams[name]
+
+
+def _derived(generator: torch.Generator, stage: str) -> torch.Generator:
+    gen = torch.Generator()
+    gen.manual_seed(stage_seed(generator.initial_seed(), stage))
+    return gen
+
+
+def _cuda_devices(module: nn.Module) -> list[int]:
+    device = _device_of(module)
+    return [device.index or 0] if device.type == "cuda" else []
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from methods.masking import Mask, MaskedModel, Transplant
-from tasks.config import Frozen
+from common.config import Frozen
 
 
 class TransferConfig(Frozen):

@@ -38,7 +38,7 @@ from filelock import FileLock
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
-from tasks.config import stable_hash
+from common.config import stable_hash
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from pydantic import Field, SerializeAsAny, ValidationError, field_validator, mo
 import tasks
 from methods import METHODS, DiscoveryConfig, TrainConfig, TransferConfig
 from tasks.base import format_validation, parse_block
-from tasks.config import Frozen, stable_hash
+from common.config import Frozen, stable_hash
 
 
 class ConfigError(ValueError):

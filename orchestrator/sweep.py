@@ -30,7 +30,7 @@ from orchestrator import results
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.config import ConfigError, SweepConfig, load_sweep
 from orchestrator.trial import TrialSpec, expand, failed_row, run_trial, upstream_keys
-from tasks.config import stable_hash
+from common.config import stable_hash
 
 log = logging.getLogger(__name__)
 

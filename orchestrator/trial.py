@@ -26,8 +26,8 @@ from methods import MethodInputs, discover, evaluate, get_method, train
 from methods.masking import Mask
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.config import SweepConfig
-from tasks.config import Frozen, stable_hash
-from tasks.seeding import seeded_init, torch_generator
+from common.config import Frozen, stable_hash
+from common.seeding import seeded_init, torch_generator
 
 Report = Callable[[dict[str, Any]], None]
 

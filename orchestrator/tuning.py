@@ -19,7 +19,7 @@ from methods import get_method
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.config import TUNABLE, ConfigError, SweepConfig, load_sweep
 from orchestrator.trial import TrialSpec, run_trial
-from tasks.config import stable_hash
+from common.config import stable_hash
 
 
 def _key(path: str) -> str:

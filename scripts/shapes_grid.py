@@ -10,7 +10,7 @@ import argparse
 import numpy as np
 from PIL import Image, ImageDraw
 
-from tasks.seeding import numpy_generator
+from common.seeding import numpy_generator
 from tasks.shapes_render import SHAPES, TEXTURES, render
 
 

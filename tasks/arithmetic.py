@@ -25,8 +25,8 @@ from torch import nn
 
 from tasks import expr
 from tasks.base import Split, StageData, build_model_for, register_task
-from tasks.config import Frozen
-from tasks.seeding import numpy_generator
+from common.config import Frozen
+from common.seeding import numpy_generator
 
 
 def _check_expression(text: str) -> str:

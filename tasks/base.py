@@ -14,7 +14,8 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from tasks.config import Frozen
+from common.config import Frozen
+from common.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,14 +38,23 @@ class Split:
     def __len__(self) -> int:
         return len(self.x)
 
+    def to(self, device: torch.device | str) -> Split:
+        return Split(self.x.to(device), {name: y.to(device) for name, y in self.labels.items()})
+
+    def take(self, idx: torch.Tensor) -> Split:
+        """The rows `idx` (an index tensor on the split's device)."""
+        return Split(self.x[idx], {name: y[idx] for name, y in self.labels.items()})
+
 
 @dataclasses.dataclass(frozen=True)
 class StageData:
-    """Train/validation data for one training stage, plus named evaluation splits."""
+    """Train/validation data for one training stage, named evaluation splits, and extra named
+    training streams that an objective may consume beside `train` (e.g. cued images)."""
 
     train: Split
     val: Split
     evals: dict[str, Split] = dataclasses.field(default_factory=dict)
+    streams: dict[str, Split] = dataclasses.field(default_factory=dict)
 
 
 class Task(Protocol):
@@ -72,34 +82,6 @@ class Task(Protocol):
     def derived_metrics(self, row: dict) -> dict: ...
 
     def build_model(self, model_config: Frozen) -> nn.Module: ...
-
-
-class Registry:
-    """Name -> factory. Duplicate names and unknown names are errors that list the valid ones."""
-
-    def __init__(self, kind: str):
-        self.kind = kind
-        self._items: dict[str, Any] = {}
-
-    def register(self, name: str) -> Callable[[Any], Any]:
-        def add(obj: Any) -> Any:
-            if name in self._items:
-                raise ValueError(f"{self.kind} {name!r} is already registered")
-            self._items[name] = obj
-            return obj
-
-        return add
-
-    def get(self, name: str) -> Any:
-        if name not in self._items:
-            raise KeyError(f"unknown {self.kind} {name!r}; valid names: {', '.join(self.names())}")
-        return self._items[name]
-
-    def names(self) -> list[str]:
-        return sorted(self._items)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._items
 
 
 TASKS = Registry("task")

@@ -28,8 +28,8 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from tasks.base import Split, StageData, build_model_for, register_task
-from tasks.config import Frozen, stable_hash
-from tasks.seeding import numpy_generator
+from common.config import Frozen, stable_hash
+from common.seeding import numpy_generator
 
 GEIRHOS_CLASSES = (
     "airplane", "bear", "bicycle", "bird", "boat", "bottle", "car", "cat", "chair", "clock", "dog", "elephant",

@@ -5,7 +5,7 @@ from methods import TrainConfig, train
 from methods.masking import MaskSelection, maskable_names, topk_mask
 from methods.transfer import TransferConfig, transfer
 from orchestrator.trial import fresh_model
-from tasks.seeding import torch_generator
+from common.seeding import torch_generator
 
 
 def _setup(tiny, **transfer_kwargs):

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from tasks.base import register_model
-from tasks.config import Frozen
+from common.config import Frozen
 
 
 class GPTConfig(Frozen):

@@ -17,7 +17,7 @@ from torchvision.models import VisionTransformer
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from tasks.base import register_model
-from tasks.config import Frozen
+from common.config import Frozen
 
 
 class ResNet18Config(Frozen):
