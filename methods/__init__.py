@@ -1,27 +1,44 @@
-"""Methods: mask discovery, transfer, training, and the registry of compared methods."""
+"""Methods: the training loop, mask discovery, transfer, and the registries of compared methods,
+artifact kinds and analyses. Importing this package registers the built-in ones."""
 
-from methods.discovery import Discovery, DiscoveryConfig, discover
-from methods.masking import Mask, MaskedModel, MaskSelection, maskable_names, topk_mask
-from methods.registry import METHODS, Method, MethodInputs, get_method, register_method
-from methods.training import NonFiniteLoss, TrainConfig, evaluate, train
+from methods import analyses as _analyses  # noqa: F401  (registers the built-in analyses)
+from methods.analysis import ANALYSES, AnalysisContext, Column, register_analysis
+from methods.artifacts import ARTIFACTS, ArtifactContext, ArtifactKind, register_artifact
+from methods.discovery import DISCOVERERS, Discovery, DiscoveryConfig, discover
+from methods.masking import Mask, MaskedModel, MaskSelection, effective_state_dict, maskable_names, topk_mask
+from methods.registry import METHODS, Method, MethodContext, get_method, register_method
+from methods.training import NonFiniteLoss, Objective, TrainConfig, cross_entropy, evaluate, fit, train
 from methods.transfer import TransferConfig, transfer
 
 __all__ = [
+    "ANALYSES",
+    "ARTIFACTS",
+    "DISCOVERERS",
     "METHODS",
+    "AnalysisContext",
+    "ArtifactContext",
+    "ArtifactKind",
+    "Column",
     "Discovery",
     "DiscoveryConfig",
     "Mask",
     "MaskSelection",
     "MaskedModel",
     "Method",
-    "MethodInputs",
+    "MethodContext",
     "NonFiniteLoss",
+    "Objective",
     "TrainConfig",
     "TransferConfig",
+    "cross_entropy",
     "discover",
+    "effective_state_dict",
     "evaluate",
+    "fit",
     "get_method",
     "maskable_names",
+    "register_analysis",
+    "register_artifact",
     "register_method",
     "topk_mask",
     "train",

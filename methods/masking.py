@@ -188,3 +188,33 @@ class Transplant(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return torch.where(self.mask, self.source, weight)
+
+
+# --- plain views of a (masked) model ----------------------------------------------------
+
+
+@torch.no_grad()
+def effective_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of the plain architecture with `model`'s effective weights: for a
+    `MaskedModel`, its base's state with each masked weight replaced by what forward uses; for any
+    other model, its own state dict. Load it into a fresh model of the same architecture to get a
+    plain model that computes the same function (e.g. to interpolate between two models)."""
+    if not isinstance(model, MaskedModel):
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach().clone() for k, v in model.base.state_dict().items()}
+    for name, weight in model.effective_weights().items():
+        state[name] = weight.detach().clone()
+    return state
+
+
+def transplanted_mask(model: nn.Module) -> Mask | None:
+    """The mask of source weights transplanted into `model` (ones: the source's weights), or None
+    when the model holds no transplant (scratch, full transfer)."""
+    if not isinstance(model, MaskedModel):
+        return None
+    out = {}
+    for name in model.names:
+        fn = model.fns[_key(name)]
+        if isinstance(fn, Transplant):
+            out[name] = fn.mask.detach().cpu().clone()
+    return out or None

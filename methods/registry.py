@@ -1,8 +1,17 @@
-"""The method registry: how each compared method builds the model it then trains downstream.
+"""The method registry: how each compared method builds its model and what it trains it on.
 
-A method declares what upstream work it needs (`uses_source`, `uses_mask`); the orchestrator
-fetches that work from its artifact store and never runs a method along an axis it ignores
-(a method without a mask does not depend on sparsity).
+A method declares
+- `needs`: the upstream artifact kinds it consumes (`methods.artifacts.ARTIFACTS`: "source", "mask", ...);
+  the orchestrator computes them once per key and hands them over in `ctx.artifacts`;
+- `config`: its own typed config block, written in the sweep file under the method's name
+  (`l2sp: {alpha: 0.01}`), validated there, tunable and sweepable by path (`l2sp.alpha`);
+- `reads`: the sweep blocks besides `training` that its results depend on (e.g. "transfer"), so
+  that a trial's identity holds exactly what it ran with;
+- `build(ctx) -> nn.Module`, and optionally `objective(ctx, model) -> Objective` (default:
+  cross-entropy on the downstream training split, best epoch by validation accuracy).
+
+A simple method is one decorated function (its `build`); a method with its own objective is a
+small class. Either is one file plus `@register_method(...)`.
 """
 
 from __future__ import annotations
@@ -10,46 +19,84 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from methods.masking import Mask, complement, sample_like
-from methods.transfer import TransferConfig, transfer
+from common.config import Frozen
 from common.registry import Registry
+from methods.masking import complement, sample_like
+from methods.training import Objective, TrainConfig, cross_entropy
+from methods.transfer import TransferConfig, transfer
+from tasks.base import StageData
 
 
 @dataclasses.dataclass
-class MethodInputs:
-    """What a method may draw on. `fresh` is a new model from the trial's init seed."""
+class MethodContext:
+    """Everything a method may draw on in one trial."""
 
-    fresh: nn.Module
-    source: nn.Module | None
-    mask: Mask | None
+    task: Any
+    data: StageData  # the downstream data at this trial's budget
+    config: Frozen | None  # the method's own block (None for methods without one)
+    training: TrainConfig
     transfer: TransferConfig
+    artifacts: dict[str, Any]  # kind -> loaded artifact (an nn.Module for "source", a Mask for "mask")
     generator: torch.Generator  # the method's own random stream (e.g. a sampled mask)
+    device: torch.device
+    fresh_model: Callable[[str], nn.Module]  # fresh_model(stage): a new model, init seeded by (seed, stage)
+
+    @property
+    def fresh(self) -> nn.Module:
+        """A new model from the trial's downstream init seed (the same for every method)."""
+        return self.fresh_model("init").to(self.device)
+
+    def artifact(self, kind: str) -> Any:
+        if kind not in self.artifacts:
+            raise KeyError(f"artifact {kind!r} was not declared in the method's needs; it has {sorted(self.artifacts)}")
+        return self.artifacts[kind]
 
 
-@dataclasses.dataclass(frozen=True)
 class Method:
-    name: str
-    build: Callable[[MethodInputs], nn.Module]
-    uses_source: bool
-    uses_mask: bool
-    description: str
+    """Base class of registered methods. Subclasses override `build` and, if they train
+    differently, `objective`."""
+
+    name: ClassVar[str]
+    needs: ClassVar[tuple[str, ...]] = ()
+    Config: ClassVar[type[Frozen] | None] = None
+    reads: ClassVar[tuple[str, ...]] = ()
+    description: ClassVar[str] = ""
+
+    def build(self, ctx: MethodContext) -> nn.Module:
+        raise NotImplementedError
+
+    def objective(self, ctx: MethodContext, model: nn.Module) -> Objective:
+        return cross_entropy(model, ctx.data, ctx.training.eval_batch_size)
 
 
 METHODS = Registry("method")
 
 
-def register_method(name: str, *, uses_source: bool, uses_mask: bool, description: str):
-    """Decorator for `build(inputs) -> nn.Module`; a new method is one function and this line."""
-    if uses_mask and not uses_source:
-        raise ValueError(f"method {name!r}: a mask is found in a source model, so uses_mask needs uses_source")
+def register_method(
+    name: str,
+    *,
+    needs: tuple[str, ...] = (),
+    config: type[Frozen] | None = None,
+    reads: tuple[str, ...] = (),
+    description: str,
+):
+    """Register a `Method` subclass, or a plain `build(ctx) -> nn.Module` function, under `name`."""
 
-    def add(fn):
-        METHODS.register(name)(Method(name, fn, uses_source, uses_mask, description))
-        return fn
+    def add(obj):
+        if isinstance(obj, type) and issubclass(obj, Method):
+            cls = obj
+        elif callable(obj):
+            cls = type(f"Method_{name}", (Method,), {"build": staticmethod(lambda ctx, _fn=obj: _fn(ctx))})
+        else:
+            raise TypeError(f"register_method({name!r}) decorates a Method subclass or a build function")
+        cls.name, cls.needs, cls.Config, cls.reads, cls.description = name, tuple(needs), config, tuple(reads), description
+        METHODS.register(name)(cls())
+        return obj
 
     return add
 
@@ -58,57 +105,54 @@ def get_method(name: str) -> Method:
     return METHODS.get(name)
 
 
-@register_method("scratch", uses_source=False, uses_mask=False, description="fresh model, nothing transferred")
-def _scratch(inp: MethodInputs) -> nn.Module:
-    return inp.fresh
+# --- the built-in methods ----------------------------------------------------------------
 
 
-@register_method("full_transfer", uses_source=True, uses_mask=False, description="the whole source model, fine-tuned")
-def _full_transfer(inp: MethodInputs) -> nn.Module:
-    model = copy.deepcopy(inp.source)
+@register_method("scratch", description="fresh model, nothing transferred")
+def _scratch(ctx: MethodContext) -> nn.Module:
+    return ctx.fresh
+
+
+@register_method("full_transfer", needs=("source",), description="the whole source model, fine-tuned")
+def _full_transfer(ctx: MethodContext) -> nn.Module:
+    model = copy.deepcopy(ctx.artifact("source"))
     for p in model.parameters():
         p.requires_grad_(True)
     return model
 
 
-@register_method(
-    "subtask_induction",
-    uses_source=True,
-    uses_mask=True,
-    description="the discovered subnetwork transferred into a fresh model",
-)
-def _subtask_induction(inp: MethodInputs) -> nn.Module:
-    return transfer(inp.source, inp.fresh, inp.mask, inp.transfer)
+_SUBNET = {"needs": ("source", "mask"), "reads": ("transfer",)}
+
+
+@register_method("subtask_induction", **_SUBNET, description="the discovered subnetwork transferred into a fresh model")
+def _subtask_induction(ctx: MethodContext) -> nn.Module:
+    return transfer(ctx.artifact("source"), ctx.fresh, ctx.artifact("mask"), ctx.transfer)
 
 
 @register_method(
     "sampled_subnetwork",
-    uses_source=True,
-    uses_mask=True,
+    **_SUBNET,
     description="a uniformly random mask with as many ones as the discovered one, transferred the same way",
 )
-def _sampled(inp: MethodInputs) -> nn.Module:
-    return transfer(inp.source, inp.fresh, sample_like(inp.mask, inp.generator), inp.transfer)
+def _sampled(ctx: MethodContext) -> nn.Module:
+    return transfer(ctx.artifact("source"), ctx.fresh, sample_like(ctx.artifact("mask"), ctx.generator), ctx.transfer)
 
 
 @register_method(
-    "complement_subnetwork",
-    uses_source=True,
-    uses_mask=True,
-    description="the discovered mask's complement, transferred the same way",
+    "complement_subnetwork", **_SUBNET, description="the discovered mask's complement, transferred the same way"
 )
-def _complement(inp: MethodInputs) -> nn.Module:
-    return transfer(inp.source, inp.fresh, complement(inp.mask), inp.transfer)
+def _complement(ctx: MethodContext) -> nn.Module:
+    return transfer(ctx.artifact("source"), ctx.fresh, complement(ctx.artifact("mask")), ctx.transfer)
 
 
 @register_method(
     "paper_sampled_subnetwork",
-    uses_source=True,
-    uses_mask=True,
+    **_SUBNET,
     description=(
         "the paper's code's sampled baseline, for reproducing its figure only: the complement of a random "
         "mask with |S| ones, i.e. almost the whole source network with |S| random weights re-initialised"
     ),
 )
-def _paper_sampled(inp: MethodInputs) -> nn.Module:
-    return transfer(inp.source, inp.fresh, complement(sample_like(inp.mask, inp.generator)), inp.transfer)
+def _paper_sampled(ctx: MethodContext) -> nn.Module:
+    mask = complement(sample_like(ctx.artifact("mask"), ctx.generator))
+    return transfer(ctx.artifact("source"), ctx.fresh, mask, ctx.transfer)

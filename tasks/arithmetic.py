@@ -95,6 +95,7 @@ class ModularArithmetic:
     n_positions = 4  # [a, b, =, y] as in the paper; the model reads the first three
     supported_models = ("gpt",)
     trains_on_zero = True  # n = 0 still leaves the ambiguous samples to train on
+    default_analyses = ("splits",)  # accuracy under the competing readings
 
     def __init__(self, config: ModularArithmeticConfig):
         self.config = config
@@ -193,10 +194,6 @@ class ModularArithmetic:
             val=self._split(pairs["val"], rule, extra=True),
             evals={"test": self._split(pairs["test"], rule, extra=True)},
         )
-
-    @staticmethod
-    def derived_metrics(row: dict) -> dict:
-        return {}
 
     # --- model ----------------------------------------------------------------------------
 

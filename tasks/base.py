@@ -67,6 +67,7 @@ class Task(Protocol):
     Config: ClassVar[type[Frozen]]
     supported_models: ClassVar[tuple[str, ...]]
     trains_on_zero: ClassVar[bool]  # whether data fraction 0 still leaves downstream training data
+    default_analyses: ClassVar[tuple[str, ...]]  # analyses every trial of the task runs (by name)
     config: Frozen
 
     def base_data(self, seed: int) -> StageData: ...
@@ -78,8 +79,6 @@ class Task(Protocol):
     def downstream_size(self, data_fraction: float) -> int: ...
 
     def key_fields(self, stage: str) -> dict: ...
-
-    def derived_metrics(self, row: dict) -> dict: ...
 
     def build_model(self, model_config: Frozen) -> nn.Module: ...
 

@@ -102,6 +102,7 @@ class ImageNet16:
     Config = ImageNet16Config
     supported_models = ("resnet18", "vit")
     trains_on_zero = False
+    default_analyses = ("splits", "shape_bias")
 
     def __init__(self, config: ImageNet16Config):
         self.config = config
@@ -242,12 +243,6 @@ class ImageNet16:
                 "cue_conflict": cue,
             },  # fmt: skip
         )
-
-    @staticmethod
-    def derived_metrics(row: dict) -> dict:
-        from tasks.shapes import Shapes
-
-        return Shapes.derived_metrics(row)
 
     def build_model(self, model_config: Frozen) -> nn.Module:
         return build_model_for(

@@ -67,6 +67,7 @@ class Shapes:
     Config = ShapesConfig
     supported_models = ("resnet18", "vit")
     trains_on_zero = False  # downstream training needs at least one textured image
+    default_analyses = ("splits", "shape_bias")
 
     def __init__(self, config: ShapesConfig):
         self.config = config
@@ -164,15 +165,6 @@ class Shapes:
                 "texture_only": self._split("texture_only", c.n_test, seed),
             },
         )
-
-    @staticmethod
-    def derived_metrics(row: dict) -> dict:
-        """Shape bias on cue-conflict images: shape decisions / (shape + texture decisions).
-        Every cue-conflict image has two different classes, so the decision counts are n * accuracy."""
-        shape, texture = row.get("cue_conflict_acc_shape"), row.get("cue_conflict_acc_texture")
-        if shape is None or texture is None:
-            return {}
-        return {"shape_bias": shape / (shape + texture) if shape + texture > 0 else float("nan")}
 
     def build_model(self, model_config: Frozen) -> nn.Module:
         return build_model_for(self, model_config, n_classes=self.config.n_classes, image_size=self.config.image_size)

@@ -1,0 +1,133 @@
+"""Analyses: measurements of a trained model, run after training, as plug-ins.
+
+A registered analysis has a name, the artifact kinds it needs (e.g. "source"), an optional typed
+config block (its parameters in the sweep file: `{name: lmc_barrier, points: 11}`), and the output
+columns it declares: dtype, and whether the report summarises it. Every column it returns starts
+with its name; a declared column ending in `*` stands for a family (`splits_*`). The trial checks
+what an analysis returns against what it declared.
+
+A new analysis is one file with a function `(ctx, model, config) -> dict[str, value]` under
+`@register_analysis(...)`, plus its import (in `methods/analyses/__init__.py`, or a sweep's `plugins:`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from common.config import Frozen
+from common.registry import Registry
+from tasks.base import StageData
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+    dtype: str = "float64"  # a pyarrow/pandas dtype name
+    summarise: bool = True  # whether the report gives mean, std and CI of it
+    description: str = ""
+
+
+@dataclasses.dataclass
+class AnalysisContext:
+    """What an analysis may draw on: the trial's task, data, artifacts and fresh-model factory."""
+
+    task: Any
+    data: StageData  # the downstream data of the trial (train, val, evals)
+    artifacts: dict[str, Any]
+    fresh_model: Callable[[str], nn.Module]  # fresh_model("init") is the trained model's own initial model
+    generator: torch.Generator  # the analysis's own random stream
+    device: torch.device
+    eval_batch_size: int
+    method: str
+
+    def artifact(self, kind: str) -> Any:
+        if kind not in self.artifacts:
+            raise KeyError(f"artifact {kind!r} was not declared in the analysis's needs; it has {sorted(self.artifacts)}")
+        return self.artifacts[kind]
+
+
+@dataclasses.dataclass(frozen=True)
+class Analysis:
+    name: str
+    run: Callable[[AnalysisContext, nn.Module, Frozen | None], dict[str, Any]]
+    needs: tuple[str, ...]
+    columns: dict[str, Column]
+    Config: type[Frozen] | None
+    description: str
+
+    def declares(self, column: str) -> Column | None:
+        for pattern, spec in self.columns.items():
+            if column == pattern or (pattern.endswith("*") and fnmatch.fnmatchcase(column, pattern)):
+                return spec
+        return None
+
+    def check(self, values: dict[str, Any]) -> dict[str, Any]:
+        """`values` if every column is declared and prefixed by the name; a clear error otherwise."""
+        bad = [c for c in values if not c.startswith(self.name) or self.declares(c) is None]
+        if bad:
+            raise ValueError(
+                f"analysis {self.name!r} returned undeclared columns {bad}; declare them in register_analysis(columns=...) "
+                f"and start each with {self.name!r}"
+            )
+        return values
+
+
+ANALYSES = Registry("analysis")
+
+
+def register_analysis(
+    name: str,
+    *,
+    columns: dict[str, Column],
+    needs: tuple[str, ...] = (),
+    config: type[Frozen] | None = None,
+    description: str = "",
+):
+    """Decorator for `run(ctx, model, config) -> dict`; columns must start with `name`."""
+    misnamed = [c for c in columns if not c.startswith(name)]
+    if misnamed:
+        raise ValueError(f"analysis {name!r}: every column must start with its name; fix {misnamed}")
+
+    def add(fn):
+        ANALYSES.register(name)(Analysis(name, fn, tuple(needs), dict(columns), config, description))
+        return fn
+
+    return add
+
+
+class AnalysisEntry(Frozen):
+    """One entry of a sweep's `analyses:` list, validated: a name and that analysis's parameters."""
+
+    name: str
+    params: dict[str, Any] = {}
+
+
+def parse_analysis(entry: Any, where: str) -> tuple[str, Frozen | None]:
+    """`lmc_barrier` or `{name: lmc_barrier, points: 11}` -> (name, validated config).
+    Raises ValueError naming `where` and what is wrong."""
+    from pydantic import ValidationError
+
+    if isinstance(entry, str):
+        name, params = entry, {}
+    elif isinstance(entry, dict) and isinstance(entry.get("name"), str):
+        name, params = entry["name"], {k: v for k, v in entry.items() if k != "name"}
+    else:
+        raise ValueError(f"{where}: expected an analysis name or a mapping with 'name'; valid names: "
+                         f"{', '.join(ANALYSES.names())}")  # fmt: skip
+    if name not in ANALYSES:
+        raise ValueError(f"{where}: unknown analysis {name!r}; valid names: {', '.join(ANALYSES.names())}")
+    spec = ANALYSES.get(name)
+    if spec.Config is None:
+        if params:
+            raise ValueError(f"{where}: analysis {name!r} takes no parameters, got {sorted(params)}")
+        return name, None
+    try:
+        return name, spec.Config(**params)
+    except ValidationError as err:
+        lines = [f"{where}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
+        raise ValueError("\n".join(lines)) from None

@@ -1,0 +1,156 @@
+"""Artifact kinds: the upstream work trials share, computed once per key.
+
+Each kind declares the kinds it needs, the sweep blocks and grid axes its key holds, and four
+functions: `key(ctx)` (exactly the fields that determine it), `compute(ctx) -> (tensors, meta)`,
+`load(ctx, tensors, meta)` (the object a method receives), and `columns(meta)` (what a trial's row
+records about it). The orchestrator stores and shares artifacts; it never branches on a kind's
+name. A new kind (e.g. a guide network) is one class plus `@register_artifact(...)`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from common.registry import Registry
+from common.seeding import torch_generator
+from methods.discovery import discover
+from methods.training import train
+
+# Bumped when a kind's computation changes in a way its key fields do not show, so that stores
+# written by older code are not reused silently.
+SOURCE_VERSION = 2
+
+
+@dataclasses.dataclass
+class ArtifactContext:
+    """What computing or loading one artifact may draw on."""
+
+    task: Any
+    settings: Any  # the trial's effective sweep config (blocks by attribute: .model, .source, .discovery, ...)
+    seed: int
+    point: dict[str, Any]  # the grid axes the kind depends on, e.g. {"sparsity": 0.75}
+    device: torch.device
+    mixed_precision: bool
+    fresh_model: Callable[[str], nn.Module]
+    key_of: Callable[[str], dict]  # key of an upstream kind
+    get: Callable[[str], Any]  # the loaded upstream artifact of a kind
+
+
+class ArtifactKind:
+    name: ClassVar[str]
+    needs: ClassVar[tuple[str, ...]] = ()
+    blocks: ClassVar[tuple[str, ...]] = ()  # sweep blocks that enter the key (shared by every method needing it)
+    axes: ClassVar[tuple[str, ...]] = ()  # grid axes that enter the key
+
+    def key(self, ctx: ArtifactContext) -> dict: ...
+
+    def compute(self, ctx: ArtifactContext) -> tuple[dict[str, torch.Tensor], dict[str, Any]]: ...
+
+    def load(self, ctx: ArtifactContext, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Any: ...
+
+    def columns(self, meta: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+
+ARTIFACTS = Registry("artifact kind")
+
+
+def register_artifact(name: str, *, needs: tuple[str, ...] = (), blocks: tuple[str, ...] = (), axes=()):
+    def add(cls):
+        unknown = [n for n in needs if n not in ARTIFACTS]
+        if unknown:
+            raise ValueError(f"artifact kind {name!r} needs {unknown}, which are not registered (register them first)")
+        cls.name, cls.needs, cls.blocks, cls.axes = name, tuple(needs), tuple(blocks), tuple(axes)
+        ARTIFACTS.register(name)(cls())
+        return cls
+
+    return add
+
+
+def closure(kinds: tuple[str, ...] | list[str]) -> list[str]:
+    """`kinds` and everything they need, each after what it needs."""
+    out: list[str] = []
+
+    def visit(kind: str) -> None:
+        for dep in ARTIFACTS.get(kind).needs:
+            visit(dep)
+        if kind not in out:
+            out.append(kind)
+
+    for kind in kinds:
+        visit(kind)
+    return out
+
+
+@register_artifact("source", blocks=("source",))
+class Source(ArtifactKind):
+    """The source model trained on the base task: one per (task's base data, model, source training, seed)."""
+
+    def key(self, ctx):
+        return {
+            "task": ctx.task.key_fields("source"),
+            "model": ctx.settings.model.canonical(),
+            "training": ctx.settings.source.canonical(),
+            "seed": ctx.seed,
+            "version": SOURCE_VERSION,
+        }
+
+    def compute(self, ctx):
+        model = ctx.fresh_model("source_init").to(ctx.device)
+        generator = torch_generator(ctx.seed, "source_train")
+        result = train(model, ctx.task.base_data(ctx.seed), ctx.settings.source, generator,
+                       mixed_precision=ctx.mixed_precision)  # fmt: skip
+        meta = {"val_acc": result.best_val_acc, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run}
+        return model.state_dict(), meta
+
+    def load(self, ctx, tensors, meta):
+        model = ctx.fresh_model("source_init")
+        model.load_state_dict(tensors)
+        return model.to(ctx.device)
+
+    def columns(self, meta):
+        return {"source_val_acc": meta["val_acc"]}
+
+
+@register_artifact("mask", needs=("source",), blocks=("discovery",), axes=("sparsity",))
+class DiscoveredMask(ArtifactKind):
+    """The subnetwork discovered in the source model on the subtask, at the requested sparsity."""
+
+    def key(self, ctx):
+        return {
+            "source": ctx.key_of("source"),
+            "subtask": ctx.task.key_fields("subtask"),
+            "discovery": ctx.settings.discovery.canonical(),
+            "sparsity": ctx.point["sparsity"],
+        }
+
+    def compute(self, ctx):
+        found = discover(
+            copy.deepcopy(ctx.get("source")),
+            ctx.task.subtask_data(ctx.seed),
+            ctx.settings.discovery,
+            ctx.point["sparsity"],
+            torch_generator(ctx.seed, "discovery"),
+            mixed_precision=ctx.mixed_precision,
+        )
+        meta = {
+            "subtask_acc": found.subtask_acc,
+            "density": found.density,
+            "natural_density": found.natural_density,
+            "best_epoch": found.best_epoch,
+            "history": found.history,
+        }
+        return found.mask, meta
+
+    def load(self, ctx, tensors, meta):
+        return {name: t.bool() for name, t in tensors.items()}
+
+    def columns(self, meta):
+        return {"mask_density": meta["density"], "subtask_acc": meta["subtask_acc"],
+                "natural_density": meta["natural_density"]}  # fmt: skip
