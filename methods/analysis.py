@@ -47,7 +47,8 @@ class AnalysisContext:
 
     def artifact(self, kind: str) -> Any:
         if kind not in self.artifacts:
-            raise KeyError(f"artifact {kind!r} was not declared in the analysis's needs; it has {sorted(self.artifacts)}")
+            have = sorted(self.artifacts)
+            raise KeyError(f"artifact {kind!r} was not declared in the analysis's needs; it has {have}")
         return self.artifacts[kind]
 
 
@@ -71,8 +72,8 @@ class Analysis:
         bad = [c for c in values if not c.startswith(self.name) or self.declares(c) is None]
         if bad:
             raise ValueError(
-                f"analysis {self.name!r} returned undeclared columns {bad}; declare them in register_analysis(columns=...) "
-                f"and start each with {self.name!r}"
+                f"analysis {self.name!r} returned undeclared columns {bad}; declare them in "
+                f"register_analysis(columns=...) and start each with {self.name!r}"
             )
         return values
 

@@ -47,6 +47,7 @@ class ArtifactKind:
     needs: ClassVar[tuple[str, ...]] = ()
     blocks: ClassVar[tuple[str, ...]] = ()  # sweep blocks that enter the key (shared by every method needing it)
     axes: ClassVar[tuple[str, ...]] = ()  # grid axes that enter the key
+    reported: ClassVar[tuple[str, ...]] = ()  # row columns from `columns(meta)` that the report summarises
 
     def key(self, ctx: ArtifactContext) -> dict: ...
 
@@ -92,6 +93,8 @@ def closure(kinds: tuple[str, ...] | list[str]) -> list[str]:
 class Source(ArtifactKind):
     """The source model trained on the base task: one per (task's base data, model, source training, seed)."""
 
+    reported = ("source_val_acc",)
+
     def key(self, ctx):
         return {
             "task": ctx.task.key_fields("source"),
@@ -121,6 +124,8 @@ class Source(ArtifactKind):
 @register_artifact("mask", needs=("source",), blocks=("discovery",), axes=("sparsity",))
 class DiscoveredMask(ArtifactKind):
     """The subnetwork discovered in the source model on the subtask, at the requested sparsity."""
+
+    reported = ("mask_density", "subtask_acc", "natural_density")
 
     def key(self, ctx):
         return {

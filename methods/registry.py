@@ -5,6 +5,8 @@ A method declares
   the orchestrator computes them once per key and hands them over in `ctx.artifacts`;
 - `config`: its own typed config block, written in the sweep file under the method's name
   (`l2sp: {alpha: 0.01}`), validated there, tunable and sweepable by path (`l2sp.alpha`);
+- `owns`: shared artifact settings (e.g. "discovery") that `instill tune` searches for this method;
+  every method using that artifact inherits the tuned values;
 - `reads`: the sweep blocks besides `training` that its results depend on (e.g. "transfer"), so
   that a trial's identity holds exactly what it ran with;
 - `build(ctx) -> nn.Module`, and optionally `objective(ctx, model) -> Objective` (default:
@@ -65,6 +67,7 @@ class Method:
     needs: ClassVar[tuple[str, ...]] = ()
     Config: ClassVar[type[Frozen] | None] = None
     reads: ClassVar[tuple[str, ...]] = ()
+    owns: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
 
     def build(self, ctx: MethodContext) -> nn.Module:
@@ -83,6 +86,7 @@ def register_method(
     needs: tuple[str, ...] = (),
     config: type[Frozen] | None = None,
     reads: tuple[str, ...] = (),
+    owns: tuple[str, ...] = (),
     description: str,
 ):
     """Register a `Method` subclass, or a plain `build(ctx) -> nn.Module` function, under `name`."""
@@ -94,7 +98,8 @@ def register_method(
             cls = type(f"Method_{name}", (Method,), {"build": staticmethod(lambda ctx, _fn=obj: _fn(ctx))})
         else:
             raise TypeError(f"register_method({name!r}) decorates a Method subclass or a build function")
-        cls.name, cls.needs, cls.Config, cls.reads, cls.description = name, tuple(needs), config, tuple(reads), description
+        cls.name, cls.needs, cls.Config, cls.description = name, tuple(needs), config, description
+        cls.reads, cls.owns = tuple(reads), tuple(owns)
         METHODS.register(name)(cls())
         return obj
 
@@ -124,7 +129,12 @@ def _full_transfer(ctx: MethodContext) -> nn.Module:
 _SUBNET = {"needs": ("source", "mask"), "reads": ("transfer",)}
 
 
-@register_method("subtask_induction", **_SUBNET, description="the discovered subnetwork transferred into a fresh model")
+@register_method(
+    "subtask_induction",
+    **_SUBNET,
+    owns=("discovery",),
+    description="the discovered subnetwork transferred into a fresh model",
+)
 def _subtask_induction(ctx: MethodContext) -> nn.Module:
     return transfer(ctx.artifact("source"), ctx.fresh, ctx.artifact("mask"), ctx.transfer)
 

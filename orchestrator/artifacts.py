@@ -116,6 +116,27 @@ class ArtifactStore:
         with self.fs.open_input_stream(path) as f:
             return _decode(f.read())
 
+    def entries(self, kind: str) -> list[tuple[dict[str, Any], dict[str, Any], str]]:
+        """(key, meta, path) of every stored artifact of `kind`, in path order; reads only headers.
+
+        Read-only: the content hash is not checked here (that needs the whole file), so get the
+        tensors with `load(kind, key)`, which checks it. An unreadable header is logged and skipped.
+        """
+        selector = pafs.FileSelector(f"{self.root}/{kind}", allow_not_found=True)
+        found = []
+        for info in self.fs.get_file_info(selector):
+            if info.type != pafs.FileType.File or not info.path.endswith(".safetensors"):
+                continue  # temporary files of an unfinished write end in .tmp-<uuid>
+            try:
+                with self.fs.open_input_file(info.path) as f:
+                    (header_len,) = struct.unpack("<Q", f.read(8))
+                    header = json.loads(f.read(header_len))
+                record = json.loads(header["__metadata__"]["instill"])
+                found.append((record["key"], record["meta"], info.path))
+            except (struct.error, ValueError, KeyError, TypeError) as err:
+                log.warning("artifact %s has an unreadable header (%s); skipping it", info.path, err)
+        return sorted(found, key=lambda entry: entry[2])
+
     def computations(self) -> list[dict[str, Any]]:
         """Every computation this store has recorded, oldest first."""
         selector = pafs.FileSelector(f"{self.root}/computations", allow_not_found=True)

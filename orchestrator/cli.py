@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, required=True, help="output directory (resumed if it holds this sweep)")
     run.add_argument("--address", help="Ray cluster address ('auto' for the local cluster); default: start one")
     run.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started when no --address is given")
-    run.add_argument("--force", action="store_true", help="run even if --out holds a different sweep")
+    run.add_argument("--force", action="store_true", help="run even if --out holds a sweep of another name")
     run.add_argument("--no-report", action="store_true", help="skip the summary table and plots")
     run.add_argument("--tuned", type=Path, help="per-method values from `instill tune` (its tuned.yaml)")
 
@@ -92,14 +92,21 @@ def _validate(args) -> int:
 
     sweep = load_sweep_file(args.sweep)
     specs = expand(sweep)
-    sources = {k for s in specs for k in upstream_keys(sweep, s) if k[0] == "source"}
-    masks = {k for s in specs for k in upstream_keys(sweep, s) if k[0] == "mask"}
+    artifacts: dict[str, set] = {}
+    for spec in specs:
+        for kind, key in upstream_keys(sweep, spec):
+            artifacts.setdefault(kind, set()).add(key)
     print(f"{args.sweep}: valid sweep {sweep.name!r} (config hash {sweep.config_hash})")
     print(f"  task {sweep.task.name}, model {sweep.model.name}")
     print(f"  methods {', '.join(sweep.methods)}")
     print(f"  sparsities {list(sweep.sparsities)}, seeds {list(sweep.seeds)}")
     print(f"  data fractions {list(sweep.data_fractions)}")
-    print(f"  {len(specs)} trials, {len(sources)} source models, {len(masks)} masks")
+    for path, values in sweep.axes.items():
+        print(f"  axis {path}: {list(values)}")
+    analyses = [name for name, _ in sweep.analysis_list()]
+    print(f"  analyses {', '.join(analyses) or 'none'}")
+    upstream = ", ".join(f"{len(keys)} {kind}" for kind, keys in artifacts.items()) or "no upstream artifacts"
+    print(f"  {len(specs)} trials; {upstream}")
     return 0
 
 

@@ -1,24 +1,32 @@
-"""The sweep file: axes (methods x sparsities x data fractions x seeds) and one block per stage.
+"""The sweep file: the grid (methods x sparsities x data fractions x seeds x any `axes:` path) and
+one block per stage, plus one block per method that has settings of its own (`l2sp: {alpha: ...}`).
 
 `load_sweep_file` turns YAML into a frozen, validated `SweepConfig`, or raises `ConfigError` whose
 message names every bad field by its path (`training.lr: Input should be greater than 0`).
+
+Paths. Every setting has a dotted path: `training.lr`, `model.n_layers`, `discovery.selection.head`,
+`l2sp.alpha`. Paths name sweep axes (`axes: {model.n_layers: [2, 4]}`), tuning ranges and
+per-method overrides; `with_values({path: value})` applies them with the field's own validation.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import json
 import math
 import re
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SerializeAsAny, ValidationError, field_validator, model_validator
 
 import tasks
-from methods import METHODS, DiscoveryConfig, TrainConfig, TransferConfig
-from tasks.base import format_validation, parse_block
 from common.config import Frozen, stable_hash
+from methods import ARTIFACTS, METHODS, DiscoveryConfig, TrainConfig, TransferConfig
+from methods.analysis import parse_analysis
+from tasks.base import format_validation, parse_block
 
 
 class ConfigError(ValueError):
@@ -54,22 +62,13 @@ class Storage(Frozen):
     artifacts: str | None = Field(None, description="where source models and masks are cached; default OUT/artifacts")
 
 
-TUNABLE = {
-    "training.lr": float,
-    "training.epochs": int,
-    "training.weight_decay": float,
-    "training.batch_size": int,
-    "discovery.l0_lambda": float,
-    "discovery.lr": float,
-    "discovery.epochs": int,
-}
-
-
 class Tuning(Frozen):
     """`instill tune`: an Optuna search per method over these ranges, on the validation split.
 
-    Float ranges are searched on a log scale, integer ranges uniformly. `discovery.*` is tuned for
-    subtask_induction only, and the controls that reuse its mask (sampled, complement) inherit it.
+    Keys are config paths of numeric fields (`training.lr`, `l2sp.alpha`). Float ranges are
+    searched on a log scale, integer ranges uniformly. Settings of a shared artifact (`discovery.*`,
+    `source.*`) are tuned only by the methods that declare they own them (`owns=`), and every method
+    that uses the artifact inherits the tuned values; a method's own block is tuned for it only.
     """
 
     budget: int = Field(8, ge=1, description="Optuna trials per method: the same effort for every method")
@@ -85,8 +84,6 @@ class Tuning(Frozen):
     @classmethod
     def _space(cls, v: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
         for key, (low, high) in v.items():
-            if key not in TUNABLE:
-                raise ValueError(f"cannot tune {key!r}; tunable fields: {', '.join(TUNABLE)}")
             if not 0 < low < high:
                 raise ValueError(f"{key}: the range must satisfy 0 < low < high, got [{low}, {high}]")
         return v
@@ -101,6 +98,23 @@ class Tuning(Frozen):
 
 _TASK_CACHE: dict[str, object] = {}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+# Paths that are not settings of an experiment: sweeping them is a mistake with a better spelling.
+_NOT_AXES = {
+    "methods": "list the methods in `methods:`",
+    "sparsities": "use the `sparsities:` axis",
+    "data_fractions": "use the `data_fractions:` axis",
+    "seeds": "use the `seeds:` axis",
+    "name": "the sweep's name does not change results",
+    "plugins": "plugins are imported once for the whole sweep",
+    "resources": "resources do not change results",
+    "storage": "storage does not change results",
+    "max_failures": "retries do not change results",
+    "tuning": "tuning settings are for `instill tune`",
+    "method_overrides": "set per-method values in method_overrides directly",
+    "axes": "axes cannot be swept",
+    "analyses": "list analyses in `analyses:`",
+}
 
 
 class SweepConfig(Frozen):
@@ -118,12 +132,20 @@ class SweepConfig(Frozen):
     storage: Storage = Storage()
     max_failures: int = Field(1, ge=0, description="retries of a failing trial before it is recorded failed")
     tuning: Tuning = Tuning()
-    method_overrides: dict[str, dict[str, float]] = Field(
-        {}, description="per-method values of tunable fields, e.g. from `instill tune` (see --tuned)"
+    method_overrides: dict[str, dict[str, Any]] = Field(
+        {}, description="per-method values of config paths, e.g. from `instill tune` (see --tuned)"
     )
+    method_settings: dict[str, SerializeAsAny[Frozen]] = Field(
+        {}, description="the blocks of methods with settings of their own, by method name (top-level in YAML)"
+    )
+    analyses: tuple[dict[str, Any], ...] = Field(
+        (), description="analyses run on every trained model: names or {name: ..., <params>}"
+    )
+    axes: dict[str, tuple[Any, ...]] = Field({}, description="config path -> values: more axes of the grid")
 
     methods: tuple[str, ...] = Field(min_length=1)
     sparsities: tuple[float, ...] = (0.75,)
+    _variants: dict[str, SweepConfig] = PrivateAttr(default_factory=dict)
     data_fractions: tuple[float, ...] = Field(min_length=1)
     seeds: tuple[int, ...] = Field((0,), min_length=1)
 
@@ -163,42 +185,78 @@ class SweepConfig(Frozen):
     def _seeds(cls, v: tuple[int, ...]) -> tuple[int, ...]:
         return _unique(v, "seeds")
 
-    @model_validator(mode="after")
-    def _overrides(self):
-        for method, values in self.method_overrides.items():
-            if method not in self.methods:
-                raise ValueError(f"method_overrides names {method!r}, which is not in methods {list(self.methods)}")
-            bad = [k for k in values if k not in TUNABLE]
-            if bad:
-                raise ValueError(f"method_overrides.{method}: cannot set {bad}; settable fields: {', '.join(TUNABLE)}")
-        return self
-
-    def for_method(self, method: str) -> SweepConfig:
-        """This sweep with `method`'s overrides applied. Discovery settings follow the method whose
-        mask is used: subtask_induction's, for every method that uses a mask."""
-        values = dict(self.method_overrides.get(method, {}))
-        if METHODS.get(method).uses_mask:
-            values = {k: v for k, v in values.items() if not k.startswith("discovery.")}
-            values.update(
-                {
-                    k: v
-                    for k, v in self.method_overrides.get("subtask_induction", {}).items()
-                    if k.startswith("discovery.")
-                }
-            )
-        if not values:
-            return self
-        blocks: dict[str, dict] = {}
-        for path, value in values.items():
-            block, field = path.split(".")
-            blocks.setdefault(block, {})[field] = TUNABLE[path](value)
-        updates = {b: getattr(self, b).model_validate({**getattr(self, b).canonical(), **f}) for b, f in blocks.items()}
-        return self.model_copy(update=updates)
+    @field_validator("axes")
+    @classmethod
+    def _axes(cls, v: dict[str, tuple[Any, ...]]) -> dict[str, tuple[Any, ...]]:
+        for path, values in v.items():
+            head = path.split(".")[0]
+            if head in _NOT_AXES:
+                raise ValueError(f"{path} cannot be an axis: {_NOT_AXES[head]}")
+            if not values:
+                raise ValueError(f"{path}: give at least one value")
+            _unique(tuple(json.dumps(x, sort_keys=True) for x in values), path)
+        return v
 
     @model_validator(mode="after")
     def _sparsities_needed(self):
-        if any(METHODS.get(m).uses_mask for m in self.methods) and not self.sparsities:
+        if any("sparsity" in grid_axes(m) for m in self.methods) and not self.sparsities:
             raise ValueError("sparsities is empty but a method needs a mask: give at least one sparsity")
+        return self
+
+    # --- paths, overrides, effective configs ---------------------------------------------
+
+    def canonical(self) -> dict[str, Any]:
+        """The sweep file this config is (method blocks at the top level), defaults filled in."""
+        out = super().canonical()
+        settings = out.pop("method_settings")
+        out.update(settings)
+        return out
+
+    def block(self, name: str) -> Frozen | None:
+        """The block `name`: a stage's block, or a method's own settings."""
+        if name in self.method_settings:
+            return self.method_settings[name]
+        value = getattr(self, name, None) if name in type(self).model_fields else None
+        return value if isinstance(value, Frozen) else None
+
+    def with_values(self, values: dict[str, Any]) -> SweepConfig:
+        """This sweep with each config path set to its value, validated as that field would be.
+        Raises ValueError naming the path and the field's rule."""
+        if not values:
+            return self
+        key = json.dumps(values, sort_keys=True, default=str)
+        if key not in self._variants:  # expanding a grid asks for the same variants many times
+            self._variants[key] = _with_values(self, values)
+        return self._variants[key]
+
+    def effective(self, method: str, axes: dict[str, Any] | None = None) -> SweepConfig:
+        """The config a trial of `method` runs with: the method's overrides (and the shared
+        artifact settings any method of the sweep tuned), then the trial's axis values."""
+        values = {k: v for k, v in self.method_overrides.get(method, {}).items() if _head(k) not in shared_blocks()}
+        for overrides in self.method_overrides.values():
+            values.update({k: v for k, v in overrides.items() if _head(k) in shared_blocks()})
+        values.update(axes or {})
+        return self.with_values(values)
+
+    @model_validator(mode="after")
+    def _overrides(self):
+        shared: dict[str, tuple[str, Any]] = {}
+        for method, values in self.method_overrides.items():
+            if method not in self.methods:
+                raise ValueError(f"method_overrides names {method!r}, which is not in methods {list(self.methods)}")
+            for path, value in values.items():
+                head = _head(path)
+                if head in METHODS and head != method:
+                    raise ValueError(f"method_overrides.{method}: {path} is another method's setting")
+                if path in self.axes:
+                    raise ValueError(f"method_overrides.{method}: {path} is also an axis; drop one of them")
+                if head in shared_blocks():
+                    if path in shared and shared[path][1] != value:
+                        raise ValueError(
+                            f"method_overrides: {path} is a shared artifact setting, set differently for "
+                            f"{shared[path][0]!r} and {method!r}; give one value"
+                        )
+                    shared[path] = (method, value)
         return self
 
     def build_task(self):
@@ -209,9 +267,82 @@ class SweepConfig(Frozen):
             _TASK_CACHE[key] = tasks.TASKS.get(self.task.name)(self.task)
         return _TASK_CACHE[key]
 
+    def analysis_list(self) -> list[tuple[str, Frozen | None]]:
+        """(name, config) of every analysis a trial runs: the task's defaults, then the sweep's."""
+        names = [a["name"] for a in self.analyses]
+        out = [(n, None) for n in self.build_task().default_analyses if n not in names]
+        for entry in self.analyses:
+            out.append(parse_analysis(entry, "analyses"))
+        return out
+
     @property
     def config_hash(self) -> str:
         return stable_hash(self.canonical())
+
+
+def grid_axes(method: str) -> set[str]:
+    """The fixed grid axes besides budget and seed that `method`'s results depend on ("sparsity")."""
+    from methods.artifacts import closure
+
+    return {axis for kind in closure(METHODS.get(method).needs) for axis in ARTIFACTS.get(kind).axes}
+
+
+def shared_blocks() -> set[str]:
+    """Sweep blocks that configure shared artifacts (`source`, `discovery`)."""
+    return {block for _, kind in ARTIFACTS.items() for block in kind.blocks}
+
+
+def _head(path: str) -> str:
+    return path.split(".")[0]
+
+
+def _with_values(base: SweepConfig, values: dict[str, Any]) -> SweepConfig:
+    raw = base.canonical()
+    for path, value in values.items():
+        resolve_path(base, path)
+        parent = raw
+        parts = path.split(".")
+        for part in parts[:-1]:
+            parent = parent[part]
+        parent[parts[-1]] = value
+    return _build(raw, check=False)
+
+
+def all_paths(config: SweepConfig) -> list[str]:
+    """Every settable leaf path of `config` (blocks' fields, nested blocks flattened)."""
+    out = []
+
+    def walk(prefix: str, block: Frozen) -> None:
+        for name, value in block:
+            if isinstance(value, Frozen):
+                walk(f"{prefix}.{name}", value)
+            else:
+                out.append(f"{prefix}.{name}")
+
+    for name in [*type(config).model_fields, *config.method_settings]:
+        block = config.block(name)
+        if block is not None and name not in _NOT_AXES:
+            walk(name, block)
+    return out
+
+
+def resolve_path(config: SweepConfig, path: str) -> Any:
+    """The current value at `path`; ValueError listing near matches for an unknown path."""
+    parts = path.split(".")
+    node: Any = config.block(parts[0]) if parts[0] not in _NOT_AXES else None
+    for part in parts[1:]:
+        if isinstance(node, Frozen) and part in type(node).model_fields:
+            node = getattr(node, part)
+        else:
+            node = None
+            break
+    if node is None or isinstance(node, Frozen) or len(parts) < 2:
+        if parts[0] in _NOT_AXES:
+            raise ValueError(f"{path} is not an experiment setting: {_NOT_AXES[parts[0]]}")
+        near = difflib.get_close_matches(path, all_paths(config), n=4, cutoff=0.5)
+        hint = f"; did you mean {', '.join(near)}?" if near else "; paths look like training.lr or model.n_layers"
+        raise ValueError(f"unknown config path {path!r}{hint}")
+    return node
 
 
 def _unique(values: tuple, field: str) -> tuple:
@@ -221,21 +352,22 @@ def _unique(values: tuple, field: str) -> tuple:
     return values
 
 
-def load_sweep(raw: Any, source: str = "sweep") -> SweepConfig:
-    """Validate a parsed sweep mapping. Raises ConfigError listing every problem by field path."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of keys to values, got {type(raw).__name__}")
-    errors: list[str] = []
-    data = dict(raw)
-    plugins = data.get("plugins", ())
+# --- loading -----------------------------------------------------------------------------
+
+
+def _import_plugins(plugins: Any, errors: list[str]) -> None:
     if not isinstance(plugins, (list, tuple)) or not all(isinstance(p, str) for p in plugins):
         errors.append("plugins: expected a list of module names, e.g. [my_lab.methods]")
-    else:
-        for module in plugins:
-            try:
-                importlib.import_module(module)
-            except Exception as err:  # any import failure is the user's to fix; say which and why
-                errors.append(f"plugins: cannot import {module!r}: {type(err).__name__}: {err}")
+        return
+    for module in plugins:
+        try:
+            importlib.import_module(module)
+        except Exception as err:  # any import failure is the user's to fix; say which and why
+            errors.append(f"plugins: cannot import {module!r}: {type(err).__name__}: {err}")
+
+
+def _parse_blocks(data: dict, errors: list[str]) -> None:
+    """Replace the task, model, method and analysis entries of `data` by validated objects."""
     for key, registry in (("task", tasks.TASKS), ("model", tasks.MODELS)):
         if key not in data:
             errors.append(f"{key}: missing; give a mapping with 'name' (one of: {', '.join(registry.names())})")
@@ -244,41 +376,149 @@ def load_sweep(raw: Any, source: str = "sweep") -> SweepConfig:
             data[key] = parse_block(registry, data[key], key)
         except ValueError as err:
             errors.append(str(err))
+    settings = {}
+    methods = data.get("methods") if isinstance(data.get("methods"), (list, tuple)) else []
+    for name in METHODS.names():
+        method = METHODS.get(name)
+        if name not in data and not (method.Config is not None and name in methods):
+            continue
+        block = data.pop(name, {}) or {}
+        if method.Config is None:
+            errors.append(f"{name}: method {name!r} has no settings of its own; remove this block")
+            continue
+        if not isinstance(block, dict):
+            errors.append(f"{name}: expected a mapping of {name}'s settings")
+            continue
+        try:
+            settings[name] = method.Config(**block)
+        except ValidationError as err:
+            errors.append(format_validation(err, name))
+    data["method_settings"] = settings
+    analyses = data.get("analyses", ())
+    if not isinstance(analyses, (list, tuple)):
+        errors.append("analyses: expected a list, e.g. [lmc_barrier, {name: subnetwork_ablation}]")
+        data["analyses"] = ()
+        return
+    normalised = []
+    for i, entry in enumerate(analyses):
+        try:
+            name, config = parse_analysis(entry, f"analyses[{i}]")
+        except ValueError as err:
+            errors.append(str(err))
+            continue
+        normalised.append({"name": name, **(config.canonical() if config is not None else {})})
+    names = [a["name"] for a in normalised]
+    if len(set(names)) != len(names):
+        errors.append(f"analyses: {names} lists an analysis more than once")
+    data["analyses"] = tuple(normalised)
+
+
+def _build(raw: dict, check: bool = True) -> SweepConfig:
+    """Validate a raw mapping into a SweepConfig; raises ValueError with one line per problem."""
+    errors: list[str] = []
+    data = dict(raw)
+    data.pop("method_settings", None)
+    _parse_blocks(data, errors)
     if errors:
         # Still check the other fields, so one pass reports every problem: stand-ins replace the
         # blocks that failed (a bare Frozen() passes the field's type check).
         for key in ("task", "model"):
             if not isinstance(data.get(key), Frozen):
                 data[key] = Frozen()
+    try:
+        config = SweepConfig(**data)
+    except ValidationError as err:
+        errors.append(format_validation(err))
+        raise ValueError("\n".join(errors)) from None
+    if errors:
+        raise ValueError("\n".join(errors))
+    return config
+
+
+def _check_runnable(config: SweepConfig) -> list[str]:
+    """Problems only building the task and model reveal (data directories, shapes)."""
+    errors = []
+    try:
+        task = config.build_task()
+    except ValueError as err:  # e.g. a data directory that is missing or malformed
+        return [str(err)]
+    try:
+        task.build_model(config.model)
+    except ValueError as err:
+        return [f"model: {err}"]
+    if not task.trains_on_zero and any(task.downstream_size(f) < 1 for f in config.data_fractions):
+        errors.append(
+            f"data_fractions: {list(config.data_fractions)} includes a budget of 0 training samples, "
+            f"and task {config.task.name!r} has nothing else to train on; use fractions > 0"
+        )
+    try:
+        config.analysis_list()
+    except ValueError as err:
+        errors.append(str(err))
+    return errors
+
+
+def _check_axes(config: SweepConfig) -> list[str]:
+    """Each axis value validated as its field would be, and runnable where it changes the task or model."""
+    errors = []
+    for path, values in config.axes.items():
         try:
-            SweepConfig(**data)
-        except ValidationError as err:
-            errors.append(format_validation(err))
-    else:
-        try:
-            config = SweepConfig(**data)
-        except ValidationError as err:
-            errors.append(format_validation(err))
-        else:
+            resolve_path(config, path)
+        except ValueError as err:
+            errors.append(f"axes.{path}: {err}")
+            continue
+        if _head(path) in METHODS and _head(path) not in config.methods:
+            errors.append(f"axes.{path}: method {_head(path)!r} is not in methods {list(config.methods)}")
+            continue
+        for value in values:
             try:
-                task = config.build_task()
-            except ValueError as err:  # e.g. a data directory that is missing or malformed
-                errors.append(str(err))
-                task = None
-            try:
-                if task is not None:
-                    task.build_model(config.model)
+                variant = config.with_values({path: value})
             except ValueError as err:
-                errors.append(f"model: {err}")
-                task = None
-            if task is not None:
-                if not task.trains_on_zero and any(task.downstream_size(f) < 1 for f in config.data_fractions):
-                    errors.append(
-                        f"data_fractions: {list(config.data_fractions)} includes a budget of 0 training samples, "
-                        f"and task {config.task.name!r} has nothing else to train on; use fractions > 0"
-                    )
-                else:
-                    return config
+                rule = str(err).splitlines()[0].split(": ", 1)[-1]
+                errors.append(f"axes.{path}: value {value!r} is invalid: {rule}")
+                continue
+            if _head(path) in ("task", "model"):
+                errors += [f"axes.{path}={value!r}: {e}" for e in _check_runnable(variant)]
+    return errors
+
+
+def _check_tuning(config: SweepConfig) -> list[str]:
+    errors = []
+    for path in [*config.tuning.space, *(p for v in config.method_overrides.values() for p in v)]:
+        try:
+            value = resolve_path(config, path)
+        except ValueError as err:
+            errors.append(f"tuning/method_overrides: {err}")
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if path in config.tuning.space:
+                errors.append(f"tuning.space: {path} is not a numeric setting, so it cannot be searched")
+    if not errors:
+        for method in config.method_overrides:
+            try:
+                config.effective(method)
+            except ValueError as err:
+                errors.append(f"method_overrides.{method}: {err}")
+    return errors
+
+
+def load_sweep(raw: Any, source: str = "sweep") -> SweepConfig:
+    """Validate a parsed sweep mapping. Raises ConfigError listing every problem by field path."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys to values, got {type(raw).__name__}")
+    errors: list[str] = []
+    _import_plugins(raw.get("plugins", ()), errors)
+    config = None
+    try:
+        config = _build(raw)
+    except ValueError as err:
+        errors.append(str(err))
+    if config is not None:
+        errors += _check_axes(config) + _check_tuning(config)
+        if not errors:
+            errors += _check_runnable(config)
+    if not errors:
+        return config
     raise ConfigError(f"{source}: invalid sweep file\n  " + "\n  ".join("\n".join(errors).splitlines()))
 
 

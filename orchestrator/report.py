@@ -3,15 +3,44 @@
 `write_report([OUT, ...])` merges the results of one or more output directories and writes
 `REPORT/` (default `OUT/report/`):
 
-- `summary.parquet`: per task x method x sparsity x budget, for every metric column: seeds, mean,
-  std and a 95% percentile-bootstrap CI of the mean.
-- `headline.parquet`: per task x method x sparsity, the budget needed to reach a target accuracy
-  (default 0.9, interpolated on the log-budget axis, with a bootstrap CI over seeds), the area under
-  the data-efficiency curve, and the sample-efficiency ratio against `scratch`.
-- `summary.md`: both as Markdown tables.
-- `data_efficiency.png/.svg` (one panel per sparsity, one line per method, CI bands),
-  `sparsity_vs_subtask.png/.svg`, and `shape_bias.png/.svg` when the results have a shape-bias column.
+- `summary.parquet`: per series x budget, for every summarised column: seeds, mean, std and a 95%
+  Student t confidence interval of the mean over seeds.
+- `headline.parquet`: per series, the budget needed to reach a target accuracy (default 0.9,
+  interpolated on the log-budget axis, with a 95% CI), the area under the data-efficiency curve, and
+  the sample-efficiency ratio against the matching `scratch` series.
+- `mask_overlap.parquet`: Jaccard overlap of the discovered masks across seeds and across
+  sparsities, beside the overlap two independent random masks of the same densities would have
+  (only when the sweep's artifact store holds at least two masks).
+- `summary.md`: the tables above in Markdown.
+- `data_efficiency.png/.svg` (one panel per sparsity, one line per series, CI bands),
+  `sparsity_vs_subtask.png/.svg`, `shape_bias.png/.svg` when the results have a shape-bias column,
+  and `mask_overlap.png/.svg`.
 - `index.html`: all of the above on one page that reads offline.
+
+Series. A series is one effective, result-determining trial config minus its seed and data fraction:
+the rows' `series` column, a stable hash of `config_json` without `seed` and `data_fraction`
+(computed here for result files older than that column). Statistics are taken per series, never
+across series: two depths, learning rates, models or merged directories with different settings are
+reported side by side, and two rows for one (series, seed, budget) are an error, not averaged. Each
+series has a short `label`: the method (`@sparsity`), plus the config fields that differ between
+the series of the same task that share that method label (`subtask_induction @0.75
+[model.n_layers=4]`).
+
+Intervals. Sweeps have few seeds (often 3). A percentile bootstrap of 3 values can form only 10
+distinct means and its "95%" interval covers the true mean about 70% of the time. We use the
+Student t interval on the seed values, mean ± t(0.975, k-1) · s / sqrt(k), at every seed count k:
+it is exact for normal noise and covers 93-95% for skewed, bounded accuracies from 3 seeds on (see
+`benchmarks/ci_coverage.py`); BCa (`scipy.stats.bootstrap`) was no better at 10-20 seeds on that
+benchmark, so one rule serves all k. One seed gives no interval: its bounds are NaN, not (v, v).
+
+The budget-to-target interval inverts the pointwise t bands of the mean curve: the interval for
+`n_to_target` runs from the budget where the upper band first reaches the target to the budget
+where the lower band first reaches it (inf when the lower band never does). If the true mean curve
+lies inside both bands at the budgets around the crossing, the true crossing lies inside this
+interval. The bands are pointwise, so this is not an exact 95% interval; its coverage depends on
+the curves (about 0.98 at 3-5 seeds on the curve family of `tests/test_statistics.py`, whose bar
+is 0.9). A percentile bootstrap of the crossing over 3 seeds is no interval at all: it can take
+only 10 distinct values.
 
 The log-budget axis is x = log10(1 + n), so that n = 0 (no disambiguating data) has a place on it.
 """
@@ -19,54 +48,111 @@ The log-budget axis is x = log10(1 + n), so that n = 0 (no disambiguating data) 
 from __future__ import annotations
 
 import html
+import itertools
+import json
+import logging
+import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
+from common.config import stable_hash
 from orchestrator import results
+from orchestrator.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 METRIC = "test_acc"
-KEYS = ["task", "method", "sparsity", "n_train"]
+LEVEL = 0.95
+# Per-trial fields that vary inside a series; a series is everything else of the config.
+PER_TRIAL = ("seed", "data_fraction")
+# Keys of the old whole-sweep `config_json` (before rows carried their own effective config) that
+# describe the grid or the machinery, not what a trial computed.
+_SWEEP_ONLY = (
+    "name", "plugins", "resources", "storage", "max_failures", "tuning", "method_overrides",
+    "methods", "sparsities", "data_fractions", "seeds",
+)  # fmt: skip
 _NOT_METRICS = {
     "data_fraction", "n_train", "seed", "sparsity", "best_epoch", "epochs_run", "started_at", "finished_at",
 }  # fmt: skip
+_MAX_LABEL_FIELDS = 3
 
 
 # --- statistics --------------------------------------------------------------------------
 
 
-def bootstrap_ci(values, level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean; (nan, nan) for no values, (v, v) for one."""
-    values = np.asarray(values, dtype=float)
-    values = values[np.isfinite(values)]
-    if len(values) == 0:
-        return float("nan"), float("nan")
-    if len(values) == 1:
-        return float(values[0]), float(values[0])
-    rng = np.random.default_rng(seed)
-    means = rng.choice(values, size=(n_boot, len(values)), replace=True).mean(axis=1)
-    alpha = (1 - level) / 2
-    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+def t_interval(values, level: float = LEVEL, axis: int = -1):
+    """Student t CI of the mean of `values` along `axis`, ignoring non-finite entries.
+
+    Returns (lo, hi): floats for 1-D input, arrays otherwise. Fewer than two finite values give
+    NaN bounds: one value says nothing about the spread.
+    """
+    v = np.asarray(values, dtype=float)
+    v = np.where(np.isfinite(v), v, np.nan)
+    k = np.sum(np.isfinite(v), axis=axis)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices and k = 1 give NaN, as meant
+        mean = np.nanmean(v, axis=axis)
+        sd = np.nanstd(v, axis=axis, ddof=1)
+        half = stats.t.ppf(0.5 + level / 2, np.maximum(k - 1, 1)) * sd / np.sqrt(np.maximum(k, 1))
+    lo = np.where(k >= 2, mean - half, np.nan)
+    hi = np.where(k >= 2, mean + half, np.nan)
+    if lo.ndim == 0:
+        return float(lo), float(hi)
+    return lo, hi
 
 
 def log_budget(n) -> np.ndarray:
     return np.log10(1.0 + np.asarray(n, dtype=float))
 
 
+def first_crossing(n: np.ndarray, acc: np.ndarray, target: float) -> np.ndarray:
+    """`budget_to_reach` for every curve along the last axis of `acc` at once."""
+    n = np.asarray(n, dtype=float)
+    acc = np.asarray(acc, dtype=float)
+    above = acc >= target  # NaN counts as not reached
+    reached = above.any(axis=-1)
+    i = np.argmax(above, axis=-1)
+    prev = np.maximum(i - 1, 0)
+    a0 = np.take_along_axis(acc, prev[..., None], axis=-1)[..., 0]
+    a1 = np.take_along_axis(acc, i[..., None], axis=-1)[..., 0]
+    x = log_budget(n)
+    x0, x1 = x[prev], x[i]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(a1 > a0, (target - a0) / (a1 - a0), 1.0)
+    crossing = 10 ** (x0 + t * (x1 - x0)) - 1.0
+    crossing = np.where(i == 0, n[0], crossing)
+    return np.where(reached, crossing, np.inf)
+
+
 def budget_to_reach(n: np.ndarray, acc: np.ndarray, target: float) -> float:
     """The budget at which the curve (n ascending) first reaches `target`, linear in log10(1 + n)
     between the two measured budgets around the crossing; inf if it never does."""
-    n, acc = np.asarray(n, dtype=float), np.asarray(acc, dtype=float)
-    above = np.nonzero(acc >= target)[0]
-    if len(above) == 0:
-        return float("inf")
-    i = above[0]
-    if i == 0:
-        return float(n[0])
-    x0, x1 = log_budget(n[i - 1]), log_budget(n[i])
-    t = (target - acc[i - 1]) / (acc[i] - acc[i - 1])
-    return float(10 ** (x0 + t * (x1 - x0)) - 1.0)
+    return float(first_crossing(n, acc, target))
+
+
+def budget_interval(n: np.ndarray, seeds_by_budget: np.ndarray, target: float, level: float = LEVEL):
+    """(n_to_target, lo, hi) from a seeds x budgets matrix (NaN where a trial is missing).
+
+    The CI inverts the pointwise t bands of the mean curve: [where the upper band first reaches
+    `target`, where the lower band first does]. Works on stacks of matrices (..., seeds, budgets).
+    """
+    m = np.asarray(seeds_by_budget, dtype=float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(m, axis=-2)
+    lo_band, hi_band = t_interval(m, level, axis=-2)
+    point = first_crossing(n, mean, target)
+    # A band that is NaN at some budget (one seed there) cannot be inverted.
+    defined = np.all(np.isfinite(lo_band), axis=-1)
+    lo = np.where(defined, first_crossing(n, hi_band, target), np.nan)
+    hi = np.where(defined, first_crossing(n, lo_band, target), np.nan)
+    if np.ndim(point) == 0:
+        return float(point), float(lo), float(hi)
+    return point, lo, hi
 
 
 def curve_area(n: np.ndarray, acc: np.ndarray) -> float:
@@ -77,63 +163,173 @@ def curve_area(n: np.ndarray, acc: np.ndarray) -> float:
     return float(np.trapezoid(acc, x) / (x[-1] - x[0]))
 
 
-def _seed_matrix(group: pd.DataFrame, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """Budgets (ascending) and a seeds x budgets matrix of `metric` (NaN where a trial is missing)."""
-    wide = group.pivot_table(index="seed", columns="n_train", values=metric, aggfunc="mean").sort_index(axis=1)
-    return wide.columns.to_numpy(dtype=float), wide.to_numpy(dtype=float)
+# --- series ------------------------------------------------------------------------------
 
 
-def headline(
-    table: pd.DataFrame, target: float = 0.9, metric: str = METRIC, n_boot: int = 2000, seed: int = 0
-) -> pd.DataFrame:
-    """Per (task, method, sparsity): budget to reach `target` with CI, curve area, ratio to scratch."""
-    done = _done(table)
-    rng = np.random.default_rng(seed)
-    rows = []
-    for (task, method, sparsity), group in done.groupby(["task", "method", "sparsity"], dropna=False, sort=True):
-        n, m = _seed_matrix(group, metric)
-        mean = np.nanmean(m, axis=0)
-        picks = rng.integers(0, len(m), size=(n_boot, len(m)))
-        boots = np.array([budget_to_reach(n, np.nanmean(m[p], axis=0), target) for p in picks])
-        rows.append(
-            {
-                "task": task,
-                "method": method,
-                "sparsity": sparsity,
-                "seeds": len(m),
-                "target": target,
-                "n_to_target": budget_to_reach(n, mean, target),
-                "n_to_target_ci_lo": float(np.quantile(boots, 0.025, method="inverted_cdf")),  # inf-safe
-                "n_to_target_ci_hi": float(np.quantile(boots, 0.975, method="inverted_cdf")),
-                "max_budget": float(n.max()),
-                "area": curve_area(n, mean),
-            }
-        )
-    out = pd.DataFrame(rows)
-    if out.empty:
-        return out
-    out["ratio_vs_scratch"] = np.nan
-    out["ratio_is_lower_bound"] = False
-    for _task, part in out.groupby("task"):
-        scratch = part[part["method"] == "scratch"]
-        if scratch.empty:
-            continue
-        n_scratch = float(scratch["n_to_target"].iloc[0])
-        bound = not np.isfinite(n_scratch)
-        reference = float(scratch["max_budget"].iloc[0]) if bound else n_scratch
-        for idx, row in part.iterrows():
-            if np.isfinite(row["n_to_target"]) and row["n_to_target"] > 0:
-                # Scratch needs `ratio` times the data; a lower bound when scratch never got there.
-                out.loc[idx, "ratio_vs_scratch"] = reference / row["n_to_target"]
-                out.loc[idx, "ratio_is_lower_bound"] = bound
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as {dotted.path: leaf}; lists are leaves."""
+    if not isinstance(config, dict):
+        return {prefix: config}
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        out.update(flatten(value, path) if isinstance(value, dict) and value else {path: value})
     return out
 
 
-def metric_columns(table: pd.DataFrame) -> list[str]:
-    """Numeric result columns worth summarising (accuracies, densities, shape bias, times)."""
+def series_config(row: dict[str, Any]) -> dict[str, Any]:
+    """A row's effective config without its seed and data fraction: what its series is a hash of.
+
+    Rows that carry a per-trial `config_json` (top-level `method`) are used as they are. Older rows
+    carried the whole sweep's config: its grid keys are dropped and the row's own method, sparsity
+    and transfer settings put in, so that old files never pool two methods or two settings.
+    """
+    text = row.get("config_json")
+    config = json.loads(text) if isinstance(text, str) and text else {}
+    if "method" not in config:
+        config = {k: v for k, v in config.items() if k not in _SWEEP_ONLY}
+        config["method"] = row["method"]
+        config["sparsity"] = None if pd.isna(row.get("sparsity")) else float(row["sparsity"])
+        config.setdefault("task", {"name": row.get("task")})
+        config.setdefault("model", {"name": row.get("model")})
+        if "transfer" not in config and not pd.isna(row.get("unmasked")):
+            config["transfer"] = {
+                "unmasked": row.get("unmasked"),
+                "trainable_subnetwork": bool(row.get("trainable_subnetwork")),
+            }
+    return {k: v for k, v in config.items() if k not in PER_TRIAL}
+
+
+def axis_columns(table: pd.DataFrame) -> list[str]:
+    """The sweep's extra axes: columns named by a dotted config path (`model.n_layers`)."""
+    return sorted(c for c in table.columns if "." in str(c))
+
+
+def prepare(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Finished rows with a `series` column, and one row per series (indexed by series) with its
+    task, method, sparsity, axis values, `label` and flattened config (`flat`).
+
+    Raises ConfigError when two finished rows are the same trial (series, seed, n_train).
+    """
+    done = table[table["status"] == "done"].copy()
+    done["sparsity"] = pd.to_numeric(done["sparsity"], errors="coerce")
+    records = done.to_dict("records")
+    configs = [series_config(r) for r in records]
+    given = done["series"] if "series" in done else pd.Series([None] * len(done), index=done.index)
+    done["series"] = [s if isinstance(s, str) and s else stable_hash(c) for s, c in zip(given, configs, strict=True)]
+    info = _series_info(done, configs)
+    _check_duplicates(done, info)
+    return done, info
+
+
+def _series_info(done: pd.DataFrame, configs: list[dict]) -> pd.DataFrame:
+    axes = axis_columns(done)
+    rows = {}
+    for (_, row), config in zip(done.iterrows(), configs, strict=True):
+        if row["series"] in rows:
+            continue
+        rows[row["series"]] = {
+            "series": row["series"],
+            "task": row["task"],
+            "method": row["method"],
+            "sparsity": row["sparsity"],
+            **{axis: row[axis] for axis in axes},
+            "flat": {k: v for k, v in flatten(config).items() if k not in ("method", "sparsity")},
+        }
+    info = pd.DataFrame(list(rows.values()), columns=["series", "task", "method", "sparsity", *axes, "flat"])
+    base = [_label(m, s) for m, s in zip(info["method"], info["sparsity"], strict=True)]
+    info["label"] = _labels(info["task"], base, info["flat"], info["series"], axes)
+    # The family is the series without its sparsity: one line of the sparsity figure.
+    info["family"] = _labels(info["task"], info["method"], info["flat"], info["series"], axes)
+    return info.set_index("series", drop=False)
+
+
+def _labels(tasks, bases, flats, series, axes: list[str]) -> list[str]:
+    """Each base label, plus the fields that tell apart the distinct configs of one task sharing it."""
+    tasks, bases, flats, series = list(tasks), list(bases), list(flats), list(series)
+    labels = list(bases)
+    groups: dict[tuple, dict[str, list[int]]] = {}
+    for i, (task, base, flat) in enumerate(zip(tasks, bases, flats, strict=True)):
+        groups.setdefault((task, base), {}).setdefault(_fmt_value(flat), []).append(i)
+    for configs in groups.values():
+        if len(configs) < 2:
+            continue
+        members = list(configs.values())
+        fields = differing_fields([flats[m[0]] for m in members], first=axes)
+        for same, differ in zip(members, fields, strict=True):
+            for i in same:
+                labels[i] = bases[i] + _bracket(differ)
+    # Two series whose configs differ only in ways flattening cannot see still get distinct labels.
+    count: dict[tuple, set] = {}
+    for task, label, flat in zip(tasks, labels, flats, strict=True):
+        count.setdefault((task, label), set()).add(_fmt_value(flat))
+    return [
+        label if len(count[(t, label)]) == 1 else f"{label} #{s[:6]}"
+        for t, label, s in zip(tasks, labels, series, strict=True)
+    ]
+
+
+def differing_fields(flats: list[dict[str, Any]], first: list[str] = ()) -> list[list[str]]:
+    """For each flattened config, `path=value` of the paths whose values are not the same in all;
+    paths in `first` lead, the rest follow in name order."""
+    paths = sorted(set().union(*flats))
+    differ = [p for p in paths if len({_fmt_value(f.get(p, "-")) for f in flats}) > 1]
+    differ.sort(key=lambda p: (p not in first, p))
+    return [[f"{p}={_fmt_value(f.get(p, '-'))}" for p in differ] for f in flats]
+
+
+def _bracket(fields: list[str]) -> str:
+    if not fields:
+        return ""
+    shown = fields[:_MAX_LABEL_FIELDS]
+    more = len(fields) - len(shown)
+    return " [" + ", ".join(shown) + (f", +{more}" if more else "") + "]"
+
+
+def _fmt_value(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return str(value)
+
+
+def _check_duplicates(done: pd.DataFrame, info: pd.DataFrame) -> None:
+    dup = done[done.duplicated(["series", "seed", "n_train"], keep=False)]
+    if dup.empty:
+        return
+    series, seed, n_train = dup.iloc[0][["series", "seed", "n_train"]]
+    same = dup[(dup["series"] == series) & (dup["seed"] == seed) & (dup["n_train"] == n_train)]
+    fractions = sorted(set(pd.to_numeric(same["data_fraction"], errors="coerce")))
+    cause = (
+        f"data fractions {fractions} give the same budget; keep one of them in the sweep"
+        if len(fractions) > 1
+        else "two result directories ran the same trial; report one of them"
+    )
+    raise ConfigError(
+        f"{info.loc[series, 'label']} (task {info.loc[series, 'task']}): {len(same)} finished rows for seed "
+        f"{seed}, n_train {n_train} ({len(dup)} duplicate rows in all); {cause}"
+    )
+
+
+# --- summaries ---------------------------------------------------------------------------
+
+
+def summarised(table: pd.DataFrame) -> list[str]:
+    """The columns to summarise: `orchestrator.results.summarised_columns` when it exists."""
+    try:
+        from orchestrator.results import summarised_columns
+    except ImportError:  # TODO(lead): remove once results.summarised_columns lands
+        return _metric_columns_by_suffix(table)
+    return [c for c in summarised_columns(table) if c in table.columns]
+
+
+def _metric_columns_by_suffix(table: pd.DataFrame) -> list[str]:
     cols = []
     for col in table.columns:
-        if col in _NOT_METRICS or col in KEYS:
+        if col in _NOT_METRICS or "." in col:
             continue
         values = pd.to_numeric(table[col], errors="coerce")
         if table[col].dtype == bool or values.notna().sum() == 0:
@@ -143,37 +339,230 @@ def metric_columns(table: pd.DataFrame) -> list[str]:
     return cols
 
 
-def summarise(table: pd.DataFrame) -> pd.DataFrame:
-    """Per (task, method, sparsity, n_train): seeds, and mean/std/95% CI of every metric column."""
-    done = _done(table)
-    metrics = metric_columns(done)
+def _ident(info: pd.DataFrame, series: str) -> dict[str, Any]:
+    """The identifying columns every summary row of a series starts with."""
+    return {k: v for k, v in info.loc[series].items() if k != "flat"}
+
+
+def summarise(table: pd.DataFrame, level: float = LEVEL) -> pd.DataFrame:
+    """Per (series, n_train): seeds, and mean/std/CI (Student t, `level`) of every summarised column."""
+    done, info = prepare(table)
+    metrics = summarised(done)
     out = []
-    for key, group in done.groupby(KEYS, dropna=False, sort=True):
-        row = {**dict(zip(KEYS, key, strict=True)), "seeds": int(group["seed"].nunique())}
+    for (series, n_train), group in done.groupby(["series", "n_train"], sort=False):
+        row = {**_ident(info, series), "n_train": n_train, "seeds": int(group["seed"].nunique())}
         for metric in metrics:
             values = pd.to_numeric(group[metric], errors="coerce").to_numpy(dtype=float)
             values = values[np.isfinite(values)]
             if len(values) == 0:
                 continue
-            lo, hi = bootstrap_ci(values)
             row[f"{metric}_mean"] = float(values.mean())
-            row[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-            row[f"{metric}_ci_lo"], row[f"{metric}_ci_hi"] = lo, hi
+            row[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+            row[f"{metric}_ci_lo"], row[f"{metric}_ci_hi"] = t_interval(values, level)
         out.append(row)
-    return pd.DataFrame(out)
+    return _ordered(pd.DataFrame(out), ["n_train"])
 
 
-def _done(table: pd.DataFrame) -> pd.DataFrame:
-    """Finished rows; a method run with non-default transfer settings is reported as its own series
-    (`subtask_induction [reinit]`), so merged result directories never average different settings."""
-    done = table[table["status"] == "done"].copy()
-    done["sparsity"] = pd.to_numeric(done["sparsity"], errors="coerce")
-    masked = done["sparsity"].notna()
-    reinit = masked & (done["unmasked"] == "reinit")
-    trainable = masked & done["trainable_subnetwork"].fillna(False).astype(bool)
-    done.loc[reinit, "method"] = done.loc[reinit, "method"] + " [reinit]"
-    done.loc[trainable, "method"] = done.loc[trainable, "method"] + " [trainable]"
-    return done
+def _ordered(frame: pd.DataFrame, extra: list[str]) -> pd.DataFrame:
+    if frame.empty:
+        return frame
+    return frame.sort_values(["task", "label", *extra], kind="stable").reset_index(drop=True)
+
+
+def _seed_matrix(group: pd.DataFrame, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Budgets (ascending) and a seeds x budgets matrix of `metric` (NaN where a trial is missing)."""
+    values = group.assign(_v=pd.to_numeric(group[metric], errors="coerce"))
+    wide = values.pivot_table(index="seed", columns="n_train", values="_v", aggfunc="first", dropna=False)
+    wide = wide.sort_index(axis=1)
+    return wide.columns.to_numpy(dtype=float), wide.to_numpy(dtype=float)
+
+
+def headline(table: pd.DataFrame, target: float = 0.9, metric: str = METRIC, level: float = LEVEL) -> pd.DataFrame:
+    """Per series: budget to reach `target` with its CI, curve area, and ratio to scratch."""
+    done, info = prepare(table)
+    rows = []
+    for series, group in done.groupby("series", sort=False):
+        n, m = _seed_matrix(group, metric)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(m, axis=0)
+        point, lo, hi = budget_interval(n, m, target, level)
+        rows.append(
+            {
+                **_ident(info, series),
+                "seeds": len(m),
+                "target": target,
+                "n_to_target": point,
+                "n_to_target_ci_lo": lo,
+                "n_to_target_ci_hi": hi,
+                "max_budget": float(n.max()),
+                "area": curve_area(n, mean),
+            }
+        )
+    out = _ordered(pd.DataFrame(rows), [])
+    if out.empty:
+        return out
+    return _with_ratio(out, info)
+
+
+def _with_ratio(head: pd.DataFrame, info: pd.DataFrame) -> pd.DataFrame:
+    """Sample-efficiency ratio of each series against its closest scratch series of the same task."""
+    head = head.assign(ratio_vs_scratch=np.nan, ratio_is_lower_bound=False, scratch_label=None)
+    by_series = head.set_index("series")
+    for idx, row in head.iterrows():
+        ref = scratch_for(row["series"], info)
+        if ref is None or ref not in by_series.index:
+            continue
+        n_scratch = float(by_series.loc[ref, "n_to_target"])
+        bound = not np.isfinite(n_scratch)
+        reference = float(by_series.loc[ref, "max_budget"]) if bound else n_scratch
+        head.loc[idx, "scratch_label"] = info.loc[ref, "label"]
+        if np.isfinite(row["n_to_target"]) and row["n_to_target"] > 0:
+            # Scratch needs `ratio` times the data; a lower bound when scratch never got there.
+            head.loc[idx, "ratio_vs_scratch"] = reference / row["n_to_target"]
+            head.loc[idx, "ratio_is_lower_bound"] = bound
+    return head
+
+
+def scratch_for(series: str, info: pd.DataFrame) -> str | None:
+    """The scratch series to compare `series` with: same task, and of those the one whose config
+    differs from it in the fewest fields both have (method-specific blocks do not count)."""
+    task, flat = info.loc[series, "task"], info.loc[series, "flat"]
+    candidates = info[(info["method"] == "scratch") & (info["task"] == task)]
+    if candidates.empty:
+        return None
+
+    def distance(other: dict) -> int:
+        return sum(_fmt_value(flat[p]) != _fmt_value(other[p]) for p in set(flat) & set(other))
+
+    ranked = sorted(candidates.itertuples(), key=lambda c: (distance(c.flat), c.label))
+    return ranked[0].series
+
+
+# --- mask overlap ------------------------------------------------------------------------
+
+
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """|A ∩ B| / |A ∪ B| of two boolean masks; NaN when both are empty."""
+    union = np.count_nonzero(a | b)
+    return float(np.count_nonzero(a & b) / union) if union else float("nan")
+
+
+def random_jaccard(d1, d2):
+    """Expected Jaccard overlap of two independent uniformly random masks of densities d1, d2."""
+    d1, d2 = np.asarray(d1, dtype=float), np.asarray(d2, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return d1 * d2 / (d1 + d2 - d1 * d2)
+
+
+def artifact_roots(out_dirs: list[Path]) -> list[str]:
+    """Each output directory's artifact store: sweep.json's storage.artifacts, else OUT/artifacts."""
+    roots = []
+    for out in out_dirs:
+        marker = Path(out) / "sweep.json"
+        configured = None
+        if marker.exists():
+            config = json.loads(marker.read_text()).get("config") or {}
+            configured = (config.get("storage") or {}).get("artifacts")
+        root = str(configured or Path(out) / "artifacts")
+        if root not in roots:
+            roots.append(root)
+    return roots
+
+
+def load_masks(roots: list[str]) -> list[dict[str, Any]]:
+    """Every readable mask in the stores at `roots`: {key, seed, sparsity, mask (flat bool), density}.
+
+    A store that does not exist or cannot be reached contributes nothing (the figure is optional).
+    """
+    from orchestrator.artifacts import ArtifactStore, CorruptArtifact
+
+    masks, seen = [], set()
+    for root in roots:
+        if "://" not in root and not Path(root.removeprefix("file://")).is_dir():
+            continue
+        try:
+            store = ArtifactStore(root)
+            entries = store.entries("mask")
+        except (OSError, ValueError) as err:  # unreachable or unauthorised remote store
+            log.info("mask overlap: skipping artifact store %s (%s)", root, err)
+            continue
+        for key, _meta, path in entries:
+            if path in seen:
+                continue
+            seen.add(path)
+            try:
+                tensors, _ = store.load("mask", key)
+                seed, sparsity = key["source"]["seed"], float(key["sparsity"])
+            except (OSError, CorruptArtifact, KeyError, TypeError) as err:
+                log.warning("mask overlap: skipping %s (%s)", path, err)
+                continue
+            flat = np.concatenate([tensors[name].reshape(-1).numpy() != 0 for name in sorted(tensors)])
+            masks.append({"key": key, "seed": seed, "sparsity": sparsity, "mask": flat, "density": float(flat.mean())})
+    return masks
+
+
+def _without(key: dict, *, seed: bool = False, sparsity: bool = False) -> dict:
+    out = dict(key)
+    if seed:
+        out["source"] = {k: v for k, v in key["source"].items() if k != "seed"}
+    if sparsity:
+        out.pop("sparsity", None)
+    return out
+
+
+def mask_overlap(masks: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per pair of masks that differ only in their seed, or only in their sparsity."""
+    families = {stable_hash(_without(m["key"], seed=True, sparsity=True)): m["key"] for m in masks}
+    family_flats = {f: flatten(_without(k, seed=True, sparsity=True)) for f, k in families.items()}
+    names = dict(zip(family_flats, differing_fields(list(family_flats.values())), strict=True))
+    rows = []
+    for pair, drop in (("across seeds", {"seed": True}), ("across sparsities", {"sparsity": True})):
+        groups: dict[str, list[dict]] = {}
+        for m in masks:
+            groups.setdefault(stable_hash(_without(m["key"], **drop)), []).append(m)
+        for group in groups.values():
+            for a, b in itertools.combinations(sorted(group, key=lambda m: (m["sparsity"], m["seed"])), 2):
+                if a["mask"].shape != b["mask"].shape:
+                    continue
+                family = stable_hash(_without(a["key"], seed=True, sparsity=True))
+                rows.append(
+                    {
+                        "pair": pair,
+                        "masks": ", ".join(names[family]) or "all",
+                        "family": family,
+                        "sparsity_a": a["sparsity"],
+                        "sparsity_b": b["sparsity"],
+                        "seed_a": a["seed"],
+                        "seed_b": b["seed"],
+                        "density_a": a["density"],
+                        "density_b": b["density"],
+                        "jaccard": jaccard(a["mask"], b["mask"]),
+                        "jaccard_random": float(random_jaccard(a["density"], b["density"])),
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def mask_overlap_table(overlap: pd.DataFrame) -> pd.DataFrame:
+    """Pairs aggregated per (masks, pair type, sparsities): observed mean [min, max] vs random."""
+    if overlap.empty:
+        return pd.DataFrame()
+    rows = []
+    keys = ["masks", "pair", "sparsity_a", "sparsity_b"]
+    for (masks, pair, sa, sb), g in overlap.groupby(keys, sort=True):
+        rows.append(
+            {
+                "masks": masks,
+                "pair": pair,
+                "sparsity": f"{sa:g}" if sa == sb else f"{sa:g} vs {sb:g}",
+                "pairs": len(g),
+                "Jaccard observed": f"{g['jaccard'].mean():.3f} [{g['jaccard'].min():.3f}, {g['jaccard'].max():.3f}]",
+                "Jaccard random": f"{g['jaccard_random'].mean():.3f}",
+            }
+        )
+    out = pd.DataFrame(rows)
+    return out.drop(columns="masks") if out["masks"].nunique() == 1 else out
 
 
 # --- tables ------------------------------------------------------------------------------
@@ -184,17 +573,18 @@ def _label(method: str, sparsity) -> str:
 
 
 def curve_table(summary: pd.DataFrame, metric: str = METRIC) -> pd.DataFrame:
-    """Budgets as rows, methods (with sparsity) as columns, cells `mean ± std`."""
+    """Budgets as rows, series (by label) as columns, cells `mean ± std`."""
     if summary.empty or f"{metric}_mean" not in summary:
         return pd.DataFrame()
     cells = summary.assign(
-        label=[_label(m, s) for m, s in zip(summary["method"], summary["sparsity"], strict=True)],
         cell=[
             f"{mu:.3f} ± {sd:.3f}" if k > 1 else f"{mu:.3f}"
             for mu, sd, k in zip(summary[f"{metric}_mean"], summary[f"{metric}_std"], summary["seeds"], strict=True)
         ],
     )
+    order = list(dict.fromkeys(summary["label"]))
     wide = cells.pivot_table(index=["task", "n_train"], columns="label", values="cell", aggfunc="first")
+    wide = wide[[c for c in order if c in wide.columns]]
     wide.columns.name = None
     return wide.fillna("").reset_index()
 
@@ -206,7 +596,9 @@ def headline_table(head: pd.DataFrame) -> pd.DataFrame:
     def n_text(row):
         if not np.isfinite(row["n_to_target"]):
             return f"not reached (> {row['max_budget']:.0f})"
-        return f"{row['n_to_target']:.0f} [{row['n_to_target_ci_lo']:.0f}, {_fmt_n(row['n_to_target_ci_hi'])}]"
+        if np.isnan(row["n_to_target_ci_lo"]):
+            return f"{row['n_to_target']:.0f} [no CI: one seed]"
+        return f"{row['n_to_target']:.0f} [{_fmt_n(row['n_to_target_ci_lo'])}, {_fmt_n(row['n_to_target_ci_hi'])}]"
 
     def ratio_text(row):
         if not np.isfinite(row["ratio_vs_scratch"]):
@@ -216,7 +608,7 @@ def headline_table(head: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "task": head["task"],
-            "method": [_label(m, s) for m, s in zip(head["method"], head["sparsity"], strict=True)],
+            "series": head["label"],
             "seeds": head["seeds"],
             f"n to {head['target'].iloc[0]:g} [95% CI]": head.apply(n_text, axis=1),
             "area (log budget)": head["area"].map(lambda v: f"{v:.3f}"),
@@ -237,6 +629,21 @@ def _markdown(frame: pd.DataFrame) -> str:
     for _, row in frame.iterrows():
         lines.append("| " + " | ".join(str(v) for v in row.tolist()) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _notes(summary: pd.DataFrame) -> str:
+    """What the intervals are, and which series have none."""
+    text = (
+        "Intervals are 95% Student t intervals of the mean over seeds (mean ± t(0.975, k-1) · s/√k); "
+        "the budget interval inverts the t bands of the mean curve.\n"
+    )
+    single = sorted(set(summary.loc[summary["seeds"] < 2, "label"])) if not summary.empty else []
+    if single:
+        text += (
+            f"\nOne seed only, so no interval (NaN bounds) at some or all budgets: {', '.join(single)}. "
+            "Run more seeds for an interval.\n"
+        )
+    return text
 
 
 # --- plots -------------------------------------------------------------------------------
@@ -261,48 +668,92 @@ def _save(fig, stem: Path) -> list[Path]:
     return written
 
 
+def _legend_names(frame: pd.DataFrame) -> dict[str, str]:
+    """Series -> legend entry: its label, prefixed by its task when the report has several."""
+    several = frame["task"].nunique() > 1
+    pairs = frame.drop_duplicates("series")
+    return {
+        s: (f"{t}: {lab}" if several else lab)
+        for s, t, lab in zip(pairs["series"], pairs["task"], pairs["label"], strict=True)
+    }
+
+
 def plot_curves(summary: pd.DataFrame, stem: Path, metric: str = METRIC, ylabel: str | None = None) -> list[Path]:
-    """Metric against budget: one panel per sparsity (mask-free methods in every panel), CI bands."""
+    """Metric against budget: one panel per sparsity (mask-free series in every panel), one line
+    per series, t-interval bands."""
     plt = _pyplot()
     masked = summary[summary["sparsity"].notna()]
     panels = sorted(masked["sparsity"].unique()) or [None]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False, sharey=True)
-    colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(sorted(summary["method"].unique()))}
+    names = _legend_names(summary)
+    colours = {s: plt.cm.tab10(i % 10) for i, s in enumerate(sorted(names, key=names.get))}
     for ax, sparsity in zip(axes[0], panels, strict=True):
         part = summary[summary["sparsity"].isna() | (summary["sparsity"] == sparsity)]
-        for method, group in part.groupby("method"):
+        for series, group in part.groupby("series", sort=False):
             group = group.sort_values("n_train")
             if f"{metric}_mean" not in group or group[f"{metric}_mean"].isna().all():
                 continue
             x = group["n_train"].to_numpy(dtype=float)
-            ax.plot(x, group[f"{metric}_mean"], marker="o", ms=3, label=method, color=colours[method])
-            ax.fill_between(
-                x, group[f"{metric}_ci_lo"], group[f"{metric}_ci_hi"], alpha=0.2, color=colours[method], lw=0
-            )
+            colour = colours[series]
+            ax.plot(x, group[f"{metric}_mean"], marker="o", ms=3, label=names[series], color=colour)
+            ax.fill_between(x, group[f"{metric}_ci_lo"], group[f"{metric}_ci_hi"], alpha=0.2, color=colour, lw=0)
         ax.set_xscale("symlog", linthresh=10)
         ax.set_xlabel("training budget n (log scale)")
         ax.set_title("no mask" if sparsity is None else f"mask sparsity {sparsity:g}")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(ylabel or metric)
-    axes[0][-1].legend(fontsize=8, loc="best")
+    axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
     return _save(fig, stem)
 
 
 def plot_sparsity(summary: pd.DataFrame, stem: Path) -> list[Path]:
-    """The masked model's subtask accuracy against the mask's sparsity."""
+    """The masked model's subtask accuracy against the mask's sparsity: one line per series family
+    (a series without its sparsity); families with identical curves (controls reusing one mask)
+    share a line."""
     plt = _pyplot()
     part = summary[summary["sparsity"].notna() & summary.get("subtask_acc_mean", pd.Series(dtype=float)).notna()]
-    part = part.groupby(["task", "sparsity"], as_index=False)["subtask_acc_mean"].mean()
+    points = part.groupby(["task", "family", "sparsity"], as_index=False)["subtask_acc_mean"].mean()
+    lines: dict[tuple, list[str]] = {}
+    several = points["task"].nunique() > 1
+    for (task, family), group in points.groupby(["task", "family"]):
+        curve = (task, tuple(group["sparsity"]), tuple(np.round(group["subtask_acc_mean"], 9)))
+        lines.setdefault(curve, []).append(f"{task}: {family}" if several else family)
     fig, ax = plt.subplots(figsize=(4.6, 3.6))
-    for task, group in part.groupby("task"):
-        ax.plot(group["sparsity"], group["subtask_acc_mean"], marker="o", label=task)
+    for (_task, x, y), labels in lines.items():
+        ax.plot(x, y, marker="o", label=", ".join(labels))
     ax.set_xlim(0, 1)
     ax.set_xlabel("mask sparsity (fraction of masked weights set to 0)")
     ax.set_ylabel("subtask accuracy of the masked model")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, stem)
+
+
+def plot_mask_overlap(overlap: pd.DataFrame, stem: Path) -> list[Path]:
+    """Bars per pair type and sparsity: observed Jaccard overlap (mean, whiskers min-max over pairs)
+    beside the expectation for independent random masks of the same densities."""
+    plt = _pyplot()
+    g = overlap.groupby(["masks", "pair", "sparsity_a", "sparsity_b"], sort=True)
+    agg = g.agg(obs=("jaccard", "mean"), lo=("jaccard", "min"), hi=("jaccard", "max"), rnd=("jaccard_random", "mean"))
+    agg = agg.reset_index()
+    several = agg["masks"].nunique() > 1
+    names = [
+        (f"{m}\n" if several else "") + (f"seeds @{a:g}" if p == "across seeds" else f"sparsity {a:g} vs {b:g}")
+        for m, p, a, b in zip(agg["masks"], agg["pair"], agg["sparsity_a"], agg["sparsity_b"], strict=True)
+    ]
+    x = np.arange(len(agg))
+    fig, ax = plt.subplots(figsize=(max(4.6, 0.9 * len(agg) + 1.5), 3.8))
+    err = np.vstack([agg["obs"] - agg["lo"], agg["hi"] - agg["obs"]])
+    ax.bar(x - 0.2, agg["obs"], 0.4, yerr=err, capsize=2, label="observed")
+    ax.bar(x + 0.2, agg["rnd"], 0.4, color="0.7", label="random masks, same densities")
+    ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("Jaccard overlap |A∩B| / |A∪B|")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, stem)
 
@@ -311,8 +762,6 @@ def plot_sparsity(summary: pd.DataFrame, stem: Path) -> list[Path]:
 
 
 def load_tables(out_dirs: list[Path]) -> pd.DataFrame:
-    from orchestrator.config import ConfigError
-
     tables = []
     for out in out_dirs:
         path = Path(out) / "results.parquet"
@@ -332,25 +781,33 @@ def write_report(out_dirs: list[Path], report_dir: Path | None = None, target: f
     summary.to_parquet(report_dir / "summary.parquet", index=False)
     head.to_parquet(report_dir / "headline.parquet", index=False)
     curves, heads = curve_table(summary), headline_table(head)
-    (report_dir / "summary.md").write_text(
-        f"## {METRIC} (mean ± std over seeds)\n\n{_markdown(curves)}\n## Headline\n\n{_markdown(heads)}"
-    )
+    overlap = mask_overlap(load_masks(artifact_roots(out_dirs)))
+    md = f"{_notes(summary)}\n## {METRIC} (mean ± std over seeds)\n\n{_markdown(curves)}\n"
+    md += f"## Headline\n\n{_markdown(heads)}"
+    overlaps = mask_overlap_table(overlap)
+    if not overlap.empty:
+        overlap.to_parquet(report_dir / "mask_overlap.parquet", index=False)
+        md += f"\n## Mask overlap (Jaccard)\n\n{_markdown(overlaps)}"
+    (report_dir / "summary.md").write_text(md)
     figures: list[tuple[str, str]] = []
     if not summary.empty:
         plot_curves(summary, report_dir / "data_efficiency", ylabel="test accuracy")
-        figures.append(("data_efficiency.svg", "Data-efficiency curves (mean, 95% bootstrap CI over seeds)"))
+        figures.append(("data_efficiency.svg", "Data-efficiency curves (mean, 95% Student t CI over seeds)"))
         if "subtask_acc_mean" in summary and summary["subtask_acc_mean"].notna().any():
             plot_sparsity(summary, report_dir / "sparsity_vs_subtask")
             figures.append(("sparsity_vs_subtask.svg", "Mask sparsity against the masked model's subtask accuracy"))
         if "shape_bias_mean" in summary and summary["shape_bias_mean"].notna().any():
             plot_curves(summary, report_dir / "shape_bias", metric="shape_bias", ylabel="shape bias")
             figures.append(("shape_bias.svg", "Shape bias on cue-conflict images against budget"))
+    if not overlap.empty:
+        plot_mask_overlap(overlap, report_dir / "mask_overlap")
+        figures.append(("mask_overlap.svg", "Jaccard overlap of discovered masks against random masks"))
     sources = ", ".join(str(Path(d)) for d in out_dirs)
-    (report_dir / "index.html").write_text(_html(sources, figures, curves, heads, len(table)))
+    (report_dir / "index.html").write_text(_html(sources, figures, curves, heads, overlaps, len(table)))
     return report_dir
 
 
-def _html(sources: str, figures, curves: pd.DataFrame, heads: pd.DataFrame, n_rows: int) -> str:
+def _html(sources: str, figures, curves: pd.DataFrame, heads: pd.DataFrame, overlaps, n_rows: int) -> str:
     def table_html(frame: pd.DataFrame) -> str:
         if frame.empty:
             return "<p>(no finished trials)</p>"
@@ -361,6 +818,7 @@ def _html(sources: str, figures, curves: pd.DataFrame, heads: pd.DataFrame, n_ro
         f"</figcaption></figure>"
         for src, cap in figures
     )
+    masks = f"<h2>Mask overlap (Jaccard)</h2>\n{table_html(overlaps)}" if not overlaps.empty else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Instill report</title>
 <style>
@@ -371,14 +829,16 @@ table.t td, table.t th {{ padding: 0.25em 0.7em; border-bottom: 1px solid #ddd; 
 </style></head>
 <body>
 <h1>Instill report</h1>
-<p>Results from {html.escape(sources)} ({n_rows} rows). Budgets on a log axis; bands are 95% bootstrap
-confidence intervals over seeds.</p>
+<p>Results from {html.escape(sources)} ({n_rows} rows). Budgets on a log axis; bands are 95% Student t
+confidence intervals of the mean over seeds (none for a single seed). A series is one configuration;
+different configurations are never averaged.</p>
 <h2>Headline</h2>
 {table_html(heads)}
 <h2>Figures</h2>
 {figs}
 <h2>Test accuracy by budget (mean ± std over seeds)</h2>
 {table_html(curves)}
+{masks}
 <script>
 window.addEventListener("load", function () {{
   var imgs = Array.prototype.slice.call(document.images);

@@ -1,12 +1,15 @@
-"""The results table: one row per trial of a sweep's grid, as Parquet.
+"""The results table: one row per trial of a sweep's current grid, as Parquet.
 
-Identifying and headline columns come first in a fixed order; task-specific metric columns (e.g.
-accuracy under each competing reading, `test_acc_2a2`) follow in name order. Trials that have not
-finished appear with status `pending`, so the table always covers the whole grid.
+Identifying columns come first (then one column per `axes:` path, named by the path), the headline
+metrics, the columns analyses add (each starting with its analysis's name), then bookkeeping.
+Trials that have not finished appear with status `pending`, so the table always covers the whole
+grid. `summarised_columns` says which columns the report summarises: the core metrics and what
+artifact kinds and analyses declare, never columns guessed from their names.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -14,21 +17,15 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from methods import ANALYSES, ARTIFACTS
 from orchestrator.config import SweepConfig
+from orchestrator.outdir import read_row
 from orchestrator.trial import TrialSpec, base_row
 
-COLUMNS = [
-    "trial",
-    "task",
-    "model",
-    "method",
-    "sparsity",
-    "data_fraction",
-    "n_train",
-    "seed",
-    "status",
-    "test_acc",
-    "val_acc",
+IDENTIFYING = ["trial", "trial_hash", "task", "model", "method", "sparsity", "data_fraction", "n_train", "seed"]
+HEADLINE = ["status", "test_acc", "val_acc"]
+CORE_SUMMARISED = ("test_acc", "val_acc")
+TRAILING = [
     "mask_density",
     "subtask_acc",
     "natural_density",
@@ -37,62 +34,79 @@ COLUMNS = [
     "trainable_subnetwork",
     "best_epoch",
     "epochs_run",
-    "source_s",
-    "discovery_s",
-    "transfer_s",
-    "train_s",
-    "eval_s",
-    "wait_s",
     "total_s",
-    "source_computed",
-    "mask_computed",
+    "train_s",
+    "wait_s",
     "device",
     "worker",
     "started_at",
     "finished_at",
     "error",
-    "config_hash",
+    "series",
     "config_json",
+    "measurements_json",
     "versions",
 ]
+COLUMNS = IDENTIFYING + HEADLINE + TRAILING
+_FLOATS = ("sparsity", "mask_density", "subtask_acc", "natural_density", "test_acc", "val_acc", "source_val_acc")
 
 
 def collect(out_dir: Path, sweep: SweepConfig, specs: list[TrialSpec]) -> pd.DataFrame:
     """Rows of `specs` from OUT/rows, with `pending` rows for trials that have none."""
-    from orchestrator.sweep import read_row
-
     rows = []
     for spec in specs:
-        row = read_row(out_dir, spec, sweep.config_hash)
+        row = read_row(out_dir, sweep, spec)
         rows.append(row if row is not None else {**base_row(sweep, spec), "status": "pending"})
-    return frame(rows)
+    return frame(rows, axes=list(sweep.axes))
 
 
-def frame(rows: list[dict]) -> pd.DataFrame:
+def frame(rows: list[dict], axes: list[str] | None = None) -> pd.DataFrame:
     """A DataFrame with the documented columns first (all present, null where not applicable)."""
     table = pd.DataFrame(rows)
-    for col in COLUMNS:
+    axes = axes if axes is not None else sorted(c for c in table.columns if "." in c)
+    for col in COLUMNS + axes:
         if col not in table:
             table[col] = None
-    extra = sorted(c for c in table.columns if c not in COLUMNS)
-    return table[COLUMNS[:9] + _metric_first(extra) + COLUMNS[9:]]
+    known = set(COLUMNS) | set(axes)
+    extra = sorted(c for c in table.columns if c not in known)
+    timings = [c for c in extra if c.endswith("_s") or c.endswith("_computed")]
+    analyses = [c for c in extra if c not in timings]
+    return table[IDENTIFYING + axes + HEADLINE + analyses + TRAILING + timings]
 
 
-def _metric_first(extra: list[str]) -> list[str]:
-    return [c for c in extra if c.startswith(("test_acc_", "val_acc_"))] + [
-        c for c in extra if not c.startswith(("test_acc_", "val_acc_"))
-    ]
+def summarised_columns(table: pd.DataFrame) -> list[str]:
+    """The columns the report summarises: test and validation accuracy, what artifact kinds report,
+    and every column an analysis that ran declares with `summarise=True`."""
+    declared = list(CORE_SUMMARISED)
+    for _, kind in ARTIFACTS.items():
+        declared += kind.reported
+    names = set()
+    for text in table.get("config_json", pd.Series(dtype=object)).dropna().unique():
+        names |= {a["name"] for a in json.loads(text).get("analyses", [])}
+    out = [c for c in declared if c in table.columns]
+    for name in sorted(names):
+        if name not in ANALYSES:
+            continue  # a plug-in analysis not imported here: its columns stay in the table, unsummarised
+        analysis = ANALYSES.get(name)
+        for col in table.columns:
+            spec = analysis.declares(col) if col.startswith(name) else None
+            if spec is not None and spec.summarise and col not in out:
+                out.append(col)
+    return [c for c in out if pd.to_numeric(table[c], errors="coerce").notna().any()]
 
 
 def write(table: pd.DataFrame, path: Path) -> None:
     """Write atomically, so a reader never sees half a file."""
     tmp = path.with_suffix(".parquet.tmp")
-    schema_fix = table.copy()
-    for col in ("sparsity", "mask_density", "subtask_acc", "natural_density", "test_acc", "val_acc"):
-        schema_fix[col] = pd.to_numeric(schema_fix[col], errors="coerce").astype("float64")
+    fixed = table.copy()
+    for col in _FLOATS:
+        fixed[col] = pd.to_numeric(fixed[col], errors="coerce").astype("float64")
+    for col in fixed.columns:
+        if fixed[col].dtype == object and fixed[col].map(lambda v: isinstance(v, (list, dict))).any():
+            fixed[col] = fixed[col].map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v)
     for col in ("error", "device", "unmasked"):
-        schema_fix[col] = schema_fix[col].astype("object")
-    pq.write_table(pa.Table.from_pandas(schema_fix, preserve_index=False), tmp)
+        fixed[col] = fixed[col].astype("object")
+    pq.write_table(pa.Table.from_pandas(fixed, preserve_index=False), tmp)
     os.replace(tmp, path)
 
 

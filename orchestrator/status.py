@@ -6,13 +6,12 @@ import json
 from pathlib import Path
 
 from orchestrator.config import ConfigError, load_sweep
+from orchestrator.outdir import read_row, running_marker
+from orchestrator.trial import expand, trial_hash
 
 
 def sweep_status(out_dir: Path) -> tuple[str, int]:
     """A printable summary and the number of failed trials."""
-    from orchestrator.sweep import read_row, row_path
-    from orchestrator.trial import expand
-
     marker = Path(out_dir) / "sweep.json"
     if not marker.exists():
         raise ConfigError(f"{out_dir}: not a sweep output directory (no sweep.json); give the --out of `instill run`")
@@ -21,9 +20,9 @@ def sweep_status(out_dir: Path) -> tuple[str, int]:
     counts = {"done": 0, "running": 0, "pending": 0, "failed": 0}
     failures = []
     for spec in expand(sweep):
-        row = read_row(out_dir, spec, sweep.config_hash)
+        row = read_row(out_dir, sweep, spec)
         if row is None:
-            state = "running" if row_path(out_dir, spec).with_suffix(".running").exists() else "pending"
+            state = "running" if running_marker(out_dir, trial_hash(sweep, spec)).exists() else "pending"
         else:
             state = row["status"]
             if state == "failed":

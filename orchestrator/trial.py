@@ -1,14 +1,20 @@
-"""One trial: source -> discovery -> transfer -> downstream training -> evaluation.
+"""One trial: upstream artifacts -> method build -> the method's objective in the one training
+loop -> evaluation -> analyses.
 
 `run_trial` is a plain function of (sweep config, trial spec, artifact store): it runs and is
-tested without Ray; the Tune layer only adapts it. Upstream work (the source model, the mask) comes
-from the artifact store, keyed by exactly the config fields that determine it, so it is computed
-once per sweep whatever the number of trials that need it.
+tested without Ray; the Tune layer only adapts it. Upstream work comes from the artifact store,
+keyed by exactly the config fields that determine it, so it is computed once per key whatever the
+number of trials that need it. Nothing here knows a method, artifact kind or analysis by name: it
+follows what their registrations declare.
+
+A trial's identity (`identity`) is its method, grid point and every setting its result depends on;
+its hash names its row, so a sweep that grows by a seed, a budget, a method or an axis value reuses
+every finished trial and runs only the new ones.
 """
 
 from __future__ import annotations
 
-import copy
+import itertools
 import json
 import os
 import platform
@@ -22,135 +28,111 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from methods import MethodInputs, discover, evaluate, get_method, train
-from methods.masking import Mask
-from orchestrator.artifacts import ArtifactStore
-from orchestrator.config import SweepConfig
 from common.config import Frozen, stable_hash
 from common.seeding import seeded_init, torch_generator
+from methods import ANALYSES, ARTIFACTS, AnalysisContext, ArtifactContext, MethodContext, evaluate, fit, get_method
+from methods.artifacts import closure
+from orchestrator.artifacts import ArtifactStore
+from orchestrator.config import SweepConfig, grid_axes
 
 Report = Callable[[dict[str, Any]], None]
 
 
 class TrialSpec(Frozen):
-    """A point of the grid. `sparsity` is None for methods that use no mask."""
+    """A point of the grid. `sparsity` is None for methods that use no mask; `axes` holds the
+    values of the sweep's `axes:` paths that this trial's method depends on."""
 
     method: str
     sparsity: float | None = Field(None, ge=0, lt=1)
     data_fraction: float = Field(ge=0, le=1)
     seed: int
+    axes: dict[str, Any] = {}
 
     @property
     def name(self) -> str:
         sparsity = "" if self.sparsity is None else f"-s{self.sparsity:g}"
-        return f"{self.method}{sparsity}-f{self.data_fraction:g}-seed{self.seed}"
+        axes = "".join(f"-{path.rsplit('.', 1)[-1]}={_short(v)}" for path, v in sorted(self.axes.items()))
+        return f"{self.method}{sparsity}{axes}-f{self.data_fraction:g}-seed{self.seed}"
+
+
+def _short(value: Any) -> str:
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)[:24]
+
+
+# --- the grid and trial identity ---------------------------------------------------------
+
+
+def identity_blocks(sweep: SweepConfig, method: str) -> list[str]:
+    """The sweep blocks a trial of `method` depends on: task, model, training, the blocks of every
+    artifact it or its analyses need, the blocks the method reads, and its own settings."""
+    spec = get_method(method)
+    needs = list(spec.needs) + [k for name, _ in sweep.analysis_list() for k in ANALYSES.get(name).needs]
+    blocks = ["task", "model", "training"]
+    for kind in closure(needs):
+        blocks += ARTIFACTS.get(kind).blocks
+    blocks += list(spec.reads)
+    if method in sweep.method_settings:
+        blocks.append(method)
+    return list(dict.fromkeys(blocks))
 
 
 def expand(sweep: SweepConfig) -> list[TrialSpec]:
-    """The trials of a sweep: methods x sparsities x data fractions x seeds, where a method that
-    uses no mask runs once per (fraction, seed) instead of once per sparsity."""
-    specs = []
+    """The trials of a sweep: methods x sparsities x data fractions x seeds x the `axes:` paths.
+    A method runs once per value of the axes it depends on only (a method without a mask does not
+    depend on sparsity; scratch does not depend on `transfer.*`)."""
+    specs, seen = [], set()
     for method in sweep.methods:
-        sparsities = sweep.sparsities if get_method(method).uses_mask else (None,)
-        for sparsity in sparsities:
-            for fraction in sweep.data_fractions:
-                for seed in sweep.seeds:
-                    specs.append(TrialSpec(method=method, sparsity=sparsity, data_fraction=fraction, seed=seed))
+        sparsities = sweep.sparsities if "sparsity" in grid_axes(method) else (None,)
+        blocks = set(identity_blocks(sweep, method))
+        paths = [p for p in sweep.axes if p.split(".")[0] in blocks]
+        for values in itertools.product(*(sweep.axes[p] for p in paths)):
+            axes = dict(zip(paths, values, strict=True))
+            for sparsity in sparsities:
+                for fraction in sweep.data_fractions:
+                    for seed in sweep.seeds:
+                        spec = TrialSpec(method=method, sparsity=sparsity, data_fraction=fraction, seed=seed, axes=axes)
+                        key = trial_hash(sweep, spec)
+                        if key not in seen:  # e.g. an analysis's need made two axis values equal
+                            seen.add(key)
+                            specs.append(spec)
     return specs
 
 
-# --- artifact keys -----------------------------------------------------------------------
-
-
-def source_key(sweep: SweepConfig, seed: int) -> dict[str, Any]:
-    task = sweep.build_task()
-    return {
-        "task": task.key_fields("source"),
-        "model": sweep.model.canonical(),
-        "training": sweep.source.canonical(),
-        "seed": seed,
+def identity(sweep: SweepConfig, spec: TrialSpec) -> dict[str, Any]:
+    """Everything the trial's results depend on: method, grid point and every setting it runs with.
+    Resources, storage, the sweep's name and retries are not part of it."""
+    effective = sweep.effective(spec.method, spec.axes)
+    out: dict[str, Any] = {
+        "method": spec.method,
+        "sparsity": spec.sparsity,
+        "data_fraction": spec.data_fraction,
+        "seed": spec.seed,
     }
+    for block in identity_blocks(effective, spec.method):
+        out[block] = effective.block(block).canonical()
+    out["analyses"] = [{"name": n, **(c.canonical() if c else {})} for n, c in effective.analysis_list()]
+    if effective.resources.mixed_precision:  # bfloat16 on GPU changes the numbers
+        out["mixed_precision"] = True
+    return out
 
 
-def mask_key(sweep: SweepConfig, seed: int, sparsity: float) -> dict[str, Any]:
-    task = sweep.build_task()
-    return {
-        "source": source_key(sweep, seed),
-        "subtask": task.key_fields("subtask"),
-        "discovery": sweep.discovery.canonical(),
-        "sparsity": sparsity,
-    }
+def trial_hash(sweep: SweepConfig, spec: TrialSpec) -> str:
+    return stable_hash(identity(sweep, spec), 20)
 
 
-def upstream_keys(sweep: SweepConfig, spec: TrialSpec) -> list[tuple[str, str]]:
-    """(kind, key hash) of every artifact the trial needs, in the order it needs them."""
-    method = get_method(spec.method)
-    sweep = sweep.for_method(spec.method)
-    keys = []
-    if method.uses_source:
-        keys.append(("source", stable_hash(source_key(sweep, spec.seed), 24)))
-    if method.uses_mask:
-        keys.append(("mask", stable_hash(mask_key(sweep, spec.seed, spec.sparsity), 24)))
-    return keys
+def series_of(config: dict[str, Any]) -> str:
+    """The report's series key: the trial's identity without seed and budget."""
+    return stable_hash({k: v for k, v in config.items() if k not in ("seed", "data_fraction")})
 
 
-# --- stages ------------------------------------------------------------------------------
+# --- artifacts -----------------------------------------------------------------------------
 
 
 def fresh_model(sweep: SweepConfig, task, seed: int, stage: str) -> nn.Module:
     """A new model whose default init is a function of (seed, stage) only."""
     with seeded_init(seed, stage):
         return task.build_model(sweep.model)
-
-
-def get_source(sweep: SweepConfig, task, seed: int, store: ArtifactStore, device: torch.device):
-    """The trained source model for (task, model, source training, seed); trained at most once."""
-
-    def compute():
-        model = fresh_model(sweep, task, seed, "source_init").to(device)
-        result = train(
-            model,
-            task.base_data(seed),
-            sweep.source,
-            torch_generator(seed, "source_train"),
-            mixed_precision=sweep.resources.mixed_precision,
-        )
-        meta = {
-            "val_acc": result.best_val_acc,
-            "best_epoch": result.best_epoch,
-            "epochs_run": result.epochs_run,
-        }
-        return model.state_dict(), meta
-
-    fetched = store.get_or_compute("source", source_key(sweep, seed), compute)
-    model = fresh_model(sweep, task, seed, "source_init")
-    model.load_state_dict(fetched.tensors)
-    return model.to(device), fetched
-
-
-def get_mask(sweep: SweepConfig, task, seed: int, sparsity: float, source: nn.Module, store: ArtifactStore):
-    """The mask discovered in `source` at `sparsity`; discovered at most once per key."""
-
-    def compute():
-        found = discover(
-            copy.deepcopy(source),
-            task.subtask_data(seed),
-            sweep.discovery,
-            sparsity,
-            torch_generator(seed, "discovery"),
-        )
-        meta = {
-            "subtask_acc": found.subtask_acc,
-            "density": found.density,
-            "natural_density": found.natural_density,
-            "best_epoch": found.best_epoch,
-            "history": found.history,
-        }
-        return found.mask, meta
-
-    fetched = store.get_or_compute("mask", mask_key(sweep, seed, sparsity), compute)
-    mask: Mask = {name: t.bool() for name, t in fetched.tensors.items()}
-    return mask, fetched
 
 
 def pick_device(sweep: SweepConfig) -> torch.device:
@@ -160,24 +142,90 @@ def pick_device(sweep: SweepConfig) -> torch.device:
     return torch.device("cpu")
 
 
+class Upstream:
+    """The artifacts of one trial: keys, and (on demand) the loaded objects, via the store."""
+
+    def __init__(self, sweep: SweepConfig, spec: TrialSpec, store: ArtifactStore | None, device: torch.device):
+        self.sweep = sweep.effective(spec.method, spec.axes)
+        self.spec, self.store, self.device = spec, store, device
+        self.task = self.sweep.build_task()
+        self.keys: dict[str, dict] = {}
+        self.objects: dict[str, Any] = {}
+        self.columns: dict[str, Any] = {}
+        self.wait_s = 0.0
+
+    def context(self, kind: str) -> ArtifactContext:
+        spec = self.spec
+        point = {"sparsity": spec.sparsity}
+        return ArtifactContext(
+            task=self.task,
+            settings=self.sweep,
+            seed=spec.seed,
+            point={axis: point[axis] for axis in ARTIFACTS.get(kind).axes},
+            device=self.device,
+            mixed_precision=self.sweep.resources.mixed_precision,
+            fresh_model=lambda stage: fresh_model(self.sweep, self.task, spec.seed, stage),
+            key_of=self.key,
+            get=self.get,
+        )
+
+    def key(self, kind: str) -> dict:
+        if kind not in self.keys:
+            for dep in ARTIFACTS.get(kind).needs:
+                self.key(dep)
+            self.keys[kind] = ARTIFACTS.get(kind).key(self.context(kind))
+        return self.keys[kind]
+
+    def get(self, kind: str) -> Any:
+        if kind not in self.objects:
+            art, ctx = ARTIFACTS.get(kind), self.context(kind)
+            fetched = self.store.get_or_compute(kind, self.key(kind), lambda: art.compute(ctx))
+            self.objects[kind] = art.load(ctx, fetched.tensors, fetched.meta)
+            self.columns.update(art.columns(fetched.meta))
+            self.columns[f"{kind}_computed"] = fetched.computed
+            self.wait_s += fetched.wait_s
+        return self.objects[kind]
+
+
+def trial_needs(sweep: SweepConfig, spec: TrialSpec, tuning: bool = False) -> list[str]:
+    """Artifact kinds the trial needs (its method's and its analyses'), each after its own needs."""
+    effective = sweep.effective(spec.method, spec.axes)
+    needs = list(get_method(spec.method).needs)
+    if not tuning:
+        needs += [k for name, _ in effective.analysis_list() for k in ANALYSES.get(name).needs]
+    return closure(needs)
+
+
+def upstream_keys(sweep: SweepConfig, spec: TrialSpec) -> list[tuple[str, str]]:
+    """(kind, key hash) of every artifact the trial needs, in the order it needs them."""
+    up = Upstream(sweep, spec, None, torch.device("cpu"))
+    return [(kind, stable_hash(up.key(kind), 24)) for kind in trial_needs(sweep, spec)]
+
+
+# --- the trial -----------------------------------------------------------------------------
+
+
 def run_trial(
     sweep: SweepConfig,
     spec: TrialSpec,
     store: ArtifactStore,
     report: Report | None = None,
     device: torch.device | None = None,
+    tuning: bool = False,
 ) -> dict[str, Any]:
-    """Run one trial and return its result row (see `orchestrator.results.COLUMNS`)."""
+    """Run one trial and return its result row (see `orchestrator.results.COLUMNS`).
+
+    `tuning=True` (used by `instill tune`) stops after training: no test split and no analysis is
+    ever read, so tuning sees validation data only.
+    """
     report = report or (lambda metrics: None)
     device = device or pick_device(sweep)
-    task = sweep.build_task()
-    method = get_method(spec.method)
-    seed = spec.seed
-    row: dict[str, Any] = base_row(sweep, spec, task)
-    sweep = sweep.for_method(spec.method)  # tuned values, if any, from here on
+    row: dict[str, Any] = base_row(sweep, spec)
+    effective = sweep.effective(spec.method, spec.axes)
+    task, method, seed = effective.build_task(), get_method(spec.method), spec.seed
     row["started_at"] = time.time()
     row["worker"] = f"{platform.node()}:{os.getpid()}"
-    times: dict[str, float] = {"wait_s": 0.0}
+    times: dict[str, float] = {}
     clock = time.perf_counter()
 
     def lap(stage: str) -> None:
@@ -186,81 +234,92 @@ def run_trial(
         times[f"{stage}_s"] = times.get(f"{stage}_s", 0.0) + now - clock
         clock = now
 
-    source = mask = None
-    if method.uses_source:
-        source, fetched = get_source(sweep, task, seed, store, device)
-        times["wait_s"] += fetched.wait_s
-        row.update(source_val_acc=fetched.meta["val_acc"], source_computed=fetched.computed)
-    lap("source")
-    report({"stage": "source", **times})
-    if method.uses_mask:
-        mask, fetched = get_mask(sweep, task, seed, spec.sparsity, source, store)
-        times["wait_s"] += fetched.wait_s
-        row.update(
-            mask_density=fetched.meta["density"],
-            subtask_acc=fetched.meta["subtask_acc"],
-            natural_density=fetched.meta["natural_density"],
-            mask_computed=fetched.computed,
-        )
-    lap("discovery")
-    report({"stage": "discovery", **times})
-
-    inputs = MethodInputs(
-        fresh=fresh_model(sweep, task, seed, "init").to(device),
-        source=source,
-        mask=mask,
-        transfer=sweep.transfer,
-        generator=torch_generator(seed, f"method:{spec.method}"),
-    )
-    model = method.build(inputs).to(device)
-    lap("transfer")
-    report({"stage": "transfer", **times})
+    upstream = Upstream(sweep, spec, store, device)
+    for kind in trial_needs(sweep, spec, tuning):
+        upstream.get(kind)
+        lap(kind)
+        report({"stage": kind, **times})
+    row.update(upstream.columns)
+    times["wait_s"] = upstream.wait_s
 
     data = task.downstream_data(seed, spec.data_fraction)
-    result = train(
-        model,
+    make_fresh = lambda stage: fresh_model(effective, task, seed, stage)  # noqa: E731
+    ctx = MethodContext(
+        task=task,
+        data=data,
+        config=effective.method_settings.get(spec.method),
+        training=effective.training,
+        transfer=effective.transfer,
+        artifacts={kind: upstream.objects[kind] for kind in method.needs},
+        generator=torch_generator(seed, f"method:{spec.method}"),
+        device=device,
+        fresh_model=make_fresh,
+    )
+    model = method.build(ctx).to(device)
+    objective = method.objective(ctx, model)
+    lap("build")
+    report({"stage": "build", **times})
+
+    result = fit(
+        objective,
         data,
-        sweep.training,
+        effective.training,
         torch_generator(seed, "downstream_train"),
-        mixed_precision=sweep.resources.mixed_precision,
+        mixed_precision=effective.resources.mixed_precision,
     )
     row.update(val_acc=result.best_val_acc, best_epoch=result.best_epoch, epochs_run=result.epochs_run)
+    row["measurements_json"] = json.dumps(result.measurements)
     lap("train")
     report({"stage": "train", "val_acc": result.best_val_acc, **times})
 
-    for split_name, split in data.evals.items():
-        for label, acc in evaluate(model, split, sweep.training.eval_batch_size).items():
-            row[f"{split_name}_acc" if label == "y" else f"{split_name}_acc_{label}"] = acc
-    row.update(task.derived_metrics(row))
-    val_readings = evaluate(model, data.val, sweep.training.eval_batch_size)
-    row.update({f"val_acc_{label}": acc for label, acc in val_readings.items() if label != "y"})
+    if not tuning:
+        row["test_acc"] = evaluate(model, data.evals["test"], effective.training.eval_batch_size)["y"]
+        for name, config in effective.analysis_list():
+            analysis = ANALYSES.get(name)
+            actx = AnalysisContext(
+                task=task,
+                data=data,
+                artifacts={kind: upstream.objects[kind] for kind in analysis.needs},
+                fresh_model=make_fresh,
+                generator=torch_generator(seed, f"analysis:{name}"),
+                device=device,
+                eval_batch_size=effective.training.eval_batch_size,
+                method=spec.method,
+            )
+            row.update(analysis.check(analysis.run(actx, model, config)))
+            lap(f"analysis_{name}")
     lap("eval")
     # Compute time: the stages' wall time less the time spent waiting on another trial's lock.
     times["total_s"] = sum(v for k, v in times.items() if k != "wait_s") - times["wait_s"]
     row.update(times, status="done", device=str(device), finished_at=time.time())
-    report({"stage": "done", "row_json": json.dumps(row), **{k: row[k] for k in ("val_acc", "test_acc")}})
+    report({"stage": "done", "row_json": json.dumps(row), "val_acc": row["val_acc"]})
     return row
 
 
-def base_row(sweep: SweepConfig, spec: TrialSpec, task=None) -> dict[str, Any]:
+def base_row(sweep: SweepConfig, spec: TrialSpec) -> dict[str, Any]:
     """The identifying columns of a trial's row, filled for done and failed trials alike."""
-    task = task or sweep.build_task()
-    effective = sweep.for_method(spec.method)
-    return {
+    effective = sweep.effective(spec.method, spec.axes)
+    config = identity(sweep, spec)
+    transfer = "transfer" in config
+    row = {
         "trial": spec.name,
-        "task": sweep.task.name,
-        "model": sweep.model.name,
+        "trial_hash": stable_hash(config, 20),
+        "series": series_of(config),
+        "task": effective.task.name,
+        "model": effective.model.name,
         "method": spec.method,
         "sparsity": spec.sparsity,
         "data_fraction": spec.data_fraction,
-        "n_train": task.downstream_size(spec.data_fraction),
+        "n_train": effective.build_task().downstream_size(spec.data_fraction),
         "seed": spec.seed,
-        "unmasked": effective.transfer.unmasked,
-        "trainable_subnetwork": effective.transfer.trainable_subnetwork,
-        "config_hash": sweep.config_hash,  # the sweep's, so that a resumed sweep recognises its rows
-        "config_json": json.dumps(effective.canonical(), sort_keys=True),  # what this trial ran with
+        "unmasked": effective.transfer.unmasked if transfer else None,
+        "trainable_subnetwork": effective.transfer.trainable_subnetwork if transfer else None,
+        "config_json": json.dumps(config, sort_keys=True),  # what this trial ran with
         "versions": json.dumps(versions(), sort_keys=True),
     }
+    for path in sweep.axes:
+        row[path] = spec.axes.get(path)
+    return row
 
 
 def failed_row(sweep: SweepConfig, spec: TrialSpec, error: BaseException | str) -> dict[str, Any]:
@@ -276,3 +335,8 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[package] = "not installed"
     return out
+
+
+def artifact_key(sweep: SweepConfig, spec: TrialSpec, kind: str) -> dict:
+    """The key of the `kind` artifact that `spec`'s trial uses (without computing anything)."""
+    return Upstream(sweep, spec, None, torch.device("cpu")).key(kind)

@@ -15,11 +15,11 @@ from typing import Any
 
 import yaml
 
-from methods import get_method
-from orchestrator.artifacts import ArtifactStore
-from orchestrator.config import TUNABLE, ConfigError, SweepConfig, load_sweep
-from orchestrator.trial import TrialSpec, run_trial
 from common.config import stable_hash
+from methods import METHODS, get_method
+from orchestrator.artifacts import ArtifactStore
+from orchestrator.config import ConfigError, SweepConfig, grid_axes, load_sweep, resolve_path, shared_blocks
+from orchestrator.trial import TrialSpec, run_trial
 
 
 def _key(path: str) -> str:
@@ -27,9 +27,22 @@ def _key(path: str) -> str:
 
 
 def method_space(sweep: SweepConfig, method: str) -> dict[str, tuple[float, float]]:
-    """The part of the tuning space that applies to `method`."""
-    uses_own_discovery = method == "subtask_induction"
-    return {k: v for k, v in sweep.tuning.space.items() if not k.startswith("discovery.") or uses_own_discovery}
+    """The part of the tuning space that applies to `method`: shared artifact settings only for
+    the methods that own them, a method's own block only for that method."""
+    owned = set(get_method(method).owns)
+    out = {}
+    for path, bounds in sweep.tuning.space.items():
+        head = path.split(".")[0]
+        if head in shared_blocks() and head not in owned:
+            continue
+        if head in METHODS and head != method:
+            continue
+        out[path] = bounds
+    return out
+
+
+def _kind(sweep: SweepConfig, path: str) -> type:
+    return int if isinstance(resolve_path(sweep, path), int) else float
 
 
 def _objective(config: dict[str, Any], sweep_json: str, method: str, store_root: str) -> None:
@@ -38,7 +51,7 @@ def _objective(config: dict[str, Any], sweep_json: str, method: str, store_root:
 
     base = load_sweep(json.loads(sweep_json))
     torch.set_num_threads(max(1, int(base.resources.cpu)))
-    values = {path: config[_key(path)] for path in TUNABLE if _key(path) in config}
+    values = {path: config[_key(path)] for path in base.tuning.space if _key(path) in config}
     overrides = dict(base.method_overrides)
     overrides[method] = {**overrides.get(method, {}), **values}
     sweep = base.model_copy(update={"method_overrides": overrides})
@@ -46,10 +59,9 @@ def _objective(config: dict[str, Any], sweep_json: str, method: str, store_root:
     scores = []
     for fraction in sweep.tuning.data_fractions:
         for seed in sweep.tuning.seeds:
-            sparsity = sweep.sparsities[0] if get_method(method).uses_mask else None
-            row = run_trial(
-                sweep, TrialSpec(method=method, sparsity=sparsity, data_fraction=fraction, seed=seed), store
-            )
+            sparsity = sweep.sparsities[0] if "sparsity" in grid_axes(method) else None
+            spec = TrialSpec(method=method, sparsity=sparsity, data_fraction=fraction, seed=seed)
+            row = run_trial(sweep, spec, store, tuning=True)  # never reads a test split
             scores.append(row["val_acc"])
     tune.report({"val_acc": sum(scores) / len(scores)})
 
@@ -59,7 +71,8 @@ def tune_methods(sweep: SweepConfig, out_dir: str | Path, *, address: str | None
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
-    from orchestrator.sweep import start_ray, store_for
+    from orchestrator.outdir import store_for
+    from orchestrator.ray_session import start_ray
 
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -74,7 +87,7 @@ def tune_methods(sweep: SweepConfig, out_dir: str | Path, *, address: str | None
         space = {}
         for path, (low, high) in method_space(sweep, method).items():
             space[_key(path)] = (
-                tune.randint(int(low), int(high) + 1) if TUNABLE[path] is int else tune.loguniform(low, high)
+                tune.randint(int(low), int(high) + 1) if _kind(sweep, path) is int else tune.loguniform(low, high)
             )
         if not space:
             continue
@@ -102,7 +115,9 @@ def tune_methods(sweep: SweepConfig, out_dir: str | Path, *, address: str | None
         if result.metrics is None or "val_acc" not in result.metrics:
             raise RuntimeError(f"tuning {method}: no trial finished; see {out_dir / 'tune'}")
         best[method] = {
-            path: TUNABLE[path](result.config[_key(path)]) for path in TUNABLE if _key(path) in result.config
+            path: _kind(sweep, path)(result.config[_key(path)])
+            for path in sweep.tuning.space
+            if _key(path) in result.config
         }
         scores[method] = float(result.metrics["val_acc"])
     record = {

@@ -23,10 +23,10 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from tasks import expr
-from tasks.base import Split, StageData, build_model_for, register_task
 from common.config import Frozen
 from common.seeding import numpy_generator
+from tasks import expr
+from tasks.base import Split, StageData, build_model_for, register_task
 
 
 def _check_expression(text: str) -> str:

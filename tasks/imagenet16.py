@@ -27,9 +27,9 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from tasks.base import Split, StageData, build_model_for, register_task
 from common.config import Frozen, stable_hash
 from common.seeding import numpy_generator
+from tasks.base import Split, StageData, build_model_for, register_task
 
 GEIRHOS_CLASSES = (
     "airplane", "bear", "bicycle", "bird", "boat", "bottle", "car", "cat", "chair", "clock", "dog", "elephant",

@@ -28,9 +28,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from tasks.base import Split, StageData, build_model_for, register_task
 from common.config import Frozen, stable_hash
 from common.seeding import numpy_generator
+from tasks.base import Split, StageData, build_model_for, register_task
 from tasks.shapes_render import SHAPES, TEXTURES, render
 
 GENERATOR_VERSION = 2  # bump when rendering changes: cached splits and artifacts keyed on it are redone

@@ -7,7 +7,7 @@ from methods import NonFiniteLoss
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.config import load_sweep
 from orchestrator.sweep import order_trials
-from orchestrator.trial import TrialSpec, expand, mask_key, run_trial, source_key, upstream_keys
+from orchestrator.trial import TrialSpec, artifact_key, expand, run_trial, upstream_keys
 from tests.conftest import tiny_raw
 
 
@@ -26,6 +26,15 @@ def test_expand_runs_mask_free_methods_once_per_budget_and_seed(tiny):
     assert len({s.name for s in specs}) == len(specs)
 
 
+def source_key(sweep, seed):
+    return artifact_key(sweep, TrialSpec(method="full_transfer", data_fraction=0.5, seed=seed), "source")
+
+
+def mask_key(sweep, seed, sparsity):
+    spec = TrialSpec(method="subtask_induction", sparsity=sparsity, data_fraction=0.5, seed=seed)
+    return artifact_key(sweep, spec, "mask")
+
+
 def test_artifact_keys_hold_only_what_determines_them(tiny):
     sweep = tiny()
     changed_downstream = tiny(training={"epochs": 3}, task={"downstream": "a^2 + ab", "competing": ["2b^2"]})
@@ -42,8 +51,8 @@ def test_same_config_and_seed_give_identical_metrics(tiny, tmp_path):
     metrics = (
         "test_acc",
         "val_acc",
-        "test_acc_2a2",
-        "test_acc_2b2",
+        "splits_test_acc_2a2",
+        "splits_test_acc_2b2",
         "subtask_acc",
         "mask_density",
         "best_epoch",
@@ -62,10 +71,10 @@ def test_trial_row_has_documented_fields_and_reports_each_stage(tiny, tmp_path):
     reports = []
     spec = TrialSpec(method="subtask_induction", sparsity=0.5, data_fraction=0.5, seed=0)
     row = run_trial(sweep, spec, ArtifactStore(tmp_path), report=reports.append)
-    assert [r["stage"] for r in reports] == ["source", "discovery", "transfer", "train", "done"]
+    assert [r["stage"] for r in reports] == ["source", "mask", "build", "train", "done"]
     assert row["status"] == "done" and row["n_train"] == 50
     assert abs(row["mask_density"] - 0.5) <= 0.005
-    for key in ("source_s", "discovery_s", "transfer_s", "train_s", "eval_s", "total_s", "config_hash"):
+    for key in ("source_s", "mask_s", "build_s", "train_s", "eval_s", "total_s", "trial_hash", "series"):
         assert key in row
     assert 0.0 <= row["test_acc"] <= 1.0 and math.isfinite(row["subtask_acc"])
 

@@ -2,6 +2,10 @@
 
 The model knows nothing about training or masking. Its weight matrices are ordinary
 `nn.Linear` / `nn.Embedding` parameters, so masks address them by name.
+
+`model(tokens, intermediates=True)` also returns the named features of every stage (the residual
+stream after the embedding and after each block, and the normed vector the head reads), so probes,
+distillation and analyses need no hooks.
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ from pydantic import Field, model_validator
 from torch import nn
 from torch.nn import functional as F
 
-from tasks.base import register_model
 from common.config import Frozen
+from tasks.base import register_model
 
 
 class GPTConfig(Frozen):
@@ -69,7 +73,14 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Token sequence (B, T) -> logits (B, n_classes) read at the last position."""
+    """Token sequence (B, T) -> logits (B, n_classes) read at the last position.
+
+    Features (`forward(..., intermediates=True)`): `embed` and `block{i}` are the residual stream
+    (B, T, C); `final` is the normed last-position vector the head reads (B, C).
+    """
+
+    head_name = "head"
+    penultimate = "final"  # the feature the head reads
 
     def __init__(self, cfg: GPTConfig, vocab_size: int, n_positions: int, n_classes: int):
         super().__init__()
@@ -81,12 +92,25 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, n_classes)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def feature_names(self) -> tuple[str, ...]:
+        """Names of the features `forward(..., intermediates=True)` returns, in order."""
+        return ("embed", *(f"block{i}" for i in range(len(self.blocks))), "final")
+
+    def forward(
+        self, tokens: torch.Tensor, intermediates: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits (B, n_classes); with `intermediates`, `(logits, features)` (see the class doc)."""
+        features: dict[str, torch.Tensor] = {}
         positions = torch.arange(tokens.shape[1], device=tokens.device)
-        x = self.drop(self.tok_emb(tokens) + self.pos_emb(positions))
-        for block in self.blocks:
+        x = self.drop(self.tok_emb(tokens) + self.pos_emb(positions))  # (B, T, C)
+        features["embed"] = x
+        for i, block in enumerate(self.blocks):
             x = block(x)
-        return self.head(self.ln_f(x[:, -1]))
+            features[f"block{i}"] = x
+        x = self.ln_f(x[:, -1])  # (B, C)
+        features["final"] = x
+        logits = self.head(x)
+        return (logits, features) if intermediates else logits
 
 
 @register_model("gpt", GPTConfig)

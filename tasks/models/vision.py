@@ -5,19 +5,25 @@ adapted to small images.
   max-pool (the usual adaptation to 32-64 px images). `width: 64` is torchvision's ResNet-18 exactly
   (11.2M parameters); smaller widths scale every stage (`width: 16` for CPU runs).
 - `vit`: torchvision's VisionTransformer with patch size 4.
+
+Both keep torchvision's modules and weight names and add one thing: `model(x, intermediates=True)`
+returns `(logits, features)`, the named output of every stage (`feature_names()`), with
+`penultimate` naming the feature the head reads. The forward passes run the very same modules in
+the same order as torchvision's, so the logits are bit-identical either way.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import Field, model_validator
 from torch import nn
 from torchvision.models import VisionTransformer
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from tasks.base import register_model
 from common.config import Frozen
+from tasks.base import register_model
 
 
 class ResNet18Config(Frozen):
@@ -26,9 +32,14 @@ class ResNet18Config(Frozen):
 
 
 class SmallImageResNet(ResNet):
-    """torchvision's ResNet-18, stem adapted to small images, stage widths w, 2w, 4w, 8w."""
+    """torchvision's ResNet-18, stem adapted to small images, stage widths w, 2w, 4w, 8w.
+
+    Features: `stem` and `layer1`..`layer4` are feature maps (B, C_i, H_i, W_i); `pool` is the
+    pooled vector the head reads (B, 8w).
+    """
 
     head_name = "fc"
+    penultimate = "pool"
 
     def __init__(self, width: int, n_classes: int):
         nn.Module.__init__(self)  # ResNet.__init__ hard-codes the ImageNet stem and widths
@@ -51,6 +62,27 @@ class SmallImageResNet(ResNet):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.constant_(m.weight, 1)
                 nn.init.constant_(m.bias, 0)
+
+    def feature_names(self) -> tuple[str, ...]:
+        """Names of the features `forward(..., intermediates=True)` returns, in order."""
+        return ("stem", "layer1", "layer2", "layer3", "layer4", "pool")
+
+    def forward(
+        self, x: torch.Tensor, intermediates: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits (B, n_classes); with `intermediates`, `(logits, features)`. The same steps as
+        torchvision's `ResNet._forward_impl`, recording each stage's output."""
+        features: dict[str, torch.Tensor] = {}
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        features["stem"] = x
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            # No block writes into its input in place, so the recorded maps stay as they are.
+            x = getattr(self, name)(x)
+            features[name] = x
+        x = torch.flatten(self.avgpool(x), 1)  # (B, 8w)
+        features["pool"] = x
+        logits = self.fc(x)
+        return (logits, features) if intermediates else logits
 
 
 @register_model("resnet18", ResNet18Config)
@@ -75,7 +107,39 @@ class ViTConfig(Frozen):
 
 
 class SmallViT(VisionTransformer):
+    """torchvision's VisionTransformer.
+
+    Features: `embed` (the token sequence with class token and position embedding, before the first
+    block) and `block{i}` are (B, 1 + patches, D); `final` is the class token after the final
+    norm (B, D), what the head reads.
+    """
+
     head_name = "heads"
+    penultimate = "final"
+
+    def feature_names(self) -> tuple[str, ...]:
+        """Names of the features `forward(..., intermediates=True)` returns, in order."""
+        return ("embed", *(f"block{i}" for i in range(len(self.encoder.layers))), "final")
+
+    def forward(
+        self, x: torch.Tensor, intermediates: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits (B, n_classes); with `intermediates`, `(logits, features)`. The same steps as
+        torchvision's `VisionTransformer.forward` and `Encoder.forward`, recording each block."""
+        features: dict[str, torch.Tensor] = {}
+        x = self._process_input(x)  # (B, patches, D)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        encoder = self.encoder
+        x = encoder.dropout(x + encoder.pos_embedding)
+        features["embed"] = x
+        for i, layer in enumerate(encoder.layers):
+            x = layer(x)
+            features[f"block{i}"] = x
+        # Norm the whole sequence as torchvision does, then read the class token.
+        x = encoder.ln(x)[:, 0]  # (B, D)
+        features["final"] = x
+        logits = self.heads(x)
+        return (logits, features) if intermediates else logits
 
 
 @register_model("vit", ViTConfig)

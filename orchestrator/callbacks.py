@@ -1,0 +1,123 @@
+"""Tune callbacks on the driver: rows written the moment a trial ends, and one live progress line."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from orchestrator.config import SweepConfig
+from orchestrator.outdir import running_marker, write_row
+from orchestrator.trial import TrialSpec, failed_row, trial_hash
+
+
+def cost(spec: TrialSpec) -> float:
+    """Relative cost of a trial for the ETA: training time grows with the budget; 0.1 stands for the
+    fixed part (evaluation, set-up)."""
+    return spec.data_fraction + 0.1
+
+
+def make_callbacks(out_dir: Path, sweep: SweepConfig, todo: list[TrialSpec], done_before: int):
+    """(the Rows callback, every callback to give Tune)."""
+    from ray import tune
+
+    total = len(todo)
+    total_cost = sum(cost(s) for s in todo)
+
+    class Rows(tune.Callback):
+        """Writes each trial's row on the driver as soon as it finishes or finally fails."""
+
+        def __init__(self):
+            self.done = self.failed = self.running = 0
+            self.cost_done = 0.0
+
+        def on_step_end(self, iteration, trials, **info):
+            # Counted from Tune's own states: with reused actors, on_trial_start is not always called.
+            self.running = sum(t.status == "RUNNING" for t in trials)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if result.get("training_iteration") == 1:  # a trial's first report: mark it running for `status`
+                running_marker(out_dir, trial_hash(sweep, TrialSpec(**trial.config["spec"]))).touch()
+
+        def _finish(self, trial) -> TrialSpec:
+            spec = TrialSpec(**trial.config["spec"])
+            self.cost_done += cost(spec)
+            running_marker(out_dir, trial_hash(sweep, spec)).unlink(missing_ok=True)
+            return spec
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            spec = self._finish(trial)
+            last = trial.last_result or {}
+            if last.get("stage") != "done":
+                write_row(out_dir, failed_row(sweep, spec, "trial ended without a final result"))
+                self.failed += 1
+                return
+            write_row(out_dir, json.loads(last["row_json"]))
+            self.done += 1
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            spec = self._finish(trial)
+            write_row(out_dir, failed_row(sweep, spec, error_text(trial)))
+            self.failed += 1
+
+    class Progress(tune.Callback):
+        """One live summary line: done, running, pending, failed, elapsed, ETA."""
+
+        def __init__(self, rows: Rows):
+            self.rows = rows
+            self.start = time.monotonic()
+            self.last_print = 0.0
+
+        def line(self) -> str:
+            r = self.rows
+            finished = r.done + r.failed
+            running = min(r.running, total - finished)  # Tune's states lag completions by a step
+            pending = total - finished - running
+            elapsed = time.monotonic() - self.start
+            # Largest budgets run first, so a plain count would overstate the time left.
+            eta = "?" if finished == 0 else hms(elapsed / r.cost_done * (total_cost - r.cost_done))
+            return (
+                f"[instill] {done_before + r.done}/{done_before + total} done, {running} running, "
+                f"{pending} pending, {r.failed} failed | elapsed {hms(elapsed)} | ETA {eta}"
+            )
+
+        def on_step_end(self, iteration, trials, **info):
+            now = time.monotonic()
+            if now - self.last_print >= (1.0 if sys.stderr.isatty() else 30.0):
+                self._print()
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._print()
+
+        on_trial_error = on_trial_complete
+
+        def on_experiment_end(self, trials, **info):
+            self._print(final=True)
+
+        def _print(self, final: bool = False):
+            self.last_print = time.monotonic()
+            stream = sys.stderr  # looked up at print time: the Tuner pickles its callbacks
+            tty = stream.isatty()
+            end = "\n" if (final or not tty) else ""
+            prefix = "\r\033[K" if tty else ""
+            stream.write(prefix + self.line() + end)
+            stream.flush()
+
+    rows = Rows()
+    return rows, [rows, Progress(rows)]
+
+
+def error_text(trial) -> str:
+    path = getattr(trial, "error_file", None)
+    if path and os.path.exists(path):
+        text = Path(path).read_text().strip().splitlines()
+        # The last line of a traceback names the exception and its message.
+        return text[-1] if text else "unknown error"
+    return str(getattr(trial, "error_msg", None) or "unknown error")
+
+
+def hms(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(seconds)))

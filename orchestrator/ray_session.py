@@ -1,0 +1,32 @@
+"""The Ray session: join a cluster, or start the embedded local Ray quietly."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+
+def start_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+    """Join the cluster at `address`, or start a quiet local Ray (the embedded default)."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # The legacy console reporter honours verbose=0; the new one prints tables regardless.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+
+
+def concurrency(cpu_per_trial: float, max_concurrent: int | None) -> int:
+    """How many trials fit on the cluster at once, capped by `max_concurrent`."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1)
+    n = max(1, int(cpus // cpu_per_trial))
+    return min(n, max_concurrent) if max_concurrent else n

@@ -1,0 +1,79 @@
+"""The upstream phase: every missing artifact of a sweep computed once, before the trials start.
+
+Artifacts are computed level by level (a kind after the kinds it needs: source models, then masks,
+then whatever a plug-in kind needs), as Ray tasks with a trial's resources and at most
+`concurrency` at a time. This makes computation exactly-once on any storage, object stores
+included, and keeps trials from idling on each other's locks. A failure here is reported and left
+to the trials that need the artifact: they retry it and record the error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from common.config import stable_hash
+from methods import ARTIFACTS
+from methods.artifacts import closure
+from orchestrator.artifacts import ArtifactStore
+from orchestrator.config import SweepConfig, load_sweep
+from orchestrator.trial import TrialSpec, Upstream, pick_device, trial_needs
+
+
+def _compute(sweep_json: str, spec_json: str, kind: str, store_root: str) -> float:
+    """Runs inside a Ray worker: compute one artifact (its own needs are already stored)."""
+    import torch
+
+    sweep = load_sweep(json.loads(sweep_json))
+    torch.set_num_threads(max(1, int(sweep.resources.cpu)))
+    start = time.perf_counter()
+    Upstream(sweep, TrialSpec(**json.loads(spec_json)), ArtifactStore(store_root), pick_device(sweep)).get(kind)
+    return time.perf_counter() - start
+
+
+def _depth(kind: str) -> int:
+    needs = ARTIFACTS.get(kind).needs
+    return 0 if not needs else 1 + max(_depth(n) for n in needs)
+
+
+def precompute(sweep: SweepConfig, store: ArtifactStore, specs: list[TrialSpec], concurrency: int) -> dict[str, str]:
+    """Compute the missing upstream artifacts of `specs`, each once. Returns {artifact: error}."""
+    import ray
+
+    remote = ray.remote(_compute).options(num_cpus=sweep.resources.cpu, num_gpus=sweep.resources.gpu)
+    jobs: dict[tuple[str, str], dict] = {}  # (kind, key hash) -> job: one entry per distinct artifact
+    for spec in specs:
+        up = Upstream(sweep, spec, None, pick_device(sweep))
+        for kind in trial_needs(sweep, spec):
+            key = up.key(kind)
+            deps = [(dep, stable_hash(up.key(dep))) for dep in closure(ARTIFACTS.get(kind).needs)]
+            jobs.setdefault((kind, stable_hash(key)), {"kind": kind, "spec": spec, "key": key, "deps": deps})
+    # One existence check per distinct artifact (each is a request on an object store), not per trial.
+    missing = [job for job in jobs.values() if not store.exists(job["kind"], job["key"])]
+    as_json = json.dumps(sweep.canonical())
+    failed: dict[tuple[str, str], str] = {}
+    errors: dict[str, str] = {}
+    for depth in sorted({_depth(job["kind"]) for job in missing}):
+        level = sorted((j for j in missing if _depth(j["kind"]) == depth), key=lambda j: (j["kind"], j["spec"].name))
+        kinds = sorted({j["kind"] for j in level})
+        print(f"[instill] computing {len(level)} {'/'.join(kinds)} artifact(s) before the trials", file=sys.stderr)
+        pending, running = list(level), {}
+        while pending or running:
+            while pending and len(running) < concurrency:
+                job = pending.pop(0)
+                if any(dep in failed for dep in job["deps"]):
+                    continue  # what it needs failed: the trials will report it
+                spec_json = json.dumps(job["spec"].model_dump())
+                running[remote.remote(as_json, spec_json, job["kind"], store.location)] = job
+            if not running:
+                continue
+            ready, _ = ray.wait(list(running), num_returns=1)
+            job = running.pop(ready[0])
+            try:
+                ray.get(ready[0])
+            except Exception as err:  # reported, then left to the trials (see the module docstring)
+                name = f"{job['kind']} for {job['spec'].name}"
+                failed[(job["kind"], stable_hash(job["key"]))] = errors[name] = str(err).strip().splitlines()[-1]
+                print(f"[instill] {name} failed: {errors[name]}", file=sys.stderr)
+    return errors
