@@ -22,10 +22,6 @@ from common.seeding import torch_generator
 from methods.discovery import discover
 from methods.training import train
 
-# Bumped when a kind's computation changes in a way its key fields do not show, so that stores
-# written by older code are not reused silently.
-SOURCE_VERSION = 2
-
 
 @dataclasses.dataclass
 class ArtifactContext:
@@ -101,7 +97,6 @@ class Source(ArtifactKind):
             "model": ctx.settings.model.canonical(),
             "training": ctx.settings.source.canonical(),
             "seed": ctx.seed,
-            "version": SOURCE_VERSION,
         }
 
     def compute(self, ctx):

@@ -8,6 +8,7 @@ final_temperature ** (1 / epochs) after each epoch. After every epoch the hard m
 sparsity (the top (1 - sparsity) scores) is scored on the subtask's validation split; the best
 epoch's mask is kept. Every discoverer hits the requested sparsity exactly by ranking.
 
+`hard_concrete` (Louizos et al.'s L0 gates) lives in methods/hard_concrete.py, `magnitude` below.
 A new discoverer is one function `(model, data, cfg, sparsity, generator, mixed_precision) ->
 Discovery` under `@DISCOVERERS.register(name)`.
 """
@@ -47,12 +48,27 @@ class DiscoveryConfig(Frozen):
     init_score: float = -0.1
     final_temperature: float = Field(100.0, ge=1)
     selection: MaskSelection = MaskSelection()
+    # Hard concrete (methods/hard_concrete.py; Louizos, Welling, Kingma 2018): the paper's
+    # temperature and stretch interval.
+    hc_beta: float = Field(2 / 3, gt=0, description="hard concrete temperature beta")
+    hc_stretch: tuple[float, float] = Field(
+        (-0.1, 1.1), description="hard concrete stretch (gamma, zeta), gamma < 0 and zeta > 1"
+    )
+    hc_init_log_alpha: float = Field(0.0, description="initial log_alpha of every hard concrete gate")
 
     @field_validator("method")
     @classmethod
     def _known(cls, v: str) -> str:
         if v not in DISCOVERERS:
             raise ValueError(f"unknown discovery method {v!r}; valid names: {', '.join(DISCOVERERS.names())}")
+        return v
+
+    @field_validator("hc_stretch")
+    @classmethod
+    def _stretch(cls, v: tuple[float, float]) -> tuple[float, float]:
+        gamma, zeta = v
+        if not (gamma < 0.0 and zeta > 1.0):
+            raise ValueError(f"hc_stretch (gamma, zeta) needs gamma < 0 < 1 < zeta, so gates reach 0 and 1; got {v}")
         return v
 
     def loop(self) -> TrainConfig:
@@ -100,15 +116,24 @@ class ScoredMasks:
     """Shared by score-based discoverers: after each epoch, rank the scores into the hard mask at the
     requested sparsity, score it on the subtask's validation split, and keep the best epoch's mask."""
 
-    def __init__(self, model: nn.Module, fns: dict[str, nn.Module], scores: dict[str, torch.Tensor], data, sparsity):
+    def __init__(
+        self,
+        model: nn.Module,
+        fns: dict[str, nn.Module],
+        scores: dict[str, torch.Tensor],
+        data,
+        sparsity,
+        open_above: float = 0.0,
+    ):
         self.model, self.fns, self.scores, self.data, self.sparsity = model, fns, scores, data, sparsity
+        self.open_above = open_above
         self.masked = MaskedModel(model, fns).eval()
         self.last: tuple[Mask, float] | None = None
         self.kept: tuple[Mask, float] | None = None
 
     def natural(self) -> float:
-        """Fraction of scores > 0: the discoverer's own mask, before ranking."""
-        on = sum(int((s > 0).sum()) for s in self.scores.values())
+        """Fraction of scores > `open_above` (default 0): the discoverer's own mask, before ranking."""
+        on = sum(int((s > self.open_above).sum()) for s in self.scores.values())
         return on / sum(s.numel() for s in self.scores.values())
 
     def score(self) -> float:
@@ -130,6 +155,7 @@ class ScoredMasks:
             params=list(self.scores.values()),
             score=self.score,
             train_mode=False,
+            global_rng=False,  # eval mode throughout: no dropout, so no draw that would shift the shuffling
             snapshot=self.snapshot,
             restore=self.restore,
             end_epoch=end_epoch,

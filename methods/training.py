@@ -63,6 +63,8 @@ class Objective:
     - `score()`: higher is better; the epoch with the best score is restored at the end
       (`snapshot()` / `restore(state)`; the default copies the module's state dict).
     - `end_epoch(epoch)`: optional hook after each epoch (e.g. annealing); may return measurements.
+    - `global_rng`: whether the loss draws from torch's global RNG (dropout). If so, the loop seeds it
+      from the run's generator (one draw, before shuffling) and restores the caller's state after.
     """
 
     loss: Callable[[Batch, int], tuple[torch.Tensor, Measurements]]
@@ -74,6 +76,7 @@ class Objective:
     snapshot: Callable[[], Any] | None = None
     restore: Callable[[Any], None] | None = None
     end_epoch: Callable[[int], dict[str, float] | None] | None = None
+    global_rng: bool = True
 
     def __post_init__(self):
         if not self.streams:
@@ -183,17 +186,20 @@ def fit(
 ) -> TrainResult:
     """Train `objective` with AdamW; restore the epoch with the best score.
 
-    Shuffling of the first stream uses `generator`; every other stream and the global RNG (dropout)
-    get seeds derived from its seed without drawing from it, so the run is a function of its inputs
-    and adding a stream never moves the first stream's batches. Stops at `cfg.epochs`, once the
+    Shuffling of the first stream uses `generator`; every other stream gets a seed derived from its
+    seed without drawing from it, so adding a stream never moves the first stream's batches. Dropout
+    draws from torch's global RNG, seeded from `generator` (see `Objective.global_rng`), so the run is
+    a function of its inputs. Stops at `cfg.epochs`, once the
     score reaches `cfg.target_val_acc`, or after `cfg.patience` epochs without gain.
     `mixed_precision` runs the loss in bfloat16 autocast on CUDA (a no-op on CPU, which stays
     bit-reproducible). A NaN or inf loss raises `NonFiniteLoss`.
     """
-    with torch.random.fork_rng(devices=_cuda_devices(objective.module)):
-        # Dropout draws from torch's global RNG: seed it from the run's seed and restore the
-        # caller's RNG state afterwards.
-        torch.manual_seed(stage_seed(generator.initial_seed(), "global_rng"))
+    if not objective.global_rng:
+        return _fit(objective, data, cfg, generator, on_epoch, mixed_precision)
+    with torch.random.fork_rng(devices=[]):
+        # Dropout draws from torch's global RNG: seed it from `generator` so that the run depends on
+        # its inputs only, and restore the caller's RNG state afterwards.
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
         return _fit(objective, data, cfg, generator, on_epoch, mixed_precision)
 
 
@@ -276,11 +282,6 @@ def _derived(generator: torch.Generator, stage: str) -> torch.Generator:
     gen = torch.Generator()
     gen.manual_seed(stage_seed(generator.initial_seed(), stage))
     return gen
-
-
-def _cuda_devices(module: nn.Module) -> list[int]:
-    device = _device_of(module)
-    return [device.index or 0] if device.type == "cuda" else []
 
 
 def _device_of(model: nn.Module) -> torch.device:

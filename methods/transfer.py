@@ -13,8 +13,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from methods.masking import Mask, MaskedModel, Transplant
 from common.config import Frozen
+from methods.masking import Mask, MaskedModel, Transplant
 
 
 class TransferConfig(Frozen):

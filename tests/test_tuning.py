@@ -3,7 +3,7 @@ import yaml
 
 from orchestrator.cli import main
 from orchestrator.config import ConfigError, load_sweep
-from orchestrator.trial import TrialSpec, mask_key, upstream_keys
+from orchestrator.trial import TrialSpec, artifact_key, identity, upstream_keys
 from orchestrator.tuning import apply_tuned, method_space
 from tests.conftest import tiny_raw
 
@@ -17,15 +17,19 @@ def test_overrides_apply_per_method_and_controls_inherit_discovery(tiny):
             "scratch": {"training.lr": 0.01},
         },
     )
-    si, sampled, scratch = (sweep.for_method(m) for m in ("subtask_induction", "sampled_subnetwork", "scratch"))
+    si, sampled, scratch = (sweep.effective(m) for m in ("subtask_induction", "sampled_subnetwork", "scratch"))
     assert si.training.lr == 0.003 and si.discovery.l0_lambda == 1e-6
     assert sampled.training.epochs == 7 and sampled.training.lr == sweep.training.lr
     assert sampled.discovery.l0_lambda == 1e-6, "controls use subtask_induction's mask settings"
-    assert scratch.training.lr == 0.01 and scratch.discovery == sweep.discovery
+    assert scratch.training.lr == 0.01
+    assert "discovery" not in identity(sweep, TrialSpec(method="scratch", data_fraction=0.5, seed=0))
     # the controls' mask is the very mask subtask_induction uses
     a = upstream_keys(sweep, TrialSpec(method="subtask_induction", sparsity=0.5, data_fraction=0.5, seed=0))
     b = upstream_keys(sweep, TrialSpec(method="sampled_subnetwork", sparsity=0.5, data_fraction=0.5, seed=0))
-    assert a == b and mask_key(si, 0, 0.5) != mask_key(sweep, 0, 0.5)
+    spec = TrialSpec(method="subtask_induction", sparsity=0.5, data_fraction=0.5, seed=0)
+    assert a == b
+    plain = sweep.model_copy(update={"method_overrides": {}})
+    assert artifact_key(sweep, spec, "mask") != artifact_key(plain, spec, "mask"), "tuned discovery changes the mask"
 
 
 @pytest.mark.parametrize(
