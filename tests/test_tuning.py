@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import yaml
 
@@ -97,3 +99,100 @@ def test_missing_tuned_file(tmp_path, capsys):
     assert main(["run", str(path), "--out", str(tmp_path / "o"), "--tuned", str(tmp_path / "nope.yaml")]) == 2
     assert "no such tuned-values file" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+# --- tuned values end to end, and tuning never reads test data ---------------------------
+
+MASK_METHODS = ("subtask_induction", "sampled_subnetwork")
+
+
+@pytest.fixture
+def ray_shutdown():
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_tuned_values_reach_every_trial_of_the_run(tmp_path, ray_shutdown):
+    from orchestrator.sweep import run_sweep
+    from orchestrator.trial import expand
+    from orchestrator.tuning import tune_methods
+
+    raw = tiny_raw(
+        methods=["subtask_induction", "sampled_subnetwork", "scratch"],
+        tuning={
+            "budget": 2,
+            "data_fractions": [0.5],
+            "seeds": [0],
+            "space": {"training.lr": [1e-4, 1e-2], "discovery.l0_lambda": [1e-8, 1e-5]},
+        },
+    )
+    sweep = load_sweep(raw)
+    path = tune_methods(sweep, tmp_path / "tuning", num_cpus=2)
+    tuned = yaml.safe_load(path.read_text())["method_overrides"]
+    assert set(tuned) == set(sweep.methods)
+    assert "discovery.l0_lambda" in tuned["subtask_induction"]
+    assert all("discovery.l0_lambda" not in tuned[m] for m in ("sampled_subnetwork", "scratch"))
+    lrs = {m: tuned[m]["training.lr"] for m in sweep.methods}
+    assert len(set(lrs.values())) == 3 and sweep.training.lr not in lrs.values(), "otherwise the check below is void"
+    l0 = tuned["subtask_induction"]["discovery.l0_lambda"]
+    assert l0 != sweep.discovery.l0_lambda
+
+    run = apply_tuned(sweep, path)
+    outcome = run_sweep(run, tmp_path / "run", num_cpus=2)
+    table = outcome.table
+    assert len(table) == len(expand(run)) and (table["status"] == "done").all()
+    for _, row in table.iterrows():
+        config = json.loads(row["config_json"])
+        assert config["training"]["lr"] == lrs[row["method"]], row["trial"]
+        if row["method"] in MASK_METHODS:
+            # the control's mask is subtask_induction's: it runs with the discovery values tuned for it
+            assert config["discovery"]["l0_lambda"] == l0, row["trial"]
+    masks = {m: table.loc[table["method"] == m, ["mask_density", "subtask_acc"]].values.tolist() for m in MASK_METHODS}
+    assert masks["subtask_induction"] == masks["sampled_subnetwork"]
+
+
+def _no_test_raw(**overrides):
+    raw = tiny_raw(plugins=["tests.plugins.no_test_data"], **overrides)
+    raw["task"] = {**raw["task"], "name": "arithmetic_no_test"}
+    return raw
+
+
+def test_the_guarded_task_refuses_test_reads(tmp_path):
+    """The guard of the tests below works: an ordinary trial, which evaluates on test, trips it."""
+    from orchestrator.artifacts import ArtifactStore
+    from orchestrator.trial import run_trial
+    from tests.plugins.no_test_data import TestDataRead
+
+    sweep = load_sweep(_no_test_raw(methods=["scratch"]))
+    spec = TrialSpec(method="scratch", data_fraction=0.5, seed=0)
+    with pytest.raises(TestDataRead):
+        run_trial(sweep, spec, ArtifactStore(tmp_path))
+
+
+@pytest.mark.parametrize("method", ["subtask_induction", "sampled_subnetwork", "scratch"])
+def test_a_tuning_trial_reads_no_test_data(tmp_path, method):
+    from orchestrator.artifacts import ArtifactStore
+    from orchestrator.trial import expand, run_trial
+
+    sweep = load_sweep(_no_test_raw(methods=[method]))
+    spec = expand(sweep)[0]
+    row = run_trial(sweep, spec, ArtifactStore(tmp_path), tuning=True)
+    assert row["status"] == "done" and 0.0 <= row["val_acc"] <= 1.0
+    assert not [k for k in row if k.startswith("test") or "_test_" in k], "no test metric in a tuning row"
+
+
+@pytest.mark.slow
+def test_tuning_never_reads_test_data(tmp_path, ray_shutdown):
+    from orchestrator.tuning import tune_methods
+
+    raw = _no_test_raw(
+        methods=["subtask_induction", "sampled_subnetwork", "scratch"],
+        tuning={"budget": 1, "data_fractions": [0.5], "seeds": [0], "space": {"training.lr": [1e-4, 1e-2]}},
+    )
+    path = tune_methods(load_sweep(raw), tmp_path / "tuning", num_cpus=2)
+    tuned = yaml.safe_load(path.read_text())
+    assert set(tuned["method_overrides"]) == set(raw["methods"])
+    assert all(0.0 <= v <= 1.0 for v in tuned["best_val_acc"].values())
