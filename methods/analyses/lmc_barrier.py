@@ -1,0 +1,114 @@
+"""`lmc_barrier`: linear mode connectivity between the trained downstream model and its source.
+
+Along the straight line θ(t) = (1 − t)·θ_trained + t·θ_source (every floating tensor of the two
+effective state dicts; integer buffers such as batch norm's `num_batches_tracked` are the trained
+model's), the loss L(t) is the mean cross-entropy on one downstream evaluation split. The barrier is
+the largest excess over the chord, max_t [L(t) − ((1 − t)·L(0) + t·L(1))]: 0 when the two ends sit
+in one linearly connected basin, large when the path climbs over a ridge (Frankle et al. 2020).
+
+- The split (`split`, default "test") is the held-out test split: the question is whether the two
+  solutions generalise as one basin, and test and validation are drawn alike; "val" names the
+  validation split, any other name one of the task's evaluation splits.
+- Models with batch norm get their statistics re-estimated at every point, the endpoints included
+  (Jordan et al. 2023, REPAIR): interpolated weights with interpolated statistics are not a model
+  anyone trained, and re-estimating only inside would make the ends a different code path. Running
+  statistics are reset and averaged cumulatively (momentum None) over the downstream training split,
+  norms in train mode and everything else in eval mode, without gradients.
+- Every point, the ends included, is evaluated by the same code, so the chord term is exactly 0 at
+  t = 0 and t = 1 and the barrier is ≥ 0 without clamping. t = 0.5 is always evaluated (added to
+  the grid when `points` is even) for the midpoint columns.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from common.config import Frozen
+from methods.analysis import Column, register_analysis
+from methods.masking import effective_state_dict
+from methods.training import evaluate, mean_loss
+from tasks.base import Split, StageData
+
+
+class LMCConfig(Frozen):
+    points: int = Field(11, ge=3, description="evenly spaced points on the path, both ends included")
+    split: str = Field("test", description="evaluation split whose cross-entropy is the loss; 'val' for validation")
+
+
+@register_analysis(
+    "lmc_barrier",
+    needs=("source",),
+    config=LMCConfig,
+    columns={
+        "lmc_barrier": Column(
+            "float64", summarise=True, description="max loss excess over the chord, trained -> source"
+        ),
+        "lmc_barrier_loss_mid": Column("float64", summarise=True, description="loss at the midpoint t = 0.5"),
+        "lmc_barrier_acc_mid": Column("float64", summarise=True, description="accuracy at the midpoint t = 0.5"),
+    },
+    description="loss barrier on the linear path between the trained model and its source",
+)
+def lmc_barrier(ctx, model: nn.Module, config: LMCConfig | None) -> dict[str, float]:
+    config = config or LMCConfig()
+    split = _split(ctx.data, config.split)
+    trained = effective_state_dict(model)
+    source = effective_state_dict(ctx.artifact("source"))
+    _check_same_architecture(trained, source)
+    probe = ctx.fresh_model("init").to(ctx.device)
+
+    n = config.points
+    ts = sorted({i / (n - 1) for i in range(n)} | {0.5})  # i / (n - 1): exactly 0.0 and 1.0 at the ends
+    losses, accs = {}, {}
+    for t in ts:
+        probe.load_state_dict(interpolate(trained, source, t))
+        recalibrate_batch_norm(probe, ctx.data.train, ctx.eval_batch_size)
+        losses[t] = mean_loss(probe, split, ctx.eval_batch_size)
+        accs[t] = evaluate(probe, split, ctx.eval_batch_size)["y"]
+    start, end = losses[0.0], losses[1.0]
+    barrier = max(losses[t] - ((1 - t) * start + t * end) for t in ts)
+    return {"lmc_barrier": barrier, "lmc_barrier_loss_mid": losses[0.5], "lmc_barrier_acc_mid": accs[0.5]}
+
+
+@torch.no_grad()
+def interpolate(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], t: float) -> dict[str, torch.Tensor]:
+    """(1 − t)·a + t·b for floating tensors (exactly a at t = 0, b at t = 1); a's value otherwise."""
+    return {k: (1 - t) * v + t * b[k].to(v.device) if v.is_floating_point() else v.clone() for k, v in a.items()}
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(model: nn.Module, split: Split, batch_size: int) -> None:
+    """Replace every batch norm's running statistics by those of `model` on `split` (a no-op for a
+    model without batch norm). Leaves the model in eval mode."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    model.eval()
+    if not norms:
+        return
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the batches
+        norm.train()
+    device = next(model.parameters()).device
+    # Near-equal batches: a cumulative average weights batches alike, and a last batch of one row
+    # would make batch norm refuse to train.
+    n_batches = max(1, -(-len(split) // batch_size))
+    for idx in torch.arange(len(split)).tensor_split(n_batches):
+        model(split.x[idx].to(device))
+    model.eval()
+
+
+def _split(data: StageData, name: str) -> Split:
+    if name == "val":
+        return data.val
+    if name not in data.evals:
+        raise ValueError(f"lmc_barrier: the task has no evaluation split {name!r}; use one of: "
+                         f"{', '.join(['val', *data.evals])}")  # fmt: skip
+    return data.evals[name]
+
+
+def _check_same_architecture(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    diff = sorted(set(a) ^ set(b)) or sorted(k for k in a if a[k].shape != b[k].shape)
+    if diff:
+        raise ValueError(f"lmc_barrier needs the trained and source models to share one architecture; "
+                         f"they differ at {diff[:5]}")  # fmt: skip
