@@ -7,7 +7,8 @@
   Student t confidence interval of the mean over seeds.
 - `headline.parquet`: per series, the budget needed to reach a target accuracy (default 0.9,
   interpolated on the log-budget axis, with a 95% CI), the area under the data-efficiency curve, and
-  the sample-efficiency ratio against the matching `scratch` series.
+  the sample-efficiency ratio against a `scratch` series of the same task (of several, the one whose
+  config differs from the series' in the fewest fields both have; named in `scratch_label`).
 - `mask_overlap.parquet`: Jaccard overlap of the discovered masks across seeds and across
   sparsities, beside the overlap two independent random masks of the same densities would have
   (only when the sweep's artifact store holds at least two masks).
@@ -24,14 +25,18 @@ across series: two depths, learning rates, models or merged directories with dif
 reported side by side, and two rows for one (series, seed, budget) are an error, not averaged. Each
 series has a short `label`: the method (`@sparsity`), plus the config fields that differ between
 the series of the same task that share that method label (`subtask_induction @0.75
-[model.n_layers=4]`).
+[model.n_layers=4]`); `family` is the same without the sparsity (a line of the sparsity figure).
+Both tables carry `series`, `task`, `method`, `sparsity`, `label`, `family` and one column per
+sweep axis (the dotted result columns, `model.n_layers`). The summarised columns are those
+`orchestrator.results.summarised_columns` names: the core metrics and what analyses declare.
 
 Intervals. Sweeps have few seeds (often 3). A percentile bootstrap of 3 values can form only 10
-distinct means and its "95%" interval covers the true mean about 70% of the time. We use the
+distinct means, and its "95%" interval covers the true mean about 75% of the time. We use the
 Student t interval on the seed values, mean ± t(0.975, k-1) · s / sqrt(k), at every seed count k:
-it is exact for normal noise and covers 93-95% for skewed, bounded accuracies from 3 seeds on (see
-`benchmarks/ci_coverage.py`); BCa (`scipy.stats.bootstrap`) was no better at 10-20 seeds on that
-benchmark, so one rule serves all k. One seed gives no interval: its bounds are NaN, not (v, v).
+it is exact for normal noise and covers 0.93-0.95 for skewed, bounded accuracies from 2 seeds on.
+BCa (`scipy.stats.bootstrap`) still undercovers at 10 and 20 seeds (about 0.89 and 0.92), so one
+rule serves all k; `python benchmarks/ci_coverage.py` prints the comparison. One seed gives no
+interval: its bounds are NaN, not (v, v).
 
 The budget-to-target interval inverts the pointwise t bands of the mean curve: the interval for
 `n_to_target` runs from the budget where the upper band first reaches the target to the budget
@@ -39,8 +44,7 @@ where the lower band first reaches it (inf when the lower band never does). If t
 lies inside both bands at the budgets around the crossing, the true crossing lies inside this
 interval. The bands are pointwise, so this is not an exact 95% interval; its coverage depends on
 the curves (about 0.98 at 3-5 seeds on the curve family of `tests/test_statistics.py`, whose bar
-is 0.9). A percentile bootstrap of the crossing over 3 seeds is no interval at all: it can take
-only 10 distinct values.
+is 0.9), where the former percentile bootstrap of the crossing covered about 0.75 at 3 seeds.
 
 The log-budget axis is x = log10(1 + n), so that n = 0 (no disambiguating data) has a place on it.
 """
@@ -52,6 +56,7 @@ import itertools
 import json
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +65,6 @@ import pandas as pd
 from scipy import stats
 
 from common.config import stable_hash
-from orchestrator import results
-from orchestrator.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +78,12 @@ _SWEEP_ONLY = (
     "name", "plugins", "resources", "storage", "max_failures", "tuning", "method_overrides",
     "methods", "sparsities", "data_fractions", "seeds",
 )  # fmt: skip
-_NOT_METRICS = {
-    "data_fraction", "n_train", "seed", "sparsity", "best_epoch", "epochs_run", "started_at", "finished_at",
-}  # fmt: skip
 _MAX_LABEL_FIELDS = 3
+MASK_OVERLAP_NOTE = (
+    "Jaccard overlap |A∩B| / |A∪B| of discovered masks (all tensors together) that differ only in their seed "
+    "(same sparsity) or only in their sparsity (same seed), mean [min, max] over pairs; random: "
+    "d1·d2 / (d1 + d2 − d1·d2), the expected overlap of independent uniformly random masks of the same densities."
+)
 
 
 # --- statistics --------------------------------------------------------------------------
@@ -250,7 +255,7 @@ def _labels(tasks, bases, flats, series, axes: list[str]) -> list[str]:
     labels = list(bases)
     groups: dict[tuple, dict[str, list[int]]] = {}
     for i, (task, base, flat) in enumerate(zip(tasks, bases, flats, strict=True)):
-        groups.setdefault((task, base), {}).setdefault(_fmt_value(flat), []).append(i)
+        groups.setdefault((task, base), {}).setdefault(_exact(flat), []).append(i)
     for configs in groups.values():
         if len(configs) < 2:
             continue
@@ -262,18 +267,18 @@ def _labels(tasks, bases, flats, series, axes: list[str]) -> list[str]:
     # Two series whose configs differ only in ways flattening cannot see still get distinct labels.
     count: dict[tuple, set] = {}
     for task, label, flat in zip(tasks, labels, flats, strict=True):
-        count.setdefault((task, label), set()).add(_fmt_value(flat))
+        count.setdefault((task, label), set()).add(_exact(flat))
     return [
         label if len(count[(t, label)]) == 1 else f"{label} #{s[:6]}"
         for t, label, s in zip(tasks, labels, series, strict=True)
     ]
 
 
-def differing_fields(flats: list[dict[str, Any]], first: list[str] = ()) -> list[list[str]]:
+def differing_fields(flats: list[dict[str, Any]], first: Sequence[str] = ()) -> list[list[str]]:
     """For each flattened config, `path=value` of the paths whose values are not the same in all;
     paths in `first` lead, the rest follow in name order."""
     paths = sorted(set().union(*flats))
-    differ = [p for p in paths if len({_fmt_value(f.get(p, "-")) for f in flats}) > 1]
+    differ = [p for p in paths if len({_exact(f.get(p, "-")) for f in flats}) > 1]
     differ.sort(key=lambda p: (p not in first, p))
     return [[f"{p}={_fmt_value(f.get(p, '-'))}" for p in differ] for f in flats]
 
@@ -286,7 +291,13 @@ def _bracket(fields: list[str]) -> str:
     return " [" + ", ".join(shown) + (f", +{more}" if more else "") + "]"
 
 
+def _exact(value: Any) -> str:
+    """A value as text for comparing: exact, unlike `_fmt_value`'s short floats."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
 def _fmt_value(value: Any) -> str:
+    """A value as text for a label."""
     if isinstance(value, bool) or value is None:
         return json.dumps(value)
     if isinstance(value, float):
@@ -297,6 +308,8 @@ def _fmt_value(value: Any) -> str:
 
 
 def _check_duplicates(done: pd.DataFrame, info: pd.DataFrame) -> None:
+    from orchestrator.config import ConfigError
+
     dup = done[done.duplicated(["series", "seed", "n_train"], keep=False)]
     if dup.empty:
         return
@@ -318,25 +331,10 @@ def _check_duplicates(done: pd.DataFrame, info: pd.DataFrame) -> None:
 
 
 def summarised(table: pd.DataFrame) -> list[str]:
-    """The columns to summarise: `orchestrator.results.summarised_columns` when it exists."""
-    try:
-        from orchestrator.results import summarised_columns
-    except ImportError:  # TODO(lead): remove once results.summarised_columns lands
-        return _metric_columns_by_suffix(table)
-    return [c for c in summarised_columns(table) if c in table.columns]
+    """The columns to summarise, as `orchestrator.results.summarised_columns` declares them."""
+    from orchestrator import results
 
-
-def _metric_columns_by_suffix(table: pd.DataFrame) -> list[str]:
-    cols = []
-    for col in table.columns:
-        if col in _NOT_METRICS or "." in col:
-            continue
-        values = pd.to_numeric(table[col], errors="coerce")
-        if table[col].dtype == bool or values.notna().sum() == 0:
-            continue
-        if col.endswith(("_acc", "_density", "_bias", "_s")) or "_acc_" in col or col.startswith("acc"):
-            cols.append(col)
-    return cols
+    return [c for c in results.summarised_columns(table) if c in table.columns]
 
 
 def _ident(info: pd.DataFrame, series: str) -> dict[str, Any]:
@@ -433,7 +431,7 @@ def scratch_for(series: str, info: pd.DataFrame) -> str | None:
         return None
 
     def distance(other: dict) -> int:
-        return sum(_fmt_value(flat[p]) != _fmt_value(other[p]) for p in set(flat) & set(other))
+        return sum(_exact(flat[p]) != _exact(other[p]) for p in set(flat) & set(other))
 
     ranked = sorted(candidates.itertuples(), key=lambda c: (distance(c.flat), c.label))
     return ranked[0].series
@@ -503,9 +501,11 @@ def load_masks(roots: list[str]) -> list[dict[str, Any]]:
 
 
 def _without(key: dict, *, seed: bool = False, sparsity: bool = False) -> dict:
+    """A mask key without its seed (the source's, and a top-level one if a key has it) or sparsity."""
     out = dict(key)
     if seed:
         out["source"] = {k: v for k, v in key["source"].items() if k != "seed"}
+        out.pop("seed", None)
     if sparsity:
         out.pop("sparsity", None)
     return out
@@ -762,6 +762,10 @@ def plot_mask_overlap(overlap: pd.DataFrame, stem: Path) -> list[Path]:
 
 
 def load_tables(out_dirs: list[Path]) -> pd.DataFrame:
+    # Imported here: the statistics above need neither the trial machinery nor torch.
+    from orchestrator import results
+    from orchestrator.config import ConfigError
+
     tables = []
     for out in out_dirs:
         path = Path(out) / "results.parquet"
@@ -787,7 +791,7 @@ def write_report(out_dirs: list[Path], report_dir: Path | None = None, target: f
     overlaps = mask_overlap_table(overlap)
     if not overlap.empty:
         overlap.to_parquet(report_dir / "mask_overlap.parquet", index=False)
-        md += f"\n## Mask overlap (Jaccard)\n\n{_markdown(overlaps)}"
+        md += f"\n## Mask overlap (Jaccard)\n\n{MASK_OVERLAP_NOTE}\n\n{_markdown(overlaps)}"
     (report_dir / "summary.md").write_text(md)
     figures: list[tuple[str, str]] = []
     if not summary.empty:
@@ -818,7 +822,9 @@ def _html(sources: str, figures, curves: pd.DataFrame, heads: pd.DataFrame, over
         f"</figcaption></figure>"
         for src, cap in figures
     )
-    masks = f"<h2>Mask overlap (Jaccard)</h2>\n{table_html(overlaps)}" if not overlaps.empty else ""
+    masks = ""
+    if not overlaps.empty:
+        masks = f"<h2>Mask overlap (Jaccard)</h2>\n<p>{html.escape(MASK_OVERLAP_NOTE)}</p>\n{table_html(overlaps)}"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Instill report</title>
 <style>

@@ -1,14 +1,28 @@
 """Report statistics on synthetic result tables whose answers are known."""
 
+import json
 import shutil
 import subprocess
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
+from common.config import stable_hash
 from orchestrator import results
-from orchestrator.report import bootstrap_ci, budget_to_reach, curve_area, headline, summarise, write_report
+from orchestrator.artifacts import ArtifactStore
+from orchestrator.config import ConfigError
+from orchestrator.report import (
+    artifact_roots,
+    budget_to_reach,
+    curve_area,
+    headline,
+    load_masks,
+    mask_overlap,
+    summarise,
+    write_report,
+)
 
 
 def _table(curves: dict[str, dict[int, list[float]]], sparsity=None) -> pd.DataFrame:
@@ -35,20 +49,12 @@ def _table(curves: dict[str, dict[int, list[float]]], sparsity=None) -> pd.DataF
     return results.frame(rows)
 
 
-def test_bootstrap_ci_covers_the_true_mean_at_its_level():
-    rng = np.random.default_rng(0)
-    covered = 0
-    reps = 300
-    for i in range(reps):
-        lo, hi = bootstrap_ci(rng.normal(0.7, 0.1, size=20), n_boot=1000, seed=i)
-        covered += lo <= 0.7 <= hi
-    assert 0.88 <= covered / reps <= 0.99  # percentile bootstrap, n = 20: close to its nominal 95%
-
-
-def test_bootstrap_ci_edge_cases():
-    assert bootstrap_ci([]) != bootstrap_ci([])  # nan
-    assert bootstrap_ci([0.5]) == (0.5, 0.5)
-    assert bootstrap_ci([0.5, 0.5, 0.5]) == (0.5, 0.5)
+def test_summary_intervals_are_student_t_and_absent_for_one_seed():
+    table = _table({"subtask_induction": {10: [0.5, 0.7, 0.6], 100: [0.9]}}, 0.75)
+    summary = summarise(table).set_index("n_train")
+    lo, hi = summary.loc[10, ["test_acc_ci_lo", "test_acc_ci_hi"]]
+    assert (lo, hi) == pytest.approx((0.6 - 4.302653 * 0.1 / np.sqrt(3), 0.6 + 4.302653 * 0.1 / np.sqrt(3)))
+    assert np.isnan(summary.loc[100, "test_acc_ci_lo"]) and np.isnan(summary.loc[100, "test_acc_ci_hi"])
 
 
 def test_budget_to_reach_interpolates_on_the_log_budget_axis():
@@ -76,7 +82,7 @@ def test_summary_has_seeds_mean_std_ci_for_every_metric():
     assert row["seeds"] == 2
     assert row["test_acc_mean"] == pytest.approx(0.6)
     assert row["test_acc_std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
-    assert row["test_acc_ci_lo"] >= 0.5 and row["test_acc_ci_hi"] <= 0.7
+    assert row["test_acc_ci_lo"] < 0.5 and row["test_acc_ci_hi"] > 0.7  # t(1) = 12.7: two seeds say little
     for metric in ("val_acc", "subtask_acc"):
         assert f"{metric}_mean" in summary.columns
     assert np.isnan(summary.loc[("scratch", 10), "sparsity"])
@@ -184,11 +190,205 @@ def test_index_html_renders_in_a_real_browser_with_every_figure(tmp_path):
     assert (pixels < 128).mean() > 0.01, "too little ink: text and figures did not render"
 
 
-def test_transfer_variants_are_reported_as_separate_series():
+def test_legacy_transfer_variants_are_reported_as_separate_series():
+    # Result files from before `series`: no series column, and the transfer settings in columns.
     keep = _table({"subtask_induction": {99: [0.9, 0.9]}}, 0.75)
     reinit = _table({"subtask_induction": {99: [0.3, 0.3]}}, 0.75)
     keep["unmasked"], reinit["unmasked"] = "keep", "reinit"
     keep["trainable_subnetwork"] = reinit["trainable_subnetwork"] = False
-    summary = summarise(pd.concat([keep, reinit], ignore_index=True)).set_index("method")
-    assert summary.loc["subtask_induction", "test_acc_mean"] == pytest.approx(0.9)
-    assert summary.loc["subtask_induction [reinit]", "test_acc_mean"] == pytest.approx(0.3)
+    summary = summarise(pd.concat([keep, reinit], ignore_index=True)).set_index("label")
+    assert summary.loc["subtask_induction @0.75 [transfer.unmasked=keep]", "test_acc_mean"] == pytest.approx(0.9)
+    assert summary.loc["subtask_induction @0.75 [transfer.unmasked=reinit]", "test_acc_mean"] == pytest.approx(0.3)
+
+
+# --- series: one effective config minus the seed ------------------------------------------
+
+
+def _config(method, sparsity, seed, fraction, task="t", **model) -> dict:
+    """A trial's effective config as the rows carry it in `config_json`."""
+    config = {
+        "method": method,
+        "sparsity": sparsity,
+        "data_fraction": fraction,
+        "seed": seed,
+        "task": {"name": task},
+        "model": {"name": "mlp", "n_layers": 2, **model},
+        "training": {"lr": 2e-4, "epochs": 10},
+    }
+    if sparsity is not None:
+        config["discovery"] = {"l0_lambda": 1e-3}
+        config["transfer"] = {"unmasked": "keep"}
+    return config
+
+
+def _rows(method, sparsity, curve: dict[int, list[float]], task="t", with_series=True, **model) -> pd.DataFrame:
+    """Rows of one series, in the schema with `config_json`, `series` and dotted axis columns."""
+    rows = []
+    for n, accs in curve.items():
+        for seed, acc in enumerate(accs):
+            config = _config(method, sparsity, seed, n / 1000, task, **model)
+            row = {
+                "trial": f"{method}-{n}-{seed}",
+                "task": task,
+                "model": "mlp",
+                "method": method,
+                "sparsity": sparsity,
+                "data_fraction": n / 1000,
+                "n_train": n,
+                "seed": seed,
+                "status": "done",
+                "test_acc": acc,
+                "val_acc": acc,
+                "config_json": json.dumps(config, sort_keys=True),
+                "model.n_layers": config["model"]["n_layers"],
+            }
+            if with_series:
+                row["series"] = stable_hash({k: v for k, v in config.items() if k not in ("seed", "data_fraction")})
+            rows.append(row)
+    return results.frame(rows)
+
+
+def test_two_depths_of_one_method_are_two_series_with_distinct_labels(tmp_path):
+    shallow = _rows("subtask_induction", 0.75, {9: [0.5, 0.6, 0.55], 99: [0.9, 0.92, 0.91]}, n_layers=2)
+    deep = _rows("subtask_induction", 0.75, {9: [0.2, 0.3, 0.25], 99: [0.5, 0.52, 0.51]}, n_layers=4)
+    table = pd.concat([shallow, deep], ignore_index=True)
+    summary = summarise(table)
+    assert summary["series"].nunique() == 2
+    by_label = summary.set_index(["label", "n_train"])
+    assert by_label.loc[("subtask_induction @0.75 [model.n_layers=2]", 99), "test_acc_mean"] == pytest.approx(0.91)
+    assert by_label.loc[("subtask_induction @0.75 [model.n_layers=4]", 99), "test_acc_mean"] == pytest.approx(0.51)
+    assert set(summary["model.n_layers"]) == {2, 4}  # the axis is a column
+    head = headline(table)
+    assert len(head) == 2 and {"series", "task", "method", "sparsity", "label", "model.n_layers"} <= set(head)
+    _write_results(tmp_path / "run", table)
+    md = (write_report([tmp_path / "run"]) / "summary.md").read_text()
+    assert "subtask_induction @0.75 [model.n_layers=4]" in md
+
+
+def test_rows_without_series_load_and_group_like_rows_with_it():
+    curve = {9: [0.5, 0.6], 99: [0.9, 0.95]}
+    new = summarise(_rows("scratch", None, curve, n_layers=3))
+    old = summarise(_rows("scratch", None, curve, with_series=False, n_layers=3))
+    assert list(old["series"]) == list(new["series"])  # the same hash of config_json, seed and fraction removed
+    pd.testing.assert_frame_equal(old, new)
+
+
+def test_duplicate_trials_are_an_error_not_an_average():
+    run = _rows("subtask_induction", 0.75, {99: [0.9, 0.8]})
+    with pytest.raises(ConfigError, match=r"subtask_induction @0.75.*seed 0, n_train 99.*report one of them"):
+        summarise(pd.concat([run, run], ignore_index=True))
+
+
+def test_labels_name_at_most_three_differing_fields():
+    runs = [
+        _rows("scratch", None, {99: [0.5, 0.6]}, n_layers=n, width=w, act=a, norm=b)
+        for n, w, a, b in [(2, 64, "relu", "ln"), (4, 128, "gelu", "bn")]
+    ]
+    labels = set(summarise(pd.concat(runs, ignore_index=True))["label"])
+    assert labels == {
+        "scratch [model.n_layers=2, model.act=relu, model.norm=ln, +1]",  # the axis first, then by name
+        "scratch [model.n_layers=4, model.act=gelu, model.norm=bn, +1]",
+    }
+
+
+def test_ratio_is_against_the_scratch_series_with_the_same_settings_and_task():
+    table = pd.concat(
+        [
+            _rows("subtask_induction", 0.75, {0: [0.5, 0.5], 99: [1.0, 1.0]}, n_layers=2),
+            _rows("subtask_induction", 0.75, {0: [0.5, 0.5], 99: [1.0, 1.0]}, n_layers=4),
+            _rows("scratch", None, {0: [0.1, 0.1], 9: [0.9, 0.9], 99: [1.0, 1.0]}, n_layers=2),
+            _rows("scratch", None, {0: [0.1, 0.1], 99: [0.95, 0.95], 999: [1.0, 1.0]}, n_layers=4),
+            _rows("scratch", None, {0: [0.9, 0.9], 99: [1.0, 1.0]}, task="other", n_layers=4),
+        ],
+        ignore_index=True,
+    )
+    head = headline(table, target=0.9).set_index("label")
+    si2, si4 = (
+        head.loc["subtask_induction @0.75 [model.n_layers=2]"],
+        head.loc["subtask_induction @0.75 [model.n_layers=4]"],
+    )
+    assert si2["scratch_label"] == "scratch [model.n_layers=2]"
+    assert si4["scratch_label"] == "scratch [model.n_layers=4]"
+    assert si2["ratio_vs_scratch"] == pytest.approx(9 / si2["n_to_target"])
+    assert si4["ratio_vs_scratch"] > si2["ratio_vs_scratch"]
+    assert (head.loc[head["task"] == "t", "scratch_label"] != "scratch").all()  # never the other task's
+
+
+# --- mask overlap ----------------------------------------------------------------------------
+
+
+N_WEIGHTS = 1000  # a mask over a 600-vector and a 20 x 20 matrix, flattened together
+
+
+def _mask_key(seed: int, sparsity: float, l0: float = 1e-3) -> dict:
+    source = {"task": {"name": "t"}, "model": {"name": "mlp"}, "training": {"lr": 5e-4}, "seed": seed}
+    return {"source": source, "subtask": {"name": "t"}, "discovery": {"l0_lambda": l0}, "sparsity": sparsity}
+
+
+def _store_mask(store: ArtifactStore, key: dict, ones: slice) -> None:
+    flat = torch.zeros(N_WEIGHTS, dtype=torch.bool)
+    flat[ones] = True
+    tensors = {"a.weight": flat[:600].clone(), "b.weight": flat[600:].reshape(20, 20).clone()}
+    store.get_or_compute("mask", key, lambda: (tensors, {"density": flat.float().mean().item()}))
+
+
+def test_artifact_store_lists_its_entries(tmp_path):
+    store = ArtifactStore(tmp_path / "artifacts")
+    assert store.entries("mask") == []
+    _store_mask(store, _mask_key(0, 0.5), slice(0, 500))
+    [(key, meta, path)] = store.entries("mask")
+    assert key == _mask_key(0, 0.5) and meta["density"] == 0.5 and path == store.path("mask", key)
+
+
+def test_mask_overlap_across_seeds_and_sparsities_against_random_masks(tmp_path):
+    out = tmp_path / "run"
+    _write_results(out, _table({"subtask_induction": {0: [0.3, 0.35], 99: [0.95, 0.9]}}, 0.5))
+    store_root = tmp_path / "elsewhere"  # sweep.json points the store away from OUT/artifacts
+    (out / "sweep.json").write_text(json.dumps({"config": {"storage": {"artifacts": str(store_root)}}}))
+    store = ArtifactStore(store_root)
+    _store_mask(store, _mask_key(0, 0.5), slice(0, 500))
+    _store_mask(store, _mask_key(1, 0.5), slice(100, 600))  # |A∩B| = 400, |A∪B| = 600
+    _store_mask(store, _mask_key(0, 0.75), slice(0, 250))  # inside seed 0's 0.5 mask: 250 / 500
+    report = write_report([out])
+    overlap = pd.read_parquet(report / "mask_overlap.parquet")
+    seeds = overlap[overlap["pair"] == "across seeds"].iloc[0]
+    assert (seeds["seed_a"], seeds["seed_b"], seeds["sparsity_a"]) == (0, 1, 0.5)
+    assert seeds["jaccard"] == pytest.approx(400 / 600)
+    assert seeds["jaccard_random"] == pytest.approx(0.25 / 0.75)
+    sparsities = overlap[overlap["pair"] == "across sparsities"].iloc[0]
+    assert (sparsities["sparsity_a"], sparsities["sparsity_b"], sparsities["seed_a"]) == (0.5, 0.75, 0)
+    assert sparsities["jaccard"] == pytest.approx(0.5)
+    assert sparsities["jaccard_random"] == pytest.approx(0.5 * 0.25 / (0.5 + 0.25 - 0.5 * 0.25))
+    assert len(overlap) == 2  # seed 1 @0.5 and seed 0 @0.75 differ in both: not a pair
+    assert (report / "mask_overlap.png").exists() and (report / "mask_overlap.svg").exists()
+    assert "mask_overlap.svg" in (report / "index.html").read_text()
+    assert "Mask overlap" in (report / "summary.md").read_text()
+
+
+def test_masks_of_other_discovery_settings_are_not_paired(tmp_path):
+    store = ArtifactStore(tmp_path / "run" / "artifacts")
+    _store_mask(store, _mask_key(0, 0.5, l0=1e-3), slice(0, 500))
+    _store_mask(store, _mask_key(1, 0.5, l0=1e-2), slice(0, 500))
+    assert mask_overlap(load_masks(artifact_roots([tmp_path / "run"]))).empty
+
+
+def test_no_mask_overlap_figure_with_fewer_than_two_masks(tmp_path):
+    out = tmp_path / "run"
+    _write_results(out, _table({"subtask_induction": {0: [0.3, 0.35], 99: [0.95, 0.9]}}, 0.5))
+    _store_mask(ArtifactStore(out / "artifacts"), _mask_key(0, 0.5), slice(0, 500))
+    report = write_report([out])
+    assert not (report / "mask_overlap.png").exists() and not (report / "mask_overlap.parquet").exists()
+    assert "mask_overlap.svg" not in (report / "index.html").read_text()
+
+
+def test_the_summarised_columns_are_the_ones_results_names(monkeypatch):
+    monkeypatch.setattr(results, "summarised_columns", lambda table: ["val_acc", "no_such_column"])
+    summary = summarise(_table({"scratch": {10: [0.2, 0.4]}}))
+    assert "val_acc_mean" in summary and "test_acc_mean" not in summary
+
+
+def test_summary_md_says_when_a_series_has_no_interval(tmp_path):
+    _write_results(tmp_path / "run", _table({"scratch": {0: [0.2], 99: [0.5]}}))
+    md = (write_report([tmp_path / "run"]) / "summary.md").read_text()
+    assert "Student t" in md and "One seed only, so no interval (NaN bounds)" in md and "scratch" in md
+    assert "[no CI: one seed]" in md or "not reached" in md
