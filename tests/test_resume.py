@@ -1,9 +1,11 @@
 """SIGKILL the driver mid-sweep, resume, and get exactly the rows of an uninterrupted run."""
 
+import collections
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pandas as pd
@@ -71,3 +73,68 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert len(tune_runs) == 2
     second_run_trials = [p for p in tune_runs[1].iterdir() if p.is_dir()]
     assert len(second_run_trials) <= 30 - finished_before + 2  # only unfinished ones (plus those in flight)
+
+
+def _watch(stream, lines: list[str]) -> threading.Thread:
+    """Collect `stream`'s lines into `lines` on a thread (so the child never blocks on a full pipe)."""
+
+    def read():
+        for line in stream:
+            lines.append(line)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.slow
+def test_sigkill_during_the_upstream_phase_then_resume(tmp_path):
+    from orchestrator.artifacts import ArtifactStore
+    from orchestrator.config import load_sweep
+    from orchestrator.trial import expand, upstream_keys
+
+    raw = tiny_raw(
+        methods=["subtask_induction", "sampled_subnetwork", "scratch"],
+        sparsities=[0.3, 0.5, 0.8],
+        seeds=[0, 1],
+        # upstream work of a few seconds per artifact, so that the kill can land between two of them
+        task={"operand_range": 60, "n_base": 2000, "n_subtask": 600},
+        source={"epochs": 20, "patience": None, "target_val_acc": None},
+        discovery={"epochs": 30, "batch_size": 50},
+    )
+    sweep_path = tmp_path / "sweep.yaml"
+    sweep_path.write_text(yaml.safe_dump(raw))
+    sweep = load_sweep(raw)
+    keys = {key for spec in expand(sweep) for key in upstream_keys(sweep, spec)}
+    assert len(keys) == 2 + 6
+
+    out = tmp_path / "out"
+    store_root = out / "artifacts"
+    proc = _run(sweep_path, out, wait=False)
+    lines: list[str] = []
+    reader = _watch(proc.stderr, lines)
+    deadline = time.time() + 300
+    computed = 0
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            reader.join(5)
+            pytest.fail("the sweep finished before it could be interrupted: " + "".join(lines)[-2000:])
+        upstream_started = any("artifact(s) before the trials" in line for line in lines)
+        computed = len(list((store_root / "computations").glob("*.json"))) if store_root.exists() else 0
+        if upstream_started and computed >= 3:  # both sources and at least one mask
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    reader.join(5)
+    assert 3 <= computed < len(keys), "the kill must land during the upstream phase"
+    assert not list((out / "rows").glob("*.json")), "no trial had finished"
+
+    _run(sweep_path, out)  # resume
+    table = results.read(out / "results.parquet")
+    assert len(table) == len(expand(sweep)) and (table["status"] == "done").all()
+    counts = collections.Counter((c["kind"], c["key"]) for c in ArtifactStore(store_root).computations())
+    assert set(counts) == keys, "every artifact was computed"
+    assert max(counts.values()) == 1, f"an artifact was computed twice: {counts}"
+    leftovers = [p for p in out.rglob("*") if ".tmp" in p.name]
+    assert not leftovers, f"temporary files left behind: {leftovers}"
