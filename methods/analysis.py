@@ -29,6 +29,7 @@ from tasks.base import StageData
 class Column:
     dtype: str = "float64"  # a pyarrow/pandas dtype name
     summarise: bool = True  # whether the report gives mean, std and CI of it
+    plot: bool = False  # whether the report draws its curve against the budget (one figure per column)
     description: str = ""
 
 

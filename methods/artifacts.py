@@ -44,6 +44,12 @@ class ArtifactKind:
     blocks: ClassVar[tuple[str, ...]] = ()  # sweep blocks that enter the key (shared by every method needing it)
     axes: ClassVar[tuple[str, ...]] = ()  # grid axes that enter the key
     reported: ClassVar[tuple[str, ...]] = ()  # row columns from `columns(meta)` that the report summarises
+    is_mask: ClassVar[bool] = False  # boolean tensors over parameters: the report compares them (overlap)
+
+    def describe(self, key: dict) -> dict[str, Any]:
+        """The grid coordinates of a stored artifact's key, for reports: `seed`, `sparsity` where
+        it has one, and `family`: the key without them (artifacts of one family differ only there)."""
+        return {}
 
     def key(self, ctx: ArtifactContext) -> dict: ...
 
@@ -91,6 +97,9 @@ class Source(ArtifactKind):
 
     reported = ("source_val_acc",)
 
+    def describe(self, key):
+        return {"seed": key["seed"]}
+
     def key(self, ctx):
         return {
             "task": ctx.task.key_fields("source"),
@@ -121,6 +130,12 @@ class DiscoveredMask(ArtifactKind):
     """The subnetwork discovered in the source model on the subtask, at the requested sparsity."""
 
     reported = ("mask_density", "subtask_acc", "natural_density")
+    is_mask = True
+
+    def describe(self, key):
+        source = {k: v for k, v in key["source"].items() if k != "seed"}
+        family = {**{k: v for k, v in key.items() if k not in ("source", "sparsity")}, "source": source}
+        return {"seed": key["source"]["seed"], "sparsity": key["sparsity"], "family": family}
 
     def key(self, ctx):
         return {

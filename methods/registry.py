@@ -7,6 +7,7 @@ A method declares
   (`l2sp: {alpha: 0.01}`), validated there, tunable and sweepable by path (`l2sp.alpha`);
 - `owns`: shared artifact settings (e.g. "discovery") that `instill tune` searches for this method;
   every method using that artifact inherits the tuned values;
+- `reference`: whether it is the no-transfer reference that the report measures data savings against;
 - `reads`: the sweep blocks besides `training` that its results depend on (e.g. "transfer"), so
   that a trial's identity holds exactly what it ran with;
 - `build(ctx) -> nn.Module`, and optionally `objective(ctx, model) -> Objective` (default:
@@ -68,6 +69,7 @@ class Method:
     Config: ClassVar[type[Frozen] | None] = None
     reads: ClassVar[tuple[str, ...]] = ()
     owns: ClassVar[tuple[str, ...]] = ()
+    reference: ClassVar[bool] = False
     description: ClassVar[str] = ""
 
     def build(self, ctx: MethodContext) -> nn.Module:
@@ -87,6 +89,7 @@ def register_method(
     config: type[Frozen] | None = None,
     reads: tuple[str, ...] = (),
     owns: tuple[str, ...] = (),
+    reference: bool = False,
     description: str,
 ):
     """Register a `Method` subclass, or a plain `build(ctx) -> nn.Module` function, under `name`."""
@@ -99,7 +102,7 @@ def register_method(
         else:
             raise TypeError(f"register_method({name!r}) decorates a Method subclass or a build function")
         cls.name, cls.needs, cls.Config, cls.description = name, tuple(needs), config, description
-        cls.reads, cls.owns = tuple(reads), tuple(owns)
+        cls.reads, cls.owns, cls.reference = tuple(reads), tuple(owns), reference
         METHODS.register(name)(cls())
         return obj
 
@@ -113,7 +116,7 @@ def get_method(name: str) -> Method:
 # --- the built-in methods ----------------------------------------------------------------
 
 
-@register_method("scratch", description="fresh model, nothing transferred")
+@register_method("scratch", reference=True, description="fresh model, nothing transferred")
 def _scratch(ctx: MethodContext) -> nn.Module:
     return ctx.fresh
 

@@ -24,7 +24,7 @@ from pydantic import Field, PrivateAttr, SerializeAsAny, ValidationError, field_
 
 import tasks
 from common.config import Frozen, stable_hash
-from methods import ARTIFACTS, METHODS, DiscoveryConfig, TrainConfig, TransferConfig
+from methods import ANALYSES, ARTIFACTS, METHODS, DiscoveryConfig, TrainConfig, TransferConfig
 from methods.analysis import parse_analysis
 from tasks.base import format_validation, parse_block
 
@@ -396,7 +396,8 @@ def _parse_blocks(data: dict, errors: list[str]) -> None:
     data["method_settings"] = settings
     analyses = data.get("analyses", ())
     if not isinstance(analyses, (list, tuple)):
-        errors.append("analyses: expected a list, e.g. [lmc_barrier, {name: subnetwork_ablation}]")
+        valid = ", ".join(ANALYSES.names())
+        errors.append(f"analyses: expected a list of analysis names or {{name: ..., <params>}}; valid names: {valid}")
         data["analyses"] = ()
         return
     normalised = []
@@ -482,8 +483,25 @@ def _check_axes(config: SweepConfig) -> list[str]:
     return errors
 
 
+def per_method_blocks() -> set[str]:
+    """Blocks whose settings may differ between methods (tuned or overridden): downstream training,
+    a method's own block, and the settings of shared artifacts (inherited by all their users)."""
+    return {"training", *shared_blocks(), *(name for name, m in METHODS.items() if m.Config is not None)}
+
+
 def _check_tuning(config: SweepConfig) -> list[str]:
     errors = []
+    allowed = per_method_blocks()
+    hint = f"only {', '.join(sorted(b + '.*' for b in allowed))} can differ between methods"
+    for path in config.tuning.space:
+        if _head(path) not in allowed:
+            errors.append(f"tuning.space: cannot tune {path!r}; {hint}")
+    for method, values in config.method_overrides.items():
+        bad = [p for p in values if _head(p) not in allowed]
+        if bad:
+            errors.append(f"method_overrides.{method}: cannot set {bad}; {hint}")
+    if errors:
+        return errors
     for path in [*config.tuning.space, *(p for v in config.method_overrides.values() for p in v)]:
         try:
             value = resolve_path(config, path)

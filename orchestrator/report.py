@@ -7,15 +7,16 @@
   Student t confidence interval of the mean over seeds.
 - `headline.parquet`: per series, the budget needed to reach a target accuracy (default 0.9,
   interpolated on the log-budget axis, with a 95% CI), the area under the data-efficiency curve, and
-  the sample-efficiency ratio against a `scratch` series of the same task (of several, the one whose
-  config differs from the series' in the fewest fields both have; named in `scratch_label`).
+  the sample-efficiency ratio against the no-transfer reference series of the same task (a method
+  registered with `reference=True`; of several, the one whose config differs from the series' in
+  the fewest fields both have; named in `reference_label`).
 - `mask_overlap.parquet`: Jaccard overlap of the discovered masks across seeds and across
   sparsities, beside the overlap two independent random masks of the same densities would have
   (only when the sweep's artifact store holds at least two masks).
 - `summary.md`: the tables above in Markdown.
 - `data_efficiency.png/.svg` (one panel per sparsity, one line per series, CI bands),
-  `sparsity_vs_subtask.png/.svg`, `shape_bias.png/.svg` when the results have a shape-bias column,
-  and `mask_overlap.png/.svg`.
+  `sparsity_vs_subtask.png/.svg`, one `<column>.png/.svg` per column an analysis declares with
+  `plot=True`, and `mask_overlap.png/.svg`.
 - `index.html`: all of the above on one page that reads offline.
 
 Series. A series is one effective, result-determining trial config minus its seed and data fraction:
@@ -24,7 +25,7 @@ the rows' `series` column, a stable hash of `config_json` without `seed` and `da
 across series: two depths, learning rates, models or merged directories with different settings are
 reported side by side, and two rows for one (series, seed, budget) are an error, not averaged. Each
 series has a short `label`: the method (`@sparsity`), plus the config fields that differ between
-the series of the same task that share that method label (`subtask_induction @0.75
+the series of the same task that share that method label (`<method> @0.75
 [model.n_layers=4]`); `family` is the same without the sparsity (a line of the sparsity figure).
 Both tables carry `series`, `task`, `method`, `sparsity`, `label`, `family` and one column per
 sweep axis (the dotted result columns, `model.n_layers`). The summarised columns are those
@@ -65,6 +66,10 @@ import pandas as pd
 from scipy import stats
 
 from common.config import stable_hash
+from methods import ARTIFACTS, METHODS
+from orchestrator import results
+from orchestrator.artifacts import ArtifactStore, CorruptArtifact
+from orchestrator.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +313,6 @@ def _fmt_value(value: Any) -> str:
 
 
 def _check_duplicates(done: pd.DataFrame, info: pd.DataFrame) -> None:
-    from orchestrator.config import ConfigError
 
     dup = done[done.duplicated(["series", "seed", "n_train"], keep=False)]
     if dup.empty:
@@ -332,7 +336,6 @@ def _check_duplicates(done: pd.DataFrame, info: pd.DataFrame) -> None:
 
 def summarised(table: pd.DataFrame) -> list[str]:
     """The columns to summarise, as `orchestrator.results.summarised_columns` declares them."""
-    from orchestrator import results
 
     return [c for c in results.summarised_columns(table) if c in table.columns]
 
@@ -376,7 +379,7 @@ def _seed_matrix(group: pd.DataFrame, metric: str) -> tuple[np.ndarray, np.ndarr
 
 
 def headline(table: pd.DataFrame, target: float = 0.9, metric: str = METRIC, level: float = LEVEL) -> pd.DataFrame:
-    """Per series: budget to reach `target` with its CI, curve area, and ratio to scratch."""
+    """Per series: budget to reach `target` with its CI, curve area, and ratio to the reference."""
     done, info = prepare(table)
     rows = []
     for series, group in done.groupby("series", sort=False):
@@ -403,30 +406,36 @@ def headline(table: pd.DataFrame, target: float = 0.9, metric: str = METRIC, lev
     return _with_ratio(out, info)
 
 
+def reference_methods() -> set[str]:
+    """Methods registered as the no-transfer reference (`reference=True`) that data savings are measured against."""
+
+    return {name for name, method in METHODS.items() if method.reference}
+
+
 def _with_ratio(head: pd.DataFrame, info: pd.DataFrame) -> pd.DataFrame:
-    """Sample-efficiency ratio of each series against its closest scratch series of the same task."""
-    head = head.assign(ratio_vs_scratch=np.nan, ratio_is_lower_bound=False, scratch_label=None)
+    """Sample-efficiency ratio of each series against its closest reference series of the same task."""
+    head = head.assign(ratio_vs_reference=np.nan, ratio_is_lower_bound=False, reference_label=None)
     by_series = head.set_index("series")
     for idx, row in head.iterrows():
-        ref = scratch_for(row["series"], info)
+        ref = reference_for(row["series"], info)
         if ref is None or ref not in by_series.index:
             continue
-        n_scratch = float(by_series.loc[ref, "n_to_target"])
-        bound = not np.isfinite(n_scratch)
-        reference = float(by_series.loc[ref, "max_budget"]) if bound else n_scratch
-        head.loc[idx, "scratch_label"] = info.loc[ref, "label"]
+        n_ref = float(by_series.loc[ref, "n_to_target"])
+        bound = not np.isfinite(n_ref)
+        reference = float(by_series.loc[ref, "max_budget"]) if bound else n_ref
+        head.loc[idx, "reference_label"] = info.loc[ref, "label"]
         if np.isfinite(row["n_to_target"]) and row["n_to_target"] > 0:
-            # Scratch needs `ratio` times the data; a lower bound when scratch never got there.
-            head.loc[idx, "ratio_vs_scratch"] = reference / row["n_to_target"]
+            # The reference needs `ratio` times the data; a lower bound when it never got there.
+            head.loc[idx, "ratio_vs_reference"] = reference / row["n_to_target"]
             head.loc[idx, "ratio_is_lower_bound"] = bound
     return head
 
 
-def scratch_for(series: str, info: pd.DataFrame) -> str | None:
-    """The scratch series to compare `series` with: same task, and of those the one whose config
+def reference_for(series: str, info: pd.DataFrame) -> str | None:
+    """The reference series to compare `series` with: same task, and of those the one whose config
     differs from it in the fewest fields both have (method-specific blocks do not count)."""
     task, flat = info.loc[series, "task"], info.loc[series, "flat"]
-    candidates = info[(info["method"] == "scratch") & (info["task"] == task)]
+    candidates = info[info["method"].isin(reference_methods()) & (info["task"] == task)]
     if candidates.empty:
         return None
 
@@ -473,7 +482,6 @@ def load_masks(roots: list[str]) -> list[dict[str, Any]]:
 
     A store that does not exist or cannot be reached contributes nothing (the figure is optional).
     """
-    from orchestrator.artifacts import ArtifactStore, CorruptArtifact
 
     masks, seen = [], set()
     for root in roots:
@@ -481,51 +489,48 @@ def load_masks(roots: list[str]) -> list[dict[str, Any]]:
             continue
         try:
             store = ArtifactStore(root)
-            entries = store.entries("mask")
+            entries = [(kind, e) for kind in mask_kinds() for e in store.entries(kind.name)]
         except (OSError, ValueError) as err:  # unreachable or unauthorised remote store
             log.info("mask overlap: skipping artifact store %s (%s)", root, err)
             continue
-        for key, _meta, path in entries:
+        for kind, (key, _meta, path) in entries:
             if path in seen:
                 continue
             seen.add(path)
             try:
-                tensors, _ = store.load("mask", key)
-                seed, sparsity = key["source"]["seed"], float(key["sparsity"])
+                tensors, _ = store.load(kind.name, key)
+                where = kind.describe(key)
+                seed, sparsity, family = where["seed"], float(where["sparsity"]), where["family"]
             except (OSError, CorruptArtifact, KeyError, TypeError) as err:
                 log.warning("mask overlap: skipping %s (%s)", path, err)
                 continue
             flat = np.concatenate([tensors[name].reshape(-1).numpy() != 0 for name in sorted(tensors)])
-            masks.append({"key": key, "seed": seed, "sparsity": sparsity, "mask": flat, "density": float(flat.mean())})
+            masks.append({"family": {"kind": kind.name, **family}, "seed": seed, "sparsity": sparsity,
+                          "bits": flat, "density": float(flat.mean())})  # fmt: skip
     return masks
 
 
-def _without(key: dict, *, seed: bool = False, sparsity: bool = False) -> dict:
-    """A mask key without its seed (the source's, and a top-level one if a key has it) or sparsity."""
-    out = dict(key)
-    if seed:
-        out["source"] = {k: v for k, v in key["source"].items() if k != "seed"}
-        out.pop("seed", None)
-    if sparsity:
-        out.pop("sparsity", None)
-    return out
+def mask_kinds() -> list:
+    """Artifact kinds whose tensors are masks over parameters (`is_mask`)."""
+
+    return [kind for _, kind in ARTIFACTS.items() if kind.is_mask]
 
 
 def mask_overlap(masks: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per pair of masks that differ only in their seed, or only in their sparsity."""
-    families = {stable_hash(_without(m["key"], seed=True, sparsity=True)): m["key"] for m in masks}
-    family_flats = {f: flatten(_without(k, seed=True, sparsity=True)) for f, k in families.items()}
+    families = {stable_hash(m["family"]): m["family"] for m in masks}
+    family_flats = {f: flatten(k) for f, k in families.items()}
     names = dict(zip(family_flats, differing_fields(list(family_flats.values())), strict=True))
     rows = []
-    for pair, drop in (("across seeds", {"seed": True}), ("across sparsities", {"sparsity": True})):
+    for pair, same in (("across seeds", "sparsity"), ("across sparsities", "seed")):
         groups: dict[str, list[dict]] = {}
         for m in masks:
-            groups.setdefault(stable_hash(_without(m["key"], **drop)), []).append(m)
+            groups.setdefault(stable_hash([m["family"], m[same]]), []).append(m)
         for group in groups.values():
             for a, b in itertools.combinations(sorted(group, key=lambda m: (m["sparsity"], m["seed"])), 2):
-                if a["mask"].shape != b["mask"].shape:
+                if a["bits"].shape != b["bits"].shape:
                     continue
-                family = stable_hash(_without(a["key"], seed=True, sparsity=True))
+                family = stable_hash(a["family"])
                 rows.append(
                     {
                         "pair": pair,
@@ -537,7 +542,7 @@ def mask_overlap(masks: list[dict[str, Any]]) -> pd.DataFrame:
                         "seed_b": b["seed"],
                         "density_a": a["density"],
                         "density_b": b["density"],
-                        "jaccard": jaccard(a["mask"], b["mask"]),
+                        "jaccard": jaccard(a["bits"], b["bits"]),
                         "jaccard_random": float(random_jaccard(a["density"], b["density"])),
                     }
                 )
@@ -601,9 +606,11 @@ def headline_table(head: pd.DataFrame) -> pd.DataFrame:
         return f"{row['n_to_target']:.0f} [{_fmt_n(row['n_to_target_ci_lo'])}, {_fmt_n(row['n_to_target_ci_hi'])}]"
 
     def ratio_text(row):
-        if not np.isfinite(row["ratio_vs_scratch"]):
+        if not np.isfinite(row["ratio_vs_reference"]):
             return ""
-        return (">" if row["ratio_is_lower_bound"] else "") + f"{row['ratio_vs_scratch']:.1f}x"
+        return (">" if row["ratio_is_lower_bound"] else "") + f"{row['ratio_vs_reference']:.1f}x"
+
+    refs = sorted({str(label).split(" [")[0] for label in head["reference_label"].dropna()}) or ["reference"]
 
     return pd.DataFrame(
         {
@@ -612,7 +619,7 @@ def headline_table(head: pd.DataFrame) -> pd.DataFrame:
             "seeds": head["seeds"],
             f"n to {head['target'].iloc[0]:g} [95% CI]": head.apply(n_text, axis=1),
             "area (log budget)": head["area"].map(lambda v: f"{v:.3f}"),
-            "data saved vs scratch": head.apply(ratio_text, axis=1),
+            f"data saved vs {', '.join(refs)}": head.apply(ratio_text, axis=1),
         }
     )
 
@@ -763,8 +770,6 @@ def plot_mask_overlap(overlap: pd.DataFrame, stem: Path) -> list[Path]:
 
 def load_tables(out_dirs: list[Path]) -> pd.DataFrame:
     # Imported here: the statistics above need neither the trial machinery nor torch.
-    from orchestrator import results
-    from orchestrator.config import ConfigError
 
     tables = []
     for out in out_dirs:
@@ -800,9 +805,10 @@ def write_report(out_dirs: list[Path], report_dir: Path | None = None, target: f
         if "subtask_acc_mean" in summary and summary["subtask_acc_mean"].notna().any():
             plot_sparsity(summary, report_dir / "sparsity_vs_subtask")
             figures.append(("sparsity_vs_subtask.svg", "Mask sparsity against the masked model's subtask accuracy"))
-        if "shape_bias_mean" in summary and summary["shape_bias_mean"].notna().any():
-            plot_curves(summary, report_dir / "shape_bias", metric="shape_bias", ylabel="shape bias")
-            figures.append(("shape_bias.svg", "Shape bias on cue-conflict images against budget"))
+        for column in results.plotted_columns(table):
+            if f"{column}_mean" in summary and summary[f"{column}_mean"].notna().any():
+                plot_curves(summary, report_dir / column, metric=column, ylabel=column.replace("_", " "))
+                figures.append((f"{column}.svg", f"{column} against budget (mean, 95% Student t CI over seeds)"))
     if not overlap.empty:
         plot_mask_overlap(overlap, report_dir / "mask_overlap")
         figures.append(("mask_overlap.svg", "Jaccard overlap of discovered masks against random masks"))

@@ -74,20 +74,34 @@ def frame(rows: list[dict], axes: list[str] | None = None) -> pd.DataFrame:
     return table[IDENTIFYING + axes + HEADLINE + analyses + TRAILING + timings]
 
 
+def _analyses_run(table: pd.DataFrame) -> list:
+    names = set()
+    for text in table.get("config_json", pd.Series(dtype=object)).dropna().unique():
+        names |= {a["name"] for a in json.loads(text).get("analyses", [])}
+    # A plug-in analysis not imported here keeps its columns in the table, unsummarised.
+    return [ANALYSES.get(name) for name in sorted(names) if name in ANALYSES]
+
+
+def plotted_columns(table: pd.DataFrame) -> list[str]:
+    """Columns an analysis that ran declares with `plot=True`: the report draws each against budget."""
+    out = []
+    for analysis in _analyses_run(table):
+        for col in table.columns:
+            spec = analysis.declares(col) if col.startswith(analysis.name) else None
+            if spec is not None and spec.plot and col not in out:
+                out.append(col)
+    return out
+
+
 def summarised_columns(table: pd.DataFrame) -> list[str]:
     """The columns the report summarises: test and validation accuracy, what artifact kinds report,
     and every column an analysis that ran declares with `summarise=True`."""
     declared = list(CORE_SUMMARISED)
     for _, kind in ARTIFACTS.items():
         declared += kind.reported
-    names = set()
-    for text in table.get("config_json", pd.Series(dtype=object)).dropna().unique():
-        names |= {a["name"] for a in json.loads(text).get("analyses", [])}
     out = [c for c in declared if c in table.columns]
-    for name in sorted(names):
-        if name not in ANALYSES:
-            continue  # a plug-in analysis not imported here: its columns stay in the table, unsummarised
-        analysis = ANALYSES.get(name)
+    for analysis in _analyses_run(table):
+        name = analysis.name
         for col in table.columns:
             spec = analysis.declares(col) if col.startswith(name) else None
             if spec is not None and spec.summarise and col not in out:

@@ -80,7 +80,7 @@ def identity_blocks(sweep: SweepConfig, method: str) -> list[str]:
 def expand(sweep: SweepConfig) -> list[TrialSpec]:
     """The trials of a sweep: methods x sparsities x data fractions x seeds x the `axes:` paths.
     A method runs once per value of the axes it depends on only (a method without a mask does not
-    depend on sparsity; scratch does not depend on `transfer.*`)."""
+    depend on sparsity; one that transfers nothing does not depend on `transfer.*`)."""
     specs, seen = [], set()
     for method in sweep.methods:
         sparsities = sweep.sparsities if "sparsity" in grid_axes(method) else (None,)

@@ -23,15 +23,43 @@ def _imports(package: str) -> dict[str, set[str]]:
 
 @pytest.mark.parametrize(
     "package, forbidden",
-    [("tasks", {"methods", "orchestrator", "ray"}), ("methods", {"orchestrator", "ray"})],
+    [
+        ("common", {"tasks", "methods", "orchestrator", "ray"}),
+        ("tasks", {"methods", "orchestrator", "ray"}),
+        ("methods", {"orchestrator", "ray"}),
+    ],
 )
 def test_layers_import_only_downstream(package, forbidden):
     for file, names in _imports(package).items():
         assert not names & forbidden, f"{file} imports {names & forbidden}"
 
 
+def test_orchestrator_names_no_method_artifact_kind_or_analysis():
+    """The orchestrator follows registrations; it never branches on (or mentions) a plug-in's name."""
+    import methods
+
+    names = set(methods.METHODS.names()) | set(methods.ANALYSES.names()) | set(methods.DISCOVERERS.names())
+    for file in (ROOT / "orchestrator").rglob("*.py"):
+        text = file.read_text()
+        found = sorted(n for n in names if n in text)
+        assert not found, f"{file.relative_to(ROOT)} names {found}"
+        for kind in methods.ARTIFACTS.names():
+            assert f'"{kind}"' not in text and f"'{kind}'" not in text, f"{file.relative_to(ROOT)} names {kind!r}"
+
+
+def test_orchestrator_modules_import_without_cycles():
+    """Each orchestrator module imports on its own, in a fresh interpreter (no results <-> sweep cycle)."""
+    import subprocess
+    import sys
+
+    for file in sorted((ROOT / "orchestrator").glob("*.py")):
+        module = f"orchestrator.{file.stem}"
+        done = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=ROOT, capture_output=True, text=True)
+        assert done.returncode == 0, f"{module}: {done.stderr[-500:]}"
+
+
 def test_no_eval_or_exec_and_no_unsafe_loading():
-    for package in ("tasks", "methods", "orchestrator"):
+    for package in ("common", "tasks", "methods", "orchestrator"):
         for file in (ROOT / package).rglob("*.py"):
             tree = ast.parse(file.read_text())
             for node in ast.walk(tree):

@@ -98,7 +98,7 @@ def test_a_trial_runs_and_reports_shape_bias(tmp_path, dirs):
         TrialSpec(method="subtask_induction", sparsity=0.5, data_fraction=1.0, seed=0),
         ArtifactStore(tmp_path / "store"),
     )
-    for col in ("test_acc", "meanpooled_acc", "cue_conflict_acc_shape", "shape_bias", "subtask_acc"):
+    for col in ("test_acc", "splits_meanpooled_acc", "splits_cue_conflict_acc_shape", "shape_bias", "subtask_acc"):
         assert col in row
 
 

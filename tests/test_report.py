@@ -101,7 +101,7 @@ def test_headline_threshold_area_and_ratio():
     assert si["n_to_target"] == pytest.approx(10**1.5 - 1)
     assert si["n_to_target_ci_lo"] == pytest.approx(si["n_to_target"])  # identical seeds: no spread
     assert scratch["n_to_target"] == pytest.approx(10**2.5 - 1)
-    assert si["ratio_vs_scratch"] == pytest.approx((10**2.5 - 1) / (10**1.5 - 1))
+    assert si["ratio_vs_reference"] == pytest.approx((10**2.5 - 1) / (10**1.5 - 1))
     assert not si["ratio_is_lower_bound"]
     assert si["area"] == pytest.approx(np.trapezoid([0.2, 0.8, 1.0], np.log10([1, 10, 100])) / 2)
 
@@ -111,7 +111,7 @@ def test_ratio_is_a_lower_bound_when_scratch_never_reaches_the_target():
     head = headline(table, target=0.9).set_index("method")
     assert head.loc["scratch", "n_to_target"] == float("inf")
     assert head.loc["subtask_induction", "ratio_is_lower_bound"]
-    assert head.loc["subtask_induction", "ratio_vs_scratch"] == pytest.approx(
+    assert head.loc["subtask_induction", "ratio_vs_reference"] == pytest.approx(
         99 / head.loc["subtask_induction", "n_to_target"]
     )
 
@@ -307,11 +307,11 @@ def test_ratio_is_against_the_scratch_series_with_the_same_settings_and_task():
         head.loc["subtask_induction @0.75 [model.n_layers=2]"],
         head.loc["subtask_induction @0.75 [model.n_layers=4]"],
     )
-    assert si2["scratch_label"] == "scratch [model.n_layers=2]"
-    assert si4["scratch_label"] == "scratch [model.n_layers=4]"
-    assert si2["ratio_vs_scratch"] == pytest.approx(9 / si2["n_to_target"])
-    assert si4["ratio_vs_scratch"] > si2["ratio_vs_scratch"]
-    assert (head.loc[head["task"] == "t", "scratch_label"] != "scratch").all()  # never the other task's
+    assert si2["reference_label"] == "scratch [model.n_layers=2]"
+    assert si4["reference_label"] == "scratch [model.n_layers=4]"
+    assert si2["ratio_vs_reference"] == pytest.approx(9 / si2["n_to_target"])
+    assert si4["ratio_vs_reference"] > si2["ratio_vs_reference"]
+    assert (head.loc[head["task"] == "t", "reference_label"] != "scratch").all()  # never the other task's
 
 
 # --- mask overlap ----------------------------------------------------------------------------

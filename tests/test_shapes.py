@@ -1,5 +1,7 @@
 """The procedural shapes task: generator, models, metrics."""
 
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -150,13 +152,28 @@ def test_vision_models_are_maskable(tmp_path, model, head, expected):
         assert not torch.equal(MaskedModel(net, fns).eval()(x), net(x))
 
 
-def test_shape_bias_metric():
-    assert Shapes.derived_metrics({"cue_conflict_acc_shape": 0.3, "cue_conflict_acc_texture": 0.6}) == {
-        "shape_bias": pytest.approx(1 / 3)
-    }
-    assert np.isnan(
-        Shapes.derived_metrics({"cue_conflict_acc_shape": 0.0, "cue_conflict_acc_texture": 0.0})["shape_bias"]
-    )
+def test_shape_bias_analysis_counts_decisions_on_cue_conflict_images():
+    """shape_bias = shape decisions / (shape + texture decisions), from the cue-conflict split."""
+    from methods.analyses.shape_bias import shape_bias
+    from tasks.base import Split, StageData
+
+    class Fixed(torch.nn.Module):  # predicts the given classes in order
+        def __init__(self, preds):
+            super().__init__()
+            self.preds, self.anchor = preds, torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return torch.nn.functional.one_hot(self.preds[: len(x)], 4).float()
+
+    shape, texture = torch.tensor([0, 1, 2, 3, 0, 1]), torch.tensor([1, 2, 3, 0, 1, 2])
+    split = Split(torch.zeros(6, 1), {"shape": shape, "texture": texture})
+    preds = torch.tensor([0, 2, 2, 0, 3, 3])  # 2 shape decisions, 2 texture decisions, 2 neither
+    ctx = types.SimpleNamespace(data=StageData(split, split, {"cue_conflict": split}), eval_batch_size=100, task=None)
+    assert shape_bias(ctx, Fixed(preds), None) == {"shape_bias": pytest.approx(0.5)}
+    preds = torch.tensor([0, 1, 2, 3, 3, 3])  # 4 shape decisions, none by texture
+    assert shape_bias(ctx, Fixed(preds), None)["shape_bias"] == pytest.approx(1.0)
+    preds = torch.tensor([2, 3, 0, 1, 2, 3])  # no decision by either cue: undefined
+    assert np.isnan(shape_bias(ctx, Fixed(preds), None)["shape_bias"])
 
 
 def test_trial_reports_every_vision_metric(tmp_path):
@@ -168,14 +185,13 @@ def test_trial_reports_every_vision_metric(tmp_path):
     )
     for col in (
         "test_acc",
-        "silhouette_acc",
-        "cue_conflict_acc_shape",
-        "cue_conflict_acc_texture",
-        "texture_only_acc",
+        "splits_silhouette_acc",
+        "splits_cue_conflict_acc_shape",
+        "splits_cue_conflict_acc_texture",
+        "splits_texture_only_acc",
         "shape_bias",
         "subtask_acc",
     ):
         assert 0.0 <= row[col] <= 1.0, col
-    assert row["shape_bias"] == pytest.approx(
-        row["cue_conflict_acc_shape"] / (row["cue_conflict_acc_shape"] + row["cue_conflict_acc_texture"])
-    )
+    shape, texture = row["splits_cue_conflict_acc_shape"], row["splits_cue_conflict_acc_texture"]
+    assert row["shape_bias"] == pytest.approx(shape / (shape + texture))

@@ -50,14 +50,15 @@ def test_smoke_sweep_writes_the_documented_table(smoke):
     table = pq.read_table(out / "results.parquet").to_pandas()
     assert len(table) == len(specs)
     assert list(table.columns[:9]) == results.COLUMNS[:9]
-    for col in results.COLUMNS + ["test_acc_2a2", "test_acc_2b2"]:
+    for col in results.COLUMNS + ["splits_test_acc_2a2", "splits_test_acc_2b2"]:
         assert col in table.columns, col
     assert (table["status"] == "done").all()
     assert table["test_acc"].between(0, 1).all()
     masked = table[table["method"] != "scratch"]
     assert ((masked["mask_density"] - (1 - masked["sparsity"])).abs() <= 0.005).all()
     assert table.loc[table["method"] == "scratch", "sparsity"].isna().all()
-    assert table["config_hash"].nunique() == 1
+    assert table["trial_hash"].nunique() == len(specs)
+    assert table.groupby(["method", "sparsity", "n_train"], dropna=False)["series"].nunique().eq(1).all()
     assert json.loads(table["config_json"].iloc[0])["task"]["name"] == "modular_arithmetic"
     assert "torch" in json.loads(table["versions"].iloc[0])
     # readable by pandas, pyarrow and duckdb alike
@@ -96,3 +97,19 @@ def test_rerun_resumes_without_redoing_work(smoke):
     again = run_sweep(sweep, out)
     assert again.ran == 0 and again.skipped == len(expand(sweep))
     pd.testing.assert_frame_equal(again.table, first.table)
+
+
+def test_a_grown_sweep_runs_only_its_new_trials(smoke):
+    """Adding a seed (and changing a resource) reruns nothing that already finished."""
+    sweep, out, first = smoke
+    raw = sweep.canonical()
+    raw["seeds"] = [0, 1, 2]
+    raw["resources"] = {**raw["resources"], "max_concurrent": 1}
+    grown = load_sweep(raw)
+    again = run_sweep(grown, out)
+    new = [s for s in expand(grown) if s.seed == 2]
+    assert again.ran == len(new) and again.skipped == len(expand(sweep)) and again.failed == 0
+    table = again.table.set_index("trial")
+    old = first.table.set_index("trial")
+    assert (table.loc[old.index, "finished_at"] == old["finished_at"]).all(), "finished rows were not rerun"
+    assert (table["status"] == "done").all() and len(table) == len(expand(grown))

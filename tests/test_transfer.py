@@ -1,11 +1,11 @@
 import pytest
 import torch
 
+from common.seeding import torch_generator
 from methods import TrainConfig, train
 from methods.masking import MaskSelection, maskable_names, topk_mask
 from methods.transfer import TransferConfig, transfer
 from orchestrator.trial import fresh_model
-from common.seeding import torch_generator
 
 
 def _setup(tiny, **transfer_kwargs):
@@ -75,15 +75,24 @@ def test_transfer_refuses_different_architectures(tiny):
 
 
 def test_sampled_controls_keep_the_documented_number_of_source_weights(tiny):
-    from methods import MethodInputs, get_method
+    from methods import MethodContext, get_method
     from methods.masking import density
 
     sweep, task, source, _, mask, _ = _setup(tiny)
     kept = {}
     for name in ("subtask_induction", "sampled_subnetwork", "complement_subnetwork", "paper_sampled_subnetwork"):
-        fresh = fresh_model(sweep, task, 0, "init")
-        inputs = MethodInputs(fresh, source, mask, TransferConfig(), torch.Generator().manual_seed(3))
-        model = get_method(name).build(inputs)
+        ctx = MethodContext(
+            task=task,
+            data=task.downstream_data(0, 0.5),
+            config=None,
+            training=sweep.training,
+            transfer=TransferConfig(),
+            artifacts={"source": source, "mask": mask},
+            generator=torch.Generator().manual_seed(3),
+            device=torch.device("cpu"),
+            fresh_model=lambda stage: fresh_model(sweep, task, 0, stage),
+        )
+        model = get_method(name).build(ctx)
         kept[name] = density({n: fn.mask for n, fn in zip(model.names, model.fns.values(), strict=True)})
     assert kept["sampled_subnetwork"] == pytest.approx(kept["subtask_induction"])
     assert kept["complement_subnetwork"] == pytest.approx(1 - kept["subtask_induction"])

@@ -15,7 +15,7 @@ def test_overrides_apply_per_method_and_controls_inherit_discovery(tiny):
         methods=["subtask_induction", "sampled_subnetwork", "scratch"],
         method_overrides={
             "subtask_induction": {"training.lr": 0.003, "discovery.l0_lambda": 1e-6},
-            "sampled_subnetwork": {"training.epochs": 7, "discovery.l0_lambda": 1e-3},
+            "sampled_subnetwork": {"training.epochs": 7},
             "scratch": {"training.lr": 0.01},
         },
     )
@@ -39,11 +39,15 @@ def test_overrides_apply_per_method_and_controls_inherit_discovery(tiny):
     [
         ({"magic": {"training.lr": 0.1}}, "not in methods"),
         ({"scratch": {"model.d_model": 4}}, "cannot set"),
+        (
+            {"subtask_induction": {"discovery.l0_lambda": 1e-6}, "sampled_subnetwork": {"discovery.l0_lambda": 1e-3}},
+            "shared artifact setting",
+        ),
     ],
 )
 def test_bad_overrides_are_refused(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment):
-        load_sweep(tiny_raw(method_overrides=overrides))
+        load_sweep(tiny_raw(methods=["subtask_induction", "sampled_subnetwork", "scratch"], method_overrides=overrides))
 
 
 def test_bad_tuning_space_is_refused():
@@ -84,7 +88,7 @@ def test_tune_then_run_with_tuned_values(tmp_path, capsys):
     assert n_trials == {"tune-subtask_induction": 3, "tune-scratch": 3}, "the same effort for every method"
 
     sweep = apply_tuned(load_sweep(raw), tmp_path / "tuning" / "tuned.yaml")
-    assert sweep.for_method("scratch").training.lr == tuned["method_overrides"]["scratch"]["training.lr"]
+    assert sweep.effective("scratch").training.lr == tuned["method_overrides"]["scratch"]["training.lr"]
     out = tmp_path / "run"
     assert (
         main(["run", str(path), "--out", str(out), "--tuned", str(tmp_path / "tuning" / "tuned.yaml"), "--no-report"])

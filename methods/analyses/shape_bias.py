@@ -12,7 +12,7 @@ from methods.training import evaluate
 
 @register_analysis(
     "shape_bias",
-    columns={"shape_bias": Column("float64", summarise=True)},
+    columns={"shape_bias": Column("float64", summarise=True, plot=True)},
     description="shape decisions / (shape + texture decisions) on cue-conflict images",
 )
 def shape_bias(ctx, model, config) -> dict[str, float]:

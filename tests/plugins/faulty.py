@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from methods.registry import MethodInputs, register_method
+from methods.registry import MethodContext, register_method
 
 
 def _count_attempt(name: str) -> int:
@@ -19,8 +19,8 @@ def _count_attempt(name: str) -> int:
     return len(path.read_text())
 
 
-@register_method("explodes", uses_source=False, uses_mask=False, description="test: always raises")
-def _explodes(inp: MethodInputs) -> nn.Module:
+@register_method("explodes", description="test: always raises")
+def _explodes(ctx: MethodContext) -> nn.Module:
     _count_attempt("explodes")
     raise RuntimeError("deliberate failure for the test")
 
@@ -30,10 +30,10 @@ class _NaN(nn.Module):
         super().__init__()
         self.inner = inner
 
-    def forward(self, x):
-        return self.inner(x) * torch.tensor(float("nan"))
+    def forward(self, x, **kwargs):
+        return self.inner(x, **kwargs) * torch.tensor(float("nan"))
 
 
-@register_method("goes_nan", uses_source=False, uses_mask=False, description="test: its loss is NaN")
-def _goes_nan(inp: MethodInputs) -> nn.Module:
-    return _NaN(inp.fresh)
+@register_method("goes_nan", description="test: its loss is NaN")
+def _goes_nan(ctx: MethodContext) -> nn.Module:
+    return _NaN(ctx.fresh)

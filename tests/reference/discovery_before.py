@@ -21,6 +21,7 @@ from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
+from common.config import Frozen
 from methods.masking import (
     Mask,
     MaskedModel,
@@ -30,9 +31,9 @@ from methods.masking import (
     maskable_names,
     topk_mask,
 )
+from methods.discovery import DiscoveryConfig  # noqa: F401  (the annotation below)
 from methods.training import NonFiniteLoss, batches, evaluate
 from tasks.base import StageData
-from common.config import Frozen
 
 
 class _UnusedDiscoveryConfig(Frozen):

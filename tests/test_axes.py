@@ -1,0 +1,125 @@
+"""Any config path as a sweep axis, trial identity, and reuse of finished trials one by one."""
+
+import json
+
+import pytest
+import yaml
+
+from orchestrator.artifacts import ArtifactStore
+from orchestrator.cli import main
+from orchestrator.trial import TrialSpec, base_row, expand, identity, run_trial, trial_hash, upstream_keys
+from tests.conftest import tiny_raw
+
+
+def test_axes_expand_to_the_product_and_skip_axes_a_method_ignores(tiny):
+    sweep = tiny(
+        methods=["subtask_induction", "scratch"],
+        seeds=[0, 1],
+        axes={"model.n_layers": [1, 2], "transfer.unmasked": ["keep", "reinit"]},
+    )
+    specs = expand(sweep)
+    si = [s for s in specs if s.method == "subtask_induction"]
+    scratch = [s for s in specs if s.method == "scratch"]
+    assert len(si) == 2 * 2 * 2  # depths x unmasked x seeds
+    assert len(scratch) == 2 * 2  # scratch transfers nothing: transfer.unmasked is not its axis
+    assert {(s.axes["model.n_layers"], s.axes["transfer.unmasked"]) for s in si} == {
+        (1, "keep"), (1, "reinit"), (2, "keep"), (2, "reinit")
+    }  # fmt: skip
+    assert all("transfer.unmasked" not in s.axes for s in scratch)
+    assert len({s.name for s in specs}) == len(specs)
+
+
+def test_each_row_carries_its_axis_values_and_its_effective_config(tiny):
+    sweep = tiny(
+        methods=["subtask_induction", "scratch"],
+        axes={"model.n_layers": [1, 2], "transfer.unmasked": ["keep", "reinit"]},
+    )
+    for spec in expand(sweep):
+        row = base_row(sweep, spec)
+        config = json.loads(row["config_json"])
+        assert row["model.n_layers"] == spec.axes["model.n_layers"] == config["model"]["n_layers"]
+        if spec.method == "scratch":
+            assert row["transfer.unmasked"] is None and "transfer" not in config
+        else:
+            assert row["transfer.unmasked"] == config["transfer"]["unmasked"] == spec.axes["transfer.unmasked"]
+
+
+def test_artifacts_change_only_where_the_axis_enters_their_key(tiny):
+    lr = tiny(axes={"training.lr": [1e-3, 3e-3]})
+    keys = {s.axes["training.lr"]: upstream_keys(lr, s) for s in expand(lr) if s.method == "subtask_induction"}
+    assert keys[1e-3] == keys[3e-3], "downstream lr does not touch the source model or the mask"
+    depth = tiny(axes={"model.n_layers": [1, 2]})
+    keys = {
+        s.axes["model.n_layers"]: dict(upstream_keys(depth, s))
+        for s in expand(depth)
+        if s.method == "subtask_induction"
+    }
+    assert keys[1]["source"] != keys[2]["source"] and keys[1]["mask"] != keys[2]["mask"]
+    sparse = tiny(axes={"discovery.l0_lambda": [1e-7, 1e-6]})
+    keys = {
+        s.axes["discovery.l0_lambda"]: dict(upstream_keys(sparse, s))
+        for s in expand(sparse)
+        if s.method == "subtask_induction"
+    }
+    assert keys[1e-7]["source"] == keys[1e-6]["source"] and keys[1e-7]["mask"] != keys[1e-6]["mask"]
+
+
+def test_an_axis_run_uses_its_value(tiny, tmp_path):
+    sweep = tiny(methods=["scratch"], axes={"model.n_layers": [1, 2]})
+    rows = {s.axes["model.n_layers"]: run_trial(sweep, s, ArtifactStore(tmp_path)) for s in expand(sweep)}
+    assert rows[1]["val_acc"] != rows[2]["val_acc"] or rows[1]["measurements_json"] != rows[2]["measurements_json"]
+    sweep_2 = tiny(methods=["scratch"], model={"n_layers": 2})
+    plain = run_trial(sweep_2, TrialSpec(method="scratch", data_fraction=0.5, seed=0), ArtifactStore(tmp_path))
+    assert plain["val_acc"] == rows[2]["val_acc"], "an axis value runs exactly like the same value in the block"
+
+
+@pytest.mark.parametrize(
+    "axes, fragments",
+    [
+        ({"training.lr": [1e-3, -1.0]}, ["axes.training.lr", "-1.0", "greater than 0"]),
+        ({"transfer.unmasked": ["keep", "zero"]}, ["axes.transfer.unmasked", "'zero'", "'keep' or 'reinit'"]),
+        ({"model.d_model": [16, 15]}, ["axes.model.d_model", "divisible by n_heads"]),
+        ({"training.lrr": [1e-3]}, ["training.lrr", "unknown config path", "training.lr"]),
+        ({"model.n_layer": [1, 2]}, ["model.n_layer", "did you mean", "model.n_layers"]),
+        ({"resources.cpu": [1, 2]}, ["resources.cpu cannot be an axis", "do not change results"]),
+        ({"seeds": [0, 1]}, ["seeds cannot be an axis", "seeds:"]),
+    ],
+)
+def test_bad_axes_exit_2_naming_the_path_and_the_rule(tmp_path, capsys, axes, fragments):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(tiny_raw(axes=axes)))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    for fragment in fragments:
+        assert fragment in err, f"{fragment!r} not in {err!r}"
+
+
+def test_identity_ignores_resources_and_names_but_not_results(tiny):
+    base = tiny(methods=["subtask_induction", "scratch"])
+    same = tiny(methods=["subtask_induction", "scratch"], name="renamed", max_failures=3,
+                resources={"cpu": 2, "max_concurrent": 1}, storage={"artifacts": "/tmp/elsewhere"})  # fmt: skip
+    for spec in expand(base):
+        assert trial_hash(base, spec) == trial_hash(same, spec)
+    lr = tiny(methods=["subtask_induction", "scratch"], method_overrides={"scratch": {"training.lr": 0.01}})
+    changed = [s.method for s in expand(base) if trial_hash(base, s) != trial_hash(lr, s)]
+    assert changed == ["scratch"], "a setting reruns exactly the trials it affects"
+    discovery = tiny(methods=["subtask_induction", "scratch"], discovery={"epochs": 3})
+    changed = [s.method for s in expand(base) if trial_hash(base, s) != trial_hash(discovery, s)]
+    assert changed == ["subtask_induction"], "scratch does not depend on mask discovery"
+    spec = TrialSpec(method="scratch", data_fraction=0.5, seed=0)
+    assert "source" not in identity(base, spec) and "discovery" not in identity(base, spec)
+
+
+def test_plugin_analysis_runs_through_the_sweep_file(tiny, tmp_path):
+    sweep = tiny(methods=["scratch"], plugins=["tests.plugins.probe_analysis"], analyses=["probe"])
+    row = run_trial(sweep, TrialSpec(method="scratch", data_fraction=0.5, seed=0), ArtifactStore(tmp_path))
+    assert row["probe_norm"] > 0
+    assert json.loads(row["config_json"])["analyses"][-1]["name"] == "probe"
+
+
+def test_unknown_analysis_lists_the_valid_ones(tmp_path, capsys):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(tiny_raw(analyses=["lmc_barier"])))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "analyses[0]" in err and "lmc_barier" in err and "splits" in err
