@@ -31,7 +31,8 @@ def main() -> None:
 
     from orchestrator.artifacts import ArtifactStore
     from orchestrator.config import load_sweep_file
-    from orchestrator.sweep import run_sweep, store_for
+    from orchestrator.outdir import store_for
+    from orchestrator.sweep import run_sweep
     from orchestrator.trial import expand, upstream_keys
 
     sweep = load_sweep_file(args.sweep)
@@ -61,13 +62,13 @@ def main() -> None:
         print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}")
         print(f"sweep: {args.sweep} ({len(table)} trials, {slots} at once, {int(sweep.resources.cpu)} CPU each)")
         print(f"wall time (incl. Ray start):           {wall:8.1f} s")
-        print(f"upstream compute (sources, masks):     {upstream:8.1f} s")
+        print(f"upstream compute (artifacts):          {upstream:8.1f} s")
         print(f"trial compute (transfer, train, eval): {trials:8.1f} s")
         print(f"sum of compute times:                  {compute:8.1f} s")
         print(f"  of which lock waits (not counted):   {waits:8.1f} s")
         print(f"ideal wall = compute / concurrency:    {ideal:8.1f} s")
         print(f"overhead ratio wall / ideal:           {wall / ideal:8.2f}   (target <= 1.2)")
-        for kind in ("source", "mask"):
+        for kind in sorted({k[0] for k in keys}):
             computed = sum(c["kind"] == kind for c in done)
             distinct = sum(k[0] == kind for k in keys)
             print(f"{kind:6s} computations: {computed}, distinct keys: {distinct}")

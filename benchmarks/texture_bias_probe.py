@@ -25,9 +25,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
+    from common.seeding import seeded_init, torch_generator
     from methods import TrainConfig, evaluate, train
     from tasks.models.vision import SmallImageResNet
-    from common.seeding import seeded_init, torch_generator
     from tasks.shapes import Shapes, ShapesConfig
 
     torch.set_num_threads(1)

@@ -26,11 +26,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="alternating timed runs of each loop; best is kept")
     args = parser.parse_args()
 
+    from common.seeding import torch_generator
     from methods import train
     from methods.training import batches
     from orchestrator.config import load_sweep_file
     from orchestrator.trial import fresh_model
-    from common.seeding import torch_generator
 
     torch.set_num_threads(1)
     sweep = load_sweep_file(args.sweep)

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from common.config import Frozen
+from methods.discovery import DiscoveryConfig  # noqa: F401  (the annotation below)
 from methods.masking import (
     Mask,
     MaskedModel,
@@ -31,7 +32,6 @@ from methods.masking import (
     maskable_names,
     topk_mask,
 )
-from methods.discovery import DiscoveryConfig  # noqa: F401  (the annotation below)
 from methods.training import NonFiniteLoss, batches, evaluate
 from tasks.base import StageData
 
