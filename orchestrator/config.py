@@ -1,11 +1,11 @@
 """The sweep file: the grid (methods x sparsities x data fractions x seeds x any `axes:` path) and
-one block per stage, plus one block per method that has settings of its own (`l2sp: {alpha: ...}`).
+one block per stage, plus one block per method that has settings of its own (`<method>: {<field>: ...}`).
 
 `load_sweep_file` turns YAML into a frozen, validated `SweepConfig`, or raises `ConfigError` whose
 message names every bad field by its path (`training.lr: Input should be greater than 0`).
 
 Paths. Every setting has a dotted path: `training.lr`, `model.n_layers`, `discovery.selection.head`,
-`l2sp.alpha`. Paths name sweep axes (`axes: {model.n_layers: [2, 4]}`), tuning ranges and
+`<method>.<field>`. Paths name sweep axes (`axes: {model.n_layers: [2, 4]}`), tuning ranges and
 per-method overrides; `with_values({path: value})` applies them with the field's own validation.
 """
 
@@ -65,7 +65,7 @@ class Storage(Frozen):
 class Tuning(Frozen):
     """`instill tune`: an Optuna search per method over these ranges, on the validation split.
 
-    Keys are config paths of numeric fields (`training.lr`, `l2sp.alpha`). Float ranges are
+    Keys are config paths of numeric fields (`training.lr`, `<method>.<field>`). Float ranges are
     searched on a log scale, integer ranges uniformly. Settings of a shared artifact (`discovery.*`,
     `source.*`) are tuned only by the methods that declare they own them (`owns=`), and every method
     that uses the artifact inherits the tuned values; a method's own block is tuned for it only.
