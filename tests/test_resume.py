@@ -34,6 +34,7 @@ def _stable(table: pd.DataFrame) -> pd.DataFrame:
     return table[keep].sort_values("trial").reset_index(drop=True)
 
 
+@pytest.mark.slow  # Ray, a minute or more on two cores
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     raw = tiny_raw(
         methods=["subtask_induction", "sampled_subnetwork", "scratch"],

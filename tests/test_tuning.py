@@ -63,6 +63,7 @@ def test_method_space_tunes_discovery_for_subtask_induction_only(tiny):
     assert "discovery.l0_lambda" not in method_space(sweep, "scratch")
 
 
+@pytest.mark.slow  # Ray, a minute or more on two cores
 def test_tune_then_run_with_tuned_values(tmp_path, capsys):
     import ray
 
