@@ -42,8 +42,9 @@ def prepare_out_dir(sweep: SweepConfig, out_dir: Path, force: bool = False) -> N
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "rows").mkdir(exist_ok=True)
     (out_dir / "sweeps").mkdir(exist_ok=True)
-    for stale in (out_dir / "rows").glob("*.running"):  # left by a driver that was killed
-        stale.unlink()
+    for pattern in ("rows/*.running", "rows/*.tmp", "sweeps/*.tmp", "*.tmp"):  # left by a driver that was killed
+        for stale in out_dir.glob(pattern):
+            stale.unlink()
     record = json.dumps({"name": sweep.name, "config_hash": sweep.config_hash, "config": sweep.canonical()}, indent=1)
     _atomic_write(out_dir / "sweeps" / f"{sweep.config_hash}.json", record)
     _atomic_write(marker, record)

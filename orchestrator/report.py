@@ -578,13 +578,15 @@ def _label(method: str, sparsity) -> str:
 
 
 def curve_table(summary: pd.DataFrame, metric: str = METRIC) -> pd.DataFrame:
-    """Budgets as rows, series (by label) as columns, cells `mean ± std`."""
+    """Budgets as rows, series (by label) as columns, cells `mean [95% CI]` (the mean alone for one
+    seed; empty where the series has no value, e.g. an ablation of a model without a transplant)."""
     if summary.empty or f"{metric}_mean" not in summary:
         return pd.DataFrame()
+    cols = [summary[f"{metric}_{s}"] for s in ("mean", "ci_lo", "ci_hi")]
     cells = summary.assign(
         cell=[
-            f"{mu:.3f} ± {sd:.3f}" if k > 1 else f"{mu:.3f}"
-            for mu, sd, k in zip(summary[f"{metric}_mean"], summary[f"{metric}_std"], summary["seeds"], strict=True)
+            "" if pd.isna(mu) else f"{mu:.3f}" if pd.isna(lo) else f"{mu:.3f} [{lo:.3f}, {hi:.3f}]"
+            for mu, lo, hi in zip(*cols, strict=True)
         ],
     )
     order = list(dict.fromkeys(summary["label"]))
@@ -592,6 +594,12 @@ def curve_table(summary: pd.DataFrame, metric: str = METRIC) -> pd.DataFrame:
     wide = wide[[c for c in order if c in wide.columns]]
     wide.columns.name = None
     return wide.fillna("").reset_index()
+
+
+def _non_empty(wide: pd.DataFrame) -> pd.DataFrame:
+    """`wide` without the series columns that have no value at any budget."""
+    keep = [c for c in wide.columns if c in ("task", "n_train") or (wide[c] != "").any()]
+    return wide[keep]
 
 
 def headline_table(head: pd.DataFrame) -> pd.DataFrame:
@@ -791,8 +799,11 @@ def write_report(out_dirs: list[Path], report_dir: Path | None = None, target: f
     head.to_parquet(report_dir / "headline.parquet", index=False)
     curves, heads = curve_table(summary), headline_table(head)
     overlap = mask_overlap(load_masks(artifact_roots(out_dirs)))
-    md = f"{_notes(summary)}\n## {METRIC} (mean ± std over seeds)\n\n{_markdown(curves)}\n"
+    md = f"{_notes(summary)}\n## {METRIC} (mean [95% CI] over seeds)\n\n{_markdown(curves)}\n"
     md += f"## Headline\n\n{_markdown(heads)}"
+    for column in results.plotted_columns(table):
+        if f"{column}_mean" in summary and summary[f"{column}_mean"].notna().any():
+            md += f"\n## {column} (mean [95% CI] over seeds)\n\n{_markdown(_non_empty(curve_table(summary, column)))}"
     overlaps = mask_overlap_table(overlap)
     if not overlap.empty:
         overlap.to_parquet(report_dir / "mask_overlap.parquet", index=False)
@@ -848,7 +859,7 @@ different configurations are never averaged.</p>
 {table_html(heads)}
 <h2>Figures</h2>
 {figs}
-<h2>Test accuracy by budget (mean ± std over seeds)</h2>
+<h2>Test accuracy by budget (mean [95% CI] over seeds)</h2>
 {table_html(curves)}
 {masks}
 <script>

@@ -43,7 +43,7 @@ class LMCConfig(Frozen):
     config=LMCConfig,
     columns={
         "lmc_barrier": Column(
-            "float64", summarise=True, description="max loss excess over the chord, trained -> source"
+            "float64", summarise=True, plot=True, description="max loss excess over the chord, trained -> source"
         ),
         "lmc_barrier_loss_mid": Column("float64", summarise=True, description="loss at the midpoint t = 0.5"),
         "lmc_barrier_acc_mid": Column("float64", summarise=True, description="accuracy at the midpoint t = 0.5"),

@@ -32,10 +32,10 @@ COLUMNS = ("subnetwork_ablation_drop", "subnetwork_ablation_random_drop", "subne
     "subnetwork_ablation",
     columns={
         "subnetwork_ablation_drop": Column(
-            "float64", summarise=True, description="test accuracy lost when the transplant is reset to init"
+            "float64", summarise=True, plot=True, description="test accuracy lost when the transplant is reset to init"
         ),
         "subnetwork_ablation_random_drop": Column(
-            "float64", summarise=True, description="the same for a random set of as many masked weights"
+            "float64", summarise=True, plot=True, description="the same for a random set of as many masked weights"
         ),
         "subnetwork_ablation_acc": Column(
             "float64", summarise=True, description="test accuracy with the transplant reset to init"
