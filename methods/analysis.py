@@ -76,7 +76,21 @@ class Analysis:
                 f"analysis {self.name!r} returned undeclared columns {bad}; declare them in "
                 f"register_analysis(columns=...) and start each with {self.name!r}"
             )
-        return values
+        return {col: _cast(self.name, col, value, self.declares(col).dtype) for col, value in values.items()}
+
+
+_CASTS = {"float64": float, "int64": int, "bool": bool, "string": str}
+
+
+def _cast(analysis: str, column: str, value: Any, dtype: str) -> Any:
+    """`value` as a plain Python value of the declared dtype (rows are JSON), or a clear error."""
+    if value is None or dtype not in _CASTS:
+        return value
+    try:
+        return _CASTS[dtype](value.item() if hasattr(value, "item") else value)
+    except (TypeError, ValueError) as err:
+        message = f"analysis {analysis!r}: column {column!r} is declared {dtype} but got {value!r} ({err})"
+        raise ValueError(message) from None
 
 
 ANALYSES = Registry("analysis")
@@ -129,7 +143,7 @@ def parse_analysis(entry: Any, where: str) -> tuple[str, Frozen | None]:
             raise ValueError(f"{where}: analysis {name!r} takes no parameters, got {sorted(params)}")
         return name, None
     try:
-        return name, spec.Config(**params)
+        return name, spec.Config.model_validate(params)
     except ValidationError as err:
         lines = [f"{where}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
         raise ValueError("\n".join(lines)) from None

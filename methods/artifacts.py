@@ -106,6 +106,8 @@ class Source(ArtifactKind):
             "model": ctx.settings.model.canonical(),
             "training": ctx.settings.source.canonical(),
             "seed": ctx.seed,
+            # bfloat16 on GPU changes the numbers (masks inherit this through their source key)
+            **({"mixed_precision": True} if ctx.mixed_precision else {}),
         }
 
     def compute(self, ctx):

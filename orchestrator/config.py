@@ -192,14 +192,17 @@ class SweepConfig(Frozen):
             head = path.split(".")[0]
             if head in _NOT_AXES:
                 raise ValueError(f"{path} cannot be an axis: {_NOT_AXES[head]}")
+            if path in ("task.name", "model.name"):
+                raise ValueError(f"{path} cannot be an axis: a sweep has one task and one model family; "
+                                 "run one sweep per task or model and report them together")  # fmt: skip
             if not values:
                 raise ValueError(f"{path}: give at least one value")
-            _unique(tuple(json.dumps(x, sort_keys=True) for x in values), path)
+            _unique(tuple(json.dumps(x, sort_keys=True, default=str) for x in values), path)
         return v
 
     @model_validator(mode="after")
     def _sparsities_needed(self):
-        if any("sparsity" in grid_axes(m) for m in self.methods) and not self.sparsities:
+        if any("sparsity" in grid_axes(self, m) for m in self.methods) and not self.sparsities:
             raise ValueError("sparsities is empty but a method needs a mask: give at least one sparsity")
         return self
 
@@ -280,11 +283,15 @@ class SweepConfig(Frozen):
         return stable_hash(self.canonical())
 
 
-def grid_axes(method: str) -> set[str]:
-    """The fixed grid axes besides budget and seed that `method`'s results depend on ("sparsity")."""
+def grid_axes(config: SweepConfig, method: str) -> set[str]:
+    """The fixed grid axes besides budget and seed that `method`'s trials depend on ("sparsity"),
+    through the artifacts it or the sweep's analyses need."""
     from methods.artifacts import closure
 
-    return {axis for kind in closure(METHODS.get(method).needs) for axis in ARTIFACTS.get(kind).axes}
+    needs = list(METHODS.get(method).needs)
+    for entry in config.analyses:
+        needs += ANALYSES.get(entry["name"]).needs
+    return {axis for kind in closure(needs) for axis in ARTIFACTS.get(kind).axes}
 
 
 def shared_blocks() -> set[str]:
@@ -390,7 +397,7 @@ def _parse_blocks(data: dict, errors: list[str]) -> None:
             errors.append(f"{name}: expected a mapping of {name}'s settings")
             continue
         try:
-            settings[name] = method.Config(**block)
+            settings[name] = method.Config.model_validate(block)
         except ValidationError as err:
             errors.append(format_validation(err, name))
     data["method_settings"] = settings

@@ -26,12 +26,6 @@ IDENTIFYING = ["trial", "trial_hash", "task", "model", "method", "sparsity", "da
 HEADLINE = ["status", "test_acc", "val_acc"]
 CORE_SUMMARISED = ("test_acc", "val_acc")
 TRAILING = [
-    "mask_density",
-    "subtask_acc",
-    "natural_density",
-    "source_val_acc",
-    "unmasked",
-    "trainable_subnetwork",
     "best_epoch",
     "epochs_run",
     "total_s",
@@ -48,7 +42,12 @@ TRAILING = [
     "versions",
 ]
 COLUMNS = IDENTIFYING + HEADLINE + TRAILING
-_FLOATS = ("sparsity", "mask_density", "subtask_acc", "natural_density", "test_acc", "val_acc", "source_val_acc")
+_FLOATS = ("sparsity", "test_acc", "val_acc")
+
+
+def artifact_columns() -> list[str]:
+    """The row columns artifact kinds report (their `reported`), in registry order."""
+    return [col for _, kind in ARTIFACTS.items() for col in kind.reported]
 
 
 def collect(out_dir: Path, sweep: SweepConfig, specs: list[TrialSpec]) -> pd.DataFrame:
@@ -56,7 +55,11 @@ def collect(out_dir: Path, sweep: SweepConfig, specs: list[TrialSpec]) -> pd.Dat
     rows = []
     for spec in specs:
         row = read_row(out_dir, sweep, spec)
-        rows.append(row if row is not None else {**base_row(sweep, spec), "status": "pending"})
+        if row is None:
+            row = {**base_row(sweep, spec), "status": "pending"}
+        else:  # a reused row: the trial may be named and placed on other axes in this version of the sweep
+            row.update({path: spec.axes.get(path) for path in sweep.axes}, trial=spec.name)
+        rows.append(row)
     return frame(rows, axes=list(sweep.axes))
 
 
@@ -64,14 +67,15 @@ def frame(rows: list[dict], axes: list[str] | None = None) -> pd.DataFrame:
     """A DataFrame with the documented columns first (all present, null where not applicable)."""
     table = pd.DataFrame(rows)
     axes = axes if axes is not None else sorted(c for c in table.columns if "." in c)
-    for col in COLUMNS + axes:
+    upstream = artifact_columns()
+    for col in COLUMNS + axes + upstream:
         if col not in table:
             table[col] = None
-    known = set(COLUMNS) | set(axes)
+    known = set(COLUMNS) | set(axes) | set(upstream)
     extra = sorted(c for c in table.columns if c not in known)
     timings = [c for c in extra if c.endswith("_s") or c.endswith("_computed")]
     analyses = [c for c in extra if c not in timings]
-    return table[IDENTIFYING + axes + HEADLINE + analyses + TRAILING + timings]
+    return table[IDENTIFYING + axes + HEADLINE + analyses + upstream + TRAILING + timings]
 
 
 def _analyses_run(table: pd.DataFrame) -> list:
@@ -96,9 +100,7 @@ def plotted_columns(table: pd.DataFrame) -> list[str]:
 def summarised_columns(table: pd.DataFrame) -> list[str]:
     """The columns the report summarises: test and validation accuracy, what artifact kinds report,
     and every column an analysis that ran declares with `summarise=True`."""
-    declared = list(CORE_SUMMARISED)
-    for _, kind in ARTIFACTS.items():
-        declared += kind.reported
+    declared = list(CORE_SUMMARISED) + artifact_columns()
     out = [c for c in declared if c in table.columns]
     for analysis in _analyses_run(table):
         name = analysis.name
@@ -113,12 +115,12 @@ def write(table: pd.DataFrame, path: Path) -> None:
     """Write atomically, so a reader never sees half a file."""
     tmp = path.with_suffix(".parquet.tmp")
     fixed = table.copy()
-    for col in _FLOATS:
+    for col in (*_FLOATS, *artifact_columns()):
         fixed[col] = pd.to_numeric(fixed[col], errors="coerce").astype("float64")
     for col in fixed.columns:
         if fixed[col].dtype == object and fixed[col].map(lambda v: isinstance(v, (list, dict))).any():
             fixed[col] = fixed[col].map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v)
-    for col in ("error", "device", "unmasked"):
+    for col in ("error", "device"):
         fixed[col] = fixed[col].astype("object")
     pq.write_table(pa.Table.from_pandas(fixed, preserve_index=False), tmp)
     os.replace(tmp, path)

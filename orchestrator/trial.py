@@ -51,7 +51,7 @@ class TrialSpec(Frozen):
     @property
     def name(self) -> str:
         sparsity = "" if self.sparsity is None else f"-s{self.sparsity:g}"
-        axes = "".join(f"-{path.rsplit('.', 1)[-1]}={_short(v)}" for path, v in sorted(self.axes.items()))
+        axes = "".join(f"-{path}={_short(v)}" for path, v in sorted(self.axes.items()))
         return f"{self.method}{sparsity}{axes}-f{self.data_fraction:g}-seed{self.seed}"
 
 
@@ -83,7 +83,7 @@ def expand(sweep: SweepConfig) -> list[TrialSpec]:
     depend on sparsity; one that transfers nothing does not depend on `transfer.*`)."""
     specs, seen = [], set()
     for method in sweep.methods:
-        sparsities = sweep.sparsities if "sparsity" in grid_axes(method) else (None,)
+        sparsities = sweep.sparsities if "sparsity" in grid_axes(sweep, method) else (None,)
         blocks = set(identity_blocks(sweep, method))
         paths = [p for p in sweep.axes if p.split(".")[0] in blocks]
         for values in itertools.product(*(sweep.axes[p] for p in paths)):
@@ -111,6 +111,9 @@ def identity(sweep: SweepConfig, spec: TrialSpec) -> dict[str, Any]:
     }
     for block in identity_blocks(effective, spec.method):
         out[block] = effective.block(block).canonical()
+    # Where a task caches what it generates is not part of what it generates.
+    for field in getattr(type(effective.task), "not_identity", ()):
+        out["task"].pop(field, None)
     out["analyses"] = [{"name": n, **(c.canonical() if c else {})} for n, c in effective.analysis_list()]
     if effective.resources.mixed_precision:  # bfloat16 on GPU changes the numbers
         out["mixed_precision"] = True
@@ -274,6 +277,7 @@ def run_trial(
 
     if not tuning:
         row["test_acc"] = evaluate(model, data.evals["test"], effective.training.eval_batch_size)["y"]
+        lap("eval")
         for name, config in effective.analysis_list():
             analysis = ANALYSES.get(name)
             actx = AnalysisContext(
@@ -288,7 +292,6 @@ def run_trial(
             )
             row.update(analysis.check(analysis.run(actx, model, config)))
             lap(f"analysis_{name}")
-    lap("eval")
     # Compute time: the stages' wall time less the time spent waiting on another trial's lock.
     times["total_s"] = sum(v for k, v in times.items() if k != "wait_s") - times["wait_s"]
     row.update(times, status="done", device=str(device), finished_at=time.time())
@@ -300,7 +303,6 @@ def base_row(sweep: SweepConfig, spec: TrialSpec) -> dict[str, Any]:
     """The identifying columns of a trial's row, filled for done and failed trials alike."""
     effective = sweep.effective(spec.method, spec.axes)
     config = identity(sweep, spec)
-    transfer = "transfer" in config
     row = {
         "trial": spec.name,
         "trial_hash": stable_hash(config, 20),
@@ -312,8 +314,6 @@ def base_row(sweep: SweepConfig, spec: TrialSpec) -> dict[str, Any]:
         "data_fraction": spec.data_fraction,
         "n_train": effective.build_task().downstream_size(spec.data_fraction),
         "seed": spec.seed,
-        "unmasked": effective.transfer.unmasked if transfer else None,
-        "trainable_subnetwork": effective.transfer.trainable_subnetwork if transfer else None,
         "config_json": json.dumps(config, sort_keys=True),  # what this trial ran with
         "versions": json.dumps(versions(), sort_keys=True),
     }

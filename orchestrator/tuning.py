@@ -41,6 +41,18 @@ def method_space(sweep: SweepConfig, method: str) -> dict[str, tuple[float, floa
     return out
 
 
+def _with_shared(sweep: SweepConfig, best: dict[str, dict[str, Any]]) -> SweepConfig:
+    """`sweep` with the shared artifact settings tuned so far applied as overrides."""
+    shared = {m: {k: v for k, v in values.items() if k.split(".")[0] in shared_blocks()} for m, values in best.items()}
+    shared = {m: v for m, v in shared.items() if v}
+    if not shared:
+        return sweep
+    overrides = {m: dict(v) for m, v in sweep.method_overrides.items()}
+    for method, values in shared.items():
+        overrides.setdefault(method, {}).update(values)
+    return sweep.model_copy(update={"method_overrides": overrides})
+
+
 def _kind(sweep: SweepConfig, path: str) -> type:
     return int if isinstance(resolve_path(sweep, path), int) else float
 
@@ -59,7 +71,7 @@ def _objective(config: dict[str, Any], sweep_json: str, method: str, store_root:
     scores = []
     for fraction in sweep.tuning.data_fractions:
         for seed in sweep.tuning.seeds:
-            sparsity = sweep.sparsities[0] if "sparsity" in grid_axes(method) else None
+            sparsity = sweep.sparsities[0] if "sparsity" in grid_axes(sweep, method) else None
             spec = TrialSpec(method=method, sparsity=sparsity, data_fraction=fraction, seed=seed)
             row = run_trial(sweep, spec, store, tuning=True)  # never reads a test split
             scores.append(row["val_acc"])
@@ -83,7 +95,11 @@ def tune_methods(sweep: SweepConfig, out_dir: str | Path, *, address: str | None
     concurrency = max(1, int(ray.cluster_resources().get("CPU", 1) // sweep.resources.cpu))
     best: dict[str, dict[str, float]] = {}
     scores: dict[str, float] = {}
-    for method in sweep.methods:
+    # Methods that own shared artifact settings (the mask's discovery) go first, and what they tune
+    # is fed to the searches after them: the controls are tuned against the mask they will run with.
+    base = sweep
+    for method in sorted(base.methods, key=lambda m: not get_method(m).owns):
+        sweep = _with_shared(base, best)
         space = {}
         for path, (low, high) in method_space(sweep, method).items():
             space[_key(path)] = (
@@ -121,8 +137,8 @@ def tune_methods(sweep: SweepConfig, out_dir: str | Path, *, address: str | None
         }
         scores[method] = float(result.metrics["val_acc"])
     record = {
-        "sweep": sweep.name,
-        "config_hash": sweep.config_hash,
+        "sweep": base.name,
+        "config_hash": base.config_hash,
         "objective": "mean validation accuracy over tuning.data_fractions x tuning.seeds",
         "budget_per_method": sweep.tuning.budget,
         "best_val_acc": scores,
@@ -144,5 +160,8 @@ def apply_tuned(sweep: SweepConfig, tuned_file: str | Path) -> SweepConfig:
     except (yaml.YAMLError, KeyError, TypeError, AttributeError) as err:
         raise ConfigError(f"{path}: not a tuned-values file from `instill tune` ({err})") from None
     raw = sweep.canonical()
-    raw["method_overrides"] = {**raw.get("method_overrides", {}), **overrides}
+    merged = {m: dict(v) for m, v in raw.get("method_overrides", {}).items()}
+    for method, values in overrides.items():  # per path: the sweep file's other overrides stay
+        merged.setdefault(method, {}).update(values)
+    raw["method_overrides"] = merged
     return load_sweep(raw, str(path))

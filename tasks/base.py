@@ -148,5 +148,5 @@ def format_validation(err: ValidationError, where: str = "") -> str:
     for e in err.errors():
         path = ".".join(p for p in [where, *map(str, e["loc"])] if p)
         msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"{path}: {msg}")
+        lines.append(f"{path}: {msg}" if path else msg)
     return "\n".join(lines)

@@ -20,7 +20,7 @@ import os
 import re
 import uuid
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -52,6 +52,7 @@ class ImageNet16Config(Frozen):
     pool_fraction: float = Field(0.3, gt=0, lt=1, description="share of each class kept for downstream budgets")
     slic_segments: int = Field(64, ge=4, description="superpixels per image for the mean-pooled split")
     cache_dir: str | None = Field(None, description="default ~/.cache/instill/imagenet16")
+    not_identity: ClassVar[tuple[str, ...]] = ("cache_dir",)  # moving the cache changes no result
 
     @field_validator("classes")
     @classmethod

@@ -21,7 +21,7 @@ import functools
 import os
 import uuid
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -54,6 +54,7 @@ class ShapesConfig(Frozen):
         "easy cue and scratch CNNs texture-biased (see docs/VISION.md)",
     )
     cache_dir: str | None = Field(None, description="where splits are cached; default ~/.cache/instill/shapes")
+    not_identity: ClassVar[tuple[str, ...]] = ("cache_dir",)  # moving the cache changes no result
 
 
 def _normalise(images: np.ndarray) -> torch.Tensor:

@@ -123,3 +123,52 @@ def test_unknown_analysis_lists_the_valid_ones(tmp_path, capsys):
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert "analyses[0]" in err and "lmc_barier" in err and "splits" in err
+
+
+def test_a_reused_row_takes_the_current_versions_name_and_axis_values(tiny, tmp_path):
+    from orchestrator import results
+    from orchestrator.outdir import prepare_out_dir, write_row
+
+    first = tiny(methods=["scratch"], training={"lr": 1e-3})
+    prepare_out_dir(first, tmp_path)
+    spec = expand(first)[0]
+    write_row(tmp_path, run_trial(first, spec, ArtifactStore(tmp_path / "store")))
+    grown = tiny(methods=["scratch"], axes={"training.lr": [1e-3, 3e-3]})
+    table = results.collect(tmp_path, grown, expand(grown)).set_index("training.lr")
+    assert table.loc[1e-3, "status"] == "done", "the same trial under an axis is reused"
+    assert table.loc[3e-3, "status"] == "pending"
+    assert "training.lr=0.001" in table.loc[1e-3, "trial"]
+
+
+def test_an_analysis_that_needs_a_mask_puts_every_method_on_the_sparsity_axis(tiny, tmp_path):
+    sweep = tiny(methods=["scratch"], plugins=["tests.plugins.mask_analysis"], analyses=["maskprobe"], sparsities=[0.5])
+    (spec,) = expand(sweep)
+    assert spec.sparsity == 0.5
+    row = run_trial(sweep, spec, ArtifactStore(tmp_path))
+    assert type(row["maskprobe_density"]) is float and row["maskprobe_density"] == pytest.approx(0.5, abs=0.01)
+    assert type(row["maskprobe_tensors"]) is int
+    json.dumps(row)  # numpy scalars would not serialise
+
+
+@pytest.mark.parametrize(
+    "raw, fragments",
+    [
+        (tiny_raw(axes={"model.name": ["gpt", "resnet18"]}), ["model.name cannot be an axis"]),
+        (tiny_raw(methods=["l2sp"], l2sp={1: 2}), ["l2sp"]),
+        (tiny_raw(analyses=[{"name": "lmc_barrier", 1: 2}]), ["analyses[0]"]),
+    ],
+)
+def test_odd_input_is_a_clear_error_not_a_traceback(tmp_path, capsys, raw, fragments):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_a_date_as_an_axis_value_is_a_clear_error(tmp_path, capsys):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(tiny_raw()) + "axes:\n  task.modulus: [2024-01-01]\n")
+    assert main(["validate", str(path)]) == 2
+    assert "axes.task.modulus" in capsys.readouterr().err
