@@ -677,7 +677,7 @@ def _save(fig, stem: Path) -> list[Path]:
     written = []
     for ext in ("png", "svg"):
         file = stem.with_suffix(f".{ext}")
-        fig.savefig(file, dpi=130)
+        fig.savefig(file, dpi=130, bbox_inches="tight")  # legends below the axes stay in
         written.append(file)
     _pyplot().close(fig)
     return written
@@ -695,13 +695,20 @@ def _legend_names(frame: pd.DataFrame) -> dict[str, str]:
 
 def plot_curves(summary: pd.DataFrame, stem: Path, metric: str = METRIC, ylabel: str | None = None) -> list[Path]:
     """Metric against budget: one panel per sparsity (mask-free series in every panel), one line
-    per series, t-interval bands."""
+    per series, t-interval bands. A series family (the label without its sparsity) keeps one colour
+    in every panel; each panel has its own legend, below it, so no curve is hidden."""
     plt = _pyplot()
     masked = summary[summary["sparsity"].notna()]
     panels = sorted(masked["sparsity"].unique()) or [None]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False, sharey=True)
     names = _legend_names(summary)
-    colours = {s: plt.cm.tab10(i % 10) for i, s in enumerate(sorted(names, key=names.get))}
+    family = dict(zip(summary["series"], summary.get("family", summary["label"]), strict=True))
+    families = sorted(set(family.values()))
+    palette = plt.cm.tab10 if len(families) <= 10 else plt.cm.tab20
+    colours = {f: palette(i % palette.N) for i, f in enumerate(families)}
+    rows = max(len(summary[summary["sparsity"].isna() | (summary["sparsity"] == s)]["series"].unique()) for s in panels)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(5.2 * len(panels), 3.6 + 0.2 * rows), squeeze=False, sharey=True
+    )
     for ax, sparsity in zip(axes[0], panels, strict=True):
         part = summary[summary["sparsity"].isna() | (summary["sparsity"] == sparsity)]
         for series, group in part.groupby("series", sort=False):
@@ -709,16 +716,19 @@ def plot_curves(summary: pd.DataFrame, stem: Path, metric: str = METRIC, ylabel:
             if f"{metric}_mean" not in group or group[f"{metric}_mean"].isna().all():
                 continue
             x = group["n_train"].to_numpy(dtype=float)
-            colour = colours[series]
+            colour = colours[family[series]]
             ax.plot(x, group[f"{metric}_mean"], marker="o", ms=3, label=names[series], color=colour)
-            ax.fill_between(x, group[f"{metric}_ci_lo"], group[f"{metric}_ci_hi"], alpha=0.2, color=colour, lw=0)
+            ax.fill_between(x, group[f"{metric}_ci_lo"], group[f"{metric}_ci_hi"], alpha=0.15, color=colour, lw=0)
         ax.set_xscale("symlog", linthresh=10)
         ax.set_xlabel("training budget n (log scale)")
         ax.set_title("no mask" if sparsity is None else f"mask sparsity {sparsity:g}")
         ax.grid(alpha=0.3)
+        handles, labels = ax.get_legend_handles_labels()
+        order = sorted(range(len(labels)), key=labels.__getitem__)
+        ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=7,
+                  loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)  # fmt: skip
     axes[0][0].set_ylabel(ylabel or metric)
-    axes[0][-1].legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    fig.subplots_adjust(wspace=0.06)  # the legends sit below the panels; savefig's tight box keeps them
     return _save(fig, stem)
 
 
