@@ -746,14 +746,13 @@ def plot_sparsity(summary: pd.DataFrame, stem: Path) -> list[Path]:
         lines.setdefault(curve, []).append(f"{task}: {family}" if several else family)
     fig, ax = plt.subplots(figsize=(4.6, 3.6))
     for (_task, x, y), labels in lines.items():
-        ax.plot(x, y, marker="o", label=", ".join(labels))
+        ax.plot(x, y, marker="o", label="\n".join(labels))  # series sharing masks: one line, all named
     ax.set_xlim(0, 1)
     ax.set_xlabel("mask sparsity (fraction of masked weights set to 0)")
     ax.set_ylabel("subtask accuracy of the masked model")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
     return _save(fig, stem)
 
 
