@@ -459,6 +459,15 @@ def _check_runnable(config: SweepConfig) -> list[str]:
             f"data_fractions: {list(config.data_fractions)} includes a budget of 0 training samples, "
             f"and task {config.task.name!r} has nothing else to train on; use fractions > 0"
         )
+    budgets: dict[int, float] = {}
+    for fraction in config.data_fractions:
+        n = task.downstream_size(fraction)
+        if n in budgets:
+            errors.append(
+                f"data_fractions: {budgets[n]} and {fraction} both give a budget of n = {n} samples, so they would "
+                "be the same point of every curve; drop one"
+            )
+        budgets.setdefault(n, fraction)
     try:
         config.analysis_list()
     except ValueError as err:

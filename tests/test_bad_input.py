@@ -57,6 +57,7 @@ CASES = [
     ("bad-name", _yaml(name="../escape"), ["name", "not a usable name"]),
     ("model-does-not-fit-task", _replace("model", {"name": "resnet18"}), ["model 'resnet18' does not fit task", "gpt"]),
     ("bad-selection-key", _yaml(discovery={"selection": {"heads": True}}), ["discovery.selection.heads"]),
+    ("same-budget-twice", _yaml(data_fractions=[0.5, 0.501]), ["data_fractions", "n = 50", "drop one"]),
 ]
 
 
