@@ -45,6 +45,7 @@ class AnalysisContext:
     device: torch.device
     eval_batch_size: int
     method: str
+    seed: int = 0  # the trial's seed (for data an analysis draws from the task, e.g. probe splits)
 
     def artifact(self, kind: str) -> Any:
         if kind not in self.artifacts:

@@ -289,6 +289,7 @@ def run_trial(
                 device=device,
                 eval_batch_size=effective.training.eval_batch_size,
                 method=spec.method,
+                seed=seed,
             )
             row.update(analysis.check(analysis.run(actx, model, config)))
             lap(f"analysis_{name}")
