@@ -195,6 +195,29 @@ class ModularArithmetic:
             evals={"test": self._split(pairs["test"], rule, extra=True)},
         )
 
+    def probe_features(self, seed: int) -> tuple[Split, Split]:
+        """(fit, eval) splits for representation analyses: the inputs of the downstream val and test
+        pairs, labelled with features (not targets): a, b, their residues mod p, ab mod p and the
+        base task's answer."""
+        p = self.config.modulus
+        product = expr.parse("ab")
+
+        def split(ab: np.ndarray) -> Split:
+            a, b = ab[:, 0], ab[:, 1]
+            x = torch.from_numpy(np.stack([a, b, np.full_like(a, self.config.operand_range)], axis=1))
+            features = {
+                "a": a,
+                "b": b,
+                "a_mod_p": a % p,
+                "b_mod_p": b % p,
+                "ab_mod_p": expr.evaluate(product, a, b, p),
+                "base": expr.evaluate(self._base, a, b, p),
+            }
+            return Split(x, {name: torch.from_numpy(np.asarray(v, dtype=np.int64)) for name, v in features.items()})
+
+        pairs = self._pairs(seed)
+        return split(pairs["val"]), split(pairs["test"])
+
     # --- model ----------------------------------------------------------------------------
 
     def build_model(self, model_config: Frozen) -> nn.Module:

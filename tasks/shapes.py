@@ -167,5 +167,30 @@ class Shapes:
             },
         )
 
+    def probe_features(self, seed: int) -> tuple[Split, Split]:
+        """(fit, eval) splits for representation analyses, labelled with features (not targets):
+        shape, texture and colour. They are the two halves of the `cue_conflict` test split (already
+        rendered for evaluation; nothing new is rendered): only there do shape and texture vary
+        apart (in the textured splits texture == shape, so their R² would be identical). Texture is
+        any class but the shape's, near-independent of it (a layer coding shape alone explains
+        about 1/(k-1)^2 of its variance by texture).
+
+        Colour is not stored with the images: it is recovered by replaying the split's random stream
+        up to `render`'s first draw (`_render`'s class permutation and texture offsets, then the
+        colour index), and the replayed shapes and textures are checked against the stored ones."""
+        from tasks.shapes_render import COLOURS
+
+        k, n = self.config.n_classes, self.config.n_test
+        arrays = self.split_arrays("cue_conflict", n, seed)
+        rng = numpy_generator(seed, "shapes:cue_conflict")
+        shape = rng.permutation(np.arange(n) % k)
+        texture = (shape + rng.integers(1, k, n)) % k
+        colour = rng.integers(0, len(COLOURS), n)
+        if not (np.array_equal(shape, arrays["shape"]) and np.array_equal(texture, arrays["texture"])):
+            raise RuntimeError("shapes: replaying the cue_conflict split gave other labels; the colour replay is stale")
+        features = {"shape": arrays["shape"], "texture": arrays["texture"], "colour": colour.astype(np.int64)}
+        whole = Split(_normalise(arrays["images"]), {name: torch.from_numpy(v) for name, v in features.items()})
+        return whole.take(torch.arange(n // 2)), whole.take(torch.arange(n // 2, n))
+
     def build_model(self, model_config: Frozen) -> nn.Module:
         return build_model_for(self, model_config, n_classes=self.config.n_classes, image_size=self.config.image_size)

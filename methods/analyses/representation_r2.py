@@ -1,0 +1,126 @@
+"""`representation_r2`: how much of a layer's activation variance each input feature explains.
+
+Lampinen, Chan & Hermann (TMLR 2024, "Learned feature representations are biased by complexity,
+learning order, position, and more", arXiv 2405.05847). For every probed layer φ (each named
+feature of `model(x, intermediates=True)`, flattened per example) and every categorical feature f
+of the input (the task's `probe_features(seed)`: shape, texture, colour for `shapes`; a, b, the
+residues and the base answer for arithmetic):
+
+- centre φ with its mean on the *fit* split;
+- fit a linear map W from one-hot f to centred φ by least squares on the fit split;
+- on the *eval* split (centred with the fit split's mean),
+  R² = 1 − Σ_i ‖W f_i − φ_i‖² / Σ_i ‖φ_i‖²,
+  total variance explained over all units together (not a mean of per-unit R²).
+
+Math choices:
+- With one-hot features (no separate intercept: the one-hot columns span the constant), the
+  least-squares W has one row per class, and the row of class c is exactly the mean of the centred
+  φ over the fit examples of class c (the normal equations are diagonal: XᵀX = diag(class counts)).
+  We use that closed form, in float64, rather than a generic solver: exact, O(N·D), and no
+  conditioning issue. A class seen in eval but absent from fit gets the minimum-norm row 0 (the
+  prediction is the fit mean), as `torch.linalg.lstsq`'s minimum-norm solution would.
+- R² is held out, so it can be negative (a feature with many classes and few examples per class
+  overfits the fit split: e.g. `a` with operand_range 1000 and ~1 example per value). Compare
+  features with similar numbers of classes, or raise `n`.
+- A layer with no variance on the eval split gives NaN (0/0).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from common.config import Frozen
+from methods.analysis import Column, register_analysis
+from tasks.base import Split
+
+
+class R2Config(Frozen):
+    n: int = Field(1000, ge=20, description="examples per split (fit and eval), at most the task's split sizes")
+    layers: tuple[str, ...] = Field((), description="features of the model to probe; empty = every one it returns")
+
+
+@register_analysis(
+    "representation_r2",
+    config=R2Config,
+    columns={
+        "representation_r2_*": Column(
+            "float64",
+            summarise=True,
+            description="held-out variance of layer <layer> explained by one-hot feature <feature> "
+            "(representation_r2_<layer>_<feature>)",
+        ),
+    },
+    description="variance of each layer explained by each input feature (Lampinen, Chan & Hermann 2024)",
+)
+def representation_r2(ctx, model: nn.Module, config: R2Config | None) -> dict[str, float]:
+    config = config or R2Config()
+    probe = getattr(ctx.task, "probe_features", None)
+    if probe is None:
+        raise ValueError(
+            f"representation_r2 needs a task with probe_features(seed); {type(ctx.task).__name__} has none"
+        )
+    seed = getattr(ctx, "seed", 0)  # TODO(lead): AnalysisContext.seed, passed from the trial spec
+    fit, held = probe(seed)
+    fit, held = _head(fit, config.n), _head(held, config.n)
+    phi_fit = activations(model, fit.x, ctx.device, ctx.eval_batch_size)
+    phi_eval = activations(model, held.x, ctx.device, ctx.eval_batch_size)
+    layers = config.layers or tuple(phi_fit)
+    missing = [name for name in layers if name not in phi_fit]
+    if missing:
+        raise ValueError(f"representation_r2: the model has no feature {missing}; it has {sorted(phi_fit)}")
+    out = {}
+    for layer in layers:
+        for feature in fit.labels:
+            out[f"representation_r2_{layer}_{feature}"] = r2(
+                fit.labels[feature], phi_fit[layer], held.labels[feature], phi_eval[layer]
+            )
+    return out
+
+
+def r2(features_fit: torch.Tensor, phi_fit: torch.Tensor, features_eval: torch.Tensor, phi_eval: torch.Tensor) -> float:
+    """Held-out R² of activations `phi_*` [N, ...] (flattened per example) regressed on the one-hot
+    of integer labels `features_*` [N]: least squares on the fit split (per-class means of the
+    fit-centred φ, which is the exact least-squares solution for one-hot regressors), evaluated
+    as 1 − Σ‖Wf − φ‖² / Σ‖φ‖² on the eval split centred with the fit split's mean."""
+    phi_fit = phi_fit.reshape(len(phi_fit), -1).double()
+    phi_eval = phi_eval.reshape(len(phi_eval), -1).double()
+    f_fit, f_eval = features_fit.long().cpu(), features_eval.long().cpu()
+    if len(f_fit) != len(phi_fit) or len(f_eval) != len(phi_eval):
+        raise ValueError("representation_r2: features and activations differ in length")
+    mean = phi_fit.mean(0)
+    centred_fit, centred_eval = phi_fit - mean, phi_eval - mean
+    classes, inverse = torch.unique(torch.cat([f_fit, f_eval]), return_inverse=True)
+    idx_fit, idx_eval = inverse[: len(f_fit)], inverse[len(f_fit) :]
+    sums = torch.zeros(len(classes), phi_fit.shape[1], dtype=torch.float64).index_add_(0, idx_fit, centred_fit)
+    counts = torch.bincount(idx_fit, minlength=len(classes)).double()
+    w = sums / counts.clamp(min=1).unsqueeze(1)  # class means; 0 for classes absent from fit
+    residual = (w[idx_eval] - centred_eval).pow(2).sum()
+    total = centred_eval.pow(2).sum()
+    if total == 0:
+        return math.nan
+    return float(1 - residual / total)
+
+
+@torch.no_grad()
+def activations(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int) -> dict[str, torch.Tensor]:
+    """Every named feature of `model(x, intermediates=True)`, flattened per example, on the CPU
+    (float64), in eval mode; the model's train/eval mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        parts: dict[str, list[torch.Tensor]] = {}
+        for start in range(0, len(x), batch_size):
+            _, feats = model(x[start : start + batch_size].to(device), intermediates=True)
+            for name, value in feats.items():
+                parts.setdefault(name, []).append(value.reshape(len(value), -1).double().cpu())
+    finally:
+        model.train(was_training)
+    return {name: torch.cat(chunks) for name, chunks in parts.items()}
+
+
+def _head(split: Split, n: int) -> Split:
+    return split.take(torch.arange(min(n, len(split))))
