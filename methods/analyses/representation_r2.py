@@ -63,7 +63,7 @@ def representation_r2(ctx, model: nn.Module, config: R2Config | None) -> dict[st
         raise ValueError(
             f"representation_r2 needs a task with probe_features(seed); {type(ctx.task).__name__} has none"
         )
-    seed = getattr(ctx, "seed", 0)  # TODO(lead): AnalysisContext.seed, passed from the trial spec
+    seed = ctx.seed  # the trial's seed: probe data of the same split as the trial's
     fit, held = probe(seed)
     fit, held = _head(fit, config.n), _head(held, config.n)
     phi_fit = activations(model, fit.x, ctx.device, ctx.eval_batch_size)
