@@ -93,7 +93,7 @@ class ModularArithmetic:
 
     Config = ModularArithmeticConfig
     n_positions = 4  # [a, b, =, y] as in the paper; the model reads the first three
-    supported_models = ("gpt",)
+    supported_models = ("gpt", "mlp")
     trains_on_zero = True  # n = 0 still leaves the ambiguous samples to train on
     default_analyses = ("splits",)  # accuracy under the competing readings
 

@@ -66,7 +66,7 @@ class Shapes:
     """Procedural shape/texture images; see the module docstring."""
 
     Config = ShapesConfig
-    supported_models = ("resnet18", "vit")
+    supported_models = ("resnet18", "vit", "mlp", "plain_cnn")
     trains_on_zero = False  # downstream training needs at least one textured image
     default_analyses = ("splits", "shape_bias")
 
