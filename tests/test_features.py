@@ -41,6 +41,18 @@ TINY = {
         _image(),
         {"embed": (B, 17, 16), "block0": (B, 17, 16), "block1": (B, 17, 16), "final": (B, 16)},
     ),
+    "mlp": (
+        {"n_layers": 2, "width": 8, "embed_dim": 4, "dropout": 0.1},
+        {"vocab_size": 11, "n_positions": 4, "n_classes": 7},
+        lambda gen: torch.randint(0, 11, (B, 3), generator=gen),
+        {"embed": (B, 16), "layer0": (B, 8), "layer1": (B, 8), "final": (B, 8)},
+    ),
+    "plain_cnn": (
+        {"n_blocks": 3, "width": 4},
+        {"n_classes": 5, "image_size": 16},
+        _image(),
+        {"block0": (B, 4, 16, 16), "block1": (B, 4, 8, 8), "block2": (B, 4, 4, 4), "pool": (B, 4)},
+    ),
 }
 
 
