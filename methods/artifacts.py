@@ -45,6 +45,7 @@ class ArtifactKind:
     axes: ClassVar[tuple[str, ...]] = ()  # grid axes that enter the key
     reported: ClassVar[tuple[str, ...]] = ()  # row columns from `columns(meta)` that the report summarises
     is_mask: ClassVar[bool] = False  # boolean tensors over parameters: the report compares them (overlap)
+    Config: ClassVar[type | None] = None  # the kind's own settings block, under its name in the sweep file
 
     def describe(self, key: dict) -> dict[str, Any]:
         """The grid coordinates of a stored artifact's key, for reports: `seed`, `sparsity` where
@@ -64,12 +65,23 @@ class ArtifactKind:
 ARTIFACTS = Registry("artifact kind")
 
 
-def register_artifact(name: str, *, needs: tuple[str, ...] = (), blocks: tuple[str, ...] = (), axes=()):
+def register_artifact(
+    name: str, *, needs: tuple[str, ...] = (), blocks: tuple[str, ...] = (), axes=(), config: type | None = None
+):
+    """Register an `ArtifactKind` class. `blocks`: sweep blocks its key reads; `config`: a settings
+    block of its own, written under `name` in the sweep file (`guide: {...}`), validated there, part
+    of the key and identity of everything that needs the kind, tunable and sweepable by path.
+    `axes`: the fixed grid axes its key holds (only "sparsity" exists)."""
+    if any(axis != "sparsity" for axis in axes):
+        raise ValueError(f"artifact kind {name!r}: the only grid axis an artifact can depend on is 'sparsity'")
+
     def add(cls):
         unknown = [n for n in needs if n not in ARTIFACTS]
         if unknown:
             raise ValueError(f"artifact kind {name!r} needs {unknown}, which are not registered (register them first)")
-        cls.name, cls.needs, cls.blocks, cls.axes = name, tuple(needs), tuple(blocks), tuple(axes)
+        own = (name,) if config is not None else ()
+        cls.name, cls.needs, cls.blocks, cls.axes = name, tuple(needs), tuple(blocks) + own, tuple(axes)
+        cls.Config = config
         ARTIFACTS.register(name)(cls())
         return cls
 

@@ -136,7 +136,7 @@ class SweepConfig(Frozen):
         {}, description="per-method values of config paths, e.g. from `instill tune` (see --tuned)"
     )
     method_settings: dict[str, SerializeAsAny[Frozen]] = Field(
-        {}, description="the blocks of methods with settings of their own, by method name (top-level in YAML)"
+        {}, description="blocks of methods and artifact kinds with settings of their own, by name (top level in YAML)"
     )
     analyses: tuple[dict[str, Any], ...] = Field(
         (), description="analyses run on every trained model: names or {name: ..., <params>}"
@@ -400,6 +400,7 @@ def _parse_blocks(data: dict, errors: list[str]) -> None:
             settings[name] = method.Config.model_validate(block)
         except ValidationError as err:
             errors.append(format_validation(err, name))
+    _parse_artifact_blocks(data, methods, settings, errors)
     data["method_settings"] = settings
     analyses = data.get("analyses", ())
     if not isinstance(analyses, (list, tuple)):
@@ -419,6 +420,29 @@ def _parse_blocks(data: dict, errors: list[str]) -> None:
     if len(set(names)) != len(names):
         errors.append(f"analyses: {names} lists an analysis more than once")
     data["analyses"] = tuple(normalised)
+
+
+def _parse_artifact_blocks(data: dict, methods: list, settings: dict, errors: list[str]) -> None:
+    """Validate the blocks of artifact kinds with settings of their own (defaults where a listed
+    method needs the kind and the sweep file leaves the block out)."""
+    from methods.artifacts import closure
+
+    known = [m for m in methods if isinstance(m, str) and m in METHODS]
+    needed = set(closure([k for m in known for k in METHODS.get(m).needs]))
+    for name, kind in ARTIFACTS.items():
+        if kind.Config is None or (name not in data and name not in needed):
+            continue
+        if name in settings:
+            errors.append(f"{name}: both a method and an artifact kind are named {name!r}; rename one")
+            continue
+        block = data.pop(name, {}) or {}
+        if not isinstance(block, dict):
+            errors.append(f"{name}: expected a mapping of the {name} artifact's settings")
+            continue
+        try:
+            settings[name] = kind.Config.model_validate(block)
+        except ValidationError as err:
+            errors.append(format_validation(err, name))
 
 
 def _build(raw: dict, check: bool = True) -> SweepConfig:
