@@ -1,0 +1,210 @@
+"""Representational guidance (seed 004, "Training the Untrainable", arXiv 2410.20035): a fresh
+target model trained on cross-entropy plus an alignment of its layers to a frozen guide network's.
+
+    loss = CE(target(x), y) + alpha * sum over mapped pairs (t, g) of (1 - CKA_linear(A_t, G_g))
+
+- The guide is an artifact kind, `guide`, with its own block:
+  `guide: {trained: true | false, model: null | {name: ..., <fields>}}`. `trained: true` trains the
+  guide on the base task with the source's settings (with `model: null`, the sweep's own model, the
+  guide *is* the source model: same key, same weights); `trained: false` is a fresh initialisation
+  (init seeded by (seed, "guide_init"), so it differs from the target's own init). `model` may name
+  another architecture than the target's (e.g. `{name: mlp, n_layers: 2, width: 16}`); it must fit
+  the task. The guide is frozen: eval mode (no dropout draws, no batch-norm updates), no gradient.
+- Layers: every name of each model's `feature_names()`, in order (input embedding / stem and the
+  penultimate `final` / `pool` included; logits never). Guide layer g goes to target layer
+  round(g (n_t - 1) / (n_g - 1)) (`methods.cka.layer_map`); when several guide layers map to one
+  target layer every pair is kept, so the sum has one term per guide layer.
+- Activations are flattened per example; linear CKA on the minibatch in fp32 (`methods.cka`).
+- One forward pass of the target per step (`model(x, intermediates=True)`) gives the logits and the
+  features; the guide runs under `torch.no_grad` on the same batch.
+- `guidance.guidance_steps = N`: the alignment term only for the first N optimisation steps, then
+  cross-entropy only, without running the guide at all. With `alpha = 0` (or N = 0) the guide is
+  never run and the method is `scratch` bit for bit.
+- Measurements per epoch: `ce`, `cka_loss` (the summed 1 - CKA, averaged over *all* the epoch's
+  steps, counting 0 for unguided ones) and `guided` (the fraction of the epoch's steps that were
+  guided: `cka_loss / guided` is the mean over guided steps). The score is validation accuracy.
+
+Departures from the paper (and its code):
+- Their code forwards the target twice per step (once for CE, once for the features): different
+  dropout masks and a double batch-norm update. Here one forward.
+- Their layer map overwrites when several guide layers map to one target layer (only the last counts);
+  here every pair is kept.
+- The paper aligns the outputs of conv / linear / attention / norm layers before the nonlinearity.
+  Here the aligned activations are the models' named features (`feature_names()`): block / layer
+  outputs (after the activation for the MLP), the input embedding and the penultimate features, so
+  there are far fewer pairs (a handful, not ~20) and the same alpha weighs the alignment less.
+- The paper fixes the batch at 256; here the downstream block's `batch_size` (biased HSIC depends on
+  it, so CKA values compare only at one batch size).
+- The optimiser is the shared loop's AdamW with the downstream settings, not the paper's per-target
+  optimiser schedules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+from torch.nn import functional as F
+
+import tasks
+from common.config import Frozen
+from common.seeding import seeded_init, torch_generator
+from methods.artifacts import ArtifactKind, register_artifact
+from methods.cka import layer_map, linear_cka
+from methods.registry import Method, MethodContext, register_method
+from methods.training import Objective, cross_entropy, train
+from tasks.base import parse_block
+
+
+class GuideConfig(Frozen):
+    """The `guide:` block of a sweep file."""
+
+    trained: bool = Field(True, description="train the guide on the base task (false: a fresh init)")
+    model: dict[str, Any] | None = Field(
+        None, description="the guide's architecture, {name: ..., <fields>}; null: the sweep's own model block"
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value):
+        if value is None:
+            return None
+        # Every field, defaults included, so equal architectures have equal keys.
+        return parse_block(tasks.MODELS, value, "guide.model").canonical()
+
+    def model_cfg(self) -> Frozen | None:
+        """The guide's model block as a validated config (None: the sweep's own model)."""
+        return None if self.model is None else parse_block(tasks.MODELS, dict(self.model), "guide.model")
+
+
+def _guide_model_cfg(ctx) -> tuple[Frozen, bool]:
+    """The guide's model config and whether it is the sweep's own architecture."""
+    own = ctx.settings.model
+    block = ctx.settings.block("guide")
+    if block.model is None or block.model == own.canonical():
+        return own, True
+    return block.model_cfg(), False
+
+
+def _frozen(model: nn.Module, device: torch.device) -> nn.Module:
+    model = model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@register_artifact("guide", needs=("source",), blocks=("source",), config=GuideConfig)
+class Guide(ArtifactKind):
+    """The frozen guide network: the source model itself, another architecture trained like the
+    source, or a fresh (untrained) initialisation."""
+
+    def describe(self, key):
+        seed = key["seed"] if "seed" in key else key.get("source", {}).get("seed")
+        return {"seed": seed} if seed is not None else {}
+
+    def key(self, ctx):
+        cfg, own = _guide_model_cfg(ctx)
+        trained = ctx.settings.block("guide").trained
+        if trained and own:
+            return {"source": ctx.key_of("source"), "trained": True}
+        return {
+            "task": ctx.task.key_fields("source"),
+            "model": cfg.canonical(),
+            # an untrained guide does not depend on the source's training settings
+            **({"training": ctx.settings.source.canonical()} if trained else {}),
+            "seed": ctx.seed,
+            "trained": trained,
+            **({"mixed_precision": True} if trained and ctx.mixed_precision else {}),
+        }
+
+    def compute(self, ctx):
+        cfg, own = _guide_model_cfg(ctx)
+        trained = ctx.settings.block("guide").trained
+        if trained and own:
+            source = ctx.get("source")
+            return {n: t.detach().cpu() for n, t in source.state_dict().items()}, {"val_acc": None, "source": True}
+        with seeded_init(ctx.seed, "guide_init"):
+            model = ctx.task.build_model(cfg)
+        model = model.to(ctx.device)
+        meta: dict[str, Any] = {"val_acc": None, "source": False}
+        if trained:
+            result = train(model, ctx.task.base_data(ctx.seed), ctx.settings.source,
+                           torch_generator(ctx.seed, "guide_train"), mixed_precision=ctx.mixed_precision)  # fmt: skip
+            meta.update(val_acc=result.best_val_acc, best_epoch=result.best_epoch, epochs_run=result.epochs_run)
+        return {n: t.detach().cpu() for n, t in model.state_dict().items()}, meta
+
+    def load(self, ctx, tensors, meta):
+        cfg, _ = _guide_model_cfg(ctx)
+        with seeded_init(ctx.seed, "guide_init"):
+            model = ctx.task.build_model(cfg)
+        model.load_state_dict(tensors)
+        return _frozen(model, ctx.device)
+
+    def columns(self, meta):
+        return {"guide_val_acc": meta.get("val_acc")}
+
+
+class GuidanceConfig(Frozen):
+    """The `guidance:` block of a sweep file."""
+
+    alpha: float = Field(1.0, ge=0, description="weight of the summed (1 - CKA) alignment term")
+    guidance_steps: int | None = Field(
+        None, ge=0, description="align only for the first N optimisation steps, then CE only (null: always)"
+    )
+
+
+@register_method(
+    "guidance",
+    needs=("guide",),
+    config=GuidanceConfig,
+    description="a fresh model trained on CE + alpha * sum (1 - linear CKA) to a frozen guide's layers",
+)
+class Guidance(Method):
+    def build(self, ctx: MethodContext) -> nn.Module:
+        return ctx.fresh
+
+    def objective(self, ctx: MethodContext, model: nn.Module) -> Objective:
+        base = cross_entropy(model, ctx.data, ctx.training.eval_batch_size)  # for its score and params
+        if not isinstance(ctx.config, GuidanceConfig):
+            raise TypeError(f"guidance needs its GuidanceConfig block in ctx.config, got {type(ctx.config).__name__}")
+        alpha, limit = ctx.config.alpha, ctx.config.guidance_steps
+        guide = ctx.artifact("guide")
+        pairs = guidance_pairs(model, guide)
+
+        def guided(step: int) -> bool:
+            return alpha > 0 and (limit is None or step < limit)
+
+        def loss(batch, step):
+            x, y = batch["train"].x, batch["train"].y
+            if not guided(step):
+                ce = F.cross_entropy(model(x).float(), y)
+                if alpha > 0:
+                    zero = torch.zeros((), device=ce.device)
+                    return ce, {"ce": ce, "cka_loss": zero, "guided": zero}
+                return ce, {"ce": ce}
+            logits, feats = model(x, intermediates=True)
+            guide.eval()
+            with torch.no_grad():
+                _, guide_feats = guide(x, intermediates=True)
+            ce = F.cross_entropy(logits.float(), y)
+            cka_loss = alignment_loss(feats, guide_feats, pairs)
+            one = torch.ones((), device=ce.device)
+            return ce + alpha * cka_loss, {"ce": ce, "cka_loss": cka_loss.detach(), "guided": one}
+
+        return dataclasses.replace(base, loss=loss)
+
+
+def guidance_pairs(target: nn.Module, guide: nn.Module) -> list[tuple[str, str]]:
+    """(target feature, guide feature) names, every guide layer mapped by `layer_map`."""
+    t_names, g_names = list(target.feature_names()), list(guide.feature_names())
+    return [(t_names[t], g_names[g]) for t, g in layer_map(len(t_names), len(g_names))]
+
+
+def alignment_loss(
+    target_feats: dict[str, torch.Tensor], guide_feats: dict[str, torch.Tensor], pairs: list[tuple[str, str]]
+) -> torch.Tensor:
+    """sum over pairs of 1 - linear CKA (activations flattened per example), fp32."""
+    return torch.stack([1 - linear_cka(target_feats[t], guide_feats[g]) for t, g in pairs]).sum()

@@ -1,0 +1,131 @@
+"""Representational guidance: alpha = 0 (or guidance_steps = 0) is scratch bit for bit, a strong
+alignment term raises the target's CKA to the guide, the guide stays frozen, a guide of another
+architecture runs end to end, and a bad guide model field is reported by its path."""
+
+import pytest
+import torch
+import yaml
+
+from common.seeding import seeded_init, torch_generator
+from methods import guidance as _guidance  # noqa: F401  (registers the guide kind and the method)
+from methods.guidance import GuidanceConfig, GuideConfig, alignment_loss, guidance_pairs
+from methods.registry import MethodContext, get_method
+from methods.training import fit
+from tests.conftest import tiny_raw
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from orchestrator.config import load_sweep
+
+    sweep = load_sweep(tiny_raw(training={"epochs": 3, "lr": 3e-3, "batch_size": 10}))
+    task = sweep.build_task()
+
+    def fresh(stage: str) -> torch.nn.Module:
+        with seeded_init(0, stage):
+            return task.build_model(sweep.model)
+
+    guide = fresh("guide_init").eval()  # an untrained guide of the same architecture
+    for p in guide.parameters():
+        p.requires_grad_(False)
+    return sweep, task, fresh, guide
+
+
+def _run(setup, name: str, config, guide=None):
+    sweep, task, fresh, default_guide = setup
+    ctx = MethodContext(
+        task=task,
+        data=task.downstream_data(0, 0.5),
+        config=config,
+        training=sweep.training,
+        transfer=sweep.transfer,
+        artifacts={"guide": default_guide if guide is None else guide},
+        generator=torch_generator(0, "method"),
+        device=torch.device("cpu"),
+        fresh_model=fresh,
+    )
+    method = get_method(name)
+    model = method.build(ctx)
+    result = fit(method.objective(ctx, model), ctx.data, ctx.training, torch_generator(0, "downstream_train"))
+    return model, result
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_alpha_zero_and_zero_guidance_steps_are_scratch_bit_for_bit(setup):
+    scratch, r0 = _run(setup, "scratch", None)
+    unguided, r1 = _run(setup, "guidance", GuidanceConfig(alpha=0.0))
+    no_steps, r2 = _run(setup, "guidance", GuidanceConfig(alpha=5.0, guidance_steps=0))
+    assert _same(scratch, unguided) and _same(scratch, no_steps)
+    assert r0.history == r1.history == r2.history
+    assert all(m["cka_loss"] == 0 and m["guided"] == 0 for m in r2.measurements)
+
+
+def test_strong_alignment_lowers_the_cka_loss_and_the_guide_stays_frozen(setup):
+    guide = setup[3]
+    before = {k: v.clone() for k, v in guide.state_dict().items()}
+    model, result = _run(setup, "guidance", GuidanceConfig(alpha=10.0))
+    losses = [m["cka_loss"] for m in result.measurements]
+    assert all(m["guided"] == 1 for m in result.measurements)
+    assert losses[-1] < losses[0], losses
+    assert all(torch.equal(before[k], v) for k, v in guide.state_dict().items()), "the guide moved"
+    assert not guide.training and not any(p.requires_grad for p in guide.parameters())
+    # The restored (best) target is closer to the guide than a fresh init is.
+    x = setup[1].downstream_data(0, 0.5).train.x[:50]
+    pairs = guidance_pairs(model, guide)
+    with torch.no_grad():
+        fresh = setup[2]("init").eval()
+        _, g = guide(x, intermediates=True)
+        _, t = model.eval()(x, intermediates=True)
+        _, f = fresh(x, intermediates=True)
+    assert alignment_loss(t, g, pairs) < alignment_loss(f, g, pairs)
+
+
+def test_guidance_steps_stop_the_alignment(setup):
+    _, result = _run(setup, "guidance", GuidanceConfig(alpha=1.0, guidance_steps=2))
+    assert result.steps > 2
+    assert 0 < result.measurements[0]["guided"] < 1 and result.measurements[-1]["guided"] == 0
+
+
+def test_pairs_keep_every_guide_layer(setup):
+    sweep, task, fresh, guide = setup
+    target = fresh("init")  # gpt, 1 block: embed, block0, final
+    with seeded_init(0, "mlp"):
+        mlp = task.build_model(GuideConfig(model={"name": "mlp", "n_layers": 4, "width": 8}).model_cfg())
+    pairs = guidance_pairs(target, mlp)
+    assert [g for _, g in pairs] == list(mlp.feature_names())
+    assert [t for t, _ in pairs] == ["embed", "embed", "block0", "block0", "final", "final"]
+
+
+def test_a_guide_of_another_architecture_runs_end_to_end(tiny, tmp_path):
+    from orchestrator.artifacts import ArtifactStore
+    from orchestrator.trial import TrialSpec, Upstream, identity, run_trial
+
+    mlp = {"name": "mlp", "n_layers": 2, "width": 16}
+    sweep = tiny(plugins=[], methods=["guidance"], guidance={"alpha": 1.0}, guide={"trained": True, "model": mlp})
+    spec = TrialSpec(method="guidance", data_fraction=0.5, seed=0)
+    assert identity(sweep, spec)["guide"]["model"]["width"] == 16
+    key = Upstream(sweep, spec, None, torch.device("cpu")).key("guide")
+    assert key["model"]["name"] == "mlp" and key["trained"] is True and "training" in key
+    row = run_trial(sweep, spec, ArtifactStore(tmp_path))
+    assert row["status"] == "done", row
+    assert row["guide_val_acc"] is not None
+
+    # The trained guide of the sweep's own architecture is the source model (its key holds the source's).
+    own = Upstream(tiny(plugins=[], methods=["guidance"], guide={"trained": True}), spec, None, torch.device("cpu"))
+    assert own.key("guide") == {"source": own.key("source"), "trained": True}
+    fresh = Upstream(tiny(plugins=[], methods=["guidance"], guide={"trained": False}), spec, None, torch.device("cpu"))
+    assert fresh.key("guide")["trained"] is False and "training" not in fresh.key("guide")
+
+
+def test_a_bad_guide_model_field_is_reported_by_path(tmp_path, capsys):
+    from orchestrator.cli import main
+
+    bad = {"name": "mlp", "n_layers": 0}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(tiny_raw(methods=["guidance"], guide={"model": bad})))
+    assert main(["validate", str(path)]) == 2
+    assert "guide.model.n_layers" in capsys.readouterr().err
