@@ -389,17 +389,11 @@ def _parse_blocks(data: dict, errors: list[str]) -> None:
         method = METHODS.get(name)
         if name not in data and not (method.Config is not None and name in methods):
             continue
-        block = data.pop(name, {}) or {}
         if method.Config is None:
+            data.pop(name)
             errors.append(f"{name}: method {name!r} has no settings of its own; remove this block")
             continue
-        if not isinstance(block, dict):
-            errors.append(f"{name}: expected a mapping of {name}'s settings")
-            continue
-        try:
-            settings[name] = method.Config.model_validate(block)
-        except ValidationError as err:
-            errors.append(format_validation(err, name))
+        _parse_settings(data, name, method.Config, settings, errors)
     _parse_artifact_blocks(data, methods, settings, errors)
     data["method_settings"] = settings
     analyses = data.get("analyses", ())
@@ -435,14 +429,19 @@ def _parse_artifact_blocks(data: dict, methods: list, settings: dict, errors: li
         if name in settings:
             errors.append(f"{name}: both a method and an artifact kind are named {name!r}; rename one")
             continue
-        block = data.pop(name, {}) or {}
-        if not isinstance(block, dict):
-            errors.append(f"{name}: expected a mapping of the {name} artifact's settings")
-            continue
-        try:
-            settings[name] = kind.Config.model_validate(block)
-        except ValidationError as err:
-            errors.append(format_validation(err, name))
+        _parse_settings(data, name, kind.Config, settings, errors)
+
+
+def _parse_settings(data: dict, name: str, config_cls: type, settings: dict, errors: list[str]) -> None:
+    """Pop the top-level block `name` (absent: defaults) and validate it into `settings[name]`."""
+    block = data.pop(name, {}) or {}
+    if not isinstance(block, dict):
+        errors.append(f"{name}: expected a mapping of {name}'s settings")
+        return
+    try:
+        settings[name] = config_cls.model_validate(block)
+    except ValidationError as err:
+        errors.append(format_validation(err, name))
 
 
 def _build(raw: dict, check: bool = True) -> SweepConfig:

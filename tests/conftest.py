@@ -1,4 +1,9 @@
+import contextlib
 import os
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -58,3 +63,52 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@contextlib.contextmanager
+def moto_s3(bucket: str):
+    """A moto S3 server on loopback with `bucket` created; yields (endpoint, pyarrow S3FileSystem).
+    Credentials are set in the environment for its lifetime, as for real S3."""
+    pytest.importorskip("moto")
+    import pyarrow.fs as pafs
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    credentials = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
+    saved = {k: os.environ.get(k) for k in credentials}
+    os.environ.update(credentials)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            pytest.fail("moto server did not start")
+        endpoint = f"127.0.0.1:{port}"
+        fs = pafs.S3FileSystem(
+            access_key="test",
+            secret_key="test",
+            endpoint_override=endpoint,
+            scheme="http",
+            region="us-east-1",
+            allow_bucket_creation=True,
+        )
+        fs.create_dir(bucket)
+        yield endpoint, fs
+    finally:
+        server.terminate()
+        server.wait(10)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -1,14 +1,11 @@
 import multiprocessing as mp
-import os
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
 from orchestrator.artifacts import ArtifactStore, CorruptArtifact
+from tests.conftest import moto_s3
 
 KEY = {"task": "t", "seed": 0}
 
@@ -92,54 +89,10 @@ def test_store_pickles_as_its_uri(tmp_path):
 # --- S3, against a real S3-compatible server on loopback (moto's server mode) ---------------
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_uri():
-    pytest.importorskip("moto")
-    port = _free_port()
-    # Credentials come from the environment, as for real S3.
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-    os.environ.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                time.sleep(0.2)
-        else:
-            pytest.fail("moto server did not start")
-        import pyarrow.fs as pafs
-
-        fs = pafs.S3FileSystem(
-            access_key="test",
-            secret_key="test",
-            endpoint_override=f"127.0.0.1:{port}",
-            scheme="http",
-            region="us-east-1",
-            allow_bucket_creation=True,
-        )
-        fs.create_dir("instill-test")
-        yield (f"s3://instill-test/store?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1")
-    finally:
-        server.terminate()
-        server.wait(10)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with moto_s3("instill-test") as (endpoint, _fs):
+        yield f"s3://instill-test/store?endpoint_override={endpoint}&scheme=http&region=us-east-1"
 
 
 def test_s3_store_round_trip_reuse_and_corruption(s3_uri):

@@ -2,71 +2,20 @@
 every trial finishes, every artifact is computed exactly once, nothing is written to OUT/artifacts."""
 
 import collections
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.config import load_sweep
 from orchestrator.trial import expand, upstream_keys
-from tests.conftest import tiny_raw
-
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import moto_s3, tiny_raw
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
     """A moto S3 server on loopback; yields (endpoint, pyarrow S3FileSystem)."""
-    pytest.importorskip("moto")
-    import pyarrow.fs as pafs
-
-    port = _free_port()
-    saved = {k: os.environ.get(k) for k in CREDENTIALS}
-    os.environ.update(CREDENTIALS)  # credentials come from the environment, as for real S3
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                time.sleep(0.2)
-        else:
-            pytest.fail("moto server did not start")
-        endpoint = f"127.0.0.1:{port}"
-        fs = pafs.S3FileSystem(
-            access_key="test",
-            secret_key="test",
-            endpoint_override=endpoint,
-            scheme="http",
-            region="us-east-1",
-            allow_bucket_creation=True,
-        )
-        fs.create_dir("instill-sweep")
-        yield endpoint, fs
-    finally:
-        server.terminate()
-        server.wait(10)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with moto_s3("instill-sweep") as served:
+        yield served
 
 
 @pytest.fixture
