@@ -35,7 +35,6 @@ def smoke(ray_local, tmp_path_factory):
             sparsities=[0.5, 0.8],
             data_fractions=[0.2, 1.0],
             seeds=[0, 1],
-            training={"epochs": 60},  # long enough (~0.6 s) that two trials visibly overlap
         )
     )
     outcome = run_sweep(sweep, out)
@@ -67,15 +66,39 @@ def test_smoke_sweep_writes_the_documented_table(smoke):
     assert count == len(specs)
 
 
-def test_trials_ran_side_by_side(smoke):
-    sweep, out, _ = smoke
+@pytest.fixture(scope="module")
+def side_by_side(ray_local, tmp_path_factory):
+    """Four trials of a method whose trials wait (up to 60 s) until two of them have started."""
+    tmp = tmp_path_factory.mktemp("side_by_side")
+    folder = tmp / "rendezvous"
+    folder.mkdir()
+    sweep = load_sweep(
+        tiny_raw(
+            plugins=["tests.plugins.rendezvous"],
+            methods=["rendezvous"],
+            rendezvous={"folder": str(folder), "parties": 2, "timeout_s": 60},
+            seeds=[0, 1, 2, 3],
+        )
+    )
+    outcome = run_sweep(sweep, tmp / "out")
+    return tmp / "out", folder, outcome
+
+
+def test_trials_ran_side_by_side(side_by_side):
+    out, folder, outcome = side_by_side
+    assert outcome.ran == 4 and outcome.failed == 0
+    assert not list(folder.glob("alone-*")), "a trial waited out its timeout: trials ran one at a time"
+    assert len(list(folder.glob("met-*"))) == 4
     table = results.read(out / "results.parquet")
-    assert len(table) >= 4
     spans = list(zip(table["started_at"], table["finished_at"], strict=True))
     overlapping = sum(s1 < e2 and s2 < e1 for i, (s1, e1) in enumerate(spans) for s2, e2 in spans[i + 1 :])
     assert overlapping >= 1, "no two trials ran at the same time"
     assert table["worker"].nunique() >= 2, "trials ran in at least two worker processes"
-    # Trial output goes to per-trial log files, not the console.
+
+
+def test_trial_output_goes_to_per_trial_logs(smoke):
+    _, out, _ = smoke
+    table = results.read(out / "results.parquet")
     logs = list((out / "tune").rglob("stdout"))
     assert len(logs) == len(table)
     assert any("stage done" in log.read_text() for log in logs)
