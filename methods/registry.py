@@ -11,7 +11,10 @@ A method declares
 - `reads`: the sweep blocks besides `training` that its results depend on (e.g. "transfer"), so
   that a trial's identity holds exactly what it ran with;
 - `build(ctx) -> nn.Module`, and optionally `objective(ctx, model) -> Objective` (default:
-  cross-entropy on the downstream training split, best epoch by validation accuracy).
+  cross-entropy on the downstream training split, best epoch by validation accuracy);
+- rarely, `train(ctx, model, generator, mixed_precision) -> TrainResult`, for a method that does not
+  train one objective with the shared loop: several phases (probe, then fine-tune), or no gradient
+  training at all (a closed-form fit). The default runs `fit` on `objective`.
 
 A simple method is one decorated function (its `build`); a method with its own objective is a
 small class. Either is one file plus `@register_method(...)`.
@@ -30,7 +33,7 @@ from torch import nn
 from common.config import Frozen
 from common.registry import Registry
 from methods.masking import complement, sample_like
-from methods.training import Objective, TrainConfig, cross_entropy
+from methods.training import Objective, TrainConfig, TrainResult, cross_entropy, fit
 from methods.transfer import TransferConfig, transfer
 from tasks.base import StageData
 
@@ -77,6 +80,12 @@ class Method:
 
     def objective(self, ctx: MethodContext, model: nn.Module) -> Objective:
         return cross_entropy(model, ctx.data, ctx.training.eval_batch_size)
+
+    def train(
+        self, ctx: MethodContext, model: nn.Module, generator: torch.Generator, mixed_precision: bool = False
+    ) -> TrainResult:
+        """Train `model` in place on the downstream data; the result's score is its validation accuracy."""
+        return fit(self.objective(ctx, model), ctx.data, ctx.training, generator, mixed_precision=mixed_precision)
 
 
 METHODS = Registry("method")

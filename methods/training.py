@@ -208,8 +208,7 @@ def _fit(objective: Objective, data, cfg, generator, on_epoch, mixed_precision) 
     device = _device_of(module)
     splits = {name: _stream(data, name).to(device) for name in objective.streams}
     gens = {
-        name: generator if i == 0 else _derived(generator, f"stream:{name}")
-        for i, name in enumerate(objective.streams)
+        name: generator if i == 0 else _derived(generator, f"stream:{name}") for i, name in enumerate(objective.streams)
     }
     lead, others = objective.streams[0], objective.streams[1:]
     queues: dict[str, list[torch.Tensor]] = {name: [] for name in others}
@@ -273,8 +272,10 @@ def _stream(data: StageData, name: str) -> Split:
     if name == "train":
         return data.train
     if name not in data.streams:
-        raise KeyError(f"the objective reads batch stream {name!r}, which the data lacks; it has: "
-                       f"{', '.join(['train', *data.streams])}")
+        raise KeyError(
+            f"the objective reads batch stream {name!r}, which the data lacks; it has: "
+            f"{', '.join(['train', *data.streams])}"
+        )
     return data.streams[name]
 
 

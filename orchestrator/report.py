@@ -706,9 +706,7 @@ def plot_curves(summary: pd.DataFrame, stem: Path, metric: str = METRIC, ylabel:
     palette = plt.cm.tab10 if len(families) <= 10 else plt.cm.tab20
     colours = {f: palette(i % palette.N) for i, f in enumerate(families)}
     rows = max(len(summary[summary["sparsity"].isna() | (summary["sparsity"] == s)]["series"].unique()) for s in panels)
-    fig, axes = plt.subplots(
-        1, len(panels), figsize=(5.2 * len(panels), 3.6 + 0.2 * rows), squeeze=False, sharey=True
-    )
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6 + 0.2 * rows), squeeze=False, sharey=True)
     for ax, sparsity in zip(axes[0], panels, strict=True):
         part = summary[summary["sparsity"].isna() | (summary["sparsity"] == sparsity)]
         for series, group in part.groupby("series", sort=False):

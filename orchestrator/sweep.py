@@ -148,4 +148,3 @@ def run_sweep(
         failed=failed,
         wall_s=time.monotonic() - start,
     )
-

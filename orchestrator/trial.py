@@ -30,7 +30,7 @@ from torch import nn
 
 from common.config import Frozen, stable_hash
 from common.seeding import seeded_init, torch_generator
-from methods import ANALYSES, ARTIFACTS, AnalysisContext, ArtifactContext, MethodContext, evaluate, fit, get_method
+from methods import ANALYSES, ARTIFACTS, AnalysisContext, ArtifactContext, MethodContext, evaluate, get_method
 from methods.artifacts import closure
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.config import SweepConfig, grid_axes
@@ -259,16 +259,11 @@ def run_trial(
         fresh_model=make_fresh,
     )
     model = method.build(ctx).to(device)
-    objective = method.objective(ctx, model)
     lap("build")
     report({"stage": "build", **times})
 
-    result = fit(
-        objective,
-        data,
-        effective.training,
-        torch_generator(seed, "downstream_train"),
-        mixed_precision=effective.resources.mixed_precision,
+    result = method.train(
+        ctx, model, torch_generator(seed, "downstream_train"), mixed_precision=effective.resources.mixed_precision
     )
     row.update(val_acc=result.best_val_acc, best_epoch=result.best_epoch, epochs_run=result.epochs_run)
     row["measurements_json"] = json.dumps(result.measurements)
