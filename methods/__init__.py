@@ -5,7 +5,7 @@ from methods import analyses as _analyses  # noqa: F401  (registers the built-in
 from methods import guidance as _guidance  # noqa: F401  (the guide artifact kind and the guidance method)
 from methods import hard_concrete as _hard_concrete  # noqa: F401  (registers the hard_concrete discoverer)
 from methods import l2sp as _l2sp  # noqa: F401  (registers the l2sp method)
-from methods.analysis import ANALYSES, AnalysisContext, Column, register_analysis
+from methods.analysis import ANALYSES, AnalysisContext, Column, Profile, register_analysis
 from methods.artifacts import ARTIFACTS, ArtifactContext, ArtifactKind, register_artifact
 from methods.discovery import DISCOVERERS, Discovery, DiscoveryConfig, discover
 from methods.masking import Mask, MaskedModel, MaskSelection, effective_state_dict, maskable_names, topk_mask
@@ -31,6 +31,7 @@ __all__ = [
     "MethodContext",
     "NonFiniteLoss",
     "Objective",
+    "Profile",
     "TrainConfig",
     "TransferConfig",
     "cross_entropy",

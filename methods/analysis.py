@@ -26,11 +26,27 @@ from tasks.base import StageData
 
 
 @dataclasses.dataclass(frozen=True)
+class Profile:
+    """How the report draws a column family as profiles: the value against a position (e.g. depth),
+    one panel per line (e.g. an input feature), one curve per series at its largest budget.
+
+    `split(column)` gives (position, line) for a column of the family; `order` names a string column
+    of the same analysis holding the positions in order, comma-separated (the order is the model's,
+    known only when the analysis runs)."""
+
+    split: Callable[[str], tuple[str, str]]
+    order: str
+    xlabel: str = ""
+    ylabel: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class Column:
     dtype: str = "float64"  # a pyarrow/pandas dtype name
     summarise: bool = True  # whether the report gives mean, std and CI of it
     plot: bool = False  # whether the report draws its curve against the budget (one figure per column)
     description: str = ""
+    profile: Profile | None = None  # whether (and how) the report draws the family as profiles
 
 
 @dataclasses.dataclass

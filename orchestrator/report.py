@@ -780,6 +780,77 @@ def plot_mask_overlap(overlap: pd.DataFrame, stem: Path) -> list[Path]:
     return _save(fig, stem)
 
 
+def profile_table(summary: pd.DataFrame, table: pd.DataFrame, profile, columns: list[str]) -> pd.DataFrame:
+    """A column family drawn as profiles (see `methods.analysis.Profile`), long: per series at its
+    largest budget, per line and position, the mean and 95% CI over seeds, with the position's
+    depth (its index in the model's order, 0 = input side) and the relative depth in [0, 1]."""
+    done, _ = prepare(table)
+    rows = []
+    for series, group in summary.groupby("series", sort=False):
+        top = group.loc[group["n_train"].idxmax()]
+        orders = done.loc[done["series"] == series, profile.order].dropna() if profile.order in done else []
+        order = str(orders.iloc[0]).split(",") if len(orders) else []
+        for col in columns:
+            if f"{col}_mean" not in top or pd.isna(top[f"{col}_mean"]):
+                continue
+            position, line = profile.split(col)
+            if position not in order:
+                continue
+            depth = order.index(position)
+            rows.append({"task": top["task"], "label": top["label"], "series": series, "n_train": top["n_train"],
+                         "seeds": top["seeds"], "line": line, "position": position, "depth": depth,
+                         "relative_depth": depth / max(len(order) - 1, 1), "mean": top[f"{col}_mean"],
+                         "ci_lo": top[f"{col}_ci_lo"], "ci_hi": top[f"{col}_ci_hi"]})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def profile_markdown(long: pd.DataFrame) -> pd.DataFrame:
+    """Rows: series and line; columns: positions in depth order; cells: mean [95% CI]."""
+    if long.empty:
+        return long
+    positions = list(dict.fromkeys(long.sort_values(["depth"], kind="stable")["position"]))
+    triples = zip(long["mean"], long["ci_lo"], long["ci_hi"], strict=True)
+    text = [f"{m:.3f} [{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) else f"{m:.3f}" for m, lo, hi in triples]
+    cells = long.assign(cell=text)
+    wide = cells.pivot_table(index=["label", "n_train", "line"], columns="position", values="cell", aggfunc="first")
+    return wide.reindex(columns=positions).reset_index().rename(columns={"label": "series", "line": "feature"})
+
+
+def plot_profiles(long: pd.DataFrame, stem: Path, xlabel: str, ylabel: str) -> list[Path]:
+    """One panel per line (feature), value against depth, one curve per series with CI bars. Series
+    with different layer lists are placed on relative depth; otherwise the layers name the ticks."""
+    plt = _pyplot()
+    lines = list(dict.fromkeys(long["line"]))
+    shared = long.groupby("series")["position"].apply(tuple).nunique() == 1
+    x_col = "depth" if shared else "relative_depth"
+    names = _legend_names(long)
+    cols = min(len(lines), 3)
+    n_rows = -(-len(lines) // cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(4.4 * cols, 3.2 * n_rows + 0.25 * long["series"].nunique()),
+                             squeeze=False, sharey=True)  # fmt: skip
+    for ax, line in zip(axes.flat, lines, strict=False):
+        for series, group in long[long["line"] == line].groupby("series", sort=False):
+            group = group.sort_values("depth")
+            err = np.vstack([group["mean"] - group["ci_lo"], group["ci_hi"] - group["mean"]])
+            err = np.where(np.isfinite(err), err, 0)
+            ax.errorbar(group[x_col], group["mean"], yerr=err, marker="o", ms=3, capsize=2, label=names[series])
+        if shared:
+            ticks = long.drop_duplicates("depth").sort_values("depth")
+            ax.set_xticks(ticks["depth"], ticks["position"], rotation=30, ha="right", fontsize=7)
+        ax.set_title(line)
+        ax.grid(alpha=0.3)
+        ax.set_xlabel(xlabel if shared else f"{xlabel}, relative depth")
+    for ax in list(axes.flat)[len(lines) :]:
+        ax.set_visible(False)
+    for row in axes:
+        row[0].set_ylabel(ylabel)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=min(3, len(labels)), frameon=False,
+               bbox_to_anchor=(0.5, -0.02 - 0.03 * (len(labels) // 3)))  # fmt: skip
+    fig.tight_layout()
+    return _save(fig, stem)
+
+
 # --- the report --------------------------------------------------------------------------
 
 
@@ -811,6 +882,15 @@ def write_report(out_dirs: list[Path], report_dir: Path | None = None, target: f
     for column in results.plotted_columns(table):
         if f"{column}_mean" in summary and summary[f"{column}_mean"].notna().any():
             md += f"\n## {column} (mean [95% CI] over seeds)\n\n{_markdown(_non_empty(curve_table(summary, column)))}"
+    profiles = []
+    for name, profile, columns in results.profiled_columns(table):
+        long = profile_table(summary, table, profile, columns) if not summary.empty else pd.DataFrame()
+        if long.empty:
+            continue
+        long.to_parquet(report_dir / f"{name}_profile.parquet", index=False)
+        profiles.append((name, profile, long))
+        md += (f"\n## {name} by depth, at each series' largest budget (mean [95% CI] over seeds)\n\n"
+               f"{_markdown(profile_markdown(long))}")  # fmt: skip
     overlaps = mask_overlap_table(overlap)
     if not overlap.empty:
         overlap.to_parquet(report_dir / "mask_overlap.parquet", index=False)
@@ -827,6 +907,9 @@ def write_report(out_dirs: list[Path], report_dir: Path | None = None, target: f
             if f"{column}_mean" in summary and summary[f"{column}_mean"].notna().any():
                 plot_curves(summary, report_dir / column, metric=column, ylabel=column.replace("_", " "))
                 figures.append((f"{column}.svg", f"{column} against budget (mean, 95% Student t CI over seeds)"))
+    for name, profile, long in profiles:
+        plot_profiles(long, report_dir / f"{name}_profile", profile.xlabel, profile.ylabel)
+        figures.append((f"{name}_profile.svg", f"{name} against depth at each series' largest budget (95% CI)"))
     if not overlap.empty:
         plot_mask_overlap(overlap, report_dir / "mask_overlap")
         figures.append(("mask_overlap.svg", "Jaccard overlap of discovered masks against random masks"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -94,6 +95,20 @@ def plotted_columns(table: pd.DataFrame) -> list[str]:
             spec = analysis.declares(col) if col.startswith(analysis.name) else None
             if spec is not None and spec.plot and col not in out:
                 out.append(col)
+    return out
+
+
+def profiled_columns(table: pd.DataFrame) -> list[tuple[str, Any, list[str]]]:
+    """(analysis name, its `Profile`, the columns it covers) for each column family that an analysis
+    that ran declares with a profile: the report draws those as profiles (e.g. R² against depth)."""
+    out = []
+    for analysis in _analyses_run(table):
+        groups: dict[int, tuple[Any, list[str]]] = {}
+        for col in table.columns:
+            spec = analysis.declares(col) if col.startswith(analysis.name) else None
+            if spec is not None and spec.profile is not None:
+                groups.setdefault(id(spec.profile), (spec.profile, []))[1].append(col)
+        out += [(analysis.name, profile, cols) for profile, cols in groups.values()]
     return out
 
 

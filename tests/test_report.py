@@ -392,3 +392,50 @@ def test_summary_md_says_when_a_series_has_no_interval(tmp_path):
     md = (write_report([tmp_path / "run"]) / "summary.md").read_text()
     assert "Student t" in md and "One seed only, so no interval (NaN bounds)" in md
     assert "[no CI: one seed]" in md
+
+
+# --- profiles (an analysis's column family against depth) --------------------------------------
+
+
+def test_representation_r2_profile_is_drawn_against_depth_at_the_largest_budget(tmp_path):
+    from orchestrator.report import t_interval
+
+    layers = ["embed", "block0", "final"]  # the model's order: not alphabetical
+    table = _table({"scratch": {10: [0.2, 0.3, 0.25], 99: [0.5, 0.6, 0.55]}})
+    config = json.dumps({"analyses": [{"name": "representation_r2"}]})
+    table["config_json"] = config
+    table["representation_r2_layers"] = ",".join(layers)
+    values = {}
+    for depth, layer in enumerate(layers):
+        for feature in ("a", "ab_mod_p"):
+            col = f"representation_r2_{layer}_{feature}"
+            # known answer: R² of feature a falls with depth, of ab mod p rises; the small budget differs
+            base = (0.9 - 0.3 * depth) if feature == "a" else (0.1 + 0.3 * depth)
+            table[col] = [
+                base + 0.01 * seed + (0.5 if n == 10 else 0)
+                for n, seed in zip(table["n_train"], table["seed"], strict=True)
+            ]
+            values[(layer, feature)] = [base + 0.01 * s for s in range(3)]
+    _write_results(tmp_path / "run", table)
+    report = write_report([tmp_path / "run"])
+    long = pd.read_parquet(report / "representation_r2_profile.parquet")
+    assert set(long["n_train"]) == {99} and len(long) == 6
+    assert list(long[long["line"] == "a"].sort_values("depth")["position"]) == layers
+    for (layer, feature), vals in values.items():
+        row = long[(long["position"] == layer) & (long["line"] == feature)].iloc[0]
+        assert row["mean"] == pytest.approx(np.mean(vals))
+        lo, hi = t_interval(np.array(vals))
+        assert (row["ci_lo"], row["ci_hi"]) == pytest.approx((lo, hi))
+        assert row["depth"] == layers.index(layer)
+    md = (report / "summary.md").read_text()
+    assert "## representation_r2 by depth" in md
+    section = md.split("## representation_r2 by depth")[1]
+    assert section.index("embed") < section.index("block0") < section.index("final")  # columns in depth order
+    assert (report / "representation_r2_profile.svg").exists()
+    assert "representation_r2_profile.svg" in (report / "index.html").read_text()
+
+
+def test_no_profile_without_the_analysis(tmp_path):
+    _write_results(tmp_path / "run", _table({"scratch": {10: [0.2, 0.3], 99: [0.5, 0.6]}}))
+    report = write_report([tmp_path / "run"])
+    assert not (report / "representation_r2_profile.parquet").exists()

@@ -95,13 +95,14 @@ def test_end_to_end_on_a_tiny_gpt():
     out = _run(_ctx(task), model, R2Config(n=40))
     features = ("a", "b", "a_mod_p", "b_mod_p", "ab_mod_p", "base")
     layers = model.feature_names()
+    assert out.pop("representation_r2_layers") == ",".join(layers)  # the model's order, for the report
     assert set(out) == {f"representation_r2_{layer}_{f}" for layer in layers for f in features}
     assert all(isinstance(v, float) and math.isfinite(v) for v in out.values())
     assert model.training  # mode restored
     # The embedding layer of an untrained GPT at the `a` position is a function of a: among the
     # layers, `embed` is explained by a (seen values) far more than by the unrelated ab mod p.
     only = _run(_ctx(task), model, R2Config(n=40, layers=("embed",)))
-    assert set(only) == {f"representation_r2_embed_{f}" for f in features}
+    assert set(only) == {f"representation_r2_embed_{f}" for f in features} | {"representation_r2_layers"}
     with pytest.raises(ValueError, match="no feature"):
         _run(_ctx(task), model, R2Config(layers=("nope",)))
 
@@ -164,6 +165,7 @@ def test_shapes_end_to_end_on_resnet(shapes):
     with seeded_init(0, "model"):
         model = shapes.build_model(ResNet18Config())
     out = _run(_ctx(shapes), model, R2Config(n=200, layers=("stem", "pool")))
+    assert out.pop("representation_r2_layers") == "stem,pool"
     assert set(out) == {f"representation_r2_{layer}_{f}" for layer in ("stem", "pool")
                         for f in ("shape", "texture", "colour")}  # fmt: skip
     # Colour (the flat fill of every foreground pixel) dominates an untrained network's pooled features.

@@ -34,7 +34,7 @@ from pydantic import Field
 from torch import nn
 
 from common.config import Frozen
-from methods.analysis import Column, register_analysis
+from methods.analysis import Column, Profile, register_analysis
 from tasks.base import Split
 
 
@@ -43,15 +43,33 @@ class R2Config(Frozen):
     layers: tuple[str, ...] = Field((), description="features of the model to probe; empty = every one it returns")
 
 
+def _layer_and_feature(column: str) -> tuple[str, str]:
+    """`representation_r2_<layer>_<feature>` -> (layer, feature); layer labels hold no underscore."""
+    layer, _, feature = column.removeprefix(f"{NAME}_").partition("_")
+    return layer, feature
+
+
+NAME = "representation_r2"
+
+
 @register_analysis(
-    "representation_r2",
+    NAME,
     config=R2Config,
     columns={
-        "representation_r2_*": Column(
+        f"{NAME}_layers": Column(
+            "string", summarise=False, description="the probed layers' labels in the model's order, comma-separated"
+        ),
+        f"{NAME}_*": Column(
             "float64",
             summarise=True,
             description="held-out variance of layer <layer> explained by one-hot feature <feature> "
-            "(representation_r2_<layer>_<feature>)",
+            "(representation_r2_<layer>_<feature>; '_' and '.' in a layer's name become '-')",
+            profile=Profile(
+                split=_layer_and_feature,
+                order=f"{NAME}_layers",
+                xlabel="layer (input to output)",
+                ylabel="held-out R² (variance explained)",
+            ),
         ),
     },
     description="variance of each layer explained by each input feature (Lampinen, Chan & Hermann 2024)",
@@ -72,10 +90,10 @@ def representation_r2(ctx, model: nn.Module, config: R2Config | None) -> dict[st
     missing = [name for name in layers if name not in phi_fit]
     if missing:
         raise ValueError(f"representation_r2: the model has no feature {missing}; it has {sorted(phi_fit)}")
-    out = {}
+    out = {f"{NAME}_layers": ",".join(_label(layer) for layer in layers)}
     for layer in layers:
         for feature in fit.labels:
-            out[f"representation_r2_{layer}_{feature}"] = r2(
+            out[f"{NAME}_{_label(layer)}_{feature}"] = r2(
                 fit.labels[feature], phi_fit[layer], held.labels[feature], phi_eval[layer]
             )
     return out
@@ -120,6 +138,11 @@ def activations(model: nn.Module, x: torch.Tensor, device: torch.device, batch_s
     finally:
         model.train(was_training)
     return {name: torch.cat(chunks) for name, chunks in parts.items()}
+
+
+def _label(layer: str) -> str:
+    """A layer's label in column names: without '_' (it separates layer from feature) or '.'."""
+    return layer.replace("_", "-").replace(".", "-")
 
 
 def _head(split: Split, n: int) -> Split:
