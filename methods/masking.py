@@ -155,6 +155,11 @@ class MaskedModel(nn.Module):
         params = dict(self.base.named_parameters())
         return {n: self.fns[_key(n)](params[n]) for n in self.names}
 
+    @property
+    def own_loss(self) -> bool:
+        """Whether the base model computes its own training loss (`forward(x, targets=y)`)."""
+        return getattr(self.base, "own_loss", False)
+
     def forward(self, *args, **kwargs):
         return functional_call(self.base, self.effective_weights(), args, kwargs)
 

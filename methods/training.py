@@ -105,9 +105,16 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
 def cross_entropy(
     model: nn.Module, data: StageData, eval_batch_size: int = 2000, params: list[nn.Parameter] | None = None
 ) -> Objective:
-    """The default objective: cross-entropy on the training split, scored by validation accuracy."""
+    """The default objective: cross-entropy on the training split, scored by validation accuracy.
+
+    A model with its own training loss (class attribute `own_loss = True`; a `MaskedModel` reports
+    its base's) is trained on that instead: `model(x, targets=y)` returns `(loss, measurements)`,
+    and its measurements are logged.
+    """
 
     def loss(batch: Batch, step: int):
+        if getattr(model, "own_loss", False):
+            return model(batch["train"].x, targets=batch["train"].y)
         ce = F.cross_entropy(model(batch["train"].x).float(), batch["train"].y)
         return ce, {"ce": ce}
 

@@ -101,7 +101,7 @@ class ImageNet16:
     """Real images from local directories; see the module docstring."""
 
     Config = ImageNet16Config
-    supported_models = ("resnet18", "vit", "plain_cnn", "mlp")
+    supported_models = ("resnet18", "vit", "plain_cnn", "mlp", "occam_resnet18")
     trains_on_zero = False
     default_analyses = ("splits", "shape_bias")
 

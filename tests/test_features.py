@@ -47,6 +47,19 @@ TINY = {
         lambda gen: torch.randint(0, 11, (B, 3), generator=gen),
         {"embed": (B, 16), "layer0": (B, 8), "layer1": (B, 8), "final": (B, 8)},
     ),
+    "occam_resnet18": (
+        {"width": 4},
+        {"n_classes": 5, "image_size": 16},
+        _image(),
+        {
+            "stem": (B, 4, 16, 16),
+            "layer1": (B, 4, 16, 16),
+            "layer2": (B, 8, 8, 8),
+            "layer3": (B, 16, 4, 4),
+            "layer4": (B, 32, 2, 2),
+            "pool": (B, 8 + 16 + 32 + 3),  # pooled cam_in of exits 1-3, then their gate logits
+        },
+    ),
     "plain_cnn": (
         {"n_blocks": 3, "width": 4},
         {"n_classes": 5, "image_size": 16},
