@@ -11,6 +11,15 @@ scale and texture phase vary at random. Splits:
   (shape decisions + texture decisions);
 - `texture_only` (texture over the whole frame, no shape): accuracy against the texture's class.
 
+Two variants (docs/VISION.md), both off by default and both absent from every key when off:
+
+- `cue: {kind: box, fraction, downstream_fraction}` (seed 003, CBFT): a small box whose position
+  names the class, written after normalisation on a fraction of the source's images; adds the `cued`
+  training stream and the `cue`, `randomised_cue` and `randomised_image` evaluations downstream.
+- `bias: {feature: colour | texture, p}` (seed 001, OccamNets): in the training distribution (base,
+  base_val, pool, val) the feature takes the class's value with probability p; `test` is unbiased and
+  `bias_aligned` shows the other side of the gap.
+
 Every split is a pure function of (generator settings, split name, seed) and is cached on disk as a
 uint8 `.npz` (loaded with `allow_pickle=False`).
 """
@@ -25,16 +34,35 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_serializer
 from torch import nn
 
 from common.config import Frozen, stable_hash
 from common.seeding import numpy_generator
 from tasks.base import Split, StageData, build_model_for, register_task
-from tasks.shapes_render import SHAPES, TEXTURES, render
+from tasks.shapes_render import COLOURS, SHAPES, TEXTURES, box_layout, paint_boxes, render
 
 GENERATOR_VERSION = 2  # bump when rendering changes: cached splits and artifacts keyed on it are redone
 MEAN, STD = 0.5, 0.25  # inputs are (pixel / 255 - MEAN) / STD
+BOX_VALUE = (1 - MEAN) / STD  # the cue box: white in every channel, the largest normalised value
+TRAINING_SPLITS = ("base", "base_val", "pool", "val")  # the training distribution, validation included
+
+
+class CueConfig(Frozen):
+    """A class-coding box (seed 003, CBFT). `fraction` of the source's images (base and base_val)
+    carry their class's box; downstream training images carry it on `downstream_fraction`."""
+
+    kind: Literal["box"] = "box"
+    fraction: float = Field(0.6, ge=0, le=1, description="share of source images with the box (CBFT: 0.6)")
+    downstream_fraction: float = Field(0.0, ge=0, le=1, description="share of downstream training images with it")
+
+
+class BiasConfig(Frozen):
+    """A feature that predicts the class in training (seed 001, Biased MNIST): with probability p it
+    takes the class's value (colour k mod 10, or texture k), else a uniformly random other value."""
+
+    feature: Literal["colour", "texture"]
+    p: float = Field(0.95, ge=0, le=1, description="probability that the feature agrees with the class in training")
 
 
 class ShapesConfig(Frozen):
@@ -54,7 +82,19 @@ class ShapesConfig(Frozen):
         "easy cue and scratch CNNs texture-biased (see docs/VISION.md)",
     )
     cache_dir: str | None = Field(None, description="where splits are cached; default ~/.cache/instill/shapes")
+    cue: CueConfig | None = Field(None, description="the CBFT cue variant (a class-coding box); None: no cue")
+    bias: BiasConfig | None = Field(None, description="the biased variant (colour or texture predicts the class)")
     not_identity: ClassVar[tuple[str, ...]] = ("cache_dir",)  # moving the cache changes no result
+
+    @model_serializer(mode="wrap")
+    def _variants_only_when_set(self, handler) -> dict:
+        """Every field, but `cue` and `bias` only when set, in every dump (nested in a sweep too): the
+        plain task's trial identity and config hash stay what they were before the variants existed."""
+        out = handler(self)
+        for variant in ("cue", "bias"):
+            if out.get(variant, 0) is None:
+                del out[variant]
+        return out
 
 
 def _normalise(images: np.ndarray) -> torch.Tensor:
@@ -66,7 +106,7 @@ class Shapes:
     """Procedural shape/texture images; see the module docstring."""
 
     Config = ShapesConfig
-    supported_models = ("resnet18", "vit", "mlp", "plain_cnn")
+    supported_models = ("resnet18", "vit", "mlp", "plain_cnn", "occam_resnet18")
     trains_on_zero = False  # downstream training needs at least one textured image
     default_analyses = ("splits", "shape_bias")
 
@@ -86,15 +126,36 @@ class Shapes:
     def cache_dir(self) -> Path:
         return Path(self.config.cache_dir or Path.home() / ".cache" / "instill" / "shapes").expanduser()
 
+    def _bias_draw(self, split: str) -> dict | None:
+        """How `split` differs from the plain task's under `bias` (None: not at all, same cache file).
+        Training splits draw the feature biased; `test` draws it independently of the class (colour
+        already is so in the plain task); `bias_aligned` (the test split's stream) sets it to the
+        class's value (texture already is so in the plain task: then it renders the plain test images)."""
+        b = self.config.bias
+        if b is None:
+            return None
+        if split in TRAINING_SPLITS:
+            return {"feature": b.feature, "draw": "biased", "p": b.p}
+        if split == "test" and b.feature == "texture":
+            return {"feature": b.feature, "draw": "uniform"}
+        if split == "bias_aligned" and b.feature == "colour":
+            return {"feature": b.feature, "draw": "aligned"}
+        return None
+
     @functools.lru_cache(maxsize=16)  # noqa: B019 - a task object lives for one trial
     def split_arrays(self, split: str, n: int, seed: int) -> dict[str, np.ndarray]:
-        """images uint8 [n, 3, S, S], shape ids and texture ids, from the cache or freshly rendered."""
+        """images uint8 [n, 3, S, S], shape ids and texture ids (and colour ids where a colour bias
+        set them), from the cache or freshly rendered. Cached images carry no cue box: it is written
+        on the normalised images (`_cued`), so the cue needs no cache of its own."""
         key = {**self._generator_fields(), "split": split, "n": n, "seed": seed}
+        if (draw := self._bias_draw(split)) is not None:
+            key["bias"] = draw  # only when set: every plain split keeps its file
         path = self.cache_dir / f"{split}-{stable_hash(key, 20)}.npz"
         if path.exists():
             try:
                 with np.load(path, allow_pickle=False) as f:
-                    return {k: f[k] for k in ("images", "shape", "texture")}
+                    optional = ("colour",) if "colour" in f.files else ()
+                    return {k: f[k] for k in ("images", "shape", "texture", *optional)}
             except (OSError, ValueError, KeyError):
                 path.unlink(missing_ok=True)  # a damaged cache file is regenerated
         arrays = self._render(split, n, seed)
@@ -106,7 +167,8 @@ class Shapes:
 
     def _render(self, split: str, n: int, seed: int) -> dict[str, np.ndarray]:
         k = self.config.n_classes
-        rng = numpy_generator(seed, f"shapes:{split}")
+        # `bias_aligned` replays the test split's stream: the same shapes and poses, aligned feature
+        rng = numpy_generator(seed, f"shapes:{'test' if split == 'bias_aligned' else split}")
         shape = rng.permutation(np.arange(n) % k)  # exactly balanced classes
         if split == "cue_conflict":
             texture = (shape + rng.integers(1, k, n)) % k  # any other class, uniformly
@@ -118,9 +180,19 @@ class Shapes:
             mode = "texture_only"
         else:
             mode = "textured"
+        colour = None
+        if (draw := self._bias_draw(split)) is not None:
+            # its own stream, so that `rng` (and with it every pose) is the plain split's
+            n_values = len(COLOURS) if draw["feature"] == "colour" else k
+            value = _draw_feature(numpy_generator(seed, f"shapes:bias:{split}"), shape % n_values, n_values, draw)
+            if draw["feature"] == "colour":
+                colour = value
+            else:
+                texture = value
         images = render(shape, texture, rng, self.config.image_size, k, mode=mode,
-                        texture_rotation=self.config.texture_rotation)  # fmt: skip
-        return {"images": images, "shape": shape.astype(np.int64), "texture": texture.astype(np.int64)}
+                        texture_rotation=self.config.texture_rotation, colour_ids=colour)  # fmt: skip
+        out = {"images": images, "shape": shape.astype(np.int64), "texture": texture.astype(np.int64)}
+        return out if colour is None else {**out, "colour": colour.astype(np.int64)}
 
     def _split(self, split: str, n: int, seed: int, labels: tuple[str, ...] = ("y",)) -> Split:
         arrays = self.split_arrays(split, n, seed)
@@ -128,19 +200,75 @@ class Shapes:
                    "shape": arrays["shape"], "texture": arrays["texture"]}  # fmt: skip
         return Split(_normalise(arrays["images"]), {name: torch.from_numpy(sources[name]) for name in labels})
 
+    # --- the cue box ---------------------------------------------------------------------------
+
+    def _cue_fields(self) -> dict:
+        """What the cue changes in the source's data: its settings and the box geometry."""
+        c = self.config
+        side, corner = box_layout(c.image_size, c.n_classes)
+        return {"kind": c.cue.kind, "fraction": c.cue.fraction, "box_side": side, "box_value": BOX_VALUE,
+                "positions": corner.tolist()}  # fmt: skip
+
+    def cued_rows(self, stream: str, n: int, fraction: float, seed: int) -> np.ndarray:
+        """[n] bool: which of n images carry the cue, exactly round(fraction * n) of them, drawn from
+        the named stream `shapes:cue:<stream>`."""
+        chosen = numpy_generator(seed, f"shapes:cue:{stream}").permutation(n)[: round(fraction * n)]
+        rows = np.zeros(n, dtype=bool)
+        rows[chosen] = True
+        return rows
+
+    def _cued(self, split: Split, box_class: np.ndarray, labels: dict[str, np.ndarray] | None = None) -> Split:
+        """`split` with the box of class box_class[i] on image i (none where it is -1), relabelled
+        with `labels` (numpy arrays) where given."""
+        c = self.config
+        x = paint_boxes(split.x, box_class, c.image_size, c.n_classes, BOX_VALUE)
+        if labels is None:
+            return Split(x, split.labels)
+        return Split(x, {name: torch.from_numpy(v.astype(np.int64)) for name, v in labels.items()})
+
+    def _cued_fraction(self, split: Split, stream: str, fraction: float, seed: int) -> Split:
+        """`split` with its true class's box on `fraction` of its images."""
+        y = split.y.numpy()
+        return self._cued(split, np.where(self.cued_rows(stream, len(split), fraction, seed), y, -1))
+
+    def _cue_evals(self, test: Split, seed: int) -> dict[str, Split]:
+        """CBFT's evaluations on the (clean) test images: `cue` (the true class's box), `randomised_cue`
+        (the box of a uniformly random other class; y the image's class, reading `cue` the box's) and
+        `randomised_image` (the box of a class the image is not; y the box's class, reading `shape`
+        the image's)."""
+        k, y = self.config.n_classes, test.y.numpy()
+        random_cue, random_image = (
+            (y + numpy_generator(seed, f"shapes:cue:{stream}").integers(1, k, len(y))) % k  # any other class
+            for stream in ("randomised_cue", "randomised_image")
+        )
+        return {
+            "cue": self._cued(test, y),
+            "randomised_cue": self._cued(test, random_cue, {"y": y, "cue": random_cue}),
+            "randomised_image": self._cued(test, random_image, {"y": random_image, "shape": y}),
+        }
+
     # --- stages -----------------------------------------------------------------------------
 
     def key_fields(self, stage: str) -> dict:
         c = self.config
         if stage == "source":
-            return {**self._generator_fields(), "n_base": c.n_base, "n_val": c.n_val}
+            out = {**self._generator_fields(), "n_base": c.n_base, "n_val": c.n_val}
+            if c.cue is not None:  # only when set: the plain task's source keeps its key
+                out["cue"] = self._cue_fields()
+            if c.bias is not None:
+                out["bias"] = {"feature": c.bias.feature, "p": c.bias.p}
+            return out
         if stage == "subtask":
             return {**self._generator_fields(), "n_subtask": c.n_subtask, "n_val": c.n_val}
         raise ValueError(f"unknown stage {stage!r}; use 'source' or 'subtask'")
 
     def base_data(self, seed: int) -> StageData:
         c = self.config
-        return StageData(self._split("base", c.n_base, seed), self._split("base_val", c.n_val, seed))
+        train, val = self._split("base", c.n_base, seed), self._split("base_val", c.n_val, seed)
+        if c.cue is not None:  # validation is the source's own distribution: cued alike
+            train = self._cued_fraction(train, "base", c.cue.fraction, seed)
+            val = self._cued_fraction(val, "base_val", c.cue.fraction, seed)
+        return StageData(train, val)
 
     def subtask_data(self, seed: int) -> StageData:
         c = self.config
@@ -156,16 +284,21 @@ class Shapes:
             raise ValueError(f"data fraction {data_fraction} of pool_size {c.pool_size} leaves no training images")
         pool = self._split("pool", c.pool_size, seed)
         train = Split(pool.x[:n], {"y": pool.y[:n]})
-        return StageData(
-            train=train,
-            val=self._split("val", c.n_val, seed),
-            evals={
-                "test": self._split("test", c.n_test, seed),
-                "silhouette": self._split("silhouette_test", c.n_test, seed),
-                "cue_conflict": self._split("cue_conflict", c.n_test, seed, labels=("shape", "texture")),
-                "texture_only": self._split("texture_only", c.n_test, seed),
-            },
-        )
+        test = self._split("test", c.n_test, seed)
+        evals = {
+            "test": test,
+            "silhouette": self._split("silhouette_test", c.n_test, seed),
+            "cue_conflict": self._split("cue_conflict", c.n_test, seed, labels=("shape", "texture")),
+            "texture_only": self._split("texture_only", c.n_test, seed),
+        }
+        streams = {}
+        if c.bias is not None:
+            evals["bias_aligned"] = self._split("bias_aligned", c.n_test, seed)
+        if c.cue is not None:
+            streams["cued"] = self._cued(train, train.y.numpy())  # every image with its class's box
+            train = self._cued_fraction(train, "pool", c.cue.downstream_fraction, seed)
+            evals.update(self._cue_evals(test, seed))
+        return StageData(train=train, val=self._split("val", c.n_val, seed), evals=evals, streams=streams)
 
     def probe_features(self, seed: int) -> tuple[Split, Split]:
         """(fit, eval) splits for representation analyses, labelled with features (not targets):
@@ -177,7 +310,8 @@ class Shapes:
 
         Colour is not stored with the images: it is recovered by replaying the split's random stream
         up to `render`'s first draw (`_render`'s class permutation and texture offsets, then the
-        colour index), and the replayed shapes and textures are checked against the stored ones."""
+        colour index), and the replayed shapes and textures are checked against the stored ones.
+        Neither variant touches this split: no box, and its colour is uniform, as the bias's test is."""
         from tasks.shapes_render import COLOURS
 
         k, n = self.config.n_classes, self.config.n_test
@@ -194,3 +328,15 @@ class Shapes:
 
     def build_model(self, model_config: Frozen) -> nn.Module:
         return build_model_for(self, model_config, n_classes=self.config.n_classes, image_size=self.config.image_size)
+
+
+def _draw_feature(rng: np.random.Generator, aligned: np.ndarray, n_values: int, draw: dict) -> np.ndarray:
+    """A bias feature value per image: `aligned` (the class's value) with probability p and else a
+    uniformly random other value ('biased'), independent of the class ('uniform'), or `aligned`."""
+    n = len(aligned)
+    if draw["draw"] == "biased":
+        keep = rng.random(n) < draw["p"]
+        return np.where(keep, aligned, (aligned + rng.integers(1, n_values, n)) % n_values)
+    if draw["draw"] == "uniform":
+        return rng.integers(0, n_values, n)
+    return aligned.copy()

@@ -211,6 +211,7 @@ def render(
     chunk: int = 512,
     texture_rotation: float = 180.0,
     shape_radius: tuple[float, float] = (0.30, 0.42),
+    colour_ids: np.ndarray | None = None,
 ) -> np.ndarray:
     """Render images as uint8 [N, 3, size, size].
 
@@ -219,13 +220,21 @@ def render(
     from `rng`, drawn up front, so a given rng state always gives the same images. Textures turn by
     up to `texture_rotation` degrees; shapes by up to +-45 degrees, with a radius drawn from
     `shape_radius` (fractions of the image size).
+
+    colour_ids: [N] indices into COLOURS that replace the random colour draw (a biased split sets the
+    colour by class). The draw is made and discarded all the same, so the rest of the stream (jitter,
+    pose, texture phase) and every image without `colour_ids` stay as they were.
     """
     n = len(shape_ids)
     names = list(SHAPES)[:n_classes]
     table = _edge_table(names)
     n_edges = [sum(len(poly) for poly in SHAPES[name]) for name in names]
     # Per-image random parameters.
-    colour = COLOURS[rng.integers(0, len(COLOURS), n)] + torch.from_numpy(rng.uniform(-0.05, 0.05, (n, 3))).float()
+    drawn = rng.integers(0, len(COLOURS), n)  # always drawn: the stream must not depend on colour_ids
+    index = drawn if colour_ids is None else np.asarray(colour_ids)
+    if len(index) != n or not ((index >= 0) & (index < len(COLOURS))).all():
+        raise ValueError(f"colour_ids: give {n} indices in [0, {len(COLOURS)})")
+    colour = COLOURS[index] + torch.from_numpy(rng.uniform(-0.05, 0.05, (n, 3))).float()
     colour = colour.clamp(0, 1)
     radius = torch.from_numpy(rng.uniform(*shape_radius, n) * size).float()
     centre = torch.from_numpy(rng.uniform(0, 1, (n, 2))).float() * (size - 2 * radius).unsqueeze(1) + radius.unsqueeze(
@@ -268,4 +277,35 @@ def render(
         alpha = (mask * fill).unsqueeze(1)  # [n, 1, P]
         pixels = alpha * colour[sl].unsqueeze(-1) + (1 - alpha) * GREY
         out[sl] = (pixels.reshape(-1, 3, size, size) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+    return out
+
+
+# --- the cue box (seed 003, CBFT) ----------------------------------------------------------------
+
+
+def box_layout(size: int, n_classes: int) -> tuple[int, np.ndarray]:
+    """(box side in px, [K, 2] top-left (row, col) of each class's box).
+
+    The side is 3 px at 32 px, scaled with the image (at least 2). CBFT places 10 classes on 9 fixed
+    positions; here every class gets its own: the image is cut into a g x g grid, g = ceil(sqrt(K)),
+    and class k's box is centred in cell k (row-major). A cell is at least size / 4 >= box side, so
+    boxes never overlap.
+    """
+    side = max(2, round(3 * size / 32))
+    g = math.ceil(math.sqrt(n_classes))
+    start = np.floor((np.arange(g) + 0.5) * size / g - side / 2).astype(np.int64)  # per grid row / column
+    cells = np.arange(n_classes)
+    return side, np.stack([start[cells // g], start[cells % g]], axis=1)
+
+
+def paint_boxes(x: torch.Tensor, box_class: np.ndarray, size: int, n_classes: int, value: float) -> torch.Tensor:
+    """A copy of images x [N, C, S, S] with, on every image i with box_class[i] >= 0, the box of
+    class box_class[i] set to `value` in every channel (images with -1 are left as they are)."""
+    side, corner = box_layout(size, n_classes)
+    out = x.clone()
+    box_class = np.asarray(box_class)
+    for k in np.unique(box_class[box_class >= 0]).tolist():
+        rows = torch.from_numpy(np.nonzero(box_class == k)[0])
+        (r, c) = corner[k].tolist()
+        out[rows, :, r : r + side, c : c + side] = value
     return out
