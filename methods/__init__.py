@@ -5,6 +5,7 @@ from methods import analyses as _analyses  # noqa: F401  (registers the built-in
 from methods import guidance as _guidance  # noqa: F401  (the guide artifact kind and the guidance method)
 from methods import hard_concrete as _hard_concrete  # noqa: F401  (registers the hard_concrete discoverer)
 from methods import l2sp as _l2sp  # noqa: F401  (registers the l2sp method)
+from methods import linearized_gp as _linearized_gp  # noqa: F401  (registers the linearized_gp method)
 from methods.analysis import ANALYSES, AnalysisContext, Column, Profile, register_analysis
 from methods.artifacts import ARTIFACTS, ArtifactContext, ArtifactKind, register_artifact
 from methods.discovery import DISCOVERERS, Discovery, DiscoveryConfig, discover
