@@ -41,11 +41,11 @@ forward-mode product (`torch.func.jvp`) per batch: about two forward passes.
 - Attention runs with the math kernel of `scaled_dot_product_attention` (the fused CPU/GPU kernels
   have no forward-mode derivative), for every pass, the prior mean included.
 - Analyses: `splits`, `shape_bias` and `representation_r2` apply unchanged. `subnetwork_ablation`
-  gives NaN (nothing was transplanted). `lmc_barrier` does not apply (the GP's state is the
-  source's copy plus `gp_*` buffers, not a point of the source's weight space whose network
-  computes the GP's function; θ + Δw run through the nonlinear network does not): it fails the
-  trial with its "share one architecture" error (the GP's state dict holds the source under
-  `source.` and the `gp_*` buffers). Leave it out of sweeps that run this method.
+  gives NaN (nothing was transplanted). `lmc_barrier` gives NaN: the GP's state is the source's
+  copy plus `gp_*` buffers, not a point of the source's weight space whose network computes the
+  GP's function (θ + Δw run through the nonlinear network does not), so the model declares
+  `weight_space_point = False`. (Along its own linear path the linearised model's logits are
+  affine in t, so a convex loss has no barrier by construction: nothing to measure.)
 - Mixed precision is not used: Jacobian products run in the model's dtype, the kernel and the solve
   in float64.
 
@@ -113,6 +113,8 @@ class LinearizedGP(nn.Module):
     (Δw = J(X)ᵀ β, flat, P), `gp_beta` (β, N·C, float64) and `gp_sigma2`. Before `fit_gp` Δw is 0
     and the model computes the source's function.
     """
+
+    weight_space_point = False  # no network weights compute this function: lmc_barrier gives NaN
 
     def __init__(self, source: nn.Module):
         super().__init__()

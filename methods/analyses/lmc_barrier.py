@@ -14,6 +14,10 @@ in one linearly connected basin, large when the path climbs over a ridge (Frankl
   anyone trained, and re-estimating only inside would make the ends a different code path. Running
   statistics are reset and averaged cumulatively (momentum None) over the downstream training split,
   norms in train mode and everything else in eval mode, without gradients.
+- A model that is not a point of its architecture's weight space (it declares
+  `weight_space_point = False`, e.g. `linearized_gp`'s GP predictor, whose function no network
+  weights compute) has no straight line to its source: every column is NaN. Any other model whose
+  state differs from the source's in names or shapes is an error.
 - Every point, the ends included, is evaluated by the same code, so the chord term is exactly 0 at
   t = 0 and t = 1 and the barrier is ≥ 0 without clamping. t = 0.5 is always evaluated (added to
   the grid when `points` is even) for the midpoint columns.
@@ -52,6 +56,8 @@ class LMCConfig(Frozen):
 )
 def lmc_barrier(ctx, model: nn.Module, config: LMCConfig | None) -> dict[str, float]:
     config = config or LMCConfig()
+    if not getattr(model, "weight_space_point", True):
+        return {"lmc_barrier": float("nan"), "lmc_barrier_loss_mid": float("nan"), "lmc_barrier_acc_mid": float("nan")}
     split = _split(ctx.data, config.split)
     trained = effective_state_dict(model)
     source = effective_state_dict(ctx.artifact("source"))
