@@ -2,6 +2,8 @@
 artifact kinds and analyses. Importing this package registers the built-in ones."""
 
 from methods import analyses as _analyses  # noqa: F401  (registers the built-in analyses)
+from methods import cbft as _cbft  # noqa: F401  (registers the cbft method)
+from methods import finetune as _finetune  # noqa: F401  (naive_finetune, llrt, lpft: the CBFT baselines)
 from methods import guidance as _guidance  # noqa: F401  (the guide artifact kind and the guidance method)
 from methods import hard_concrete as _hard_concrete  # noqa: F401  (registers the hard_concrete discoverer)
 from methods import l2sp as _l2sp  # noqa: F401  (registers the l2sp method)
