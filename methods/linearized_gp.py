@@ -46,8 +46,9 @@ forward-mode product (`torch.func.jvp`) per batch: about two forward passes.
   GP's function (θ + Δw run through the nonlinear network does not), so the model declares
   `weight_space_point = False`. (Along its own linear path the linearised model's logits are
   affine in t, so a convex loss has no barrier by construction: nothing to measure.)
-- Mixed precision is not used: Jacobian products run in the model's dtype, the kernel and the solve
-  in float64.
+- Mixed precision is not used: Jacobian products run in the model's dtype; the kernel is
+  accumulated in float64 from blocks computed in the Jacobian's dtype (`gram`), and the solve is
+  float64.
 
 Departures from the paper:
 - Classification here is regression on one-hot targets of the logits, with the network's output as
@@ -231,12 +232,14 @@ def _column_blocks(n_rows: int, n_cols: int) -> int:
 
 
 def gram(j: torch.Tensor) -> torch.Tensor:
-    """J Jᵀ in float64, accumulated over column blocks of J."""
+    """J Jᵀ, accumulated in float64 over column blocks of J; each block's product runs in J's own
+    dtype (float32 for a float32 source: faster than float64 on CPU, with a relative error near
+    1e-6 on blocks of a few thousand parameters, far below the smallest σ² tried)."""
     k = torch.zeros(len(j), len(j), dtype=torch.float64, device=j.device)
     step = _column_blocks(len(j), j.shape[1])
     for a in range(0, j.shape[1], step):
-        block = j[:, a : a + step].double()
-        k += block @ block.T
+        block = j[:, a : a + step]
+        k += (block @ block.T).double()
     return k
 
 

@@ -192,9 +192,9 @@ class SweepConfig(Frozen):
             head = path.split(".")[0]
             if head in _NOT_AXES:
                 raise ValueError(f"{path} cannot be an axis: {_NOT_AXES[head]}")
-            if path in ("task.name", "model.name"):
-                raise ValueError(f"{path} cannot be an axis: a sweep has one task and one model family; "
-                                 "run one sweep per task or model and report them together")  # fmt: skip
+            if path == "task.name":
+                raise ValueError(f"{path} cannot be an axis: a sweep has one task; "
+                                 "run one sweep per task and report them together")  # fmt: skip
             if not values:
                 raise ValueError(f"{path}: give at least one value")
             _unique(tuple(json.dumps(x, sort_keys=True, default=str) for x in values), path)
@@ -305,6 +305,10 @@ def _head(path: str) -> str:
 
 def _with_values(base: SweepConfig, values: dict[str, Any]) -> SweepConfig:
     raw = base.canonical()
+    if "model.name" in values and values["model.name"] != base.model.name:
+        # Another architecture: its block starts from the fields the sweep file set explicitly (the
+        # other defaults belong to the old architecture), each validated by the new one's config.
+        raw["model"] = {**base.model.model_dump(mode="json", exclude_unset=True), "name": values["model.name"]}
     for path, value in values.items():
         resolve_path(base, path)
         parent = raw
@@ -514,7 +518,10 @@ def _check_axes(config: SweepConfig) -> list[str]:
             try:
                 variant = config.with_values({path: value})
             except ValueError as err:
-                rule = str(err).splitlines()[0].split(": ", 1)[-1]
+                lines = str(err).splitlines()
+                # One setting's rule ("must be >= 0"); several settings (another model's block): each named.
+                one = len(lines) == 1 and lines[0].startswith(path)
+                rule = lines[0].split(": ", 1)[-1] if one else "; ".join(lines)
                 errors.append(f"axes.{path}: value {value!r} is invalid: {rule}")
                 continue
             if _head(path) in ("task", "model"):

@@ -7,6 +7,7 @@ import yaml
 
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.cli import main
+from orchestrator.config import load_sweep
 from orchestrator.trial import TrialSpec, base_row, expand, identity, run_trial, trial_hash, upstream_keys
 from tests.conftest import tiny_raw
 
@@ -153,7 +154,8 @@ def test_an_analysis_that_needs_a_mask_puts_every_method_on_the_sparsity_axis(ti
 @pytest.mark.parametrize(
     "raw, fragments",
     [
-        (tiny_raw(axes={"model.name": ["gpt", "resnet18"]}), ["model.name cannot be an axis"]),
+        (tiny_raw(axes={"task.name": ["modular_arithmetic"]}), ["task.name cannot be an axis"]),
+        (tiny_raw(axes={"model.name": ["gpt", "mlp"]}), ["axes.model.name: value 'mlp' is invalid", "model.d_model"]),
         (tiny_raw(methods=["l2sp"], l2sp={1: 2}), ["l2sp"]),
         (tiny_raw(analyses=[{"name": "lmc_barrier", 1: 2}]), ["analyses[0]"]),
     ],
@@ -172,3 +174,20 @@ def test_a_date_as_an_axis_value_is_a_clear_error(tmp_path, capsys):
     path.write_text(yaml.safe_dump(tiny_raw()) + "axes:\n  task.modulus: [2024-01-01]\n")
     assert main(["validate", str(path)]) == 2
     assert "axes.task.modulus" in capsys.readouterr().err
+
+
+def test_the_architecture_is_an_axis(tmp_path):
+    raw = tiny_raw(methods=["full_transfer", "scratch"], axes={"model.name": ["gpt", "mlp"]})
+    raw["model"] = {"name": "gpt", "n_layers": 1, "dropout": 0.1}  # fields both architectures take
+    sweep = load_sweep(raw)
+    specs = expand(sweep)
+    assert sorted((s.method, s.axes["model.name"]) for s in specs) == [
+        ("full_transfer", "gpt"), ("full_transfer", "mlp"), ("scratch", "gpt"), ("scratch", "mlp")
+    ]  # fmt: skip
+    mlp = sweep.effective("scratch", {"model.name": "mlp"}).model
+    assert mlp.name == "mlp" and mlp.n_layers == 1 and mlp.dropout == 0.1  # the file's settings carry over
+    keys = {s.axes["model.name"]: upstream_keys(sweep, s) for s in specs if s.method == "full_transfer"}
+    assert keys["gpt"] != keys["mlp"]  # each architecture has its own source
+    rows = [run_trial(sweep, s, ArtifactStore(tmp_path)) for s in specs]
+    assert len({r["trial_hash"] for r in rows}) == 4
+    assert {json.loads(r["config_json"])["model"]["name"] for r in rows} == {"gpt", "mlp"}
