@@ -2,9 +2,11 @@
 ICML 2023, arXiv 2211.08422): fine-tune the cue model θ_c so that the result θ is *not* linearly
 connected to it on cued data, and represents clean and cued images of a class alike.
 
-θ starts as a copy of θ_c (the `source` artifact). Training alternates two kinds of optimiser step:
+θ starts as a copy of θ_c (the `source` artifact). As in the paper, every iteration takes two
+optimiser steps on one pair of batches (a clean batch and a cued batch; the loop's
+`steps_per_batch = 2`):
 
-- barrier step (even steps): t = 0.5 + 0.5·clip(z, −0.5, 0.5), z ~ N(0, 1), so t ∈ [0.25, 0.75],
+- barrier step (the first): t = 0.5 + 0.5·clip(z, −0.5, 0.5), z ~ N(0, 1), so t ∈ [0.25, 0.75],
   drawn from a generator derived from the method's (`ctx.generator`); θ_t = t·θ_c + (1 − t)·θ over
   every parameter, θ_c detached; loss |B − CE(f(x_cued; θ_t), y)| with B = `cbft.barrier`: it pushes
   the interior of the path θ → θ_c up to a loss of B on cued data, so the cue mechanism stops being
@@ -13,28 +15,23 @@ connected to it on cued data, and represents clean and cued images of a class al
   in train mode the forward normalises with the batch's statistics, and the update of the running
   statistics lands on the clones and is dropped, so θ's statistics never see θ_t (as in the authors'
   code, where the interpolated network has buffers of its own).
-- clean step (odd steps): CE(f(x_clean; θ), y) + (λ / C)·Σ_c ||n(μ_c^clean) − n(μ_c^cued)||², with
+- clean step (the second): CE(f(x_clean; θ), y) + (λ / C)·Σ_c ||n(μ_c^clean) − n(μ_c^cued)||², with
   λ = `cbft.invariance`, C the number of classes, n(v) = v / ||v||, μ_c the mean penultimate feature
   (the model's `penultimate` feature, or the last of `feature_names()`) of the class-c examples of
   this step's clean and cued batches, summed over the classes present in both. One forward per
-  batch (`model(x, intermediates=True)`), both in train mode. The invariance term is off during the
-  first `cbft.warmup_epochs` epochs (counted by the loop's `end_epoch` hook) and whenever λ = 0;
-  then the cued batch is not run at all on clean steps.
+  batch (`model(x, intermediates=True)`), both in train mode; the cued forward runs on clones of
+  the batch-norm buffers, so the running statistics come from clean images only. The invariance
+  term is off during the first `cbft.warmup_epochs` epochs (counted by the loop's `end_epoch` hook;
+  an epoch is one pass over the clean batches, as in the paper) and whenever λ = 0; then the cued
+  batch is not run at all on clean steps.
 
 Data: the task's `cued` stream (`StageData.streams["cued"]`): the downstream training images, each
 with its true class's cue (a cue variant of the task provides it: `task: {name: shapes, cue: ...}`).
-Each step draws one batch of each stream; an epoch is one pass over the clean training split.
+Each iteration draws one batch of each stream; an epoch is one pass over the clean training split.
 Measurements per epoch (means over the steps of their kind): `barrier_loss`, `barrier_ce` (CE at
 θ_t), `t`, `ce` and `invariance` (0 in warm-up). The score is validation accuracy.
 
 Departures from the paper (and its code):
-- The paper takes two optimiser steps per iteration on one (clean, cued) pair of batches: the
-  barrier step, then the clean step. The shared loop takes one step per batch, so here the two
-  kinds alternate (even steps barrier, odd clean): the same sequence of updates, but each step draws
-  fresh batches (the clean step's cued batch is not the barrier step's), and an epoch holds N/2
-  iterations of the paper for N clean batches, so the clean term sees half the clean data per epoch.
-  For the paper's E epochs of iterations, set `training.epochs` to 2E (`cbft.warmup_epochs` counts
-  our epochs; the paper's one warm-up epoch is 2 of ours).
 - Optimiser: the shared loop's AdamW with the downstream block's settings (one optimiser and one set
   of moments for both kinds of step, as their single SGD carries one momentum), not SGD lr 0.01,
   momentum 0.9, weight decay 1e-4, cosine schedule, batch 256, 20 epochs.
@@ -145,7 +142,7 @@ def invariance_loss(
     needs=("source",),
     config=CBFTConfig,
     description="connectivity-based fine-tuning of the source (cue) model: a loss barrier to it on cued data, "
-    "alternating with clean CE + clean/cued class-mean invariance",
+    "then clean CE + clean/cued class-mean invariance, on each pair of batches",
 )
 class CBFT(Method):
     def build(self, ctx: MethodContext) -> nn.Module:
@@ -176,7 +173,7 @@ class CBFT(Method):
         def add(key: str, value: torch.Tensor | float) -> None:
             sums[key] = sums.get(key, 0.0) + (value.detach() if isinstance(value, torch.Tensor) else value)
 
-        def loss(batch, step):
+        def loss(batch, step):  # two optimiser steps per batch: the barrier step, then the clean step
             cued = batch[CUED]
             if step % 2 == 0:
                 t = draw_t(t_generator)
@@ -189,7 +186,9 @@ class CBFT(Method):
             counts["clean"] += 1
             if cfg.invariance > 0 and epochs_done >= cfg.warmup_epochs:
                 logits, features = model(clean.x, intermediates=True)
-                _, cued_features = model(cued.x, intermediates=True)
+                # The cued images pass on clones of the buffers: batch norm's running statistics stay clean.
+                buffers = {name: b.clone() for name, b in model.named_buffers()}
+                _, cued_features = functional_call(model, buffers, (cued.x,), {"intermediates": True})
                 invariance = invariance_loss(features[feature], clean.y, cued_features[feature], cued.y,
                                              logits.shape[-1])  # fmt: skip
                 ce = F.cross_entropy(logits.float(), clean.y)
@@ -212,4 +211,4 @@ class CBFT(Method):
             counts.update(barrier=0, clean=0)
             return row
 
-        return dataclasses.replace(base, loss=loss, streams=("train", CUED), end_epoch=end_epoch)
+        return dataclasses.replace(base, loss=loss, streams=("train", CUED), end_epoch=end_epoch, steps_per_batch=2)

@@ -65,6 +65,9 @@ class Objective:
     - `end_epoch(epoch)`: optional hook after each epoch (e.g. annealing); may return measurements.
     - `global_rng`: whether the loss draws from torch's global RNG (dropout). If so, the loop seeds it
       from the run's generator (one draw, before shuffling) and restores the caller's state after.
+    - `steps_per_batch`: optimiser steps taken on each batch, each with its own `loss(batch, step)`
+      call (`step` counts optimiser steps), e.g. CBFT's barrier step then clean step on one pair of
+      batches. Measurements are averaged over the steps that report them.
     """
 
     loss: Callable[[Batch, int], tuple[torch.Tensor, Measurements]]
@@ -77,10 +80,13 @@ class Objective:
     restore: Callable[[Any], None] | None = None
     end_epoch: Callable[[int], dict[str, float] | None] | None = None
     global_rng: bool = True
+    steps_per_batch: int = 1
 
     def __post_init__(self):
         if not self.streams:
             raise ValueError("an objective needs at least one batch stream")
+        if self.steps_per_batch < 1:
+            raise ValueError(f"steps_per_batch must be at least 1, got {self.steps_per_batch}")
         if self.snapshot is None:
             self.snapshot = lambda: copy.deepcopy(self.module.state_dict())
             self.restore = self.module.load_state_dict
@@ -227,7 +233,7 @@ def _fit(objective: Objective, data, cfg, generator, on_epoch, mixed_precision) 
     for epoch in range(1, cfg.epochs + 1):
         module.train(objective.train_mode)
         sums: dict[str, torch.Tensor] = {}
-        n_steps = 0
+        reported: dict[str, int] = {}
         loss_sum = torch.zeros((), device=device)
         for idx in batches(len(splits[lead]), cfg.batch_size, gens[lead]):
             batch = {lead: splits[lead].take(idx.to(device))}
@@ -235,20 +241,21 @@ def _fit(objective: Objective, data, cfg, generator, on_epoch, mixed_precision) 
                 if not queues[name]:
                     queues[name] = batches(len(splits[name]), cfg.batch_size, gens[name])
                 batch[name] = splits[name].take(queues[name].pop(0).to(device))
-            with autocast(module, mixed_precision):
-                loss, measurements = objective.loss(batch, steps)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach()
-            for key, value in measurements.items():
-                sums[key] = sums.get(key, 0.0) + value.detach().float()
-            steps += 1
-            n_steps += 1
+            for _ in range(objective.steps_per_batch):
+                with autocast(module, mixed_precision):
+                    loss, measurements = objective.loss(batch, steps)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum += loss.detach()
+                for key, value in measurements.items():
+                    sums[key] = sums.get(key, 0.0) + value.detach().float()
+                    reported[key] = reported.get(key, 0) + 1
+                steps += 1
         # Checked once per epoch: a per-step .item() would stall a GPU on every step.
         if not math.isfinite(loss_sum.item()):
             raise NonFiniteLoss(f"training loss became {loss_sum.item()} in epoch {epoch}")
-        row = {key: float(value) / max(1, n_steps) for key, value in sums.items()}
+        row = {key: float(value) / reported[key] for key, value in sums.items()}
         if objective.end_epoch is not None:
             row.update(objective.end_epoch(epoch) or {})
         score = objective.score()

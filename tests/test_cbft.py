@@ -372,7 +372,7 @@ def test_cbft_trains_with_the_invariance_term_off_in_warm_up(source):
     assert rows[0]["invariance"] == 0 and rows[1]["invariance"] > 0 and rows[2]["invariance"] > 0
     assert all(0.25 <= r["t"] <= 0.75 for r in rows)
     assert all(math.isclose(r["barrier_loss"], abs(1.0 - r["barrier_ce"]), abs_tol=1.0) for r in rows)
-    assert result.steps == 3 * 3  # 24 rows in batches of 8: 3 steps an epoch, alternating
+    assert result.steps == 3 * 3 * 2  # 24 rows in batches of 8: 3 batches an epoch, two steps each
     assert _changed(before, _state(model)) and not _changed(before, _state(source))
     # No warm-up: the term is on from the first epoch.
     _, result = _run("cbft", _ctx(source, CBFTConfig(warmup_epochs=0), epochs=1))
@@ -466,3 +466,27 @@ def test_a_cbft_trial_on_a_task_without_a_cue_fails_at_build(tmp_path):
     del raw["task"]["cue"]
     with pytest.raises(ValueError, match="task 'shapes' provides only: train"):
         run_trial(load_sweep(raw), TrialSpec(method="cbft", data_fraction=1.0, seed=0), ArtifactStore(tmp_path / "s"))
+
+
+def test_cbft_warm_up_covers_the_first_epoch_even_when_it_is_one_batch(source):
+    # 24 rows in one batch: one iteration (barrier step, clean step) per epoch. The warm-up epoch
+    # still has its clean step without the invariance term, and every epoch logs both kinds.
+    _, result = _run("cbft", _ctx(source, CBFTConfig(warmup_epochs=1), epochs=3, batch_size=64))
+    rows = result.measurements
+    assert result.steps == 3 * 2
+    assert [set(r) for r in rows] == [{"barrier_loss", "barrier_ce", "t", "ce", "invariance"}] * 3
+    assert rows[0]["invariance"] == 0 and rows[1]["invariance"] > 0
+
+
+def test_cbft_clean_step_keeps_batch_norm_statistics_clean(source):
+    ctx = _ctx(source, CBFTConfig(warmup_epochs=0, barrier=1.0, invariance=1.0))
+    model = get_method("cbft").build(ctx)
+    objective = get_method("cbft").objective(ctx, model)
+    data = ctx.data
+    batch = {"train": data.train.take(torch.arange(8)), "cued": data.streams["cued"].take(torch.arange(8, 16))}
+    model.train()
+    probe = copy.deepcopy(model)
+    objective.loss(batch, 1)  # the clean step, with the invariance term (cued forward included)
+    probe(batch["train"].x)  # what a clean-only forward does to the running statistics
+    for (name, b), (_, expected) in zip(model.named_buffers(), probe.named_buffers(), strict=True):
+        assert torch.equal(b, expected), name

@@ -14,6 +14,7 @@ weights the subtask needs are known: the columns of the subtask's tokens.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -356,3 +357,28 @@ def test_mixed_precision_trial_row_equals_full_precision_on_cpu(tiny, tmp_path):
             assert isinstance(b, float) and math.isnan(b), key
         else:
             assert a == b, (key, a, b)
+
+
+def test_several_optimiser_steps_per_batch_see_the_same_batch():
+    from methods.training import cross_entropy, fit
+
+    data = _peaked_data()
+    model = fresh_mlp(classes=2)
+    base = cross_entropy(model, data)
+    seen: list[tuple[int, torch.Tensor]] = []
+
+    def loss(batch, step):
+        seen.append((step, batch["train"].x))
+        value, _ = base.loss(batch, step)
+        return value, {"ce": value} if step % 2 else {}  # a measurement from every second step only
+
+    objective = dataclasses.replace(base, loss=loss, steps_per_batch=2)
+    result = fit(objective, data, TrainConfig(lr=1e-3, epochs=2, batch_size=32), _gen(3))
+    n_batches = math.ceil(len(data.train) / 32)
+    assert result.steps == 2 * 2 * n_batches and [s for s, _ in seen] == list(range(result.steps))
+    for (_, first), (_, second) in zip(seen[0::2], seen[1::2], strict=True):
+        assert torch.equal(first, second)  # both steps of an iteration on one batch
+    assert not torch.equal(seen[0][1], seen[2][1])
+    assert set(result.measurements[0]) == {"ce"}  # averaged over the steps that report it
+    with pytest.raises(ValueError, match="steps_per_batch"):
+        dataclasses.replace(base, steps_per_batch=0)
