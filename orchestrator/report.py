@@ -284,6 +284,10 @@ def differing_fields(flats: list[dict[str, Any]], first: Sequence[str] = ()) -> 
     paths in `first` lead, the rest follow in name order."""
     paths = sorted(set().union(*flats))
     differ = [p for p in paths if len({_exact(f.get(p, "-")) for f in flats}) > 1]
+    # A field only some configs have, in a block whose `name` differs (model.cam_suppression when
+    # model.name differs), follows from that name: the name tells the series apart.
+    names = {p.rsplit(".", 1)[0] for p in differ if p.endswith(".name")}
+    differ = [p for p in differ if not (p.rsplit(".", 1)[0] in names and any(p not in f for f in flats))]
     differ.sort(key=lambda p: (p not in first, p))
     return [[f"{p}={_fmt_value(f.get(p, '-'))}" for p in differ] for f in flats]
 

@@ -439,3 +439,19 @@ def test_no_profile_without_the_analysis(tmp_path):
     _write_results(tmp_path / "run", _table({"scratch": {10: [0.2, 0.3], 99: [0.5, 0.6]}}))
     report = write_report([tmp_path / "run"])
     assert not (report / "representation_r2_profile.parquet").exists()
+
+
+def test_an_architecture_axis_labels_series_by_name_not_by_its_own_fields():
+    from orchestrator.report import differing_fields
+
+    resnet = {"model.name": "resnet18", "model.width": 8, "task.bias.feature": "colour"}
+    occam = {"model.name": "occam_resnet18", "model.width": 8, "model.gamma0": 3.0, "model.gate_loss": 1.0,
+             "task.bias.feature": "colour"}  # fmt: skip
+    wider = {**occam, "model.width": 16}
+    assert differing_fields([resnet, occam, wider], first=["model.name"]) == [
+        ["model.name=resnet18", "model.width=8"],
+        ["model.name=occam_resnet18", "model.width=8"],
+        ["model.name=occam_resnet18", "model.width=16"],
+    ]
+    # without a differing name, a field only some configs have still tells them apart
+    assert differing_fields([{"a.x": 1}, {"a.x": 1, "a.y": 2}]) == [["a.y=-"], ["a.y=2"]]
