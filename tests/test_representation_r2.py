@@ -171,3 +171,30 @@ def test_shapes_end_to_end_on_resnet(shapes):
     # Colour (the flat fill of every foreground pixel) dominates an untrained network's pooled features.
     assert out["representation_r2_pool_colour"] > out["representation_r2_pool_shape"]
     assert out["representation_r2_pool_colour"] > out["representation_r2_pool_texture"]
+
+
+@pytest.mark.slow
+def test_a_silhouette_trained_model_represents_shape_more_than_texture(tmp_path):
+    """Seed 002's kind of finding on our data: a network trained on silhouettes (shape only, no
+    texture) represents shape more than texture on cue-conflict images, where the two disagree;
+    trained on textured images (texture and shape agree, texture the easy cue), it is the reverse."""
+    from methods.training import TrainConfig, train
+    from tasks.models.plain_cnn import PlainCNNConfig
+
+    config = ShapesConfig(n_classes=4, image_size=32, n_base=800, n_subtask=800, pool_size=10, n_val=100,
+                          n_test=400, cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    task = Shapes(config)
+    spec = ANALYSES.get("representation_r2")
+    ctx = types.SimpleNamespace(task=task, data=None, device=torch.device("cpu"), eval_batch_size=200, seed=0,
+                                artifacts={})  # fmt: skip
+    r2s = {}
+    for name, data in (("silhouette", task.subtask_data(0)), ("textured", task.base_data(0))):
+        with seeded_init(0, "model"):
+            model = task.build_model(PlainCNNConfig())
+        result = train(model, data, TrainConfig(epochs=12, lr=2e-3, batch_size=64), torch.Generator().manual_seed(0))
+        assert result.best_val_acc > 0.7, (name, result.best_val_acc)  # it learnt its training task
+        out = spec.run(ctx, model, R2Config(n=200, layers=(model.feature_names()[-1],)))
+        layer = model.feature_names()[-1].replace("_", "-").replace(".", "-")
+        r2s[name] = (out[f"representation_r2_{layer}_shape"], out[f"representation_r2_{layer}_texture"])
+    assert r2s["silhouette"][0] > r2s["silhouette"][1], r2s
+    assert r2s["textured"][1] > r2s["textured"][0], r2s
