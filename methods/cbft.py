@@ -54,6 +54,7 @@ from torch.nn import functional as F
 
 from common.config import Frozen
 from common.seeding import torch_generator
+from methods.masking import check_same_architecture
 from methods.registry import Method, MethodContext, register_method
 from methods.training import Objective, cross_entropy
 from tasks.base import StageData
@@ -160,8 +161,7 @@ class CBFT(Method):
         cfg = ctx.config
         source = dict(ctx.artifact("source").named_parameters())
         named = dict(model.named_parameters())
-        if set(source) != set(named) or any(source[n].shape != p.shape for n, p in named.items()):
-            raise ValueError("cbft: the model and the source (cue) model must share one architecture")
+        check_same_architecture(named, source, "cbft (model vs source cue model)")
         anchor = {n: source[n].detach().clone().to(p.device) for n, p in named.items()}  # θ_c
         feature = penultimate_feature(model)
         t_generator = torch_generator(ctx.generator.initial_seed(), "cbft:t")

@@ -223,3 +223,11 @@ def transplanted_mask(model: nn.Module) -> Mask | None:
         if isinstance(fn, Transplant):
             out[name] = fn.mask.detach().cpu().clone()
     return out or None
+
+
+def check_same_architecture(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], who: str) -> None:
+    """Raise a ValueError naming the first differing entries unless `a` and `b` (state or parameter
+    dicts) have the same names and shapes."""
+    diff = sorted(set(a) ^ set(b)) or sorted(k for k in a if a[k].shape != b[k].shape)
+    if diff:
+        raise ValueError(f"{who} needs the two models to share one architecture; they differ at {diff[:5]}")

@@ -31,7 +31,7 @@ from torch import nn
 
 from common.config import Frozen
 from methods.analysis import Column, register_analysis
-from methods.masking import effective_state_dict
+from methods.masking import check_same_architecture, effective_state_dict
 from methods.training import evaluate, mean_loss
 from tasks.base import Split, StageData
 
@@ -61,7 +61,7 @@ def lmc_barrier(ctx, model: nn.Module, config: LMCConfig | None) -> dict[str, fl
     split = _split(ctx.data, config.split)
     trained = effective_state_dict(model)
     source = effective_state_dict(ctx.artifact("source"))
-    _check_same_architecture(trained, source)
+    check_same_architecture(trained, source, "lmc_barrier (trained model vs source)")
     probe = ctx.fresh_model("init").to(ctx.device)
 
     n = config.points
@@ -111,10 +111,3 @@ def _split(data: StageData, name: str) -> Split:
         raise ValueError(f"lmc_barrier: the task has no evaluation split {name!r}; use one of: "
                          f"{', '.join(['val', *data.evals])}")  # fmt: skip
     return data.evals[name]
-
-
-def _check_same_architecture(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    diff = sorted(set(a) ^ set(b)) or sorted(k for k in a if a[k].shape != b[k].shape)
-    if diff:
-        raise ValueError(f"lmc_barrier needs the trained and source models to share one architecture; "
-                         f"they differ at {diff[:5]}")  # fmt: skip
