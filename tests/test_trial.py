@@ -6,7 +6,7 @@ import torch
 from methods import NonFiniteLoss
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.config import load_sweep
-from orchestrator.sweep import order_trials
+from orchestrator.ordering import order_trials
 from orchestrator.trial import TrialSpec, artifact_key, expand, run_trial, upstream_keys
 from tests.conftest import tiny_raw
 
