@@ -31,7 +31,7 @@ def make_callbacks(out_dir: Path, sweep: SweepConfig, todo: list[TrialSpec], don
         """Writes each trial's row on the driver as soon as it finishes or finally fails."""
 
         def __init__(self):
-            self.done = self.failed = self.running = 0
+            self.done = self.failed = self.running = self.interrupted = 0
             self.cost_done = 0.0
 
         def on_step_end(self, iteration, trials, **info):
@@ -51,6 +51,9 @@ def make_callbacks(out_dir: Path, sweep: SweepConfig, todo: list[TrialSpec], don
         def on_trial_complete(self, iteration, trials, trial, **info):
             spec = self._finish(trial)
             last = trial.last_result or {}
+            if last.get("stage") == "interrupted":  # stopped on request after checkpointing: no row, resumed later
+                self.interrupted += 1
+                return
             if last.get("stage") != "done":
                 write_row(out_dir, failed_row(sweep, spec, "trial ended without a final result"))
                 self.failed += 1
