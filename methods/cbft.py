@@ -211,4 +211,21 @@ class CBFT(Method):
             counts.update(barrier=0, clean=0)
             return row
 
-        return dataclasses.replace(base, loss=loss, streams=("train", CUED), end_epoch=end_epoch, steps_per_batch=2)
+        def state() -> dict:
+            # Between epochs `sums` and `counts` are empty (end_epoch clears them).
+            return {"t_generator": t_generator.get_state(), "epochs_done": epochs_done}
+
+        def load_state(saved: dict) -> None:
+            nonlocal epochs_done
+            t_generator.set_state(saved["t_generator"])
+            epochs_done = saved["epochs_done"]
+
+        return dataclasses.replace(
+            base,
+            loss=loss,
+            streams=("train", CUED),
+            end_epoch=end_epoch,
+            steps_per_batch=2,
+            state=state,
+            load_state=load_state,
+        )

@@ -153,7 +153,9 @@ class ScoredMasks:
     def restore(self, state) -> None:
         self.kept = state
 
-    def objective(self, loss, end_epoch) -> Objective:
+    def objective(self, loss, end_epoch, state=None, load_state=None) -> Objective:
+        """The loop's objective; `state` / `load_state`: the discoverer's own mutable state, for
+        checkpoints (see `Objective`)."""
         return Objective(
             loss=loss,
             module=self.masked,
@@ -164,6 +166,8 @@ class ScoredMasks:
             snapshot=self.snapshot,
             restore=self.restore,
             end_epoch=end_epoch,
+            state=state,
+            load_state=load_state,
         )
 
     def result(self, trained) -> Discovery:
@@ -186,15 +190,21 @@ def _continuous_sparsification(model, data, cfg, sparsity, generator, mixed_prec
         ce = F.cross_entropy(found.masked(batch["train"].x), batch["train"].y)
         return ce + cfg.l0_lambda * l0, {"ce": ce, "l0": l0}
 
-    def end_epoch(epoch):
-        state["temperature"] *= growth
+    def set_temperature(t: float) -> None:
+        state["temperature"] = t
         for fn in fns.values():
-            fn.temperature = state["temperature"]
+            fn.temperature = t
+
+    def end_epoch(epoch):
+        set_temperature(state["temperature"] * growth)
         return {"temperature": state["temperature"]}
 
     for fn in fns.values():
         fn.temperature, fn.hard = 1.0, None
-    trained = fit(found.objective(loss, end_epoch), data, cfg.loop(), generator, mixed_precision=mixed_precision)
+    objective = found.objective(
+        loss, end_epoch, state=lambda: dict(state), load_state=lambda saved: set_temperature(saved["temperature"])
+    )
+    trained = fit(objective, data, cfg.loop(), generator, mixed_precision=mixed_precision)
     return found.result(trained)
 
 

@@ -154,5 +154,6 @@ def _hard_concrete(model, data, cfg, sparsity, generator, mixed_precision) -> Di
     def end_epoch(epoch):
         return {"natural_density": found.natural()}
 
-    trained = fit(found.objective(loss, end_epoch), data, cfg.loop(), generator, mixed_precision=mixed_precision)
+    objective = found.objective(loss, end_epoch, state=noise.get_state, load_state=noise.set_state)
+    trained = fit(objective, data, cfg.loop(), generator, mixed_precision=mixed_precision)
     return found.result(trained)

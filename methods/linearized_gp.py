@@ -34,6 +34,9 @@ forward-mode product (`torch.func.jvp`) per batch: about two forward passes.
   The explicit Jacobian costs N·C·P·4 bytes (fp32): 100 examples x 10 classes of an
   11.2M-parameter ResNet-18 is 45 GB, so such models go matrix-free. Δw and the frozen copy of
   the source hold 2·P numbers.
+- Checkpoints: none. The fit does not go through the shared loop (`methods.training.fit`), so it
+  is not checkpointed; an interrupted trial starts its closed-form fit again (the source model it
+  needs is checkpointed like any artifact trained in a trial).
 - Features: `model(x, intermediates=True)` returns the GP's logits and the *source's* named
   features (a linearised model's features are the source's, fixed); `feature_names()` is the
   source's. Dropout and batch norm are the source's in eval mode (running statistics fixed), also

@@ -14,7 +14,10 @@ A method declares
   cross-entropy on the downstream training split, best epoch by validation accuracy);
 - rarely, `train(ctx, model, generator, mixed_precision) -> TrainResult`, for a method that does not
   train one objective with the shared loop: several phases (probe, then fine-tune), or no gradient
-  training at all (a closed-form fit). The default runs `fit` on `objective`.
+  training at all (a closed-form fit). The default runs `fit` on `objective`. Every `fit` run
+  inside a trial is checkpointed and resumable (`methods.training.supervised`), so a `train` that
+  calls `fit` several times must call it in the same order every time; training that does not go
+  through `fit` is not checkpointed.
 
 A simple method is one decorated function (its `build`); a method with its own objective is a
 small class. Either is one file plus `@register_method(...)`.
@@ -107,7 +110,9 @@ def register_method(
         if isinstance(obj, type) and issubclass(obj, Method):
             cls = obj
         elif callable(obj):
-            cls = type(f"Method_{name}", (Method,), {"build": staticmethod(lambda ctx, _fn=obj: _fn(ctx))})
+            build = staticmethod(lambda ctx, _fn=obj: _fn(ctx))
+            # __module__: where the method is defined (its build function's module), not this one.
+            cls = type(f"Method_{name}", (Method,), {"build": build, "__module__": obj.__module__})
         else:
             raise TypeError(f"register_method({name!r}) decorates a Method subclass or a build function")
         cls.name, cls.needs, cls.Config, cls.description = name, tuple(needs), config, description

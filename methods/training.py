@@ -12,11 +12,12 @@ selection in one place, so every method inherits them.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import dataclasses
 import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import torch
 from pydantic import Field
@@ -46,6 +47,11 @@ class NonFiniteLoss(FloatingPointError):
     """Training diverged: the loss became NaN or inf."""
 
 
+class Interrupted(Exception):
+    """Training stopped on request at an epoch end, after saving its checkpoint: running the same
+    work again resumes it."""
+
+
 Batch = dict[str, Split]  # stream name -> this step's batch of that stream
 Measurements = dict[str, torch.Tensor]
 
@@ -68,6 +74,12 @@ class Objective:
     - `steps_per_batch`: optimiser steps taken on each batch, each with its own `loss(batch, step)`
       call (`step` counts optimiser steps), e.g. CBFT's barrier step then clean step on one pair of
       batches. Measurements are averaged over the steps that report them.
+    - `state()` / `load_state(state)`: the objective's own mutable state between epochs (a
+      temperature annealed in `end_epoch`, a random stream of its own, an epoch counter), for
+      checkpoints (see `supervised`). Parameters, optimiser, batch streams, torch's global RNG and the
+      loop's counters are saved by the loop; an objective that keeps anything else across epochs
+      must provide both, or a resumed run would differ from an uninterrupted one. Like `snapshot()`,
+      `state()` returns tensors, numbers, strings, None and lists / tuples / dicts of them.
     """
 
     loss: Callable[[Batch, int], tuple[torch.Tensor, Measurements]]
@@ -81,6 +93,8 @@ class Objective:
     end_epoch: Callable[[int], dict[str, float] | None] | None = None
     global_rng: bool = True
     steps_per_batch: int = 1
+    state: Callable[[], Any] | None = None
+    load_state: Callable[[Any], None] | None = None
 
     def __post_init__(self):
         if not self.streams:
@@ -92,6 +106,8 @@ class Objective:
             self.restore = self.module.load_state_dict
         elif self.restore is None:
             raise ValueError("an objective with its own snapshot() needs restore() too")
+        if (self.state is None) != (self.load_state is None):
+            raise ValueError("an objective with state() needs load_state() too, and the reverse")
 
 
 @dataclasses.dataclass
@@ -188,6 +204,74 @@ def train(
     return fit(objective, data, cfg, generator, on_epoch=on_epoch, mixed_precision=mixed_precision)
 
 
+# --- supervision: checkpoints, stop requests and per-epoch reports, from the caller ------------
+
+
+class Checkpointer(Protocol):
+    """Where the `fit` runs under one `Supervision` keep their state: one slot per run, numbered
+    in call order (a method may train in several runs, e.g. a probe then a fine-tune)."""
+
+    def due(self) -> bool:
+        """Whether to save now (asked at every epoch end)."""
+        ...
+
+    def load(self, slot: int) -> dict[str, Any] | None:
+        """The state last saved in `slot`, or None."""
+        ...
+
+    def save(self, slot: int, state: dict[str, Any]) -> None:
+        """Store `state` in `slot`. It holds live tensors (the module's, the optimiser's): serialise
+        it before returning."""
+        ...
+
+
+EpochObserver = Callable[[str, int, dict[str, float]], None]  # (run label, epoch, values)
+
+
+@dataclasses.dataclass
+class Supervision:
+    """What the caller (the orchestrator) plugs into every `fit` run inside `supervised(...)`.
+
+    - `name`: what is trained ("train": the downstream model; an artifact kind). It labels the
+      epoch reports: the first run is `name`, later ones `name.2`, `name.3`, ...
+    - `checkpointer`: each run saves its whole state there at epoch ends when `due()`; a run whose
+      slot holds a state resumes from it, bit for bit as if it had never stopped (on CPU).
+    - `should_stop()`: asked at every epoch end; when True the run saves its state (with a
+      checkpointer) and raises `Interrupted`.
+    - `on_epoch(label, epoch, values)`: after every epoch, with `val_score` (the objective's score),
+      `loss` (the mean loss per optimiser step) and the epoch's measurements.
+    Nothing here draws from a random stream or reorders the loop's work: supervised or not, a run
+    gives the same numbers.
+    """
+
+    name: str = "train"
+    checkpointer: Checkpointer | None = None
+    should_stop: Callable[[], bool] | None = None
+    on_epoch: EpochObserver | None = None
+    runs: int = 0  # fit calls so far under this supervision: the next run's slot
+
+    def claim(self) -> tuple[int, str]:
+        """(slot, label) of the next run."""
+        slot, self.runs = self.runs, self.runs + 1
+        return slot, self.name if slot == 0 else f"{self.name}.{slot + 1}"
+
+
+_SUPERVISION: contextvars.ContextVar[Supervision | None] = contextvars.ContextVar("supervision", default=None)
+
+
+@contextlib.contextmanager
+def supervised(supervision: Supervision) -> Iterator[Supervision]:
+    """Every `fit` inside the block (on this thread) is supervised by `supervision`."""
+    token = _SUPERVISION.set(supervision)
+    try:
+        yield supervision
+    finally:
+        _SUPERVISION.reset(token)
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+
 def fit(
     objective: Objective,
     data: StageData,
@@ -205,18 +289,100 @@ def fit(
     a function of its inputs. Stops at `cfg.epochs`, once the
     score reaches `cfg.target_val_acc`, or after `cfg.patience` epochs without gain.
     `mixed_precision` runs the loss in bfloat16 autocast on CUDA (a no-op on CPU, which stays
-    bit-reproducible). A NaN or inf loss raises `NonFiniteLoss`.
+    bit-reproducible). A NaN or inf loss raises `NonFiniteLoss`. Inside `supervised(...)` the run
+    checkpoints, resumes, stops on request (`Interrupted`) and reports each epoch (see `Supervision`).
     """
+    supervision = _SUPERVISION.get()
+    run = _Run(supervision, *supervision.claim()) if supervision is not None else None
     if not objective.global_rng:
-        return _fit(objective, data, cfg, generator, on_epoch, mixed_precision)
+        return _fit(objective, data, cfg, generator, on_epoch, mixed_precision, run)
     with torch.random.fork_rng(devices=[]):
         # Dropout draws from torch's global RNG: seed it from `generator` so that the run depends on
         # its inputs only, and restore the caller's RNG state afterwards.
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-        return _fit(objective, data, cfg, generator, on_epoch, mixed_precision)
+        return _fit(objective, data, cfg, generator, on_epoch, mixed_precision, run)
 
 
-def _fit(objective: Objective, data, cfg, generator, on_epoch, mixed_precision) -> TrainResult:
+@dataclasses.dataclass
+class _Run:
+    supervision: Supervision
+    slot: int
+    label: str
+
+
+@dataclasses.dataclass
+class _Loop:
+    """Everything of a run that changes from epoch to epoch, so that a checkpoint holds it all."""
+
+    objective: Objective
+    cfg: TrainConfig
+    opt: torch.optim.Optimizer
+    gens: dict[str, torch.Generator]  # stream -> its shuffling generator (the first: the caller's)
+    queues: dict[str, list[torch.Tensor]]  # stream (not the first) -> its pending batches of indices
+    best: tuple[float, int, Any]  # (score, epoch, snapshot)
+    epoch: int = 0
+    steps: int = 0
+    stale: int = 0  # epochs since the best one
+    finished: bool = False
+    history: list[float] = dataclasses.field(default_factory=list)
+    measured: list[dict[str, float]] = dataclasses.field(default_factory=list)
+
+    def state(self) -> dict[str, Any]:
+        objective, device = self.objective, _device_of(self.objective.module)
+        global_rng = objective.global_rng
+        return {
+            "config": self.cfg.model_dump(),
+            "streams": list(objective.streams),
+            "epoch": self.epoch,
+            "steps": self.steps,
+            "stale": self.stale,
+            "finished": self.finished,
+            "best": list(self.best),
+            "history": self.history,
+            "measurements": self.measured,
+            "module": objective.module.state_dict(),
+            "loose_params": [p.detach() for p in _loose(objective)],
+            "optimizer": self.opt.state_dict(),
+            "generators": {name: gen.get_state() for name, gen in self.gens.items()},
+            "queues": self.queues,
+            "cpu_rng": torch.get_rng_state() if global_rng else None,
+            "cuda_rng": torch.cuda.get_rng_state(device) if global_rng and device.type == "cuda" else None,
+            "objective": objective.state() if objective.state is not None else None,
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        objective, device = self.objective, _device_of(self.objective.module)
+        if state["config"] != self.cfg.model_dump() or state["streams"] != list(objective.streams):
+            raise ValueError(
+                "a checkpoint of another training run was found in this run's slot (saved for "
+                f"{state['config']} on streams {state['streams']}); delete it to start afresh"
+            )
+        objective.module.load_state_dict(state["module"])
+        with torch.no_grad():
+            for param, saved in zip(_loose(objective), state["loose_params"], strict=True):
+                param.copy_(saved)
+        self.opt.load_state_dict(state["optimizer"])
+        for name, gen in self.gens.items():
+            gen.set_state(state["generators"][name])
+        self.queues = {name: list(pending) for name, pending in state["queues"].items()}
+        if objective.global_rng:
+            torch.set_rng_state(state["cpu_rng"])
+            if state["cuda_rng"] is not None and device.type == "cuda":
+                torch.cuda.set_rng_state(state["cuda_rng"], device)
+        if objective.load_state is not None:
+            objective.load_state(state["objective"])
+        self.epoch, self.steps, self.stale = state["epoch"], state["steps"], state["stale"]
+        self.finished, self.best = state["finished"], tuple(state["best"])
+        self.history, self.measured = list(state["history"]), list(state["measurements"])
+
+
+def _loose(objective: Objective) -> list[nn.Parameter]:
+    """The objective's parameters that its module does not hold (its state dict misses them)."""
+    held = {id(p) for p in objective.module.parameters()}
+    return [p for p in objective.params if id(p) not in held]
+
+
+def _fit(objective: Objective, data, cfg, generator, on_epoch, mixed_precision, run: _Run | None) -> TrainResult:
     module = objective.module
     device = _device_of(module)
     splits = {name: _stream(data, name).to(device) for name in objective.streams}
@@ -224,17 +390,27 @@ def _fit(objective: Objective, data, cfg, generator, on_epoch, mixed_precision) 
         name: generator if i == 0 else _derived(generator, f"stream:{name}") for i, name in enumerate(objective.streams)
     }
     lead, others = objective.streams[0], objective.streams[1:]
-    queues: dict[str, list[torch.Tensor]] = {name: [] for name in others}
-    opt = torch.optim.AdamW(objective.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    best = (-math.inf, 0, objective.snapshot())
-    history: list[float] = []
-    measured: list[dict[str, float]] = []
-    steps = stale = epoch = 0
-    for epoch in range(1, cfg.epochs + 1):
+    loop = _Loop(
+        objective=objective,
+        cfg=cfg,
+        opt=torch.optim.AdamW(objective.params, lr=cfg.lr, weight_decay=cfg.weight_decay),
+        gens=gens,
+        queues={name: [] for name in others},
+        best=(-math.inf, 0, objective.snapshot()),
+    )
+    checkpointer = run.supervision.checkpointer if run is not None else None
+    saved = checkpointer.load(run.slot) if checkpointer is not None else None
+    if saved is not None:
+        loop.load(saved)
+    opt, queues = loop.opt, loop.queues
+    while not loop.finished:
+        loop.epoch += 1
+        epoch = loop.epoch
         module.train(objective.train_mode)
         sums: dict[str, torch.Tensor] = {}
         reported: dict[str, int] = {}
         loss_sum = torch.zeros((), device=device)
+        first_step = loop.steps
         for idx in batches(len(splits[lead]), cfg.batch_size, gens[lead]):
             batch = {lead: splits[lead].take(idx.to(device))}
             for name in others:
@@ -243,7 +419,7 @@ def _fit(objective: Objective, data, cfg, generator, on_epoch, mixed_precision) 
                 batch[name] = splits[name].take(queues[name].pop(0).to(device))
             for _ in range(objective.steps_per_batch):
                 with autocast(module, mixed_precision):
-                    loss, measurements = objective.loss(batch, steps)
+                    loss, measurements = objective.loss(batch, loop.steps)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -251,35 +427,52 @@ def _fit(objective: Objective, data, cfg, generator, on_epoch, mixed_precision) 
                 for key, value in measurements.items():
                     sums[key] = sums.get(key, 0.0) + value.detach().float()
                     reported[key] = reported.get(key, 0) + 1
-                steps += 1
+                loop.steps += 1
         # Checked once per epoch: a per-step .item() would stall a GPU on every step.
-        if not math.isfinite(loss_sum.item()):
-            raise NonFiniteLoss(f"training loss became {loss_sum.item()} in epoch {epoch}")
+        total = loss_sum.item()
+        if not math.isfinite(total):
+            raise NonFiniteLoss(f"training loss became {total} in epoch {epoch}")
         row = {key: float(value) / reported[key] for key, value in sums.items()}
         if objective.end_epoch is not None:
             row.update(objective.end_epoch(epoch) or {})
         score = objective.score()
-        history.append(score)
-        measured.append(row)
+        loop.history.append(score)
+        loop.measured.append(row)
         if on_epoch is not None:
             on_epoch(epoch, score)
-        if score > best[0]:
-            best, stale = (score, epoch, objective.snapshot()), 0
+        if score > loop.best[0]:
+            loop.best, loop.stale = (score, epoch, objective.snapshot()), 0
         else:
-            stale += 1
-        if cfg.target_val_acc is not None and score >= cfg.target_val_acc:
-            break
-        if cfg.patience is not None and stale >= cfg.patience:
-            break
-    objective.restore(best[2])
+            loop.stale += 1
+        loop.finished = (
+            epoch >= cfg.epochs
+            or (cfg.target_val_acc is not None and score >= cfg.target_val_acc)
+            or (cfg.patience is not None and loop.stale >= cfg.patience)
+        )
+        if run is not None:
+            _supervise(run, loop, score, total / max(1, loop.steps - first_step), row)
+    objective.restore(loop.best[2])
     return TrainResult(
-        best_val_acc=best[0],
-        best_epoch=best[1],
-        epochs_run=epoch,
-        steps=steps,
-        history=history,
-        measurements=measured,
+        best_val_acc=loop.best[0],
+        best_epoch=loop.best[1],
+        epochs_run=loop.epoch,
+        steps=loop.steps,
+        history=loop.history,
+        measurements=loop.measured,
     )
+
+
+def _supervise(run: _Run, loop: _Loop, score: float, loss: float, row: dict[str, float]) -> None:
+    """At an epoch end: report it, save a checkpoint when due or stopping, and stop when asked."""
+    supervision = run.supervision
+    if supervision.on_epoch is not None:
+        supervision.on_epoch(run.label, loop.epoch, {"val_score": score, "loss": loss, **row})
+    stop = supervision.should_stop is not None and supervision.should_stop()
+    checkpointer = supervision.checkpointer
+    if checkpointer is not None and (stop or checkpointer.due()):
+        checkpointer.save(run.slot, loop.state())
+    if stop:
+        raise Interrupted(f"{run.label}: stopped on request after epoch {loop.epoch}")
 
 
 def _stream(data: StageData, name: str) -> Split:
