@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from orchestrator.config import SweepConfig
-from orchestrator.outdir import running_marker, write_row
+from orchestrator.outdir import mark_running, write_row
 from orchestrator.trial import TrialSpec, failed_row, trial_hash
 
 
@@ -40,12 +40,12 @@ def make_callbacks(out_dir: Path, sweep: SweepConfig, todo: list[TrialSpec], don
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if result.get("training_iteration") == 1:  # a trial's first report: mark it running for `status`
-                running_marker(out_dir, trial_hash(sweep, TrialSpec(**trial.config["spec"]))).touch()
+                mark_running(out_dir, trial_hash(sweep, TrialSpec(**trial.config["spec"])))
 
         def _finish(self, trial) -> TrialSpec:
             spec = TrialSpec(**trial.config["spec"])
             self.cost_done += cost(spec)
-            running_marker(out_dir, trial_hash(sweep, spec)).unlink(missing_ok=True)
+            mark_running(out_dir, trial_hash(sweep, spec), running=False)
             return spec
 
         def on_trial_complete(self, iteration, trials, trial, **info):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -48,12 +50,23 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("sweep", type=Path, help="YAML sweep file")
-    run.add_argument("--out", type=Path, required=True, help="output directory (resumed if it holds this sweep)")
+    run.add_argument(
+        "--out",
+        required=True,
+        help="output directory, resumed if it holds this sweep: a path (shared by every node on a cluster) "
+        "or an object-store URI (s3://bucket/prefix, gs://bucket/prefix)",
+    )
     run.add_argument("--address", help="Ray cluster address ('auto' for the local cluster); default: start one")
     run.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started when no --address is given")
     run.add_argument("--force", action="store_true", help="run even if --out holds a sweep of another name")
     run.add_argument("--no-report", action="store_true", help="skip the summary table and plots")
     run.add_argument("--tuned", type=Path, help="per-method values from `instill tune` (its tuned.yaml)")
+    run.add_argument(
+        "--grace",
+        type=float,
+        default=120.0,
+        help="seconds running trials get to checkpoint after SIGINT/SIGTERM before the sweep stops at once",
+    )
 
     tune = sub.add_parser("tune", help="Optuna search of each method's hyperparameters on validation data")
     tune.add_argument("sweep", type=Path)
@@ -65,11 +78,11 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("sweep", type=Path)
 
     status = sub.add_parser("status", help="counts of done, pending and failed trials in an output directory")
-    status.add_argument("out", type=Path)
+    status.add_argument("out", help="output directory (path or URI)")
 
     report = sub.add_parser("report", help="summary tables, plots and index.html of one or more output directories")
-    report.add_argument("out", type=Path, nargs="+", help="output directories of `instill run` (merged)")
-    report.add_argument("--to", type=Path, help="report directory (default: FIRST_OUT/report)")
+    report.add_argument("out", nargs="+", help="output directories (paths or URIs) of `instill run` (merged)")
+    report.add_argument("--to", type=Path, help="local report directory (default: FIRST_OUT/report; needed for URIs)")
     report.add_argument("--target", type=float, default=0.9, help="accuracy whose required budget is reported")
     return parser
 
@@ -119,21 +132,46 @@ def _run(args) -> int:
         from orchestrator.tuning import apply_tuned
 
         sweep = apply_tuned(sweep, args.tuned)
-    outcome = run_sweep(sweep, args.out, address=args.address, num_cpus=args.num_cpus, force=args.force)
+    outcome = run_sweep(
+        sweep, args.out, address=args.address, num_cpus=args.num_cpus, force=args.force, grace_s=args.grace
+    )
     print(
         f"{outcome.ran} trials run, {outcome.skipped} already done, {outcome.failed} failed "
-        f"in {outcome.wall_s:.0f} s; results: {outcome.out_dir / 'results.parquet'}"
+        f"in {outcome.wall_s:.0f} s; results: {outcome.out_dir}/results.parquet"
     )
+    if outcome.stopped_by is not None:
+        pending = int((outcome.table["status"] == "pending").sum())
+        print(
+            f"stopped by {signal.Signals(outcome.stopped_by).name}: {pending} trial(s) not finished "
+            f"(interrupted ones resume from their checkpoints). Resume with:\n  {resume_command(args)}",
+            file=sys.stderr,
+        )
+        return 128 + outcome.stopped_by
     if not args.no_report:
         from orchestrator.report import write_report
 
-        report_dir = write_report([outcome.out_dir])
-        print((report_dir / "summary.md").read_text())
-        print(f"report: {report_dir}")
+        if isinstance(outcome.out_dir, Path):
+            report_dir = write_report([outcome.out_dir])
+            print((report_dir / "summary.md").read_text())
+            print(f"report: {report_dir}")
+        else:
+            print(f"report: run `instill report {outcome.out_dir} --to DIR` to write it to a local directory")
     if outcome.failed:
         _print_failures(outcome.table)
         return 1
     return 0
+
+
+def resume_command(args) -> str:
+    """The `instill run` command line that resumes this run."""
+    parts = ["instill", "run", str(args.sweep), "--out", str(args.out)]
+    if args.address:
+        parts += ["--address", args.address]
+    if args.tuned:
+        parts += ["--tuned", str(args.tuned)]
+    if args.force:
+        parts.append("--force")
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 def _tune(args) -> int:

@@ -6,6 +6,11 @@
     OUT/results.parquet          the rows of the current grid, rebuilt at the end of each run
     OUT/artifacts/               source models and masks (unless storage.artifacts points elsewhere)
     OUT/tune/                    Ray Tune's own experiment state and per-trial logs
+    OUT/driver.lock              the lease of the driver running here (`orchestrator.lease`)
+
+OUT is a local or shared (NFS) path, or an object-store URI (`s3://bucket/prefix`, `gs://...`;
+S3 options such as `endpoint_override` go in the query string): `OutDir` reads and writes it through
+its pyarrow file system, with whole-object writes, so a reader never sees half a file.
 
 A row is named by the hash of its trial's identity (method, grid point and every setting it ran
 with), so the directory may hold rows of several versions of a sweep, and a version reuses every row
@@ -19,61 +24,168 @@ import os
 from pathlib import Path
 from typing import Any
 
-from orchestrator.artifacts import ArtifactStore
+import pyarrow.fs as pafs
+
+from orchestrator.artifacts import ArtifactStore, open_filesystem
 from orchestrator.config import ConfigError, SweepConfig
 from orchestrator.trial import TrialSpec, trial_hash
+
+
+class OutDir:
+    """A sweep's output directory: a local path or an object-store URI."""
+
+    def __init__(self, location: str | Path | OutDir):
+        if isinstance(location, OutDir):
+            location = location.uri
+        text = str(location)
+        self.fs, self.root, self.posix = open_filesystem(text)
+        self.uri = self.root if self.posix else text.rstrip("/")
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def __repr__(self) -> str:
+        return f"OutDir({self.uri!r})"
+
+    @property
+    def local(self) -> Path | None:
+        """The directory as a local path, or None on object storage."""
+        return Path(self.root) if self.posix else None
+
+    def path(self, name: str) -> str:
+        """`name` (relative, '/'-separated) as a path inside the file system."""
+        return f"{self.root}/{name}"
+
+    def join(self, name: str) -> str:
+        """`name` as a location to hand to another tool: a local path or a URI."""
+        if self.posix:
+            return self.path(name)
+        base, _, query = self.uri.partition("?")
+        return f"{base}/{name}" + (f"?{query}" if query else "")
+
+    def exists(self, name: str) -> bool:
+        return self.fs.get_file_info(self.path(name)).type != pafs.FileType.NotFound
+
+    def read_text(self, name: str) -> str | None:
+        try:
+            with self.fs.open_input_stream(self.path(name)) as f:
+                return f.read().decode()
+        except FileNotFoundError:
+            return None
+
+    def read_bytes(self, name: str) -> bytes:
+        with self.fs.open_input_stream(self.path(name)) as f:
+            return f.read()
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write atomically: a temporary name renamed into place (locally); a whole object (object stores)."""
+        path = self.path(name)
+        if self.posix:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+            return
+        with self.fs.open_output_stream(path) as f:
+            f.write(data)
+
+    def write_text(self, name: str, text: str) -> None:
+        self.write_bytes(name, text.encode())
+
+    def delete(self, name: str) -> None:
+        try:
+            self.fs.delete_file(self.path(name))
+        except FileNotFoundError:
+            pass
+
+    def list(self, folder: str, suffix: str = "") -> list[str]:
+        """Names (relative to OUT) of the files directly in `folder` ending in `suffix`."""
+        selector = pafs.FileSelector(self.path(folder), allow_not_found=True)
+        prefix = len(self.root) + 1
+        return sorted(
+            info.path[prefix:]
+            for info in self.fs.get_file_info(selector)
+            if info.type == pafs.FileType.File and info.path.endswith(suffix)
+        )
+
+    def makedirs(self) -> None:
+        self.fs.create_dir(self.root, recursive=True)
+
+    def lease(self, **kwargs):
+        """The lease of this directory's driver (`orchestrator.lease.Lease`)."""
+        from orchestrator.lease import Lease
+
+        return Lease(self.fs, self.root, posix=self.posix, display=self.uri, **kwargs)
+
+
+def as_outdir(out: str | Path | OutDir) -> OutDir:
+    return out if isinstance(out, OutDir) else OutDir(out)
 
 
 class SweepMismatch(ConfigError):
     """The output directory holds a different sweep."""
 
 
-def prepare_out_dir(sweep: SweepConfig, out_dir: Path, force: bool = False) -> None:
+def prepare_out_dir(sweep: SweepConfig, out_dir: str | Path | OutDir, force: bool = False) -> None:
     """Create OUT, or check that it holds a version of this same sweep (same name). Never deletes
     a row: rows of other versions stay and are reused where their trials recur."""
-    marker = out_dir / "sweep.json"
-    if marker.exists():
-        previous = json.loads(marker.read_text())
+    out = as_outdir(out_dir)
+    previous_text = out.read_text("sweep.json")
+    if previous_text is not None:
+        previous = json.loads(previous_text)
         if previous.get("name") != sweep.name and not force:
             raise SweepMismatch(
-                f"{out_dir} holds a different sweep ({previous.get('name')!r}); pass another --out, or "
+                f"{out} holds a different sweep ({previous.get('name')!r}); pass another --out, or "
                 f"--force to run {sweep.name!r} there (finished trials they share are reused)"
             )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "rows").mkdir(exist_ok=True)
-    (out_dir / "sweeps").mkdir(exist_ok=True)
-    for pattern in ("rows/*.running", "rows/*.tmp", "sweeps/*.tmp", "*.tmp"):  # left by a driver that was killed
-        for stale in out_dir.glob(pattern):
-            stale.unlink()
+    out.makedirs()
+    if out.posix:
+        for folder in ("rows", "sweeps"):
+            (out.local / folder).mkdir(exist_ok=True)
+    for folder, suffix in (("rows", ".running"), ("rows", ".tmp"), ("sweeps", ".tmp"), ("", ".tmp")):
+        for stale in out.list(folder, suffix):  # left by a driver that was killed
+            out.delete(stale)
     record = json.dumps({"name": sweep.name, "config_hash": sweep.config_hash, "config": sweep.canonical()}, indent=1)
-    _atomic_write(out_dir / "sweeps" / f"{sweep.config_hash}.json", record)
-    _atomic_write(marker, record)
+    out.write_text(f"sweeps/{sweep.config_hash}.json", record)
+    out.write_text("sweep.json", record)
+
+
+def row_name(key: str) -> str:
+    return f"rows/{key}.json"
 
 
 def row_path(out_dir: Path, key: str) -> Path:
-    """Where the row of the trial with identity hash `key` lives."""
+    """Where the row of the trial with identity hash `key` lives (local output directories)."""
     return Path(out_dir) / "rows" / f"{key}.json"
 
 
-def write_row(out_dir: Path, row: dict[str, Any]) -> None:
-    _atomic_write(row_path(out_dir, row["trial_hash"]), json.dumps(row, default=str))
+def write_row(out_dir: str | Path | OutDir, row: dict[str, Any]) -> None:
+    as_outdir(out_dir).write_text(row_name(row["trial_hash"]), json.dumps(row, default=str))
 
 
-def read_row(out_dir: Path, sweep: SweepConfig, spec: TrialSpec) -> dict[str, Any] | None:
+def read_row(out_dir: str | Path | OutDir, sweep: SweepConfig, spec: TrialSpec) -> dict[str, Any] | None:
     """The stored row of `spec`'s trial in this sweep, or None."""
-    path = row_path(out_dir, trial_hash(sweep, spec))
-    return json.loads(path.read_text()) if path.exists() else None
+    text = as_outdir(out_dir).read_text(row_name(trial_hash(sweep, spec)))
+    return json.loads(text) if text is not None else None
 
 
 def running_marker(out_dir: Path, key: str) -> Path:
     return row_path(out_dir, key).with_suffix(".running")
 
 
-def store_for(sweep: SweepConfig, out_dir: Path) -> ArtifactStore:
-    return ArtifactStore(sweep.storage.artifacts or Path(out_dir) / "artifacts")
+def mark_running(out_dir: str | Path | OutDir, key: str, running: bool = True) -> None:
+    """Mark (or unmark) the trial `key` as running, for `instill status`."""
+    out = as_outdir(out_dir)
+    if running:
+        out.write_bytes(f"rows/{key}.running", b"")
+    else:
+        out.delete(f"rows/{key}.running")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def is_running(out_dir: str | Path | OutDir, key: str) -> bool:
+    return as_outdir(out_dir).exists(f"rows/{key}.running")
+
+
+def store_for(sweep: SweepConfig, out_dir: str | Path | OutDir) -> ArtifactStore:
+    return ArtifactStore(sweep.storage.artifacts or as_outdir(out_dir).join("artifacts"))

@@ -14,6 +14,8 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, num_gpus:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # The legacy console reporter honours verbose=0; the new one prints tables regardless.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # The sweep handles SIGINT itself (orchestrator.stop): Tune's own handler would end the run at once.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)

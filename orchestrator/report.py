@@ -63,6 +63,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from scipy import stats
 
 from common.config import stable_hash
@@ -466,16 +467,16 @@ def random_jaccard(d1, d2):
         return d1 * d2 / (d1 + d2 - d1 * d2)
 
 
-def artifact_roots(out_dirs: list[Path]) -> list[str]:
+def artifact_roots(out_dirs: list) -> list[str]:
     """Each output directory's artifact store: sweep.json's storage.artifacts, else OUT/artifacts."""
+    from orchestrator.outdir import as_outdir
+
     roots = []
-    for out in out_dirs:
-        marker = Path(out) / "sweep.json"
-        configured = None
-        if marker.exists():
-            config = json.loads(marker.read_text()).get("config") or {}
-            configured = (config.get("storage") or {}).get("artifacts")
-        root = str(configured or Path(out) / "artifacts")
+    for location in out_dirs:
+        out = as_outdir(location)
+        text = out.read_text("sweep.json")
+        config = (json.loads(text).get("config") or {}) if text else {}
+        root = str((config.get("storage") or {}).get("artifacts") or out.join("artifacts"))
         if root not in roots:
             roots.append(root)
     return roots
@@ -858,21 +859,23 @@ def plot_profiles(long: pd.DataFrame, stem: Path, xlabel: str, ylabel: str) -> l
 # --- the report --------------------------------------------------------------------------
 
 
-def load_tables(out_dirs: list[Path]) -> pd.DataFrame:
-    # Imported here: the statistics above need neither the trial machinery nor torch.
+def load_tables(out_dirs: list) -> pd.DataFrame:
+    from orchestrator.outdir import as_outdir
 
     tables = []
-    for out in out_dirs:
-        path = Path(out) / "results.parquet"
-        if not path.exists():
-            raise ConfigError(f"{path}: missing; run `instill run SWEEP --out {out}` first")
-        tables.append(results.read(path))
+    for location in out_dirs:
+        out = as_outdir(location)
+        if not out.exists("results.parquet"):
+            raise ConfigError(f"{out.join('results.parquet')}: missing; run `instill run SWEEP --out {out}` first")
+        tables.append(pq.read_table(out.path("results.parquet"), filesystem=out.fs).to_pandas())
     return pd.concat(tables, ignore_index=True)
 
 
 def write_report(out_dirs: list[Path], report_dir: Path | None = None, target: float = 0.9) -> Path:
     """Summarise the results of `out_dirs` (merged) into `report_dir` (default: first dir's report/)."""
     table = load_tables(out_dirs)
+    if report_dir is None and "://" in str(out_dirs[0]):
+        raise ConfigError(f"{out_dirs[0]} is not a local directory: give the report a local one with --to DIR")
     report_dir = Path(report_dir or Path(out_dirs[0]) / "report")
     report_dir.mkdir(parents=True, exist_ok=True)
     summary = summarise(table)

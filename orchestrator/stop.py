@@ -1,12 +1,139 @@
-"""Graceful stops: the driver's stop request, as seen from the workers.
+"""Graceful stops: SIGINT/SIGTERM on the driver, and the stop request as the workers see it.
 
-`requested()` is called by a running trial at the end of each epoch; when it returns True the trial
-saves a checkpoint and ends with stage `interrupted` (no row is written; the next run resumes it).
+SLURM, Kubernetes and spot preemption stop a process with SIGTERM (then SIGKILL after a grace
+period); a person stops it with Ctrl-C (SIGINT). On the first signal the driver:
+
+1. launches no new trial (the trial queue, `orchestrator.queue`, reports itself finished);
+2. asks running trials to stop: a flag in a small named Ray actor, read by each trial at the end of
+   every epoch (`requested()`), on any node. A trial that sees it saves a checkpoint and ends with
+   stage `interrupted`: it gets no row and resumes from its checkpoint in the next run;
+3. waits for them, at most `grace_s` seconds, then writes every finished row and results.parquet,
+   and exits 130 (SIGINT) or 143 (SIGTERM) with the command that resumes.
+
+A second signal, or the end of the grace period, stops at once: rows already written are kept (each
+is written the moment its trial ends), results.parquet is rebuilt from them, and the process exits.
 """
 
 from __future__ import annotations
 
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+ACTOR = "instill-stop"
+_CHECK_EVERY_S = 1.0
+_cache = {"checked": -1e9, "value": False, "handle": None}
+
 
 def requested() -> bool:
-    """Whether the driver asked running trials to stop (SIGINT/SIGTERM)."""
-    return False
+    """Whether the driver asked running trials to stop. Cheap: asks the flag actor at most once a
+    second, and is False outside a Ray sweep."""
+    now = time.monotonic()
+    if now - _cache["checked"] < _CHECK_EVERY_S:
+        return _cache["value"]
+    _cache["checked"] = now
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return False
+        if _cache["handle"] is None:
+            _cache["handle"] = ray.get_actor(ACTOR)
+        _cache["value"] = bool(ray.get(_cache["handle"].requested.remote(), timeout=10))
+    except Exception:  # no flag actor (not in a sweep), or it is gone with its driver: not a request
+        _cache["handle"] = None
+        _cache["value"] = False
+    return _cache["value"]
+
+
+def _flag_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class StopFlag:
+        def __init__(self):
+            self.value = False
+
+        def set(self, value: bool) -> None:
+            self.value = value
+
+        def requested(self) -> bool:
+            return self.value
+
+    return StopFlag
+
+
+class GracefulStop:
+    """The driver's signal handling for one sweep (install, then restore when the sweep ends).
+
+    `finish_now(signum)` is called (from the signal handler or the grace timer) to stop at once: it
+    must write what is finished and end the process.
+    """
+
+    def __init__(self, grace_s: float, finish_now: Callable[[int], None]):
+        self.grace_s = grace_s
+        self.finish_now = finish_now
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+        self._flag = None
+        self._timer: threading.Timer | None = None
+
+    @property
+    def stopping(self) -> bool:
+        return self.signum is not None
+
+    def install(self) -> GracefulStop:
+        flag = _flag_class().options(name=ACTOR, get_if_exists=True, lifetime=None).remote()
+        import ray
+
+        ray.get(flag.set.remote(False))  # a flag left set by an earlier sweep of this process
+        self._flag = flag
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+        if self._flag is not None:
+            try:
+                import ray
+
+                ray.kill(self._flag)
+            except Exception:
+                pass
+            self._flag = None
+
+    def request(self, signum: int) -> None:
+        """The first stop: no new trials; running ones checkpoint and end; the grace timer starts."""
+        self.signum = signum
+        name = signal.Signals(signum).name
+        print(
+            f"\n[instill] {name}: stopping. No new trials start; running trials save a checkpoint at the end "
+            f"of their epoch (up to {self.grace_s:.0f} s). Signal again to stop at once.",
+            file=sys.stderr,
+            flush=True,
+        )
+        if self._flag is not None:
+            self._flag.set.remote(True)
+        self._timer = threading.Timer(self.grace_s, self._grace_over)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _grace_over(self) -> None:
+        print(f"[instill] grace period of {self.grace_s:.0f} s over: stopping now.", file=sys.stderr, flush=True)
+        self.finish_now(self.signum or signal.SIGTERM)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            self.request(signum)
+        else:
+            print(f"\n[instill] {signal.Signals(signum).name} again: stopping now.", file=sys.stderr, flush=True)
+            self.finish_now(self.signum)

@@ -11,6 +11,10 @@ only what is new.
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,9 +23,11 @@ from orchestrator import results
 from orchestrator.callbacks import make_callbacks
 from orchestrator.config import SweepConfig
 from orchestrator.ordering import order_trials
-from orchestrator.outdir import SweepMismatch, prepare_out_dir, read_row, store_for
+from orchestrator.outdir import OutDir, SweepMismatch, as_outdir, prepare_out_dir, read_row, store_for
 from orchestrator.ray_session import concurrency as cluster_concurrency
 from orchestrator.ray_session import start_ray
+from orchestrator.stop import GracefulStop
+from orchestrator.storage import check_shared
 from orchestrator.trial import expand
 from orchestrator.tuner import make_tuner
 from orchestrator.upstream import precompute
@@ -31,45 +37,102 @@ __all__ = ["SweepMismatch", "SweepOutcome", "order_trials", "run_sweep", "start_
 
 @dataclasses.dataclass
 class SweepOutcome:
-    out_dir: Path
+    out_dir: Path | str  # a local path, or the URI of an object-store directory
     table: Any  # pandas.DataFrame of every row of the current grid
     ran: int  # trials run in this invocation
     skipped: int  # trials already done before it
     failed: int
     wall_s: float
+    stopped_by: int | None = None  # the signal that stopped the sweep (SIGINT/SIGTERM), or None
 
 
 def run_sweep(
     sweep: SweepConfig,
-    out_dir: str | Path,
+    out_dir: str | Path | OutDir,
     *,
     address: str | None = None,
     num_cpus: int | None = None,
     force: bool = False,
+    callbacks: list | None = None,
+    grace_s: float = 120.0,
+    lease_ttl_s: float = 30.0,
 ) -> SweepOutcome:
-    """Run every unfinished trial of `sweep` on Ray Tune and write OUT/results.parquet."""
-    out_dir = Path(out_dir).resolve()
-    prepare_out_dir(sweep, out_dir, force=force)
-    store = store_for(sweep, out_dir)
-    specs = expand(sweep)
-    todo = [s for s in specs if (read_row(out_dir, sweep, s) or {}).get("status") != "done"]
+    """Run every unfinished trial of `sweep` on Ray Tune and write OUT/results.parquet.
+
+    OUT is a local or shared path or an object-store URI. One driver at a time: a lease on OUT
+    (`orchestrator.lease`) makes a second driver stop with `DirectoryBusy`. SIGINT/SIGTERM stop the
+    sweep gracefully (`orchestrator.stop`); the outcome's `stopped_by` names the signal.
+    `callbacks` are extra Tune callbacks (e.g. tracking).
+    """
+    out = as_outdir(out_dir if isinstance(out_dir, OutDir) or "://" in str(out_dir) else Path(out_dir).resolve())
+    out.makedirs()
+    stopper = GracefulStop(grace_s, finish_now=lambda signum: None)
+    lease = out.lease(ttl_s=lease_ttl_s, on_lost=lambda holder: _lost(stopper, out, holder))
     start = time.monotonic()
-    if todo:
-        start_ray(address, num_cpus=num_cpus, num_gpus=None)
-        concurrency = cluster_concurrency(sweep.resources.cpu, sweep.resources.max_concurrent)
-        precompute(sweep, store, todo, concurrency)
-        todo = order_trials(sweep, todo, concurrency)
-        _, callbacks = make_callbacks(out_dir, sweep, todo, len(specs) - len(todo))
-        tuner = make_tuner(sweep, todo, out_dir, store.location, concurrency, callbacks)
-        tuner.fit()
-    table = results.collect(out_dir, sweep, specs)
-    results.write(table, out_dir / "results.parquet")
+    with lease:
+        prepare_out_dir(sweep, out, force=force)
+        store = store_for(sweep, out)
+        specs = expand(sweep)
+        todo = [s for s in specs if (read_row(out, sweep, s) or {}).get("status") != "done"]
+
+        def finish_now(signum: int) -> None:
+            # Stop at once (second signal, or the grace period is over): rows already written stay.
+            try:
+                table = results.collect(out, sweep, specs)
+                write_results(out, table)
+            finally:
+                lease.release()
+                os._exit(128 + signum)
+
+        stopper.finish_now = finish_now
+        if todo:
+            start_ray(address, num_cpus=num_cpus, num_gpus=None)
+            check_shared({"--out": out.root if out.posix else None, "storage.artifacts": store.location})
+            stopper.install()
+            try:
+                concurrency = cluster_concurrency(sweep.resources.cpu, sweep.resources.max_concurrent)
+                precompute(sweep, store, todo, concurrency)
+                if not stopper.stopping:
+                    todo = order_trials(sweep, todo, concurrency)
+                    _, tune_callbacks = make_callbacks(out, sweep, todo, len(specs) - len(todo))
+                    tuner = make_tuner(
+                        sweep,
+                        todo,
+                        out,
+                        store.location,
+                        concurrency,
+                        tune_callbacks + list(callbacks or []),
+                        should_stop=lambda: stopper.stopping,
+                    )
+                    tuner.fit()
+            finally:
+                stopper.restore()
+        table = results.collect(out, sweep, specs)
+        write_results(out, table)
     failed = int((table["status"] == "failed").sum()) if len(table) else 0
     return SweepOutcome(
-        out_dir=out_dir,
+        out_dir=out.local or out.uri,
         table=table,
         ran=len(todo),
         skipped=len(specs) - len(todo),
         failed=failed,
         wall_s=time.monotonic() - start,
+        stopped_by=stopper.signum,
     )
+
+
+def write_results(out: OutDir, table) -> None:
+    """OUT/results.parquet, written whole."""
+    if out.posix:
+        results.write(table, out.local / "results.parquet")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        results.write(table, Path(tmp) / "results.parquet")
+        out.write_bytes("results.parquet", (Path(tmp) / "results.parquet").read_bytes())
+
+
+def _lost(stopper: GracefulStop, out: OutDir, holder) -> None:
+    who = holder.describe() if holder is not None else "nobody (the lease was deleted)"
+    print(f"[instill] lost the lease on {out} to {who}: stopping", file=sys.stderr, flush=True)
+    if not stopper.stopping:
+        stopper.request(signal.SIGTERM)
