@@ -120,6 +120,7 @@ class Lease:
 
     def acquire(self) -> None:
         """Take the lease, taking over a stale one; raise DirectoryBusy if a live driver holds it."""
+        self.fs.create_dir(self.path.rsplit("/", 1)[0], recursive=True)
         for _ in range(5):
             holder = self.read()
             if holder is not None:
