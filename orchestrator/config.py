@@ -56,6 +56,13 @@ class Resources(Frozen):
     gpu: float = Field(0.0, ge=0, description="GPUs per trial; 0.25 packs four trials on a GPU")
     max_concurrent: int | None = Field(None, ge=1, description="cap on trials running at once")
     mixed_precision: bool = Field(False, description="bfloat16 autocast for training on GPU (ignored on CPU)")
+    checkpoint_every_s: float | None = Field(
+        300.0,
+        ge=0,
+        description="a trial checkpoints its training state (in the artifact store) at the first epoch end this "
+        "many seconds after its start or last checkpoint, and resumes from it when rerun; 0: every epoch; "
+        "null: never (a stop request still checkpoints)",
+    )
 
 
 class Storage(Frozen):

@@ -10,6 +10,13 @@ follows what their registrations declare.
 A trial's identity (`identity`) is its method, grid point and every setting its result depends on;
 its hash names its row, so a sweep that grows by a seed, a budget, a method or an axis value reuses
 every finished trial and runs only the new ones.
+
+Every training run inside a trial (`methods.training.fit`: the downstream training, and the source
+or mask when the trial computes them) is supervised (`TrialSupervisor`): it checkpoints into the
+artifact store every `resources.checkpoint_every_s` (`orchestrator.checkpoints`), resumes from
+its checkpoint when the trial is rerun (bit for bit on CPU), stops on request (`Interrupted`), and
+reports each epoch through `report` (`{"stage": "epoch", "fit": "train", "epoch": 3,
+"train/val_score": ..., "train/loss": ..., "train/<measurement>": ...}`), so Tune logs live curves.
 """
 
 from __future__ import annotations
@@ -32,7 +39,9 @@ from common.config import Frozen, stable_hash
 from common.seeding import seeded_init, torch_generator
 from methods import ANALYSES, ARTIFACTS, AnalysisContext, ArtifactContext, MethodContext, evaluate, get_method
 from methods.artifacts import closure
+from methods.training import Supervision, supervised
 from orchestrator.artifacts import ArtifactStore
+from orchestrator.checkpoints import Checkpointer, CheckpointStore, Interval
 from orchestrator.config import SweepConfig, grid_axes
 
 Report = Callable[[dict[str, Any]], None]
@@ -145,12 +154,50 @@ def pick_device(sweep: SweepConfig) -> torch.device:
     return torch.device("cpu")
 
 
-class Upstream:
-    """The artifacts of one trial: keys, and (on demand) the loaded objects, via the store."""
+class TrialSupervisor:
+    """How a trial's training runs are supervised: checkpoints in the artifact store (one
+    `Interval` for the whole trial), the stop request, and a report per epoch."""
 
-    def __init__(self, sweep: SweepConfig, spec: TrialSpec, store: ArtifactStore | None, device: torch.device):
+    def __init__(
+        self,
+        sweep: SweepConfig,
+        store: ArtifactStore | None,
+        report: Report | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ):
+        self.checkpoints = CheckpointStore(store) if store is not None else None
+        self.interval = Interval(sweep.resources.checkpoint_every_s)
+        self.report, self.should_stop = report, should_stop
+
+    def checkpointer(self, owner: str) -> Checkpointer | None:
+        return Checkpointer(self.checkpoints, owner, self.interval) if self.checkpoints is not None else None
+
+    def supervision(self, name: str, checkpointer: Checkpointer | None) -> Supervision:
+        """For the runs that train `name` ("train", or an artifact kind), checkpointed by `checkpointer`."""
+        on_epoch = self.on_epoch if self.report is not None else None
+        return Supervision(name=name, checkpointer=checkpointer, should_stop=self.should_stop, on_epoch=on_epoch)
+
+    def on_epoch(self, label: str, epoch: int, values: dict[str, float]) -> None:
+        # "<label>/<name>" keys: one TensorBoard group per training run.
+        self.report({"stage": "epoch", "fit": label, "epoch": epoch, **{f"{label}/{k}": v for k, v in values.items()}})
+
+
+class Upstream:
+    """The artifacts of one trial: keys, and (on demand) the loaded objects, via the store. An
+    artifact computed here is trained under `supervisor` (default: checkpoints only), its
+    checkpoints owned by `<kind>-<key hash>`."""
+
+    def __init__(
+        self,
+        sweep: SweepConfig,
+        spec: TrialSpec,
+        store: ArtifactStore | None,
+        device: torch.device,
+        supervisor: TrialSupervisor | None = None,
+    ):
         self.sweep = sweep.effective(spec.method, spec.axes)
         self.spec, self.store, self.device = spec, store, device
+        self.supervisor = supervisor or TrialSupervisor(self.sweep, store)
         self.task = self.sweep.build_task()
         self.keys: dict[str, dict] = {}
         self.objects: dict[str, Any] = {}
@@ -181,8 +228,16 @@ class Upstream:
 
     def get(self, kind: str) -> Any:
         if kind not in self.objects:
-            art, ctx = ARTIFACTS.get(kind), self.context(kind)
-            fetched = self.store.get_or_compute(kind, self.key(kind), lambda: art.compute(ctx))
+            art, ctx, key = ARTIFACTS.get(kind), self.context(kind), self.key(kind)
+            checkpointer = self.supervisor.checkpointer(f"{kind}-{stable_hash(key, 24)}")
+
+            def compute():
+                with supervised(self.supervisor.supervision(kind, checkpointer)):
+                    return art.compute(ctx)
+
+            fetched = self.store.get_or_compute(kind, key, compute)
+            if fetched.computed and checkpointer is not None:
+                checkpointer.clear()
             self.objects[kind] = art.load(ctx, fetched.tensors, fetched.meta)
             self.columns.update(art.columns(fetched.meta))
             self.columns[f"{kind}_computed"] = fetched.computed
@@ -215,11 +270,14 @@ def run_trial(
     report: Report | None = None,
     device: torch.device | None = None,
     tuning: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Run one trial and return its result row (see `orchestrator.results.COLUMNS`).
 
     `tuning=True` (used by `instill tune`) stops after training: no test split and no analysis is
-    ever read, so tuning sees validation data only.
+    ever read, so tuning sees validation data only. `report` gets a result after every stage and
+    every epoch. `should_stop()` is asked at every epoch end: when True, the run saves a checkpoint
+    and `methods.training.Interrupted` is raised (no row); running the trial again resumes it.
     """
     report = report or (lambda metrics: None)
     device = device or pick_device(sweep)
@@ -237,7 +295,8 @@ def run_trial(
         times[f"{stage}_s"] = times.get(f"{stage}_s", 0.0) + now - clock
         clock = now
 
-    upstream = Upstream(sweep, spec, store, device)
+    supervisor = TrialSupervisor(effective, store, report, should_stop)
+    upstream = Upstream(sweep, spec, store, device, supervisor)
     for kind in trial_needs(sweep, spec, tuning):
         upstream.get(kind)
         lap(kind)
@@ -262,9 +321,11 @@ def run_trial(
     lap("build")
     report({"stage": "build", **times})
 
-    result = method.train(
-        ctx, model, torch_generator(seed, "downstream_train"), mixed_precision=effective.resources.mixed_precision
-    )
+    checkpointer = supervisor.checkpointer(row["trial_hash"])
+    with supervised(supervisor.supervision("train", checkpointer)):
+        result = method.train(
+            ctx, model, torch_generator(seed, "downstream_train"), mixed_precision=effective.resources.mixed_precision
+        )
     row.update(val_acc=result.best_val_acc, best_epoch=result.best_epoch, epochs_run=result.epochs_run)
     row["measurements_json"] = json.dumps(result.measurements)
     lap("train")
@@ -291,6 +352,8 @@ def run_trial(
     # Compute time: the stages' wall time less the time spent waiting on another trial's lock.
     times["total_s"] = sum(v for k, v in times.items() if k != "wait_s") - times["wait_s"]
     row.update(times, status="done", device=str(device), finished_at=time.time())
+    if checkpointer is not None:
+        checkpointer.clear()
     report({"stage": "done", "row_json": json.dumps(row), "val_acc": row["val_acc"]})
     return row
 
