@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 from orchestrator.config import SweepConfig
 from orchestrator.trial import TrialSpec, upstream_keys
 
@@ -11,24 +13,28 @@ def order_trials(sweep: SweepConfig, specs: list[TrialSpec], concurrency: int) -
 
     Trials are taken largest budget first (the long ones start early, so the sweep's tail is
     short), then arranged in waves of `concurrency` where no two trials of a wave would compute
-    the same upstream artifact: the second would only wait on the first's lock.
+    the same upstream artifact: the second would only wait on the first's lock. A trial left out of
+    a wave keeps its place at the head of the queue.
+
+    Linear in the number of trials: a wave reads the queue only until it is full, and a trial is
+    left out of a wave only for an artifact that the wave claims, which is ready from then on, so
+    each trial is passed over at most once per artifact it needs.
     """
-    pending = sorted(specs, key=lambda s: -s.data_fraction)
-    needs = {id(s): set(upstream_keys(sweep, s)) for s in pending}
+    pending = deque(sorted(specs, key=lambda s: -s.data_fraction))
+    needs = {id(s): frozenset(upstream_keys(sweep, s)) for s in pending}
     ready: set[tuple[str, str]] = set()
     ordered: list[TrialSpec] = []
     while pending:
-        wave, claimed = [], set()
-        for spec in pending:
+        wave, claimed, passed_over = [], set(), []
+        while pending and len(wave) < max(1, concurrency):
+            spec = pending.popleft()
             missing = needs[id(spec)] - ready
             if missing & claimed:
+                passed_over.append(spec)
                 continue
             wave.append(spec)
             claimed |= missing
-            if len(wave) == concurrency:
-                break
-        for spec in wave:
-            pending.remove(spec)
+        pending.extendleft(reversed(passed_over))
         ordered += wave
         ready |= claimed
     return ordered

@@ -1,9 +1,28 @@
-"""The Tune experiment of a sweep: the trainable, its resources and Tune's settings."""
+"""The Tune experiment of a sweep: the trainable, its resources and Tune's settings.
+
+Settings for grids of thousands of trials (figures: docs/PERFORMANCE.md, "Grid scale"):
+
+- Results are buffered on the worker (`TUNE_RESULT_BUFFER_LENGTH`, `TUNE_RESULT_BUFFER_MIN_TIME_S`).
+  A function trainable's `tune.report` waits until the driver asks for the next result, so without a
+  buffer every report (one per stage, and one per epoch) costs the trial a round trip through the
+  driver; with it, the reports of a second travel together. A report is at most one report late.
+- The trial queue (`orchestrator.queue`) instead of a `grid_search`: Tune copies a grid's whole
+  search space for every trial it creates, O(trials) each.
+- Tune's CSV, JSON and TensorBoard loggers all stay (per-trial `progress.csv`, `result.json` and
+  event files, the live curves); the TensorBoard one flushes at most once a second per trial
+  instead of after every result (each flush is an fsync on the driver), and always at trial end.
+- The experiment-state snapshot keeps Tune's automatic period (at most 5% of the driver's time);
+  our resume is by rows, so a larger `TUNE_GLOBAL_CHECKPOINT_S` is also safe.
+
+Every variable is only a default: set in the environment, it wins.
+"""
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
+import time
 from collections.abc import Callable
 
 from orchestrator.config import SweepConfig
@@ -28,6 +47,9 @@ def make_tuner(
 
     from orchestrator.queue import TrialQueue
 
+    for name, value in TUNE_DEFAULTS.items():
+        os.environ.setdefault(name, value)  # read when fit() builds Tune's controller
+
     trainable = tune.with_resources(
         tune.with_parameters(trainable_fn, sweep_json=json.dumps(sweep.canonical()), store_root=store_location),
         {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu},
@@ -47,7 +69,7 @@ def make_tuner(
             storage_path=out.path("tune"),
             storage_filesystem=None if out.posix else out.fs,
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-            callbacks=callbacks,
+            callbacks=[*callbacks, throttled_tbx_logger()],
             verbose=0,
             # Trial output goes to stdout/stderr files in each trial's directory, synced to OUT/tune.
             log_to_file=True,
@@ -55,3 +77,37 @@ def make_tuner(
         ),
     )
     return tuner
+
+
+# Result buffering on the workers: up to 1,000 reports or 1 s (the minimum buffering time; Tune's
+# own default, 0, sends every report alone once fewer than 10 actor tasks are in flight).
+TUNE_DEFAULTS = {"TUNE_RESULT_BUFFER_LENGTH": "1000", "TUNE_RESULT_BUFFER_MIN_TIME_S": "1"}
+
+TBX_FLUSH_EVERY_S = 1.0
+
+
+def throttled_tbx_logger():
+    """Tune's TensorBoard logger (same files, same tags), flushing each trial's events at most once
+    every `TBX_FLUSH_EVERY_S` instead of after every result. Given explicitly, it replaces the one
+    Tune would add; the writer's own 30 s flush and its close at trial end write the rest."""
+    from ray.tune.logger import TBXLoggerCallback
+
+    class ThrottledTBXLogger(TBXLoggerCallback):
+        def __init__(self):
+            super().__init__()
+            self._summary_writer_cls = _throttled(self._summary_writer_cls)
+
+    return ThrottledTBXLogger()
+
+
+def _throttled(writer_cls):
+    class ThrottledWriter(writer_cls):
+        _last_flush = float("-inf")
+
+        def flush(self):
+            now = time.monotonic()
+            if now - self._last_flush >= TBX_FLUSH_EVERY_S:
+                self._last_flush = now
+                super().flush()
+
+    return ThrottledWriter
