@@ -133,7 +133,13 @@ def _run(args) -> int:
 
         sweep = apply_tuned(sweep, args.tuned)
     outcome = run_sweep(
-        sweep, args.out, address=args.address, num_cpus=args.num_cpus, force=args.force, grace_s=args.grace
+        sweep,
+        args.out,
+        address=args.address,
+        num_cpus=args.num_cpus,
+        force=args.force,
+        grace_s=args.grace,
+        resume_hint=resume_command(args),
     )
     print(
         f"{outcome.ran} trials run, {outcome.skipped} already done, {outcome.failed} failed "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -19,10 +20,31 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, num_gpus:
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+    with _keep_signal_handlers():
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+
+
+@contextlib.contextmanager
+def _keep_signal_handlers():
+    """ray.init replaces the driver's SIGTERM handler with `sys.exit`, and a signal during its start-up
+    is lost; keep the sweep's own (orchestrator.stop) in place instead."""
+    try:
+        from ray._private import utils as ray_utils  # private: the Ray version range is pinned
+    except ImportError:
+        yield
+        return
+    original = getattr(ray_utils, "set_sigterm_handler", None)
+    if original is None:
+        yield
+        return
+    ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = original
 
 
 def concurrency(cpu_per_trial: float, max_concurrent: int | None) -> int:

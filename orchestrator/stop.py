@@ -10,13 +10,15 @@ period); a person stops it with Ctrl-C (SIGINT). On the first signal the driver:
 3. waits for them, at most `grace_s` seconds, then writes every finished row and results.parquet,
    and exits 130 (SIGINT) or 143 (SIGTERM) with the command that resumes.
 
-A second signal, or the end of the grace period, stops at once: rows already written are kept (each
+A second signal, the end of the grace period, or Ray's own processes stopping (a signal sent to
+the whole process group reaches them too) stops at once: rows already written are kept (each
 is written the moment its trial ends), results.parquet is rebuilt from them, and the process exits.
 """
 
 from __future__ import annotations
 
 import signal
+import socket
 import sys
 import threading
 import time
@@ -79,22 +81,36 @@ class GracefulStop:
         self._previous: dict[int, object] = {}
         self._flag = None
         self._timer: threading.Timer | None = None
+        self._gcs: str | None = None
 
     @property
     def stopping(self) -> bool:
         return self.signum is not None
 
     def install(self) -> GracefulStop:
-        flag = _flag_class().options(name=ACTOR, get_if_exists=True, lifetime=None).remote()
-        import ray
-
-        ray.get(flag.set.remote(False))  # a flag left set by an earlier sweep of this process
-        self._flag = flag
+        """Take over SIGINT and SIGTERM (main thread only; elsewhere the process keeps its handlers)."""
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.getsignal(sig)
+                self._previous.setdefault(sig, signal.getsignal(sig))
                 signal.signal(sig, self._handle)
         return self
+
+    def connect(self) -> None:
+        """Once Ray is up: create the flag the trials read (set already if a signal came first).
+
+        Ray's core worker installs a native handler for SIGTERM in the driver that prints a stack
+        trace and aborts the process; installing ours again puts it back in front."""
+        import ray
+
+        self.install()
+
+        flag = _flag_class().options(name=ACTOR, get_if_exists=True, lifetime=None).remote()
+        ray.get(flag.set.remote(self.stopping))
+        try:
+            self._gcs = ray.get_runtime_context().gcs_address
+        except Exception:  # not offered by this Ray version: no watch
+            self._gcs = None  # also clears a flag left set by an earlier sweep of this process
+        self._flag = flag
 
     def restore(self) -> None:
         if self._timer is not None:
@@ -126,6 +142,27 @@ class GracefulStop:
         self._timer = threading.Timer(self.grace_s, self._grace_over)
         self._timer.daemon = True
         self._timer.start()
+        threading.Thread(target=self._watch_ray, name="instill-stop-watch", daemon=True).start()
+
+    def _watch_ray(self) -> None:
+        """A signal sent to the whole process group (e.g. `scancel` without --batch) also stops the
+        local Ray's own processes; the sweep cannot wait for its trials then, so it stops at once.
+        Watched by connecting to Ray's GCS port: a call through Ray would block on the dead GCS."""
+        host, _, port = (self._gcs or "").rpartition(":")
+        if not host:
+            return
+        while self._previous:  # until restore()
+            try:
+                socket.create_connection((host, int(port)), timeout=2).close()
+            except OSError:
+                print(
+                    "[instill] Ray stopped as well (the signal reached its processes): stopping now.",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                self.finish_now(self.signum or signal.SIGTERM)
+                return
+            time.sleep(1.0)
 
     def _grace_over(self) -> None:
         print(f"[instill] grace period of {self.grace_s:.0f} s over: stopping now.", file=sys.stderr, flush=True)

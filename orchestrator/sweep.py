@@ -28,7 +28,7 @@ from orchestrator.ray_session import concurrency as cluster_concurrency
 from orchestrator.ray_session import start_ray
 from orchestrator.stop import GracefulStop
 from orchestrator.storage import check_shared
-from orchestrator.trial import expand
+from orchestrator.trial import expand, trial_hash
 from orchestrator.tuner import make_tuner
 from orchestrator.upstream import precompute
 
@@ -39,7 +39,7 @@ __all__ = ["SweepMismatch", "SweepOutcome", "order_trials", "run_sweep", "start_
 class SweepOutcome:
     out_dir: Path | str  # a local path, or the URI of an object-store directory
     table: Any  # pandas.DataFrame of every row of the current grid
-    ran: int  # trials run in this invocation
+    ran: int  # trials that finished (done or failed) in this invocation
     skipped: int  # trials already done before it
     failed: int
     wall_s: float
@@ -56,13 +56,15 @@ def run_sweep(
     callbacks: list | None = None,
     grace_s: float = 120.0,
     lease_ttl_s: float = 30.0,
+    resume_hint: str | None = None,
 ) -> SweepOutcome:
     """Run every unfinished trial of `sweep` on Ray Tune and write OUT/results.parquet.
 
     OUT is a local or shared path or an object-store URI. One driver at a time: a lease on OUT
     (`orchestrator.lease`) makes a second driver stop with `DirectoryBusy`. SIGINT/SIGTERM stop the
     sweep gracefully (`orchestrator.stop`); the outcome's `stopped_by` names the signal.
-    `callbacks` are extra Tune callbacks (e.g. tracking).
+    `callbacks` are extra Tune callbacks (e.g. tracking); `resume_hint` is printed when a stop cannot
+    return (the command that resumes).
     """
     out = as_outdir(out_dir if isinstance(out_dir, OutDir) or "://" in str(out_dir) else Path(out_dir).resolve())
     out.makedirs()
@@ -82,14 +84,18 @@ def run_sweep(
                 write_results(out, table)
             finally:
                 lease.release()
+                if resume_hint:
+                    print(f"[instill] stopped; finished rows are kept. Resume with:\n  {resume_hint}", file=sys.stderr)
+                sys.stderr.flush()
                 os._exit(128 + signum)
 
         stopper.finish_now = finish_now
         if todo:
-            start_ray(address, num_cpus=num_cpus, num_gpus=None)
-            check_shared({"--out": out.root if out.posix else None, "storage.artifacts": store.location})
             stopper.install()
             try:
+                start_ray(address, num_cpus=num_cpus, num_gpus=None)
+                stopper.connect()
+                check_shared({"--out": out.root if out.posix else None, "storage.artifacts": store.location})
                 concurrency = cluster_concurrency(sweep.resources.cpu, sweep.resources.max_concurrent)
                 precompute(sweep, store, todo, concurrency)
                 if not stopper.stopping:
@@ -110,10 +116,11 @@ def run_sweep(
         table = results.collect(out, sweep, specs)
         write_results(out, table)
     failed = int((table["status"] == "failed").sum()) if len(table) else 0
+    finished = set(table.loc[table["status"] != "pending", "trial_hash"]) if len(table) else set()
     return SweepOutcome(
         out_dir=out.local or out.uri,
         table=table,
-        ran=len(todo),
+        ran=sum(trial_hash(sweep, s) in finished for s in todo),
         skipped=len(specs) - len(todo),
         failed=failed,
         wall_s=time.monotonic() - start,
