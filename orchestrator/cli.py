@@ -62,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-report", action="store_true", help="skip the summary table and plots")
     run.add_argument("--tuned", type=Path, help="per-method values from `instill tune` (its tuned.yaml)")
     run.add_argument(
+        "--tracking",
+        choices=["wandb", "mlflow"],
+        help="also log every trial's curves to W&B or MLflow (pip install 'instill[wandb]' / 'instill[mlflow]')",
+    )
+    run.add_argument(
         "--grace",
         type=float,
         default=120.0,
@@ -140,6 +145,7 @@ def _run(args) -> int:
         force=args.force,
         grace_s=args.grace,
         resume_hint=resume_command(args),
+        tracking=args.tracking,
     )
     print(
         f"{outcome.ran} trials run, {outcome.skipped} already done, {outcome.failed} failed "
@@ -177,6 +183,8 @@ def resume_command(args) -> str:
         parts += ["--tuned", str(args.tuned)]
     if args.force:
         parts.append("--force")
+    if args.tracking:
+        parts += ["--tracking", args.tracking]
     return " ".join(shlex.quote(p) for p in parts)
 
 

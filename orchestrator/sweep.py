@@ -28,6 +28,7 @@ from orchestrator.ray_session import concurrency as cluster_concurrency
 from orchestrator.ray_session import start_ray
 from orchestrator.stop import GracefulStop
 from orchestrator.storage import check_shared
+from orchestrator.tracking import callbacks as tracking_callbacks
 from orchestrator.trial import expand, trial_hash
 from orchestrator.tuner import make_tuner
 from orchestrator.upstream import precompute
@@ -57,17 +58,19 @@ def run_sweep(
     grace_s: float = 120.0,
     lease_ttl_s: float = 30.0,
     resume_hint: str | None = None,
+    tracking: str | None = None,
 ) -> SweepOutcome:
     """Run every unfinished trial of `sweep` on Ray Tune and write OUT/results.parquet.
 
     OUT is a local or shared path or an object-store URI. One driver at a time: a lease on OUT
     (`orchestrator.lease`) makes a second driver stop with `DirectoryBusy`. SIGINT/SIGTERM stop the
     sweep gracefully (`orchestrator.stop`); the outcome's `stopped_by` names the signal.
-    `callbacks` are extra Tune callbacks (e.g. tracking); `resume_hint` is printed when a stop cannot
-    return (the command that resumes).
+    `tracking` ('wandb', 'mlflow') adds Ray's logger callback for it; `callbacks` are extra Tune
+    callbacks; `resume_hint` is printed when a stop cannot return (the command that resumes).
     """
     out = as_outdir(out_dir if isinstance(out_dir, OutDir) or "://" in str(out_dir) else Path(out_dir).resolve())
     out.makedirs()
+    extra = tracking_callbacks(tracking, experiment=sweep.name, out_dir=out.local or out.uri) + list(callbacks or [])
     stopper = GracefulStop(grace_s, finish_now=lambda signum: None)
     lease = out.lease(ttl_s=lease_ttl_s, on_lost=lambda holder: _lost(stopper, out, holder))
     start = time.monotonic()
@@ -107,7 +110,7 @@ def run_sweep(
                         out,
                         store.location,
                         concurrency,
-                        tune_callbacks + list(callbacks or []),
+                        tune_callbacks + extra,
                         should_stop=lambda: stopper.stopping,
                     )
                     tuner.fit()
