@@ -401,7 +401,7 @@ def test_a_killed_worker_is_retried_and_resumes_from_its_checkpoint(tmp_path):
     import ray
 
     from orchestrator import results
-    from orchestrator.sweep import run_sweep, start_ray
+    from orchestrator.sweep import run_sweep
     from tests.plugins.dies_once import KILL_AT
 
     folder = tmp_path / "dies_once"
@@ -418,7 +418,8 @@ def test_a_killed_worker_is_retried_and_resumes_from_its_checkpoint(tmp_path):
             )
         )
         ray.shutdown()
-        start_ray(num_cpus=2)
+        # A Ray of its own (not one another process started on this machine), whose workers see the variable.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         outcome = run_sweep(sweep, tmp_path / "out")
     finally:
         ray.shutdown()
