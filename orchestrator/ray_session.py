@@ -24,7 +24,8 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, num_gpus:
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+            # "local": always a new Ray of our own, never a cluster that `ray start` left on this machine.
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
 
 
 @contextlib.contextmanager
