@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from orchestrator.config import SweepConfig
@@ -51,8 +52,16 @@ class LiveTrials:
         return sum(status == "RUNNING" for _, status in statuses)
 
 
-def make_callbacks(out_dir: Path, sweep: SweepConfig, todo: list[TrialSpec], done_before: int):
-    """(the Rows callback, every callback to give Tune)."""
+def make_callbacks(
+    out_dir: Path,
+    sweep: SweepConfig,
+    todo: list[TrialSpec],
+    done_before: int,
+    stopping: Callable[[], bool] = lambda: False,
+):
+    """(the Rows callback, every callback to give Tune). Once `stopping()` is True (a graceful
+    stop), a trial that ends without its final result is not a failure: it gets no row and resumes
+    from its checkpoint in the next run."""
     from ray import tune
 
     total = len(todo)
@@ -89,10 +98,16 @@ def make_callbacks(out_dir: Path, sweep: SweepConfig, todo: list[TrialSpec], don
             return spec
 
         def on_trial_complete(self, iteration, trials, trial, **info):
+            try:
+                self._complete(trial)
+            finally:
+                forget_results(trial)
+
+        def _complete(self, trial):
             spec = self._finish(trial)
             last = trial.last_result or {}
-            if last.get("stage") == "interrupted":  # stopped on request after checkpointing: no row, resumed later
-                self.interrupted += 1
+            if last.get("stage") == "interrupted" or (stopping() and last.get("stage") != "done"):
+                self.interrupted += 1  # stopped on request after checkpointing: no row, resumed later
                 return
             if last.get("stage") != "done":
                 write_row(out_dir, failed_row(sweep, spec, "trial ended without a final result"))
@@ -102,7 +117,16 @@ def make_callbacks(out_dir: Path, sweep: SweepConfig, todo: list[TrialSpec], don
             self.done += 1
 
         def on_trial_error(self, iteration, trials, trial, **info):
+            try:
+                self._error(trial)
+            finally:
+                forget_results(trial)
+
+        def _error(self, trial):
             spec = self._finish(trial)
+            if stopping():  # e.g. its worker got the signal too: resumed from its checkpoint next run
+                self.interrupted += 1
+                return
             write_row(out_dir, failed_row(sweep, spec, error_text(trial)))
             self.failed += 1
 
@@ -153,6 +177,22 @@ def make_callbacks(out_dir: Path, sweep: SweepConfig, todo: list[TrialSpec], don
 
     rows = Rows()
     return rows, [rows, Progress(rows)]
+
+
+def forget_results(trial) -> None:
+    """Drop what Tune keeps in memory about a finished trial's results, once its row is written.
+
+    Tune holds every trial to the end of the experiment, with its last result (our final row, as
+    JSON) and running statistics of every metric it reported (each epoch's keys): about 0.25 MB a
+    trial, linear growth of the driver over a grid of thousands. Its logs on disk keep everything."""
+    meta = getattr(trial, "run_metadata", None)
+    if meta is None:
+        return
+    last = meta.last_result or {}
+    meta.last_result = {k: last[k] for k in ("stage", "trial_id", "training_iteration", "done") if k in last}
+    meta.metric_analysis = {}
+    meta.metric_n_steps = {}
+    meta.invalidate_cache()
 
 
 def error_text(trial) -> str:

@@ -50,6 +50,15 @@ def requested() -> bool:
     return _cache["value"]
 
 
+_driver = {"stopping": False}  # this driver process's own state (set by GracefulStop)
+
+
+def driver_stopping() -> bool:
+    """On the driver: whether the running sweep is stopping. A plain module function, so that Tune
+    can pickle the callbacks that ask it."""
+    return _driver["stopping"]
+
+
 def _flag_class():
     import ray
 
@@ -89,6 +98,7 @@ class GracefulStop:
 
     def install(self) -> GracefulStop:
         """Take over SIGINT and SIGTERM (main thread only; elsewhere the process keeps its handlers)."""
+        _driver["stopping"] = self.stopping
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous.setdefault(sig, signal.getsignal(sig))
@@ -113,6 +123,7 @@ class GracefulStop:
         self._flag = flag
 
     def restore(self) -> None:
+        _driver["stopping"] = False
         if self._timer is not None:
             self._timer.cancel()
         for sig, handler in self._previous.items():
@@ -130,6 +141,7 @@ class GracefulStop:
     def request(self, signum: int) -> None:
         """The first stop: no new trials; running ones checkpoint and end; the grace timer starts."""
         self.signum = signum
+        _driver["stopping"] = True
         name = signal.Signals(signum).name
         print(
             f"\n[instill] {name}: stopping. No new trials start; running trials save a checkpoint at the end "

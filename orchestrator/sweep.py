@@ -26,7 +26,7 @@ from orchestrator.ordering import order_trials
 from orchestrator.outdir import OutDir, SweepMismatch, as_outdir, prepare_out_dir, read_row, store_for
 from orchestrator.ray_session import concurrency as cluster_concurrency
 from orchestrator.ray_session import start_ray
-from orchestrator.stop import GracefulStop
+from orchestrator.stop import GracefulStop, driver_stopping
 from orchestrator.storage import check_shared
 from orchestrator.tracking import callbacks as tracking_callbacks
 from orchestrator.trial import expand, trial_hash
@@ -100,10 +100,12 @@ def run_sweep(
                 stopper.connect()
                 check_shared({"--out": out.root if out.posix else None, "storage.artifacts": store.location})
                 concurrency = cluster_concurrency(sweep.resources.cpu, sweep.resources.max_concurrent)
-                precompute(sweep, store, todo, concurrency)
+                precompute(sweep, store, todo, concurrency, should_stop=lambda: stopper.stopping)
                 if not stopper.stopping:
                     todo = order_trials(sweep, todo, concurrency)
-                    _, tune_callbacks = make_callbacks(out, sweep, todo, len(specs) - len(todo))
+                    _, tune_callbacks = make_callbacks(
+                        out, sweep, todo, len(specs) - len(todo), stopping=driver_stopping
+                    )
                     tuner = make_tuner(
                         sweep,
                         todo,

@@ -12,23 +12,29 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 
 from common.config import stable_hash
 from methods import ARTIFACTS
 from methods.artifacts import closure
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.config import SweepConfig, load_sweep
-from orchestrator.trial import TrialSpec, Upstream, pick_device, trial_needs
+from orchestrator.trial import TrialSpec, TrialSupervisor, Upstream, pick_device, trial_needs
 
 
 def _compute(sweep_json: str, spec_json: str, kind: str, store_root: str) -> float:
     """Runs inside a Ray worker: compute one artifact (its own needs are already stored)."""
     import torch
 
+    from orchestrator import stop
+
     sweep = load_sweep(json.loads(sweep_json))
     torch.set_num_threads(max(1, int(sweep.resources.cpu)))
     start = time.perf_counter()
-    Upstream(sweep, TrialSpec(**json.loads(spec_json)), ArtifactStore(store_root), pick_device(sweep)).get(kind)
+    spec, store = TrialSpec(**json.loads(spec_json)), ArtifactStore(store_root)
+    # Checkpointed, and stopped on request (the checkpoint is kept for the next run).
+    supervisor = TrialSupervisor(sweep.effective(spec.method, spec.axes), store, should_stop=stop.requested)
+    Upstream(sweep, spec, store, pick_device(sweep), supervisor).get(kind)
     return time.perf_counter() - start
 
 
@@ -37,8 +43,15 @@ def _depth(kind: str) -> int:
     return 0 if not needs else 1 + max(_depth(n) for n in needs)
 
 
-def precompute(sweep: SweepConfig, store: ArtifactStore, specs: list[TrialSpec], concurrency: int) -> dict[str, str]:
-    """Compute the missing upstream artifacts of `specs`, each once. Returns {artifact: error}."""
+def precompute(
+    sweep: SweepConfig,
+    store: ArtifactStore,
+    specs: list[TrialSpec],
+    concurrency: int,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> dict[str, str]:
+    """Compute the missing upstream artifacts of `specs`, each once. Returns {artifact: error}.
+    Once `should_stop()` is True no new computation starts (running ones checkpoint and end)."""
     import ray
 
     remote = ray.remote(_compute).options(num_cpus=sweep.resources.cpu, num_gpus=sweep.resources.gpu)
@@ -60,6 +73,8 @@ def precompute(sweep: SweepConfig, store: ArtifactStore, specs: list[TrialSpec],
         print(f"[instill] computing {len(level)} {'/'.join(kinds)} artifact(s) before the trials", file=sys.stderr)
         pending, running = list(level), {}
         while pending or running:
+            if should_stop():
+                pending.clear()
             while pending and len(running) < concurrency:
                 job = pending.pop(0)
                 if any(dep in failed for dep in job["deps"]):
@@ -73,6 +88,8 @@ def precompute(sweep: SweepConfig, store: ArtifactStore, specs: list[TrialSpec],
             try:
                 ray.get(ready[0])
             except Exception as err:  # reported, then left to the trials (see the module docstring)
+                if should_stop():
+                    continue  # stopped on request, not a failure: the next run resumes it
                 name = f"{job['kind']} for {job['spec'].name}"
                 failed[(job["kind"], stable_hash(job["key"]))] = errors[name] = str(err).strip().splitlines()[-1]
                 print(f"[instill] {name} failed: {errors[name]}", file=sys.stderr)
