@@ -9,8 +9,8 @@ output directory, and prints:
   - the driver's peak RSS (this process, not Ray's workers; target <= 2 GB) and its growth during
     the Tune phase per 1,000 trials;
   - rows written per second;
-  - CPU time of the driver and of Ray's processes (raylet, GCS, the workers), per trial: on a
-    machine whose cores all run trials, the driver's CPU is taken from the trials;
+  - the driver's CPU time in the Tune phase, per trial: on a machine whose cores all run trials,
+    the driver's CPU is taken from the trials;
   - the time of each driver phase, also per trial: time per trial that stays flat from N to 4N
     is linear, time per trial that grows with N is not.
 
@@ -118,31 +118,6 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def descendants_cpu_seconds() -> float:
-    """User + system CPU time of every live descendant of this process (Linux /proc): Ray's
-    raylet, GCS and workers, started by `ray.init`."""
-    tick = os.sysconf("SC_CLK_TCK")
-    parent, cpu = {}, {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parent[int(entry)] = int(fields[1])
-        cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
-    me, total = os.getpid(), 0.0
-    for pid in parent:
-        ancestor = parent[pid]
-        while ancestor not in (0, 1, me) and ancestor in parent:
-            ancestor = parent[ancestor]
-        if ancestor == me:
-            total += cpu[pid]
-    return total
-
-
 class RssSampler(threading.Thread):
     """Samples this process's resident set size (Linux /proc) every `period` seconds."""
 
@@ -199,7 +174,6 @@ def main() -> None:
             profiler.disable()
             profiler.dump_stats(args.profile)
         wall = time.perf_counter() - start
-        ray_cpu = descendants_cpu_seconds()
         sampler.stop.set()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
@@ -232,7 +206,6 @@ def main() -> None:
         print(f"Tune wall per trial and slot:        {per_slot:9.1f} ms (of which compute {trials / n * 1000:.1f} ms)")
         drv = phases.fit_cpu
         print(f"driver CPU in Tune phase:            {drv:9.1f} s ({drv / n * 1000:.1f} ms per trial)")
-        print(f"Ray processes' CPU (incl. trials):   {ray_cpu:9.1f} s ({ray_cpu / n * 1000:.1f} ms per trial)")
         print("phase                        seconds   ms/trial   calls")
         for phase, seconds in phases.seconds.items():
             print(f"  {phase:24s} {seconds:9.2f} {seconds / n * 1000:10.3f} {phases.calls[phase]:7d}")

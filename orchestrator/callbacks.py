@@ -40,16 +40,20 @@ class LiveTrials:
         self.seen = 0
         self.live: list = []
 
-    def running(self, trials: list) -> int:
-        """How many of `trials` are RUNNING (Tune's own states: with reused actors, a trial's
-        start and end events do not always pair up)."""
+    def update(self, trials: list) -> list[tuple]:
+        """(trial, status) of every live trial of `trials`, in Tune's order."""
         if len(trials) < self.seen:  # a new list (e.g. a restored experiment): start over
             self.seen, self.live = 0, []
         self.live.extend(trials[self.seen :])
         self.seen = len(trials)
         statuses = [(t, t.status) for t in self.live]
         self.live = [t for t, status in statuses if status not in self.FINISHED]
-        return sum(status == "RUNNING" for _, status in statuses)
+        return [(t, status) for t, status in statuses if status not in self.FINISHED]
+
+    def running(self, trials: list) -> int:
+        """How many of `trials` are RUNNING (Tune's own states: with reused actors, a trial's
+        start and end events do not always pair up)."""
+        return sum(status == "RUNNING" for _, status in self.update(trials))
 
 
 def make_callbacks(

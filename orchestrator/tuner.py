@@ -5,9 +5,11 @@ Settings for grids of thousands of trials (figures: docs/PERFORMANCE.md, "Grid s
 - Results are buffered on the worker (`TUNE_RESULT_BUFFER_LENGTH`, `TUNE_RESULT_BUFFER_MIN_TIME_S`).
   A function trainable's `tune.report` waits until the driver asks for the next result, so without a
   buffer every report (one per stage, and one per epoch) costs the trial a round trip through the
-  driver; with it, the reports of a second travel together. A report is at most one report late.
+  driver; with it, a trial's reports of 2 s travel together (at most 2 s and one report late).
 - The trial queue (`orchestrator.queue`) instead of a `grid_search`: Tune copies a grid's whole
   search space for every trial it creates, O(trials) each.
+- A FIFO scheduler that looks only at unfinished trials (`live_fifo_scheduler`): Tune's own scans
+  every trial it has created on every step, O(trials^2) over a sweep.
 - Tune's CSV, JSON and TensorBoard loggers all stay (per-trial `progress.csv`, `result.json` and
   event files, the live curves); the TensorBoard one flushes at most once a second per trial
   instead of after every result (each flush is an fsync on the driver), and always at trial end.
@@ -59,6 +61,7 @@ def make_tuner(
         tune_config=tune.TuneConfig(
             search_alg=TrialQueue([{"spec": s.model_dump()} for s in todo], should_stop),
             num_samples=len(todo),
+            scheduler=live_fifo_scheduler(),
             reuse_actors=True,
             max_concurrent_trials=concurrency,
             trial_name_creator=lambda t: TrialSpec(**t.config["spec"]).name,
@@ -79,9 +82,13 @@ def make_tuner(
     return tuner
 
 
-# Result buffering on the workers: up to 1,000 reports or 1 s (the minimum buffering time; Tune's
-# own default, 0, sends every report alone once fewer than 10 actor tasks are in flight).
-TUNE_DEFAULTS = {"TUNE_RESULT_BUFFER_LENGTH": "1000", "TUNE_RESULT_BUFFER_MIN_TIME_S": "1"}
+# Result buffering on the workers. Ray 2.60 (tune_controller._schedule_trial_train) passes
+# (buffer length, buffer time) to `Trainable.train_buffered(buffer_time_s, max_buffer_length)`, the
+# wrong way round, so its buffer only works with the values swapped: LENGTH is read as the time
+# window (2 s) and MIN_TIME_S as the most results (1,000). Read the right way round (a fixed Ray),
+# the same values mean pairs of results: still safe, half the round trips. Tune's own defaults (1 and
+# 0) send every report alone.
+TUNE_DEFAULTS = {"TUNE_RESULT_BUFFER_LENGTH": "2", "TUNE_RESULT_BUFFER_MIN_TIME_S": "1000"}
 
 TBX_FLUSH_EVERY_S = 1.0
 
@@ -111,3 +118,26 @@ def _throttled(writer_cls):
                 super().flush()
 
     return ThrottledWriter
+
+
+def live_fifo_scheduler():
+    """Tune's FIFO scheduler (the default), choosing the first pending (else paused) trial among the
+    unfinished ones only: Tune's own reads the status of every trial it has created, once per step."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    from orchestrator.callbacks import LiveTrials
+
+    class LiveFIFOScheduler(FIFOScheduler):
+        def __init__(self):
+            super().__init__()
+            self.live = LiveTrials()
+
+        def choose_trial_to_run(self, tune_controller):
+            statuses = self.live.update(tune_controller.get_trials())
+            for wanted in ("PENDING", "PAUSED"):
+                for trial, status in statuses:
+                    if status == wanted:
+                        return trial
+            return None
+
+    return LiveFIFOScheduler()
