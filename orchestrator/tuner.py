@@ -8,6 +8,10 @@ Settings for grids of thousands of trials (figures: docs/PERFORMANCE.md, "Grid s
   driver; with it, a trial's reports of 2 s travel together (at most 2 s and one report late).
 - The trial queue (`orchestrator.queue`) instead of a `grid_search`: Tune copies a grid's whole
   search space for every trial it creates, O(trials) each.
+- A few trials created ahead of the running ones (`ahead`: `max_concurrent_trials` above
+  `concurrency`; Tune's pending-trial limit, `TUNE_MAX_PENDING_TRIALS_PG`, follows it for a
+  searcher): each waits for the next actor to free up and starts on it at once. On a graceful stop these few still start
+  and end at their first stop check, without a row.
 - A FIFO scheduler that looks only at unfinished trials (`live_fifo_scheduler`): Tune's own scans
   every trial it has created on every step, O(trials^2) over a sweep.
 - Tune's CSV, JSON and TensorBoard loggers all stay (per-trial `progress.csv`, `result.json` and
@@ -63,7 +67,7 @@ def make_tuner(
             num_samples=len(todo),
             scheduler=live_fifo_scheduler(),
             reuse_actors=True,
-            max_concurrent_trials=concurrency,
+            max_concurrent_trials=concurrency + ahead(sweep, concurrency),
             trial_name_creator=lambda t: TrialSpec(**t.config["spec"]).name,
             trial_dirname_creator=lambda t: f"{TrialSpec(**t.config['spec']).name[:80]}-{t.trial_id}",
         ),
@@ -80,6 +84,14 @@ def make_tuner(
         ),
     )
     return tuner
+
+
+def ahead(sweep: SweepConfig, concurrency: int) -> int:
+    """Trials Tune may create beyond those that run. Where the cluster's resources bound the running
+    trials, a few more wait for the next actor to free up and start on it at once, instead of being
+    created a Tune step later. Where `resources.max_concurrent` bounds them, none: Tune's limit is
+    then the only one."""
+    return 0 if sweep.resources.max_concurrent else max(4, concurrency)
 
 
 # Result buffering on the workers. Ray 2.60 (tune_controller._schedule_trial_train) passes
