@@ -38,11 +38,11 @@ def alive_nodes() -> list[dict[str, Any]]:
     return [n for n in ray.nodes() if n.get("Alive")]
 
 
-def check_shared(locations: dict[str, str | None], probe: Callable[[str, str], bool] = sees) -> None:
+def check_shared(locations: dict[str, str | None], check: Callable[[str, str], bool] = sees) -> None:
     """Check that every node of the Ray cluster sees each local directory in `locations`
     (label -> path, or None/URI for ones that need no check). No-op on a one-node cluster.
 
-    `probe(path, token)` runs on each node (a Ray task pinned to it); raises StorageNotShared naming
+    `check(path, token)` runs on each node (a Ray task pinned to it); raises StorageNotShared naming
     the nodes that do not see a directory and how to fix it.
     """
     import ray
@@ -52,7 +52,7 @@ def check_shared(locations: dict[str, str | None], probe: Callable[[str, str], b
     local = {label: path for label, path in locations.items() if path and "://" not in str(path)}
     if len(nodes) <= 1 or not local:
         return
-    remote = ray.remote(num_cpus=0, max_retries=0)(probe)
+    remote = ray.remote(num_cpus=0, max_retries=0)(check)
     problems = []
     for label, path in local.items():
         token = uuid.uuid4().hex

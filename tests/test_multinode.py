@@ -3,6 +3,7 @@ the storage rule, and a sweep whose output directory and artifacts live on S3 (m
 that loses a worker node and gains another mid-sweep."""
 
 import collections
+import contextlib
 import json
 import threading
 import time
@@ -18,6 +19,12 @@ from tests.conftest import moto_s3, tiny_raw
 
 @pytest.fixture
 def cluster():
+    with _cluster() as made:
+        yield made
+
+
+@contextlib.contextmanager
+def _cluster():
     import ray
     from ray.cluster_utils import Cluster
 
@@ -55,18 +62,18 @@ def test_storage_rule_on_a_three_node_cluster(cluster, tmp_path):
         return ray_.get_runtime_context().get_node_id() == head and sees(path, token)
 
     with pytest.raises(StorageNotShared) as err:
-        check_shared({"--out": str(shared)}, probe=head_only)
+        check_shared({"--out": str(shared)}, check=head_only)
     message = str(err.value)
     assert "not visible from 2 of 3 nodes" in message and str(shared) in message
     assert "s3://" in message and "shared by every node" in message
 
 
 @pytest.mark.slow  # a 3-node cluster and a moto server: a minute or two on two cores
-def test_sweep_on_s3_survives_losing_and_gaining_a_worker_node(cluster, tmp_path):
+def test_sweep_on_s3_survives_losing_and_gaining_a_worker_node(tmp_path):
     from orchestrator.sweep import run_sweep
 
-    ray_cluster, workers = cluster
-    with moto_s3("instill-cluster") as (endpoint, fs):
+    # The server (and the credentials in the environment) first, so that every node has them.
+    with moto_s3("instill-cluster") as (endpoint, fs), _cluster() as (ray_cluster, workers):
         uri = f"s3://instill-cluster/sweep?endpoint_override={endpoint}&scheme=http&region=us-east-1"
         raw = tiny_raw(
             methods=["subtask_induction", "sampled_subnetwork", "scratch"],

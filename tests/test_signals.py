@@ -60,10 +60,9 @@ def _rows(out):
     [
         (signal.SIGTERM, False, False),  # Kubernetes, SLURM --signal=B:TERM: the driver only
         (signal.SIGINT, True, False),  # Ctrl-C: the whole foreground process group
-        (signal.SIGTERM, True, False),  # scancel: every process of the step, Ray's own included
         (signal.SIGTERM, False, True),  # a second signal: stop at once
     ],
-    ids=["term-driver", "int-group", "term-group", "term-twice"],
+    ids=["term-driver", "int-group", "term-twice"],
 )
 def test_a_signal_stops_the_sweep_gracefully_and_the_next_run_finishes_it(tmp_path, signum, to_group, twice):
     sweep, out = _sweep(tmp_path), tmp_path / "out"
