@@ -155,11 +155,6 @@ def row_name(key: str) -> str:
     return f"rows/{key}.json"
 
 
-def row_path(out_dir: Path, key: str) -> Path:
-    """Where the row of the trial with identity hash `key` lives (local output directories)."""
-    return Path(out_dir) / "rows" / f"{key}.json"
-
-
 def write_row(out_dir: str | Path | OutDir, row: dict[str, Any]) -> None:
     as_outdir(out_dir).write_text(row_name(row["trial_hash"]), json.dumps(row, default=str))
 
@@ -168,10 +163,6 @@ def read_row(out_dir: str | Path | OutDir, sweep: SweepConfig, spec: TrialSpec) 
     """The stored row of `spec`'s trial in this sweep, or None."""
     text = as_outdir(out_dir).read_text(row_name(trial_hash(sweep, spec)))
     return json.loads(text) if text is not None else None
-
-
-def running_marker(out_dir: Path, key: str) -> Path:
-    return row_path(out_dir, key).with_suffix(".running")
 
 
 def mark_running(out_dir: str | Path | OutDir, key: str, running: bool = True) -> None:
