@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
+from filelock import FileLock
 
 from orchestrator.config import ConfigError
 
@@ -121,6 +122,13 @@ class Lease:
     def acquire(self) -> None:
         """Take the lease, taking over a stale one; raise DirectoryBusy if a live driver holds it."""
         self.fs.create_dir(self.path.rsplit("/", 1)[0], recursive=True)
+        # On POSIX paths contenders take turns (reading, removing a stale lease, creating): without
+        # it, one could move away the lease another has just created in place of the same stale one.
+        turn = FileLock(self.path + ".turn") if self.posix else contextlib.nullcontext()
+        with turn:
+            self._acquire()
+
+    def _acquire(self) -> None:
         for _ in range(5):
             holder = self.read()
             if holder is not None:
