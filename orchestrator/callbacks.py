@@ -17,14 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from orchestrator.config import SweepConfig
+from orchestrator.ordering import COST_FIXED, cost
 from orchestrator.outdir import mark_running, write_row
 from orchestrator.trial import TrialSpec, failed_row, trial_hash
-
-
-def cost(spec: TrialSpec) -> float:
-    """Relative cost of a trial for the ETA: training time grows with the budget; 0.1 stands for the
-    fixed part (evaluation, set-up)."""
-    return spec.data_fraction + 0.1
 
 
 class LiveTrials:
@@ -68,71 +63,76 @@ def make_callbacks(
     from its checkpoint in the next run."""
     from ray import tune
 
+    from orchestrator.queue import members
+
     total = len(todo)
     total_cost = sum(cost(s) for s in todo)
 
     class Rows(tune.Callback):
-        """Writes each trial's row on the driver as soon as it finishes or finally fails."""
+        """Writes each trial's row on the driver as soon as it arrives (a Tune trial runs a group of
+        ours and sends their rows in batches: `orchestrator.worker`), and a failed row for each
+        trial of a group that finally fails or ends without sending it."""
 
         def __init__(self):
             self.done = self.failed = self.running = self.interrupted = 0
             self.cost_done = 0.0
             self.live = LiveTrials()
-            self.hashes: dict[str, str] = {}  # Tune trial id -> trial hash, while the trial runs
+            self.groups: dict[str, Group] = {}  # Tune trial id -> its group, while it runs
 
         def on_step_end(self, iteration, trials, **info):
             self.running = self.live.running(trials)
 
-        def _hash(self, trial, spec: TrialSpec) -> str:
-            # The identity hash builds the trial's effective config: once per trial, not per event.
-            if trial.trial_id not in self.hashes:
-                self.hashes[trial.trial_id] = trial_hash(sweep, spec)
-            return self.hashes[trial.trial_id]
+        def _group(self, trial) -> Group:
+            if trial.trial_id not in self.groups:
+                self.groups[trial.trial_id] = Group(out_dir, sweep, members(trial.config))
+            return self.groups[trial.trial_id]
 
         def on_trial_start(self, iteration, trials, trial, **info):
             # Marked when Tune starts it on an actor (new or reused), for `status`: not at its first
             # report, which buffered results (orchestrator.tuner) can hold back until the trial ends.
-            mark_running(out_dir, self._hash(trial, TrialSpec(**trial.config["spec"])))
+            self._group(trial).mark(0)
 
-        def _finish(self, trial) -> TrialSpec:
-            spec = TrialSpec(**trial.config["spec"])
-            self.cost_done += cost(spec)
-            mark_running(out_dir, self._hash(trial, spec), running=False)
-            self.hashes.pop(trial.trial_id, None)
-            return spec
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if "rows_json" not in result:
+                return
+            group = self._group(trial)
+            for row in json.loads(result["rows_json"]):
+                write_row(out_dir, row)
+                if group.finished(row):  # not a row sent again by a retried group
+                    self.done += row["status"] == "done"
+                    self.failed += row["status"] == "failed"
+                    self.cost_done += row["data_fraction"] + COST_FIXED
+            if result["stage"] == "rows":
+                group.mark(int(result["group_next"]))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             try:
-                self._complete(trial)
+                last = trial.last_result or {}
+                if last.get("stage") == "interrupted" or stopping():
+                    self._end(trial, None)  # stopped on request after checkpointing: resumed later
+                else:
+                    self._end(trial, "trial ended without a final result")
             finally:
                 forget_results(trial)
-
-        def _complete(self, trial):
-            spec = self._finish(trial)
-            last = trial.last_result or {}
-            if last.get("stage") == "interrupted" or (stopping() and last.get("stage") != "done"):
-                self.interrupted += 1  # stopped on request after checkpointing: no row, resumed later
-                return
-            if last.get("stage") != "done":
-                write_row(out_dir, failed_row(sweep, spec, "trial ended without a final result"))
-                self.failed += 1
-                return
-            write_row(out_dir, json.loads(last["row_json"]))
-            self.done += 1
 
         def on_trial_error(self, iteration, trials, trial, **info):
             try:
-                self._error(trial)
+                # During a stop (e.g. its worker got the signal too): resumed from its checkpoint next run.
+                self._end(trial, None if stopping() else error_text(trial))
             finally:
                 forget_results(trial)
 
-        def _error(self, trial):
-            spec = self._finish(trial)
-            if stopping():  # e.g. its worker got the signal too: resumed from its checkpoint next run
-                self.interrupted += 1
-                return
-            write_row(out_dir, failed_row(sweep, spec, error_text(trial)))
-            self.failed += 1
+        def _end(self, trial, error: str | None) -> None:
+            """The group is over: its trials without a row fail with `error`, or (None) stay pending."""
+            group = self.groups.pop(trial.trial_id, None) or Group(out_dir, sweep, members(trial.config))
+            group.mark(None)
+            for spec in group.unfinished():
+                if error is None:
+                    self.interrupted += 1
+                else:
+                    write_row(out_dir, failed_row(sweep, spec, error))
+                    self.failed += 1
+                    self.cost_done += cost(spec)
 
     class Progress(tune.Callback):
         """One live summary line: done, running, pending, failed, elapsed, ETA."""
@@ -181,6 +181,44 @@ def make_callbacks(
 
     rows = Rows()
     return rows, [rows, Progress(rows)]
+
+
+class Group:
+    """The trials of one Tune trial, as the driver follows them: which have sent their row, and
+    which one is marked running in OUT."""
+
+    def __init__(self, out_dir, sweep: SweepConfig, specs: list[dict]):
+        self.out_dir, self.sweep = out_dir, sweep
+        self.specs = [TrialSpec(**s) for s in specs]
+        self.hashes: dict[int, str] = {}  # index -> trial hash, computed only where needed
+        self.finished_hashes: set[str] = set()
+        self.marked: int | None = None
+
+    def hash(self, index: int) -> str:
+        if index not in self.hashes:
+            self.hashes[index] = trial_hash(self.sweep, self.specs[index])
+        return self.hashes[index]
+
+    def mark(self, index: int | None) -> None:
+        """Mark trial `index` as the one running (None: none), unmarking the one marked before."""
+        if index == self.marked:
+            return
+        if self.marked is not None:
+            mark_running(self.out_dir, self.hash(self.marked), running=False)
+        self.marked = index if index is not None and index < len(self.specs) else None
+        if self.marked is not None:
+            mark_running(self.out_dir, self.hash(self.marked))
+
+    def finished(self, row: dict) -> bool:
+        """Note a trial's row; False if it had sent it before (a group retried after its worker died)."""
+        new = row["trial_hash"] not in self.finished_hashes
+        self.finished_hashes.add(row["trial_hash"])
+        return new
+
+    def unfinished(self) -> list[TrialSpec]:
+        if len(self.finished_hashes) == len(self.specs):
+            return []
+        return [s for i, s in enumerate(self.specs) if self.hash(i) not in self.finished_hashes]
 
 
 def forget_results(trial) -> None:

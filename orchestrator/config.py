@@ -17,10 +17,10 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import Field, PrivateAttr, SerializeAsAny, ValidationError, field_validator, model_validator
+from pydantic import Field, PositiveInt, PrivateAttr, SerializeAsAny, ValidationError, field_validator, model_validator
 
 import tasks
 from common.config import Frozen, stable_hash
@@ -55,6 +55,12 @@ class Resources(Frozen):
     cpu: float = Field(1.0, gt=0, description="CPUs per trial; torch threads are pinned to this")
     gpu: float = Field(0.0, ge=0, description="GPUs per trial; 0.25 packs four trials on a GPU")
     max_concurrent: int | None = Field(None, ge=1, description="cap on trials running at once")
+    group: Literal["auto"] | PositiveInt = Field(
+        "auto",
+        description="trials run one after another in one Tune trial, each with its own row: 'auto' groups "
+        "trials shorter than a few seconds (Tune's cost per trial is then paid per group), N groups N, "
+        "1 gives every trial a Tune trial of its own",
+    )
     mixed_precision: bool = Field(False, description="bfloat16 autocast for training on GPU (ignored on CPU)")
     checkpoint_every_s: float | None = Field(
         300.0,

@@ -8,6 +8,14 @@ from orchestrator.config import SweepConfig
 from orchestrator.trial import TrialSpec, upstream_keys
 
 
+COST_FIXED = 0.1  # the part of a trial's cost that does not grow with its budget (evaluation, set-up)
+
+
+def cost(spec: TrialSpec) -> float:
+    """Relative cost of a trial (for the ETA and trial groups): training time grows with the budget."""
+    return spec.data_fraction + COST_FIXED
+
+
 def order_trials(sweep: SweepConfig, specs: list[TrialSpec], concurrency: int) -> list[TrialSpec]:
     """Order trials so that trials running side by side rarely need the same missing artifact.
 

@@ -1,8 +1,9 @@
 """`--tracking wandb|mlflow`: Ray Tune's own logger callbacks, set up for a sweep.
 
-One experiment (MLflow) or group (W&B) per sweep, named after it; one run per trial, named by the
-trial (`<method>-s<sparsity>-...-seed<seed>`), with the trial's grid point (method, sparsity, data
-fraction, seed, axes) as its parameters and every numeric value a trial reports as a metric, so the
+One experiment (MLflow) or group (W&B) per sweep, named after it; one run per Tune trial, named by
+the trial (`<method>-s<sparsity>-...-seed<seed>`; a group of short trials run as one Tune trial,
+`orchestrator.queue`, is named by its first, `+N` for the others), with the grid points (method,
+sparsity, data fraction, seed, axes) as its parameters and every numeric value a trial reports as a metric, so the
 per-epoch curves show up as history. Long or structured values (the final row's JSON) are not logged:
 they live in OUT/rows.
 
@@ -29,11 +30,14 @@ KINDS = ("wandb", "mlflow")
 # What a trial reports but no tracker should log: the finished row and other long or structured
 # values (kept in OUT/rows), Tune's echo of the trial config (logged once, as parameters) and its
 # wall-clock stamp (both trackers record the time of every point themselves).
-EXCLUDED = ("row_json", "config_json", "measurements", "config", "timestamp")
+EXCLUDED = ("rows_json", "row_json", "config_json", "measurements", "config", "timestamp")
 
 # Tune's bookkeeping in every result: not metrics (W&B's callback files them under config itself).
 _BOOKKEEPING = (
     "done",
+    "group_next",
+    "rows_compute_s",
+    "rows_cost",
     "should_checkpoint",
     "trial_id",
     "experiment_tag",

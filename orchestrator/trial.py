@@ -21,6 +21,7 @@ reports each epoch through `report` (`{"stage": "epoch", "fit": "train", "epoch"
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -374,7 +375,7 @@ def base_row(sweep: SweepConfig, spec: TrialSpec) -> dict[str, Any]:
         "n_train": effective.build_task().downstream_size(spec.data_fraction),
         "seed": spec.seed,
         "config_json": json.dumps(config, sort_keys=True),  # what this trial ran with
-        "versions": json.dumps(versions(), sort_keys=True),
+        "versions": versions_json(),
     }
     for path in sweep.axes:
         row[path] = spec.axes.get(path)
@@ -384,6 +385,12 @@ def base_row(sweep: SweepConfig, spec: TrialSpec) -> dict[str, Any]:
 def failed_row(sweep: SweepConfig, spec: TrialSpec, error: BaseException | str) -> dict[str, Any]:
     message = error if isinstance(error, str) else "".join(traceback.format_exception_only(error)).strip()
     return {**base_row(sweep, spec), "status": "failed", "error": message}
+
+
+@functools.cache
+def versions_json() -> str:
+    """The versions, once per process (package metadata is read from disk)."""
+    return json.dumps(versions(), sort_keys=True)
 
 
 def versions() -> dict[str, str]:

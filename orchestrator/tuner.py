@@ -2,6 +2,8 @@
 
 Settings for grids of thousands of trials (figures: docs/PERFORMANCE.md, "Grid scale"):
 
+- Short trials run in groups, one Tune trial each (`orchestrator.queue`, `orchestrator.worker`):
+  Tune's cost per trial is paid per group.
 - Results are buffered on the worker (`TUNE_RESULT_BUFFER_LENGTH`, `TUNE_RESULT_BUFFER_MIN_TIME_S`).
   A function trainable's `tune.report` waits until the driver asks for the next result, so without a
   buffer every report (one per stage, and one per epoch) costs the trial a round trip through the
@@ -63,13 +65,13 @@ def make_tuner(
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=TrialQueue([{"spec": s.model_dump()} for s in todo], should_stop),
+            search_alg=TrialQueue(todo, sweep.resources.group, concurrency, should_stop),
             num_samples=len(todo),
             scheduler=live_fifo_scheduler(),
             reuse_actors=True,
             max_concurrent_trials=concurrency + ahead(sweep, concurrency),
-            trial_name_creator=lambda t: TrialSpec(**t.config["spec"]).name,
-            trial_dirname_creator=lambda t: f"{TrialSpec(**t.config['spec']).name[:80]}-{t.trial_id}",
+            trial_name_creator=lambda t: group_name(t.config),
+            trial_dirname_creator=lambda t: f"{group_name(t.config)[:80]}-{t.trial_id}",
         ),
         run_config=tune.RunConfig(
             name=datetime.datetime.now().strftime("run-%Y%m%d-%H%M%S"),
@@ -84,6 +86,15 @@ def make_tuner(
         ),
     )
     return tuner
+
+
+def group_name(config: dict) -> str:
+    """A Tune trial's name: its first trial's, and `+N` for the N others of its group."""
+    from orchestrator.queue import members
+
+    specs = members(config)
+    more = f"+{len(specs) - 1}" if len(specs) > 1 else ""
+    return TrialSpec(**specs[0]).name + more
 
 
 def ahead(sweep: SweepConfig, concurrency: int) -> int:

@@ -1,39 +1,129 @@
-"""What runs inside a Ray worker for one Tune trial: the trial, reporting after every stage and epoch."""
+"""What runs inside a Ray worker for one Tune trial: a group of our trials, one after another
+(`orchestrator.queue` sizes the groups), each row sent to the driver as the trial ends.
+
+What reaches Tune:
+- a group of one trial (every trial that takes longer than a few seconds) reports as a trial always
+  did: a result after every stage and every epoch (the live curves in Tune's logs and trackers);
+- a group of several short trials reports epochs at most once every `REPORT_EVERY_S` and no
+  stages: each result costs the driver about 0.6 ms, as much as a 50 ms trial's compute per dozen;
+- finished rows travel in batches (`"stage": "rows"`, at most `REPORT_EVERY_S` apart, and with
+  the group's last result, `"stage": "done"`), each with the compute time and cost of its
+  trials, from which the queue sizes the next groups.
+
+A trial that raises is retried in place (`max_failures` times) and then recorded failed; the group
+goes on. A stop request ends the group after the running trial's checkpoint (`"stage":
+"interrupted"`): the trials not finished get no row and run in the next run. A worker that dies
+is retried by Tune with its whole group; the trials whose rows were already sent run again and
+give the same rows (a group holds a few seconds of compute).
+"""
 
 from __future__ import annotations
 
+import functools
 import json
+import time
+import traceback
 from typing import Any
 
 from methods.training import Interrupted
 from orchestrator import stop
 from orchestrator.artifacts import ArtifactStore
-from orchestrator.config import load_sweep
-from orchestrator.trial import TrialSpec, run_trial
+from orchestrator.config import SweepConfig, load_sweep
+from orchestrator.ordering import cost
+from orchestrator.queue import members
+from orchestrator.trial import TrialSpec, failed_row, run_trial
+
+REPORT_EVERY_S = 1.0
+
+
+@functools.lru_cache(maxsize=4)
+def sweep_of(sweep_json: str) -> SweepConfig:
+    """The validated sweep, once per worker process (validation grows with the grid's axes)."""
+    return load_sweep(json.loads(sweep_json))
 
 
 def trainable(config: dict[str, Any], sweep_json: str, store_root: str) -> None:
-    """Runs inside a Ray worker: one trial, reporting after every stage and every epoch (live
-    curves in Tune's logs). A stop request ends it after a checkpoint, with stage `interrupted`."""
     import torch
     from ray import tune
 
-    sweep = load_sweep(json.loads(sweep_json))
-    spec = TrialSpec(**config["spec"])
+    sweep = sweep_of(sweep_json)
+    specs = [TrialSpec(**s) for s in members(config)]
     torch.set_num_threads(max(1, int(sweep.resources.cpu)))
     if sweep.resources.gpu > 0 and torch.cuda.is_available() and sweep.resources.gpu < 1:
         # Fractional GPUs only steer Ray's scheduling; cap memory so packed trials cannot starve each other.
         torch.cuda.set_per_process_memory_fraction(sweep.resources.gpu)
+    Group(sweep, specs, ArtifactStore(store_root), tune.report).run()
 
-    def report(metrics: dict[str, Any]) -> None:
-        # Goes to the trial's own log file (RunConfig(log_to_file=True)), not the console.
-        if metrics["stage"] != "epoch":
+
+class Group:
+    """Runs `specs` in order and sends their rows through `send` (Tune's report)."""
+
+    def __init__(self, sweep: SweepConfig, specs: list[TrialSpec], store: ArtifactStore, send):
+        self.sweep, self.specs, self.store, self.send = sweep, specs, store, send
+        self.alone = len(specs) == 1
+        self.rows: list[tuple[TrialSpec, dict[str, Any]]] = []  # finished, not yet sent
+        self.started = 0  # index of the trial running now
+        self.last_rows = self.last_epoch = time.monotonic()
+
+    def run(self) -> None:
+        for index, spec in enumerate(self.specs):
+            self.started = index
+            try:
+                row = self.run_one(spec)
+            except Interrupted as stopped:
+                print(f"[{spec.name}] {stopped}; resumes from its checkpoint in the next run", flush=True)
+                self.flush("interrupted")
+                return
+            self.rows.append((spec, row))
+            if time.monotonic() - self.last_rows >= REPORT_EVERY_S and index + 1 < len(self.specs):
+                self.started = index + 1
+                self.flush("rows")
+        self.flush("done")
+
+    def run_one(self, spec: TrialSpec) -> dict[str, Any]:
+        """The trial's row: done, or failed after `max_failures` retries."""
+
+        def report(metrics: dict[str, Any]) -> None:
+            self.report(spec, metrics)
+
+        for attempt in range(self.sweep.max_failures + 1):
+            try:
+                return run_trial(self.sweep, spec, self.store, report=report, should_stop=stop.requested)
+            except Interrupted:
+                raise
+            except Exception as error:  # recorded in the row; the group goes on
+                print(f"[{spec.name}] attempt {attempt + 1} failed:", flush=True)
+                traceback.print_exc()
+                if attempt == self.sweep.max_failures:
+                    return failed_row(self.sweep, spec, error)
+        raise AssertionError("unreachable")
+
+    def report(self, spec: TrialSpec, metrics: dict[str, Any]) -> None:
+        stage = metrics["stage"]
+        if stage != "epoch":
+            # Goes to the trial's own log file (RunConfig(log_to_file=True)), not the console.
             timing = {k: round(v, 2) for k, v in metrics.items() if k.endswith("_s")}
-            print(f"[{spec.name}] stage {metrics['stage']} {timing}", flush=True)
-        tune.report(metrics)
+            print(f"[{spec.name}] stage {stage} {timing}", flush=True)
+            if self.alone and stage != "done":  # the row goes in the group's next batch
+                self.send(metrics)
+            return
+        now = time.monotonic()
+        if self.alone or now - self.last_epoch >= REPORT_EVERY_S:
+            self.last_epoch = now
+            self.send(metrics)
 
-    try:
-        run_trial(sweep, spec, ArtifactStore(store_root), report=report, should_stop=stop.requested)
-    except Interrupted as stopped:
-        print(f"[{spec.name}] {stopped}; resumes from its checkpoint in the next run", flush=True)
-        tune.report({"stage": "interrupted"})
+    def flush(self, stage: str) -> None:
+        batch, self.rows = self.rows, []
+        done = [(spec, row) for spec, row in batch if row["status"] == "done"]
+        result: dict[str, Any] = {
+            "stage": stage,
+            "rows_json": json.dumps([row for _, row in batch]),
+            "rows_compute_s": sum(row["total_s"] for _, row in done),
+            "rows_cost": sum(cost(spec) for spec, _ in done),
+            "group_next": self.started,  # the index of the trial that runs next (for `instill status`)
+        }
+        if self.alone and done:
+            result["val_acc"] = done[0][1]["val_acc"]
+        self.last_rows = time.monotonic()
+        self.send(result)
+

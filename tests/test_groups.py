@@ -1,0 +1,256 @@
+"""Trial groups: several of our trials run one after another in one Tune trial, each with its own
+row (`orchestrator.queue` sizes the groups, `orchestrator.worker` runs them, the Rows callback
+writes their rows)."""
+
+import json
+import math
+import os
+
+import pytest
+
+from methods.training import Interrupted
+from orchestrator import queue, worker
+from orchestrator.ordering import cost
+from orchestrator.trial import TrialSpec, expand
+
+# --- the queue ------------------------------------------------------------------------------
+
+
+def _specs(n: int, fraction: float = 0.5) -> list[TrialSpec]:
+    return [TrialSpec(method="scratch", data_fraction=fraction, seed=i) for i in range(n)]
+
+
+def _drain(q: queue.TrialQueue, on_each=lambda config: None) -> list[list[dict]]:
+    groups = []
+    while (config := q.suggest(f"t{len(groups)}")) != queue.TrialQueue.FINISHED:
+        groups.append(queue.members(config))
+        on_each(config)
+    return groups
+
+
+def test_fixed_groups_hand_out_every_trial_once_in_order():
+    specs = _specs(10)
+    groups = _drain(queue.TrialQueue(specs, group=3, concurrency=2))
+    assert [len(g) for g in groups] == [3, 3, 3, 1]
+    assert [s for g in groups for s in g] == [s.model_dump() for s in specs]
+
+
+def test_a_trial_alone_keeps_the_config_of_a_single_trial():
+    (spec,) = _specs(1)
+    assert queue.TrialQueue([spec], group=1).suggest("t0") == {"spec": spec.model_dump()}
+    two = queue.TrialQueue(_specs(2), group=2).suggest("t0")
+    assert set(two) == {"specs"} and len(two["specs"]) == 2
+
+
+def _report(q: queue.TrialQueue, seconds_per_trial: float):
+    """A fake Tune: every handed-out group reports its rows at once."""
+
+    def on_each(config):
+        specs = [TrialSpec(**s) for s in queue.members(config)]
+        q.on_trial_result("t", {"rows_cost": sum(cost(s) for s in specs), "rows_compute_s": seconds_per_trial * len(specs)})
+
+    return on_each
+
+
+def test_auto_groups_start_alone_then_hold_about_the_target_compute():
+    specs = _specs(4000)
+    q = queue.TrialQueue(specs, group="auto", concurrency=2)
+    groups = _drain(q, _report(q, seconds_per_trial=0.05))
+    assert len(groups[0]) == 1, "nothing is measured before the first rows"
+    assert [s for g in groups for s in g] == [s.model_dump() for s in specs]
+    biggest = max(len(g) for g in groups)
+    assert biggest == math.ceil(queue.GROUP_TARGET_S / 0.05), "the target compute decides while many are left"
+    assert len(groups) < len(specs) / 20
+
+
+def test_auto_groups_leave_several_groups_per_slot_for_the_tail():
+    specs = _specs(4000)
+    q = queue.TrialQueue(specs, group="auto", concurrency=2)
+    groups = _drain(q, _report(q, seconds_per_trial=0.05))
+    left = len(specs)
+    for group in groups:
+        # Each group but the first holds at most 1/(slots x GROUPS_PER_SLOT) of the cost still to hand out.
+        if group is not groups[0]:
+            assert len(group) == 1 or len(group) - 1 <= left / (2 * queue.GROUPS_PER_SLOT)
+        left -= len(group)
+    assert [len(g) for g in groups[-3:]] == [1, 1, 1], "the last groups are single trials"
+
+
+def test_auto_keeps_long_trials_alone():
+    specs = _specs(50)
+    q = queue.TrialQueue(specs, group="auto", concurrency=2)
+    assert {len(g) for g in _drain(q, _report(q, seconds_per_trial=30.0))} == {1}
+
+
+def test_the_queue_hands_out_nothing_once_stopped():
+    stopping = False
+    q = queue.TrialQueue(_specs(5), group=2, should_stop=lambda: stopping)
+    assert q.suggest("a") is not None
+    stopping = True
+    assert q.suggest("b") == queue.TrialQueue.FINISHED
+
+
+# --- the worker's group -----------------------------------------------------------------------
+
+
+class _FakeRun:
+    """Stands in for `run_trial`: reports `epochs` epochs, then returns a row (or raises)."""
+
+    def __init__(self, epochs: int = 5, raises: dict | None = None):
+        self.epochs, self.raises, self.calls = epochs, raises or {}, []
+
+    def __call__(self, sweep, spec, store, report, should_stop):
+        self.calls.append(spec.seed)
+        for epoch in range(self.epochs):
+            report({"stage": "epoch", "fit": "train", "epoch": epoch, "train/loss": 1.0})
+        report({"stage": "train", "train_s": 0.1})
+        if spec.seed in self.raises:
+            error = self.raises[spec.seed]
+            if isinstance(error, list):
+                error = error.pop(0) if error else None
+            if error is not None:
+                raise error
+        report({"stage": "done", "row_json": "{}"})
+        return {"trial_hash": f"h{spec.seed}", "status": "done", "total_s": 0.25, "val_acc": 0.5, "seed": spec.seed}
+
+
+def _run_group(tiny, monkeypatch, n, fake, **sweep):
+    monkeypatch.setattr(worker, "run_trial", fake)
+    sent = []
+    worker.Group(tiny(**sweep), _specs(n), store=None, send=sent.append).run()
+    return sent
+
+
+def _rows(sent):
+    return [row for result in sent if "rows_json" in result for row in json.loads(result["rows_json"])]
+
+
+def test_a_group_sends_every_row_with_its_compute_and_cost(tiny, monkeypatch):
+    sent = _run_group(tiny, monkeypatch, 4, _FakeRun())
+    assert [r["seed"] for r in _rows(sent)] == [0, 1, 2, 3]
+    assert sent[-1]["stage"] == "done"
+    batches = [r for r in sent if "rows_json" in r]
+    assert sum(b["rows_compute_s"] for b in batches) == pytest.approx(4 * 0.25)
+    assert sum(b["rows_cost"] for b in batches) == pytest.approx(4 * cost(_specs(1)[0]))
+    assert not [r for r in sent if r["stage"] in ("train", "done") and "rows_json" not in r], "no stage results"
+
+
+def test_rows_go_out_in_batches_at_most_a_second_apart(tiny, monkeypatch):
+    monkeypatch.setattr(worker, "REPORT_EVERY_S", 0.0)
+    sent = _run_group(tiny, monkeypatch, 3, _FakeRun(epochs=0))
+    assert [(r["stage"], len(json.loads(r["rows_json"])), r["group_next"]) for r in sent] == [
+        ("rows", 1, 1),
+        ("rows", 1, 2),
+        ("done", 1, 2),
+    ]
+
+
+def test_a_group_reports_few_epochs_and_a_trial_alone_every_one(tiny, monkeypatch):
+    grouped = _run_group(tiny, monkeypatch, 3, _FakeRun(epochs=50))
+    assert len([r for r in grouped if r["stage"] == "epoch"]) <= 1
+    alone = _run_group(tiny, monkeypatch, 1, _FakeRun(epochs=50))
+    assert [r["stage"] for r in alone] == ["epoch"] * 50 + ["train", "done"]
+    assert alone[-1]["val_acc"] == 0.5
+
+
+def test_a_failing_trial_is_retried_then_failed_and_the_group_goes_on(tiny, monkeypatch):
+    fake = _FakeRun(raises={1: RuntimeError("deliberate")})
+    sent = _run_group(tiny, monkeypatch, 3, fake, max_failures=2)
+    assert fake.calls == [0, 1, 1, 1, 2]
+    rows = _rows(sent)
+    assert [r["status"] for r in rows] == ["done", "failed", "done"]
+    assert "RuntimeError: deliberate" in rows[1]["error"]
+    assert rows[1]["trial"] == _specs(3)[1].name
+    # A failure that passes on retry is not recorded.
+    flaky = _FakeRun(raises={0: [RuntimeError("once")]})
+    assert [r["status"] for r in _rows(_run_group(tiny, monkeypatch, 1, flaky, max_failures=1))] == ["done"]
+
+
+def test_a_stop_request_ends_the_group_with_the_rows_it_has(tiny, monkeypatch):
+    fake = _FakeRun(raises={2: Interrupted("stop requested")})
+    sent = _run_group(tiny, monkeypatch, 4, fake)
+    assert fake.calls == [0, 1, 2], "nothing runs after the interrupted trial"
+    assert sent[-1]["stage"] == "interrupted"
+    assert [r["seed"] for r in _rows(sent)] == [0, 1]
+
+
+# --- on Ray ---------------------------------------------------------------------------------
+
+COMPARED = ("trial_hash", "status", "test_acc", "val_acc", "best_epoch", "epochs_run", "measurements_json")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from orchestrator.sweep import start_ray
+
+    ray.shutdown()
+    start_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def _raw(**overrides):
+    from tests.conftest import tiny_raw
+
+    return tiny_raw(methods=["subtask_induction", "scratch"], data_fractions=[0.2, 0.5, 1.0], seeds=[0, 1], **overrides)
+
+
+def test_grouped_trials_give_the_rows_of_trials_run_alone(ray_local, tmp_path):
+    from orchestrator import results
+    from orchestrator.config import load_sweep
+    from orchestrator.sweep import run_sweep
+
+    tables = {}
+    for group in (1, 5):
+        sweep = load_sweep(_raw(resources={"group": group}))
+        outcome = run_sweep(sweep, tmp_path / f"group{group}")
+        assert outcome.failed == 0 and outcome.ran == len(expand(sweep)) == 12
+        tables[group] = results.read(tmp_path / f"group{group}" / "results.parquet").set_index("trial_hash")
+        tune_trials = [p for p in (tmp_path / f"group{group}" / "tune").glob("run-*/*") if p.is_dir()]
+        assert len(tune_trials) == math.ceil(12 / group)
+        assert not list((tmp_path / f"group{group}" / "rows").glob("*.running")), "no trial is left marked running"
+    alone, grouped = tables[1], tables[5].loc[tables[1].index]
+    for column in COMPARED[1:]:
+        assert alone[column].tolist() == grouped[column].tolist(), column
+
+
+@pytest.mark.slow  # Ray: about a minute on two cores
+def test_a_group_whose_worker_dies_is_retried_and_every_trial_gets_its_row(tmp_path):
+    import ray
+
+    from orchestrator import results
+    from orchestrator.config import load_sweep
+    from orchestrator.sweep import run_sweep
+
+    folder = tmp_path / "dies_once"
+    folder.mkdir()
+    os.environ["INSTILL_TEST_DIES_ONCE"] = str(folder)  # inherited by the Ray workers started below
+    try:
+        from tests.conftest import tiny_raw
+
+        sweep = load_sweep(
+            tiny_raw(
+                plugins=["tests.plugins.dies_once"],
+                methods=["scratch", "dies_once"],  # dies_once is scratch bit for bit
+                seeds=[0, 1],
+                training={"epochs": 6, "batch_size": 10},
+                resources={"group": 4},
+                max_failures=1,
+            )
+        )
+        ray.shutdown()
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        outcome = run_sweep(sweep, tmp_path / "out")
+    finally:
+        ray.shutdown()
+        os.environ.pop("INSTILL_TEST_DIES_ONCE")
+
+    assert (folder / "killed").exists(), "the worker was killed"
+    assert outcome.failed == 0 and outcome.ran == 4
+    table = results.read(tmp_path / "out" / "results.parquet").set_index(["method", "seed"])
+    assert (table["status"] == "done").all()
+    for seed in (0, 1):
+        for column in COMPARED[2:]:
+            assert table.loc[("dies_once", seed), column] == table.loc[("scratch", seed), column], column
