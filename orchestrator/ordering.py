@@ -7,7 +7,6 @@ from collections import deque
 from orchestrator.config import SweepConfig
 from orchestrator.trial import TrialSpec, upstream_keys
 
-
 COST_FIXED = 0.1  # the part of a trial's cost that does not grow with its budget (evaluation, set-up)
 
 

@@ -68,7 +68,9 @@ class TrialQueue(Searcher):
         if self.cost_done <= 0:  # nothing measured yet
             return 1
         seconds_per_cost = self.compute_s / self.cost_done
-        budget = min(GROUP_TARGET_S / max(seconds_per_cost, 1e-9), self.cost_left / (self.concurrency * GROUPS_PER_SLOT))
+        budget = min(
+            GROUP_TARGET_S / max(seconds_per_cost, 1e-9), self.cost_left / (self.concurrency * GROUPS_PER_SLOT)
+        )
         size, total = 0, 0.0
         while self.next + size < len(self.specs) and size < MAX_GROUP:
             total += self.costs[self.next + size]

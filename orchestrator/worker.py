@@ -126,4 +126,3 @@ class Group:
             result["val_acc"] = done[0][1]["val_acc"]
         self.last_rows = time.monotonic()
         self.send(result)
-

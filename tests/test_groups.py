@@ -47,7 +47,9 @@ def _report(q: queue.TrialQueue, seconds_per_trial: float):
 
     def on_each(config):
         specs = [TrialSpec(**s) for s in queue.members(config)]
-        q.on_trial_result("t", {"rows_cost": sum(cost(s) for s in specs), "rows_compute_s": seconds_per_trial * len(specs)})
+        q.on_trial_result(
+            "t", {"rows_cost": sum(cost(s) for s in specs), "rows_compute_s": seconds_per_trial * len(specs)}
+        )
 
     return on_each
 
