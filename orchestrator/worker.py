@@ -74,6 +74,7 @@ class Group:
                 print(f"[{spec.name}] {stopped}; resumes from its checkpoint in the next run", flush=True)
                 self.flush("interrupted")
                 return
+            log(spec, row["status"], row)
             self.rows.append((spec, row))
             if time.monotonic() - self.last_rows >= REPORT_EVERY_S and index + 1 < len(self.specs):
                 self.started = index + 1
@@ -101,10 +102,9 @@ class Group:
     def report(self, spec: TrialSpec, metrics: dict[str, Any]) -> None:
         stage = metrics["stage"]
         if stage != "epoch":
-            # Goes to the trial's own log file (RunConfig(log_to_file=True)), not the console.
-            timing = {k: round(v, 2) for k, v in metrics.items() if k.endswith("_s")}
-            print(f"[{spec.name}] stage {stage} {timing}", flush=True)
+            # A trial alone logs and reports every stage; one in a group only its end (`run`).
             if self.alone and stage != "done":  # the row goes in the group's next batch
+                log(spec, stage, metrics)
                 self.send(metrics)
             return
         now = time.monotonic()
@@ -126,3 +126,9 @@ class Group:
             result["val_acc"] = done[0][1]["val_acc"]
         self.last_rows = time.monotonic()
         self.send(result)
+
+
+def log(spec: TrialSpec, stage: str, metrics: dict[str, Any]) -> None:
+    """A line in the Tune trial's own log file (RunConfig(log_to_file=True)), not the console."""
+    timing = {k: round(v, 2) for k, v in metrics.items() if k.endswith("_s")}
+    print(f"[{spec.name}] stage {stage} {timing}", flush=True)
