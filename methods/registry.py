@@ -77,6 +77,10 @@ class Method:
     owns: ClassVar[tuple[str, ...]] = ()
     reference: ClassVar[bool] = False
     description: ClassVar[str] = ""
+    # Whether K trials of this method may train as one packed model (`methods.packing.fit_packed`):
+    # its objective's loss reads only the batch and its module's own tensors (the default
+    # cross-entropy), and `train` is one `fit` of `objective`.
+    packable: ClassVar[bool] = False
 
     def build(self, ctx: MethodContext) -> nn.Module:
         raise NotImplementedError
@@ -102,6 +106,7 @@ def register_method(
     reads: tuple[str, ...] = (),
     owns: tuple[str, ...] = (),
     reference: bool = False,
+    packable: bool = False,
     description: str,
 ):
     """Register a `Method` subclass, or a plain `build(ctx) -> nn.Module` function, under `name`."""
@@ -117,6 +122,7 @@ def register_method(
             raise TypeError(f"register_method({name!r}) decorates a Method subclass or a build function")
         cls.name, cls.needs, cls.Config, cls.description = name, tuple(needs), config, description
         cls.reads, cls.owns, cls.reference = tuple(reads), tuple(owns), reference
+        cls.packable = packable
         METHODS.register(name)(cls())
         return obj
 
@@ -130,12 +136,12 @@ def get_method(name: str) -> Method:
 # --- the built-in methods ----------------------------------------------------------------
 
 
-@register_method("scratch", reference=True, description="fresh model, nothing transferred")
+@register_method("scratch", reference=True, packable=True, description="fresh model, nothing transferred")
 def _scratch(ctx: MethodContext) -> nn.Module:
     return ctx.fresh
 
 
-@register_method("full_transfer", needs=("source",), description="the whole source model, fine-tuned")
+@register_method("full_transfer", needs=("source",), packable=True, description="the whole source model, fine-tuned")
 def _full_transfer(ctx: MethodContext) -> nn.Module:
     model = copy.deepcopy(ctx.artifact("source"))
     for p in model.parameters():
@@ -143,7 +149,7 @@ def _full_transfer(ctx: MethodContext) -> nn.Module:
     return model
 
 
-_SUBNET = {"needs": ("source", "mask"), "reads": ("transfer",)}
+_SUBNET = {"needs": ("source", "mask"), "reads": ("transfer",), "packable": True}
 
 
 @register_method(

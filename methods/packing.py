@@ -1,0 +1,361 @@
+"""Packed training: K objectives of one architecture trained as one vectorised model.
+
+`fit_packed(objectives, datas, cfg, generators)` trains K objectives (one per trial: the same
+method's objective on K seeds' data and inits, say) together. Every parameter and buffer of the K
+modules is stacked along a new leading dimension, the K losses come from one `torch.vmap` over the
+first objective's `loss` with its module's tensors swapped for model k's, and one foreach AdamW
+updates the stacked parameters (elementwise, so it is K independent AdamWs).
+
+Each model keeps what `fit` would do for it alone: its own shuffling generator (and the derived
+ones of its other streams), its own dropout stream (`randomness="different"`), optimiser state,
+best-epoch selection by its own `score()`, early stop (a finished model leaves the pack, so it stops
+costing compute) and NaN/inf isolation (a diverging model's entry is a `NonFiniteLoss`; the others
+go on). Afterwards every `objectives[k].module` holds what `fit` would have left there, within
+float tolerance: the numbers are not bitwise those of a serial run (batched kernels sum in another
+order, and dropout draws from one stream for the pack), but a packed run is bit-reproducible on CPU
+for the same pack (same objectives in the same order).
+
+What packs: objectives whose loss is a function of the batch, the step and their module's tensors
+only, built the same way for every member (`Method.packable` marks the methods whose objective is).
+`packable(objectives, datas)` says why a pack is refused; `fit_packed` raises `NotPackable` with
+that reason before training anything, so the caller can fall back to `fit`. Checkpoints and the
+rest of `supervised(...)` are not applied here: `fit_packed` ignores any supervision in scope.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from common.seeding import stage_seed
+from methods.training import (
+    Measurements,
+    NonFiniteLoss,
+    Objective,
+    TrainConfig,
+    TrainResult,
+    _derived,
+    _device_of,
+    _loose,
+    _stream,
+    autocast,
+    batches,
+)
+from tasks.base import Split, StageData
+
+Labels = dict[str, torch.Tensor]  # label set name -> labels
+
+
+class NotPackable(ValueError):
+    """These objectives cannot be trained as one packed model; train each with `fit`."""
+
+
+# --- what packs ---------------------------------------------------------------------------------
+
+
+def packable(objectives: Sequence[Objective], datas: Sequence[StageData] | None = None) -> str | None:
+    """None if `fit_packed` can train `objectives` (on `datas`, when given) as one pack, else why not."""
+    if not objectives:
+        return "no objectives to pack"
+    for k, objective in enumerate(objectives):
+        reason = _unsupported(objective)
+        if reason is not None:
+            return f"objective {k} {reason}"
+    lead = objectives[0]
+    if len({id(o.module) for o in objectives}) < len(objectives):
+        return "two objectives train the same module"
+    signature = _signature(lead)
+    for k, objective in enumerate(objectives[1:], start=1):
+        if type(objective.module) is not type(lead.module):
+            ours, theirs = type(lead.module).__name__, type(objective.module).__name__
+            return f"objective {k}'s module is a {theirs}, objective 0's a {ours}"
+        if _loss_code(objective) is not _loss_code(lead):
+            return f"objective {k}'s loss is another function than objective 0's"
+        for what in ("streams", "train_mode", "global_rng"):
+            if getattr(objective, what) != getattr(lead, what):
+                return f"objective {k}'s {what} differs from objective 0's"
+        theirs = _signature(objective)
+        for what, ours in signature.items():
+            if theirs[what] != ours:
+                diff = sorted(set(theirs[what]) ^ set(ours)) or [n for n in ours if ours[n] != theirs[what].get(n)]
+                return f"objective {k}'s {what} differ from objective 0's at {diff[:3]}"
+    if datas is not None:
+        return _data_reason(lead, datas, len(objectives))
+    return None
+
+
+def _unsupported(objective: Objective) -> str | None:
+    if objective.steps_per_batch != 1:
+        return f"takes {objective.steps_per_batch} steps per batch (packing takes one)"
+    if _loose(objective):
+        return "updates parameters its module does not hold (loose params)"
+    if objective.end_epoch is not None:
+        return "has an end_epoch hook"
+    if objective.state is not None:
+        return "keeps its own state between epochs (state / load_state)"
+    if not _default_snapshot(objective):
+        return "has its own snapshot / restore"
+    return None
+
+
+def _default_snapshot(objective: Objective) -> bool:
+    # Objective.__post_init__ fills both with the module's state dict copy when none is given.
+    restore = objective.restore
+    return (
+        getattr(restore, "__self__", None) is objective.module
+        and getattr(restore, "__func__", None) is nn.Module.load_state_dict
+        and getattr(objective.snapshot, "__qualname__", "").startswith("Objective.__post_init__")
+    )
+
+
+def _loss_code(objective: Objective) -> Any:
+    return getattr(objective.loss, "__code__", type(objective.loss))
+
+
+def _signature(objective: Objective) -> dict[str, dict[str, tuple]]:
+    module = objective.module
+    trained = {id(p) for p in objective.params}
+    return {
+        "parameters": {n: (tuple(p.shape), p.dtype, p.device) for n, p in module.named_parameters()},
+        "buffers": {n: (tuple(b.shape), b.dtype, b.device) for n, b in module.named_buffers()},
+        "trained parameters": {n: () for n, p in module.named_parameters() if id(p) in trained},
+    }
+
+
+def _data_reason(lead: Objective, datas: Sequence[StageData], k: int) -> str | None:
+    if len(datas) != k:
+        return f"{len(datas)} data sets for {k} objectives"
+    for name in lead.streams:
+        splits = [_stream(data, name) for data in datas]
+        first = splits[0]
+        for i, split in enumerate(splits[1:], start=1):
+            if split.x.shape != first.x.shape or split.x.dtype != first.x.dtype:
+                return (
+                    f"stream {name!r} of data set {i} has inputs {tuple(split.x.shape)} {split.x.dtype}, "
+                    f"data set 0's {tuple(first.x.shape)} {first.x.dtype} (packs need equal budgets)"
+                )
+            if sorted(split.labels) != sorted(first.labels):
+                return (
+                    f"stream {name!r} of data set {i} has label sets {sorted(split.labels)}, "
+                    f"data set 0's {sorted(first.labels)}"
+                )
+    return None
+
+
+# --- the packed loop ----------------------------------------------------------------------------
+
+
+def fit_packed(
+    objectives: list[Objective],
+    datas: list[StageData],
+    cfg: TrainConfig,
+    generators: list[torch.Generator],
+    *,
+    mixed_precision: bool = False,
+) -> list[TrainResult | BaseException]:
+    """Train each objective as `fit(objectives[k], datas[k], cfg, generators[k])` would, all as one
+    vectorised model (see the module doc). Returns, per objective, its `TrainResult`, or the
+    `NonFiniteLoss` that `fit` would have raised. Raises `NotPackable` (before any training, and
+    before drawing from any generator) when the objectives do not pack.
+    """
+    reason = packable(objectives, datas)
+    if reason is None and len(generators) != len(objectives):
+        reason = f"{len(generators)} generators for {len(objectives)} objectives"
+    if reason is not None:
+        raise NotPackable(reason)
+    if not objectives[0].global_rng:
+        return _fit_packed(objectives, datas, cfg, generators, mixed_precision)
+    # As `fit`: one draw from each model's generator (before its shuffling) seeds the RNG that
+    # dropout draws from; here one RNG for the pack, seeded from all K draws.
+    draws = [int(torch.randint(2**62, (1,), generator=g)) for g in generators]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(stage_seed(draws[0], "pack:" + ",".join(map(str, draws[1:]))))
+        return _fit_packed(objectives, datas, cfg, generators, mixed_precision)
+
+
+@dataclasses.dataclass
+class _Member:
+    """One model of the pack: its place in the caller's list and what `fit` keeps for it."""
+
+    index: int
+    objective: Objective
+    gens: dict[str, torch.Generator]
+    queues: dict[str, list[torch.Tensor]]
+    best: tuple[float, int, Any]
+    stale: int = 0
+    history: list[float] = dataclasses.field(default_factory=list)
+    measured: list[dict[str, float]] = dataclasses.field(default_factory=list)
+
+
+class _LossCall(nn.Module):
+    """The lead objective's loss as a module call, so `functional_call` can swap its module's tensors."""
+
+    def __init__(self, objective: Objective):
+        super().__init__()
+        self.module = objective.module
+        self._loss = objective.loss
+
+    def forward(self, batch: dict[str, Split], step: int) -> tuple[torch.Tensor, Measurements]:
+        return self._loss(batch, step)
+
+
+class _Pack:
+    """The stacked tensors of the live models (dim 0: one row per model) and their optimiser."""
+
+    def __init__(self, objectives: list[Objective], cfg: TrainConfig):
+        lead = objectives[0].module
+        trained = {id(p) for p in objectives[0].params}
+        self.trained = [n for n, p in lead.named_parameters() if id(p) in trained]
+        self.frozen = [n for n, p in lead.named_parameters() if id(p) not in trained]
+        self.buffers = [n for n, _ in lead.named_buffers()]
+        params = [dict(o.module.named_parameters()) for o in objectives]
+        buffers = [dict(o.module.named_buffers()) for o in objectives]
+        with torch.no_grad():
+            self.tensors = {n: torch.stack([p[n] for p in params]) for n in self.trained + self.frozen}
+            self.tensors.update({n: torch.stack([b[n] for b in buffers]) for n in self.buffers})
+        for n in self.trained:
+            self.tensors[n].requires_grad_(True)
+        self.cfg = cfg
+        self.opt = self._optimizer()
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        params = [self.tensors[n] for n in self.trained]
+        return torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, foreach=True)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only the models at `rows` (their optimiser state with them)."""
+        old = {n: self.tensors[n] for n in self.trained}
+        states = {n: self.opt.state.get(p, {}) for n, p in old.items()}
+        with torch.no_grad():
+            for n, t in self.tensors.items():
+                self.tensors[n] = t.detach()[rows].requires_grad_(n in old)
+        self.opt = self._optimizer()
+        for n, state in states.items():
+            # exp_avg / exp_avg_sq are per model; `step` is one count, shared while all step together.
+            self.opt.state[self.tensors[n]] = {
+                key: value[rows] if torch.is_tensor(value) and value.ndim > 0 else value for key, value in state.items()
+            }
+
+    @torch.no_grad()
+    def write(self, row: int, module: nn.Module) -> None:
+        """Copy model `row`'s parameters and buffers into `module`."""
+        for n, p in module.named_parameters():
+            p.copy_(self.tensors[n][row])
+        for n, b in module.named_buffers():
+            b.copy_(self.tensors[n][row])
+
+
+def _fit_packed(objectives, datas, cfg, generators, mixed_precision) -> list[TrainResult | BaseException]:
+    lead = objectives[0]
+    device = _device_of(lead.module)
+    streams = lead.streams
+    first, others = streams[0], streams[1:]
+    # (K, N, ...) inputs and labels of every stream, so a step gathers the K batches in one index.
+    xs = {name: torch.stack([_stream(d, name).x for d in datas]).to(device) for name in streams}
+    labels = {
+        name: {y: torch.stack([_stream(d, name).labels[y] for d in datas]).to(device) for y in ys}
+        for name, ys in ((name, _stream(datas[0], name).labels) for name in streams)
+    }
+    sizes = {name: xs[name].shape[1] for name in streams}
+    members = [
+        _Member(
+            index=k,
+            objective=o,
+            gens={
+                name: generators[k] if name == first else _derived(generators[k], f"stream:{name}") for name in streams
+            },
+            queues={name: [] for name in others},
+            best=(-math.inf, 0, o.snapshot()),
+        )
+        for k, o in enumerate(objectives)
+    ]
+    pack = _Pack(objectives, cfg)
+    call = _LossCall(lead)
+    results: list[TrainResult | BaseException | None] = [None] * len(objectives)
+    epoch = steps = 0
+
+    def losses(tensors: dict[str, torch.Tensor], x: dict[str, torch.Tensor], y: dict[str, Labels], step: int):
+        # One model: its tensors (no leading K), its batch of each stream.
+        batch = {name: Split(x[name], y[name]) for name in streams}
+        return functional_call(call, {f"module.{n}": t for n, t in tensors.items()}, (batch, step), strict=True)
+
+    while members:
+        epoch += 1
+        for m in members:
+            m.objective.module.train(lead.train_mode)
+        rows = torch.tensor([m.index for m in members], device=device)[:, None]  # (A, 1)
+        plans = [batches(sizes[first], cfg.batch_size, m.gens[first]) for m in members]
+        sums: dict[str, torch.Tensor] = {}
+        reported: dict[str, int] = {}
+        loss_sum = torch.zeros(len(members), device=device)
+        for j in range(len(plans[0])):
+            idx = {first: torch.stack([plan[j] for plan in plans]).to(device)}  # (A, B)
+            for name in others:
+                for m in members:
+                    if not m.queues[name]:
+                        m.queues[name] = batches(sizes[name], cfg.batch_size, m.gens[name])
+                idx[name] = torch.stack([m.queues[name].pop(0) for m in members]).to(device)
+            x = {name: xs[name][rows, idx[name]] for name in streams}
+            y = {name: {key: t[rows, idx[name]] for key, t in labels[name].items()} for name in streams}
+            # The math kernel batches under vmap; CPU's fused attention would run once per model.
+            with autocast(lead.module, mixed_precision), sdpa_kernel([SDPBackend.MATH]):
+                loss, measurements = vmap(losses, in_dims=(0, 0, 0, None), randomness="different")(
+                    pack.tensors, x, y, steps
+                )
+            pack.opt.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            pack.opt.step()
+            loss_sum += loss.detach()
+            for key, value in measurements.items():
+                sums[key] = sums.get(key, 0.0) + value.detach().float()
+                reported[key] = reported.get(key, 0) + 1
+            steps += 1
+        # Checked once per epoch, as in `fit`.
+        totals = loss_sum.tolist()
+        sums_of = {key: value.tolist() for key, value in sums.items()}
+        staying = []
+        for row, (m, total) in enumerate(zip(members, totals, strict=True)):
+            pack.write(row, m.objective.module)
+            if not math.isfinite(total):
+                results[m.index] = NonFiniteLoss(f"training loss became {total} in epoch {epoch}")
+                continue
+            if _epoch_end(m, cfg, epoch, {key: s[row] / reported[key] for key, s in sums_of.items()}):
+                m.objective.restore(m.best[2])
+                results[m.index] = TrainResult(
+                    best_val_acc=m.best[0],
+                    best_epoch=m.best[1],
+                    epochs_run=epoch,
+                    steps=steps,
+                    history=m.history,
+                    measurements=m.measured,
+                )
+            else:
+                staying.append(row)
+        if len(staying) < len(members):
+            members = [members[row] for row in staying]
+            if members:
+                pack.keep(torch.tensor(staying, device=device))
+    return results
+
+
+def _epoch_end(m: _Member, cfg: TrainConfig, epoch: int, row: dict[str, float]) -> bool:
+    """Score model `m` (its module holds this epoch's weights) and keep its best; whether it is done."""
+    score = m.objective.score()
+    m.history.append(score)
+    m.measured.append(row)
+    if score > m.best[0]:
+        m.best, m.stale = (score, epoch, m.objective.snapshot()), 0
+    else:
+        m.stale += 1
+    return (
+        epoch >= cfg.epochs
+        or (cfg.target_val_acc is not None and score >= cfg.target_val_acc)
+        or (cfg.patience is not None and m.stale >= cfg.patience)
+    )

@@ -1,0 +1,306 @@
+"""Packed training (`methods.packing.fit_packed`) against serial `fit`, model by model."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from methods import METHODS
+from methods.masking import MaskSelection, maskable_names, topk_mask
+from methods.packing import NotPackable, _Pack, fit_packed, packable
+from methods.training import NonFiniteLoss, Objective, TrainConfig, cross_entropy, evaluate, fit
+from methods.transfer import TransferConfig, transfer
+from orchestrator.trial import fresh_model
+from tasks.models.mlp import MLPConfig
+
+K = 4
+# 130 training rows (the tiny task at fraction 1) in batches of 26: 5 steps per epoch.
+CFG = TrainConfig(lr=3e-3, batch_size=26, epochs=20)
+
+
+def recording(objective: Objective) -> Objective:
+    """`objective` whose measurements also hold each step's loss, as `loss@<step>` (one report per
+    key, so the epoch's mean of it is that step's loss)."""
+    inner = objective.loss
+
+    def loss(batch, step):
+        value, measurements = inner(batch, step)
+        return value, {**measurements, f"loss@{step}": value}
+
+    return dataclasses.replace(objective, loss=loss)
+
+
+def step_losses(result) -> dict[str, float]:
+    return {k: v for row in result.measurements for k, v in row.items() if k.startswith("loss@")}
+
+
+def build(tiny, kind: str, seeds, dropout: float = 0.0, fraction: float = 1.0):
+    """(models, datas) of the tiny task, one per seed: fresh GPTs, subtask-induction MaskedModels
+    (a random source and a random half mask, transplanted frozen), or MLPs."""
+    sweep = tiny(model={"dropout": dropout})
+    task = sweep.build_task()
+    models, datas = [], []
+    for seed in seeds:
+        if kind == "mlp":
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                model = task.build_model(MLPConfig(n_layers=2, width=32, embed_dim=8, dropout=dropout))
+        else:
+            model = fresh_model(sweep, task, seed, "init")
+        if kind == "masked":
+            source = fresh_model(sweep, task, seed, "source_init")
+            gen = torch.Generator().manual_seed(seed)
+            params = dict(source.named_parameters())
+            scores = {n: torch.rand(params[n].shape, generator=gen) for n in maskable_names(source, MaskSelection())}
+            model = transfer(source, model, topk_mask(scores, 0.5), TransferConfig())
+        models.append(model)
+        datas.append(task.downstream_data(seed, fraction))
+    return models, datas
+
+
+def gens(seeds) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(1000 + s) for s in seeds]
+
+
+def serial(models, datas, cfg, seeds, wrap=recording):
+    models = [copy.deepcopy(m) for m in models]
+    results = []
+    for model, data, gen in zip(models, datas, gens(seeds), strict=True):
+        try:
+            results.append(fit(wrap(cross_entropy(model, data)), data, cfg, gen))
+        except NonFiniteLoss as error:
+            results.append(error)
+    return models, results
+
+
+def packed(models, datas, cfg, seeds, wrap=recording):
+    models = [copy.deepcopy(m) for m in models]
+    objectives = [wrap(cross_entropy(m, d)) for m, d in zip(models, datas, strict=True)]
+    return models, fit_packed(objectives, datas, cfg, gens(seeds))
+
+
+def assert_same_model(a: nn.Module, b: nn.Module, data) -> None:
+    """Same function and, within float tolerance, the same weights. Exception: the attention's key
+    bias has no gradient in exact arithmetic (softmax ignores a shift common to all keys), so AdamW
+    drives it by rounding noise alone, differently in the two runs; it changes nothing computed."""
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        if name.endswith("attn.qkv.bias"):
+            d = p.shape[0] // 3
+            p, q = torch.cat([p[:d], p[2 * d :]]), torch.cat([q[:d], q[2 * d :]])
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+    a.eval(), b.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(a(data.val.x), b(data.val.x), rtol=1e-4, atol=1e-4)
+
+
+# --- 1. equivalence ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["gpt", "masked", "mlp"])
+def test_each_packed_model_follows_its_serial_run(tiny, kind):
+    seeds = list(range(K))
+    models, datas = build(tiny, kind, seeds)
+    serial_models, serial_results = serial(models, datas, CFG, seeds)
+    packed_models, packed_results = packed(models, datas, CFG, seeds)
+    for k in range(K):
+        ours, theirs = packed_results[k], serial_results[k]
+        assert ours.steps == theirs.steps == 100
+        expected, got = step_losses(theirs), step_losses(ours)
+        assert got.keys() == expected.keys() and len(got) == 100
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, rel=1e-5), key
+        assert (ours.best_epoch, ours.epochs_run) == (theirs.best_epoch, theirs.epochs_run)
+        assert ours.history == pytest.approx(theirs.history, abs=1e-6)
+        assert ours.best_val_acc == pytest.approx(theirs.best_val_acc, abs=1e-6)
+        assert_same_model(packed_models[k], serial_models[k], datas[k])
+        assert evaluate(packed_models[k], datas[k].val)["y"] == pytest.approx(ours.best_val_acc, abs=1e-6)
+    # The models were different to begin with, and trained apart.
+    assert len({round(r.history[0], 6) for r in packed_results} | {round(r.history[-1], 6) for r in packed_results}) > 1
+
+
+def test_frozen_transplant_stays_the_source(tiny):
+    seeds = [0, 1]
+    models, datas = build(tiny, "masked", seeds)
+    trained, _ = packed(models, datas, TrainConfig(lr=3e-3, batch_size=26, epochs=2), seeds)
+    for before, after in zip(models, trained, strict=True):
+        for name in after.names:
+            fn, fn0 = after.fns[name.replace(".", "__")], before.fns[name.replace(".", "__")]
+            assert torch.equal(fn.source, fn0.source) and torch.equal(fn.mask, fn0.mask)
+            effective = after.effective_weights()[name]
+            assert torch.equal(effective[fn.mask], fn0.source[fn.mask])
+
+
+# --- 2. determinism ------------------------------------------------------------------------------
+
+
+def test_packed_run_is_bit_reproducible_with_dropout(tiny):
+    seeds = list(range(K))
+    models, datas = build(tiny, "gpt", seeds, dropout=0.1)
+    cfg = TrainConfig(lr=3e-3, batch_size=26, epochs=4)
+    a_models, a = packed(models, datas, cfg, seeds)
+    b_models, b = packed(models, datas, cfg, seeds)
+    assert a == b
+    for m, n in zip(a_models, b_models, strict=True):
+        for (name, p), q in zip(m.state_dict().items(), n.state_dict().values(), strict=True):
+            assert torch.equal(p, q), name
+    # Dropout is on and per model: a model's losses depend on its own draws, not on who else is packed.
+    assert step_losses(a[0]) != step_losses(packed(models[:1], datas[:1], cfg, seeds[:1])[1][0])
+
+
+def test_packing_leaves_the_global_rng_as_it_was(tiny):
+    models, datas = build(tiny, "gpt", [0, 1], dropout=0.1)
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    packed(models, datas, TrainConfig(lr=3e-3, batch_size=26, epochs=1), [0, 1])
+    assert torch.equal(torch.rand(3), expected)
+
+
+# --- 3. early stopping ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        TrainConfig(lr=3e-3, batch_size=26, epochs=25, patience=2),
+        TrainConfig(lr=3e-3, batch_size=26, epochs=25, target_val_acc=0.3),
+    ],
+    ids=["patience", "target"],
+)
+def test_models_stop_at_their_own_epochs(tiny, cfg):
+    seeds = list(range(K))
+    models, datas = build(tiny, "gpt", seeds)
+    serial_models, expected = serial(models, datas, cfg, seeds)
+    packed_models, got = packed(models, datas, cfg, seeds)
+    stops = lambda results: [(r.epochs_run, r.best_epoch, r.steps) for r in results]  # noqa: E731
+    assert stops(got) == stops(expected)
+    assert len({r.epochs_run for r in got}) > 1, "the test needs models that stop at different epochs"
+    for k in range(K):
+        assert got[k].history == pytest.approx(expected[k].history, abs=1e-6)
+        assert_same_model(packed_models[k], serial_models[k], datas[k])
+
+
+# --- 4. failure isolation ------------------------------------------------------------------------
+
+
+def test_a_diverging_model_fails_alone(tiny):
+    seeds = list(range(K))
+    models, datas = build(tiny, "gpt", seeds)
+    with torch.no_grad():
+        models[1].head.bias.fill_(float("nan"))
+    cfg = TrainConfig(lr=3e-3, batch_size=26, epochs=6)
+    serial_models, expected = serial(models, datas, cfg, seeds)
+    packed_models, got = packed(models, datas, cfg, seeds)
+    assert isinstance(expected[1], NonFiniteLoss) and isinstance(got[1], NonFiniteLoss)
+    assert str(got[1]) == str(expected[1]) == "training loss became nan in epoch 1"
+    for k in (0, 2, 3):
+        assert step_losses(got[k]) == pytest.approx(step_losses(expected[k]), rel=1e-5)
+        assert (got[k].best_epoch, got[k].epochs_run) == (expected[k].best_epoch, expected[k].epochs_run)
+        assert_same_model(packed_models[k], serial_models[k], datas[k])
+
+
+# --- 5. what does not pack -----------------------------------------------------------------------
+
+
+def _unpackable(case: str, objectives: list[Objective], models, datas):
+    extra = nn.Parameter(torch.zeros(3))
+    changes = {
+        "steps per batch": lambda o: dataclasses.replace(o, steps_per_batch=2),
+        "loose params": lambda o: dataclasses.replace(o, params=[*o.params, extra]),
+        "end_epoch": lambda o: dataclasses.replace(o, end_epoch=lambda epoch: None),
+        "own state": lambda o: dataclasses.replace(o, state=lambda: 0, load_state=lambda s: None),
+        "own snapshot": lambda o: dataclasses.replace(o, snapshot=lambda: 0, restore=lambda s: None),
+    }
+    if case in changes:
+        objectives[2] = changes[case](objectives[2])
+    elif case == "shared module":
+        objectives[2] = cross_entropy(models[0], datas[2])
+    elif case == "another architecture":
+        objectives[2] = cross_entropy(nn.Sequential(nn.Linear(3, 7)), datas[2])
+    elif case == "another loss":
+        objectives[2] = recording(objectives[2])
+    return objectives
+
+
+@pytest.mark.parametrize(
+    "case, reason",
+    [
+        ("steps per batch", "2 steps per batch"),
+        ("loose params", "loose params"),
+        ("end_epoch", "end_epoch"),
+        ("own state", "state / load_state"),
+        ("own snapshot", "snapshot / restore"),
+        ("shared module", "same module"),
+        ("another architecture", "module is a Sequential"),
+        ("another loss", "loss is another function"),
+        ("another budget", "equal budgets"),
+        ("generators", "3 generators"),
+    ],
+)
+def test_what_does_not_pack_is_refused_before_training(tiny, case, reason):
+    models, datas = build(tiny, "gpt", [0, 1, 2, 3])
+    if case == "another budget":
+        datas[2] = build(tiny, "gpt", [2], fraction=0.5)[1][0]
+    objectives = _unpackable(case, [cross_entropy(m, d) for m, d in zip(models, datas, strict=True)], models, datas)
+    generators = gens([0, 1, 2, 3])[: 3 if case == "generators" else 4]
+    before = [copy.deepcopy(m.state_dict()) for m in models]
+    gen_states = [g.get_state() for g in generators]
+    if case != "generators":
+        assert reason in packable(objectives, datas)
+    with pytest.raises(NotPackable, match=reason):
+        fit_packed(objectives, datas, CFG, generators)
+    for model, state in zip(models, before, strict=True):
+        assert all(torch.equal(p, state[n]) for n, p in model.state_dict().items())
+    assert all(torch.equal(g.get_state(), s) for g, s in zip(generators, gen_states, strict=True))
+
+
+def test_a_plain_pack_is_packable(tiny):
+    models, datas = build(tiny, "masked", [0, 1])
+    assert packable([cross_entropy(m, d) for m, d in zip(models, datas, strict=True)], datas) is None
+    assert issubclass(NotPackable, ValueError)
+
+
+def test_methods_with_the_default_objective_are_marked_packable():
+    marked = {name for name in METHODS.names() if METHODS.get(name).packable}
+    assert {
+        "scratch",
+        "full_transfer",
+        "subtask_induction",
+        "sampled_subnetwork",
+        "complement_subnetwork",
+        "paper_sampled_subnetwork",
+    } <= marked
+    assert not marked & {"l2sp", "cbft", "guidance", "linearized_gp", "lpft"}
+
+
+# --- 6. the optimiser ----------------------------------------------------------------------------
+
+
+def _objective(module: nn.Module) -> Objective:
+    return Objective(loss=lambda batch, step: None, module=module, params=list(module.parameters()), score=lambda: 0.0)
+
+
+def test_one_adamw_over_stacked_parameters_is_k_adamws_also_after_a_drop():
+    torch.manual_seed(0)
+    modules = [nn.Linear(5, 3) for _ in range(3)]
+    alone = [copy.deepcopy(m) for m in modules]
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1) for m in alone]
+    pack = _Pack([_objective(m) for m in modules], TrainConfig(lr=1e-2, weight_decay=0.1))
+    live = [0, 1, 2]
+    for step in range(20):
+        if step == 10:  # model 1 finishes: it leaves the pack, its optimiser state with it
+            live = [0, 2]
+            pack.keep(torch.tensor([0, 2]))
+        grads = {k: [torch.randn_like(p) for p in alone[k].parameters()] for k in live}
+        for k in live:
+            for p, g in zip(alone[k].parameters(), grads[k], strict=True):
+                p.grad = g
+            opts[k].step()
+        for i, (name, _) in enumerate(modules[0].named_parameters()):
+            pack.tensors[name].grad = torch.stack([grads[k][i] for k in live])
+        pack.opt.step()
+    for row, k in enumerate(live):
+        for name, p in alone[k].named_parameters():
+            assert torch.equal(pack.tensors[name][row], p), name
