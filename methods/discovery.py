@@ -6,7 +6,10 @@ soft mask sigmoid(T * s) multiplies the frozen source weights; the loss is cross
 subtask plus lambda * sum(sigmoid(T * s)), an L0 surrogate. T starts at 1 and is multiplied by
 final_temperature ** (1 / epochs) after each epoch. After every epoch the hard mask at the requested
 sparsity (the top (1 - sparsity) scores) is scored on the subtask's validation split; the best
-epoch's mask is kept. Every discoverer hits the requested sparsity exactly by ranking.
+epoch's mask is kept (`ties`: the first or the last of equal accuracies). The scores train with
+AdamW at `weight_decay` (the paper's code: AdamW's default 0.01; ours defaults to 0). The
+cross-entropy term is the model's own loss where it has one (`task.loss: all_positions`). Every
+discoverer hits the requested sparsity exactly by ranking.
 
 `hard_concrete` (Louizos et al.'s L0 gates) lives in methods/hard_concrete.py, `magnitude` below.
 A new discoverer is one function `(model, data, cfg, sparsity, generator, mixed_precision) ->
@@ -16,6 +19,7 @@ Discovery` under `@DISCOVERERS.register(name)`.
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -48,6 +52,10 @@ class DiscoveryConfig(Frozen):
     init_score: float = -0.1
     final_temperature: float = Field(100.0, ge=1)
     selection: MaskSelection = MaskSelection()
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the scores (the paper's code: 0.01)")
+    ties: Literal["first", "last"] = Field(
+        "first", description="of epochs with equal subtask accuracy, keep the first or the last (the paper's code)"
+    )
     # Hard concrete (methods/hard_concrete.py; Louizos, Welling, Kingma 2018): the paper's
     # temperature and stretch interval.
     hc_beta: float = Field(2 / 3, gt=0, description="hard concrete temperature beta")
@@ -77,8 +85,10 @@ class DiscoveryConfig(Frozen):
         return v
 
     def loop(self) -> TrainConfig:
-        """The shared loop's settings for a discoverer that trains scores (no weight decay on them)."""
-        return TrainConfig(lr=self.lr, weight_decay=0.0, batch_size=self.batch_size, epochs=self.epochs)
+        """The shared loop's settings for a discoverer that trains scores."""
+        return TrainConfig(
+            lr=self.lr, weight_decay=self.weight_decay, batch_size=self.batch_size, epochs=self.epochs, ties=self.ties
+        )
 
 
 @dataclasses.dataclass
@@ -187,7 +197,8 @@ def _continuous_sparsification(model, data, cfg, sparsity, generator, mixed_prec
     def loss(batch, step):
         t = state["temperature"]
         l0 = sum(torch.sigmoid(t * s).sum() for s in found.scores.values())
-        ce = F.cross_entropy(found.masked(batch["train"].x), batch["train"].y)
+        x, y = batch["train"].x, batch["train"].y
+        ce = found.masked(x, targets=y)[0] if found.masked.own_loss else F.cross_entropy(found.masked(x), y)
         return ce + cfg.l0_lambda * l0, {"ce": ce, "l0": l0}
 
     def set_temperature(t: float) -> None:

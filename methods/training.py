@@ -5,8 +5,8 @@ sparsification is an objective: cross-entropy + L0) and trains every downstream 
 `Objective` says which batch streams it consumes, how it turns a batch of each into a loss and named
 measurements, which parameters it updates, and how an epoch is scored for best-epoch selection.
 Cross-entropy on the training split, scored by validation accuracy, is the default
-(`cross_entropy`). The loop keeps seeding, NaN/inf detection, mixed precision and best-epoch
-selection in one place, so every method inherits them.
+(`cross_entropy`). The loop keeps seeding, NaN/inf detection, mixed precision, the learning-rate
+schedule, best-epoch selection and early stopping in one place, so every method inherits them.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import copy
 import dataclasses
 import math
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from pydantic import Field
@@ -30,7 +30,15 @@ from tasks.base import Split, StageData
 
 
 class TrainConfig(Frozen):
-    """One training stage (the source model, or the downstream model)."""
+    """One training stage (the source model, or the downstream model).
+
+    Best epoch and patience follow `select`: the highest validation score (`val_acc`, the
+    objective's `score()`), or the lowest validation loss (`val_loss`, the objective's
+    `val_loss()`: the training loss on the validation split, in eval mode). `ties`: which of equal
+    values is kept. `lr_schedule: linear` decays the learning rate linearly from `lr` to 0 over
+    `epochs` epochs' optimiser steps (the maximum, as Hugging Face's linear schedule: step t runs at
+    lr * (1 - t / total)).
+    """
 
     lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
@@ -39,8 +47,15 @@ class TrainConfig(Frozen):
     target_val_acc: float | None = Field(
         None, gt=0, le=1, description="stop early once validation accuracy reaches this"
     )
-    patience: int | None = Field(None, ge=1, description="stop after this many epochs without gain")
+    patience: int | None = Field(None, ge=1, description="stop after this many epochs without gain in `select`")
     eval_batch_size: int = Field(2000, ge=1)
+    lr_schedule: Literal["constant", "linear"] = Field(
+        "constant", description="constant, or linear decay to 0 over the maximum epochs' steps"
+    )
+    select: Literal["val_acc", "val_loss"] = Field(
+        "val_acc", description="what picks the best epoch (restored at the end) and what patience watches"
+    )
+    ties: Literal["first", "last"] = Field("first", description="of epochs equal in `select`, keep the first or last")
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -68,6 +83,8 @@ class Objective:
       at the start of every epoch.
     - `score()`: higher is better; the epoch with the best score is restored at the end
       (`snapshot()` / `restore(state)`; the default copies the module's state dict).
+    - `val_loss()`: optional, the training loss on validation data; needed by `select: val_loss`,
+      which restores the epoch with the lowest one instead.
     - `end_epoch(epoch)`: optional hook after each epoch (e.g. annealing); may return measurements.
     - `global_rng`: whether the loss draws from torch's global RNG (dropout). If so, the loop seeds it
       from the run's generator (one draw, before shuffling) and restores the caller's state after.
@@ -95,6 +112,7 @@ class Objective:
     steps_per_batch: int = 1
     state: Callable[[], Any] | None = None
     load_state: Callable[[Any], None] | None = None
+    val_loss: Callable[[], float] | None = None
 
     def __post_init__(self):
         if not self.streams:
@@ -113,6 +131,7 @@ class Objective:
 @dataclasses.dataclass
 class TrainResult:
     best_val_acc: float  # the best epoch's score (validation accuracy for the default objective)
+    # (with `select: val_loss` the best epoch is the lowest validation loss's, and this its score)
     best_epoch: int
     epochs_run: int
     steps: int
@@ -129,9 +148,9 @@ def cross_entropy(
 ) -> Objective:
     """The default objective: cross-entropy on the training split, scored by validation accuracy.
 
-    A model with its own training loss (class attribute `own_loss = True`; a `MaskedModel` reports
+    A model with its own training loss (attribute `own_loss = True`; a `MaskedModel` reports
     its base's) is trained on that instead: `model(x, targets=y)` returns `(loss, measurements)`,
-    and its measurements are logged.
+    and its measurements are logged. `val_loss` is the same loss on the validation split.
     """
 
     def loss(batch: Batch, step: int):
@@ -145,6 +164,7 @@ def cross_entropy(
         module=model,
         params=trainable(model) if params is None else params,
         score=lambda: evaluate(model, data.val, eval_batch_size)["y"],
+        val_loss=lambda: training_loss(model, data.val, eval_batch_size),
     )
 
 
@@ -178,6 +198,24 @@ def mean_loss(model: nn.Module, split: Split, batch_size: int = 2000) -> float:
     for idx in batches(len(split), batch_size, None):
         logits = model(split.x[idx].to(device)).float()
         total += float(F.cross_entropy(logits, split.y[idx].to(device), reduction="sum"))
+    model.train(was_training)
+    return total / max(1, len(split))
+
+
+@torch.no_grad()
+def training_loss(model: nn.Module, split: Split, batch_size: int = 2000) -> float:
+    """Mean of the loss `cross_entropy` trains `model` on, over `split` (eval mode): the model's own
+    loss where it has one (`own_loss`; a mean per example, so batches weigh by their size), else
+    `mean_loss`."""
+    if not getattr(model, "own_loss", False):
+        return mean_loss(model, split, batch_size)
+    was_training = model.training
+    model.eval()
+    device = _device_of(model)
+    total = 0.0
+    for idx in batches(len(split), batch_size, None):
+        loss, _ = model(split.x[idx].to(device), targets=split.y[idx].to(device))
+        total += float(loss) * len(idx)
     model.train(was_training)
     return total / max(1, len(split))
 
@@ -286,8 +324,8 @@ def fit(
     Shuffling of the first stream uses `generator`; every other stream gets a seed derived from its
     seed without drawing from it, so adding a stream never moves the first stream's batches. Dropout
     draws from torch's global RNG, seeded from `generator` (see `Objective.global_rng`), so the run is
-    a function of its inputs. Stops at `cfg.epochs`, once the
-    score reaches `cfg.target_val_acc`, or after `cfg.patience` epochs without gain.
+    a function of its inputs. Stops at `cfg.epochs`, once the score reaches `cfg.target_val_acc`, or
+    after `cfg.patience` epochs without gain in `cfg.select` (see `TrainConfig`).
     `mixed_precision` runs the loss in bfloat16 autocast on CUDA (a no-op on CPU, which stays
     bit-reproducible). A NaN or inf loss raises `NonFiniteLoss`. Inside `supervised(...)` the run
     checkpoints, resumes, stops on request (`Interrupted`) and reports each epoch (see `Supervision`).
@@ -319,7 +357,8 @@ class _Loop:
     opt: torch.optim.Optimizer
     gens: dict[str, torch.Generator]  # stream -> its shuffling generator (the first: the caller's)
     queues: dict[str, list[torch.Tensor]]  # stream (not the first) -> its pending batches of indices
-    best: tuple[float, int, Any]  # (score, epoch, snapshot)
+    best: tuple[float, int, Any]  # (score, epoch, snapshot) of the kept epoch
+    best_key: float = -math.inf  # the kept epoch's value of `cfg.select`, as higher-is-better
     epoch: int = 0
     steps: int = 0
     stale: int = 0  # epochs since the best one
@@ -338,6 +377,7 @@ class _Loop:
             "stale": self.stale,
             "finished": self.finished,
             "best": list(self.best),
+            "best_key": self.best_key,
             "history": self.history,
             "measurements": self.measured,
             "module": objective.module.state_dict(),
@@ -372,7 +412,7 @@ class _Loop:
         if objective.load_state is not None:
             objective.load_state(state["objective"])
         self.epoch, self.steps, self.stale = state["epoch"], state["steps"], state["stale"]
-        self.finished, self.best = state["finished"], tuple(state["best"])
+        self.finished, self.best, self.best_key = state["finished"], tuple(state["best"]), state["best_key"]
         self.history, self.measured = list(state["history"]), list(state["measurements"])
 
 
@@ -390,6 +430,14 @@ def _fit(objective: Objective, data, cfg, generator, on_epoch, mixed_precision, 
         name: generator if i == 0 else _derived(generator, f"stream:{name}") for i, name in enumerate(objective.streams)
     }
     lead, others = objective.streams[0], objective.streams[1:]
+    if cfg.select == "val_loss" and objective.val_loss is None:
+        raise ValueError(
+            f"select: val_loss needs the objective's validation loss, and this one (training a "
+            f"{type(module).__name__}) has none; use select: val_acc"
+        )
+    # The schedule runs over the maximum number of steps, whether or not the run stops early.
+    per_epoch = math.ceil(len(splits[lead]) / cfg.batch_size) * objective.steps_per_batch
+    schedule = _schedule(cfg, cfg.epochs * per_epoch)
     loop = _Loop(
         objective=objective,
         cfg=cfg,
@@ -403,6 +451,8 @@ def _fit(objective: Objective, data, cfg, generator, on_epoch, mixed_precision, 
     if saved is not None:
         loop.load(saved)
     opt, queues = loop.opt, loop.queues
+    if schedule is not None:
+        _set_lr(opt, schedule(loop.steps))
     while not loop.finished:
         loop.epoch += 1
         epoch = loop.epoch
@@ -428,6 +478,8 @@ def _fit(objective: Objective, data, cfg, generator, on_epoch, mixed_precision, 
                     sums[key] = sums.get(key, 0.0) + value.detach().float()
                     reported[key] = reported.get(key, 0) + 1
                 loop.steps += 1
+                if schedule is not None:
+                    _set_lr(opt, schedule(loop.steps))  # the next step's (0 after the last)
         # Checked once per epoch: a per-step .item() would stall a GPU on every step.
         total = loss_sum.item()
         if not math.isfinite(total):
@@ -436,12 +488,18 @@ def _fit(objective: Objective, data, cfg, generator, on_epoch, mixed_precision, 
         if objective.end_epoch is not None:
             row.update(objective.end_epoch(epoch) or {})
         score = objective.score()
+        key = score
+        if cfg.select == "val_loss":
+            row["val_loss"] = objective.val_loss()
+            key = -row["val_loss"]
+        if schedule is not None:
+            row["lr"] = opt.param_groups[0]["lr"]
         loop.history.append(score)
         loop.measured.append(row)
         if on_epoch is not None:
             on_epoch(epoch, score)
-        if score > loop.best[0]:
-            loop.best, loop.stale = (score, epoch, objective.snapshot()), 0
+        if key > loop.best_key or (cfg.ties == "last" and key == loop.best_key):
+            loop.best, loop.best_key, loop.stale = (score, epoch, objective.snapshot()), key, 0
         else:
             loop.stale += 1
         loop.finished = (
@@ -460,6 +518,19 @@ def _fit(objective: Objective, data, cfg, generator, on_epoch, mixed_precision, 
         history=loop.history,
         measurements=loop.measured,
     )
+
+
+def _schedule(cfg: TrainConfig, total_steps: int) -> Callable[[int], float] | None:
+    """The learning rate of optimiser step t (counted from 0), or None for a constant one. A pure
+    function of the step count, which checkpoints hold, so a resumed run follows it exactly."""
+    if cfg.lr_schedule == "constant":
+        return None
+    return lambda step: cfg.lr * max(0.0, 1.0 - step / max(1, total_steps))
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
 
 
 def _supervise(run: _Run, loop: _Loop, score: float, loss: float, row: dict[str, float]) -> None:

@@ -11,6 +11,17 @@ Inputs are token sequences `[a, b, =]` with a, b in [0, operand_range) and `=` t
 All splits come from one permutation of the a != b pairs, carved into disjoint pieces. The
 downstream pieces are carved first, so the base and subtask sizes never move them, and the budget
 n takes the first n of the pool, so budgets are nested.
+
+Tokens: the integer k is token k (k < operand_range), `=` is token operand_range. A label y in
+[0, modulus) is the answer token y, so a model with a language-model head over the vocabulary
+(`model.head: tied_lm`) is scored and trained against the labels as they are: argmax over the
+vocabulary is right only on token y, and any other token (a larger integer, `=`) is a wrong answer.
+
+`loss` (docs/PAPER-SETTINGS.md): `answer`, cross-entropy on the answer read at `=`; `all_positions`,
+the paper's code's next-token loss on every position of `[a, b, =, y]` (b from a, = from a b, y
+from a b =), so the ambiguous samples a == b also teach "b = a". It is a property of how the task
+is posed, so it holds for every stage that trains on the model's own loss (source, continuous
+sparsification, and downstream methods with the default objective).
 """
 
 from __future__ import annotations
@@ -50,6 +61,9 @@ class ModularArithmeticConfig(Frozen):
     pool_size: int = Field(10_000, ge=0, description="disambiguating pool; n = fraction * pool_size")
     n_val: int = Field(1000, ge=10)
     n_test: int = Field(1000, ge=10)
+    loss: Literal["answer", "all_positions"] = Field(
+        "answer", description="answer: cross-entropy on y; all_positions: next-token loss on every position"
+    )
 
     @field_validator("base", "subtask", "downstream")
     @classmethod
@@ -105,7 +119,8 @@ class ModularArithmetic:
         self._competing = {expr.slug(c): expr.parse(c) for c in config.competing}
 
     def key_fields(self, stage: str) -> dict:
-        """The config fields that determine `stage`'s data ('source' or 'subtask'), and only those.
+        """The config fields that determine `stage`'s data ('source' or 'subtask') and the loss it
+        is trained on, and only those.
 
         The splits are carved in a fixed order (test, val, pool, base_val, subtask_val, base,
         subtask), so a split depends on its own rule and size and on the sizes carved before it.
@@ -118,6 +133,7 @@ class ModularArithmetic:
             "n_val": c.n_val,
             "n_test": c.n_test,
             "pool_size": c.pool_size,
+            "loss": c.loss,
         }
         if stage == "source":
             return {**common, "base": c.base, "n_base": c.n_base}
@@ -221,10 +237,22 @@ class ModularArithmetic:
     # --- model ----------------------------------------------------------------------------
 
     def build_model(self, model_config: Frozen) -> nn.Module:
+        c = self.config
+        lm_head = getattr(model_config, "head", "classes") == "tied_lm"
+        if c.loss == "all_positions" and not lm_head:
+            raise ValueError(
+                "task.loss: all_positions trains the next token at every position, which needs logits over the "
+                f"vocabulary; model {model_config.name!r} has a classes head: set model.head: tied_lm (model gpt), "
+                "or task.loss: answer"
+            )
+        if lm_head and c.modulus > c.operand_range:
+            raise ValueError(
+                f"model.head: tied_lm reads the answer y as the token y, but task.modulus ({c.modulus}) exceeds "
+                f"task.operand_range ({c.operand_range}), so some answers have no token: lower the modulus, raise "
+                "operand_range, or use model.head: classes"
+            )
+        extra = {"sequence_loss": True} if c.loss == "all_positions" else {}
         return build_model_for(
-            self,
-            model_config,
-            vocab_size=self.config.operand_range + 1,
-            n_positions=self.n_positions,
-            n_classes=self.config.modulus,
-        )
+            self, model_config, vocab_size=c.operand_range + 1, n_positions=self.n_positions, n_classes=c.modulus,
+            **extra,
+        )  # fmt: skip
