@@ -149,6 +149,20 @@ def test_packed_run_is_bit_reproducible_with_dropout(tiny):
     assert step_losses(a[0]) != step_losses(packed(models[:1], datas[:1], cfg, seeds[:1])[1][0])
 
 
+def test_each_model_draws_its_own_dropout(tiny):
+    # Two copies of one trial in a pack: same init, data and shuffling, so only dropout can tell them apart.
+    models, datas = build(tiny, "gpt", [0], dropout=0.1)
+    cfg = TrainConfig(lr=3e-3, batch_size=26, epochs=1)
+    models = [models[0], copy.deepcopy(models[0])]
+    objectives = [recording(cross_entropy(m, datas[0])) for m in models]
+    a, b = fit_packed(objectives, datas * 2, cfg, gens([0, 0]))
+    assert all(step_losses(a)[k] != step_losses(b)[k] for k in step_losses(a))
+    no_dropout, _ = build(tiny, "gpt", [0])
+    twins = [no_dropout[0], copy.deepcopy(no_dropout[0])]
+    a, b = fit_packed([recording(cross_entropy(m, datas[0])) for m in twins], datas * 2, cfg, gens([0, 0]))
+    assert step_losses(a) == step_losses(b)
+
+
 def test_packing_leaves_the_global_rng_as_it_was(tiny):
     models, datas = build(tiny, "gpt", [0, 1], dropout=0.1)
     torch.manual_seed(7)
