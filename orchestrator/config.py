@@ -34,7 +34,12 @@ class ConfigError(ValueError):
 
 
 class SourceTraining(TrainConfig):
-    """Source-model training: the paper's AdamW 5e-4, batch 50, stopping once validation saturates."""
+    """Source-model training: the paper's AdamW 5e-4, batch 50, stopping once validation saturates.
+
+    The paper's code instead trains with weight decay 0 and a linear learning-rate decay, and keeps
+    the epoch of lowest validation loss, stopping after 10 epochs without a lower one
+    (`weight_decay: 0, lr_schedule: linear, select: val_loss, patience: 10, target_val_acc: null`;
+    docs/PAPER-SETTINGS.md)."""
 
     lr: float = Field(5e-4, gt=0)
     epochs: int = Field(20, ge=1)
@@ -43,7 +48,8 @@ class SourceTraining(TrainConfig):
 
 
 class DownstreamTraining(TrainConfig):
-    """Downstream training: the paper's AdamW 2e-4, batch 50, 100 epochs, best epoch on validation."""
+    """Downstream training: the paper's AdamW 2e-4, batch 50, 100 epochs, best epoch on validation.
+    The schedule settings of `TrainConfig` (`lr_schedule`, `select`, `ties`) apply here too."""
 
     lr: float = Field(2e-4, gt=0)
     epochs: int = Field(100, ge=1)
