@@ -18,7 +18,8 @@ trials; 1 gives every trial its own Tune trial.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from ray.tune.search import Searcher
@@ -34,7 +35,11 @@ MAX_GROUP = 1000  # trials per group at most (the group's config travels with it
 class TrialQueue(Searcher):
     """Hands out `specs` in order, in groups sized by `group` ('auto' or a number of trials), as
     Tune trial configs (`members` reads them); FINISHED when all are handed out or `should_stop()`
-    is True."""
+    is True.
+
+    Trials with the same `pack_keys` entry (not None) can train as one packed model
+    (`orchestrator.trial.run_pack`): the first of them in the order takes the next ones of its key
+    with it, up to `pack` trials, as one group, whatever `group` says."""
 
     def __init__(
         self,
@@ -42,42 +47,75 @@ class TrialQueue(Searcher):
         group: int | str = "auto",
         concurrency: int = 1,
         should_stop: Callable[[], bool] = lambda: False,
+        pack_keys: list[Hashable | None] | None = None,
+        pack: int = 1,
     ):
         super().__init__()
         self.specs = [s.model_dump() for s in specs]
         self.costs = [cost(s) for s in specs]
         self.cost_left = sum(self.costs)
         self.group, self.concurrency = group, max(1, concurrency)
-        self.next = 0
         self.should_stop = should_stop
         self.compute_s = self.cost_done = 0.0  # reported by finished trials, for `auto`
+        self.keys = pack_keys if pack_keys is not None and pack > 1 else [None] * len(specs)
+        self.pack = pack
+        self.buckets: dict[Hashable, deque[int]] = {}
+        for i, key in enumerate(self.keys):
+            if key is not None:
+                self.buckets.setdefault(key, deque()).append(i)
+        self.taken = [False] * len(specs)
+        self.next = 0  # no trial before it is left
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        self._skip_taken()
         if self.should_stop() or self.next >= len(self.specs):
             return Searcher.FINISHED
-        end = self.next + self.group_size()
-        chosen = self.specs[self.next : end]
-        self.cost_left -= sum(self.costs[self.next : end])
-        self.next = end
-        return {"spec": chosen[0]} if len(chosen) == 1 else {"specs": chosen}
+        key = self.keys[self.next]
+        chosen = self._pack(key) if key is not None else self._group()
+        for i in chosen:
+            self.taken[i] = True
+            self.cost_left -= self.costs[i]
+        members = [self.specs[i] for i in chosen]
+        return {"spec": members[0]} if len(members) == 1 else {"specs": members}
 
-    def group_size(self) -> int:
-        """How many of the next trials form the next group."""
+    def _skip_taken(self) -> None:
+        while self.next < len(self.specs) and self.taken[self.next]:
+            self.next += 1
+
+    def _pack(self, key: Hashable) -> list[int]:
+        bucket = self.buckets[key]
+        chosen = []
+        while bucket and len(chosen) < self.pack:
+            i = bucket.popleft()
+            if not self.taken[i]:
+                chosen.append(i)
+        return chosen
+
+    def _group(self) -> list[int]:
+        """The next trials in order (not packable ones), as many as `group_size` allows."""
+        budget = self.group_budget()
+        chosen, total, i = [], 0.0, self.next
+        while i < len(self.specs) and len(chosen) < MAX_GROUP:
+            if not self.taken[i]:
+                if self.keys[i] is not None and chosen:
+                    break  # a packable trial starts its own pack
+                full = len(chosen) >= int(self.group) if budget is None else total + self.costs[i] > budget
+                if chosen and full:
+                    break
+                chosen.append(i)
+                total += self.costs[i]
+            i += 1
+        return chosen
+
+    def group_budget(self) -> float | None:
+        """The most cost a group may hold under `auto` (None: a fixed number of trials, `group`)."""
         if self.group != "auto":
-            return int(self.group)
-        if self.cost_done <= 0:  # nothing measured yet
-            return 1
+            return None
+        if self.cost_done <= 0:  # nothing measured yet: trials alone
+            return 0.0
         seconds_per_cost = self.compute_s / self.cost_done
-        budget = min(
-            GROUP_TARGET_S / max(seconds_per_cost, 1e-9), self.cost_left / (self.concurrency * GROUPS_PER_SLOT)
-        )
-        size, total = 0, 0.0
-        while self.next + size < len(self.specs) and size < MAX_GROUP:
-            total += self.costs[self.next + size]
-            if size > 0 and total > budget:
-                break
-            size += 1
-        return max(1, size)
+        target = GROUP_TARGET_S / max(seconds_per_cost, 1e-9)
+        return min(target, self.cost_left / (self.concurrency * GROUPS_PER_SLOT))
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         # The worker's row batches carry the compute time and cost of the trials they hold.

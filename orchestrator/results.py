@@ -33,6 +33,7 @@ TRAILING = [
     "train_s",
     "wait_s",
     "device",
+    "pack",
     "worker",
     "started_at",
     "finished_at",

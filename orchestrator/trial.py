@@ -40,6 +40,7 @@ from common.config import Frozen, stable_hash
 from common.seeding import seeded_init, torch_generator
 from methods import ANALYSES, ARTIFACTS, AnalysisContext, ArtifactContext, MethodContext, evaluate, get_method
 from methods.artifacts import closure
+from methods.packing import fit_packed, packable
 from methods.training import Supervision, supervised
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.checkpoints import Checkpointer, CheckpointStore, Interval
@@ -132,6 +133,28 @@ def identity(sweep: SweepConfig, spec: TrialSpec) -> dict[str, Any]:
 
 def trial_hash(sweep: SweepConfig, spec: TrialSpec) -> str:
     return stable_hash(identity(sweep, spec), 20)
+
+
+def pack_keys(sweep: SweepConfig, specs: list[TrialSpec]) -> list[str | None]:
+    """For each trial, a key that trials which may train as one pack share (on the driver, before
+    anything is built: its packable method's task, model and training settings and its data budget),
+    or None for a trial that trains alone. `run_pack` checks the rest once the models are built."""
+    if sweep.resources.pack == 1:
+        return [None] * len(specs)
+    settings: dict[tuple, str] = {}
+    keys: list[str | None] = []
+    for spec in specs:
+        if not get_method(spec.method).packable:
+            keys.append(None)
+            continue
+        at = (spec.method, json.dumps(spec.axes, sort_keys=True, default=str))
+        if at not in settings:  # one effective config per method and axis values, not per trial
+            eff = sweep.effective(spec.method, spec.axes)
+            blocks = [eff.task.canonical(), eff.model.canonical(), eff.training.canonical()]
+            blocks.append(eff.resources.mixed_precision)
+            settings[at] = json.dumps(blocks, sort_keys=True, default=str)
+        keys.append(f"{spec.data_fraction}|{settings[at]}")
+    return keys
 
 
 def series_of(config: dict[str, Any]) -> str:
@@ -280,83 +303,205 @@ def run_trial(
     every epoch. `should_stop()` is asked at every epoch end: when True, the run saves a checkpoint
     and `methods.training.Interrupted` is raised (no row); running the trial again resumes it.
     """
-    report = report or (lambda metrics: None)
-    device = device or pick_device(sweep)
-    row: dict[str, Any] = base_row(sweep, spec)
-    effective = sweep.effective(spec.method, spec.axes)
-    task, method, seed = effective.build_task(), get_method(spec.method), spec.seed
-    row["started_at"] = time.time()
-    row["worker"] = f"{platform.node()}:{os.getpid()}"
-    times: dict[str, float] = {}
-    clock = time.perf_counter()
+    trial = Trial(sweep, spec, store, report, device, tuning, should_stop)
+    trial.prepare()
+    return trial.train_alone()
 
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        times[f"{stage}_s"] = times.get(f"{stage}_s", 0.0) + now - clock
-        clock = now
 
-    supervisor = TrialSupervisor(effective, store, report, should_stop)
-    upstream = Upstream(sweep, spec, store, device, supervisor)
-    for kind in trial_needs(sweep, spec, tuning):
-        upstream.get(kind)
-        lap(kind)
-        report({"stage": kind, **times})
-    row.update(upstream.columns)
-    times["wait_s"] = upstream.wait_s
+def run_pack(
+    sweep: SweepConfig,
+    specs: list[TrialSpec],
+    store: ArtifactStore,
+    limit: int,
+    device: torch.device | None = None,
+) -> list[dict[str, Any] | BaseException]:
+    """Run trials whose models can train together, as packs of at most `limit` models
+    (`methods.packing.fit_packed`); the rest alone. Each trial's upstream, build, evaluation and
+    analyses are as in `run_trial`. Returns each trial's row, or the exception that ended it (in
+    set-up, or a diverging model: the others go on).
 
-    data = task.downstream_data(seed, spec.data_fraction)
-    make_fresh = lambda stage: fresh_model(effective, task, seed, stage)  # noqa: E731
-    ctx = MethodContext(
-        task=task,
-        data=data,
-        config=effective.method_settings.get(spec.method),
-        training=effective.training,
-        transfer=effective.transfer,
-        artifacts={kind: upstream.objects[kind] for kind in method.needs},
-        generator=torch_generator(seed, f"method:{spec.method}"),
-        device=device,
-        fresh_model=make_fresh,
+    Trials pack when their methods are packable, their training settings are the same, their models
+    have the same parameters and buffers (names, shapes, which train) and their data the same sizes:
+    `fit_packed` checks the rest and refuses (`NotPackable`) before training, and those trials train
+    alone. A pack's training time is shared out equally among its trials' `train_s`, so the sum of
+    their `total_s` is the compute spent. A pack is not checkpointed inside its training (a stop or
+    a lost worker runs it again) and reports no epochs; its rows have `pack` = its number of models."""
+    outcomes: dict[int, dict[str, Any] | BaseException] = {}
+    ready: dict[tuple, list[tuple[int, Trial]]] = {}
+    for i, spec in enumerate(specs):
+        trial = Trial(sweep, spec, store, None, device)
+        try:
+            trial.prepare()
+        except Exception as error:
+            outcomes[i] = error
+            continue
+        ready.setdefault(trial.pack_key(), []).append((i, trial))
+    for members in ready.values():
+        for start in range(0, len(members), max(1, limit)):
+            chunk = members[start : start + max(1, limit)]
+            outcomes.update(_train_pack(chunk))
+    return [outcomes[i] for i in range(len(specs))]
+
+
+def _train_pack(members: list[tuple[int, Trial]]) -> dict[int, dict[str, Any] | BaseException]:
+    trials = [t for _, t in members]
+    outcomes: dict[int, dict[str, Any] | BaseException] = {}
+    objectives = [t.method.objective(t.ctx, t.model) for t in trials] if len(trials) > 1 else []
+    reason = packable(objectives, [t.ctx.data for t in trials]) if objectives else "a pack of one"
+    if reason is not None:
+        for i, trial in members:
+            try:
+                outcomes[i] = trial.train_alone()
+            except Exception as error:
+                outcomes[i] = error
+        return outcomes
+    start = time.perf_counter()
+    results = fit_packed(
+        objectives,
+        [t.ctx.data for t in trials],
+        trials[0].effective.training,
+        [t.train_generator() for t in trials],
+        mixed_precision=trials[0].effective.resources.mixed_precision,
     )
-    model = method.build(ctx).to(device)
-    lap("build")
-    report({"stage": "build", **times})
+    share = (time.perf_counter() - start) / len(trials)
+    for (i, trial), result in zip(members, results, strict=True):
+        if isinstance(result, BaseException):
+            outcomes[i] = result
+            continue
+        try:
+            trial.times["train_s"] = share
+            trial.clock = time.perf_counter()
+            trial.trained(result, timed=False)
+            trial.row["pack"] = len(trials)
+            outcomes[i] = trial.finish()
+        except Exception as error:
+            outcomes[i] = error
+    return outcomes
 
-    checkpointer = supervisor.checkpointer(row["trial_hash"])
-    with supervised(supervisor.supervision("train", checkpointer)):
-        result = method.train(
-            ctx, model, torch_generator(seed, "downstream_train"), mixed_precision=effective.resources.mixed_precision
-        )
-    row.update(val_acc=result.best_val_acc, best_epoch=result.best_epoch, epochs_run=result.epochs_run)
-    row["measurements_json"] = json.dumps(result.measurements)
-    lap("train")
-    report({"stage": "train", "val_acc": result.best_val_acc, **times})
 
-    if not tuning:
-        row["test_acc"] = evaluate(model, data.evals["test"], effective.training.eval_batch_size)["y"]
-        lap("eval")
-        for name, config in effective.analysis_list():
-            analysis = ANALYSES.get(name)
-            actx = AnalysisContext(
-                task=task,
-                data=data,
-                artifacts={kind: upstream.objects[kind] for kind in analysis.needs},
-                fresh_model=make_fresh,
-                generator=torch_generator(seed, f"analysis:{name}"),
-                device=device,
-                eval_batch_size=effective.training.eval_batch_size,
-                method=spec.method,
-                seed=seed,
+class Trial:
+    """One trial in its stages: `prepare` (upstream artifacts, data, the method's model), then
+    training (the caller's: alone or packed), `trained(result)`, `finish()` (evaluation, analyses,
+    the row)."""
+
+    def __init__(
+        self,
+        sweep: SweepConfig,
+        spec: TrialSpec,
+        store: ArtifactStore,
+        report: Report | None = None,
+        device: torch.device | None = None,
+        tuning: bool = False,
+        should_stop: Callable[[], bool] | None = None,
+    ):
+        self.sweep, self.spec, self.store, self.tuning = sweep, spec, store, tuning
+        self.report = report or (lambda metrics: None)
+        self.device = device or pick_device(sweep)
+        self.row: dict[str, Any] = base_row(sweep, spec)
+        self.effective = sweep.effective(spec.method, spec.axes)
+        self.task, self.method = self.effective.build_task(), get_method(spec.method)
+        self.supervisor = TrialSupervisor(self.effective, store, self.report, should_stop)
+        self.times: dict[str, float] = {}
+        self.clock = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.times[f"{stage}_s"] = self.times.get(f"{stage}_s", 0.0) + now - self.clock
+        self.clock = now
+
+    def train_generator(self) -> torch.Generator:
+        return torch_generator(self.spec.seed, "downstream_train")
+
+    def pack_key(self) -> tuple:
+        """Trials with equal keys may train as one pack: packable method, same training settings,
+        same parameters and buffers (names, shapes, dtypes, which train), same data sizes."""
+        if not getattr(self.method, "packable", False):
+            return ("alone", id(self))
+        model = self.model
+        # By name: a mask loaded from the store and one just discovered may list their tensors in another order.
+        tensors = tuple(sorted((n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in model.named_parameters()))
+        buffers = tuple(sorted((n, tuple(b.shape), str(b.dtype)) for n, b in model.named_buffers()))
+        sizes = (len(self.ctx.data.train), tuple(sorted((k, len(v)) for k, v in self.ctx.data.streams.items())))
+        return (type(model), tensors, buffers, sizes, json.dumps(self.effective.training.canonical(), sort_keys=True))
+
+    def train_alone(self) -> dict[str, Any]:
+        """Train with the method's own `train` (checkpointed, stoppable, reporting epochs); the row."""
+        checkpointer = self.supervisor.checkpointer(self.row["trial_hash"])
+        with supervised(self.supervisor.supervision("train", checkpointer)):
+            result = self.method.train(
+                self.ctx, self.model, self.train_generator(), mixed_precision=self.effective.resources.mixed_precision
             )
-            row.update(analysis.check(analysis.run(actx, model, config)))
-            lap(f"analysis_{name}")
-    # Compute time: the stages' wall time less the time spent waiting on another trial's lock.
-    times["total_s"] = sum(v for k, v in times.items() if k != "wait_s") - times["wait_s"]
-    row.update(times, status="done", device=str(device), finished_at=time.time())
-    if checkpointer is not None:
-        checkpointer.clear()
-    report({"stage": "done", "row_json": json.dumps(row), "val_acc": row["val_acc"]})
-    return row
+        self.trained(result)
+        row = self.finish()
+        if checkpointer is not None:
+            checkpointer.clear()
+        return row
+
+    def prepare(self) -> None:
+        spec, seed, effective = self.spec, self.spec.seed, self.effective
+        self.row["started_at"] = time.time()
+        self.row["worker"] = f"{platform.node()}:{os.getpid()}"
+        self.clock = time.perf_counter()
+        self.upstream = upstream = Upstream(self.sweep, spec, self.store, self.device, self.supervisor)
+        for kind in trial_needs(self.sweep, spec, self.tuning):
+            upstream.get(kind)
+            self.lap(kind)
+            self.report({"stage": kind, **self.times})
+        self.row.update(upstream.columns)
+        self.times["wait_s"] = upstream.wait_s
+
+        task = self.task
+        data = task.downstream_data(seed, spec.data_fraction)
+        self.make_fresh = lambda stage: fresh_model(effective, task, seed, stage)
+        self.ctx = MethodContext(
+            task=task,
+            data=data,
+            config=effective.method_settings.get(spec.method),
+            training=effective.training,
+            transfer=effective.transfer,
+            artifacts={kind: upstream.objects[kind] for kind in self.method.needs},
+            generator=torch_generator(seed, f"method:{spec.method}"),
+            device=self.device,
+            fresh_model=self.make_fresh,
+        )
+        self.model = self.method.build(self.ctx).to(self.device)
+        self.lap("build")
+        self.report({"stage": "build", **self.times})
+
+    def trained(self, result, timed: bool = True) -> None:
+        self.row.update(val_acc=result.best_val_acc, best_epoch=result.best_epoch, epochs_run=result.epochs_run)
+        self.row["measurements_json"] = json.dumps(result.measurements)
+        if timed:
+            self.lap("train")
+        self.report({"stage": "train", "val_acc": result.best_val_acc, **self.times})
+
+    def finish(self) -> dict[str, Any]:
+        effective, data, model, row = self.effective, self.ctx.data, self.model, self.row
+        if not self.tuning:
+            row["test_acc"] = evaluate(model, data.evals["test"], effective.training.eval_batch_size)["y"]
+            self.lap("eval")
+            for name, config in effective.analysis_list():
+                analysis = ANALYSES.get(name)
+                actx = AnalysisContext(
+                    task=self.task,
+                    data=data,
+                    artifacts={kind: self.upstream.objects[kind] for kind in analysis.needs},
+                    fresh_model=self.make_fresh,
+                    generator=torch_generator(self.spec.seed, f"analysis:{name}"),
+                    device=self.device,
+                    eval_batch_size=effective.training.eval_batch_size,
+                    method=self.spec.method,
+                    seed=self.spec.seed,
+                )
+                row.update(analysis.check(analysis.run(actx, model, config)))
+                self.lap(f"analysis_{name}")
+        times = self.times
+        # Compute time: the stages' wall time less the time spent waiting on another trial's lock.
+        times["total_s"] = sum(v for k, v in times.items() if k != "wait_s") - times["wait_s"]
+        row.update(times, status="done", device=str(self.device), finished_at=time.time())
+        row.setdefault("pack", 1)
+        self.report({"stage": "done", "row_json": json.dumps(row), "val_acc": row["val_acc"]})
+        return row
 
 
 def base_row(sweep: SweepConfig, spec: TrialSpec) -> dict[str, Any]:

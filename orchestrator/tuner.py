@@ -35,7 +35,7 @@ from collections.abc import Callable
 
 from orchestrator.config import SweepConfig
 from orchestrator.outdir import OutDir
-from orchestrator.trial import TrialSpec
+from orchestrator.trial import TrialSpec, pack_keys
 from orchestrator.worker import trainable as trainable_fn
 
 
@@ -65,7 +65,14 @@ def make_tuner(
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=TrialQueue(todo, sweep.resources.group, concurrency, should_stop),
+            search_alg=TrialQueue(
+                todo,
+                sweep.resources.group,
+                concurrency,
+                should_stop,
+                pack_keys=pack_keys(sweep, todo),
+                pack=PACK_GROUP if sweep.resources.pack == "auto" else sweep.resources.pack,
+            ),
             num_samples=len(todo),
             scheduler=live_fifo_scheduler(),
             reuse_actors=True,
@@ -86,6 +93,11 @@ def make_tuner(
         ),
     )
     return tuner
+
+
+# Under `resources.pack: auto`, the most trials handed to a worker as one pack group; the worker
+# trains them in packs of at most its own limit (`orchestrator.worker.pack_limit`).
+PACK_GROUP = 64
 
 
 def group_name(config: dict) -> str:

@@ -25,13 +25,14 @@ import time
 import traceback
 from typing import Any
 
+from methods import get_method
 from methods.training import Interrupted
 from orchestrator import stop
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.config import SweepConfig, load_sweep
 from orchestrator.ordering import cost
 from orchestrator.queue import members
-from orchestrator.trial import TrialSpec, failed_row, run_trial
+from orchestrator.trial import TrialSpec, failed_row, pick_device, run_pack, run_trial
 
 REPORT_EVERY_S = 1.0
 
@@ -66,6 +67,18 @@ class Group:
         self.last_rows = self.last_epoch = time.monotonic()
 
     def run(self) -> None:
+        limit = pack_limit(self.sweep)
+        packable = [s for s in self.specs if get_method(s.method).packable] if limit > 1 else []
+        if len(packable) > 1:
+            self.run_packed(packable, limit)
+            alone = [s for s in self.specs if s not in packable]
+            if not alone:
+                self.flush("done")
+                return
+            self.specs = alone
+            if stop.requested():
+                self.flush("interrupted")
+                return
         for index, spec in enumerate(self.specs):
             self.started = index
             try:
@@ -81,13 +94,31 @@ class Group:
                 self.flush("rows")
         self.flush("done")
 
-    def run_one(self, spec: TrialSpec) -> dict[str, Any]:
-        """The trial's row: done, or failed after `max_failures` retries."""
+    def run_packed(self, specs: list[TrialSpec], limit: int) -> None:
+        """Train `specs` in packs (`run_pack`); a trial that fails in its pack is tried again alone
+        (`max_failures` more times), so it gets as many tries as any other."""
+        outcomes = run_pack(self.sweep, specs, self.store, limit)
+        for spec, outcome in zip(specs, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                print(f"[{spec.name}] failed in its pack: {outcome!r}", flush=True)
+                if self.sweep.max_failures == 0:
+                    row = failed_row(self.sweep, spec, outcome)
+                else:
+                    row = self.run_one(spec, tries=self.sweep.max_failures)
+            else:
+                row = outcome
+            log(spec, row["status"], row)
+            self.rows.append((spec, row))
+        self.started = len(specs)
+
+    def run_one(self, spec: TrialSpec, tries: int | None = None) -> dict[str, Any]:
+        """The trial's row: done, or failed after `tries` tries (default: 1 + `max_failures`)."""
 
         def report(metrics: dict[str, Any]) -> None:
             self.report(spec, metrics)
 
-        for attempt in range(self.sweep.max_failures + 1):
+        tries = self.sweep.max_failures + 1 if tries is None else tries
+        for attempt in range(tries):
             try:
                 return run_trial(self.sweep, spec, self.store, report=report, should_stop=stop.requested)
             except Interrupted:
@@ -95,7 +126,7 @@ class Group:
             except Exception as error:  # recorded in the row; the group goes on
                 print(f"[{spec.name}] attempt {attempt + 1} failed:", flush=True)
                 traceback.print_exc()
-                if attempt == self.sweep.max_failures:
+                if attempt == tries - 1:
                     return failed_row(self.sweep, spec, error)
         raise AssertionError("unreachable")
 
@@ -132,3 +163,15 @@ def log(spec: TrialSpec, stage: str, metrics: dict[str, Any]) -> None:
     """A line in the Tune trial's own log file (RunConfig(log_to_file=True)), not the console."""
     timing = {k: round(v, 2) for k, v in metrics.items() if k.endswith("_s")}
     print(f"[{spec.name}] stage {stage} {timing}", flush=True)
+
+
+# Under `resources.pack: auto`, the most models in a pack: on CPU, packs beyond this gain little
+# (benchmarks/packing_fit.py); on a GPU, what its memory holds is the bound.
+AUTO_PACK = {"cpu": 16, "cuda": 64}
+
+
+def pack_limit(sweep: SweepConfig) -> int:
+    """The most models this worker trains as one pack (1: no packing)."""
+    if sweep.resources.pack != "auto":
+        return int(sweep.resources.pack)
+    return AUTO_PACK.get(pick_device(sweep).type, 1)

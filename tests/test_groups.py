@@ -256,3 +256,107 @@ def test_a_group_whose_worker_dies_is_retried_and_every_trial_gets_its_row(tmp_p
     for seed in (0, 1):
         for column in COMPARED[2:]:
             assert table.loc[("dies_once", seed), column] == table.loc[("scratch", seed), column], column
+
+
+# --- packs ----------------------------------------------------------------------------------
+
+
+def test_packable_trials_of_one_key_form_one_group_up_to_the_pack_size():
+    specs = _specs(7) + [TrialSpec(method="l2sp", data_fraction=0.5, seed=i) for i in range(2)] + _specs(3, 0.2)
+    keys = ["a"] * 7 + [None, None] + ["b"] * 3
+    q = queue.TrialQueue(specs, group=1, concurrency=2, pack_keys=keys, pack=4)
+    groups = [[(s["method"], s["data_fraction"], s["seed"]) for s in g] for g in _drain(q)]
+    assert [len(g) for g in groups] == [4, 3, 1, 1, 3]
+    assert {g[0][1] for g in groups[:2]} == {0.5} and groups[4][0][1] == 0.2
+    assert [s for g in groups for s in g] == [(s.method, s.data_fraction, s.seed) for s in specs]
+
+
+def test_pack_keys_join_packable_methods_of_one_budget_and_setting(tiny):
+    from orchestrator.trial import pack_keys
+
+    sweep = tiny(
+        methods=["subtask_induction", "sampled_subnetwork", "scratch", "l2sp"],
+        data_fractions=[0.2, 1.0],
+        seeds=[0, 1],
+        axes={"training.lr": [1e-3, 2e-3]},
+    )
+    specs = expand(sweep)
+    keys = pack_keys(sweep, specs)
+    for spec, key in zip(specs, keys, strict=True):
+        if spec.method == "l2sp":
+            assert key is None, "l2sp's objective reads reference weights: it trains alone"
+            continue
+        same = [s for s, k in zip(specs, keys, strict=True) if k == key]
+        assert all(s.data_fraction == spec.data_fraction for s in same)
+        assert all(s.axes == spec.axes for s in same)
+        assert {s.method for s in same} == {"subtask_induction", "sampled_subnetwork", "scratch"}
+    assert pack_keys(tiny(resources={"pack": 1}), specs) == [None] * len(specs)
+
+
+def test_a_pack_gives_the_rows_of_its_trials_run_alone(tiny, tmp_path):
+    from orchestrator.artifacts import ArtifactStore
+    from orchestrator.trial import run_pack, run_trial
+
+    sweep = tiny(
+        methods=["subtask_induction", "sampled_subnetwork", "scratch", "full_transfer", "l2sp"],
+        seeds=[0, 1, 2],
+        model={"dropout": 0.0},  # with dropout, a pack draws from one stream: not the serial numbers
+    )
+    specs = expand(sweep)
+    store = ArtifactStore(tmp_path)
+    alone = [run_trial(sweep, s, store) for s in specs]
+    packed = run_pack(sweep, specs, store, limit=16)
+    sizes = {}
+    for a, p in zip(alone, packed, strict=True):
+        assert isinstance(p, dict), p
+        assert p["trial_hash"] == a["trial_hash"] and p["status"] == "done"
+        for column in ("val_acc", "test_acc", "best_epoch", "epochs_run"):
+            assert p[column] == pytest.approx(a[column], abs=1e-6), (a["trial"], column)
+        sizes[p["method"]] = p["pack"]
+        assert a["pack"] == 1
+    # Masked models pack together, plain models together; l2sp trains alone.
+    assert sizes == {"subtask_induction": 6, "sampled_subnetwork": 6, "scratch": 6, "full_transfer": 6, "l2sp": 1}
+    assert sum(p["total_s"] for p in packed) > 0
+    limited = run_pack(sweep, specs, store, limit=4)
+    assert sorted(p["pack"] for p in limited if p["method"] != "l2sp") == [2] * 4 + [4] * 8
+
+
+def test_a_trial_that_fails_in_its_pack_is_tried_again_alone(tiny, monkeypatch):
+    failing = RuntimeError("diverged in the pack")
+
+    def run_pack(sweep, specs, store, limit):  # the first trial fails in its pack, the others pack
+        done = [{"trial_hash": f"h{s.seed}", "status": "done", "total_s": 0.1, "seed": s.seed} for s in specs[1:]]
+        return [failing, *done]
+
+    monkeypatch.setattr(worker, "run_pack", run_pack)
+    fake = _FakeRun(epochs=0)
+    monkeypatch.setattr(worker, "run_trial", fake)
+    sent = []
+    sweep = tiny(max_failures=1, resources={"pack": 4})
+    worker.Group(sweep, _specs(3), store=None, send=sent.append).run()
+    assert fake.calls == [0], "the failed trial alone, once (its pack was its first try)"
+    assert [r["status"] for r in _rows(sent)] == ["done"] * 3
+    sent.clear()
+    fake.calls.clear()
+    worker.Group(tiny(max_failures=0, resources={"pack": 4}), _specs(3), store=None, send=sent.append).run()
+    assert fake.calls == []
+    rows = _rows(sent)
+    assert rows[0]["status"] == "failed" and "diverged in the pack" in rows[0]["error"]
+
+
+def test_packed_sweep_on_ray_gives_the_rows_of_a_serial_one(ray_local, tmp_path):
+    from orchestrator import results
+    from orchestrator.config import load_sweep
+    from orchestrator.sweep import run_sweep
+
+    tables = {}
+    for pack in (1, "auto"):
+        sweep = load_sweep(_raw(model={"dropout": 0.0}, resources={"pack": pack}))
+        outcome = run_sweep(sweep, tmp_path / f"pack{pack}")
+        assert outcome.failed == 0 and outcome.ran == 12
+        tables[pack] = results.read(tmp_path / f"pack{pack}" / "results.parquet").set_index("trial_hash")
+    serial, packed = tables[1], tables["auto"].loc[tables[1].index]
+    assert (serial["pack"] == 1).all()
+    assert (packed["pack"] == 2).all(), "each budget's two seeds of a method pack"
+    for column in ("test_acc", "val_acc", "best_epoch", "epochs_run"):
+        assert packed[column].tolist() == pytest.approx(serial[column].tolist(), abs=1e-6), column
