@@ -430,14 +430,10 @@ def _fit(objective: Objective, data, cfg, generator, on_epoch, mixed_precision, 
         name: generator if i == 0 else _derived(generator, f"stream:{name}") for i, name in enumerate(objective.streams)
     }
     lead, others = objective.streams[0], objective.streams[1:]
-    if cfg.select == "val_loss" and objective.val_loss is None:
-        raise ValueError(
-            f"select: val_loss needs the objective's validation loss, and this one (training a "
-            f"{type(module).__name__}) has none; use select: val_acc"
-        )
+    check_selectable(cfg, objective)
     # The schedule runs over the maximum number of steps, whether or not the run stops early.
     per_epoch = math.ceil(len(splits[lead]) / cfg.batch_size) * objective.steps_per_batch
-    schedule = _schedule(cfg, cfg.epochs * per_epoch)
+    schedule = lr_schedule(cfg, cfg.epochs * per_epoch)
     loop = _Loop(
         objective=objective,
         cfg=cfg,
@@ -488,17 +484,14 @@ def _fit(objective: Objective, data, cfg, generator, on_epoch, mixed_precision, 
         if objective.end_epoch is not None:
             row.update(objective.end_epoch(epoch) or {})
         score = objective.score()
-        key = score
-        if cfg.select == "val_loss":
-            row["val_loss"] = objective.val_loss()
-            key = -row["val_loss"]
+        key = selection_key(cfg, objective, score, row)
         if schedule is not None:
             row["lr"] = opt.param_groups[0]["lr"]
         loop.history.append(score)
         loop.measured.append(row)
         if on_epoch is not None:
             on_epoch(epoch, score)
-        if key > loop.best_key or (cfg.ties == "last" and key == loop.best_key):
+        if improves(cfg, key, loop.best_key):
             loop.best, loop.best_key, loop.stale = (score, epoch, objective.snapshot()), key, 0
         else:
             loop.stale += 1
@@ -520,12 +513,39 @@ def _fit(objective: Objective, data, cfg, generator, on_epoch, mixed_precision, 
     )
 
 
-def _schedule(cfg: TrainConfig, total_steps: int) -> Callable[[int], float] | None:
+# Schedule and selection, shared with any other loop over `TrainConfig` (methods/packing.py).
+
+
+def lr_schedule(cfg: TrainConfig, total_steps: int) -> Callable[[int], float] | None:
     """The learning rate of optimiser step t (counted from 0), or None for a constant one. A pure
     function of the step count, which checkpoints hold, so a resumed run follows it exactly."""
     if cfg.lr_schedule == "constant":
         return None
     return lambda step: cfg.lr * max(0.0, 1.0 - step / max(1, total_steps))
+
+
+def check_selectable(cfg: TrainConfig, objective: Objective) -> None:
+    """Raise ValueError if `cfg.select` needs what `objective` lacks."""
+    if cfg.select == "val_loss" and objective.val_loss is None:
+        raise ValueError(
+            f"select: val_loss needs the objective's validation loss, and this one (training a "
+            f"{type(objective.module).__name__}) has none; use select: val_acc"
+        )
+
+
+def selection_key(cfg: TrainConfig, objective: Objective, score: float, row: dict[str, float]) -> float:
+    """This epoch's value of `cfg.select`, higher is better: the score, or minus the validation
+    loss (which is added to the epoch's measurements `row`)."""
+    if cfg.select == "val_acc":
+        return score
+    row["val_loss"] = objective.val_loss()
+    return -row["val_loss"]
+
+
+def improves(cfg: TrainConfig, key: float, best_key: float) -> bool:
+    """Whether an epoch with selection value `key` replaces the kept one (`cfg.ties`); patience
+    restarts when it does."""
+    return key > best_key or (cfg.ties == "last" and key == best_key)
 
 
 def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
