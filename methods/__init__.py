@@ -12,6 +12,7 @@ from methods.analysis import ANALYSES, AnalysisContext, Column, Profile, registe
 from methods.artifacts import ARTIFACTS, ArtifactContext, ArtifactKind, register_artifact
 from methods.discovery import DISCOVERERS, Discovery, DiscoveryConfig, discover
 from methods.masking import Mask, MaskedModel, MaskSelection, effective_state_dict, maskable_names, topk_mask
+from methods.packing import NotPackable, fit_packed, packable
 from methods.registry import METHODS, Method, MethodContext, get_method, register_method
 from methods.training import NonFiniteLoss, Objective, TrainConfig, cross_entropy, evaluate, fit, train
 from methods.transfer import TransferConfig, transfer
@@ -33,6 +34,7 @@ __all__ = [
     "Method",
     "MethodContext",
     "NonFiniteLoss",
+    "NotPackable",
     "Objective",
     "Profile",
     "TrainConfig",
@@ -42,8 +44,10 @@ __all__ = [
     "effective_state_dict",
     "evaluate",
     "fit",
+    "fit_packed",
     "get_method",
     "maskable_names",
+    "packable",
     "register_analysis",
     "register_artifact",
     "register_method",

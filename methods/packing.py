@@ -44,9 +44,14 @@ from methods.training import (
     _derived,
     _device_of,
     _loose,
+    _set_lr,
     _stream,
     autocast,
     batches,
+    check_selectable,
+    improves,
+    lr_schedule,
+    selection_key,
 )
 from tasks.base import Split, StageData
 
@@ -170,6 +175,8 @@ def fit_packed(
         reason = f"{len(generators)} generators for {len(objectives)} objectives"
     if reason is not None:
         raise NotPackable(reason)
+    for objective in objectives:
+        check_selectable(cfg, objective)
     if not objectives[0].global_rng:
         return _fit_packed(objectives, datas, cfg, generators, mixed_precision)
     # As `fit`: one draw from each model's generator (before its shuffling) seeds the RNG that
@@ -188,7 +195,8 @@ class _Member:
     objective: Objective
     gens: dict[str, torch.Generator]
     queues: dict[str, list[torch.Tensor]]
-    best: tuple[float, int, Any]
+    best: tuple[float, int, Any]  # (score, epoch, snapshot) of the kept epoch
+    best_key: float = -math.inf  # its value of `cfg.select`, as higher-is-better
     stale: int = 0
     history: list[float] = dataclasses.field(default_factory=list)
     measured: list[dict[str, float]] = dataclasses.field(default_factory=list)
@@ -225,9 +233,10 @@ class _Pack:
         self.cfg = cfg
         self.opt = self._optimizer()
 
-    def _optimizer(self) -> torch.optim.Optimizer:
+    def _optimizer(self, lr: float | None = None) -> torch.optim.Optimizer:
         params = [self.tensors[n] for n in self.trained]
-        return torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, foreach=True)
+        lr = self.cfg.lr if lr is None else lr
+        return torch.optim.AdamW(params, lr=lr, weight_decay=self.cfg.weight_decay, foreach=True)
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only the models at `rows` (their optimiser state with them)."""
@@ -236,7 +245,7 @@ class _Pack:
         with torch.no_grad():
             for n, t in self.tensors.items():
                 self.tensors[n] = t.detach()[rows].requires_grad_(n in old)
-        self.opt = self._optimizer()
+        self.opt = self._optimizer(lr=self.opt.param_groups[0]["lr"])  # the schedule's, if any
         for n, state in states.items():
             # exp_avg / exp_avg_sq are per model; `step` is one count, shared while all step together.
             self.opt.state[self.tensors[n]] = {
@@ -277,6 +286,10 @@ def _fit_packed(objectives, datas, cfg, generators, mixed_precision) -> list[Tra
         for k, o in enumerate(objectives)
     ]
     pack = _Pack(objectives, cfg)
+    # As `fit`: the schedule runs over the maximum number of steps, whether or not a model stops early.
+    schedule = lr_schedule(cfg, cfg.epochs * math.ceil(sizes[first] / cfg.batch_size))
+    if schedule is not None:
+        _set_lr(pack.opt, schedule(0))
     call = _LossCall(lead)
     results: list[TrainResult | BaseException | None] = [None] * len(objectives)
     epoch = steps = 0
@@ -317,6 +330,8 @@ def _fit_packed(objectives, datas, cfg, generators, mixed_precision) -> list[Tra
                 sums[key] = sums.get(key, 0.0) + value.detach().float()
                 reported[key] = reported.get(key, 0) + 1
             steps += 1
+            if schedule is not None:
+                _set_lr(pack.opt, schedule(steps))  # the next step's (0 after the last)
         # Checked once per epoch, as in `fit`.
         totals = loss_sum.tolist()
         sums_of = {key: value.tolist() for key, value in sums.items()}
@@ -326,7 +341,8 @@ def _fit_packed(objectives, datas, cfg, generators, mixed_precision) -> list[Tra
             if not math.isfinite(total):
                 results[m.index] = NonFiniteLoss(f"training loss became {total} in epoch {epoch}")
                 continue
-            if _epoch_end(m, cfg, epoch, {key: s[row] / reported[key] for key, s in sums_of.items()}):
+            measured = {key: s[row] / reported[key] for key, s in sums_of.items()}
+            if _epoch_end(m, cfg, epoch, measured, pack.opt.param_groups[0]["lr"] if schedule else None):
                 m.objective.restore(m.best[2])
                 results[m.index] = TrainResult(
                     best_val_acc=m.best[0],
@@ -345,13 +361,17 @@ def _fit_packed(objectives, datas, cfg, generators, mixed_precision) -> list[Tra
     return results
 
 
-def _epoch_end(m: _Member, cfg: TrainConfig, epoch: int, row: dict[str, float]) -> bool:
-    """Score model `m` (its module holds this epoch's weights) and keep its best; whether it is done."""
+def _epoch_end(m: _Member, cfg: TrainConfig, epoch: int, row: dict[str, float], lr: float | None) -> bool:
+    """As `fit` at an epoch end: score model `m` (its module holds this epoch's weights), keep its
+    best epoch by `cfg.select`; whether it is done."""
     score = m.objective.score()
+    key = selection_key(cfg, m.objective, score, row)
+    if lr is not None:
+        row["lr"] = lr
     m.history.append(score)
     m.measured.append(row)
-    if score > m.best[0]:
-        m.best, m.stale = (score, epoch, m.objective.snapshot()), 0
+    if improves(cfg, key, m.best_key):
+        m.best, m.best_key, m.stale = (score, epoch, m.objective.snapshot()), key, 0
     else:
         m.stale += 1
     return (

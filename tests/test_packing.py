@@ -120,6 +120,28 @@ def test_each_packed_model_follows_its_serial_run(tiny, kind):
     assert len({round(r.history[0], 6) for r in packed_results} | {round(r.history[-1], 6) for r in packed_results}) > 1
 
 
+def test_paper_settings_pack_too(tiny):
+    # The paper's model and loop: a tied LM head, the all-positions loss (the model's own), GPT-2 init,
+    # a linear schedule, the best epoch by validation loss, ties to the last.
+    sweep = tiny(model={"dropout": 0.0, "head": "tied_lm", "init": "gpt2"}, task={"loss": "all_positions"})
+    task, seeds = sweep.build_task(), [0, 1, 2]
+    models = [fresh_model(sweep, task, s, "init") for s in seeds]
+    datas = [task.downstream_data(s, 1.0) for s in seeds]
+    assert models[0].own_loss
+    cfg = TrainConfig(
+        lr=3e-3, batch_size=26, epochs=6, lr_schedule="linear", select="val_loss", ties="last", patience=2
+    )
+    serial_models, expected = serial(models, datas, cfg, seeds)
+    packed_models, got = packed(models, datas, cfg, seeds)
+    for k in range(len(seeds)):
+        assert (got[k].best_epoch, got[k].epochs_run) == (expected[k].best_epoch, expected[k].epochs_run)
+        assert got[k].history == pytest.approx(expected[k].history, abs=1e-6)
+        for ours, theirs in zip(got[k].measurements, expected[k].measurements, strict=True):
+            assert ours.keys() == theirs.keys() >= {"lm", "ce", "val_loss", "lr"}
+            assert ours == pytest.approx(theirs, rel=1e-5)
+        assert_same_model(packed_models[k], serial_models[k], datas[k])
+
+
 def test_frozen_transplant_stays_the_source(tiny):
     seeds = [0, 1]
     models, datas = build(tiny, "masked", seeds)
@@ -180,8 +202,9 @@ def test_packing_leaves_the_global_rng_as_it_was(tiny):
     [
         TrainConfig(lr=3e-3, batch_size=26, epochs=25, patience=2),
         TrainConfig(lr=3e-3, batch_size=26, epochs=25, target_val_acc=0.3),
+        TrainConfig(lr=3e-3, batch_size=26, epochs=25, patience=2, ties="last", lr_schedule="linear"),
     ],
-    ids=["patience", "target"],
+    ids=["patience", "target", "ties-last-linear-lr"],
 )
 def test_models_stop_at_their_own_epochs(tiny, cfg):
     seeds = list(range(K))
