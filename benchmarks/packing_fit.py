@@ -60,9 +60,8 @@ def main() -> None:
         return sum(r.steps for r in results) / (time.perf_counter() - start)
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(
-        f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, torch {torch.__version__}"
-    )
+    cpu = _cpu_model() or platform.machine()
+    print(f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}")
     print(f"load average at start: {load:.2f}")
     m = sweep.model
     print(
@@ -86,6 +85,14 @@ def main() -> None:
             fused = packed(k, {"dropout": 0.0})
         print(f"\nattention, K={k}, dropout 0, 1 thread: math kernel {math_kernel:.0f} model-steps/s, ", end="")
         print(f"fused kernel (vmap loops) {fused:.0f} model-steps/s ({math_kernel / fused:.2f}x)")
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return None
 
 
 @contextlib.contextmanager
