@@ -117,6 +117,7 @@ class _FakeRun:
 
 
 def _run_group(tiny, monkeypatch, n, fake, **sweep):
+    sweep.setdefault("resources", {"pack": 1})  # trials alone: packs are tested below
     monkeypatch.setattr(worker, "run_trial", fake)
     sent = []
     worker.Group(tiny(**sweep), _specs(n), store=None, send=sent.append).run()
@@ -206,7 +207,7 @@ def test_grouped_trials_give_the_rows_of_trials_run_alone(ray_local, tmp_path):
 
     tables = {}
     for group in (1, 5):
-        sweep = load_sweep(_raw(resources={"group": group}))
+        sweep = load_sweep(_raw(resources={"group": group, "pack": 1}))
         outcome = run_sweep(sweep, tmp_path / f"group{group}")
         assert outcome.failed == 0 and outcome.ran == len(expand(sweep)) == 12
         tables[group] = results.read(tmp_path / f"group{group}" / "results.parquet").set_index("trial_hash")
@@ -238,7 +239,7 @@ def test_a_group_whose_worker_dies_is_retried_and_every_trial_gets_its_row(tmp_p
                 methods=["scratch", "dies_once"],  # dies_once is scratch bit for bit
                 seeds=[0, 1],
                 training={"epochs": 6, "batch_size": 10},
-                resources={"group": 4},
+                resources={"group": 4, "pack": 1},
                 max_failures=1,
             )
         )
