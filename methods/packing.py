@@ -20,6 +20,11 @@ only, built the same way for every member (`Method.packable` marks the methods w
 `packable(objectives, datas)` says why a pack is refused; `fit_packed` raises `NotPackable` with
 that reason before training anything, so the caller can fall back to `fit`. Checkpoints and the
 rest of `supervised(...)` are not applied here: `fit_packed` ignores any supervision in scope.
+
+Attention runs the math kernel of `scaled_dot_product_attention` (`sdpa_kernel`) inside the pack:
+it batches under vmap, where CPU's fused kernel has no batching rule and would run once per model.
+Buffers that forward updates in place (batch-norm statistics) stay per model. A pack of one is
+slower than `fit` (vmap's overhead); the gain grows with K (benchmarks/packing_fit.py).
 """
 
 from __future__ import annotations
