@@ -19,7 +19,8 @@ What packs: objectives whose loss is a function of the batch, the step and their
 only, built the same way for every member (`Method.packable` marks the methods whose objective is).
 `packable(objectives, datas)` says why a pack is refused; `fit_packed` raises `NotPackable` with
 that reason before training anything, so the caller can fall back to `fit`. Checkpoints and the
-rest of `supervised(...)` are not applied here: `fit_packed` ignores any supervision in scope.
+rest of `supervised(...)` are not applied here, but for its stop request: asked at every epoch end,
+it ends the pack with `Interrupted` (nothing saved: the pack runs again).
 
 Attention runs the math kernel of `scaled_dot_product_attention` (`sdpa_kernel`) inside the pack:
 it batches under vmap, where CPU's fused kernel has no batching rule and would run once per model.
@@ -41,6 +42,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common.seeding import stage_seed
 from methods.training import (
+    _SUPERVISION,
+    Interrupted,
     Measurements,
     NonFiniteLoss,
     Objective,
@@ -298,6 +301,7 @@ def _fit_packed(objectives, datas, cfg, generators, mixed_precision) -> list[Tra
     call = _LossCall(lead)
     results: list[TrainResult | BaseException | None] = [None] * len(objectives)
     epoch = steps = 0
+    supervision = _SUPERVISION.get()  # only its stop request applies to a pack
 
     def losses(tensors: dict[str, torch.Tensor], x: dict[str, torch.Tensor], y: dict[str, Labels], step: int):
         # One model: its tensors (no leading K), its batch of each stream.
@@ -363,6 +367,8 @@ def _fit_packed(objectives, datas, cfg, generators, mixed_precision) -> list[Tra
             members = [members[row] for row in staying]
             if members:
                 pack.keep(torch.tensor(staying, device=device))
+        if members and supervision is not None and supervision.should_stop is not None and supervision.should_stop():
+            raise Interrupted(f"a pack of {len(objectives)} stopped on request after epoch {epoch} (not checkpointed)")
     return results
 
 

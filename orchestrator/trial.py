@@ -41,7 +41,7 @@ from common.seeding import seeded_init, torch_generator
 from methods import ANALYSES, ARTIFACTS, AnalysisContext, ArtifactContext, MethodContext, evaluate, get_method
 from methods.artifacts import closure
 from methods.packing import fit_packed, packable
-from methods.training import Supervision, supervised
+from methods.training import Interrupted, Supervision, supervised
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.checkpoints import Checkpointer, CheckpointStore, Interval
 from orchestrator.config import SweepConfig, grid_axes
@@ -314,11 +314,13 @@ def run_pack(
     store: ArtifactStore,
     limit: int,
     device: torch.device | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[dict[str, Any] | BaseException]:
     """Run trials whose models can train together, as packs of at most `limit` models
     (`methods.packing.fit_packed`); the rest alone. Each trial's upstream, build, evaluation and
     analyses are as in `run_trial`. Returns each trial's row, or the exception that ended it (in
-    set-up, or a diverging model: the others go on).
+    set-up, or a diverging model: the others go on). `should_stop()` is asked at every epoch end:
+    when True, `Interrupted` is raised (a pack saves nothing: its trials run again).
 
     Trials pack when their methods are packable, their training settings are the same, their models
     have the same parameters and buffers (names, shapes, which train) and their data the same sizes:
@@ -329,9 +331,11 @@ def run_pack(
     outcomes: dict[int, dict[str, Any] | BaseException] = {}
     ready: dict[tuple, list[tuple[int, Trial]]] = {}
     for i, spec in enumerate(specs):
-        trial = Trial(sweep, spec, store, None, device)
+        trial = Trial(sweep, spec, store, None, device, should_stop=should_stop)
         try:
             trial.prepare()
+        except Interrupted:
+            raise
         except Exception as error:
             outcomes[i] = error
             continue
@@ -339,11 +343,11 @@ def run_pack(
     for members in ready.values():
         for start in range(0, len(members), max(1, limit)):
             chunk = members[start : start + max(1, limit)]
-            outcomes.update(_train_pack(chunk))
+            outcomes.update(_train_pack(chunk, should_stop))
     return [outcomes[i] for i in range(len(specs))]
 
 
-def _train_pack(members: list[tuple[int, Trial]]) -> dict[int, dict[str, Any] | BaseException]:
+def _train_pack(members: list[tuple[int, Trial]], should_stop) -> dict[int, dict[str, Any] | BaseException]:
     trials = [t for _, t in members]
     outcomes: dict[int, dict[str, Any] | BaseException] = {}
     objectives = [t.method.objective(t.ctx, t.model) for t in trials] if len(trials) > 1 else []
@@ -352,23 +356,26 @@ def _train_pack(members: list[tuple[int, Trial]]) -> dict[int, dict[str, Any] | 
         for i, trial in members:
             try:
                 outcomes[i] = trial.train_alone()
+            except Interrupted:
+                raise
             except Exception as error:
                 outcomes[i] = error
         return outcomes
     start = time.perf_counter()
-    results = fit_packed(
-        objectives,
-        [t.ctx.data for t in trials],
-        trials[0].effective.training,
-        [t.train_generator() for t in trials],
-        mixed_precision=trials[0].effective.resources.mixed_precision,
-    )
+    with supervised(Supervision(name="train", checkpointer=None, should_stop=should_stop, on_epoch=None)):
+        results = fit_packed(
+            objectives,
+            [t.ctx.data for t in trials],
+            trials[0].effective.training,
+            [t.train_generator() for t in trials],
+            mixed_precision=trials[0].effective.resources.mixed_precision,
+        )
     share = (time.perf_counter() - start) / len(trials)
     for (i, trial), result in zip(members, results, strict=True):
         if isinstance(result, BaseException):
             outcomes[i] = result
             continue
-        try:
+        try:  # evaluation and analyses: a failure is this trial's
             trial.times["train_s"] = share
             trial.clock = time.perf_counter()
             trial.trained(result, timed=False)

@@ -70,7 +70,12 @@ class Group:
         limit = pack_limit(self.sweep)
         packable = [s for s in self.specs if get_method(s.method).packable] if limit > 1 else []
         if len(packable) > 1:
-            self.run_packed(packable, limit)
+            try:
+                self.run_packed(packable, limit)
+            except Interrupted as stopped:
+                print(f"[{packable[0].name}+{len(packable) - 1}] {stopped}; they run again in the next run", flush=True)
+                self.flush("interrupted")
+                return
             alone = [s for s in self.specs if s not in packable]
             if not alone:
                 self.flush("done")
@@ -97,7 +102,7 @@ class Group:
     def run_packed(self, specs: list[TrialSpec], limit: int) -> None:
         """Train `specs` in packs (`run_pack`); a trial that fails in its pack is tried again alone
         (`max_failures` more times), so it gets as many tries as any other."""
-        outcomes = run_pack(self.sweep, specs, self.store, limit)
+        outcomes = run_pack(self.sweep, specs, self.store, limit, should_stop=stop.requested)
         for spec, outcome in zip(specs, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 print(f"[{spec.name}] failed in its pack: {outcome!r}", flush=True)

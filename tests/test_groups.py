@@ -325,7 +325,7 @@ def test_a_pack_gives_the_rows_of_its_trials_run_alone(tiny, tmp_path):
 def test_a_trial_that_fails_in_its_pack_is_tried_again_alone(tiny, monkeypatch):
     failing = RuntimeError("diverged in the pack")
 
-    def run_pack(sweep, specs, store, limit):  # the first trial fails in its pack, the others pack
+    def run_pack(sweep, specs, store, limit, **kwargs):  # the first trial fails in its pack, the others pack
         done = [{"trial_hash": f"h{s.seed}", "status": "done", "total_s": 0.1, "seed": s.seed} for s in specs[1:]]
         return [failing, *done]
 
@@ -361,3 +361,21 @@ def test_packed_sweep_on_ray_gives_the_rows_of_a_serial_one(ray_local, tmp_path)
     assert (packed["pack"] == 2).all(), "each budget's two seeds of a method pack"
     for column in ("test_acc", "val_acc", "best_epoch", "epochs_run"):
         assert packed[column].tolist() == pytest.approx(serial[column].tolist(), abs=1e-6), column
+
+
+def test_a_stop_request_ends_a_pack_at_its_epoch_end_without_rows(tiny, tmp_path, monkeypatch):
+    from orchestrator.artifacts import ArtifactStore
+
+    asked = []
+
+    def requested():
+        asked.append(1)
+        return len(asked) > 1  # the second epoch end
+
+    monkeypatch.setattr(worker.stop, "requested", requested)
+    sweep = tiny(methods=["scratch"], seeds=[0, 1, 2], training={"epochs": 5})
+    sent = []
+    worker.Group(sweep, expand(sweep), ArtifactStore(tmp_path), send=sent.append).run()
+    assert [r["stage"] for r in sent] == ["interrupted"]
+    assert _rows(sent) == [], "a stopped pack saves nothing: its trials run again"
+    assert len(asked) == 2

@@ -23,7 +23,11 @@ NATIVE = ("SIGTERM received", "Aborted", "Traceback", "logging.cc", "PC: @")
 def _sweep(tmp_path):
     # Trials of a few seconds each, so that some are running when the signal comes.
     raw = tiny_raw(
-        methods=["scratch", "full_transfer"], data_fractions=[0.5, 1.0], seeds=[0, 1, 2], training={"epochs": 40}
+        methods=["scratch", "full_transfer"],
+        data_fractions=[0.5, 1.0],
+        seeds=[0, 1, 2],
+        training={"epochs": 40},
+        resources={"pack": 1},  # trials alone, which checkpoint when stopped (a pack: tests/test_groups.py)
     )
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(raw))
