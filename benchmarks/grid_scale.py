@@ -51,7 +51,8 @@ def tiny_sweep(n: int, epochs: int) -> dict:
         "source": {"epochs": 2, "lr": 1e-3},
         "discovery": {"epochs": 2, "batch_size": 100},
         "training": {"epochs": epochs, "lr": 1e-3},
-        "resources": {"cpu": 1, "gpu": 0},
+        # Trials alone (not packed): this measures the orchestration of N trials (packing: benchmarks/packing.py).
+        "resources": {"cpu": 1, "gpu": 0, "pack": 1},
         "methods": ["subtask_induction", "scratch"],
         "sparsities": [0.5],
         "data_fractions": [(i + 1) / 50 for i in range(50)],  # budgets of 2, 4, ..., 100 samples
