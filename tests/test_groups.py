@@ -373,7 +373,7 @@ def test_a_stop_request_ends_a_pack_at_its_epoch_end_without_rows(tiny, tmp_path
         return len(asked) > 1  # the second epoch end
 
     monkeypatch.setattr(worker.stop, "requested", requested)
-    sweep = tiny(methods=["scratch"], seeds=[0, 1, 2], training={"epochs": 5})
+    sweep = tiny(methods=["scratch"], seeds=[0, 1, 2], training={"epochs": 5}, resources={"pack": "auto"})
     sent = []
     worker.Group(sweep, expand(sweep), ArtifactStore(tmp_path), send=sent.append).run()
     assert [r["stage"] for r in sent] == ["interrupted"]
