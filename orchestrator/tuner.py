@@ -111,10 +111,15 @@ def group_name(config: dict) -> str:
 
 def ahead(sweep: SweepConfig, concurrency: int) -> int:
     """Trials Tune may create beyond those that run. Where the cluster's resources bound the running
-    trials, a few more wait for the next actor to free up and start on it at once, instead of being
-    created a Tune step later. Where `resources.max_concurrent` bounds them, none: Tune's limit is
-    then the only one."""
-    return 0 if sweep.resources.max_concurrent else max(4, concurrency)
+    trials and every trial is its own Tune trial (`resources.group: 1`), a few more wait for the
+    next actor to free up and start on it at once, instead of being created a Tune step later.
+    None where `resources.max_concurrent` bounds them (Tune's limit is then the only one), nor with
+    trial groups: their Tune trials are few and seconds long, and trials created ahead of them made
+    Tune start actors that it then threw away (18 extra worker processes, each importing torch, in
+    one run of 10,000 trials: overhead 1.32 instead of 1.12; docs/PERFORMANCE.md, "Grid scale")."""
+    if sweep.resources.max_concurrent or sweep.resources.group != 1:
+        return 0
+    return max(4, concurrency)
 
 
 # Result buffering on the workers. Ray 2.60 (tune_controller._schedule_trial_train) passes
