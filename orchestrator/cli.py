@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import signal
 import sys
+import threading
 from pathlib import Path
 
 EXAMPLES = """\
@@ -152,6 +154,7 @@ def _run(args) -> int:
         f"in {outcome.wall_s:.0f} s; results: {outcome.out_dir}/results.parquet"
     )
     if outcome.stopped_by is not None:
+        _exit_at_next_signal()
         pending = int((outcome.table["status"] == "pending").sum())
         print(
             f"stopped by {signal.Signals(outcome.stopped_by).name}: {pending} trial(s) not finished "
@@ -221,6 +224,16 @@ def _print_failures(table) -> None:
     print(f"{len(failed)} trial(s) failed:", file=sys.stderr)
     for _, row in failed.iterrows():
         print(f"  {row['trial']}: {row['error']}", file=sys.stderr)
+
+
+def _exit_at_next_signal() -> None:
+    """After a graceful stop, everything is written: another SIGINT/SIGTERM (e.g. a second one sent
+    while the process shuts Ray down) ends the process at once with 128 + its number, instead of
+    Python's default (a KeyboardInterrupt trace, or death by the signal)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: os._exit(128 + signum))
 
 
 if __name__ == "__main__":

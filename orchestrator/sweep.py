@@ -117,9 +117,15 @@ def run_sweep(
                     )
                     tuner.fit()
             finally:
-                stopper.restore()
-        table = results.collect(out, sweep, specs)
-        write_results(out, table)
+                if not stopper.stopping:
+                    stopper.restore()
+        try:
+            # While stopping, the handlers stay until the table is written: a second signal here
+            # writes it and exits (finish_now) rather than killing the process half-way.
+            table = results.collect(out, sweep, specs)
+            write_results(out, table)
+        finally:
+            stopper.restore()
     failed = int((table["status"] == "failed").sum()) if len(table) else 0
     finished = set(table.loc[table["status"] != "pending", "trial_hash"]) if len(table) else set()
     return SweepOutcome(

@@ -280,6 +280,7 @@ def test_pack_keys_join_packable_methods_of_one_budget_and_setting(tiny):
         data_fractions=[0.2, 1.0],
         seeds=[0, 1],
         axes={"training.lr": [1e-3, 2e-3]},
+        resources={"pack": "auto"},
     )
     specs = expand(sweep)
     keys = pack_keys(sweep, specs)
