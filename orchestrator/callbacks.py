@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from orchestrator.config import SweepConfig
-from orchestrator.ordering import COST_FIXED, cost
+from orchestrator.ordering import budget_cost, cost
 from orchestrator.outdir import mark_running, write_row
 from orchestrator.trial import TrialSpec, failed_row, trial_hash
 
@@ -101,7 +101,7 @@ def make_callbacks(
                 if group.finished(row):  # not a row sent again by a retried group
                     self.done += row["status"] == "done"
                     self.failed += row["status"] == "failed"
-                    self.cost_done += row["data_fraction"] + COST_FIXED
+                    self.cost_done += budget_cost(row["data_fraction"])
             if result["stage"] == "rows":
                 group.mark(int(result["group_next"]))
 

@@ -12,7 +12,12 @@ COST_FIXED = 0.1  # the part of a trial's cost that does not grow with its budge
 
 def cost(spec: TrialSpec) -> float:
     """Relative cost of a trial (for the ETA and trial groups): training time grows with the budget."""
-    return spec.data_fraction + COST_FIXED
+    return budget_cost(spec.data_fraction)
+
+
+def budget_cost(data_fraction: float) -> float:
+    """`cost` of a trial with this data fraction (e.g. read from its row)."""
+    return data_fraction + COST_FIXED
 
 
 def order_trials(sweep: SweepConfig, specs: list[TrialSpec], concurrency: int) -> list[TrialSpec]:
