@@ -69,22 +69,21 @@ class Group:
     def run(self) -> None:
         limit = pack_limit(self.sweep)
         packable = [s for s in self.specs if get_method(s.method).packable] if limit > 1 else []
-        if len(packable) > 1:
+        if len(packable) < 2:  # a lone packable trial trains alone, below
+            packable = []
+        if packable:
             try:
                 self.run_packed(packable, limit)
             except Interrupted as stopped:
                 print(f"[{packable[0].name}+{len(packable) - 1}] {stopped}; they run again in the next run", flush=True)
                 self.flush("interrupted")
                 return
-            alone = [s for s in self.specs if s not in packable]
-            if not alone:
-                self.flush("done")
-                return
-            self.specs = alone
-            if stop.requested():
+            if len(packable) < len(self.specs) and stop.requested():
                 self.flush("interrupted")
                 return
-        for index, spec in enumerate(self.specs):
+        # Indices into the whole group: the driver marks trial `group_next` of its list as running.
+        alone = [(i, s) for i, s in enumerate(self.specs) if s not in packable]
+        for n, (index, spec) in enumerate(alone):
             self.started = index
             try:
                 row = self.run_one(spec)
@@ -94,8 +93,8 @@ class Group:
                 return
             log(spec, row["status"], row)
             self.rows.append((spec, row))
-            if time.monotonic() - self.last_rows >= REPORT_EVERY_S and index + 1 < len(self.specs):
-                self.started = index + 1
+            if time.monotonic() - self.last_rows >= REPORT_EVERY_S and n + 1 < len(alone):
+                self.started = alone[n + 1][0]
                 self.flush("rows")
         self.flush("done")
 
@@ -114,7 +113,6 @@ class Group:
                 row = outcome
             log(spec, row["status"], row)
             self.rows.append((spec, row))
-        self.started = len(specs)
 
     def run_one(self, spec: TrialSpec, tries: int | None = None) -> dict[str, Any]:
         """The trial's row: done, or failed after `tries` tries (default: 1 + `max_failures`)."""

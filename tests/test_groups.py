@@ -380,3 +380,18 @@ def test_a_stop_request_ends_a_pack_at_its_epoch_end_without_rows(tiny, tmp_path
     assert [r["stage"] for r in sent] == ["interrupted"]
     assert _rows(sent) == [], "a stopped pack saves nothing: its trials run again"
     assert len(asked) == 2
+
+
+def test_in_a_mixed_group_the_running_trial_is_named_by_its_place_in_the_group(tiny, monkeypatch):
+    def run_pack(sweep, specs, store, limit, **kwargs):
+        return [{"trial_hash": f"p{s.seed}", "status": "done", "total_s": 0.1, "seed": s.seed} for s in specs]
+
+    monkeypatch.setattr(worker, "run_pack", run_pack)
+    monkeypatch.setattr(worker, "run_trial", _FakeRun(epochs=0))
+    monkeypatch.setattr(worker, "REPORT_EVERY_S", 0.0)
+    alone = [TrialSpec(method="l2sp", data_fraction=0.5, seed=s) for s in (10, 11, 12)]
+    specs = [alone[0], *_specs(2), *alone[1:]]  # l2sp trains alone, the two scratch trials pack
+    sent = []
+    worker.Group(tiny(resources={"pack": 4}), specs, store=None, send=sent.append).run()
+    assert [r["seed"] for r in _rows(sent)] == [0, 1, 10, 11, 12]
+    assert [r["group_next"] for r in sent if r["stage"] == "rows"] == [3, 4], "indices into the whole group"
