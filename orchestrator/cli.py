@@ -91,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("out", nargs="+", help="output directories (paths or URIs) of `instill run` (merged)")
     report.add_argument("--to", type=Path, help="local report directory (default: FIRST_OUT/report; needed for URIs)")
     report.add_argument("--target", type=float, default=0.9, help="accuracy whose required budget is reported")
+    report.add_argument(
+        "--versus", metavar="METHOD", help="also compare every series with its closest series of METHOD, paired by seed"
+    )
     return parser
 
 
@@ -123,6 +126,9 @@ def _validate(args) -> int:
     print(f"  data fractions {list(sweep.data_fractions)}")
     for path, values in sweep.axes.items():
         print(f"  axis {path}: {list(values)}")
+    for name, values in sweep.variants.items():
+        changes = ", ".join(f"{path}={value}" for path, value in values.items()) or "the sweep as written"
+        print(f"  variant {name}: {changes}")
     analyses = [name for name, _ in sweep.analysis_list()]
     print(f"  analyses {', '.join(analyses) or 'none'}")
     upstream = ", ".join(f"{len(keys)} {kind}" for kind, keys in artifacts.items()) or "no upstream artifacts"
@@ -213,7 +219,7 @@ def _status(args) -> int:
 def _report(args) -> int:
     from orchestrator.report import write_report
 
-    report_dir = write_report(args.out, args.to, target=args.target)
+    report_dir = write_report(args.out, args.to, target=args.target, versus=args.versus)
     print((report_dir / "summary.md").read_text())
     print(f"report: {report_dir}")
     return 0

@@ -122,6 +122,7 @@ class Tuning(Frozen):
 
 
 _TASK_CACHE: dict[str, object] = {}
+VARIANT = "variant"  # the grid axis of `variants:` (a row column of that name)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 # Paths that are not settings of an experiment: sweeping them is a mistake with a better spelling.
@@ -138,6 +139,7 @@ _NOT_AXES = {
     "tuning": "tuning settings are for `instill tune`",
     "method_overrides": "set per-method values in method_overrides directly",
     "axes": "axes cannot be swept",
+    "variants": "variants cannot be swept",
     "analyses": "list analyses in `analyses:`",
 }
 
@@ -167,6 +169,11 @@ class SweepConfig(Frozen):
         (), description="analyses run on every trained model: names or {name: ..., <params>}"
     )
     axes: dict[str, tuple[Any, ...]] = Field({}, description="config path -> values: more axes of the grid")
+    variants: dict[str, dict[str, Any]] = Field(
+        {},
+        description="name -> {config path: value}: one more axis of the grid, `variant`, whose values are "
+        "named sets of settings applied together (e.g. an ablation that changes one thing at a time)",
+    )
 
     methods: tuple[str, ...] = Field(min_length=1)
     sparsities: tuple[float, ...] = (0.75,)
@@ -225,6 +232,42 @@ class SweepConfig(Frozen):
             _unique(tuple(json.dumps(x, sort_keys=True, default=str) for x in values), path)
         return v
 
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _variant_names(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            raise ValueError("expected a mapping of variant names to {config path: value} mappings")
+        for name, values in v.items():
+            if not _NAME.match(str(name)):
+                raise ValueError(f"variants: {name!r} is not a usable name: use letters, digits, '_', '.', '-'")
+            if not isinstance(values, dict):
+                raise ValueError(f"variants.{name}: expected a mapping of config paths to values, "
+                                 "e.g. {model.init: torch}; {} is the unchanged sweep")  # fmt: skip
+        return v
+
+    @model_validator(mode="after")
+    def _variant_paths(self):
+        for name, values in self.variants.items():
+            for path in values:
+                if path in self.axes:
+                    raise ValueError(f"variants.{name}: {path} is also an axis; drop one of them")
+        return self
+
+    @property
+    def grid(self) -> dict[str, tuple[Any, ...]]:
+        """The extra axes of the grid: the `axes:` paths and, with `variants:`, the axis `variant`
+        (its values are the variants' names)."""
+        if not self.variants:
+            return self.axes
+        return {**self.axes, VARIANT: tuple(self.variants)}
+
+    def axis_heads(self, path: str) -> set[str]:
+        """The sweep blocks an extra axis changes: a path's first part, or for `variant` the first
+        parts of every path any variant sets."""
+        if path == VARIANT:
+            return {_head(p) for values in self.variants.values() for p in values}
+        return {_head(path)}
+
     @model_validator(mode="after")
     def _sparsities_needed(self):
         if any("sparsity" in grid_axes(self, m) for m in self.methods) and not self.sparsities:
@@ -263,7 +306,13 @@ class SweepConfig(Frozen):
         values = {k: v for k, v in self.method_overrides.get(method, {}).items() if _head(k) not in shared_blocks()}
         for overrides in self.method_overrides.values():
             values.update({k: v for k, v in overrides.items() if _head(k) in shared_blocks()})
-        values.update(axes or {})
+        axes = dict(axes or {})
+        if VARIANT in axes:
+            name = axes.pop(VARIANT)
+            if name not in self.variants:
+                raise ValueError(f"variant {name!r} is not in variants {list(self.variants)}")
+            values.update(self.variants[name])
+        values.update(axes)
         return self.with_values(values)
 
     @model_validator(mode="after")
@@ -278,6 +327,8 @@ class SweepConfig(Frozen):
                     raise ValueError(f"method_overrides.{method}: {path} is another method's setting")
                 if path in self.axes:
                     raise ValueError(f"method_overrides.{method}: {path} is also an axis; drop one of them")
+                if any(path in values for values in self.variants.values()):
+                    raise ValueError(f"method_overrides.{method}: {path} is also set by a variant; drop one of them")
                 if head in shared_blocks():
                     if path in shared and shared[path][1] != value:
                         raise ValueError(
@@ -554,6 +605,34 @@ def _check_axes(config: SweepConfig) -> list[str]:
     return errors
 
 
+def _check_variants(config: SweepConfig) -> list[str]:
+    """Each variant's paths known and its values, applied together, valid and runnable."""
+    errors = []
+    for name, values in config.variants.items():
+        bad = False
+        for path in values:
+            try:
+                resolve_path(config, path)
+            except ValueError as err:
+                errors.append(f"variants.{name}.{path}: {err}")
+                bad = True
+                continue
+            if _head(path) in METHODS and _head(path) not in config.methods:
+                listed = list(config.methods)
+                errors.append(f"variants.{name}.{path}: method {_head(path)!r} is not in methods {listed}")
+                bad = True
+        if bad:
+            continue
+        try:
+            variant = config.with_values(values)
+        except ValueError as err:
+            errors.append(f"variants.{name}: " + "; ".join(str(err).splitlines()))
+            continue
+        if any(_head(p) in ("task", "model") for p in values):
+            errors += [f"variants.{name}: {e}" for e in _check_runnable(variant)]
+    return errors
+
+
 def per_method_blocks() -> set[str]:
     """Blocks whose settings may differ between methods (tuned or overridden): downstream training,
     a method's own block, and the settings of shared artifacts (inherited by all their users)."""
@@ -603,7 +682,7 @@ def load_sweep(raw: Any, source: str = "sweep") -> SweepConfig:
     except ValueError as err:
         errors.append(str(err))
     if config is not None:
-        errors += _check_axes(config) + _check_tuning(config)
+        errors += _check_axes(config) + _check_variants(config) + _check_tuning(config)
         if not errors:
             errors += _check_runnable(config)
     if not errors:

@@ -212,8 +212,8 @@ def series_config(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def axis_columns(table: pd.DataFrame) -> list[str]:
-    """The sweep's extra axes: columns named by a dotted config path (`model.n_layers`)."""
-    return sorted(c for c in table.columns if "." in str(c))
+    """The sweep's extra axes: columns named by a dotted config path (`model.n_layers`), and `variant`."""
+    return results.axis_columns(table.columns)
 
 
 def prepare(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -375,11 +375,16 @@ def _ordered(frame: pd.DataFrame, extra: list[str]) -> pd.DataFrame:
     return frame.sort_values(["task", "label", *extra], kind="stable").reset_index(drop=True)
 
 
-def _seed_matrix(group: pd.DataFrame, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """Budgets (ascending) and a seeds x budgets matrix of `metric` (NaN where a trial is missing)."""
+def _seed_frame(group: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """`metric` as seeds (rows) x budgets (columns, ascending); NaN where a trial is missing."""
     values = group.assign(_v=pd.to_numeric(group[metric], errors="coerce"))
     wide = values.pivot_table(index="seed", columns="n_train", values="_v", aggfunc="first", dropna=False)
-    wide = wide.sort_index(axis=1)
+    return wide.sort_index(axis=1)
+
+
+def _seed_matrix(group: pd.DataFrame, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Budgets (ascending) and a seeds x budgets matrix of `metric` (NaN where a trial is missing)."""
+    wide = _seed_frame(group, metric)
     return wide.columns.to_numpy(dtype=float), wide.to_numpy(dtype=float)
 
 
@@ -436,11 +441,13 @@ def _with_ratio(head: pd.DataFrame, info: pd.DataFrame) -> pd.DataFrame:
     return head
 
 
-def reference_for(series: str, info: pd.DataFrame) -> str | None:
-    """The reference series to compare `series` with: same task, and of those the one whose config
-    differs from it in the fewest fields both have (method-specific blocks do not count)."""
+def reference_for(series: str, info: pd.DataFrame, methods: set[str] | None = None) -> str | None:
+    """The reference series to compare `series` with: same task, a method of `methods` (default: the
+    registered references), and of those the one whose config differs from it in the fewest fields
+    both have (method-specific blocks do not count)."""
     task, flat = info.loc[series, "task"], info.loc[series, "flat"]
-    candidates = info[info["method"].isin(reference_methods()) & (info["task"] == task)]
+    methods = reference_methods() if methods is None else methods
+    candidates = info[info["method"].isin(methods) & (info["task"] == task) & (info["series"] != series)]
     if candidates.empty:
         return None
 
@@ -449,6 +456,61 @@ def reference_for(series: str, info: pd.DataFrame) -> str | None:
 
     ranked = sorted(candidates.itertuples(), key=lambda c: (distance(c.flat), c.label))
     return ranked[0].series
+
+
+def paired_differences(table: pd.DataFrame, versus: str, metric: str = METRIC, level: float = LEVEL) -> pd.DataFrame:
+    """Each series against its closest series of method `versus` (`reference_for`): per budget, the
+    difference of `metric` paired by seed (a seed's two trials share its source model and its draw of
+    the downstream data), its mean and Student t CI over the seeds both have.
+
+    Raises ConfigError when no finished trial ran `versus`.
+    """
+    done, info = prepare(table)
+    if versus not in set(info["method"]):
+        have = ", ".join(sorted(set(info["method"]))) or "none"
+        raise ConfigError(f"--versus {versus}: no finished trial ran {versus!r}; methods with results: {have}")
+    by_series = {s: _seed_frame(g, metric) for s, g in done.groupby("series", sort=False)}
+    rows = []
+    for series in info.index:
+        if info.loc[series, "method"] == versus:
+            continue
+        ref = reference_for(series, info, {versus})
+        if ref is None:
+            continue
+        a, b = by_series[series], by_series[ref]
+        for n in sorted(set(a.columns) & set(b.columns)):
+            diff = (a[n] - b[n]).dropna().to_numpy(dtype=float)  # aligned on seed: pairs only
+            if len(diff) == 0:
+                continue
+            lo, hi = t_interval(diff, level)
+            rows.append(
+                {
+                    **_ident(info, series),
+                    "versus": info.loc[ref, "label"],
+                    "n_train": n,
+                    "pairs": len(diff),
+                    "diff_mean": float(diff.mean()),
+                    "diff_ci_lo": lo,
+                    "diff_ci_hi": hi,
+                }
+            )
+    return _ordered(pd.DataFrame(rows), ["n_train"])
+
+
+def versus_table(diffs: pd.DataFrame) -> pd.DataFrame:
+    """Budgets as rows, series (`label − versus`) as columns, cells `mean [95% CI]`."""
+    if diffs.empty:
+        return pd.DataFrame()
+    cells = diffs.assign(
+        column=[f"{a} − {b}" for a, b in zip(diffs["label"], diffs["versus"], strict=True)],
+        cell=[f"{m:+.3f}" if pd.isna(lo) else f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+              for m, lo, hi in zip(diffs["diff_mean"], diffs["diff_ci_lo"], diffs["diff_ci_hi"], strict=True)],
+    )  # fmt: skip
+    order = list(dict.fromkeys(cells["column"]))
+    wide = cells.pivot_table(index=["task", "n_train"], columns="column", values="cell", aggfunc="first")
+    wide = wide[[c for c in order if c in wide.columns]]
+    wide.columns.name = None
+    return wide.fillna("").reset_index()
 
 
 # --- mask overlap ------------------------------------------------------------------------
@@ -871,9 +933,13 @@ def load_tables(out_dirs: list) -> pd.DataFrame:
     return pd.concat(tables, ignore_index=True)
 
 
-def write_report(out_dirs: list[Path], report_dir: Path | None = None, target: float = 0.9) -> Path:
-    """Summarise the results of `out_dirs` (merged) into `report_dir` (default: first dir's report/)."""
+def write_report(
+    out_dirs: list[Path], report_dir: Path | None = None, target: float = 0.9, versus: str | None = None
+) -> Path:
+    """Summarise the results of `out_dirs` (merged) into `report_dir` (default: first dir's report/).
+    `versus`: a method each series is also compared with, paired by seed (`paired_differences`)."""
     table = load_tables(out_dirs)
+    diffs = paired_differences(table, versus) if versus else pd.DataFrame()
     if report_dir is None and "://" in str(out_dirs[0]):
         raise ConfigError(f"{out_dirs[0]} is not a local directory: give the report a local one with --to DIR")
     report_dir = Path(report_dir or Path(out_dirs[0]) / "report")
@@ -886,6 +952,10 @@ def write_report(out_dirs: list[Path], report_dir: Path | None = None, target: f
     overlap = mask_overlap(load_masks(artifact_roots(out_dirs)))
     md = f"{_notes(summary)}\n## {METRIC} (mean [95% CI] over seeds)\n\n{_markdown(curves)}\n"
     md += f"## Headline\n\n{_markdown(heads)}"
+    if versus:
+        diffs.to_parquet(report_dir / "versus.parquet", index=False)
+        md += (f"\n## {METRIC}: each series minus its closest {versus} series, paired by seed "
+               f"(mean [95% CI])\n\n{_markdown(versus_table(diffs))}")  # fmt: skip
     for column in results.plotted_columns(table):
         if f"{column}_mean" in summary and summary[f"{column}_mean"].notna().any():
             md += f"\n## {column} (mean [95% CI] over seeds)\n\n{_markdown(_non_empty(curve_table(summary, column)))}"

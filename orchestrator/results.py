@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from methods import ANALYSES, ARTIFACTS
-from orchestrator.config import SweepConfig
+from orchestrator.config import VARIANT, SweepConfig
 from orchestrator.outdir import read_row
 from orchestrator.trial import TrialSpec, base_row
 
@@ -47,6 +47,12 @@ COLUMNS = IDENTIFYING + HEADLINE + TRAILING
 _FLOATS = ("sparsity", "test_acc", "val_acc")
 
 
+def axis_columns(columns) -> list[str]:
+    """The columns of a sweep's extra axes: one per `axes:` path (named by the dotted path) and
+    `variant` (the names of `variants:`)."""
+    return sorted(str(c) for c in columns if "." in str(c) or c == VARIANT)
+
+
 def artifact_columns() -> list[str]:
     """The row columns artifact kinds report (their `reported`), in registry order."""
     return [col for _, kind in ARTIFACTS.items() for col in kind.reported]
@@ -60,15 +66,15 @@ def collect(out_dir: Path, sweep: SweepConfig, specs: list[TrialSpec]) -> pd.Dat
         if row is None:
             row = {**base_row(sweep, spec), "status": "pending"}
         else:  # a reused row: the trial may be named and placed on other axes in this version of the sweep
-            row.update({path: spec.axes.get(path) for path in sweep.axes}, trial=spec.name)
+            row.update({path: spec.axes.get(path) for path in sweep.grid}, trial=spec.name)
         rows.append(row)
-    return frame(rows, axes=list(sweep.axes))
+    return frame(rows, axes=list(sweep.grid))
 
 
 def frame(rows: list[dict], axes: list[str] | None = None) -> pd.DataFrame:
     """A DataFrame with the documented columns first (all present, null where not applicable)."""
     table = pd.DataFrame(rows)
-    axes = axes if axes is not None else sorted(c for c in table.columns if "." in c)
+    axes = axes if axes is not None else axis_columns(table.columns)
     upstream = artifact_columns()
     for col in COLUMNS + axes + upstream:
         if col not in table:

@@ -96,8 +96,8 @@ def expand(sweep: SweepConfig) -> list[TrialSpec]:
     for method in sweep.methods:
         sparsities = sweep.sparsities if "sparsity" in grid_axes(sweep, method) else (None,)
         blocks = set(identity_blocks(sweep, method))
-        paths = [p for p in sweep.axes if p.split(".")[0] in blocks]
-        for values in itertools.product(*(sweep.axes[p] for p in paths)):
+        paths = [p for p in sweep.grid if sweep.axis_heads(p) & blocks]
+        for values in itertools.product(*(sweep.grid[p] for p in paths)):
             axes = dict(zip(paths, values, strict=True))
             for sparsity in sparsities:
                 for fraction in sweep.data_fractions:
@@ -529,7 +529,7 @@ def base_row(sweep: SweepConfig, spec: TrialSpec) -> dict[str, Any]:
         "config_json": json.dumps(config, sort_keys=True),  # what this trial ran with
         "versions": versions_json(),
     }
-    for path in sweep.axes:
+    for path in sweep.grid:
         row[path] = spec.axes.get(path)
     return row
 

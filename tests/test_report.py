@@ -12,6 +12,7 @@ import torch
 from common.config import stable_hash
 from orchestrator import results
 from orchestrator.artifacts import ArtifactStore
+from orchestrator.cli import main
 from orchestrator.config import ConfigError
 from orchestrator.report import (
     artifact_roots,
@@ -20,6 +21,7 @@ from orchestrator.report import (
     headline,
     load_masks,
     mask_overlap,
+    paired_differences,
     summarise,
     write_report,
 )
@@ -455,3 +457,62 @@ def test_an_architecture_axis_labels_series_by_name_not_by_its_own_fields():
     ]
     # without a differing name, a field only some configs have still tells them apart
     assert differing_fields([{"a.x": 1}, {"a.x": 1, "a.y": 2}]) == [["a.y=-"], ["a.y=2"]]
+
+
+# --- paired differences against one method -----------------------------------------------
+
+
+def test_paired_differences_pair_seeds_with_the_closest_series_of_the_method(tmp_path):
+    si2 = _rows("subtask_induction", 0.75, {99: [0.5, 0.6, 0.7]}, n_layers=2)
+    ft2 = _rows("full_transfer", None, {99: [0.4, 0.45, 0.65]}, n_layers=2)
+    si4 = _rows("subtask_induction", 0.75, {99: [0.2, 0.3, 0.4]}, n_layers=4)
+    ft4 = _rows("full_transfer", None, {99: [0.9, 0.9, 0.9]}, n_layers=4)
+    ft4 = ft4[ft4["seed"] != 2]  # a seed only one side has is left out: differences are paired
+    diffs = paired_differences(pd.concat([si2, ft2, si4, ft4], ignore_index=True), "full_transfer")
+    by = diffs.set_index("label")
+    shallow = by.loc["subtask_induction @0.75 [model.n_layers=2]"]
+    deep = by.loc["subtask_induction @0.75 [model.n_layers=4]"]
+    assert shallow["versus"] == "full_transfer [model.n_layers=2]"
+    assert deep["versus"] == "full_transfer [model.n_layers=4]"
+    half = 4.302653 * 0.05 / np.sqrt(3)  # differences 0.1, 0.15, 0.05: mean 0.1, sd 0.05, t(2)
+    assert (shallow["pairs"], shallow["diff_mean"]) == (3, pytest.approx(0.1))
+    assert (shallow["diff_ci_lo"], shallow["diff_ci_hi"]) == pytest.approx((0.1 - half, 0.1 + half))
+    assert (deep["pairs"], deep["diff_mean"]) == (2, pytest.approx(-0.65))
+    assert set(diffs["method"]) == {"subtask_induction"}  # the method itself is not compared with itself
+
+
+def test_paired_differences_cover_their_mean_at_three_seeds():
+    """Synthetic pairs with a shared per-seed effect and a known gap of 0.1: the interval covers 0.1
+    in about 95% of repetitions, where unpaired t intervals of the two means would be far wider."""
+    rng = np.random.default_rng(0)
+    hits, widths = 0, []
+    for _ in range(400):
+        seed_effect = rng.normal(0, 0.2, 3)
+        a = 0.5 + seed_effect + rng.normal(0, 0.02, 3)
+        b = 0.4 + seed_effect + rng.normal(0, 0.02, 3)
+        si, ft = _rows("subtask_induction", 0.75, {99: list(a)}), _rows("full_transfer", None, {99: list(b)})
+        row = paired_differences(pd.concat([si, ft], ignore_index=True), "full_transfer").iloc[0]
+        hits += row["diff_ci_lo"] <= 0.1 <= row["diff_ci_hi"]
+        widths.append(row["diff_ci_hi"] - row["diff_ci_lo"])
+    assert 0.92 <= hits / 400 <= 0.98
+    assert np.median(widths) < 0.2  # an unpaired interval would be about 2 x 4.3 x 0.2 / sqrt(3) wide
+
+
+def test_versus_a_method_without_results_names_the_methods_that_have_them(tmp_path):
+    table = _rows("subtask_induction", 0.75, {99: [0.5, 0.6, 0.7]})
+    with pytest.raises(ConfigError, match="--versus full_transfr: no finished trial ran 'full_transfr'.*subtask_ind"):
+        paired_differences(table, "full_transfr")
+
+
+def test_report_versus_writes_the_paired_table(tmp_path, capsys):
+    table = pd.concat([_rows("subtask_induction", 0.75, {99: [0.5, 0.6, 0.7]}),
+                       _rows("full_transfer", None, {99: [0.4, 0.45, 0.65]})], ignore_index=True)  # fmt: skip
+    (tmp_path / "run").mkdir()
+    table.to_parquet(tmp_path / "run" / "results.parquet")
+    assert main(["report", str(tmp_path / "run"), "--to", str(tmp_path / "rep"), "--versus", "full_transfer"]) == 0
+    text = (tmp_path / "rep" / "summary.md").read_text()
+    assert "minus its closest full_transfer series, paired by seed" in text
+    assert "subtask_induction @0.75 − full_transfer" in text and "+0.100 [" in text
+    assert len(pd.read_parquet(tmp_path / "rep" / "versus.parquet")) == 1
+    assert main(["report", str(tmp_path / "run"), "--to", str(tmp_path / "rep"), "--versus", "scratch"]) == 2
+    assert "no finished trial ran 'scratch'" in capsys.readouterr().err
