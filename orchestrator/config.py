@@ -417,13 +417,14 @@ def resolve_path(config: SweepConfig, path: str) -> Any:
     """The current value at `path`; ValueError listing near matches for an unknown path."""
     parts = path.split(".")
     node: Any = config.block(parts[0]) if parts[0] not in _NOT_AXES else None
+    found = node is not None
     for part in parts[1:]:
         if isinstance(node, Frozen) and part in type(node).model_fields:
-            node = getattr(node, part)
+            node = getattr(node, part)  # may be None: a field whose value is null is still a setting
         else:
-            node = None
+            found = False
             break
-    if node is None or isinstance(node, Frozen) or len(parts) < 2:
+    if not found or isinstance(node, Frozen) or len(parts) < 2:
         if parts[0] in _NOT_AXES:
             raise ValueError(f"{path} is not an experiment setting: {_NOT_AXES[parts[0]]}")
         near = difflib.get_close_matches(path, all_paths(config), n=4, cutoff=0.5)

@@ -96,3 +96,13 @@ def test_validate_lists_the_variants(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "variant init: model.init=gpt2" in out and "variant paper: the sweep as written" in out
     assert "2 trials" in out  # scratch x {paper, init}: the discovery variant's scratch is paper's trial
+
+
+def test_a_setting_whose_value_is_null_can_be_varied_and_swept():
+    sweep = load_sweep(
+        tiny_raw(variants={"stop": {"training.target_val_acc": 0.9}}, axes={"training.patience": [None, 3]})
+    )
+    values = {(s.axes["variant"], s.axes["training.patience"]) for s in expand(sweep)}
+    assert values == {("stop", None), ("stop", 3)}
+    spec = next(s for s in expand(sweep) if s.axes["training.patience"] == 3)
+    assert sweep.effective(spec.method, spec.axes).training.target_val_acc == 0.9
