@@ -8,7 +8,8 @@ scale and texture phase vary at random. Splits:
 - `silhouette` (the shape in one flat colour, no texture): the subtask the mask is discovered on, the
   analogue of the paper's mean-pooled images; also a test split;
 - `cue_conflict` (shape of class i, texture of class j != i): shape bias = shape decisions /
-  (shape decisions + texture decisions);
+  (shape decisions + texture decisions); `cue_conflict_val` (n_val images, its own stream): the
+  same on validation images, for choosing settings without looking at the test split;
 - `texture_only` (texture over the whole frame, no shape): accuracy against the texture's class.
 
 Two variants (docs/VISION.md), both off by default and both absent from every key when off:
@@ -170,7 +171,7 @@ class Shapes:
         # `bias_aligned` replays the test split's stream: the same shapes and poses, aligned feature
         rng = numpy_generator(seed, f"shapes:{'test' if split == 'bias_aligned' else split}")
         shape = rng.permutation(np.arange(n) % k)  # exactly balanced classes
-        if split == "cue_conflict":
+        if split in ("cue_conflict", "cue_conflict_val"):
             texture = (shape + rng.integers(1, k, n)) % k  # any other class, uniformly
         else:
             texture = shape.copy()
@@ -289,6 +290,8 @@ class Shapes:
             "test": test,
             "silhouette": self._split("silhouette_test", c.n_test, seed),
             "cue_conflict": self._split("cue_conflict", c.n_test, seed, labels=("shape", "texture")),
+            # Shape bias on validation images (their own stream): what settings are chosen on.
+            "cue_conflict_val": self._split("cue_conflict_val", c.n_val, seed, labels=("shape", "texture")),
             "texture_only": self._split("texture_only", c.n_test, seed),
         }
         streams = {}

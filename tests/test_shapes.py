@@ -91,6 +91,12 @@ def test_silhouettes_carry_no_texture(task):
     assert np.mean([len({tuple(p) for p in img.reshape(3, -1).T}) for img in textured]) == pytest.approx(2, abs=0.2)
 
 
+def test_validation_cue_conflict_images_are_their_own_draw(task):
+    val, test = task.split_arrays("cue_conflict_val", 200, 0), task.split_arrays("cue_conflict", 200, 0)
+    assert (val["shape"] != val["texture"]).all()
+    assert not np.array_equal(val["images"], test["images"])
+
+
 def test_cue_conflict_shape_and_texture_classes_differ(task):
     arrays = task.split_arrays("cue_conflict", 200, 0)
     assert (arrays["shape"] != arrays["texture"]).all()
@@ -190,6 +196,8 @@ def test_trial_reports_every_vision_metric(tmp_path):
         "splits_cue_conflict_acc_texture",
         "splits_texture_only_acc",
         "shape_bias",
+        "shape_bias_val",
+        "splits_cue_conflict_val_acc_shape",
         "subtask_acc",
     ):
         assert 0.0 <= row[col] <= 1.0, col
