@@ -94,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--versus", metavar="METHOD", help="also compare every series with its closest series of METHOD, paired by seed"
     )
+    report.add_argument(
+        "--mean-over", metavar="AXIS", help="also average the series that differ only in AXIS (e.g. model.n_layers)"
+    )
     return parser
 
 
@@ -219,7 +222,7 @@ def _status(args) -> int:
 def _report(args) -> int:
     from orchestrator.report import write_report
 
-    report_dir = write_report(args.out, args.to, target=args.target, versus=args.versus)
+    report_dir = write_report(args.out, args.to, target=args.target, versus=args.versus, over=args.mean_over)
     print((report_dir / "summary.md").read_text())
     print(f"report: {report_dir}")
     return 0

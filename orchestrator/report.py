@@ -513,6 +513,50 @@ def versus_table(diffs: pd.DataFrame) -> pd.DataFrame:
     return wide.fillna("").reset_index()
 
 
+def mean_over(table: pd.DataFrame, axis: str, metric: str = METRIC, level: float = LEVEL) -> pd.DataFrame:
+    """Series that differ only in the value of the axis column `axis` (e.g. `model.n_layers`),
+    combined: per budget and seed the mean over the axis values, then the mean and Student t CI of
+    those per-seed means over seeds. A derived quantity (the paper's "mean of six depths"), reported
+    beside the series, never in their place. A (seed, budget) is used only where every axis value
+    has it. Raises ConfigError when `axis` is not an axis column of the results.
+    """
+    done, info = prepare(table)
+    if axis not in axis_columns(done):
+        have = ", ".join(axis_columns(done)) or "none"
+        raise ConfigError(f"--mean-over {axis}: not an axis of these results; their axes: {have}")
+    info = info[info[axis].notna()]
+    rest = {series: {k: v for k, v in flat.items() if k != axis} for series, flat in info["flat"].items()}
+    groups: dict[tuple, list[str]] = {}
+    for series, row in info.iterrows():
+        key = (row["task"], row["method"], _exact(row["sparsity"]), _exact(rest[series]))
+        groups.setdefault(key, []).append(series)
+    firsts = [info.loc[members[0]] for members in groups.values()]
+    labels = _labels(
+        [f["task"] for f in firsts],
+        [_label(f["method"], f["sparsity"]) for f in firsts],
+        [rest[f["series"]] for f in firsts],
+        [f["series"] for f in firsts],
+        [a for a in axis_columns(done) if a != axis],
+    )
+    rows = []
+    for members, label, first in zip(groups.values(), labels, firsts, strict=True):
+        if len(members) < 2:
+            continue  # nothing to average: the axis does not vary inside this group
+        values = sorted(info.loc[members, axis].tolist())
+        frames = [_seed_frame(done[done["series"] == m], metric) for m in members]
+        for n in sorted(set.intersection(*(set(f.columns) for f in frames))):
+            per_value = pd.concat([f[n] for f in frames], axis=1).dropna()  # seeds every value has
+            if per_value.empty:
+                continue
+            seed_means = per_value.mean(axis=1).to_numpy(dtype=float)
+            lo, hi = t_interval(seed_means, level)
+            rows.append({"task": first["task"], "method": first["method"], "sparsity": first["sparsity"],
+                         "label": f"{label} [mean over {axis} = {', '.join(_fmt_value(v) for v in values)}]",
+                         "n_train": n, "seeds": len(seed_means), f"{metric}_mean": float(seed_means.mean()),
+                         f"{metric}_ci_lo": lo, f"{metric}_ci_hi": hi})  # fmt: skip
+    return _ordered(pd.DataFrame(rows), ["n_train"])
+
+
 # --- mask overlap ------------------------------------------------------------------------
 
 
@@ -934,12 +978,18 @@ def load_tables(out_dirs: list) -> pd.DataFrame:
 
 
 def write_report(
-    out_dirs: list[Path], report_dir: Path | None = None, target: float = 0.9, versus: str | None = None
+    out_dirs: list[Path],
+    report_dir: Path | None = None,
+    target: float = 0.9,
+    versus: str | None = None,
+    over: str | None = None,
 ) -> Path:
     """Summarise the results of `out_dirs` (merged) into `report_dir` (default: first dir's report/).
-    `versus`: a method each series is also compared with, paired by seed (`paired_differences`)."""
+    `versus`: a method each series is also compared with, paired by seed (`paired_differences`);
+    `over`: an axis the series are also averaged over (`mean_over`)."""
     table = load_tables(out_dirs)
     diffs = paired_differences(table, versus) if versus else pd.DataFrame()
+    means = mean_over(table, over) if over else pd.DataFrame()
     if report_dir is None and "://" in str(out_dirs[0]):
         raise ConfigError(f"{out_dirs[0]} is not a local directory: give the report a local one with --to DIR")
     report_dir = Path(report_dir or Path(out_dirs[0]) / "report")
@@ -952,6 +1002,10 @@ def write_report(
     overlap = mask_overlap(load_masks(artifact_roots(out_dirs)))
     md = f"{_notes(summary)}\n## {METRIC} (mean [95% CI] over seeds)\n\n{_markdown(curves)}\n"
     md += f"## Headline\n\n{_markdown(heads)}"
+    if over:
+        means.to_parquet(report_dir / "mean_over.parquet", index=False)
+        md += (f"\n## {METRIC}, mean over {over} (per seed, then mean [95% CI] over seeds)\n\n"
+               f"{_markdown(curve_table(means))}")  # fmt: skip
     if versus:
         diffs.to_parquet(report_dir / "versus.parquet", index=False)
         md += (f"\n## {METRIC}: each series minus its closest {versus} series, paired by seed "

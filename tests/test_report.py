@@ -21,6 +21,7 @@ from orchestrator.report import (
     headline,
     load_masks,
     mask_overlap,
+    mean_over,
     paired_differences,
     summarise,
     write_report,
@@ -516,3 +517,35 @@ def test_report_versus_writes_the_paired_table(tmp_path, capsys):
     assert len(pd.read_parquet(tmp_path / "rep" / "versus.parquet")) == 1
     assert main(["report", str(tmp_path / "run"), "--to", str(tmp_path / "rep"), "--versus", "scratch"]) == 2
     assert "no finished trial ran 'scratch'" in capsys.readouterr().err
+
+
+def test_mean_over_an_axis_averages_each_seed_over_its_values_then_takes_the_t_interval():
+    si2 = _rows("subtask_induction", 0.75, {99: [0.5, 0.6, 0.7]}, n_layers=2)
+    si4 = _rows("subtask_induction", 0.75, {99: [0.3, 0.4, 0.9]}, n_layers=4)
+    si6 = _rows("subtask_induction", 0.75, {99: [0.1, 0.2]}, n_layers=6)  # seed 2 missing: left out
+    ft2 = _rows("full_transfer", None, {99: [0.9, 0.9, 0.9]}, n_layers=2)
+    lone = _rows("scratch", None, {99: [0.2, 0.2, 0.2]}, n_layers=2)  # one depth only: nothing to average
+    means = mean_over(pd.concat([si2, si4, si6, ft2, lone], ignore_index=True), "model.n_layers")
+    assert list(means["label"]) == ["subtask_induction @0.75 [mean over model.n_layers = 2, 4, 6]"]
+    row = means.iloc[0]
+    per_seed = [(0.5 + 0.3 + 0.1) / 3, (0.6 + 0.4 + 0.2) / 3]  # seed 2 lacks depth 6
+    assert (row["seeds"], row["test_acc_mean"]) == (2, pytest.approx(np.mean(per_seed)))
+    half = 12.7062 * np.std(per_seed, ddof=1) / np.sqrt(2)  # t(1)
+    assert (row["test_acc_ci_lo"], row["test_acc_ci_hi"]) == pytest.approx(
+        (np.mean(per_seed) - half, np.mean(per_seed) + half), rel=1e-4
+    )
+    with pytest.raises(ConfigError, match="--mean-over model.depth: not an axis of these results; their axes: model"):
+        mean_over(si2, "model.depth")
+
+
+def test_report_mean_over_writes_its_table(tmp_path):
+    shallow = _rows("subtask_induction", 0.75, {99: [0.5, 0.6, 0.7]}, n_layers=2)
+    deep = _rows("subtask_induction", 0.75, {99: [0.3, 0.4, 0.5]}, n_layers=4)
+    table = pd.concat([shallow, deep], ignore_index=True)
+    (tmp_path / "run").mkdir()
+    table.to_parquet(tmp_path / "run" / "results.parquet")
+    assert main(["report", str(tmp_path / "run"), "--to", str(tmp_path / "rep"), "--mean-over", "model.n_layers"]) == 0
+    text = (tmp_path / "rep" / "summary.md").read_text()
+    assert "mean over model.n_layers (per seed, then mean [95% CI] over seeds)" in text
+    assert "0.500 [" in text  # (0.4 + 0.5 + 0.6) / 3
+    assert len(pd.read_parquet(tmp_path / "rep" / "mean_over.parquet")) == 1
