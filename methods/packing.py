@@ -298,15 +298,10 @@ def _fit_packed(objectives, datas, cfg, generators, mixed_precision) -> list[Tra
     schedule = lr_schedule(cfg, cfg.epochs * math.ceil(sizes[first] / cfg.batch_size))
     if schedule is not None:
         _set_lr(pack.opt, schedule(0))
-    call = _LossCall(lead)
+    step_fn = _stepper(lead, mixed_precision)
     results: list[TrainResult | BaseException | None] = [None] * len(objectives)
     epoch = steps = 0
     supervision = _SUPERVISION.get()  # only its stop request applies to a pack
-
-    def losses(tensors: dict[str, torch.Tensor], x: dict[str, torch.Tensor], y: dict[str, Labels], step: int):
-        # One model: its tensors (no leading K), its batch of each stream.
-        batch = {name: Split(x[name], y[name]) for name in streams}
-        return functional_call(call, {f"module.{n}": t for n, t in tensors.items()}, (batch, step), strict=True)
 
     while members:
         epoch += 1
@@ -326,14 +321,7 @@ def _fit_packed(objectives, datas, cfg, generators, mixed_precision) -> list[Tra
                 idx[name] = torch.stack([m.queues[name].pop(0) for m in members]).to(device)
             x = {name: xs[name][rows, idx[name]] for name in streams}
             y = {name: {key: t[rows, idx[name]] for key, t in labels[name].items()} for name in streams}
-            # The math kernel batches under vmap; CPU's fused attention would run once per model.
-            with autocast(lead.module, mixed_precision), sdpa_kernel([SDPBackend.MATH]):
-                loss, measurements = vmap(losses, in_dims=(0, 0, 0, None), randomness="different")(
-                    pack.tensors, x, y, steps
-                )
-            pack.opt.zero_grad(set_to_none=True)
-            loss.sum().backward()
-            pack.opt.step()
+            loss, measurements = step_fn(pack, x, y, steps)
             loss_sum += loss.detach()
             for key, value in measurements.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float()
@@ -370,6 +358,129 @@ def _fit_packed(objectives, datas, cfg, generators, mixed_precision) -> list[Tra
         if members and supervision is not None and supervision.should_stop is not None and supervision.should_stop():
             raise Interrupted(f"a pack of {len(objectives)} stopped on request after epoch {epoch} (not checkpointed)")
     return results
+
+
+def _stepper(lead: Objective, mixed_precision: bool):
+    """One optimiser step of a pack: `step_fn(pack, x, y, step) -> (losses (K,), measurements)`,
+    x and y holding each stream's (K, B, ...) batch."""
+    call = _LossCall(lead)
+    streams = lead.streams
+
+    def losses(tensors: dict[str, torch.Tensor], x: dict[str, torch.Tensor], y: dict[str, Labels], step: int):
+        # One model: its tensors (no leading K), its batch of each stream.
+        batch = {name: Split(x[name], y[name]) for name in streams}
+        return functional_call(call, {f"module.{n}": t for n, t in tensors.items()}, (batch, step), strict=True)
+
+    def step_fn(pack: _Pack, x, y, step: int):
+        # The math kernel batches under vmap; CPU's fused attention would run once per model.
+        with autocast(lead.module, mixed_precision), sdpa_kernel([SDPBackend.MATH]):
+            loss, measurements = vmap(losses, in_dims=(0, 0, 0, None), randomness="different")(pack.tensors, x, y, step)
+        pack.opt.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        pack.opt.step()
+        return loss, measurements
+
+    return step_fn
+
+
+# --- calibration: how many models to pack ------------------------------------------------
+
+
+@dataclasses.dataclass
+class Calibration:
+    """What `calibrate` measured: model-steps/s at each pack size tried, the peak memory per model
+    where the device reports it, why it stopped doubling, and the chosen K."""
+
+    k: int
+    rates: dict[int, float]
+    bytes_per_model: float | None
+    stopped: str
+
+
+def calibrate(
+    objective: Objective,
+    data: StageData,
+    cfg: TrainConfig,
+    k_max: int,
+    *,
+    steps: int = 3,
+    min_gain: float = 1.1,
+    headroom: float = 0.8,
+    mixed_precision: bool = False,
+    clock=None,
+) -> Calibration:
+    """The pack size for models like `objective`'s: K copies of its model (its current tensors,
+    copied: the model itself is not touched) train `steps` timed steps on the first batch of each
+    stream at K = 1, 2, 4, ... up to `k_max`. Doubling stops where model-steps/s gain less than
+    `min_gain` times, where the next doubling would not fit in `headroom` of the device's free
+    memory (CUDA: from the measured peak per model), or at an out-of-memory error (that K is not
+    used). Returns the K with the most model-steps/s. No generator and no global RNG stream is
+    drawn from (dropout draws inside a forked RNG).
+
+    Timings vary from run to run, and the pack composition with them; so on CPU, where Instill
+    promises the same numbers for the same config and seed, packing uses a fixed K instead
+    (`orchestrator.worker.pack_limit`)."""
+    import time
+
+    clock = clock or time.perf_counter
+    device = _device_of(objective.module)
+    cuda = device.type == "cuda"
+    streams = objective.streams
+    step_fn = _stepper(objective, mixed_precision)
+    first = {name: _stream(data, name) for name in streams}
+    idx = {name: torch.arange(min(cfg.batch_size, len(split))) for name, split in first.items()}
+    rates: dict[int, float] = {}
+    per_model: float | None = None
+    stopped = f"reached k_max = {k_max}"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        k = 1
+        while k <= k_max:
+            try:
+                if cuda:
+                    sync()
+                    torch.cuda.reset_peak_memory_stats(device)
+                    base = torch.cuda.memory_allocated(device)
+                pack = _Pack([objective] * k, cfg)
+                x = {n: first[n].x[idx[n]].to(device).expand(k, *first[n].x[idx[n]].shape) for n in streams}
+                y = {
+                    n: {key: t[idx[n]].to(device).expand(k, *t[idx[n]].shape) for key, t in first[n].labels.items()}
+                    for n in streams
+                }
+                step_fn(pack, x, y, 0)  # warm-up: kernels chosen, optimiser state allocated
+                sync()
+                start = clock()
+                for i in range(steps):
+                    step_fn(pack, x, y, i + 1)
+                sync()
+                elapsed = max(clock() - start, 1e-9)
+            except torch.cuda.OutOfMemoryError:
+                stopped = f"out of memory at K = {k}"
+                break
+            finally:
+                pack = x = y = None
+                if cuda:
+                    torch.cuda.empty_cache()
+            rates[k] = k * steps / elapsed
+            if cuda:
+                per_model = (torch.cuda.max_memory_allocated(device) - base) / k
+                free, _ = torch.cuda.mem_get_info(device)
+                if 2 * k <= k_max and per_model * 2 * k > headroom * free:
+                    stopped = f"memory: {2 * k} models would need more than {headroom:.0%} of the free memory"
+                    break
+            if k > 1 and rates[k] < min_gain * rates[k // 2]:
+                stopped = f"K = {k} gained less than {min_gain}x over K = {k // 2}"
+                break
+            k *= 2
+    if not rates:
+        return Calibration(1, rates, per_model, stopped)
+    best = max(rates.values())
+    chosen = min(k for k, r in rates.items() if r >= best)
+    return Calibration(chosen, rates, per_model, stopped)
 
 
 def _epoch_end(m: _Member, cfg: TrainConfig, epoch: int, row: dict[str, float], lr: float | None) -> bool:

@@ -40,7 +40,7 @@ from common.config import Frozen, stable_hash
 from common.seeding import seeded_init, torch_generator
 from methods import ANALYSES, ARTIFACTS, AnalysisContext, ArtifactContext, MethodContext, evaluate, get_method
 from methods.artifacts import closure
-from methods.packing import fit_packed, packable
+from methods.packing import calibrate, fit_packed, packable
 from methods.training import Interrupted, Supervision, supervised
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.checkpoints import Checkpointer, CheckpointStore, Interval
@@ -315,12 +315,15 @@ def run_pack(
     limit: int,
     device: torch.device | None = None,
     should_stop: Callable[[], bool] | None = None,
+    calibrate_k: bool = False,
 ) -> list[dict[str, Any] | BaseException]:
     """Run trials whose models can train together, as packs of at most `limit` models
-    (`methods.packing.fit_packed`); the rest alone. Each trial's upstream, build, evaluation and
-    analyses are as in `run_trial`. Returns each trial's row, or the exception that ended it (in
-    set-up, or a diverging model: the others go on). `should_stop()` is asked at every epoch end:
-    when True, `Interrupted` is raised (a pack saves nothing: its trials run again).
+    (`methods.packing.fit_packed`); the rest alone. `calibrate_k`: packs of the K that
+    `methods.packing.calibrate` measures (at most `limit`), once per kind of pack in this process.
+    Each trial's upstream, build, evaluation and analyses are as in `run_trial`. Returns each
+    trial's row, or the exception that ended it (in set-up, or a diverging model: the others go on).
+    `should_stop()` is asked at every epoch end: when True, `Interrupted` is raised (a pack saves
+    nothing: its trials run again).
 
     Trials pack when their methods are packable, their training settings are the same, their models
     have the same parameters and buffers (names, shapes, which train) and their data the same sizes:
@@ -340,11 +343,33 @@ def run_pack(
             outcomes[i] = error
             continue
         ready.setdefault(trial.pack_key(), []).append((i, trial))
-    for members in ready.values():
-        for start in range(0, len(members), max(1, limit)):
-            chunk = members[start : start + max(1, limit)]
+    for key, members in ready.items():
+        k = max(1, limit)
+        if calibrate_k and len(members) > 1:
+            k = _calibrated(key, members[0][1], k)
+        for start in range(0, len(members), k):
+            chunk = members[start : start + k]
             outcomes.update(_train_pack(chunk, should_stop))
     return [outcomes[i] for i in range(len(specs))]
+
+
+_CALIBRATED: dict[tuple, int] = {}  # (pack key, limit) -> K, per process
+
+
+def _calibrated(key: tuple, trial: Trial, limit: int) -> int:
+    """The measured pack size for trials like `trial` (`methods.packing.calibrate`), at most `limit`."""
+    if (key, limit) not in _CALIBRATED:
+        objective = trial.method.objective(trial.ctx, trial.model)
+        if packable([objective], [trial.ctx.data]) is not None:
+            _CALIBRATED[(key, limit)] = limit  # `_train_pack` trains them alone anyway
+        else:
+            cfg = trial.effective.training
+            found = calibrate(objective, trial.ctx.data, cfg, limit,
+                              mixed_precision=trial.effective.resources.mixed_precision)  # fmt: skip
+            rates = ", ".join(f"K={k}: {r:.0f}" for k, r in found.rates.items())
+            print(f"[instill] pack size {found.k} ({found.stopped}; model-steps/s {rates})", flush=True)
+            _CALIBRATED[(key, limit)] = found.k
+    return _CALIBRATED[(key, limit)]
 
 
 def _train_pack(members: list[tuple[int, Trial]], should_stop) -> dict[int, dict[str, Any] | BaseException]:

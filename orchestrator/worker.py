@@ -101,7 +101,9 @@ class Group:
     def run_packed(self, specs: list[TrialSpec], limit: int) -> None:
         """Train `specs` in packs (`run_pack`); a trial that fails in its pack is tried again alone
         (`max_failures` more times), so it gets as many tries as any other."""
-        outcomes = run_pack(self.sweep, specs, self.store, limit, should_stop=stop.requested)
+        outcomes = run_pack(
+            self.sweep, specs, self.store, limit, should_stop=stop.requested, calibrate_k=calibrates(self.sweep)
+        )
         for spec, outcome in zip(specs, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 print(f"[{spec.name}] failed in its pack: {outcome!r}", flush=True)
@@ -168,8 +170,11 @@ def log(spec: TrialSpec, stage: str, metrics: dict[str, Any]) -> None:
     print(f"[{spec.name}] stage {stage} {timing}", flush=True)
 
 
-# Under `resources.pack: auto`, the most models in a pack: on CPU, packs beyond this gain little
-# (benchmarks/packing_fit.py); on a GPU, what its memory holds is the bound.
+# Under `resources.pack: auto`, the most models in a pack. On CPU a fixed K: packs beyond 16 gain
+# little (benchmarks/packing_fit.py), and a measured K would vary with the machine's load, the pack
+# composition with it, and so the numbers (Instill promises the same numbers for the same config and
+# seed on CPU). On a GPU the worker measures K up to this bound (`calibrates`): throughput and
+# the device's free memory decide.
 AUTO_PACK = {"cpu": 16, "cuda": 64}
 
 
@@ -178,3 +183,8 @@ def pack_limit(sweep: SweepConfig) -> int:
     if sweep.resources.pack != "auto":
         return int(sweep.resources.pack)
     return AUTO_PACK.get(pick_device(sweep).type, 1)
+
+
+def calibrates(sweep: SweepConfig) -> bool:
+    """Whether this worker measures its pack size (`methods.packing.calibrate`): `pack: auto` on a GPU."""
+    return sweep.resources.pack == "auto" and pick_device(sweep).type == "cuda"

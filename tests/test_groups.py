@@ -395,3 +395,26 @@ def test_in_a_mixed_group_the_running_trial_is_named_by_its_place_in_the_group(t
     worker.Group(tiny(resources={"pack": 4}), specs, store=None, send=sent.append).run()
     assert [r["seed"] for r in _rows(sent)] == [0, 1, 10, 11, 12]
     assert [r["group_next"] for r in sent if r["stage"] == "rows"] == [3, 4], "indices into the whole group"
+
+
+def test_a_calibrated_pack_size_splits_the_packs(tiny, tmp_path, monkeypatch):
+    """With `calibrate_k` (pack: auto on a GPU) the measured K, not the limit, sizes the packs; it is
+    measured once per kind of pack in the process."""
+    from methods import packing
+    from orchestrator import trial as trial_module
+    from orchestrator.artifacts import ArtifactStore
+    from orchestrator.trial import run_pack
+
+    calls = []
+
+    def fake(objective, data, cfg, k_max, **kw):
+        calls.append(k_max)
+        return packing.Calibration(k=2, rates={1: 1.0, 2: 2.0}, bytes_per_model=None, stopped="test")
+
+    monkeypatch.setattr(trial_module, "calibrate", fake)
+    monkeypatch.setattr(trial_module, "_CALIBRATED", {})
+    sweep = tiny(methods=["scratch"], seeds=[0, 1, 2, 3, 4], resources={"pack": "auto"})
+    specs = expand(sweep)
+    rows = run_pack(sweep, specs, ArtifactStore(tmp_path), limit=16, calibrate_k=True)
+    assert [r["pack"] for r in rows] == [2, 2, 2, 2, 1]
+    assert calls == [16]

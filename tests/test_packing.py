@@ -341,3 +341,51 @@ def test_one_adamw_over_stacked_parameters_is_k_adamws_also_after_a_drop():
     for row, k in enumerate(live):
         for name, p in alone[k].named_parameters():
             assert torch.equal(pack.tensors[name][row], p), name
+
+
+# --- calibration of the pack size --------------------------------------------------------
+
+
+class FakeClock:
+    """perf_counter stand-in: each call advances by the time `seconds(k)` gives for the K being
+    timed (two calls per K: start, end), so a test chooses how throughput grows with K."""
+
+    def __init__(self, seconds):
+        self.seconds, self.now, self.calls = seconds, 0.0, 0
+
+    def __call__(self) -> float:
+        k = 2 ** (self.calls // 2)
+        if self.calls % 2:
+            self.now += self.seconds(k)
+        self.calls += 1
+        return self.now
+
+
+@pytest.mark.parametrize(
+    "seconds, k, stopped",
+    [
+        (lambda k: k, 1, "K = 2 gained less than 1.1x over K = 1"),  # time grows with K: no gain at all
+        (lambda k: 1.0 + 0.1 * k, 8, "reached k_max = 8"),  # near-free models: pack to the limit
+        (lambda k: {1: 1.0, 2: 1.0, 4: 3.0}[k], 2, "K = 4 gained less than 1.1x over K = 2"),
+    ],
+)
+def test_calibration_doubles_k_while_throughput_grows(tiny, seconds, k, stopped):
+    from methods.packing import calibrate
+
+    models, datas = build(tiny, "gpt", [0], dropout=0.1)
+    found = calibrate(cross_entropy(models[0], datas[0]), datas[0], CFG, 8, clock=FakeClock(seconds))
+    assert (found.k, found.stopped) == (k, stopped)
+    assert found.k == max(found.rates, key=lambda kk: (found.rates[kk], -kk))
+
+
+def test_calibration_leaves_the_model_the_generators_and_the_global_rng_alone(tiny):
+    from methods.packing import calibrate
+
+    models, datas = build(tiny, "masked", [0], dropout=0.1)
+    before = copy.deepcopy(models[0].state_dict())
+    rng = torch.get_rng_state()
+    found = calibrate(cross_entropy(models[0], datas[0]), datas[0], CFG, 4, steps=1)
+    assert set(found.rates) <= {1, 2, 4} and found.k in found.rates and found.bytes_per_model is None
+    assert torch.equal(torch.get_rng_state(), rng)
+    after = models[0].state_dict()
+    assert all(torch.equal(before[n], after[n]) for n in before)
