@@ -84,3 +84,18 @@ def test_a_pack_trains_on_gpu_like_its_trials_alone(tiny, tmp_path):
         assert p["device"] == "cuda" and p["pack"] == (6 if p["method"] != "scratch" else 3)
         # CUDA kernels are not bitwise deterministic: one of 50 validation examples may flip.
         assert abs(p["val_acc"] - a["val_acc"]) <= 0.021 and abs(p["test_acc"] - a["test_acc"]) <= 0.021
+
+
+def test_calibration_on_gpu_measures_memory_and_packs_more_than_one(tiny):
+    from methods.packing import calibrate
+    from methods.training import TrainConfig, cross_entropy
+    from orchestrator.trial import fresh_model
+
+    sweep = tiny()
+    task = sweep.build_task()
+    model = fresh_model(sweep, task, 0, "init").cuda()
+    data = task.downstream_data(0, 1.0)
+    found = calibrate(cross_entropy(model, data), data, TrainConfig(batch_size=26), 64)
+    assert found.bytes_per_model is not None and found.bytes_per_model > 0
+    assert found.k > 1, found  # a tiny model on a GPU: packing must pay
+    print(found)
