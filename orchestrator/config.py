@@ -622,15 +622,25 @@ def _check_variants(config: SweepConfig) -> list[str]:
                 listed = list(config.methods)
                 errors.append(f"variants.{name}.{path}: method {_head(path)!r} is not in methods {listed}")
                 bad = True
+            if path == "task.name":
+                errors.append(f"variants.{name}.{path}: a sweep has one task; run one sweep per task")
+                bad = True
         if bad:
             continue
-        try:
-            variant = config.with_values(values)
-        except ValueError as err:
-            errors.append(f"variants.{name}: " + "; ".join(str(err).splitlines()))
-            continue
-        if any(_head(p) in ("task", "model") for p in values):
-            errors += [f"variants.{name}: {e}" for e in _check_runnable(variant)]
+        # The variant alone, then with each value of each axis (a variant's model may lack an axis's field).
+        combos = [{}] + [{path: value} for path, values in config.axes.items() for value in values]
+        for combo in combos:
+            try:
+                variant = config.with_values({**values, **combo})
+            except ValueError as err:
+                where = "".join(f" with axes.{p}={v!r}" for p, v in combo.items())
+                errors.append(f"variants.{name}{where}: " + "; ".join(str(err).splitlines()))
+                break
+            if any(_head(p) in ("task", "model") for p in [*values, *combo]):
+                problems = _check_runnable(variant)
+                if problems:
+                    errors += [f"variants.{name}: {e}" for e in problems]
+                    break
     return errors
 
 

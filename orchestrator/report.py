@@ -444,24 +444,30 @@ def _with_ratio(head: pd.DataFrame, info: pd.DataFrame) -> pd.DataFrame:
 def reference_for(series: str, info: pd.DataFrame, methods: set[str] | None = None) -> str | None:
     """The reference series to compare `series` with: same task, a method of `methods` (default: the
     registered references), and of those the one whose config differs from it in the fewest fields
-    both have (method-specific blocks do not count)."""
-    task, flat = info.loc[series, "task"], info.loc[series, "flat"]
+    both have (method-specific blocks do not count; nor does sparsity where one has none)."""
+    task = info.loc[series, "task"]
     methods = reference_methods() if methods is None else methods
-    candidates = info[info["method"].isin(methods) & (info["task"] == task) & (info["series"] != series)]
+    candidates = info[info["method"].isin(methods) & (info["task"] == task)]
     if candidates.empty:
         return None
-
-    def distance(other: dict) -> int:
-        return sum(_exact(flat[p]) != _exact(other[p]) for p in set(flat) & set(other))
-
-    ranked = sorted(candidates.itertuples(), key=lambda c: (distance(c.flat), c.label))
+    ranked = sorted(candidates.itertuples(), key=lambda c: (distance(info, series, c.series), c.label))
     return ranked[0].series
 
 
+def distance(info: pd.DataFrame, a: str, b: str) -> int:
+    """How many settings two series differ in: fields both configs have, and sparsity where both have one."""
+    fa, fb = info.loc[a, "flat"], info.loc[b, "flat"]
+    sa, sb = info.loc[a, "sparsity"], info.loc[b, "sparsity"]
+    differ = sum(_exact(fa[p]) != _exact(fb[p]) for p in set(fa) & set(fb))
+    return differ + int(not pd.isna(sa) and not pd.isna(sb) and sa != sb)
+
+
 def paired_differences(table: pd.DataFrame, versus: str, metric: str = METRIC, level: float = LEVEL) -> pd.DataFrame:
-    """Each series against its closest series of method `versus` (`reference_for`): per budget, the
-    difference of `metric` paired by seed (a seed's two trials share its source model and its draw of
-    the downstream data), its mean and Student t CI over the seeds both have.
+    """Each series against the series of method `versus` with the same settings wherever both have
+    them (`distance` 0: same task, model, source, depth, variant, ...): per budget, the difference
+    of `metric` paired by seed (a seed's two trials share its source model and its draw of the
+    downstream data), its mean and Student t CI over the seeds both have. A series without such a
+    partner (e.g. its partner has no finished trial yet) is left out, never paired with another.
 
     Raises ConfigError when no finished trial ran `versus`.
     """
@@ -475,7 +481,7 @@ def paired_differences(table: pd.DataFrame, versus: str, metric: str = METRIC, l
         if info.loc[series, "method"] == versus:
             continue
         ref = reference_for(series, info, {versus})
-        if ref is None:
+        if ref is None or distance(info, series, ref) > 0:
             continue
         a, b = by_series[series], by_series[ref]
         for n in sorted(set(a.columns) & set(b.columns)):
@@ -521,9 +527,14 @@ def mean_over(table: pd.DataFrame, axis: str, metric: str = METRIC, level: float
     has it. Raises ConfigError when `axis` is not an axis column of the results.
     """
     done, info = prepare(table)
-    if axis not in axis_columns(done):
-        have = ", ".join(axis_columns(done)) or "none"
-        raise ConfigError(f"--mean-over {axis}: not an axis of these results; their axes: {have}")
+    paths = [a for a in axis_columns(done) if "." in a]
+    if axis not in paths:
+        raise ConfigError(
+            f"--mean-over {axis}: not a config path these results vary along; their axes: {', '.join(paths) or 'none'}"
+        )
+    # The value from each series' config where a merged older file lacks the column.
+    values = [v if not pd.isna(v) else f.get(axis) for v, f in zip(info[axis], info["flat"], strict=True)]
+    info = info.assign(**{axis: values})
     info = info[info[axis].notna()]
     rest = {series: {k: v for k, v in flat.items() if k != axis} for series, flat in info["flat"].items()}
     groups: dict[tuple, list[str]] = {}
@@ -1004,12 +1015,13 @@ def write_report(
     md += f"## Headline\n\n{_markdown(heads)}"
     if over:
         means.to_parquet(report_dir / "mean_over.parquet", index=False)
-        md += (f"\n## {METRIC}, mean over {over} (per seed, then mean [95% CI] over seeds)\n\n"
-               f"{_markdown(curve_table(means))}")  # fmt: skip
+        body = _markdown(curve_table(means)) if not means.empty else f"No series differ only in {over}.\n"
+        md += f"\n## {METRIC}, mean over {over} (per seed, then mean [95% CI] over seeds)\n\n{body}"
     if versus:
         diffs.to_parquet(report_dir / "versus.parquet", index=False)
-        md += (f"\n## {METRIC}: each series minus its closest {versus} series, paired by seed "
-               f"(mean [95% CI])\n\n{_markdown(versus_table(diffs))}")  # fmt: skip
+        body = _markdown(versus_table(diffs)) if not diffs.empty else f"No series has a {versus} partner.\n"
+        md += (f"\n## {METRIC}: each series minus the {versus} series of the same settings, paired by seed "
+               f"(mean [95% CI])\n\n{body}")  # fmt: skip
     for column in results.plotted_columns(table):
         if f"{column}_mean" in summary and summary[f"{column}_mean"].notna().any():
             md += f"\n## {column} (mean [95% CI] over seeds)\n\n{_markdown(_non_empty(curve_table(summary, column)))}"

@@ -512,7 +512,7 @@ def test_report_versus_writes_the_paired_table(tmp_path, capsys):
     table.to_parquet(tmp_path / "run" / "results.parquet")
     assert main(["report", str(tmp_path / "run"), "--to", str(tmp_path / "rep"), "--versus", "full_transfer"]) == 0
     text = (tmp_path / "rep" / "summary.md").read_text()
-    assert "minus its closest full_transfer series, paired by seed" in text
+    assert "minus the full_transfer series of the same settings, paired by seed" in text
     assert "subtask_induction @0.75 − full_transfer" in text and "+0.100 [" in text
     assert len(pd.read_parquet(tmp_path / "rep" / "versus.parquet")) == 1
     assert main(["report", str(tmp_path / "run"), "--to", str(tmp_path / "rep"), "--versus", "scratch"]) == 2
@@ -534,8 +534,10 @@ def test_mean_over_an_axis_averages_each_seed_over_its_values_then_takes_the_t_i
     assert (row["test_acc_ci_lo"], row["test_acc_ci_hi"]) == pytest.approx(
         (np.mean(per_seed) - half, np.mean(per_seed) + half), rel=1e-4
     )
-    with pytest.raises(ConfigError, match="--mean-over model.depth: not an axis of these results; their axes: model"):
+    with pytest.raises(ConfigError, match="--mean-over model.depth: not a config path .* axes: model.n_layers"):
         mean_over(si2, "model.depth")
+    with pytest.raises(ConfigError, match="--mean-over variant: not a config path"):
+        mean_over(si2.assign(variant="a"), "variant")
 
 
 def test_report_mean_over_writes_its_table(tmp_path):
@@ -549,3 +551,16 @@ def test_report_mean_over_writes_its_table(tmp_path):
     assert "mean over model.n_layers (per seed, then mean [95% CI] over seeds)" in text
     assert "0.500 [" in text  # (0.4 + 0.5 + 0.6) / 3
     assert len(pd.read_parquet(tmp_path / "rep" / "mean_over.parquet")) == 1
+
+
+def test_versus_pairs_only_series_of_the_same_settings_and_sparsity():
+    si = _rows("subtask_induction", 0.75, {99: [0.5, 0.6, 0.7]}, n_layers=2)
+    si_sparse = _rows("subtask_induction", 0.9, {99: [0.4, 0.5, 0.6]}, n_layers=2)
+    rm = _rows("sampled_subnetwork", 0.75, {99: [0.3, 0.3, 0.3]}, n_layers=2)
+    rm_sparse = _rows("sampled_subnetwork", 0.9, {99: [0.2, 0.2, 0.2]}, n_layers=2)
+    deep = _rows("sampled_subnetwork", 0.75, {99: [0.1, 0.1, 0.1]}, n_layers=4)  # no subtask_induction at depth 4
+    diffs = paired_differences(pd.concat([si, si_sparse, rm, rm_sparse, deep], ignore_index=True), "subtask_induction")
+    by = diffs.set_index("label")["diff_mean"]
+    assert by["sampled_subnetwork @0.75 [model.n_layers=2]"] == pytest.approx(0.3 - 0.6)
+    assert by["sampled_subnetwork @0.9"] == pytest.approx(0.2 - 0.5)
+    assert len(by) == 2  # depth 4 has no partner: left out, not paired with depth 2

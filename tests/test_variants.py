@@ -73,6 +73,8 @@ def test_rows_keep_the_variant_column_between_axes_and_results(tiny):
         ({"x": ["model.init", "gpt2"]}, {}, ["variants.x", "mapping of config paths"]),
         ({"x": {"seeds": [1]}}, {}, ["variants.x.seeds", "not an experiment setting"]),
         ({"x": {"model.d_model": 15}}, {}, ["variants.x", "d_model"]),
+        ({"x": {"task.name": "shapes"}}, {}, ["variants.x.task.name", "one task"]),
+        ({"x": {"model.d_model": 12}}, {"axes": {"model.n_heads": [2, 5]}}, ["variants.x with axes.model.n_heads=5"]),
     ],
 )
 def test_bad_variants_are_refused_naming_the_variant_and_the_setting(variants, extra, fragments):
