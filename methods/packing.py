@@ -403,19 +403,25 @@ def calibrate(
     cfg: TrainConfig,
     k_max: int,
     *,
-    steps: int = 3,
+    min_steps: int = 5,
+    min_seconds: float = 0.2,
     min_gain: float = 1.1,
     headroom: float = 0.8,
+    memory_fraction: float = 1.0,
     mixed_precision: bool = False,
     clock=None,
 ) -> Calibration:
     """The pack size for models like `objective`'s: K copies of its model (its current tensors,
-    copied: the model itself is not touched) train `steps` timed steps on the first batch of each
-    stream at K = 1, 2, 4, ... up to `k_max`. Doubling stops where model-steps/s gain less than
-    `min_gain` times, where the next doubling would not fit in `headroom` of the device's free
-    memory (CUDA: from the measured peak per model), or at an out-of-memory error (that K is not
-    used). Returns the K with the most model-steps/s. No generator and no global RNG stream is
-    drawn from (dropout draws inside a forked RNG).
+    copied: the model itself is not touched) train on the first batch of each stream at K = 1, 2,
+    4, ... up to `k_max`, each K for at least `min_steps` steps and `min_seconds` after a warm-up
+    step. Doubling stops where model-steps/s gain less than `min_gain` times, where the next
+    doubling would not fit in `headroom` of the memory this process may use (CUDA: the smaller of
+    the device's free memory and `memory_fraction` of its total less what this process holds), or
+    at an out-of-memory error (that K is not used). What one model needs is measured (the peak of
+    its step) plus what a pack holds per model besides: its copy of every stream's data, and a
+    snapshot of its parameters and buffers. Returns the smallest K within 2% of the most
+    model-steps/s. No generator
+    and no global RNG stream is drawn from (dropout draws inside a forked RNG).
 
     Timings vary from run to run, and the pack composition with them; so on CPU, where Instill
     promises the same numbers for the same config and seed, packing uses a fixed K instead
@@ -429,6 +435,8 @@ def calibrate(
     step_fn = _stepper(objective, mixed_precision)
     first = {name: _stream(data, name) for name in streams}
     idx = {name: torch.arange(min(cfg.batch_size, len(split))) for name, split in first.items()}
+    held = sum(t.numel() * t.element_size() for name in streams for t in (first[name].x, *first[name].labels.values()))
+    held += sum(t.numel() * t.element_size() for t in (*objective.module.parameters(), *objective.module.buffers()))
     rates: dict[int, float] = {}
     per_model: float | None = None
     stopped = f"reached k_max = {k_max}"
@@ -446,17 +454,18 @@ def calibrate(
                     torch.cuda.reset_peak_memory_stats(device)
                     base = torch.cuda.memory_allocated(device)
                 pack = _Pack([objective] * k, cfg)
-                x = {n: first[n].x[idx[n]].to(device).expand(k, *first[n].x[idx[n]].shape) for n in streams}
+                x = {n: first[n].x[idx[n]].to(device).repeat(k, *[1] * first[n].x.ndim) for n in streams}
                 y = {
-                    n: {key: t[idx[n]].to(device).expand(k, *t[idx[n]].shape) for key, t in first[n].labels.items()}
+                    n: {key: t[idx[n]].to(device).repeat(k, *[1] * t.ndim) for key, t in first[n].labels.items()}
                     for n in streams
                 }
                 step_fn(pack, x, y, 0)  # warm-up: kernels chosen, optimiser state allocated
                 sync()
-                start = clock()
-                for i in range(steps):
-                    step_fn(pack, x, y, i + 1)
-                sync()
+                start, done = clock(), 0
+                while done < min_steps or clock() - start < min_seconds:
+                    done += 1
+                    step_fn(pack, x, y, done)
+                    sync()
                 elapsed = max(clock() - start, 1e-9)
             except torch.cuda.OutOfMemoryError:
                 stopped = f"out of memory at K = {k}"
@@ -465,12 +474,13 @@ def calibrate(
                 pack = x = y = None
                 if cuda:
                     torch.cuda.empty_cache()
-            rates[k] = k * steps / elapsed
+            rates[k] = k * done / elapsed
             if cuda:
-                per_model = (torch.cuda.max_memory_allocated(device) - base) / k
-                free, _ = torch.cuda.mem_get_info(device)
-                if 2 * k <= k_max and per_model * 2 * k > headroom * free:
-                    stopped = f"memory: {2 * k} models would need more than {headroom:.0%} of the free memory"
+                per_model = (torch.cuda.max_memory_allocated(device) - base) / k + held
+                free, total = torch.cuda.mem_get_info(device)
+                allowed = min(free, memory_fraction * total - torch.cuda.memory_reserved(device))
+                if 2 * k <= k_max and per_model * 2 * k > headroom * allowed:
+                    stopped = f"memory: {2 * k} models would need more than {headroom:.0%} of what this process may use"
                     break
             if k > 1 and rates[k] < min_gain * rates[k // 2]:
                 stopped = f"K = {k} gained less than {min_gain}x over K = {k // 2}"
@@ -479,7 +489,7 @@ def calibrate(
     if not rates:
         return Calibration(1, rates, per_model, stopped)
     best = max(rates.values())
-    chosen = min(k for k, r in rates.items() if r >= best)
+    chosen = min(k for k, r in rates.items() if r >= best / 1.02)  # the smallest K within 2% of the fastest
     return Calibration(chosen, rates, per_model, stopped)
 
 

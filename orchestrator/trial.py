@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import math
 import os
 import platform
 import time
@@ -346,10 +347,14 @@ def run_pack(
     for key, members in ready.items():
         k = max(1, limit)
         if calibrate_k and len(members) > 1:
-            k = _calibrated(key, members[0][1], k)
-        for start in range(0, len(members), k):
-            chunk = members[start : start + k]
-            outcomes.update(_train_pack(chunk, should_stop))
+            k = _calibrated(key, members[0][1], min(k, len(members)))
+        # Packs of near-equal size: 33 trials at K = 32 train as 17 + 16, not 32 + 1 alone.
+        n_packs = math.ceil(len(members) / k)
+        sizes = [len(members) // n_packs + (i < len(members) % n_packs) for i in range(n_packs)]
+        start = 0
+        for size in sizes:
+            outcomes.update(_train_pack(members[start : start + size], should_stop))
+            start += size
     return [outcomes[i] for i in range(len(specs))]
 
 
@@ -363,12 +368,18 @@ def _calibrated(key: tuple, trial: Trial, limit: int) -> int:
         if packable([objective], [trial.ctx.data]) is not None:
             _CALIBRATED[(key, limit)] = limit  # `_train_pack` trains them alone anyway
         else:
-            cfg = trial.effective.training
-            found = calibrate(objective, trial.ctx.data, cfg, limit,
-                              mixed_precision=trial.effective.resources.mixed_precision)  # fmt: skip
-            rates = ", ".join(f"K={k}: {r:.0f}" for k, r in found.rates.items())
-            print(f"[instill] pack size {found.k} ({found.stopped}; model-steps/s {rates})", flush=True)
-            _CALIBRATED[(key, limit)] = found.k
+            resources = trial.effective.resources
+            try:
+                found = calibrate(objective, trial.ctx.data, trial.effective.training, limit,
+                                  memory_fraction=min(1.0, resources.gpu) if resources.gpu > 0 else 1.0,
+                                  mixed_precision=resources.mixed_precision)  # fmt: skip
+            except Exception as error:  # measuring must not cost the trials: pack as many as allowed
+                print(f"[instill] pack size not measured ({error!r}); packs of at most {limit}", flush=True)
+                _CALIBRATED[(key, limit)] = limit
+            else:
+                rates = ", ".join(f"K={k}: {r:.0f}" for k, r in found.rates.items())
+                print(f"[instill] pack size {found.k} ({found.stopped}; model-steps/s {rates})", flush=True)
+                _CALIBRATED[(key, limit)] = found.k
     return _CALIBRATED[(key, limit)]
 
 

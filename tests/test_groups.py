@@ -320,7 +320,7 @@ def test_a_pack_gives_the_rows_of_its_trials_run_alone(tiny, tmp_path):
     assert sizes == {"subtask_induction": 6, "sampled_subnetwork": 6, "scratch": 6, "full_transfer": 6, "l2sp": 1}
     assert sum(p["total_s"] for p in packed) > 0
     limited = run_pack(sweep, specs, store, limit=4)
-    assert sorted(p["pack"] for p in limited if p["method"] != "l2sp") == [2] * 4 + [4] * 8
+    assert sorted(p["pack"] for p in limited if p["method"] != "l2sp") == [3] * 12  # 6 at most 4 a pack: 3 + 3
 
 
 def test_a_trial_that_fails_in_its_pack_is_tried_again_alone(tiny, monkeypatch):
@@ -416,5 +416,23 @@ def test_a_calibrated_pack_size_splits_the_packs(tiny, tmp_path, monkeypatch):
     sweep = tiny(methods=["scratch"], seeds=[0, 1, 2, 3, 4], resources={"pack": "auto"})
     specs = expand(sweep)
     rows = run_pack(sweep, specs, ArtifactStore(tmp_path), limit=16, calibrate_k=True)
-    assert [r["pack"] for r in rows] == [2, 2, 2, 2, 1]
-    assert calls == [16]
+    assert [r["pack"] for r in rows] == [2, 2, 2, 2, 1]  # 5 trials at K = 2: 2 + 2 + 1, in order
+    assert calls == [5]  # at most the trials there are
+    monkeypatch.setattr(trial_module, "_CALIBRATED", {})
+    rows = run_pack(sweep, specs, ArtifactStore(tmp_path / "b"), limit=4, calibrate_k=False)
+    assert [r["pack"] for r in rows] == [3, 3, 3, 2, 2]  # 5 trials at most 4 a pack: 3 + 2, not 4 + 1
+
+
+def test_a_failed_calibration_packs_as_many_as_allowed(tiny, tmp_path, monkeypatch):
+    from orchestrator import trial as trial_module
+    from orchestrator.artifacts import ArtifactStore
+    from orchestrator.trial import run_pack
+
+    def broken(*args, **kw):
+        raise RuntimeError("CUBLAS_STATUS_ALLOC_FAILED")
+
+    monkeypatch.setattr(trial_module, "calibrate", broken)
+    monkeypatch.setattr(trial_module, "_CALIBRATED", {})
+    sweep = tiny(methods=["scratch"], seeds=[0, 1, 2], resources={"pack": "auto"})
+    rows = run_pack(sweep, expand(sweep), ArtifactStore(tmp_path), limit=16, calibrate_k=True)
+    assert [r["pack"] for r in rows] == [3, 3, 3]

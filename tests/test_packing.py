@@ -346,36 +346,43 @@ def test_one_adamw_over_stacked_parameters_is_k_adamws_also_after_a_drop():
 # --- calibration of the pack size --------------------------------------------------------
 
 
-class FakeClock:
-    """perf_counter stand-in: each call advances by the time `seconds(k)` gives for the K being
-    timed (two calls per K: start, end), so a test chooses how throughput grows with K."""
+class FakeTime:
+    """A clock that moves only when a (fake) pack step runs: `seconds(k)` per step of K models, so a
+    test chooses how throughput grows with K."""
 
     def __init__(self, seconds):
-        self.seconds, self.now, self.calls = seconds, 0.0, 0
+        self.seconds, self.now = seconds, 0.0
 
     def __call__(self) -> float:
-        k = 2 ** (self.calls // 2)
-        if self.calls % 2:
-            self.now += self.seconds(k)
-        self.calls += 1
         return self.now
+
+    def stepper(self, lead, mixed_precision):
+        def step_fn(pack, x, y, step):
+            k = next(iter(pack.tensors.values())).shape[0]
+            self.now += self.seconds(k)
+            return torch.zeros(k), {}
+
+        return step_fn
 
 
 @pytest.mark.parametrize(
     "seconds, k, stopped",
     [
-        (lambda k: k, 1, "K = 2 gained less than 1.1x over K = 1"),  # time grows with K: no gain at all
-        (lambda k: 1.0 + 0.1 * k, 8, "reached k_max = 8"),  # near-free models: pack to the limit
-        (lambda k: {1: 1.0, 2: 1.0, 4: 3.0}[k], 2, "K = 4 gained less than 1.1x over K = 2"),
+        (lambda k: 0.1 * k, 1, "K = 2 gained less than 1.1x over K = 1"),  # time grows with K: no gain
+        (lambda k: 0.1 + 0.01 * k, 8, "reached k_max = 8"),  # near-free models: pack to the limit
+        (lambda k: {1: 0.1, 2: 0.1, 4: 0.3}[k], 2, "K = 4 gained less than 1.1x over K = 2"),
     ],
 )
-def test_calibration_doubles_k_while_throughput_grows(tiny, seconds, k, stopped):
-    from methods.packing import calibrate
+def test_calibration_doubles_k_while_throughput_grows(tiny, monkeypatch, seconds, k, stopped):
+    from methods import packing
 
+    fake = FakeTime(seconds)
+    monkeypatch.setattr(packing, "_stepper", fake.stepper)
     models, datas = build(tiny, "gpt", [0], dropout=0.1)
-    found = calibrate(cross_entropy(models[0], datas[0]), datas[0], CFG, 8, clock=FakeClock(seconds))
+    found = packing.calibrate(cross_entropy(models[0], datas[0]), datas[0], CFG, 8, clock=fake)
     assert (found.k, found.stopped) == (k, stopped)
-    assert found.k == max(found.rates, key=lambda kk: (found.rates[kk], -kk))
+    assert found.rates[1] == pytest.approx(1 / seconds(1))  # model-steps per second
+    assert found.k == min(kk for kk, r in found.rates.items() if r >= max(found.rates.values()) / 1.02)
 
 
 def test_calibration_leaves_the_model_the_generators_and_the_global_rng_alone(tiny):
@@ -384,7 +391,7 @@ def test_calibration_leaves_the_model_the_generators_and_the_global_rng_alone(ti
     models, datas = build(tiny, "masked", [0], dropout=0.1)
     before = copy.deepcopy(models[0].state_dict())
     rng = torch.get_rng_state()
-    found = calibrate(cross_entropy(models[0], datas[0]), datas[0], CFG, 4, steps=1)
+    found = calibrate(cross_entropy(models[0], datas[0]), datas[0], CFG, 4, min_steps=1, min_seconds=0.0)
     assert set(found.rates) <= {1, 2, 4} and found.k in found.rates and found.bytes_per_model is None
     assert torch.equal(torch.get_rng_state(), rng)
     after = models[0].state_dict()
