@@ -57,6 +57,7 @@ def make_callbacks(
     todo: list[TrialSpec],
     done_before: int,
     stopping: Callable[[], bool] = lambda: False,
+    queue=None,
 ):
     """(the Rows callback, every callback to give Tune). Once `stopping()` is True (a graceful
     stop), a trial that ends without its final result is not a failure: it gets no row and resumes
@@ -117,16 +118,28 @@ def make_callbacks(
 
         def on_trial_error(self, iteration, trials, trial, **info):
             try:
-                # During a stop (e.g. its worker got the signal too): resumed from its checkpoint next run.
-                self._end(trial, None if stopping() else error_text(trial))
+                if stopping():  # e.g. its worker got the signal too: resumed from its checkpoint next run
+                    self._end(trial, None)
+                else:
+                    # Tune retries only RUNNING trials: with tries left (`should_recover`), this one was
+                    # lost before it ran (its node died while its worker started), so it goes back.
+                    self._end(trial, error_text(trial), requeue=queue is not None and trial.should_recover())
             finally:
                 forget_results(trial)
 
-        def _end(self, trial, error: str | None) -> None:
-            """The group is over: its trials without a row fail with `error`, or (None) stay pending."""
+        def _end(self, trial, error: str | None, requeue: bool = False) -> None:
+            """The group is over: its trials without a row fail with `error`, or (None) stay pending;
+            with `requeue`, they go back to the queue while they have tries left."""
             group = self.groups.pop(trial.trial_id, None) or Group(out_dir, sweep, members(trial.config))
             group.mark(None)
-            for spec in group.unfinished():
+            unfinished = group.unfinished()
+            if requeue and unfinished:
+                spent = queue.requeue([s.model_dump() for s in unfinished])
+                if len(spent) < len(unfinished):
+                    print(f"[instill] {len(unfinished) - len(spent)} trial(s) whose worker was lost before they "
+                          f"ran are queued again ({error})", file=sys.stderr, flush=True)  # fmt: skip
+                unfinished = [TrialSpec(**s) for s in spent]
+            for spec in unfinished:
                 if error is None:
                     self.interrupted += 1
                 else:

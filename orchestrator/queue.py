@@ -14,10 +14,17 @@ many trials as make about `GROUP_TARGET_S` seconds of compute, never so many tha
 `GROUPS_PER_SLOT` groups per slot would be left (the sweep's tail stays balanced). A trial that
 takes longer than `GROUP_TARGET_S` runs alone, as without groups. `resources.group: N` groups N
 trials; 1 gives every trial its own Tune trial.
+
+A Tune trial whose worker is lost before the trial starts running (its node dies while the actor
+is being set up) is not retried by Tune, whatever `FailureConfig(max_failures)` allows: Tune retries
+only RUNNING trials. The driver hands such a group's unfinished trials back (`requeue`), each at
+most `retries` times, and the queue gives them out again; it reports FINISHED only once every
+trial is handed out and no group is still live, since a live group may yet come back.
 """
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -49,9 +56,14 @@ class TrialQueue(Searcher):
         should_stop: Callable[[], bool] = lambda: False,
         pack_keys: list[Hashable | None] | None = None,
         pack: int = 1,
+        retries: int = 0,
     ):
         super().__init__()
         self.specs = [s.model_dump() for s in specs]
+        self.index = {_key(s): i for i, s in enumerate(self.specs)}
+        self.retries = retries
+        self.requeued = [0] * len(specs)
+        self.live: set[str] = set()  # Tune trial ids handed a group and not yet complete
         self.costs = [cost(s) for s in specs]
         self.cost_left = sum(self.costs)
         self.group, self.concurrency = group, max(1, concurrency)
@@ -68,15 +80,36 @@ class TrialQueue(Searcher):
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         self._skip_taken()
-        if self.should_stop() or self.next >= len(self.specs):
+        if self.should_stop():
             return Searcher.FINISHED
+        if self.next >= len(self.specs):
+            # Tune asks no more once told FINISHED: wait while a live group may hand trials back.
+            return None if self.live else Searcher.FINISHED
         key = self.keys[self.next]
         chosen = self._pack(key) if key is not None else self._group()
         for i in chosen:
             self.taken[i] = True
             self.cost_left -= self.costs[i]
+        self.live.add(trial_id)
         members = [self.specs[i] for i in chosen]
         return {"spec": members[0]} if len(members) == 1 else {"specs": members}
+
+    def requeue(self, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Hand `specs` (of a group whose worker was lost before it ran) out again, each at most
+        `retries` times in all. Returns those that are not: their tries are spent."""
+        spent = []
+        for spec in specs:
+            i = self.index.get(_key(spec))
+            if i is None or self.requeued[i] >= self.retries:
+                spent.append(spec)
+                continue
+            self.requeued[i] += 1
+            self.taken[i] = False
+            self.cost_left += self.costs[i]
+            self.next = min(self.next, i)
+            if self.keys[i] is not None:  # back in its pack's line, in the sweep's order
+                self.buckets[self.keys[i]] = deque(sorted({*self.buckets[self.keys[i]], i}))
+        return spent
 
     def _skip_taken(self) -> None:
         while self.next < len(self.specs) and self.taken[self.next]:
@@ -124,7 +157,7 @@ class TrialQueue(Searcher):
             self.cost_done += float(result["rows_cost"])
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        pass
+        self.live.discard(trial_id)
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its Tuner (for Tuner.restore, which we do not use): leave out the driver's
@@ -141,6 +174,10 @@ class TrialQueue(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path) as f:
             self.next = int(f.read().strip() or 0)
+
+
+def _key(spec: dict[str, Any]) -> str:
+    return json.dumps(spec, sort_keys=True, default=str)
 
 
 def members(config: dict[str, Any]) -> list[dict[str, Any]]:

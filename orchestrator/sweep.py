@@ -30,7 +30,7 @@ from orchestrator.stop import GracefulStop, driver_stopping
 from orchestrator.storage import check_shared
 from orchestrator.tracking import callbacks as tracking_callbacks
 from orchestrator.trial import expand, trial_hash
-from orchestrator.tuner import make_tuner
+from orchestrator.tuner import make_queue, make_tuner
 from orchestrator.upstream import precompute
 
 __all__ = ["SweepMismatch", "SweepOutcome", "order_trials", "run_sweep", "start_ray"]
@@ -103,8 +103,9 @@ def run_sweep(
                 precompute(sweep, store, todo, concurrency, should_stop=lambda: stopper.stopping)
                 if not stopper.stopping:
                     todo = order_trials(sweep, todo, concurrency)
+                    queue = make_queue(sweep, todo, concurrency, should_stop=lambda: stopper.stopping)
                     _, tune_callbacks = make_callbacks(
-                        out, sweep, todo, len(specs) - len(todo), stopping=driver_stopping
+                        out, sweep, todo, len(specs) - len(todo), stopping=driver_stopping, queue=queue
                     )
                     tuner = make_tuner(
                         sweep,
@@ -114,6 +115,7 @@ def run_sweep(
                         concurrency,
                         tune_callbacks + extra,
                         should_stop=lambda: stopper.stopping,
+                        queue=queue,
                     )
                     tuner.fit()
             finally:

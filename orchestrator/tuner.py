@@ -47,13 +47,12 @@ def make_tuner(
     concurrency: int,
     callbacks: list,
     should_stop: Callable[[], bool] = lambda: False,
+    queue=None,
 ):
     """A Tuner that runs `todo` (in this order), `concurrency` at a time, launching no new trial
     once `should_stop()` is True. Tune's state and trial logs go to OUT/tune (a local path or OUT's
-    object store)."""
+    object store). `queue`: the `make_queue` of `todo` (the Rows callback hands lost trials back to it)."""
     from ray import tune
-
-    from orchestrator.queue import TrialQueue
 
     for name, value in TUNE_DEFAULTS.items():
         os.environ.setdefault(name, value)  # read when fit() builds Tune's controller
@@ -65,15 +64,8 @@ def make_tuner(
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=TrialQueue(
-                todo,
-                sweep.resources.group,
-                concurrency,
-                should_stop,
-                pack_keys=pack_keys(sweep, todo),
-                pack=PACK_GROUP if sweep.resources.pack == "auto" else sweep.resources.pack,
-            ),
-            num_samples=len(todo),
+            search_alg=queue or make_queue(sweep, todo, concurrency, should_stop),
+            num_samples=-1,  # as many Tune trials as the queue hands out groups (lost ones come back)
             scheduler=live_fifo_scheduler(),
             reuse_actors=True,
             max_concurrent_trials=concurrency + ahead(sweep, concurrency),
@@ -93,6 +85,21 @@ def make_tuner(
         ),
     )
     return tuner
+
+
+def make_queue(sweep: SweepConfig, todo: list[TrialSpec], concurrency: int, should_stop=lambda: False):
+    """The `TrialQueue` Tune draws `todo` from."""
+    from orchestrator.queue import TrialQueue
+
+    return TrialQueue(
+        todo,
+        sweep.resources.group,
+        concurrency,
+        should_stop,
+        pack_keys=pack_keys(sweep, todo),
+        pack=PACK_GROUP if sweep.resources.pack == "auto" else sweep.resources.pack,
+        retries=sweep.max_failures,
+    )
 
 
 # Under `resources.pack: auto`, the most trials handed to a worker as one pack group; the worker

@@ -21,10 +21,12 @@ def _specs(n: int, fraction: float = 0.5) -> list[TrialSpec]:
 
 
 def _drain(q: queue.TrialQueue, on_each=lambda config: None) -> list[list[dict]]:
+    """Every group the queue hands out, each completed as soon as it is handed out."""
     groups = []
     while (config := q.suggest(f"t{len(groups)}")) != queue.TrialQueue.FINISHED:
         groups.append(queue.members(config))
         on_each(config)
+        q.on_trial_complete(f"t{len(groups) - 1}")
     return groups
 
 
@@ -82,6 +84,32 @@ def test_auto_keeps_long_trials_alone():
     specs = _specs(50)
     q = queue.TrialQueue(specs, group="auto", concurrency=2)
     assert {len(g) for g in _drain(q, _report(q, seconds_per_trial=30.0))} == {1}
+
+
+def test_a_lost_group_comes_back_while_its_trials_have_tries_left():
+    specs = _specs(4)
+    q = queue.TrialQueue(specs, group=2, retries=1)
+    first, second = q.suggest("a"), q.suggest("b")
+    assert q.suggest("c") is None, "everything is out, but a live group may come back: wait"
+    q.on_trial_complete("b")
+    q.on_trial_complete("a", error=True)
+    assert q.requeue(queue.members(first)) == []  # its worker was lost before it ran
+    again = q.suggest("d")
+    assert queue.members(again) == queue.members(first)
+    assert q.requeue(queue.members(again)) == queue.members(first), "one retry each: spent"
+    q.on_trial_complete("d", error=True)
+    assert q.suggest("e") == queue.TrialQueue.FINISHED
+    assert queue.members(second) == [s.model_dump() for s in specs[2:]]
+
+
+def test_a_lost_pack_comes_back_as_a_pack():
+    specs = _specs(3)
+    q = queue.TrialQueue(specs, group=1, pack_keys=["k"] * 3, pack=4, retries=2)
+    pack = q.suggest("a")
+    assert len(queue.members(pack)) == 3
+    q.on_trial_complete("a", error=True)
+    assert q.requeue(queue.members(pack)[1:]) == []
+    assert queue.members(q.suggest("b")) == queue.members(pack)[1:]
 
 
 def test_the_queue_hands_out_nothing_once_stopped():
@@ -436,3 +464,36 @@ def test_a_failed_calibration_packs_as_many_as_allowed(tiny, tmp_path, monkeypat
     sweep = tiny(methods=["scratch"], seeds=[0, 1, 2], resources={"pack": "auto"})
     rows = run_pack(sweep, expand(sweep), ArtifactStore(tmp_path), limit=16, calibrate_k=True)
     assert [r["pack"] for r in rows] == [3, 3, 3]
+
+
+class _LostTrial:
+    """What the Rows callback reads of a Tune trial that errored (`should_recover`: Tune's verdict
+    on whether its tries allow another)."""
+
+    def __init__(self, config, recoverable: bool):
+        self.trial_id, self.config, self.recoverable = "t0", config, recoverable
+        self.error_msg, self.last_result = "ActorDiedError: its node has died", {}
+
+    def should_recover(self) -> bool:
+        return self.recoverable
+
+
+@pytest.mark.parametrize("recoverable, retries", [(True, 1), (False, 1), (True, 0)])
+def test_a_group_lost_before_it_ran_goes_back_to_the_queue(tiny, tmp_path, recoverable, retries):
+    """Tune does not retry a trial that fails before it runs (its node died while its worker started):
+    the driver queues its trials again while Tune's and our tries allow, else records them failed."""
+    from orchestrator.callbacks import make_callbacks
+    from orchestrator.outdir import read_row
+
+    sweep = tiny(methods=["scratch"], seeds=[0, 1], max_failures=retries)
+    specs = expand(sweep)
+    q = queue.TrialQueue(specs, group=2, retries=retries)
+    rows, _ = make_callbacks(tmp_path, sweep, specs, 0, queue=q)
+    config = q.suggest("t0")
+    q.on_trial_complete("t0", error=True)
+    rows.on_trial_error(0, [], _LostTrial(config, recoverable))
+    back = recoverable and retries > 0
+    assert [read_row(tmp_path, sweep, s) is None for s in specs] == [back, back]
+    assert (q.suggest("t1") != queue.TrialQueue.FINISHED) == back
+    if not back:
+        assert read_row(tmp_path, sweep, specs[0])["status"] == "failed"
