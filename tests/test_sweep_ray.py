@@ -68,7 +68,8 @@ def test_smoke_sweep_writes_the_documented_table(smoke):
 
 @pytest.fixture(scope="module")
 def side_by_side(ray_local, tmp_path_factory):
-    """Four trials of a method whose trials wait (up to 60 s) until two of them have started."""
+    """Four trials of a method whose trials wait (up to 180 s: a loaded machine starts workers slowly)
+    until two of them have started."""
     tmp = tmp_path_factory.mktemp("side_by_side")
     folder = tmp / "rendezvous"
     folder.mkdir()
@@ -76,7 +77,7 @@ def side_by_side(ray_local, tmp_path_factory):
         tiny_raw(
             plugins=["tests.plugins.rendezvous"],
             methods=["rendezvous"],
-            rendezvous={"folder": str(folder), "parties": 2, "timeout_s": 60},
+            rendezvous={"folder": str(folder), "parties": 2, "timeout_s": 180},
             seeds=[0, 1, 2, 3],
         )
     )
