@@ -549,12 +549,13 @@ def mean_over(table: pd.DataFrame, axis: str, metric: str = METRIC, level: float
         [f["series"] for f in firsts],
         [a for a in axis_columns(done) if a != axis],
     )
+    by_series = {s: _seed_frame(g, metric) for s, g in done.groupby("series", sort=False)}
     rows = []
     for members, label, first in zip(groups.values(), labels, firsts, strict=True):
         if len(members) < 2:
             continue  # nothing to average: the axis does not vary inside this group
         values = sorted(info.loc[members, axis].tolist())
-        frames = [_seed_frame(done[done["series"] == m], metric) for m in members]
+        frames = [by_series[m] for m in members]
         for n in sorted(set.intersection(*(set(f.columns) for f in frames))):
             per_value = pd.concat([f[n] for f in frames], axis=1).dropna()  # seeds every value has
             if per_value.empty:
