@@ -3,8 +3,11 @@
 Each kind declares the kinds it needs, the sweep blocks and grid axes its key holds, and four
 functions: `key(ctx)` (exactly the fields that determine it), `compute(ctx) -> (tensors, meta)`,
 `load(ctx, tensors, meta)` (the object a method receives), and `columns(meta)` (what a trial's row
-records about it). The orchestrator stores and shares artifacts; it never branches on a kind's
-name. A new kind (e.g. a guide network) is one class plus `@register_artifact(...)`.
+records about it). A kind that computes the artifacts of several values of an axis in one go (a
+mask discovery serves every sparsity) names the axis in `shares` and implements
+`compute_many(ctx, points)`; each artifact is still stored and keyed on its own. The orchestrator
+stores and shares artifacts; it never branches on a kind's name. A new kind (e.g. a guide network)
+is one class plus `@register_artifact(...)`.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from torch import nn
 
 from common.registry import Registry
 from common.seeding import torch_generator
-from methods.discovery import discover
+from methods.discovery import discover_many
 from methods.training import train
 
 
@@ -46,6 +49,7 @@ class ArtifactKind:
     reported: ClassVar[tuple[str, ...]] = ()  # row columns from `columns(meta)` that the report summarises
     is_mask: ClassVar[bool] = False  # boolean tensors over parameters: the report compares them (overlap)
     Config: ClassVar[type | None] = None  # the kind's own settings block, under its name in the sweep file
+    shares: ClassVar[tuple[str, ...]] = ()  # axes (of `axes`) whose artifacts one `compute_many` computes together
 
     def describe(self, key: dict) -> dict[str, Any]:
         """The grid coordinates of a stored artifact's key, for reports: `seed`, `sparsity` where
@@ -55,6 +59,13 @@ class ArtifactKind:
     def key(self, ctx: ArtifactContext) -> dict: ...
 
     def compute(self, ctx: ArtifactContext) -> tuple[dict[str, torch.Tensor], dict[str, Any]]: ...
+
+    def compute_many(
+        self, ctx: ArtifactContext, points: list[dict[str, Any]]
+    ) -> list[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+        """The artifacts at `points` (values of the `shares` axes; `ctx.point` is the first), each
+        exactly as `compute` would give it. Only kinds with `shares` are asked."""
+        raise NotImplementedError(f"artifact kind {self.name!r} declares no shared axes")
 
     def load(self, ctx: ArtifactContext, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Any: ...
 
@@ -66,14 +77,23 @@ ARTIFACTS = Registry("artifact kind")
 
 
 def register_artifact(
-    name: str, *, needs: tuple[str, ...] = (), blocks: tuple[str, ...] = (), axes=(), config: type | None = None
+    name: str,
+    *,
+    needs: tuple[str, ...] = (),
+    blocks: tuple[str, ...] = (),
+    axes=(),
+    shares=(),
+    config: type | None = None,
 ):
     """Register an `ArtifactKind` class. `blocks`: sweep blocks its key reads; `config`: a settings
     block of its own, written under `name` in the sweep file (`guide: {...}`), validated there, part
     of the key and identity of everything that needs the kind, tunable and sweepable by path.
-    `axes`: the fixed grid axes its key holds (only "sparsity" exists)."""
+    `axes`: the fixed grid axes its key holds (only "sparsity" exists); `shares`: those of them
+    whose artifacts `compute_many` computes in one go (the key holds each under the axis' name)."""
     if any(axis != "sparsity" for axis in axes):
         raise ValueError(f"artifact kind {name!r}: the only grid axis an artifact can depend on is 'sparsity'")
+    if any(axis not in axes for axis in shares):
+        raise ValueError(f"artifact kind {name!r}: shares {tuple(shares)} must be among its axes {tuple(axes)}")
 
     def add(cls):
         unknown = [n for n in needs if n not in ARTIFACTS]
@@ -81,7 +101,7 @@ def register_artifact(
             raise ValueError(f"artifact kind {name!r} needs {unknown}, which are not registered (register them first)")
         own = (name,) if config is not None else ()
         cls.name, cls.needs, cls.blocks, cls.axes = name, tuple(needs), tuple(blocks) + own, tuple(axes)
-        cls.Config = config
+        cls.Config, cls.shares = config, tuple(shares)
         ARTIFACTS.register(name)(cls())
         return cls
 
@@ -139,9 +159,10 @@ class Source(ArtifactKind):
         return {"source_val_acc": meta["val_acc"]}
 
 
-@register_artifact("mask", needs=("source",), blocks=("discovery",), axes=("sparsity",))
+@register_artifact("mask", needs=("source",), blocks=("discovery",), axes=("sparsity",), shares=("sparsity",))
 class DiscoveredMask(ArtifactKind):
-    """The subnetwork discovered in the source model on the subtask, at the requested sparsity."""
+    """The subnetwork discovered in the source model on the subtask, at the requested sparsity. The
+    sweep's sparsities of one source and discovery setting come from one discovery run (`discover_many`)."""
 
     reported = ("mask_density", "subtask_acc", "natural_density")
     is_mask = True
@@ -160,22 +181,28 @@ class DiscoveredMask(ArtifactKind):
         }
 
     def compute(self, ctx):
-        found = discover(
+        return self.compute_many(ctx, [ctx.point])[0]
+
+    def compute_many(self, ctx, points):
+        found = discover_many(
             copy.deepcopy(ctx.get("source")),
             ctx.task.subtask_data(ctx.seed),
             ctx.settings.discovery,
-            ctx.point["sparsity"],
+            tuple(point["sparsity"] for point in points),
             torch_generator(ctx.seed, "discovery"),
             mixed_precision=ctx.mixed_precision,
         )
-        meta = {
+        return [(one.mask, self._meta(one)) for one in found]
+
+    @staticmethod
+    def _meta(found):
+        return {
             "subtask_acc": found.subtask_acc,
             "density": found.density,
             "natural_density": found.natural_density,
             "best_epoch": found.best_epoch,
             "history": found.history,
         }
-        return found.mask, meta
 
     def load(self, ctx, tensors, meta):
         return {name: t.bool() for name, t in tensors.items()}

@@ -6,19 +6,24 @@ soft mask sigmoid(T * s) multiplies the frozen source weights; the loss is cross
 subtask plus lambda * sum(sigmoid(T * s)), an L0 surrogate. T starts at 1 and is multiplied by
 final_temperature ** (1 / epochs) after each epoch. After every epoch the hard mask at the requested
 sparsity (the top (1 - sparsity) scores) is scored on the subtask's validation split; the best
-epoch's mask is kept (`ties`: the first or the last of equal accuracies). The scores train with
+epoch's mask is kept (`ties`: the first or the last of equal accuracies). Training never reads the
+sparsity, so one run serves several (`discover_many`): after each epoch the same scores are ranked
+at each requested sparsity, and each keeps its own best epoch. Each sparsity's mask, accuracy,
+epoch and history are bit for bit those of a run for it alone (tests/test_discovery_shared.py). The scores train with
 AdamW at `weight_decay` (the paper's code: AdamW's default 0.01; ours defaults to 0). The
 cross-entropy term is the model's own loss where it has one (`task.loss: all_positions`). Every
 discoverer hits the requested sparsity exactly by ranking.
 
 `hard_concrete` (Louizos et al.'s L0 gates) lives in methods/hard_concrete.py, `magnitude` below.
-A new discoverer is one function `(model, data, cfg, sparsity, generator, mixed_precision) ->
-Discovery` under `@DISCOVERERS.register(name)`.
+A new discoverer is one function `(model, data, cfg, sparsities, generator, mixed_precision) ->
+list[Discovery]` (one per sparsity, in order) under `@DISCOVERERS.register(name)`; a discoverer
+whose training depends on the sparsity runs once per sparsity inside that function.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 import torch
@@ -113,23 +118,48 @@ def discover(
 
     The model is put in eval mode (dropout and batch-norm statistics off) and its weights are frozen.
     """
+    return discover_many(model, data, cfg, (sparsity,), generator, mixed_precision)[0]
+
+
+def discover_many(
+    model: nn.Module,
+    data: StageData,
+    cfg: DiscoveryConfig,
+    sparsities: tuple[float, ...],
+    generator: torch.Generator,
+    mixed_precision: bool = False,
+) -> list[Discovery]:
+    """`discover` at each of `sparsities` from one run of the discoverer: the same results, each
+    as its own run would give it, for the cost of one run (plus one evaluation per sparsity and epoch)."""
+    sparsities = tuple(float(s) for s in sparsities)
+    if not sparsities or len(set(sparsities)) != len(sparsities):
+        raise ValueError(f"discover_many needs distinct sparsities, got {sparsities}")
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return DISCOVERERS.get(cfg.method)(model, data, cfg, sparsity, generator, mixed_precision)
+    found = DISCOVERERS.get(cfg.method)(model, data, cfg, sparsities, generator, mixed_precision)
+    if len(found) != len(sparsities):
+        raise RuntimeError(f"discoverer {cfg.method!r} returned {len(found)} masks for {len(sparsities)} sparsities")
+    return found
 
 
 @DISCOVERERS.register("magnitude")
-def _magnitude(model, data, cfg, sparsity, generator, mixed_precision) -> Discovery:
+def _magnitude(model, data, cfg, sparsities, generator, mixed_precision) -> list[Discovery]:
     params = dict(model.named_parameters())
-    mask = topk_mask({n: params[n].abs() for n in maskable_names(model, cfg.selection)}, sparsity)
-    acc = hard_accuracy(model, mask, data)
-    return Discovery(mask, acc, density(mask), density(mask), 0, [acc])
+    magnitudes = {n: params[n].abs() for n in maskable_names(model, cfg.selection)}
+    found = []
+    for sparsity in sparsities:
+        mask = topk_mask(magnitudes, sparsity)
+        acc = hard_accuracy(model, mask, data)
+        found.append(Discovery(mask, acc, density(mask), density(mask), 0, [acc]))
+    return found
 
 
 class ScoredMasks:
-    """Shared by score-based discoverers: after each epoch, rank the scores into the hard mask at the
-    requested sparsity, score it on the subtask's validation split, and keep the best epoch's mask."""
+    """Shared by score-based discoverers: after each epoch, rank the scores into the hard mask at
+    each requested sparsity, score it on the subtask's validation split, and keep each sparsity's
+    best epoch (by `ties`, the rule `fit` applies to its own score, which is the first sparsity's).
+    The kept masks and histories are this object's state, so a checkpointed run resumes them."""
 
     def __init__(
         self,
@@ -137,14 +167,17 @@ class ScoredMasks:
         fns: dict[str, nn.Module],
         scores: dict[str, torch.Tensor],
         data,
-        sparsity,
+        sparsities: tuple[float, ...],
+        ties: str = "first",
         open_above: float = 0.0,
     ):
-        self.model, self.fns, self.scores, self.data, self.sparsity = model, fns, scores, data, sparsity
-        self.open_above = open_above
+        self.model, self.fns, self.scores, self.data = model, fns, scores, data
+        self.sparsities, self.ties, self.open_above = tuple(sparsities), ties, open_above
         self.masked = MaskedModel(model, fns).eval()
-        self.last: tuple[Mask, float] | None = None
-        self.kept: tuple[Mask, float] | None = None
+        self.epoch = 0
+        # per sparsity: (accuracy, epoch, mask, natural density) of the kept epoch, and every epoch's accuracy
+        self.kept: list[tuple[float, int, Mask | None, float]] = [(-math.inf, 0, None, 0.0) for _ in self.sparsities]
+        self.history: list[list[float]] = [[] for _ in self.sparsities]
 
     def natural(self) -> float:
         """Fraction of scores > `open_above` (default 0): the discoverer's own mask, before ranking."""
@@ -152,20 +185,38 @@ class ScoredMasks:
         return on / sum(s.numel() for s in self.scores.values())
 
     def score(self) -> float:
-        mask = topk_mask(self.scores, self.sparsity)
-        acc = hard_accuracy(self.model, mask, self.data, self.masked, self.fns)
-        self.last = (mask, acc)
-        return acc
+        self.epoch += 1
+        natural = None
+        for i, sparsity in enumerate(self.sparsities):
+            mask = topk_mask(self.scores, sparsity)
+            acc = hard_accuracy(self.model, mask, self.data, self.masked, self.fns)
+            self.history[i].append(acc)
+            best = self.kept[i][0]
+            if acc > best or (self.ties == "last" and acc == best):
+                natural = self.natural() if natural is None else natural
+                self.kept[i] = (acc, self.epoch, mask, natural)
+        return self.history[0][-1]
 
-    def snapshot(self):
-        return None if self.last is None else (self.last[0], self.natural())
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "kept": [list(k) for k in self.kept], "history": [list(h) for h in self.history]}
 
-    def restore(self, state) -> None:
-        self.kept = state
+    def load_state(self, saved: dict) -> None:
+        self.epoch = saved["epoch"]
+        self.kept = [tuple(k) for k in saved["kept"]]
+        self.history = [list(h) for h in saved["history"]]
 
     def objective(self, loss, end_epoch, state=None, load_state=None) -> Objective:
         """The loop's objective; `state` / `load_state`: the discoverer's own mutable state, for
-        checkpoints (see `Objective`)."""
+        checkpoints (see `Objective`), saved beside the kept masks."""
+
+        def both():
+            return {"discoverer": state() if state is not None else None, "kept": self.state()}
+
+        def load_both(saved):
+            if load_state is not None:
+                load_state(saved["discoverer"])
+            self.load_state(saved["kept"])
+
         return Objective(
             loss=loss,
             module=self.masked,
@@ -173,24 +224,29 @@ class ScoredMasks:
             score=self.score,
             train_mode=False,
             global_rng=False,  # eval mode throughout: no dropout, so no draw that would shift the shuffling
-            snapshot=self.snapshot,
-            restore=self.restore,
+            snapshot=lambda: None,  # the kept masks are this object's (one per sparsity)
+            restore=lambda _: None,
             end_epoch=end_epoch,
-            state=state,
-            load_state=load_state,
+            state=both,
+            load_state=load_both,
         )
 
-    def result(self, trained) -> Discovery:
-        mask, natural = self.kept
-        return Discovery(mask, trained.best_val_acc, density(mask), natural, trained.best_epoch, trained.history)
+    def result(self, trained) -> list[Discovery]:
+        """One `Discovery` per sparsity, from the run `trained` (whose own pick is the first's)."""
+        if trained.best_epoch != self.kept[0][1]:
+            raise RuntimeError(f"kept epoch {self.kept[0][1]} disagrees with the loop's {trained.best_epoch}")
+        return [
+            Discovery(mask, acc, density(mask), natural, epoch, list(history))
+            for (acc, epoch, mask, natural), history in zip(self.kept, self.history, strict=True)
+        ]
 
 
 @DISCOVERERS.register("continuous_sparsification")
-def _continuous_sparsification(model, data, cfg, sparsity, generator, mixed_precision) -> Discovery:
+def _continuous_sparsification(model, data, cfg, sparsities, generator, mixed_precision) -> list[Discovery]:
     params = dict(model.named_parameters())
     names = maskable_names(model, cfg.selection)
     fns = {n: ScoreMask(params[n].shape, cfg.init_score).to(params[n].device) for n in names}
-    found = ScoredMasks(model, fns, {n: fns[n].scores for n in names}, data, sparsity)
+    found = ScoredMasks(model, fns, {n: fns[n].scores for n in names}, data, sparsities, cfg.ties)
     growth = cfg.final_temperature ** (1.0 / cfg.epochs)
     state = {"temperature": 1.0}
 

@@ -120,7 +120,7 @@ def half_open_log_alpha(beta: float, stretch: tuple[float, float]) -> float:
 
 
 @DISCOVERERS.register("hard_concrete")
-def _hard_concrete(model, data, cfg, sparsity, generator, mixed_precision) -> Discovery:
+def _hard_concrete(model, data, cfg, sparsities, generator, mixed_precision) -> list[Discovery]:
     params = dict(model.named_parameters())
     names = maskable_names(model, cfg.selection)
     gates = {
@@ -132,7 +132,8 @@ def _hard_concrete(model, data, cfg, sparsity, generator, mixed_precision) -> Di
         gates,
         {n: gates[n].log_alpha for n in names},
         data,
-        sparsity,
+        sparsities,
+        cfg.ties,
         open_above=half_open_log_alpha(cfg.hc_beta, cfg.hc_stretch),
     )
     device = params[names[0]].device

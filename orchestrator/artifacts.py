@@ -18,6 +18,7 @@ trial needs them (`orchestrator.sweep.precompute`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -93,22 +94,44 @@ class ArtifactStore:
         self, kind: str, key: dict[str, Any], compute: Callable[[], tuple[Tensors, dict[str, Any]]]
     ) -> Fetched:
         """Load the artifact for `key`, computing and storing it first if it is missing or corrupt."""
-        path = self.path(kind, key)
-        hit = self._load(path)
-        if hit is not None:
-            return Fetched(*hit, computed=False, wait_s=0.0)
+        return self.get_or_compute_many(kind, [key], lambda missing: [compute()])[0]
+
+    def get_or_compute_many(
+        self,
+        kind: str,
+        keys: list[dict[str, Any]],
+        compute: Callable[[list[int]], list[tuple[Tensors, dict[str, Any]]]],
+    ) -> list[Fetched]:
+        """Load the artifacts for `keys`; `compute(missing)` computes those at the indices `missing`
+        (in one go: e.g. one mask discovery for several sparsities), each stored under its own key.
+        Holds every key's lock while it computes (taken in path order, so two callers cannot deadlock)."""
+        paths = [self.path(kind, key) for key in keys]
+        hits = [self._load(path) for path in paths]
+        if all(hit is not None for hit in hits):
+            return [Fetched(*hit, computed=False, wait_s=0.0) for hit in hits]
         t0 = time.perf_counter()
-        with FileLock(self._lock_path(path)):
+        with contextlib.ExitStack() as locks:
+            for lock in sorted({self._lock_path(path) for path in paths}):
+                locks.enter_context(FileLock(lock))
             waited = time.perf_counter() - t0
-            hit = self._load(path)  # another process may have finished it while we waited
-            if hit is not None:
-                return Fetched(*hit, computed=False, wait_s=waited)
-            start = time.perf_counter()
-            tensors, meta = compute()
-            meta = {**meta, "compute_s": time.perf_counter() - start}
-            self._write(path, kind, key, tensors, meta)
-            self._log_computation(kind, path, meta["compute_s"])
-        return Fetched({k: v.detach().cpu() for k, v in tensors.items()}, meta, computed=True, wait_s=waited)
+            hits = [self._load(path) for path in paths]  # another process may have finished some meanwhile
+            missing = [i for i, hit in enumerate(hits) if hit is None]
+            if missing:
+                start = time.perf_counter()
+                results = compute(missing)
+                if len(results) != len(missing):
+                    raise RuntimeError(f"{kind}: {len(results)} artifacts computed for {len(missing)} keys")
+                seconds = (time.perf_counter() - start) / len(missing)  # the shared run's time, shared out
+                for i, (tensors, meta) in zip(missing, results, strict=True):
+                    meta = {
+                        **meta,
+                        "compute_s": seconds,
+                        **({"computed_with": len(missing)} if len(missing) > 1 else {}),
+                    }
+                    self._write(paths[i], kind, keys[i], tensors, meta)
+                    self._log_computation(kind, paths[i], seconds)
+                    hits[i] = ({k: v.detach().cpu() for k, v in tensors.items()}, meta)
+        return [Fetched(*hit, computed=i in missing, wait_s=waited) for i, hit in enumerate(hits)]
 
     def load(self, kind: str, key: dict[str, Any]) -> tuple[Tensors, dict[str, Any]]:
         """Load an artifact that must exist and be intact; raises FileNotFoundError or CorruptArtifact."""

@@ -21,6 +21,7 @@ reports each epoch through `report` (`{"stage": "epoch", "fit": "train", "epoch"
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -250,6 +251,24 @@ class Upstream:
                 self.key(dep)
             self.keys[kind] = ARTIFACTS.get(kind).key(self.context(kind))
         return self.keys[kind]
+
+    def compute_shared(self, kind: str, points: list[dict[str, Any]]) -> None:
+        """Store the `kind` artifacts of this trial's context at each of `points` (values of the
+        kind's `shares` axes), the missing ones from one `compute_many`; loads nothing for the trial."""
+        art, ctx = ARTIFACTS.get(kind), self.context(kind)
+        contexts = [dataclasses.replace(ctx, point={**ctx.point, **point}) for point in points]
+        keys = [art.key(one) for one in contexts]
+
+        used = []  # the run's checkpointer, cleared once its artifacts are stored
+
+        def compute(missing: list[int]):
+            used.append(self.supervisor.checkpointer(f"{kind}-{stable_hash([keys[i] for i in missing], 24)}"))
+            with supervised(self.supervisor.supervision(kind, used[0])):
+                return art.compute_many(contexts[missing[0]], [contexts[i].point for i in missing])
+
+        self.store.get_or_compute_many(kind, keys, compute)
+        if used and used[0] is not None:
+            used[0].clear()
 
     def get(self, kind: str) -> Any:
         if kind not in self.objects:

@@ -22,8 +22,9 @@ from orchestrator.config import SweepConfig, load_sweep
 from orchestrator.trial import TrialSpec, TrialSupervisor, Upstream, pick_device, trial_needs
 
 
-def _compute(sweep_json: str, spec_json: str, kind: str, store_root: str) -> float:
-    """Runs inside a Ray worker: compute one artifact (its own needs are already stored)."""
+def _compute(sweep_json: str, spec_json: str, kind: str, store_root: str, points_json: str | None = None) -> float:
+    """Runs inside a Ray worker: compute one artifact (its own needs are already stored), or with
+    `points` the artifacts of the spec's context at each of those values of the kind's shared axes."""
     import torch
 
     from orchestrator import stop
@@ -34,8 +35,31 @@ def _compute(sweep_json: str, spec_json: str, kind: str, store_root: str) -> flo
     spec, store = TrialSpec(**json.loads(spec_json)), ArtifactStore(store_root)
     # Checkpointed, and stopped on request (the checkpoint is kept for the next run).
     supervisor = TrialSupervisor(sweep.effective(spec.method, spec.axes), store, should_stop=stop.requested)
-    Upstream(sweep, spec, store, pick_device(sweep), supervisor).get(kind)
+    upstream = Upstream(sweep, spec, store, pick_device(sweep), supervisor)
+    if points_json is None:
+        upstream.get(kind)
+    else:
+        upstream.compute_shared(kind, json.loads(points_json))
     return time.perf_counter() - start
+
+
+def _shared_runs(jobs: list[dict]) -> list[dict]:
+    """Jobs of a kind with shared axes (`ArtifactKind.shares`) whose keys differ only there merged
+    into one run over their points; every other job stays a run of its own. Each run lists the keys
+    it stores (`members`) and its `points` (None: a plain `get`)."""
+    runs: dict[tuple[str, str], dict] = {}
+    for job in jobs:
+        shares = ARTIFACTS.get(job["kind"]).shares
+        rest = {k: v for k, v in job["key"].items() if k not in shares}
+        run = runs.setdefault(
+            (job["kind"], stable_hash(rest)), {**job, "members": [], "points": [] if shares else None}
+        )
+        run["members"].append(job["key"])
+        if shares:
+            run["points"].append({axis: job["key"][axis] for axis in shares})
+        elif len(run["members"]) > 1:
+            raise AssertionError(f"two jobs for one {job['kind']} artifact")
+    return list(runs.values())
 
 
 def _depth(kind: str) -> int:
@@ -63,14 +87,16 @@ def precompute(
             deps = [(dep, stable_hash(up.key(dep))) for dep in closure(ARTIFACTS.get(kind).needs)]
             jobs.setdefault((kind, stable_hash(key)), {"kind": kind, "spec": spec, "key": key, "deps": deps})
     # One existence check per distinct artifact (each is a request on an object store), not per trial.
-    missing = [job for job in jobs.values() if not store.exists(job["kind"], job["key"])]
+    missing = _shared_runs([job for job in jobs.values() if not store.exists(job["kind"], job["key"])])
     as_json = json.dumps(sweep.canonical())
     failed: dict[tuple[str, str], str] = {}
     errors: dict[str, str] = {}
     for depth in sorted({_depth(job["kind"]) for job in missing}):
         level = sorted((j for j in missing if _depth(j["kind"]) == depth), key=lambda j: (j["kind"], j["spec"].name))
         kinds = sorted({j["kind"] for j in level})
-        print(f"[instill] computing {len(level)} {'/'.join(kinds)} artifact(s) before the trials", file=sys.stderr)
+        count = sum(len(j["members"]) for j in level)
+        runs = f" in {len(level)} run(s)" if count > len(level) else ""
+        print(f"[instill] computing {count} {'/'.join(kinds)} artifact(s){runs} before the trials", file=sys.stderr)
         pending, running = list(level), {}
         while pending or running:
             if should_stop():
@@ -80,7 +106,8 @@ def precompute(
                 if any(dep in failed for dep in job["deps"]):
                     continue  # what it needs failed: the trials will report it
                 spec_json = json.dumps(job["spec"].model_dump())
-                running[remote.remote(as_json, spec_json, job["kind"], store.location)] = job
+                points = json.dumps(job["points"]) if job["points"] is not None else None
+                running[remote.remote(as_json, spec_json, job["kind"], store.location, points)] = job
             if not running:
                 continue
             ready, _ = ray.wait(list(running), num_returns=1)
@@ -91,6 +118,8 @@ def precompute(
                 if should_stop():
                     continue  # stopped on request, not a failure: the next run resumes it
                 name = f"{job['kind']} for {job['spec'].name}"
-                failed[(job["kind"], stable_hash(job["key"]))] = errors[name] = str(err).strip().splitlines()[-1]
+                errors[name] = str(err).strip().splitlines()[-1]
+                for member in job["members"]:
+                    failed[(job["kind"], stable_hash(member))] = errors[name]
                 print(f"[instill] {name} failed: {errors[name]}", file=sys.stderr)
     return errors
