@@ -526,6 +526,52 @@ def mean_over(table: pd.DataFrame, axis: str, metric: str = METRIC, level: float
     beside the series, never in their place. A (seed, budget) is used only where every axis value
     has it. Raises ConfigError when `axis` is not an axis column of the results.
     """
+    done, info, groups = _axis_groups(table, axis)
+    by_series = {s: _seed_frame(g, metric) for s, g in done.groupby("series", sort=False)}
+    rows = []
+    for members, label, first in groups:
+        values = sorted(info.loc[members, axis].tolist())
+        for n, seed_means in _per_seed_means([by_series[m] for m in members]):
+            lo, hi = t_interval(seed_means, level)
+            rows.append({"task": first["task"], "method": first["method"], "sparsity": first["sparsity"],
+                         "label": f"{label} [mean over {axis} = {', '.join(_fmt_value(v) for v in values)}]",
+                         "n_train": n, "seeds": len(seed_means), f"{metric}_mean": float(seed_means.mean()),
+                         f"{metric}_ci_lo": lo, f"{metric}_ci_hi": hi})  # fmt: skip
+    return _ordered(pd.DataFrame(rows), ["n_train"])
+
+
+def mean_over_differences(
+    table: pd.DataFrame, axis: str, versus: str, metric: str = METRIC, level: float = LEVEL
+) -> pd.DataFrame:
+    """`paired_differences` averaged over `axis` as `mean_over` averages levels: per budget and
+    seed, each axis value's difference from its `versus` partner (same settings, same axis value),
+    the mean of those over the axis values, then the mean and Student t CI over seeds (the paper's
+    gap "on the mean of six depths"). A group is left out unless every axis value has a partner."""
+    done, info, groups = _axis_groups(table, axis)
+    if versus not in set(info["method"]):
+        raise ConfigError(f"--versus {versus}: no finished trial ran {versus!r}")
+    by_series = {s: _seed_frame(g, metric) for s, g in done.groupby("series", sort=False)}
+    rows = []
+    for members, label, first in groups:
+        if first["method"] == versus:
+            continue
+        partners = [reference_for(m, info, {versus}) for m in members]
+        if any(ref is None or distance(info, m, ref) > 0 for m, ref in zip(members, partners, strict=True)):
+            continue
+        frames = [by_series[m] - by_series[ref] for m, ref in zip(members, partners, strict=True)]
+        values = sorted(info.loc[members, axis].tolist())
+        for n, seed_means in _per_seed_means(frames):
+            lo, hi = t_interval(seed_means, level)
+            rows.append({"task": first["task"], "method": first["method"], "sparsity": first["sparsity"],
+                         "label": f"{label} [mean over {axis} = {', '.join(_fmt_value(v) for v in values)}]",
+                         "versus": versus, "n_train": n, "pairs": len(seed_means),
+                         "diff_mean": float(seed_means.mean()), "diff_ci_lo": lo, "diff_ci_hi": hi})  # fmt: skip
+    return _ordered(pd.DataFrame(rows), ["n_train"])
+
+
+def _axis_groups(table: pd.DataFrame, axis: str) -> tuple[pd.DataFrame, pd.DataFrame, list[tuple[list[str], str, Any]]]:
+    """(finished rows, series info with `axis` filled in, groups): each group is the series that
+    differ only in `axis` (two or more), with its label and first member's info."""
     done, info = prepare(table)
     paths = [a for a in axis_columns(done) if "." in a]
     if axis not in paths:
@@ -549,24 +595,17 @@ def mean_over(table: pd.DataFrame, axis: str, metric: str = METRIC, level: float
         [f["series"] for f in firsts],
         [a for a in axis_columns(done) if a != axis],
     )
-    by_series = {s: _seed_frame(g, metric) for s, g in done.groupby("series", sort=False)}
-    rows = []
-    for members, label, first in zip(groups.values(), labels, firsts, strict=True):
-        if len(members) < 2:
-            continue  # nothing to average: the axis does not vary inside this group
-        values = sorted(info.loc[members, axis].tolist())
-        frames = [by_series[m] for m in members]
-        for n in sorted(set.intersection(*(set(f.columns) for f in frames))):
-            per_value = pd.concat([f[n] for f in frames], axis=1).dropna()  # seeds every value has
-            if per_value.empty:
-                continue
-            seed_means = per_value.mean(axis=1).to_numpy(dtype=float)
-            lo, hi = t_interval(seed_means, level)
-            rows.append({"task": first["task"], "method": first["method"], "sparsity": first["sparsity"],
-                         "label": f"{label} [mean over {axis} = {', '.join(_fmt_value(v) for v in values)}]",
-                         "n_train": n, "seeds": len(seed_means), f"{metric}_mean": float(seed_means.mean()),
-                         f"{metric}_ci_lo": lo, f"{metric}_ci_hi": hi})  # fmt: skip
-    return _ordered(pd.DataFrame(rows), ["n_train"])
+    kept = [(m, label, first) for m, label, first in zip(groups.values(), labels, firsts, strict=True) if len(m) >= 2]
+    return done, info, kept  # a group of one has nothing to average: the axis does not vary inside it
+
+
+def _per_seed_means(frames: list[pd.DataFrame]):
+    """(budget, per-seed means over `frames`) for each budget every frame has, over the seeds every
+    frame has there."""
+    for n in sorted(set.intersection(*(set(f.columns) for f in frames))):
+        per_value = pd.concat([f[n] for f in frames], axis=1).dropna()
+        if not per_value.empty:
+            yield n, per_value.mean(axis=1).to_numpy(dtype=float)
 
 
 # --- mask overlap ------------------------------------------------------------------------
@@ -998,10 +1037,12 @@ def write_report(
 ) -> Path:
     """Summarise the results of `out_dirs` (merged) into `report_dir` (default: first dir's report/).
     `versus`: a method each series is also compared with, paired by seed (`paired_differences`);
-    `over`: an axis the series are also averaged over (`mean_over`)."""
+    `over`: an axis the series are also averaged over (`mean_over`; with `versus`, the differences
+    too: `mean_over_differences`)."""
     table = load_tables(out_dirs)
     diffs = paired_differences(table, versus) if versus else pd.DataFrame()
     means = mean_over(table, over) if over else pd.DataFrame()
+    gaps = mean_over_differences(table, over, versus) if over and versus else pd.DataFrame()
     if report_dir is None and "://" in str(out_dirs[0]):
         raise ConfigError(f"{out_dirs[0]} is not a local directory: give the report a local one with --to DIR")
     report_dir = Path(report_dir or Path(out_dirs[0]) / "report")
@@ -1023,6 +1064,11 @@ def write_report(
         body = _markdown(versus_table(diffs)) if not diffs.empty else f"No series has a {versus} partner.\n"
         md += (f"\n## {METRIC}: each series minus the {versus} series of the same settings, paired by seed "
                f"(mean [95% CI])\n\n{body}")  # fmt: skip
+    if over and versus:
+        gaps.to_parquet(report_dir / "versus_mean_over.parquet", index=False)
+        body = _markdown(versus_table(gaps.assign(versus=f"{versus} (same {over})"))) if not gaps.empty else ""
+        md += (f"\n## {METRIC}: each series minus its {versus} partner, mean over {over} (per seed, then "
+               f"mean [95% CI] over seeds)\n\n{body or 'No group has a partner at every value.'}\n")  # fmt: skip
     for column in results.plotted_columns(table):
         if f"{column}_mean" in summary and summary[f"{column}_mean"].notna().any():
             md += f"\n## {column} (mean [95% CI] over seeds)\n\n{_markdown(_non_empty(curve_table(summary, column)))}"

@@ -22,6 +22,7 @@ from orchestrator.report import (
     load_masks,
     mask_overlap,
     mean_over,
+    mean_over_differences,
     paired_differences,
     summarise,
     write_report,
@@ -538,6 +539,41 @@ def test_mean_over_an_axis_averages_each_seed_over_its_values_then_takes_the_t_i
         mean_over(si2, "model.depth")
     with pytest.raises(ConfigError, match="--mean-over variant: not a config path"):
         mean_over(si2.assign(variant="a"), "variant")
+
+
+def test_mean_over_differences_average_each_seeds_gaps_over_the_axis():
+    si2 = _rows("subtask_induction", 0.75, {99: [0.5, 0.6, 0.7]}, n_layers=2)
+    ft2 = _rows("full_transfer", None, {99: [0.4, 0.4, 0.4]}, n_layers=2)
+    si4 = _rows("subtask_induction", 0.75, {99: [0.3, 0.5, 0.9]}, n_layers=4)
+    ft4 = _rows("full_transfer", None, {99: [0.5, 0.5, 0.6]}, n_layers=4)
+    rm2 = _rows("sampled_subnetwork", 0.75, {99: [0.1, 0.1, 0.1]}, n_layers=2)
+    rm4 = _rows("sampled_subnetwork", 0.75, {99: [0.1, 0.1, 0.1]}, n_layers=4)
+    table = pd.concat([si2, ft2, si4, ft4, rm2, rm4[rm4["seed"] != 1]], ignore_index=True)
+    gaps = mean_over_differences(table, "model.n_layers", "full_transfer").set_index("label")
+    row = gaps.loc["subtask_induction @0.75 [mean over model.n_layers = 2, 4]"]
+    per_seed = [(0.1 - 0.2) / 2, (0.2 + 0.0) / 2, (0.3 + 0.3) / 2]  # each seed's gaps at depths 2 and 4
+    half = 4.302653 * np.std(per_seed, ddof=1) / np.sqrt(3)
+    assert (row["pairs"], row["diff_mean"]) == (3, pytest.approx(np.mean(per_seed)))
+    assert (row["diff_ci_lo"], row["diff_ci_hi"]) == pytest.approx((np.mean(per_seed) - half, np.mean(per_seed) + half))
+    assert gaps.loc["sampled_subnetwork @0.75 [mean over model.n_layers = 2, 4]", "pairs"] == 2  # seed 1 lacks depth 4
+    assert "full_transfer" not in set(gaps["method"])
+    # a depth without a partner leaves the whole group out: its mean would be over other depths
+    alone = mean_over_differences(pd.concat([si2, ft2, si4], ignore_index=True), "model.n_layers", "full_transfer")
+    assert alone.empty
+
+
+def test_report_versus_and_mean_over_write_the_mean_gap(tmp_path):
+    table = pd.concat([_rows("subtask_induction", 0.75, {99: [0.5, 0.6, 0.7]}, n_layers=2),
+                       _rows("full_transfer", None, {99: [0.4, 0.5, 0.6]}, n_layers=2),
+                       _rows("subtask_induction", 0.75, {99: [0.3, 0.4, 0.5]}, n_layers=4),
+                       _rows("full_transfer", None, {99: [0.3, 0.4, 0.5]}, n_layers=4)], ignore_index=True)  # fmt: skip
+    (tmp_path / "run").mkdir()
+    table.to_parquet(tmp_path / "run" / "results.parquet")
+    argv = ["report", str(tmp_path / "run"), "--to", str(tmp_path / "rep"), "--versus", "full_transfer"]
+    assert main([*argv, "--mean-over", "model.n_layers"]) == 0
+    text = (tmp_path / "rep" / "summary.md").read_text()
+    assert "minus its full_transfer partner, mean over model.n_layers" in text and "+0.050 [" in text
+    assert len(pd.read_parquet(tmp_path / "rep" / "versus_mean_over.parquet")) == 1
 
 
 def test_report_mean_over_writes_its_table(tmp_path):
