@@ -61,6 +61,20 @@ def test_status_shows_counts_and_errors(failing_sweep, capsys):
     text = capsys.readouterr().out
     assert "1 done, 0 running, 0 pending, 2 failed" in text
     assert "explodes-f0.5-seed0: RuntimeError: deliberate failure" in text
+    assert re.search(r"compute so far: trials 3 x, [\d.]+ h; total [\d.]+ h", text), text
+
+
+def test_status_counts_the_compute_of_this_grids_artifacts_only():
+    from orchestrator.status import compute_line
+
+    records = [
+        {"kind": "source", "key": "a", "seconds": 3600.0},
+        {"kind": "mask", "key": "b", "seconds": 1800.0},
+        {"kind": "mask", "key": "c", "seconds": 1800.0},
+        {"kind": "mask", "key": "other", "seconds": 9e9},  # another sweep's, in a shared store
+    ]
+    line = compute_line(records, {("source", "a"), ("mask", "b"), ("mask", "c")}, 7200.0, 4)
+    assert line.startswith("compute so far: mask 2 x, 1.00 h; source 1 x, 1.00 h; trials 4 x, 2.00 h; total 4.00 h")
 
 
 def test_console_shows_the_live_summary_and_a_failure_list(failing_sweep):
