@@ -101,7 +101,7 @@ def gaps(report: Path) -> None:
     if not parts:
         return
     diffs = pd.concat(parts, ignore_index=True)
-    versus = diffs["versus"].iloc[0].split(" [")[0].split(" (")[0]
+    versus = diffs["versus"].iloc[0].split(" [")[0].split(" (")[0].split(" @")[0]
     diffs = diffs.assign(
         series=[split_label(x)[0] for x in diffs["label"]],
         setting=[split_label(x)[1] or "all" for x in diffs["label"]],
@@ -112,7 +112,7 @@ def gaps(report: Path) -> None:
     table = table[sorted(table.columns, key=_order)].fillna("")
     table = table.loc[sorted(table.index, key=lambda i: (i[0], i[1].startswith("mean over"), i[1]))]
     table.columns.name = None
-    print(f"\n#### Paired gap to {versus} at the same setting (mean [95% CI] over seeds)\n")
+    print(f"\n#### Paired gap to {versus} of the same settings and sparsity (mean [95% CI] over seeds)\n")
     print(markdown(table.reset_index().rename(columns={"n_train": "n"})))
 
 
