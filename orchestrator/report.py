@@ -249,14 +249,19 @@ def _series_info(done: pd.DataFrame, configs: list[dict]) -> pd.DataFrame:
         }
     info = pd.DataFrame(list(rows.values()), columns=["series", "task", "method", "sparsity", *axes, "flat"])
     base = [_label(m, s) for m, s in zip(info["method"], info["sparsity"], strict=True)]
-    info["label"] = _labels(info["task"], base, info["flat"], info["series"], axes)
+    # Named axes (`variant`: not a config path) label a series by name where the name alone tells it apart.
+    named = [
+        " ".join(f"{a}={row[a]}" for a in axes if "." not in a and not pd.isna(row[a])) for _, row in info.iterrows()
+    ]
+    info["label"] = _labels(info["task"], base, info["flat"], info["series"], axes, named)
     # The family is the series without its sparsity: one line of the sparsity figure.
-    info["family"] = _labels(info["task"], info["method"], info["flat"], info["series"], axes)
+    info["family"] = _labels(info["task"], info["method"], info["flat"], info["series"], axes, named)
     return info.set_index("series", drop=False)
 
 
-def _labels(tasks, bases, flats, series, axes: list[str]) -> list[str]:
-    """Each base label, plus the fields that tell apart the distinct configs of one task sharing it."""
+def _labels(tasks, bases, flats, series, axes: list[str], named: list[str] | None = None) -> list[str]:
+    """Each base label, plus what tells apart the distinct configs of one task sharing it: their
+    `named` tags (e.g. `variant=torch_init`) where those alone do, else the fields that differ."""
     tasks, bases, flats, series = list(tasks), list(bases), list(flats), list(series)
     labels = list(bases)
     groups: dict[tuple, dict[str, list[int]]] = {}
@@ -266,6 +271,13 @@ def _labels(tasks, bases, flats, series, axes: list[str]) -> list[str]:
         if len(configs) < 2:
             continue
         members = list(configs.values())
+        if named is not None:
+            tags = [{named[i] for i in m} for m in members]
+            if all(len(t) == 1 and "" not in t for t in tags) and len({t.pop() for t in tags}) == len(members):
+                for same in members:
+                    for i in same:
+                        labels[i] = f"{bases[i]} [{named[i]}]"
+                continue
         fields = differing_fields([flats[m[0]] for m in members], first=axes)
         for same, differ in zip(members, fields, strict=True):
             for i in same:

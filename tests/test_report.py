@@ -541,6 +541,25 @@ def test_mean_over_an_axis_averages_each_seed_over_its_values_then_takes_the_t_i
         mean_over(si2.assign(variant="a"), "variant")
 
 
+def test_variants_label_series_by_name_and_still_pair_by_settings():
+    # variant `wide` changes two model fields; full transfer ran once, under the first variant's name
+    base = _rows("subtask_induction", 0.75, {99: [0.5, 0.6, 0.7]}, width=32, n_heads=4).assign(variant="paper")
+    wide = _rows("subtask_induction", 0.75, {99: [0.4, 0.5, 0.6]}, width=64, n_heads=8).assign(variant="wide")
+    ft = _rows("full_transfer", None, {99: [0.45, 0.55, 0.65]}, width=32, n_heads=4).assign(variant="paper")
+    ft_wide = _rows("full_transfer", None, {99: [0.3, 0.3, 0.3]}, width=64, n_heads=8).assign(variant="wide")
+    table = pd.concat([base, wide, ft, ft_wide], ignore_index=True)
+    labels = set(summarise(table)["label"])
+    assert labels == {"subtask_induction @0.75 [variant=paper]", "subtask_induction @0.75 [variant=wide]",
+                      "full_transfer [variant=paper]", "full_transfer [variant=wide]"}  # fmt: skip
+    diffs = paired_differences(table, "full_transfer").set_index("label")
+    assert diffs.loc["subtask_induction @0.75 [variant=wide]", "versus"] == "full_transfer [variant=wide]"
+    assert diffs.loc["subtask_induction @0.75 [variant=wide]", "diff_mean"] == pytest.approx(0.2)
+    # one name on two configs (e.g. a merged older run) tells nothing apart: the fields do
+    clash = pd.concat([base, wide.assign(variant="paper")], ignore_index=True)
+    assert set(summarise(clash)["label"]) == {"subtask_induction @0.75 [model.n_heads=4, model.width=32]",
+                                              "subtask_induction @0.75 [model.n_heads=8, model.width=64]"}  # fmt: skip
+
+
 def test_mean_over_differences_average_each_seeds_gaps_over_the_axis():
     si2 = _rows("subtask_induction", 0.75, {99: [0.5, 0.6, 0.7]}, n_layers=2)
     ft2 = _rows("full_transfer", None, {99: [0.4, 0.4, 0.4]}, n_layers=2)
