@@ -7,6 +7,9 @@ an axis and the paired gaps when the report has them (`--mean-over`, `--versus`)
 subtask accuracy. Nothing is computed here but the layout: every cell is a report value.
 
     python scripts/repro_tables.py docs/paper-cpu-report [--metric test_acc] [--paper]
+    python scripts/repro_tables.py docs/shapes-limits-report --at 1000 --columns val_acc shape_bias_val
+
+`--at N --columns ...`: instead, one row per series at budget N with those columns.
 """
 
 from __future__ import annotations
@@ -137,13 +140,29 @@ def masks(summary: pd.DataFrame) -> None:
     print(markdown(pd.DataFrame(rows)))
 
 
+def at_budget(summary: pd.DataFrame, n: int, columns: list[str]) -> None:
+    frame = summary[summary["n_train"] == n].sort_values("label")
+    rows = [
+        {"series": r["label"], "seeds": int(r["seeds"]),
+         **{c: cell(r[f"{c}_mean"], r[f"{c}_ci_lo"], r[f"{c}_ci_hi"]) for c in columns}}
+        for _, r in frame.iterrows()
+    ]  # fmt: skip
+    print(f"\n#### At n = {n} (mean [95% CI] over seeds)\n")
+    print(markdown(pd.DataFrame(rows)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("report", type=Path)
     parser.add_argument("--metric", default="test_acc")
     parser.add_argument("--paper", action="store_true", help="add METHOD.md's numbers beside the mean over depths")
+    parser.add_argument("--at", type=int, help="one row per series at this budget (with --columns)")
+    parser.add_argument("--columns", nargs="+", default=["test_acc"])
     args = parser.parse_args()
     summary = pd.read_parquet(args.report / "summary.parquet")
+    if args.at is not None:
+        at_budget(summary, args.at, args.columns)
+        return
     levels(summary, args.metric)
     mean_over(args.report, args.metric, args.paper)
     gaps(args.report)
