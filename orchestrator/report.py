@@ -273,7 +273,7 @@ def _labels(tasks, bases, flats, series, axes: list[str], named: list[str] | Non
         members = list(configs.values())
         if named is not None:
             tags = [{named[i] for i in m} for m in members]
-            if all(len(t) == 1 and "" not in t for t in tags) and len({t.pop() for t in tags}) == len(members):
+            if all(len(t) == 1 and "" not in t for t in tags) and len(set().union(*tags)) == len(members):
                 for same in members:
                     for i in same:
                         labels[i] = f"{bases[i]} [{named[i]}]"

@@ -123,7 +123,6 @@ def masks(summary: pd.DataFrame) -> None:
     if "subtask_acc_mean" not in summary or summary["subtask_acc_mean"].isna().all():
         return
     frame = summary[summary["subtask_acc_mean"].notna()].copy()
-    frame["series"] = [split_label(x)[0] for x in frame["label"]]
     frame["group"] = [split_label(x)[1] for x in frame["label"]]
     frame = frame[frame["method"] == frame["method"].iloc[0]].sort_values("n_train").groupby("label").tail(1)
     rows = [
