@@ -7,13 +7,21 @@ first objective's `loss` with its module's tensors swapped for model k's, and on
 updates the stacked parameters (elementwise, so it is K independent AdamWs).
 
 Each model keeps what `fit` would do for it alone: its own shuffling generator (and the derived
-ones of its other streams), its own dropout stream (`randomness="different"`), optimiser state,
-best-epoch selection by its own `score()`, early stop (a finished model leaves the pack, so it stops
-costing compute) and NaN/inf isolation (a diverging model's entry is a `NonFiniteLoss`; the others
-go on). Afterwards every `objectives[k].module` holds what `fit` would have left there, within
-float tolerance: the numbers are not bitwise those of a serial run (batched kernels sum in another
-order, and dropout draws from one stream for the pack), but a packed run is bit-reproducible on CPU
-for the same pack (same objectives in the same order).
+ones of its other streams), its own dropout stream, optimiser state, best-epoch selection by its
+own `score()`, early stop (a finished model leaves the pack, so it stops costing compute) and
+NaN/inf isolation (a diverging model's entry is a `NonFiniteLoss`; the others go on). Afterwards
+every `objectives[k].module` holds what `fit` would have left there, within float tolerance.
+
+The numbers are not bitwise those of a serial run (batched kernels sum in another order, attention
+runs the math kernel, and dropout masks come from another stream), but a model's packed run is a
+function of its own inputs: on CPU it is bitwise the same whatever else is in the pack, in which
+order, and in a pack of one (tests/test_packing.py). Dropout is what makes that work: the lead
+module's `nn.Dropout` modules are stood in for during the run, and each model's masks are drawn
+outside vmap from its own generator (seeded from one draw of its shuffling generator, as `fit`
+seeds the global RNG), site by site in the order its forward applies them. Inside
+`tasks.models.dropout.dropout_through_modules()` models route fused dropout (attention's) through
+a module too. vmap runs with `randomness="error"`: a loss that draws random numbers any other way is
+refused (`NotPackable`) by a probe forward before anything trains.
 
 What packs: objectives whose loss is a function of the batch, the step and their module's tensors
 only, built the same way for every member (`Method.packable` marks the methods whose objective is).
@@ -30,6 +38,7 @@ slower than `fit` (vmap's overhead); the gain grows with K (benchmarks/packing_f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -39,6 +48,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._pytree import tree_map
 
 from common.seeding import stage_seed
 from methods.training import (
@@ -62,6 +72,7 @@ from methods.training import (
     selection_key,
 )
 from tasks.base import Split, StageData
+from tasks.models.dropout import dropout_through_modules
 
 Labels = dict[str, torch.Tensor]  # label set name -> labels
 
@@ -185,14 +196,9 @@ def fit_packed(
         raise NotPackable(reason)
     for objective in objectives:
         check_selectable(cfg, objective)
-    if not objectives[0].global_rng:
-        return _fit_packed(objectives, datas, cfg, generators, mixed_precision)
-    # As `fit`: one draw from each model's generator (before its shuffling) seeds the RNG that
-    # dropout draws from; here one RNG for the pack, seeded from all K draws.
-    draws = [int(torch.randint(2**62, (1,), generator=g)) for g in generators]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(stage_seed(draws[0], "pack:" + ",".join(map(str, draws[1:]))))
-        return _fit_packed(objectives, datas, cfg, generators, mixed_precision)
+    feed = _Feed()
+    with _own_dropout(objectives[0].module, feed):
+        return _fit_packed(objectives, datas, cfg, generators, mixed_precision, feed)
 
 
 @dataclasses.dataclass
@@ -202,6 +208,7 @@ class _Member:
     index: int
     objective: Objective
     gens: dict[str, torch.Generator]
+    dropout: torch.Generator | None  # its masks' stream (None until drawn: after the probe)
     queues: dict[str, list[torch.Tensor]]
     best: tuple[float, int, Any]  # (score, epoch, snapshot) of the kept epoch
     best_key: float = -math.inf  # its value of `cfg.select`, as higher-is-better
@@ -269,7 +276,7 @@ class _Pack:
             b.copy_(self.tensors[n][row])
 
 
-def _fit_packed(objectives, datas, cfg, generators, mixed_precision) -> list[TrainResult | BaseException]:
+def _fit_packed(objectives, datas, cfg, generators, mixed_precision, feed) -> list[TrainResult | BaseException]:
     lead = objectives[0]
     device = _device_of(lead.module)
     streams = lead.streams
@@ -288,17 +295,27 @@ def _fit_packed(objectives, datas, cfg, generators, mixed_precision) -> list[Tra
             gens={
                 name: generators[k] if name == first else _derived(generators[k], f"stream:{name}") for name in streams
             },
+            dropout=None,
             queues={name: [] for name in others},
             best=(-math.inf, 0, o.snapshot()),
         )
         for k, o in enumerate(objectives)
     ]
     pack = _Pack(objectives, cfg)
+    step_fn = _stepper(lead, mixed_precision, feed)
+    # Before any generator is drawn from: refuse a loss that draws random numbers past the stand-ins.
+    first_rows = {name: torch.arange(min(cfg.batch_size, sizes[name])) for name in streams}
+    step_fn.sites(pack, {n: xs[n][:, first_rows[n]] for n in streams}, _labels_at(labels, first_rows), 0)
+    for m in members:
+        if lead.global_rng:  # as `fit`: one draw from the generator, before its shuffling, seeds dropout
+            seed = int(torch.randint(2**62, (1,), generator=m.gens[first]))
+        else:
+            seed = stage_seed(generators[m.index].initial_seed(), "dropout")
+        m.dropout = torch.Generator(device=device).manual_seed(seed)
     # As `fit`: the schedule runs over the maximum number of steps, whether or not a model stops early.
     schedule = lr_schedule(cfg, cfg.epochs * math.ceil(sizes[first] / cfg.batch_size))
     if schedule is not None:
         _set_lr(pack.opt, schedule(0))
-    step_fn = _stepper(lead, mixed_precision)
     results: list[TrainResult | BaseException | None] = [None] * len(objectives)
     epoch = steps = 0
     supervision = _SUPERVISION.get()  # only its stop request applies to a pack
@@ -321,7 +338,8 @@ def _fit_packed(objectives, datas, cfg, generators, mixed_precision) -> list[Tra
                 idx[name] = torch.stack([m.queues[name].pop(0) for m in members]).to(device)
             x = {name: xs[name][rows, idx[name]] for name in streams}
             y = {name: {key: t[rows, idx[name]] for key, t in labels[name].items()} for name in streams}
-            loss, measurements = step_fn(pack, x, y, steps)
+            masks = _draw(step_fn.sites(pack, x, y, steps), [m.dropout for m in members], device)
+            loss, measurements = step_fn(pack, x, y, steps, masks)
             loss_sum += loss.detach()
             for key, value in measurements.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float()
@@ -360,27 +378,144 @@ def _fit_packed(objectives, datas, cfg, generators, mixed_precision) -> list[Tra
     return results
 
 
-def _stepper(lead: Objective, mixed_precision: bool):
-    """One optimiser step of a pack: `step_fn(pack, x, y, step) -> (losses (K,), measurements)`,
-    x and y holding each stream's (K, B, ...) batch."""
-    call = _LossCall(lead)
-    streams = lead.streams
+def _labels_at(labels: dict[str, Labels], rows: dict[str, torch.Tensor]) -> dict[str, Labels]:
+    return {name: {key: t[:, rows[name]] for key, t in ys.items()} for name, ys in labels.items()}
 
-    def losses(tensors: dict[str, torch.Tensor], x: dict[str, torch.Tensor], y: dict[str, Labels], step: int):
-        # One model: its tensors (no leading K), its batch of each stream.
-        batch = {name: Split(x[name], y[name]) for name in streams}
-        return functional_call(call, {f"module.{n}": t for n, t in tensors.items()}, (batch, step), strict=True)
 
-    def step_fn(pack: _Pack, x, y, step: int):
+class _stepper:
+    """One optimiser step of a pack: `step_fn(pack, x, y, step, masks) -> (losses (K,), measurements)`,
+    x and y holding each stream's (K, B, ...) batch, `masks` each dropout site's (K, ...) mask in the
+    order the forward applies them (`sites`, then `_draw`)."""
+
+    def __init__(self, lead: Objective, mixed_precision: bool, feed: _Feed):
+        self.lead, self.mixed_precision, self.feed = lead, mixed_precision, feed
+        self.call = _LossCall(lead)
+        self._sites: dict[tuple, list[tuple[tuple[int, ...], float]]] = {}
+
+    def _losses(self, tensors: dict[str, torch.Tensor], x, y, masks: list[torch.Tensor], step: int):
+        # One model: its tensors (no leading K), its batch of each stream, its dropout masks.
+        batch = {name: Split(x[name], y[name]) for name in self.lead.streams}
+        self.feed.start(masks)
+        try:
+            out = functional_call(self.call, {f"module.{n}": t for n, t in tensors.items()}, (batch, step), strict=True)
+            self.feed.finish()
+        finally:
+            self.feed.stop()
+        return out
+
+    def _vmapped(self, tensors, x, y, masks, step):
         # The math kernel batches under vmap; CPU's fused attention would run once per model.
-        with autocast(lead.module, mixed_precision), sdpa_kernel([SDPBackend.MATH]):
-            loss, measurements = vmap(losses, in_dims=(0, 0, 0, None), randomness="different")(pack.tensors, x, y, step)
+        with autocast(self.lead.module, self.mixed_precision), sdpa_kernel([SDPBackend.MATH]):
+            return vmap(self._losses, in_dims=(0, 0, 0, 0, None), randomness="error")(tensors, x, y, masks, step)
+
+    def sites(self, pack: _Pack, x, y, step: int) -> list[tuple[tuple[int, ...], float]]:
+        """The dropout sites (shape, p) of one model's forward on batches shaped like `x`'s, in the
+        order it applies them (recorded once per batch shape by a forward of the first model, without
+        gradients). Raises `NotPackable` if that forward draws random numbers any other way."""
+        key = tuple((name, tuple(t.shape[1:])) for name, t in x.items())
+        if key not in self._sites:
+            first = lambda t: t[:1]  # noqa: E731
+            self.feed.recording = True
+            try:
+                with torch.no_grad():
+                    self._vmapped(tree_map(first, pack.tensors), tree_map(first, x), tree_map(first, y), [], step)
+            except RuntimeError as error:
+                if "random" not in str(error):
+                    raise
+                raise NotPackable(
+                    "its loss draws random numbers other than through nn.Dropout modules, so the models of a "
+                    f"pack could not each have their own stream ({str(error).splitlines()[0]})"
+                ) from error
+            finally:
+                self.feed.recording = False
+            self._sites[key] = self.feed.recorded
+        return self._sites[key]
+
+    def __call__(self, pack: _Pack, x, y, step: int, masks: list[torch.Tensor]):
+        loss, measurements = self._vmapped(pack.tensors, x, y, masks, step)
         pack.opt.zero_grad(set_to_none=True)
         loss.sum().backward()
         pack.opt.step()
         return loss, measurements
 
-    return step_fn
+
+# --- dropout: every model its own stream ------------------------------------------------------
+
+
+class _Feed:
+    """What the stand-ins for the lead module's `nn.Dropout`s read during one forward: each site's
+    mask in call order (this model's slice, under vmap), or while `recording`, a record of each
+    site's (shape, p) that leaves its input as it is."""
+
+    def __init__(self):
+        self.masks: list[torch.Tensor] = []
+        self.at = 0
+        self.recording = False
+        self.recorded: list[tuple[tuple[int, ...], float]] = []
+
+    def start(self, masks: list[torch.Tensor]) -> None:
+        self.masks, self.at = masks, 0
+        if self.recording:
+            self.recorded = []
+
+    def apply(self, p: float, x: torch.Tensor) -> torch.Tensor:
+        if self.recording:
+            self.recorded.append((tuple(x.shape), p))
+            return x
+        if self.at >= len(self.masks):
+            raise RuntimeError(f"the forward applied more dropout than the {len(self.masks)} sites recorded for it")
+        mask = self.masks[self.at]
+        self.at += 1
+        return x * mask.to(x.dtype)
+
+    def finish(self) -> None:
+        if not self.recording and self.at != len(self.masks):
+            raise RuntimeError(f"the forward applied {self.at} of the {len(self.masks)} dropout sites recorded for it")
+
+    def stop(self) -> None:
+        self.masks = []
+
+
+class _StandIn(nn.Module):
+    """In place of an `nn.Dropout` of the lead module during a packed run: the feed's mask for it."""
+
+    def __init__(self, p: float, feed: _Feed):
+        super().__init__()
+        self.p = p
+        self._feed = (feed,)  # a tuple, not a submodule or state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        return self._feed[0].apply(self.p, x)
+
+
+@contextlib.contextmanager
+def _own_dropout(module: nn.Module, feed: _Feed):
+    """Every `nn.Dropout` of `module` stood in for by a `_StandIn` reading `feed` (and fused dropout
+    routed through modules, `dropout_through_modules`); put back afterwards, in the mode they are in."""
+    swapped = []
+    for parent in module.modules():
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Dropout:
+                stand_in = _StandIn(child.p, feed).train(child.training)
+                setattr(parent, name, stand_in)
+                swapped.append((parent, name, child, stand_in))
+    try:
+        with dropout_through_modules():
+            yield
+    finally:
+        for parent, name, child, stand_in in swapped:
+            setattr(parent, name, child.train(stand_in.training))
+
+
+def _draw(sites, generators: list[torch.Generator], device: torch.device) -> list[torch.Tensor]:
+    """Each site's (K, ...) mask, scaled as dropout scales (1 / (1 - p)), row k from generator k:
+    a model's masks depend on its own generator only, not on the other models of the pack."""
+    return [
+        torch.stack([torch.empty(shape, device=device).bernoulli_(1 - p, generator=g) for g in generators]).div_(1 - p)
+        for shape, p in sites
+    ]
 
 
 # --- calibration: how many models to pack ------------------------------------------------
@@ -420,19 +555,17 @@ def calibrate(
     at an out-of-memory error (that K is not used). What one model needs is measured (the peak of
     its step) plus what a pack holds per model besides: its copy of every stream's data, and a
     snapshot of its parameters and buffers. Returns the smallest K within 2% of the most
-    model-steps/s. No generator
-    and no global RNG stream is drawn from (dropout draws inside a forked RNG).
-
-    Timings vary from run to run, and the pack composition with them; so on CPU, where Instill
-    promises the same numbers for the same config and seed, packing uses a fixed K instead
-    (`orchestrator.worker.pack_limit`)."""
+    model-steps/s. No generator of the caller's and no global RNG stream is drawn from (dropout
+    masks come from generators of its own). K does not change a model's numbers (see the module
+    doc), only how fast they come."""
     import time
 
     clock = clock or time.perf_counter
     device = _device_of(objective.module)
     cuda = device.type == "cuda"
     streams = objective.streams
-    step_fn = _stepper(objective, mixed_precision)
+    feed = _Feed()
+    step_fn = _stepper(objective, mixed_precision, feed)
     first = {name: _stream(data, name) for name in streams}
     idx = {name: torch.arange(min(cfg.batch_size, len(split))) for name, split in first.items()}
     held = sum(t.numel() * t.element_size() for name in streams for t in (first[name].x, *first[name].labels.values()))
@@ -445,7 +578,7 @@ def calibrate(
         if cuda:
             torch.cuda.synchronize(device)
 
-    with torch.random.fork_rng(devices=[device] if cuda else []):
+    with torch.random.fork_rng(devices=[device] if cuda else []), _own_dropout(objective.module, feed):
         k = 1
         while k <= k_max:
             try:
@@ -459,12 +592,14 @@ def calibrate(
                     n: {key: t[idx[n]].to(device).repeat(k, *[1] * t.ndim) for key, t in first[n].labels.items()}
                     for n in streams
                 }
-                step_fn(pack, x, y, 0)  # warm-up: kernels chosen, optimiser state allocated
+                sites = step_fn.sites(pack, x, y, 0)
+                gens = [torch.Generator(device=device).manual_seed(i) for i in range(k)]
+                step_fn(pack, x, y, 0, _draw(sites, gens, device))  # warm-up: kernels chosen, optimiser state allocated
                 sync()
                 start, done = clock(), 0
                 while done < min_steps or clock() - start < min_seconds:
                     done += 1
-                    step_fn(pack, x, y, done)
+                    step_fn(pack, x, y, done, _draw(sites, gens, device))
                     sync()
                 elapsed = max(clock() - start, 1e-9)
             except torch.cuda.OutOfMemoryError:

@@ -68,10 +68,10 @@ class Resources(Frozen):
         "1 gives every trial a Tune trial of its own",
     )
     pack: Literal["auto"] | PositiveInt = Field(
-        1,
+        "auto",
         description="trials of one data budget and training setting whose models have the same shapes train "
-        "together as one vectorised model of K models, each with its own row: 'auto' picks K, N packs at most N, "
-        "1 (the default, for now) trains every model alone",
+        "together as one vectorised model of K models, each with its own row: 'auto' (the default) picks K, "
+        "N packs at most N, 1 trains every model alone with the serial loop (other numbers than packed)",
     )
     mixed_precision: bool = Field(False, description="bfloat16 autocast for training on GPU (ignored on CPU)")
     checkpoint_every_s: float | None = Field(

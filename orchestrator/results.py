@@ -34,6 +34,7 @@ TRAILING = [
     "wait_s",
     "device",
     "pack",
+    "packed",
     "worker",
     "started_at",
     "finished_at",

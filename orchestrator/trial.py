@@ -42,7 +42,7 @@ from common.config import Frozen, stable_hash
 from common.seeding import seeded_init, torch_generator
 from methods import ANALYSES, ARTIFACTS, AnalysisContext, ArtifactContext, MethodContext, evaluate, get_method
 from methods.artifacts import closure
-from methods.packing import calibrate, fit_packed, packable
+from methods.packing import NotPackable, calibrate, fit_packed, packable
 from methods.training import Interrupted, Supervision, supervised
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.checkpoints import Checkpointer, CheckpointStore, Interval
@@ -350,7 +350,10 @@ def run_pack(
     `fit_packed` checks the rest and refuses (`NotPackable`) before training, and those trials train
     alone. A pack's training time is shared out equally among its trials' `train_s`, so the sum of
     their `total_s` is the compute spent. A pack is not checkpointed inside its training (a stop or
-    a lost worker runs it again) and reports no epochs; its rows have `pack` = its number of models."""
+    a lost worker runs it again) and reports no epochs; its rows have `pack` = its number of models
+    and `packed` = True. A packable trial with no company trains as a pack of one: a packed model's
+    numbers do not depend on what else is in its pack (`methods.packing`), so a trial gives the same
+    row whichever packs a run forms (resumed, extended, on another machine)."""
     outcomes: dict[int, dict[str, Any] | BaseException] = {}
     ready: dict[tuple, list[tuple[int, Trial]]] = {}
     for i, spec in enumerate(specs):
@@ -405,8 +408,24 @@ def _calibrated(key: tuple, trial: Trial, limit: int) -> int:
 def _train_pack(members: list[tuple[int, Trial]], should_stop) -> dict[int, dict[str, Any] | BaseException]:
     trials = [t for _, t in members]
     outcomes: dict[int, dict[str, Any] | BaseException] = {}
-    objectives = [t.method.objective(t.ctx, t.model) for t in trials] if len(trials) > 1 else []
-    reason = packable(objectives, [t.ctx.data for t in trials]) if objectives else "a pack of one"
+    if not all(getattr(t.method, "packable", False) for t in trials):
+        objectives, reason = [], "a method that trains alone"
+    else:
+        objectives = [t.method.objective(t.ctx, t.model) for t in trials]
+        reason = packable(objectives, [t.ctx.data for t in trials])
+    start = time.perf_counter()
+    if reason is None:
+        try:
+            with supervised(Supervision(name="train", checkpointer=None, should_stop=should_stop, on_epoch=None)):
+                results = fit_packed(
+                    objectives,
+                    [t.ctx.data for t in trials],
+                    trials[0].effective.training,
+                    [t.train_generator() for t in trials],
+                    mixed_precision=trials[0].effective.resources.mixed_precision,
+                )
+        except NotPackable as refused:  # found by its probe forward, before anything trained
+            reason = str(refused)
     if reason is not None:
         for i, trial in members:
             try:
@@ -416,15 +435,6 @@ def _train_pack(members: list[tuple[int, Trial]], should_stop) -> dict[int, dict
             except Exception as error:
                 outcomes[i] = error
         return outcomes
-    start = time.perf_counter()
-    with supervised(Supervision(name="train", checkpointer=None, should_stop=should_stop, on_epoch=None)):
-        results = fit_packed(
-            objectives,
-            [t.ctx.data for t in trials],
-            trials[0].effective.training,
-            [t.train_generator() for t in trials],
-            mixed_precision=trials[0].effective.resources.mixed_precision,
-        )
     share = (time.perf_counter() - start) / len(trials)
     for (i, trial), result in zip(members, results, strict=True):
         if isinstance(result, BaseException):
@@ -434,7 +444,7 @@ def _train_pack(members: list[tuple[int, Trial]], should_stop) -> dict[int, dict
             trial.times["train_s"] = share
             trial.clock = time.perf_counter()
             trial.trained(result, timed=False)
-            trial.row["pack"] = len(trials)
+            trial.row.update(pack=len(trials), packed=True)
             outcomes[i] = trial.finish()
         except Exception as error:
             outcomes[i] = error
@@ -562,6 +572,7 @@ class Trial:
         times["total_s"] = sum(v for k, v in times.items() if k != "wait_s") - times["wait_s"]
         row.update(times, status="done", device=str(self.device), finished_at=time.time())
         row.setdefault("pack", 1)
+        row.setdefault("packed", False)
         self.report({"stage": "done", "row_json": json.dumps(row), "val_acc": row["val_acc"]})
         return row
 

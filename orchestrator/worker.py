@@ -68,9 +68,8 @@ class Group:
 
     def run(self) -> None:
         limit = pack_limit(self.sweep)
+        # A lone packable trial trains as a pack of one: its numbers do not depend on its company.
         packable = [s for s in self.specs if get_method(s.method).packable] if limit > 1 else []
-        if len(packable) < 2:  # a lone packable trial trains alone, below
-            packable = []
         if packable:
             try:
                 self.run_packed(packable, limit)

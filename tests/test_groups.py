@@ -330,7 +330,7 @@ def test_a_pack_gives_the_rows_of_its_trials_run_alone(tiny, tmp_path):
     sweep = tiny(
         methods=["subtask_induction", "sampled_subnetwork", "scratch", "full_transfer", "l2sp"],
         seeds=[0, 1, 2],
-        model={"dropout": 0.0},  # with dropout, a pack draws from one stream: not the serial numbers
+        model={"dropout": 0.1},
     )
     specs = expand(sweep)
     store = ArtifactStore(tmp_path)
@@ -343,12 +343,33 @@ def test_a_pack_gives_the_rows_of_its_trials_run_alone(tiny, tmp_path):
         for column in ("val_acc", "test_acc", "best_epoch", "epochs_run"):
             assert p[column] == pytest.approx(a[column], abs=1e-6), (a["trial"], column)
         sizes[p["method"]] = p["pack"]
-        assert a["pack"] == 1
+        assert a["pack"] == 1 and a["packed"] is False
+        assert p["packed"] is (p["method"] != "l2sp")
     # Masked models pack together, plain models together; l2sp trains alone.
     assert sizes == {"subtask_induction": 6, "sampled_subnetwork": 6, "scratch": 6, "full_transfer": 6, "l2sp": 1}
     assert sum(p["total_s"] for p in packed) > 0
     limited = run_pack(sweep, specs, store, limit=4)
     assert sorted(p["pack"] for p in limited if p["method"] != "l2sp") == [3] * 12  # 6 at most 4 a pack: 3 + 3
+
+
+def test_a_packed_trial_gives_the_same_row_in_any_pack(tiny, tmp_path):
+    # With dropout on: a resumed or extended sweep packs other trials together, and another
+    # machine may pack more or fewer; none of it may move a trial's numbers.
+    from orchestrator.artifacts import ArtifactStore
+    from orchestrator.trial import run_pack
+
+    sweep = tiny(methods=["subtask_induction", "scratch"], seeds=[0, 1, 2], model={"dropout": 0.1})
+    specs = expand(sweep)
+    store = ArtifactStore(tmp_path)
+    columns = ("val_acc", "test_acc", "best_epoch", "epochs_run")
+    together = run_pack(sweep, specs, store, limit=16)
+    assert {r["pack"] for r in together} == {3} and all(r["packed"] for r in together)
+    in_twos = run_pack(sweep, specs[::-1], store, limit=2)[::-1]
+    alone = [run_pack(sweep, [spec], store, limit=16)[0] for spec in specs]
+    assert {r["pack"] for r in in_twos} == {1, 2} and {r["pack"] for r in alone} == {1}
+    for a, b, c in zip(together, in_twos, alone, strict=True):
+        assert [a[k] for k in columns] == [b[k] for k in columns] == [c[k] for k in columns], a["trial"]
+    assert len({r["val_acc"] for r in together}) > 1
 
 
 def test_a_trial_that_fails_in_its_pack_is_tried_again_alone(tiny, monkeypatch):
@@ -381,7 +402,7 @@ def test_packed_sweep_on_ray_gives_the_rows_of_a_serial_one(ray_local, tmp_path)
 
     tables = {}
     for pack in (1, "auto"):
-        sweep = load_sweep(_raw(model={"dropout": 0.0}, resources={"pack": pack}))
+        sweep = load_sweep(_raw(model={"dropout": 0.1}, resources={"pack": pack}))
         outcome = run_sweep(sweep, tmp_path / f"pack{pack}")
         assert outcome.failed == 0 and outcome.ran == 12
         tables[pack] = results.read(tmp_path / f"pack{pack}" / "results.parquet").set_index("trial_hash")

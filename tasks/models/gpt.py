@@ -29,6 +29,7 @@ from torch.nn import functional as F
 
 from common.config import Frozen
 from tasks.base import register_model
+from tasks.models.dropout import modules_only
 
 
 class GPTConfig(Frozen):
@@ -60,14 +61,28 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.resid_drop = nn.Dropout(cfg.dropout)
+        self.attn_drop = nn.Dropout(cfg.dropout)  # on the attention weights, inside dropout_through_modules()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, heads, T, C / heads)
         q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        if self.training and self.dropout > 0 and modules_only():
+            y = self._attention_through_module(q, k, v)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            )
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+
+    def _attention_through_module(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # What the fused kernel computes, with its dropout on the weights applied by `attn_drop`.
+        T = q.shape[-2]
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        weights = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        weights = weights.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        return self.attn_drop(weights) @ v
 
 
 class Block(nn.Module):
