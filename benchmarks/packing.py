@@ -5,8 +5,9 @@ the same machine, in one invocation: `resources.pack: 1` (every model trains alo
 Both runs share one artifact store, filled before either is timed, so they time the same work: the
 trials (training, evaluation, analyses). Prints, for each: the wall time of the trial phase, trials
 per hour, the compute the rows report (a pack's training counted once), and the ratio of the two;
-then how far the packed run's series means are from the serial run's (they are not bitwise equal:
-a pack draws dropout from one stream).
+then how far the packed run's series means are from the serial run's (a packed model follows its
+serial run within float rounding, dropout included, so they differ at most where rounding moves an
+argmax).
 
     python benchmarks/packing.py [SWEEP.yaml] [--num-cpus N] [--keep DIR]
     python benchmarks/packing.py configs/arithmetic-paper.yaml --gpu     # on a GPU machine

@@ -424,7 +424,7 @@ def _train_pack(members: list[tuple[int, Trial]], should_stop) -> dict[int, dict
                     [t.train_generator() for t in trials],
                     mixed_precision=trials[0].effective.resources.mixed_precision,
                 )
-        except NotPackable as refused:  # found by its probe forward, before anything trained
+        except NotPackable as refused:  # found by its first forward, before anything trained
             reason = str(refused)
     if reason is not None:
         for i, trial in members:

@@ -97,7 +97,9 @@ def test_sigkill_during_the_upstream_phase_then_resume(tmp_path):
     raw = tiny_raw(
         methods=["subtask_induction", "sampled_subnetwork", "scratch"],
         sparsities=[0.3, 0.5, 0.8],
-        seeds=[0, 1],
+        # Three seeds on two slots: each seed's masks come from one discovery run, and the third
+        # seed's run starts only when another ends, so the kill has a wide window between runs.
+        seeds=[0, 1, 2],
         # upstream work of a few seconds per artifact, so that the kill can land between two of them
         task={"operand_range": 60, "n_base": 2000, "n_subtask": 600},
         source={"epochs": 20, "patience": None, "target_val_acc": None},
@@ -107,7 +109,7 @@ def test_sigkill_during_the_upstream_phase_then_resume(tmp_path):
     sweep_path.write_text(yaml.safe_dump(raw))
     sweep = load_sweep(raw)
     keys = {key for spec in expand(sweep) for key in upstream_keys(sweep, spec)}
-    assert len(keys) == 2 + 6
+    assert len(keys) == 3 + 9
 
     out = tmp_path / "out"
     store_root = out / "artifacts"
@@ -122,13 +124,13 @@ def test_sigkill_during_the_upstream_phase_then_resume(tmp_path):
             pytest.fail("the sweep finished before it could be interrupted: " + "".join(lines)[-2000:])
         upstream_started = any("artifact(s) before the trials" in line for line in lines)
         computed = len(list((store_root / "computations").glob("*.json"))) if store_root.exists() else 0
-        if upstream_started and computed >= 3:  # both sources and at least one mask
+        if upstream_started and computed >= 4:  # the sources and at least one discovery run's masks
             break
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     reader.join(5)
-    assert 3 <= computed < len(keys), "the kill must land during the upstream phase"
+    assert 4 <= computed < len(keys), "the kill must land during the upstream phase"
     assert not list((out / "rows").glob("*.json")), "no trial had finished"
 
     _run(sweep_path, out)  # resume
