@@ -105,11 +105,13 @@ def main() -> None:
             figures[name] = {"fit": phases["fit"], "n": len(table), "table": table}
 
         print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {slots} slots")
-        print("run      trials  trial phase   trials/hour   compute in rows   packs (models: trials)")
+        print("run      trials  trial phase   trials/hour   compute in rows   packs (models: trials; 'alone': serial)")
         for name, f in figures.items():
             table = f["table"]
-            sizes = table["pack"].value_counts().sort_index()
-            packs = ", ".join(f"{int(k)}: {int(v)}" for k, v in sizes.items())
+            sizes = table.loc[table["packed"], "pack"].value_counts().sort_index()
+            packs = ", ".join(
+                [f"{int(k)}: {int(v)}" for k, v in sizes.items()] + [f"alone: {int((~table['packed']).sum())}"]
+            )
             print(
                 f"{name:8s} {f['n']:6d} {f['fit']:10.1f} s {f['n'] / f['fit'] * 3600:12.0f} "
                 f"{table['total_s'].sum():14.1f} s   {packs}"

@@ -12,23 +12,28 @@ own `score()`, early stop (a finished model leaves the pack, so it stops costing
 NaN/inf isolation (a diverging model's entry is a `NonFiniteLoss`; the others go on). Afterwards
 every `objectives[k].module` holds what `fit` would have left there, within float tolerance.
 
-The numbers are not bitwise those of a serial run (batched kernels sum in another order, attention
-runs the math kernel, and dropout masks come from another stream), but a model's packed run is a
-function of its own inputs: on CPU it is bitwise the same whatever else is in the pack, in which
-order, and in a pack of one (tests/test_packing.py). Dropout is what makes that work: the lead
-module's `nn.Dropout` modules are stood in for during the run, and each model's masks are drawn
-outside vmap from its own generator (seeded from one draw of its shuffling generator, as `fit`
-seeds the global RNG), site by site in the order its forward applies them. Inside
-`tasks.models.dropout.dropout_through_modules()` models route fused dropout (attention's) through
-a module too. vmap runs with `randomness="error"`: a loss that draws random numbers any other way is
-refused (`NotPackable`) by a probe forward before anything trains.
+Dropout: the lead module's `nn.Dropout` modules are stood in for during the run, and each model's
+masks are drawn outside vmap from its own generator, seeded as `fit` seeds the global RNG (one draw
+from its shuffling generator), site by site in the order and shapes its forward applies them
+(recorded by a forward of a copy of the first model at every batch shape a step can have). Inside
+`tasks.models.dropout.dropout_through_modules()` models route fused dropout (attention's) through a
+module too. On CPU a model therefore gets its serial run's dropout masks: its losses follow the
+serial run's within float rounding (batched kernels sum in another order and attention runs the
+math kernel, so not bitwise), and its packed run is bitwise the same whatever else is in the pack,
+in which order, and in a pack of one (tests/test_packing.py). On CUDA, serial dropout runs other
+kernels (fused attention and dropout), so there the masks are not the serial ones; nor is the
+independence from the pack established there (batched kernels may choose their algorithm by K).
+vmap runs with `randomness="error"`: a loss that draws random numbers any other way is refused
+(`NotPackable`) by that first forward, before any generator is drawn from.
 
 What packs: objectives whose loss is a function of the batch, the step and their module's tensors
 only, built the same way for every member (`Method.packable` marks the methods whose objective is).
 `packable(objectives, datas)` says why a pack is refused; `fit_packed` raises `NotPackable` with
-that reason before training anything, so the caller can fall back to `fit`. Checkpoints and the
-rest of `supervised(...)` are not applied here, but for its stop request: asked at every epoch end,
-it ends the pack with `Interrupted` (nothing saved: the pack runs again).
+that reason before training anything, so the caller can fall back to `fit`. Inside
+`supervised(...)` a pack checkpoints as `fit` does (its checkpointer's `due()` and the stop request
+asked at every epoch end; a stop saves, then raises `Interrupted`), one state for the whole pack
+(`_state`): a run of the same objectives on the same slot resumes it bit for bit on CPU. Epoch
+reports (`on_epoch`) are not sent for a pack.
 
 Attention runs the math kernel of `scaled_dot_product_attention` (`sdpa_kernel`) inside the pack:
 it batches under vmap, where CPU's fused kernel has no batching rule and would run once per model.
@@ -40,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -62,6 +68,7 @@ from methods.training import (
     _derived,
     _device_of,
     _loose,
+    _Run,
     _set_lr,
     _stream,
     autocast,
@@ -303,22 +310,32 @@ def _fit_packed(objectives, datas, cfg, generators, mixed_precision, feed) -> li
     ]
     pack = _Pack(objectives, cfg)
     step_fn = _stepper(lead, mixed_precision, feed)
-    # Before any generator is drawn from: refuse a loss that draws random numbers past the stand-ins.
-    first_rows = {name: torch.arange(min(cfg.batch_size, sizes[name])) for name in streams}
-    step_fn.sites(pack, {n: xs[n][:, first_rows[n]] for n in streams}, _labels_at(labels, first_rows), 0)
+    # Before any generator is drawn from: the dropout sites at every batch shape a step can have (a
+    # full or a last, partial batch of each stream), and a loss that draws random numbers past the
+    # stand-ins refused.
+    lengths = [sorted({min(cfg.batch_size, sizes[n]), sizes[n] % cfg.batch_size} - {0}) for n in streams]
+    for combination in itertools.product(*lengths):
+        rows = {name: torch.arange(length) for name, length in zip(streams, combination, strict=True)}
+        step_fn.sites(pack, {n: xs[n][:, rows[n]] for n in streams}, _labels_at(labels, rows), 0, refuse=True)
     for m in members:
         if lead.global_rng:  # as `fit`: one draw from the generator, before its shuffling, seeds dropout
             seed = int(torch.randint(2**62, (1,), generator=m.gens[first]))
         else:
             seed = stage_seed(generators[m.index].initial_seed(), "dropout")
         m.dropout = torch.Generator(device=device).manual_seed(seed)
+    results: list[TrainResult | BaseException | None] = [None] * len(objectives)
+    epoch = steps = 0
+    # Supervision: its stop request, and its checkpointer (epoch reports are not sent for a pack).
+    supervision = _SUPERVISION.get()
+    run = _Run(supervision, *supervision.claim()) if supervision is not None else None
+    checkpointer = supervision.checkpointer if supervision is not None else None
+    saved = checkpointer.load(run.slot) if checkpointer is not None else None
+    if saved is not None:
+        members, epoch, steps = _resume(saved, members, results, pack, cfg, streams, device)
     # As `fit`: the schedule runs over the maximum number of steps, whether or not a model stops early.
     schedule = lr_schedule(cfg, cfg.epochs * math.ceil(sizes[first] / cfg.batch_size))
     if schedule is not None:
-        _set_lr(pack.opt, schedule(0))
-    results: list[TrainResult | BaseException | None] = [None] * len(objectives)
-    epoch = steps = 0
-    supervision = _SUPERVISION.get()  # only its stop request applies to a pack
+        _set_lr(pack.opt, schedule(steps))
 
     while members:
         epoch += 1
@@ -373,13 +390,94 @@ def _fit_packed(objectives, datas, cfg, generators, mixed_precision, feed) -> li
             members = [members[row] for row in staying]
             if members:
                 pack.keep(torch.tensor(staying, device=device))
-        if members and supervision is not None and supervision.should_stop is not None and supervision.should_stop():
-            raise Interrupted(f"a pack of {len(objectives)} stopped on request after epoch {epoch} (not checkpointed)")
+        if members and run is not None:
+            stop = supervision.should_stop is not None and supervision.should_stop()
+            if checkpointer is not None and (stop or checkpointer.due()):
+                checkpointer.save(run.slot, _state(objectives, members, results, pack, cfg, epoch, steps))
+            if stop:
+                kept = "checkpointed" if checkpointer is not None else "not checkpointed"
+                raise Interrupted(f"a pack of {len(objectives)} stopped on request after epoch {epoch} ({kept})")
     return results
+
+
+# --- checkpoints: a pack's whole state, so that a stopped pack resumes bit for bit ---------------
+
+
+def _state(objectives, members: list[_Member], results, pack: _Pack, cfg: TrainConfig, epoch: int, steps: int):
+    """Everything of a pack that changes from epoch to epoch: the live models' stacked tensors and
+    optimiser, each live model's streams, dropout generator and selection state, and each finished
+    model's result and module (its kept epoch)."""
+    done = {}
+    for k, result in enumerate(results):
+        if isinstance(result, TrainResult):
+            done[k] = {"result": dataclasses.asdict(result), "module": objectives[k].module.state_dict()}
+        elif result is not None:
+            done[k] = {"error": str(result)}
+    return {
+        "config": cfg.model_dump(),
+        "models": len(objectives),
+        "streams": list(objectives[0].streams),
+        "epoch": epoch,
+        "steps": steps,
+        "tensors": {n: t.detach() for n, t in pack.tensors.items()},
+        "optimizer": pack.opt.state_dict(),
+        "live": [
+            {
+                "index": m.index,
+                "generators": {name: gen.get_state() for name, gen in m.gens.items()},
+                "dropout": m.dropout.get_state(),
+                "queues": m.queues,
+                "best": list(m.best),
+                "best_key": m.best_key,
+                "stale": m.stale,
+                "history": m.history,
+                "measurements": m.measured,
+            }
+            for m in members
+        ],
+        "done": done,
+    }
+
+
+def _resume(saved, members: list[_Member], results, pack: _Pack, cfg: TrainConfig, streams, device):
+    """Load `_state`'s `saved` into a pack just built for the same objectives: (live members, epoch, steps)."""
+    if saved["config"] != cfg.model_dump() or saved["models"] != len(members) or saved["streams"] != list(streams):
+        raise ValueError(
+            "a checkpoint of another packed training run was found in this run's slot (saved for "
+            f"{saved['models']} models, {saved['config']} on streams {saved['streams']}); delete it to start afresh"
+        )
+    for k, done in saved["done"].items():
+        k = int(k)
+        if "error" in done:
+            results[k] = NonFiniteLoss(done["error"])
+        else:
+            members[k].objective.module.load_state_dict(done["module"])
+            results[k] = TrainResult(**done["result"])
+    live = []
+    for entry in saved["live"]:
+        m = members[entry["index"]]
+        for name, gen in m.gens.items():
+            gen.set_state(entry["generators"][name])
+        m.dropout.set_state(entry["dropout"])
+        m.queues = {name: list(pending) for name, pending in entry["queues"].items()}
+        m.best, m.best_key, m.stale = tuple(entry["best"]), entry["best_key"], entry["stale"]
+        m.history, m.measured = list(entry["history"]), list(entry["measurements"])
+        live.append(m)
+    pack.keep(torch.tensor([m.index for m in live], device=device))
+    with torch.no_grad():
+        for name, tensor in pack.tensors.items():
+            tensor.copy_(saved["tensors"][name])
+    pack.opt.load_state_dict(saved["optimizer"])
+    for row, m in enumerate(live):
+        pack.write(row, m.objective.module)
+    return live, saved["epoch"], saved["steps"]
 
 
 def _labels_at(labels: dict[str, Labels], rows: dict[str, torch.Tensor]) -> dict[str, Labels]:
     return {name: {key: t[:, rows[name]] for key, t in ys.items()} for name, ys in labels.items()}
+
+
+_VMAP_RANDOMNESS = "called random operation while in randomness error mode"
 
 
 class _stepper:
@@ -408,24 +506,27 @@ class _stepper:
         with autocast(self.lead.module, self.mixed_precision), sdpa_kernel([SDPBackend.MATH]):
             return vmap(self._losses, in_dims=(0, 0, 0, 0, None), randomness="error")(tensors, x, y, masks, step)
 
-    def sites(self, pack: _Pack, x, y, step: int) -> list[tuple[tuple[int, ...], float]]:
+    def sites(self, pack: _Pack, x, y, step: int, refuse: bool = False) -> list[tuple[tuple[int, ...], float]]:
         """The dropout sites (shape, p) of one model's forward on batches shaped like `x`'s, in the
-        order it applies them (recorded once per batch shape by a forward of the first model, without
-        gradients). Raises `NotPackable` if that forward draws random numbers any other way."""
+        order it applies them (recorded once per batch shape by a forward of a copy of the first
+        model, without gradients: batch-norm statistics of the pack are not touched). If that forward
+        draws random numbers any other way: `NotPackable` with `refuse` (before training), else
+        RuntimeError (a pack cannot fall back once it has trained)."""
         key = tuple((name, tuple(t.shape[1:])) for name, t in x.items())
         if key not in self._sites:
-            first = lambda t: t[:1]  # noqa: E731
+            first = lambda t: t[:1].clone()  # noqa: E731
             self.feed.recording = True
             try:
                 with torch.no_grad():
                     self._vmapped(tree_map(first, pack.tensors), tree_map(first, x), tree_map(first, y), [], step)
             except RuntimeError as error:
-                if "random" not in str(error):
+                if _VMAP_RANDOMNESS not in str(error):
                     raise
-                raise NotPackable(
+                reason = (
                     "its loss draws random numbers other than through nn.Dropout modules, so the models of a "
                     f"pack could not each have their own stream ({str(error).splitlines()[0]})"
-                ) from error
+                )
+                raise (NotPackable(reason) if refuse else RuntimeError(reason)) from error
             finally:
                 self.feed.recording = False
             self._sites[key] = self.feed.recorded
@@ -466,7 +567,11 @@ class _Feed:
             raise RuntimeError(f"the forward applied more dropout than the {len(self.masks)} sites recorded for it")
         mask = self.masks[self.at]
         self.at += 1
-        return x * mask.to(x.dtype)
+        if mask.shape != x.shape:
+            got, drawn = tuple(x.shape), tuple(mask.shape)
+            raise RuntimeError(f"dropout site {self.at - 1} got a {got} input, its mask was drawn {drawn}")
+        # As F.dropout: x times a noise tensor of x's dtype holding 0 or 1 / (1 - p).
+        return x * mask.to(x.dtype).div_(1 - p)
 
     def finish(self) -> None:
         if not self.recording and self.at != len(self.masks):
@@ -510,10 +615,11 @@ def _own_dropout(module: nn.Module, feed: _Feed):
 
 
 def _draw(sites, generators: list[torch.Generator], device: torch.device) -> list[torch.Tensor]:
-    """Each site's (K, ...) mask, scaled as dropout scales (1 / (1 - p)), row k from generator k:
-    a model's masks depend on its own generator only, not on the other models of the pack."""
+    """Each site's (K, ...) boolean mask (kept: True), row k from generator k: a model's masks depend
+    on its own generator only, not on the other models of the pack. Drawn as F.dropout draws on CPU
+    (`bernoulli_` into a float32 tensor), so a model gets its serial run's masks there."""
     return [
-        torch.stack([torch.empty(shape, device=device).bernoulli_(1 - p, generator=g) for g in generators]).div_(1 - p)
+        torch.stack([torch.empty(shape, device=device).bernoulli_(1 - p, generator=g).bool() for g in generators])
         for shape, p in sites
     ]
 
@@ -556,8 +662,7 @@ def calibrate(
     its step) plus what a pack holds per model besides: its copy of every stream's data, and a
     snapshot of its parameters and buffers. Returns the smallest K within 2% of the most
     model-steps/s. No generator of the caller's and no global RNG stream is drawn from (dropout
-    masks come from generators of its own). K does not change a model's numbers (see the module
-    doc), only how fast they come."""
+    masks come from generators of its own)."""
     import time
 
     clock = clock or time.perf_counter

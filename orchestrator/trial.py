@@ -343,14 +343,15 @@ def run_pack(
     Each trial's upstream, build, evaluation and analyses are as in `run_trial`. Returns each
     trial's row, or the exception that ended it (in set-up, or a diverging model: the others go on).
     `should_stop()` is asked at every epoch end: when True, `Interrupted` is raised (a pack saves
-    nothing: its trials run again).
+    its checkpoint first, where the sweep keeps checkpoints).
 
     Trials pack when their methods are packable, their training settings are the same, their models
     have the same parameters and buffers (names, shapes, which train) and their data the same sizes:
     `fit_packed` checks the rest and refuses (`NotPackable`) before training, and those trials train
     alone. A pack's training time is shared out equally among its trials' `train_s`, so the sum of
-    their `total_s` is the compute spent. A pack is not checkpointed inside its training (a stop or
-    a lost worker runs it again) and reports no epochs; its rows have `pack` = its number of models
+    their `total_s` is the compute spent. A pack checkpoints its training as a trial does, owned by
+    its set of trials (a stop or a lost worker resumes it when the same pack forms again), and
+    reports no epochs; its rows have `pack` = its number of models
     and `packed` = True. A packable trial with no company trains as a pack of one: a packed model's
     numbers do not depend on what else is in its pack (`methods.packing`), so a trial gives the same
     row whichever packs a run forms (resumed, extended, on another machine)."""
@@ -414,9 +415,15 @@ def _train_pack(members: list[tuple[int, Trial]], should_stop) -> dict[int, dict
         objectives = [t.method.objective(t.ctx, t.model) for t in trials]
         reason = packable(objectives, [t.ctx.data for t in trials])
     start = time.perf_counter()
+    # The pack's checkpoints: owned by its set of trials (the same pending trials form the same
+    # packs in the next run, which then resumes it).
+    owner = "pack-" + stable_hash(sorted(t.row["trial_hash"] for t in trials), 24)
+    checkpointer = trials[0].supervisor.checkpointer(owner) if reason is None else None
     if reason is None:
         try:
-            with supervised(Supervision(name="train", checkpointer=None, should_stop=should_stop, on_epoch=None)):
+            with supervised(
+                Supervision(name="train", checkpointer=checkpointer, should_stop=should_stop, on_epoch=None)
+            ):
                 results = fit_packed(
                     objectives,
                     [t.ctx.data for t in trials],
@@ -435,6 +442,8 @@ def _train_pack(members: list[tuple[int, Trial]], should_stop) -> dict[int, dict
             except Exception as error:
                 outcomes[i] = error
         return outcomes
+    if checkpointer is not None:
+        checkpointer.clear()
     share = (time.perf_counter() - start) / len(trials)
     for (i, trial), result in zip(members, results, strict=True):
         if isinstance(result, BaseException):

@@ -170,10 +170,9 @@ def log(spec: TrialSpec, stage: str, metrics: dict[str, Any]) -> None:
 
 
 # Under `resources.pack: auto`, the most models in a pack. On CPU a fixed K: packs beyond 16 gain
-# little (benchmarks/packing_fit.py), and a measured K would vary with the machine's load, the pack
-# composition with it, and so the numbers (Instill promises the same numbers for the same config and
-# seed on CPU). On a GPU the worker measures K up to this bound (`calibrates`): throughput and
-# the device's free memory decide.
+# little (benchmarks/packing_fit.py), and a K measured on a loaded machine would mostly measure the
+# load; there K never changes a trial's numbers (a packed model does not depend on its pack). On a
+# GPU the worker measures K up to this bound (`calibrates`): throughput and free memory decide.
 AUTO_PACK = {"cpu": 16, "cuda": 64}
 
 

@@ -372,6 +372,30 @@ def test_a_packed_trial_gives_the_same_row_in_any_pack(tiny, tmp_path):
     assert len({r["val_acc"] for r in together}) > 1
 
 
+def test_a_pack_refused_by_its_first_forward_trains_each_trial_alone(tiny, tmp_path, monkeypatch):
+    # `fit_packed` may refuse a pack only once the models are built (its first forward finds
+    # randomness past nn.Dropout): then each trial trains serially, as with pack: 1.
+    from methods.packing import NotPackable
+    from orchestrator import trial as trial_module
+    from orchestrator.artifacts import ArtifactStore
+
+    sweep = tiny(methods=["scratch"], seeds=[0, 1])
+    specs = expand(sweep)
+    store = ArtifactStore(tmp_path)
+    alone = [trial_module.run_trial(sweep, s, store) for s in specs]
+
+    def refuse(*args, **kwargs):
+        raise NotPackable("its loss draws random numbers other than through nn.Dropout modules")
+
+    monkeypatch.setattr(trial_module, "fit_packed", refuse)
+    rows = trial_module.run_pack(sweep, specs, store, limit=16)
+    for a, r in zip(alone, rows, strict=True):
+        assert isinstance(r, dict) and r["packed"] is False and r["pack"] == 1
+        assert [r[k] for k in ("val_acc", "test_acc", "best_epoch")] == [
+            a[k] for k in ("val_acc", "test_acc", "best_epoch")
+        ]
+
+
 def test_a_trial_that_fails_in_its_pack_is_tried_again_alone(tiny, monkeypatch):
     failing = RuntimeError("diverged in the pack")
 
@@ -413,22 +437,35 @@ def test_packed_sweep_on_ray_gives_the_rows_of_a_serial_one(ray_local, tmp_path)
         assert packed[column].tolist() == pytest.approx(serial[column].tolist(), abs=1e-6), column
 
 
-def test_a_stop_request_ends_a_pack_at_its_epoch_end_without_rows(tiny, tmp_path, monkeypatch):
+def test_a_stopped_pack_checkpoints_and_the_next_run_resumes_it(tiny, tmp_path, monkeypatch):
     from orchestrator.artifacts import ArtifactStore
+    from orchestrator.checkpoints import CheckpointStore
 
     asked = []
 
     def requested():
         asked.append(1)
-        return len(asked) > 1  # the second epoch end
+        return len(asked) == 2  # the second epoch end
 
     monkeypatch.setattr(worker.stop, "requested", requested)
-    sweep = tiny(methods=["scratch"], seeds=[0, 1, 2], training={"epochs": 5}, resources={"pack": "auto"})
+    sweep = tiny(methods=["scratch"], seeds=[0, 1, 2], training={"epochs": 5, "patience": None})
+    store = ArtifactStore(tmp_path / "store")
     sent = []
-    worker.Group(sweep, expand(sweep), ArtifactStore(tmp_path), send=sent.append).run()
-    assert [r["stage"] for r in sent] == ["interrupted"]
-    assert _rows(sent) == [], "a stopped pack saves nothing: its trials run again"
+    worker.Group(sweep, expand(sweep), store, send=sent.append).run()
+    assert [r["stage"] for r in sent] == ["interrupted"] and _rows(sent) == [], "no rows from a stopped pack"
     assert len(asked) == 2
+    assert len(CheckpointStore(store).owners()) == 1, "the pack saved its state on the stop request"
+    sent.clear()
+    worker.Group(sweep, expand(sweep), store, send=sent.append).run()
+    resumed = _rows(sent)
+    # Five epochs in all: asked at the ends of epochs 1-2, then 3-4 (none after the last).
+    assert len(asked) == 4, "the second run went on from epoch 2"
+    assert CheckpointStore(store).owners() == [], "cleared once the pack finished"
+    sent.clear()
+    worker.Group(sweep, expand(sweep), ArtifactStore(tmp_path / "whole"), send=sent.append).run()
+    columns = ("val_acc", "test_acc", "best_epoch", "epochs_run", "measurements_json")
+    assert all(r["packed"] and r["pack"] == 3 for r in resumed)
+    assert [[r[c] for c in columns] for r in resumed] == [[r[c] for c in columns] for r in _rows(sent)]
 
 
 def test_in_a_mixed_group_the_running_trial_is_named_by_its_place_in_the_group(tiny, monkeypatch):

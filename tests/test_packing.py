@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import io
 
 import pytest
 import torch
@@ -9,8 +10,18 @@ from torch import nn
 
 from methods import METHODS
 from methods.masking import MaskSelection, maskable_names, topk_mask
-from methods.packing import NotPackable, _Pack, fit_packed, packable
-from methods.training import NonFiniteLoss, Objective, TrainConfig, cross_entropy, evaluate, fit
+from methods.packing import NotPackable, _Pack, _StandIn, fit_packed, packable
+from methods.training import (
+    Interrupted,
+    NonFiniteLoss,
+    Objective,
+    Supervision,
+    TrainConfig,
+    cross_entropy,
+    evaluate,
+    fit,
+    supervised,
+)
 from methods.transfer import TransferConfig, transfer
 from orchestrator.trial import fresh_model
 from tasks.models.mlp import MLPConfig
@@ -36,14 +47,40 @@ def step_losses(result) -> dict[str, float]:
     return {k: v for row in result.measurements for k, v in row.items() if k.startswith("loss@")}
 
 
+class BatchNormNet(nn.Module):
+    """Tokens -> embedding -> linear -> batch norm -> ReLU -> dropout -> classes: a model whose
+    forward updates buffers in place (batch-norm statistics) in training mode."""
+
+    def __init__(self, vocab: int, length: int, classes: int, dropout: float):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 8)
+        # No bias before batch norm (as in a ResNet): it would get no gradient in exact arithmetic,
+        # and AdamW would drive it by rounding noise alone, differently packed and serial.
+        self.hidden = nn.Linear(8 * length, 32, bias=False)
+        self.norm = nn.BatchNorm1d(32)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, x):
+        return self.head(self.drop(torch.relu(self.norm(self.hidden(self.emb(x).flatten(1))))))
+
+
 def build(tiny, kind: str, seeds, dropout: float = 0.0, fraction: float = 1.0):
     """(models, datas) of the tiny task, one per seed: fresh GPTs, subtask-induction MaskedModels
-    (a random source and a random half mask, transplanted frozen), or MLPs."""
+    (a random source and a random half mask, transplanted frozen), MLPs, or `BatchNormNet`s."""
     sweep = tiny(model={"dropout": dropout})
     task = sweep.build_task()
     models, datas = [], []
     for seed in seeds:
-        if kind == "mlp":
+        if kind == "bn":
+            data = task.downstream_data(seed, fraction)
+            splits = [data.train, data.val]
+            vocab = 1 + max(int(split.x.max()) for split in splits)
+            classes = 1 + max(int(split.labels["y"].max()) for split in splits)
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                model = BatchNormNet(vocab, data.train.x.shape[1], classes, dropout)
+        elif kind == "mlp":
             with torch.random.fork_rng():
                 torch.manual_seed(seed)
                 model = task.build_model(MLPConfig(n_layers=2, width=32, embed_dim=8, dropout=dropout))
@@ -99,7 +136,7 @@ def assert_same_model(a: nn.Module, b: nn.Module, data) -> None:
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-@pytest.mark.parametrize("kind", ["gpt", "masked", "mlp"])
+@pytest.mark.parametrize("kind", ["gpt", "masked", "mlp", "bn"])
 def test_each_packed_model_follows_its_serial_run(tiny, kind, dropout):
     # With dropout too: a packed model's masks come from a generator seeded as `fit` seeds the
     # global RNG, drawn site by site in the order and shapes `fit`'s forward draws them.
@@ -107,6 +144,7 @@ def test_each_packed_model_follows_its_serial_run(tiny, kind, dropout):
     models, datas = build(tiny, kind, seeds, dropout=dropout)
     serial_models, serial_results = serial(models, datas, CFG, seeds)
     packed_models, packed_results = packed(models, datas, CFG, seeds)
+    same_epoch = []
     for k in range(K):
         ours, theirs = packed_results[k], serial_results[k]
         assert ours.steps == theirs.steps == 100
@@ -114,11 +152,25 @@ def test_each_packed_model_follows_its_serial_run(tiny, kind, dropout):
         assert got.keys() == expected.keys() and len(got) == 100
         for key, value in expected.items():
             assert got[key] == pytest.approx(value, rel=1e-5), key
+        if kind == "bn":
+            # Batch norm cancels any shift common to a batch, and the task has tokens common to
+            # every sample: weights along those directions get no gradient in exact arithmetic, so
+            # AdamW drives them by rounding noise, differently packed and serial, the running means
+            # (which track them) with them, and so eval-mode accuracy and the kept epoch. The losses
+            # above (training mode) and, where the same epoch was kept, the running variances
+            # (shift-free) show the statistics are updated model by model.
+            if ours.best_epoch == theirs.best_epoch:
+                same_epoch.append(k)
+                ours_b, theirs_b = (dict(m.named_buffers()) for m in (packed_models[k], serial_models[k]))
+                for name in ("norm.running_var", "norm.num_batches_tracked"):
+                    torch.testing.assert_close(ours_b[name], theirs_b[name], rtol=1e-4, atol=1e-6)
+            continue
         assert (ours.best_epoch, ours.epochs_run) == (theirs.best_epoch, theirs.epochs_run)
         assert ours.history == pytest.approx(theirs.history, abs=1e-6)
         assert ours.best_val_acc == pytest.approx(theirs.best_val_acc, abs=1e-6)
         assert_same_model(packed_models[k], serial_models[k], datas[k])
         assert evaluate(packed_models[k], datas[k].val)["y"] == pytest.approx(ours.best_val_acc, abs=1e-6)
+    assert kind != "bn" or same_epoch, "no model kept the same epoch both ways: nothing compared"
     # The models were different to begin with, and trained apart.
     assert len({round(r.history[0], 6) for r in packed_results} | {round(r.history[-1], 6) for r in packed_results}) > 1
 
@@ -172,16 +224,18 @@ def test_packed_run_is_bit_reproducible_with_dropout(tiny):
             assert torch.equal(p, q), name
 
 
-@pytest.mark.parametrize("kind", ["gpt", "masked", "mlp"])
+@pytest.mark.parametrize("kind", ["gpt", "masked", "mlp", "bn"])
 def test_a_packed_model_is_the_same_whatever_else_is_packed(tiny, kind):
     # Dropout on: each model's masks come from its own stream, so its run is bitwise the same alone,
     # in any company and at any place in the pack; that is what lets a resumed or extended sweep
     # (other packs) and another pack size (another machine) give the same numbers.
-    seeds = list(range(K))
+    seeds = list(range(6))
     models, datas = build(tiny, kind, seeds, dropout=0.1)
-    cfg = TrainConfig(lr=3e-3, batch_size=26, epochs=4, patience=1)
+    cfg = TrainConfig(lr=3e-3, batch_size=26, epochs=8, patience=1)
     full_models, full = packed(models, datas, cfg, seeds)
-    for order in ([0], [2, 0], [3, 1, 0, 2]):
+    assert len({r.epochs_run for r in full}) > 1, "models must leave the pack at different epochs"
+    assert all(type(m) is not _StandIn for model in full_models for m in model.modules())
+    for order in ([0], [2, 0], [3, 1, 0, 5, 4, 2]):
         some_models, some = packed([models[i] for i in order], [datas[i] for i in order], cfg, order)
         at = order.index(0)
         assert step_losses(some[at]) == step_losses(full[0]) and some[at].history == full[0].history
@@ -308,6 +362,7 @@ def test_what_does_not_pack_is_refused_before_training(tiny, case, reason):
         assert reason in packable(objectives, datas)
     with pytest.raises(NotPackable, match=reason):
         fit_packed(objectives, datas, CFG, generators)
+    assert all(type(m) is not _StandIn for model in models for m in model.modules()), "dropout put back"
     for model, state in zip(models, before, strict=True):
         assert all(torch.equal(p, state[n]) for n, p in model.state_dict().items())
     assert all(torch.equal(g.get_state(), s) for g, s in zip(generators, gen_states, strict=True))
@@ -444,3 +499,60 @@ def test_attention_through_its_dropout_module_is_the_fused_attention():
     attn.attn_drop.train()
     with dropout_through_modules():
         assert not torch.allclose(attn(x), fused), "attention dropout goes through attn_drop"
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+class MemoryCheckpointer:
+    """A `Checkpointer` that keeps each slot's state serialised in memory, loaded as the store
+    loads it (`weights_only=True`), and saves at every epoch end."""
+
+    def __init__(self):
+        self.slots: dict[int, bytes] = {}
+
+    def due(self) -> bool:
+        return True
+
+    def load(self, slot: int):
+        if slot not in self.slots:
+            return None
+        return torch.load(io.BytesIO(self.slots[slot]), weights_only=True)
+
+    def save(self, slot: int, state) -> None:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        self.slots[slot] = buffer.getvalue()
+
+
+@pytest.mark.parametrize("when", ["first epoch", "as the first model leaves"])
+def test_a_stopped_pack_resumes_bit_for_bit(tiny, when):
+    # Stopped at an epoch end (models already gone from the pack at the later stops), then run again
+    # on freshly built models, as the next run of the sweep would: the same results and weights as
+    # a pack never stopped.
+    seeds = list(range(K))
+    models, datas = build(tiny, "gpt", seeds, dropout=0.1)
+    cfg = TrainConfig(lr=3e-3, batch_size=26, epochs=8, patience=2)
+    whole_models, whole = packed(models, datas, cfg, seeds)
+    assert len({r.epochs_run for r in whole}) > 1, "models must leave the pack at different epochs"
+    # Asked at every epoch end while models remain: at the first one, or where the first model left.
+    stop_at = 1 if when == "first epoch" else min(r.epochs_run for r in whole)
+    checkpointer, asked = MemoryCheckpointer(), []
+
+    def stop() -> bool:
+        asked.append(True)
+        return len(asked) == stop_at
+
+    with supervised(Supervision(name="train", checkpointer=checkpointer, should_stop=stop, on_epoch=None)):
+        with pytest.raises(Interrupted):
+            packed(models, datas, cfg, seeds)
+    assert 0 in checkpointer.slots
+    with supervised(Supervision(name="train", checkpointer=checkpointer, should_stop=stop, on_epoch=None)):
+        resumed_models, resumed = packed(models, datas, cfg, seeds)
+    # Asked once per epoch end with models left, over both runs together: the second run went on
+    # from the checkpoint rather than from the start.
+    assert len(asked) == max(r.epochs_run for r in whole) - 1
+    assert resumed == whole
+    for a, b in zip(resumed_models, whole_models, strict=True):
+        for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            assert torch.equal(p, q), name
