@@ -5,7 +5,10 @@ functions: `key(ctx)` (exactly the fields that determine it), `compute(ctx) -> (
 `load(ctx, tensors, meta)` (the object a method receives), and `columns(meta)` (what a trial's row
 records about it). A kind that computes the artifacts of several values of an axis in one go (a
 mask discovery serves every sparsity) names the axis in `shares` and implements
-`compute_many(ctx, points)`; each artifact is still stored and keyed on its own. The orchestrator
+`compute_many(contexts)`; each artifact is still stored and keyed on its own. A kind that can
+train the artifacts of different seeds as one pack (`methods.packing`; source models) sets
+`packs_seeds` and implements `compute_many` over contexts of different seeds; the orchestrator
+asks it to where the sweep packs upstream work (`ctx.packed`, which its key must hold). The orchestrator
 stores and shares artifacts; it never branches on a kind's name. A new kind (e.g. a guide network)
 is one class plus `@register_artifact(...)`.
 """
@@ -23,7 +26,8 @@ from torch import nn
 from common.registry import Registry
 from common.seeding import torch_generator
 from methods.discovery import discover_many
-from methods.training import train
+from methods.packing import NotPackable, fit_packed
+from methods.training import cross_entropy, train
 
 
 @dataclasses.dataclass
@@ -39,6 +43,7 @@ class ArtifactContext:
     fresh_model: Callable[[str], nn.Module]
     key_of: Callable[[str], dict]  # key of an upstream kind
     get: Callable[[str], Any]  # the loaded upstream artifact of a kind
+    packed: bool = False  # train packed (kinds with `packs_seeds`, where the sweep packs upstream work)
 
 
 class ArtifactKind:
@@ -50,6 +55,7 @@ class ArtifactKind:
     is_mask: ClassVar[bool] = False  # boolean tensors over parameters: the report compares them (overlap)
     Config: ClassVar[type | None] = None  # the kind's own settings block, under its name in the sweep file
     shares: ClassVar[tuple[str, ...]] = ()  # axes (of `axes`) whose artifacts one `compute_many` computes together
+    packs_seeds: ClassVar[bool] = False  # `compute_many` trains the artifacts of several seeds as one pack
 
     def describe(self, key: dict) -> dict[str, Any]:
         """The grid coordinates of a stored artifact's key, for reports: `seed`, `sparsity` where
@@ -60,11 +66,10 @@ class ArtifactKind:
 
     def compute(self, ctx: ArtifactContext) -> tuple[dict[str, torch.Tensor], dict[str, Any]]: ...
 
-    def compute_many(
-        self, ctx: ArtifactContext, points: list[dict[str, Any]]
-    ) -> list[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
-        """The artifacts at `points` (values of the `shares` axes; `ctx.point` is the first), each
-        exactly as `compute` would give it. Only kinds with `shares` are asked."""
+    def compute_many(self, contexts: list[ArtifactContext]) -> list[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+        """The artifacts of `contexts` (which differ only in the `shares` axes of their `point`, or
+        with `packs_seeds` in their seed), each as `compute` would give it. Only kinds with `shares`
+        or `packs_seeds` are asked."""
         raise NotImplementedError(f"artifact kind {self.name!r} declares no shared axes")
 
     def load(self, ctx: ArtifactContext, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Any: ...
@@ -83,13 +88,18 @@ def register_artifact(
     blocks: tuple[str, ...] = (),
     axes=(),
     shares=(),
+    packs_seeds: bool = False,
     config: type | None = None,
 ):
     """Register an `ArtifactKind` class. `blocks`: sweep blocks its key reads; `config`: a settings
     block of its own, written under `name` in the sweep file (`guide: {...}`), validated there, part
     of the key and identity of everything that needs the kind, tunable and sweepable by path.
     `axes`: the fixed grid axes its key holds (only "sparsity" exists); `shares`: those of them
-    whose artifacts `compute_many` computes in one go (the key holds each under the axis' name)."""
+    whose artifacts `compute_many` computes in one go (the key holds each under the axis' name).
+    `packs_seeds`: `compute_many` trains the artifacts of several seeds as one pack (the key holds
+    `seed`; the kind needs no other kind, whose artifacts would differ by seed too)."""
+    if packs_seeds and needs:
+        raise ValueError(f"artifact kind {name!r}: a kind that packs seeds cannot need other kinds ({needs})")
     if any(axis != "sparsity" for axis in axes):
         raise ValueError(f"artifact kind {name!r}: the only grid axis an artifact can depend on is 'sparsity'")
     if any(axis not in axes for axis in shares):
@@ -101,7 +111,7 @@ def register_artifact(
             raise ValueError(f"artifact kind {name!r} needs {unknown}, which are not registered (register them first)")
         own = (name,) if config is not None else ()
         cls.name, cls.needs, cls.blocks, cls.axes = name, tuple(needs), tuple(blocks) + own, tuple(axes)
-        cls.Config, cls.shares = config, tuple(shares)
+        cls.Config, cls.shares, cls.packs_seeds = config, tuple(shares), packs_seeds
         ARTIFACTS.register(name)(cls())
         return cls
 
@@ -123,9 +133,11 @@ def closure(kinds: tuple[str, ...] | list[str]) -> list[str]:
     return out
 
 
-@register_artifact("source", blocks=("source",))
+@register_artifact("source", blocks=("source",), packs_seeds=True)
 class Source(ArtifactKind):
-    """The source model trained on the base task: one per (task's base data, model, source training, seed)."""
+    """The source model trained on the base task: one per (task's base data, model, source training,
+    seed). Where the sweep packs upstream work (`ctx.packed`), the sources of several seeds train as
+    one pack (`fit_packed`), a lone one as a pack of one, and the key says `packed`."""
 
     reported = ("source_val_acc",)
 
@@ -140,15 +152,42 @@ class Source(ArtifactKind):
             "seed": ctx.seed,
             # bfloat16 on GPU changes the numbers (masks inherit this through their source key)
             **({"mixed_precision": True} if ctx.mixed_precision else {}),
+            # packed training follows the serial loop within float rounding, not bit for bit
+            **({"packed": True} if ctx.packed else {}),
         }
 
     def compute(self, ctx):
+        return self.compute_many([ctx])[0] if ctx.packed else self._alone(ctx)
+
+    def compute_many(self, contexts):
+        """The sources of `contexts` (one per seed) as one pack. A model that diverges fails the
+        whole run (its trials then compute each source alone, as a pack of one: the same numbers)."""
+        ctx, cfg = contexts[0], contexts[0].settings.source
+        models = [c.fresh_model("source_init").to(c.device) for c in contexts]
+        datas = [c.task.base_data(c.seed) for c in contexts]
+        objectives = [cross_entropy(m, d, cfg.eval_batch_size) for m, d in zip(models, datas, strict=True)]
+        generators = [torch_generator(c.seed, "source_train") for c in contexts]
+        try:
+            results = fit_packed(objectives, datas, cfg, generators, mixed_precision=ctx.mixed_precision)
+        except NotPackable as refused:  # before any training: each trains alone, and says so
+            return [self._alone(c, f"not packable: {refused}") for c in contexts]
+        for c, result in zip(contexts, results, strict=True):
+            if isinstance(result, BaseException):
+                raise RuntimeError(f"the source model of seed {c.seed} failed in its pack: {result}") from result
+        return [
+            (m.state_dict(), {**self._meta(r), "pack": len(contexts)}) for m, r in zip(models, results, strict=True)
+        ]
+
+    def _alone(self, ctx, why: str | None = None):
         model = ctx.fresh_model("source_init").to(ctx.device)
         generator = torch_generator(ctx.seed, "source_train")
         result = train(model, ctx.task.base_data(ctx.seed), ctx.settings.source, generator,
                        mixed_precision=ctx.mixed_precision)  # fmt: skip
-        meta = {"val_acc": result.best_val_acc, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run}
-        return model.state_dict(), meta
+        return model.state_dict(), {**self._meta(result), **({"pack": 1, "alone": why} if why else {})}
+
+    @staticmethod
+    def _meta(result):
+        return {"val_acc": result.best_val_acc, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run}
 
     def load(self, ctx, tensors, meta):
         model = ctx.fresh_model("source_init")
@@ -181,14 +220,15 @@ class DiscoveredMask(ArtifactKind):
         }
 
     def compute(self, ctx):
-        return self.compute_many(ctx, [ctx.point])[0]
+        return self.compute_many([ctx])[0]
 
-    def compute_many(self, ctx, points):
+    def compute_many(self, contexts):
+        ctx = contexts[0]
         found = discover_many(
             copy.deepcopy(ctx.get("source")),
             ctx.task.subtask_data(ctx.seed),
             ctx.settings.discovery,
-            tuple(point["sparsity"] for point in points),
+            tuple(c.point["sparsity"] for c in contexts),
             torch_generator(ctx.seed, "discovery"),
             mixed_precision=ctx.mixed_precision,
         )

@@ -73,6 +73,12 @@ class Resources(Frozen):
         "together as one vectorised model of K models, each with its own row: 'auto' (the default) picks K, "
         "N packs at most N, 1 trains every model alone with the serial loop (other numbers than packed)",
     )
+    pack_upstream: Literal["auto"] | bool = Field(
+        "auto",
+        description="upstream artifacts of different seeds that can train as one pack (source models) do so, "
+        "one pack per slot: 'auto' where trials pack (pack is not 1) and have a GPU, true wherever trials pack, "
+        "false never. A packed artifact's key says so.",
+    )
     mixed_precision: bool = Field(False, description="bfloat16 autocast for training on GPU (ignored on CPU)")
     checkpoint_every_s: float | None = Field(
         300.0,

@@ -159,6 +159,17 @@ def pack_keys(sweep: SweepConfig, specs: list[TrialSpec]) -> list[str | None]:
     return keys
 
 
+def packs_upstream(sweep: SweepConfig) -> bool:
+    """Whether artifact kinds that can (`ArtifactKind.packs_seeds`) train several seeds as one pack:
+    `resources.pack_upstream`, where `auto` means where trials pack and have a GPU (on CPU a sweep's
+    few seeds per slot gain nothing from it: docs/PERFORMANCE.md). A function of the config only,
+    so the driver and every worker agree on the keys."""
+    resources = sweep.resources
+    if resources.pack == 1 or resources.pack_upstream is False:
+        return False
+    return resources.pack_upstream is True or resources.gpu > 0
+
+
 def series_of(config: dict[str, Any]) -> str:
     """The report's series key: the trial's identity without seed and budget."""
     return stable_hash({k: v for k, v in config.items() if k not in ("seed", "data_fraction")})
@@ -230,19 +241,22 @@ class Upstream:
         self.columns: dict[str, Any] = {}
         self.wait_s = 0.0
 
-    def context(self, kind: str) -> ArtifactContext:
-        spec = self.spec
-        point = {"sparsity": spec.sparsity}
+    def context(self, kind: str, seed: int | None = None) -> ArtifactContext:
+        """The context of `kind` for this trial, or for another `seed` (a kind that packs seeds)."""
+        seed = self.spec.seed if seed is None else seed
+        point = {"sparsity": self.spec.sparsity}
+        art = ARTIFACTS.get(kind)
         return ArtifactContext(
             task=self.task,
             settings=self.sweep,
-            seed=spec.seed,
-            point={axis: point[axis] for axis in ARTIFACTS.get(kind).axes},
+            seed=seed,
+            point={axis: point[axis] for axis in art.axes},
             device=self.device,
             mixed_precision=self.sweep.resources.mixed_precision,
-            fresh_model=lambda stage: fresh_model(self.sweep, self.task, spec.seed, stage),
+            fresh_model=lambda stage: fresh_model(self.sweep, self.task, seed, stage),
             key_of=self.key,
             get=self.get,
+            packed=art.packs_seeds and packs_upstream(self.sweep),
         )
 
     def key(self, kind: str) -> dict:
@@ -254,9 +268,15 @@ class Upstream:
 
     def compute_shared(self, kind: str, points: list[dict[str, Any]]) -> None:
         """Store the `kind` artifacts of this trial's context at each of `points` (values of the
-        kind's `shares` axes), the missing ones from one `compute_many`; loads nothing for the trial."""
-        art, ctx = ARTIFACTS.get(kind), self.context(kind)
-        contexts = [dataclasses.replace(ctx, point={**ctx.point, **point}) for point in points]
+        kind's `shares` axes, and `seed` for a kind that packs seeds), the missing ones from one
+        `compute_many`; loads nothing for the trial."""
+        art = ARTIFACTS.get(kind)
+        contexts = []
+        for point in points:
+            ctx = self.context(kind, point.get("seed"))
+            contexts.append(
+                dataclasses.replace(ctx, point={**ctx.point, **{k: v for k, v in point.items() if k != "seed"}})
+            )
         keys = [art.key(one) for one in contexts]
 
         used = []  # the run's checkpointer, cleared once its artifacts are stored
@@ -264,7 +284,7 @@ class Upstream:
         def compute(missing: list[int]):
             used.append(self.supervisor.checkpointer(f"{kind}-{stable_hash([keys[i] for i in missing], 24)}"))
             with supervised(self.supervisor.supervision(kind, used[0])):
-                return art.compute_many(contexts[missing[0]], [contexts[i].point for i in missing])
+                return art.compute_many([contexts[i] for i in missing])
 
         self.store.get_or_compute_many(kind, keys, compute)
         if used and used[0] is not None:

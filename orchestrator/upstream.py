@@ -43,21 +43,38 @@ def _compute(sweep_json: str, spec_json: str, kind: str, store_root: str, points
     return time.perf_counter() - start
 
 
-def _shared_runs(jobs: list[dict]) -> list[dict]:
+def _shared_runs(jobs: list[dict], slots: int = 1, limit: int = 1) -> list[dict]:
     """Jobs of a kind with shared axes (`ArtifactKind.shares`) whose keys differ only there merged
-    into one run over their points; every other job stays a run of its own. Each run lists the keys
-    it stores (`members`) and its `points` (None: a plain `get`)."""
+    into one run over their points; every other job stays a run of its own. A kind that packs seeds
+    (`packs_seeds`, its key saying `packed`) shares `seed` too, and its runs are packs: split into
+    `slots` runs of near-equal size (one per slot that computes at once), each of at most `limit`
+    models. Each run lists the keys it stores (`members`) and its `points` (None: a plain `get`)."""
     runs: dict[tuple[str, str], dict] = {}
     for job in jobs:
-        shares = ARTIFACTS.get(job["kind"]).shares
+        art = ARTIFACTS.get(job["kind"])
+        shares = art.shares + (("seed",) if art.packs_seeds and job["key"].get("packed") else ())
         rest = {k: v for k, v in job["key"].items() if k not in shares}
         run = runs.setdefault(
-            (job["kind"], stable_hash(rest)), {**job, "members": [], "points": [] if shares else None}
+            (job["kind"], stable_hash(rest)), {**job, "members": [], "points": [] if shares else None, "packs": False}
         )
         run["members"].append(job["key"])
         if shares:
             run["points"].append({axis: job["key"][axis] for axis in shares})
-    return list(runs.values())
+        run["packs"] = "seed" in shares
+    out = []
+    for run in runs.values():
+        n = len(run["members"])
+        if not run["packs"] or n == 1:
+            out.append(run)
+            continue
+        parts = max(min(slots, n), -(-n // max(1, limit)))
+        sizes = [n // parts + (i < n % parts) for i in range(parts)]
+        start = 0
+        for size in sizes:
+            end = start + size
+            out.append({**run, "members": run["members"][start:end], "points": run["points"][start:end]})
+            start = end
+    return out
 
 
 def _depth(kind: str) -> int:
@@ -85,7 +102,10 @@ def precompute(
             deps = [(dep, stable_hash(up.key(dep))) for dep in closure(ARTIFACTS.get(kind).needs)]
             jobs.setdefault((kind, stable_hash(key)), {"kind": kind, "spec": spec, "key": key, "deps": deps})
     # One existence check per distinct artifact (each is a request on an object store), not per trial.
-    missing = _shared_runs([job for job in jobs.values() if not store.exists(job["kind"], job["key"])])
+    from orchestrator.worker import pack_limit  # the worker's, for the upstream packs too
+
+    missing = [job for job in jobs.values() if not store.exists(job["kind"], job["key"])]
+    missing = _shared_runs(missing, slots=concurrency, limit=pack_limit(sweep))
     as_json = json.dumps(sweep.canonical())
     failed: dict[tuple[str, str], str] = {}
     errors: dict[str, str] = {}
