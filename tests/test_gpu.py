@@ -99,3 +99,17 @@ def test_calibration_on_gpu_measures_memory_and_packs_more_than_one(tiny):
     assert found.bytes_per_model is not None and found.bytes_per_model > 0
     assert found.k > 1, found  # a tiny model on a GPU: packing must pay
     print(found)
+
+
+def test_sources_of_three_seeds_train_as_one_pack_on_gpu_with_dropout(tiny, tmp_path):
+    # pack_upstream: auto packs sources where trials have a GPU; each model's dropout masks come
+    # from a CUDA generator of its own.
+    from orchestrator.trial import Upstream, expand, pick_device
+
+    sweep = tiny(methods=["subtask_induction"], seeds=[0, 1, 2], model={"dropout": 0.1}, resources={"gpu": 1})
+    store = ArtifactStore(tmp_path)
+    up = Upstream(sweep, expand(sweep)[0], store, pick_device(sweep))
+    assert up.device.type == "cuda" and up.key("source")["packed"] is True
+    up.compute_shared("source", [{"seed": s} for s in sweep.seeds])
+    entries = store.entries("source")
+    assert len(entries) == 3 and all(meta["pack"] == 3 for _, meta, _ in entries)
