@@ -160,8 +160,13 @@ class Source(ArtifactKind):
         return self.compute_many([ctx])[0] if ctx.packed else self._alone(ctx)
 
     def compute_many(self, contexts):
-        """The sources of `contexts` (one per seed) as one pack. A model that diverges fails the
-        whole run (its trials then compute each source alone, as a pack of one: the same numbers)."""
+        """The sources of `contexts` (one per seed, all `packed`) as one pack. A pack refused for its
+        mix (say, base data of different sizes) trains each as a pack of one; a model refused alone
+        trains with the serial loop (its meta says why). A model that diverges fails the whole run,
+        its error re-raised: the trials then compute each source as a pack of one (on CPU the same
+        numbers as in any pack; the healthy models' training is lost, a cost paid only on failure)."""
+        if not all(c.packed for c in contexts):
+            raise ValueError("compute_many packs sources: every context must be `packed` (its key says so)")
         ctx, cfg = contexts[0], contexts[0].settings.source
         models = [c.fresh_model("source_init").to(c.device) for c in contexts]
         datas = [c.task.base_data(c.seed) for c in contexts]
@@ -169,11 +174,14 @@ class Source(ArtifactKind):
         generators = [torch_generator(c.seed, "source_train") for c in contexts]
         try:
             results = fit_packed(objectives, datas, cfg, generators, mixed_precision=ctx.mixed_precision)
-        except NotPackable as refused:  # before any training: each trains alone, and says so
-            return [self._alone(c, f"not packable: {refused}") for c in contexts]
+        except NotPackable as refused:  # before any training
+            if len(contexts) > 1:
+                return [self.compute_many([c])[0] for c in contexts]
+            return [self._alone(ctx, f"not packable: {refused}")]
         for c, result in zip(contexts, results, strict=True):
             if isinstance(result, BaseException):
-                raise RuntimeError(f"the source model of seed {c.seed} failed in its pack: {result}") from result
+                result.add_note(f"the source model of seed {c.seed}, trained in a pack of {len(contexts)}")
+                raise result
         return [
             (m.state_dict(), {**self._meta(r), "pack": len(contexts)}) for m, r in zip(models, results, strict=True)
         ]

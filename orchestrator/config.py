@@ -73,11 +73,11 @@ class Resources(Frozen):
         "together as one vectorised model of K models, each with its own row: 'auto' (the default) picks K, "
         "N packs at most N, 1 trains every model alone with the serial loop (other numbers than packed)",
     )
-    pack_upstream: Literal["auto"] | bool = Field(
-        "auto",
+    pack_upstream: bool = Field(
+        False,
         description="upstream artifacts of different seeds that can train as one pack (source models) do so, "
-        "one pack per slot: 'auto' where trials pack (pack is not 1) and have a GPU, true wherever trials pack, "
-        "false never. A packed artifact's key says so.",
+        "one pack per upstream slot, where trials pack too (pack is not 1). Off by default: it does not pay on "
+        "CPU, and on GPUs it is not measured yet. A packed artifact's key and its trials' identity say so.",
     )
     mixed_precision: bool = Field(False, description="bfloat16 autocast for training on GPU (ignored on CPU)")
     checkpoint_every_s: float | None = Field(

@@ -130,6 +130,8 @@ def identity(sweep: SweepConfig, spec: TrialSpec) -> dict[str, Any]:
     out["analyses"] = [{"name": n, **(c.canonical() if c else {})} for n, c in effective.analysis_list()]
     if effective.resources.mixed_precision:  # bfloat16 on GPU changes the numbers
         out["mixed_precision"] = True
+    if packs_upstream(effective) and any(ARTIFACTS.get(k).packs_seeds for k in trial_needs(sweep, spec)):
+        out["packed_upstream"] = True  # packed upstream artifacts are not the serial ones
     return out
 
 
@@ -161,13 +163,9 @@ def pack_keys(sweep: SweepConfig, specs: list[TrialSpec]) -> list[str | None]:
 
 def packs_upstream(sweep: SweepConfig) -> bool:
     """Whether artifact kinds that can (`ArtifactKind.packs_seeds`) train several seeds as one pack:
-    `resources.pack_upstream`, where `auto` means where trials pack and have a GPU (on CPU a sweep's
-    few seeds per slot gain nothing from it: docs/PERFORMANCE.md). A function of the config only,
-    so the driver and every worker agree on the keys."""
-    resources = sweep.resources
-    if resources.pack == 1 or resources.pack_upstream is False:
-        return False
-    return resources.pack_upstream is True or resources.gpu > 0
+    `resources.pack_upstream` (off by default; never where trials do not pack). A function of the
+    config only, so the driver and every worker agree on the keys and identities."""
+    return bool(sweep.resources.pack_upstream) and sweep.resources.pack != 1
 
 
 def series_of(config: dict[str, Any]) -> str:
@@ -246,6 +244,13 @@ class Upstream:
         seed = self.spec.seed if seed is None else seed
         point = {"sparsity": self.spec.sparsity}
         art = ARTIFACTS.get(kind)
+        key_of, get = self.key, self.get
+        if seed != self.spec.seed:  # this trial's artifacts are of its own seed
+
+            def key_of(kind, seed=seed):
+                raise ValueError(f"an artifact computed for seed {seed} cannot read {kind!r} of seed {self.spec.seed}")
+
+            get = key_of
         return ArtifactContext(
             task=self.task,
             settings=self.sweep,
@@ -254,8 +259,8 @@ class Upstream:
             device=self.device,
             mixed_precision=self.sweep.resources.mixed_precision,
             fresh_model=lambda stage: fresh_model(self.sweep, self.task, seed, stage),
-            key_of=self.key,
-            get=self.get,
+            key_of=key_of,
+            get=get,
             packed=art.packs_seeds and packs_upstream(self.sweep),
         )
 

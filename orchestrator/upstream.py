@@ -77,6 +77,14 @@ def _shared_runs(jobs: list[dict], slots: int = 1, limit: int = 1) -> list[dict]
     return out
 
 
+def _slots(sweep: SweepConfig, concurrency: int, cluster: dict[str, float]) -> int:
+    """How many upstream computations run at once: `concurrency` (CPU slots), and with GPUs per
+    trial at most as many as the cluster's GPUs hold."""
+    if sweep.resources.gpu > 0:
+        return max(1, min(concurrency, int(cluster.get("GPU", 0) // sweep.resources.gpu)))
+    return concurrency
+
+
 def _depth(kind: str) -> int:
     needs = ARTIFACTS.get(kind).needs
     return 0 if not needs else 1 + max(_depth(n) for n in needs)
@@ -105,7 +113,7 @@ def precompute(
     from orchestrator.worker import pack_limit  # the worker's, for the upstream packs too
 
     missing = [job for job in jobs.values() if not store.exists(job["kind"], job["key"])]
-    missing = _shared_runs(missing, slots=concurrency, limit=pack_limit(sweep))
+    missing = _shared_runs(missing, slots=_slots(sweep, concurrency, ray.cluster_resources()), limit=pack_limit(sweep))
     as_json = json.dumps(sweep.canonical())
     failed: dict[tuple[str, str], str] = {}
     errors: dict[str, str] = {}
@@ -136,6 +144,8 @@ def precompute(
                 if should_stop():
                     continue  # stopped on request, not a failure: the next run resumes it
                 name = f"{job['kind']} for {job['spec'].name}"
+                if job.get("packs"):  # one of several packs of this family: name its seeds
+                    name += f" (seeds {[p['seed'] for p in job['points']]})"
                 errors[name] = str(err).strip().splitlines()[-1]
                 for member in job["members"]:
                     failed[(job["kind"], stable_hash(member))] = errors[name]

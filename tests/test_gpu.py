@@ -102,11 +102,15 @@ def test_calibration_on_gpu_measures_memory_and_packs_more_than_one(tiny):
 
 
 def test_sources_of_three_seeds_train_as_one_pack_on_gpu_with_dropout(tiny, tmp_path):
-    # pack_upstream: auto packs sources where trials have a GPU; each model's dropout masks come
-    # from a CUDA generator of its own.
+    # Each model's dropout masks come from a CUDA generator of its own.
     from orchestrator.trial import Upstream, expand, pick_device
 
-    sweep = tiny(methods=["subtask_induction"], seeds=[0, 1, 2], model={"dropout": 0.1}, resources={"gpu": 1})
+    sweep = tiny(
+        methods=["subtask_induction"],
+        seeds=[0, 1, 2],
+        model={"dropout": 0.1},
+        resources={"gpu": 1, "pack_upstream": True},
+    )
     store = ArtifactStore(tmp_path)
     up = Upstream(sweep, expand(sweep)[0], store, pick_device(sweep))
     assert up.device.type == "cuda" and up.key("source")["packed"] is True

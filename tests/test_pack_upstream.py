@@ -33,8 +33,8 @@ def _source(sweep, seed: int):
     [
         ({"pack": 1, "pack_upstream": True}, False),  # trials do not pack: nor does upstream work
         ({"pack_upstream": False}, False),
-        ({}, False),  # auto on CPU: nothing to gain
-        ({"gpu": 0.5}, True),  # auto with a GPU
+        ({}, False),  # off by default
+        ({"gpu": 0.5}, False),  # GPU or not
         ({"pack_upstream": True}, True),
         ({"pack": 4, "pack_upstream": True}, True),
     ],
@@ -112,6 +112,65 @@ def test_a_packed_source_is_the_same_in_any_pack_and_close_to_the_serial_one(tmp
             if name.endswith("attn.qkv.bias"):
                 continue  # its key part has no gradient in exact arithmetic: AdamW moves it by rounding noise
             torch.testing.assert_close(tensors[name], t, rtol=1e-3, atol=1e-3, msg=name)
+
+
+def test_the_identity_of_a_trial_on_packed_sources_says_so():
+    from orchestrator.trial import identity
+
+    packed, serial = (
+        _sweep(methods=["subtask_induction", "scratch"]),
+        _sweep(methods=["subtask_induction", "scratch"], resources={"pack_upstream": False}),
+    )
+    for spec in expand(packed):
+        ours, theirs = identity(packed, spec), identity(serial, spec)
+        if spec.method == "scratch":  # needs no source: the same trial either way
+            assert ours == theirs
+        else:
+            assert ours == {**theirs, "packed_upstream": True}
+
+
+def test_the_upstream_slots_are_bounded_by_the_gpus():
+    from orchestrator.upstream import _slots
+
+    assert _slots(_sweep(), 16, {"CPU": 16}) == 16
+    assert _slots(_sweep(resources={"pack_upstream": True, "gpu": 1}), 16, {"CPU": 16, "GPU": 1}) == 1
+    assert _slots(_sweep(resources={"pack_upstream": True, "gpu": 0.25}), 16, {"CPU": 16, "GPU": 1}) == 4
+    assert _slots(_sweep(resources={"pack_upstream": True, "gpu": 0.25}), 2, {"CPU": 2, "GPU": 1}) == 2
+    assert _slots(_sweep(resources={"pack_upstream": True, "gpu": 1}), 4, {"CPU": 4}) == 1  # none visible yet
+
+
+def test_a_refused_pack_trains_pack_of_one_and_a_refused_one_serially(tmp_path, monkeypatch):
+    from methods import artifacts
+    from methods.packing import NotPackable, fit_packed
+
+    sweep = _sweep(seeds=[0, 1])
+
+    def refuse_mixes(objectives, *args, **kwargs):
+        if len(objectives) > 1:
+            raise NotPackable("base data of different sizes")
+        return fit_packed(objectives, *args, **kwargs)
+
+    monkeypatch.setattr(artifacts, "fit_packed", refuse_mixes)
+    store = ArtifactStore(tmp_path / "mixes")
+    Upstream(sweep, _source(sweep, 0), store, torch.device("cpu")).compute_shared("source", [{"seed": 0}, {"seed": 1}])
+    assert sorted((meta["pack"], "alone" in meta) for _, meta, _ in store.entries("source")) == [(1, False), (1, False)]
+
+    def refuse(*args, **kwargs):
+        raise NotPackable("draws random numbers past nn.Dropout")
+
+    monkeypatch.setattr(artifacts, "fit_packed", refuse)
+    store = ArtifactStore(tmp_path / "alone")
+    Upstream(sweep, _source(sweep, 0), store, torch.device("cpu")).compute_shared("source", [{"seed": 0}, {"seed": 1}])
+    assert all("not packable" in meta["alone"] for _, meta, _ in store.entries("source"))
+
+
+def test_a_context_for_another_seed_cannot_read_this_trials_artifacts():
+    up = Upstream(_sweep(), _source(_sweep(), 0), None, torch.device("cpu"))
+    ctx = up.context("source", seed=1)
+    assert ctx.seed == 1 and ctx.packed
+    with pytest.raises(ValueError, match="seed 1 cannot read 'mask' of seed 0"):
+        ctx.key_of("mask")
+    assert up.context("source").key_of("source") == up.key("source")
 
 
 def test_a_kind_that_packs_seeds_needs_nothing():
