@@ -42,6 +42,10 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
         data_fractions=[0.2, 0.6, 1.0],
         seeds=[0, 1],
         training={"epochs": 4},
+        # Trials alone (`pack: 1`): their rows land one by one, so the kill falls between them (a
+        # pack's rows land at once, and these tiny packs finish within one poll of each other).
+        # Packs stopped and resumed: tests/test_groups.py, tests/test_packing.py.
+        resources={"pack": 1},
     )
     sweep_path = tmp_path / "sweep.yaml"
     sweep_path.write_text(yaml.safe_dump(raw))
