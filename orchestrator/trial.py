@@ -161,6 +161,11 @@ def pack_keys(sweep: SweepConfig, specs: list[TrialSpec]) -> list[str | None]:
     return keys
 
 
+def near_equal(n: int, parts: int) -> list[int]:
+    """`n` split into `parts` sizes that differ by at most one, larger first: 33 in 2 is [17, 16]."""
+    return [n // parts + (i < n % parts) for i in range(parts)]
+
+
 def packs_upstream(sweep: SweepConfig) -> bool:
     """Whether artifact kinds that can (`ArtifactKind.packs_seeds`) train several seeds as one pack:
     `resources.pack_upstream` (off by default; never where trials do not pack). A function of the
@@ -397,8 +402,7 @@ def run_pack(
         if calibrate_k and len(members) > 1:
             k = _calibrated(key, members[0][1], min(k, len(members)))
         # Packs of near-equal size: 33 trials at K = 32 train as 17 + 16, not 32 + 1 alone.
-        n_packs = math.ceil(len(members) / k)
-        sizes = [len(members) // n_packs + (i < len(members) % n_packs) for i in range(n_packs)]
+        sizes = near_equal(len(members), math.ceil(len(members) / k))
         start = 0
         for size in sizes:
             outcomes.update(_train_pack(members[start : start + size], should_stop))

@@ -19,7 +19,7 @@ from methods import ARTIFACTS
 from methods.artifacts import closure
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.config import SweepConfig, load_sweep
-from orchestrator.trial import TrialSpec, TrialSupervisor, Upstream, pick_device, trial_needs
+from orchestrator.trial import TrialSpec, TrialSupervisor, Upstream, near_equal, pick_device, trial_needs
 
 
 def _compute(sweep_json: str, spec_json: str, kind: str, store_root: str, points_json: str | None = None) -> float:
@@ -68,7 +68,7 @@ def _shared_runs(jobs: list[dict], slots: int = 1, limit: int = 1) -> list[dict]
             out.append(run)
             continue
         parts = max(min(slots, n), -(-n // max(1, limit)))
-        sizes = [n // parts + (i < n % parts) for i in range(parts)]
+        sizes = near_equal(n, parts)
         start = 0
         for size in sizes:
             end = start + size

@@ -2,7 +2,6 @@
 
 import copy
 import dataclasses
-import io
 
 import pytest
 import torch
@@ -25,6 +24,7 @@ from methods.training import (
 from methods.transfer import TransferConfig, transfer
 from orchestrator.trial import fresh_model
 from tasks.models.mlp import MLPConfig
+from tests.test_checkpoints import MemoryCheckpointer
 
 K = 4
 # 130 training rows (the tiny task at fraction 1) in batches of 26: 5 steps per epoch.
@@ -502,27 +502,6 @@ def test_attention_through_its_dropout_module_is_the_fused_attention():
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
-
-
-class MemoryCheckpointer:
-    """A `Checkpointer` that keeps each slot's state serialised in memory, loaded as the store
-    loads it (`weights_only=True`), and saves at every epoch end."""
-
-    def __init__(self):
-        self.slots: dict[int, bytes] = {}
-
-    def due(self) -> bool:
-        return True
-
-    def load(self, slot: int):
-        if slot not in self.slots:
-            return None
-        return torch.load(io.BytesIO(self.slots[slot]), weights_only=True)
-
-    def save(self, slot: int, state) -> None:
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        self.slots[slot] = buffer.getvalue()
 
 
 @pytest.mark.parametrize("when", ["first epoch", "as the first model leaves"])
