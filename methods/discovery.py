@@ -226,6 +226,7 @@ class ScoredMasks:
             global_rng=False,  # eval mode throughout: no dropout, so no draw that would shift the shuffling
             snapshot=lambda: None,  # the kept masks are this object's (one per sparsity)
             restore=lambda _: None,
+            initial_candidate=False,  # each sparsity's kept mask is chosen by `score` itself
             end_epoch=end_epoch,
             state=both,
             load_state=load_both,

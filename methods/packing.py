@@ -1,16 +1,12 @@
-"""Packed training: K objectives of one architecture trained as one vectorised model.
+"""The vmapped engine: K objectives of one architecture trained as one vectorised model.
 
-`fit_packed(objectives, datas, cfg, generators)` trains K objectives (one per trial: the same
-method's objective on K seeds' data and inits, say) together. Every parameter and buffer of the K
-modules is stacked along a new leading dimension, the K losses come from one `torch.vmap` over the
-first objective's `loss` with its module's tensors swapped for model k's, and one foreach AdamW
-updates the stacked parameters (elementwise, so it is K independent AdamWs).
-
-Each model keeps what `fit` would do for it alone: its own shuffling generator (and the derived
-ones of its other streams), its own dropout stream, optimiser state, best-epoch selection by its
-own `score()`, early stop (a finished model leaves the pack, so it stops costing compute) and
-NaN/inf isolation (a diverging model's entry is a `NonFiniteLoss`; the others go on). Afterwards
-every `objectives[k].module` holds what `fit` would have left there, within float tolerance.
+`Vmapped` is an engine of the one loop (`methods.training.fit_many`): every parameter and buffer of
+the K modules is stacked along a new leading dimension, the K losses come from one `torch.vmap` over
+the first objective's `loss` with its module's tensors swapped for model k's, and one foreach
+optimiser (`methods.training.optimizer`: elementwise, so K independent ones) updates the stacked
+parameters. Streams, schedules, selection, early stops (a finished model leaves the pack), NaN
+isolation, checkpoints and epoch reports are the loop's, as for a model trained alone.
+`fit_packed(objectives, datas, cfg, generators)` is `fit_many` through this engine.
 
 Dropout: the lead module's `nn.Dropout` modules are stood in for during the run, and each model's
 masks are drawn outside vmap from its own generator, seeded as `fit` seeds the global RNG (one draw
@@ -21,24 +17,16 @@ module too. On CPU a model therefore gets its serial run's dropout masks: its lo
 serial run's within float rounding (batched kernels sum in another order and attention runs the
 math kernel, so not bitwise), and its packed run is bitwise the same whatever else is in the pack,
 in which order, and in a pack of one (tests/test_packing.py). On CUDA, serial dropout runs other
-kernels (fused attention and dropout), so there the masks are not the serial ones; nor is the
-independence from the pack established there (batched kernels may choose their algorithm by K).
+kernels (fused attention and dropout), so there the masks are not the serial ones.
 vmap runs with `randomness="error"`: a loss that draws random numbers any other way is refused
 (`NotPackable`) by that first forward, before any generator is drawn from.
 
 What packs: objectives whose loss is a function of the batch, the step and their module's tensors
 only, built the same way for every member (`Method.packable` marks the methods whose objective is).
-`packable(objectives, datas)` says why a pack is refused; `fit_packed` raises `NotPackable` with
-that reason before training anything, so the caller can fall back to `fit`. Inside
-`supervised(...)` a pack checkpoints as `fit` does (its checkpointer's `due()` and the stop request
-asked at every epoch end; a stop saves, then raises `Interrupted`), one state for the whole pack
-(`_state`): a run of the same objectives on the same slot resumes it bit for bit on CPU. Epoch
-reports (`on_epoch`) are not sent for a pack.
-
-Attention runs the math kernel of `scaled_dot_product_attention` (`sdpa_kernel`) inside the pack:
-it batches under vmap, where CPU's fused kernel has no batching rule and would run once per model.
-Buffers that forward updates in place (batch-norm statistics) stay per model. A pack of one is
-slower than `fit` (vmap's overhead); the gain grows with K (benchmarks/packing_fit.py).
+Hooks the engine cannot run are refused by name before any training (`packable`): parameters the
+module does not hold, `end_epoch`, and objective state between epochs. Attention runs the math
+kernel of `scaled_dot_product_attention` inside the pack (CPU's fused kernel has no batching rule).
+Buffers that forward updates in place (batch-norm statistics) stay per model.
 """
 
 from __future__ import annotations
@@ -46,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,34 +45,26 @@ from torch.utils._pytree import tree_map
 
 from common.seeding import stage_seed
 from methods.training import (
-    _SUPERVISION,
-    Interrupted,
+    Engine,
+    EpochObserver,
     Measurements,
-    NonFiniteLoss,
+    NotPackable,
     Objective,
     TrainConfig,
     TrainResult,
-    _derived,
     _device_of,
     _loose,
-    _Run,
-    _set_lr,
     _stream,
     autocast,
-    batches,
-    check_selectable,
-    improves,
-    lr_schedule,
-    selection_key,
+    fit_many,
+    optimizer,
 )
 from tasks.base import Split, StageData
 from tasks.models.dropout import dropout_through_modules
 
 Labels = dict[str, torch.Tensor]  # label set name -> labels
 
-
-class NotPackable(ValueError):
-    """These objectives cannot be trained as one packed model; train each with `fit`."""
+__all__ = ["NotPackable", "Vmapped", "calibrate", "fit_packed", "packable"]
 
 
 # --- what packs ---------------------------------------------------------------------------------
@@ -109,7 +88,7 @@ def packable(objectives: Sequence[Objective], datas: Sequence[StageData] | None 
             return f"objective {k}'s module is a {theirs}, objective 0's a {ours}"
         if _loss_code(objective) is not _loss_code(lead):
             return f"objective {k}'s loss is another function than objective 0's"
-        for what in ("streams", "train_mode", "global_rng"):
+        for what in ("streams", "train_mode", "global_rng", "steps_per_batch", "initial_candidate"):
             if getattr(objective, what) != getattr(lead, what):
                 return f"objective {k}'s {what} differs from objective 0's"
         theirs = _signature(objective)
@@ -123,27 +102,14 @@ def packable(objectives: Sequence[Objective], datas: Sequence[StageData] | None 
 
 
 def _unsupported(objective: Objective) -> str | None:
-    if objective.steps_per_batch != 1:
-        return f"takes {objective.steps_per_batch} steps per batch (packing takes one)"
+    """Why the vmapped engine cannot run this objective's hooks, naming the hook (None: it can)."""
     if _loose(objective):
-        return "updates parameters its module does not hold (loose params)"
+        return "updates parameters its module does not hold (`params` beyond the module's)"
     if objective.end_epoch is not None:
-        return "has an end_epoch hook"
+        return "has an `end_epoch` hook (it would act on one model's Python state for all)"
     if objective.state is not None:
-        return "keeps its own state between epochs (state / load_state)"
-    if not _default_snapshot(objective):
-        return "has its own snapshot / restore"
+        return "keeps its own state between epochs (`state` / `load_state`)"
     return None
-
-
-def _default_snapshot(objective: Objective) -> bool:
-    # Objective.__post_init__ fills both with the module's state dict copy when none is given.
-    restore = objective.restore
-    return (
-        getattr(restore, "__self__", None) is objective.module
-        and getattr(restore, "__func__", None) is nn.Module.load_state_dict
-        and getattr(objective.snapshot, "__qualname__", "").startswith("Objective.__post_init__")
-    )
 
 
 def _loss_code(objective: Objective) -> Any:
@@ -180,7 +146,7 @@ def _data_reason(lead: Objective, datas: Sequence[StageData], k: int) -> str | N
     return None
 
 
-# --- the packed loop ----------------------------------------------------------------------------
+# --- the engine -------------------------------------------------------------------------------
 
 
 def fit_packed(
@@ -190,38 +156,93 @@ def fit_packed(
     generators: list[torch.Generator],
     *,
     mixed_precision: bool = False,
+    observers: Sequence[EpochObserver | None] | None = None,
 ) -> list[TrainResult | BaseException]:
     """Train each objective as `fit(objectives[k], datas[k], cfg, generators[k])` would, all as one
-    vectorised model (see the module doc). Returns, per objective, its `TrainResult`, or the
-    `NonFiniteLoss` that `fit` would have raised. Raises `NotPackable` (before any training, and
-    before drawing from any generator) when the objectives do not pack.
-    """
-    reason = packable(objectives, datas)
-    if reason is None and len(generators) != len(objectives):
-        reason = f"{len(generators)} generators for {len(objectives)} objectives"
-    if reason is not None:
-        raise NotPackable(reason)
-    for objective in objectives:
-        check_selectable(cfg, objective)
-    feed = _Feed()
-    with _own_dropout(objectives[0].module, feed):
-        return _fit_packed(objectives, datas, cfg, generators, mixed_precision, feed)
+    vectorised model: `fit_many` through `Vmapped`. Returns, per objective, its `TrainResult`, or
+    the `NonFiniteLoss` that `fit` would have raised. Raises `NotPackable` (before any training, and
+    before drawing from any generator) when the objectives do not pack."""
+    return fit_many(objectives, datas, cfg, generators, Vmapped(), mixed_precision=mixed_precision, observers=observers)
 
 
-@dataclasses.dataclass
-class _Member:
-    """One model of the pack: its place in the caller's list and what `fit` keeps for it."""
+class Vmapped(Engine):
+    """K models of one architecture stepped as one: stacked tensors, one vmapped loss, one foreach
+    optimiser, a dropout stream per model (see the module doc)."""
 
-    index: int
-    objective: Objective
-    gens: dict[str, torch.Generator]
-    dropout: torch.Generator | None  # its masks' stream (None until drawn: after the probe)
-    queues: dict[str, list[torch.Tensor]]
-    best: tuple[float, int, Any]  # (score, epoch, snapshot) of the kept epoch
-    best_key: float = -math.inf  # its value of `cfg.select`, as higher-is-better
-    stale: int = 0
-    history: list[float] = dataclasses.field(default_factory=list)
-    measured: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    def refuses(self, objectives, datas):
+        return packable(objectives, datas)
+
+    @contextlib.contextmanager
+    def running(self, objectives, datas, cfg, mixed_precision):
+        lead = objectives[0]
+        self.device = device = _device_of(lead.module)
+        self.objectives, self.streams = objectives, lead.streams
+        self.feed = _Feed()
+        with _own_dropout(lead.module, self.feed):
+            # (K, N, ...) inputs and labels of every stream, so a step gathers the K batches in one index.
+            self.xs = {n: torch.stack([_stream(d, n).x for d in datas]).to(device) for n in self.streams}
+            self.labels = {
+                n: {y: torch.stack([_stream(d, n).labels[y] for d in datas]).to(device) for y in ys}
+                for n, ys in ((n, _stream(datas[0], n).labels) for n in self.streams)
+            }
+            self.live = list(range(len(objectives)))
+            self.pack = _Pack(objectives, cfg)
+            self.step_fn = _stepper(lead, mixed_precision, self.feed)
+            # Before any generator is drawn from: the dropout sites at every batch shape a step can
+            # have (a full or a last, partial batch of each stream); a loss that draws random numbers
+            # past the stand-ins is refused.
+            sizes = {n: self.xs[n].shape[1] for n in self.streams}
+            lengths = [sorted({min(cfg.batch_size, sizes[n]), sizes[n] % cfg.batch_size} - {0}) for n in self.streams]
+            for combination in itertools.product(*lengths):
+                rows = {n: torch.arange(length) for n, length in zip(self.streams, combination, strict=True)}
+                x = {n: self.xs[n][:, rows[n]] for n in self.streams}
+                self.step_fn.sites(self.pack, x, _labels_at(self.labels, rows), 0, refuse=True)
+            yield self
+
+    @property
+    def opt(self) -> torch.optim.Optimizer:
+        return self.pack.opt
+
+    def seed(self, seeds, initial):
+        self.dropout = [
+            torch.Generator(device=self.device).manual_seed(seed if seed is not None else stage_seed(first, "dropout"))
+            for seed, first in zip(seeds, initial, strict=True)
+        ]
+
+    def step(self, idx, step):
+        rows = torch.tensor(self.live, device=self.device)[:, None]  # (A, 1)
+        at = {n: torch.stack([i[n] for i in idx]).to(self.device) for n in self.streams}  # (A, B)
+        x = {n: self.xs[n][rows, at[n]] for n in self.streams}
+        y = {n: {key: t[rows, at[n]] for key, t in self.labels[n].items()} for n in self.streams}
+        masks = _draw(self.step_fn.sites(self.pack, x, y, step), [self.dropout[k] for k in self.live], self.device)
+        loss, measurements = self.step_fn(self.pack, x, y, step, masks)
+        return loss.detach(), {key: v.detach().float() for key, v in measurements.items()}
+
+    def sync(self):
+        for row, k in enumerate(self.live):
+            self.pack.write(row, self.objectives[k].module)
+
+    def keep(self, rows):
+        self.live = [self.live[row] for row in rows] if len(rows) < len(self.live) else self.live
+        self.pack.keep(torch.tensor(rows, device=self.device))
+
+    def state(self):
+        return {
+            "live": list(self.live),
+            "tensors": {n: t.detach() for n, t in self.pack.tensors.items()},
+            "optimizer": self.pack.opt.state_dict(),
+            "dropout": [g.get_state() for g in self.dropout],
+        }
+
+    def load(self, state):
+        if state["live"] != self.live:
+            raise ValueError(f"a pack checkpoint of models {state['live']} loaded into models {self.live}")
+        with torch.no_grad():
+            for name, tensor in self.pack.tensors.items():
+                tensor.copy_(state["tensors"][name])
+        self.pack.opt.load_state_dict(state["optimizer"])
+        for g, saved in zip(self.dropout, state["dropout"], strict=True):
+            g.set_state(saved)
 
 
 class _LossCall(nn.Module):
@@ -255,10 +276,8 @@ class _Pack:
         self.cfg = cfg
         self.opt = self._optimizer()
 
-    def _optimizer(self, lr: float | None = None) -> torch.optim.Optimizer:
-        params = [self.tensors[n] for n in self.trained]
-        lr = self.cfg.lr if lr is None else lr
-        return torch.optim.AdamW(params, lr=lr, weight_decay=self.cfg.weight_decay, foreach=True)
+    def _optimizer(self) -> torch.optim.Optimizer:
+        return optimizer([(n, self.tensors[n]) for n in self.trained], self.cfg, foreach=True)
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only the models at `rows` (their optimiser state with them)."""
@@ -267,9 +286,12 @@ class _Pack:
         with torch.no_grad():
             for n, t in self.tensors.items():
                 self.tensors[n] = t.detach()[rows].requires_grad_(n in old)
-        self.opt = self._optimizer(lr=self.opt.param_groups[0]["lr"])  # the schedule's, if any
+        lrs = [group["lr"] for group in self.opt.param_groups]  # the schedule's, if any
+        self.opt = self._optimizer()
+        for group, lr in zip(self.opt.param_groups, lrs, strict=True):
+            group["lr"] = lr
         for n, state in states.items():
-            # exp_avg / exp_avg_sq are per model; `step` is one count, shared while all step together.
+            # Moments and momentum buffers are per model; `step` is one count, shared while all step together.
             self.opt.state[self.tensors[n]] = {
                 key: value[rows] if torch.is_tensor(value) and value.ndim > 0 else value for key, value in state.items()
             }
@@ -281,196 +303,6 @@ class _Pack:
             p.copy_(self.tensors[n][row])
         for n, b in module.named_buffers():
             b.copy_(self.tensors[n][row])
-
-
-def _fit_packed(objectives, datas, cfg, generators, mixed_precision, feed) -> list[TrainResult | BaseException]:
-    lead = objectives[0]
-    device = _device_of(lead.module)
-    streams = lead.streams
-    first, others = streams[0], streams[1:]
-    # (K, N, ...) inputs and labels of every stream, so a step gathers the K batches in one index.
-    xs = {name: torch.stack([_stream(d, name).x for d in datas]).to(device) for name in streams}
-    labels = {
-        name: {y: torch.stack([_stream(d, name).labels[y] for d in datas]).to(device) for y in ys}
-        for name, ys in ((name, _stream(datas[0], name).labels) for name in streams)
-    }
-    sizes = {name: xs[name].shape[1] for name in streams}
-    members = [
-        _Member(
-            index=k,
-            objective=o,
-            gens={
-                name: generators[k] if name == first else _derived(generators[k], f"stream:{name}") for name in streams
-            },
-            dropout=None,
-            queues={name: [] for name in others},
-            best=(-math.inf, 0, o.snapshot()),
-        )
-        for k, o in enumerate(objectives)
-    ]
-    pack = _Pack(objectives, cfg)
-    step_fn = _stepper(lead, mixed_precision, feed)
-    # Before any generator is drawn from: the dropout sites at every batch shape a step can have (a
-    # full or a last, partial batch of each stream), and a loss that draws random numbers past the
-    # stand-ins refused.
-    lengths = [sorted({min(cfg.batch_size, sizes[n]), sizes[n] % cfg.batch_size} - {0}) for n in streams]
-    for combination in itertools.product(*lengths):
-        rows = {name: torch.arange(length) for name, length in zip(streams, combination, strict=True)}
-        step_fn.sites(pack, {n: xs[n][:, rows[n]] for n in streams}, _labels_at(labels, rows), 0, refuse=True)
-    for m in members:
-        if lead.global_rng:  # as `fit`: one draw from the generator, before its shuffling, seeds dropout
-            seed = int(torch.randint(2**62, (1,), generator=m.gens[first]))
-        else:
-            seed = stage_seed(generators[m.index].initial_seed(), "dropout")
-        m.dropout = torch.Generator(device=device).manual_seed(seed)
-    results: list[TrainResult | BaseException | None] = [None] * len(objectives)
-    epoch = steps = 0
-    # Supervision: its stop request, and its checkpointer (epoch reports are not sent for a pack).
-    supervision = _SUPERVISION.get()
-    run = _Run(supervision, *supervision.claim()) if supervision is not None else None
-    checkpointer = supervision.checkpointer if supervision is not None else None
-    saved = checkpointer.load(run.slot) if checkpointer is not None else None
-    if saved is not None:
-        members, epoch, steps = _resume(saved, members, results, pack, cfg, streams, device)
-    # As `fit`: the schedule runs over the maximum number of steps, whether or not a model stops early.
-    schedule = lr_schedule(cfg, cfg.epochs * math.ceil(sizes[first] / cfg.batch_size))
-    if schedule is not None:
-        _set_lr(pack.opt, schedule(steps))
-
-    while members:
-        epoch += 1
-        for m in members:
-            m.objective.module.train(lead.train_mode)
-        rows = torch.tensor([m.index for m in members], device=device)[:, None]  # (A, 1)
-        plans = [batches(sizes[first], cfg.batch_size, m.gens[first]) for m in members]
-        sums: dict[str, torch.Tensor] = {}
-        reported: dict[str, int] = {}
-        loss_sum = torch.zeros(len(members), device=device)
-        for j in range(len(plans[0])):
-            idx = {first: torch.stack([plan[j] for plan in plans]).to(device)}  # (A, B)
-            for name in others:
-                for m in members:
-                    if not m.queues[name]:
-                        m.queues[name] = batches(sizes[name], cfg.batch_size, m.gens[name])
-                idx[name] = torch.stack([m.queues[name].pop(0) for m in members]).to(device)
-            x = {name: xs[name][rows, idx[name]] for name in streams}
-            y = {name: {key: t[rows, idx[name]] for key, t in labels[name].items()} for name in streams}
-            masks = _draw(step_fn.sites(pack, x, y, steps), [m.dropout for m in members], device)
-            loss, measurements = step_fn(pack, x, y, steps, masks)
-            loss_sum += loss.detach()
-            for key, value in measurements.items():
-                sums[key] = sums.get(key, 0.0) + value.detach().float()
-                reported[key] = reported.get(key, 0) + 1
-            steps += 1
-            if schedule is not None:
-                _set_lr(pack.opt, schedule(steps))  # the next step's (0 after the last)
-        # Checked once per epoch, as in `fit`.
-        totals = loss_sum.tolist()
-        sums_of = {key: value.tolist() for key, value in sums.items()}
-        staying = []
-        for row, (m, total) in enumerate(zip(members, totals, strict=True)):
-            pack.write(row, m.objective.module)
-            if not math.isfinite(total):
-                results[m.index] = NonFiniteLoss(f"training loss became {total} in epoch {epoch}")
-                continue
-            measured = {key: s[row] / reported[key] for key, s in sums_of.items()}
-            if _epoch_end(m, cfg, epoch, measured, pack.opt.param_groups[0]["lr"] if schedule else None):
-                m.objective.restore(m.best[2])
-                results[m.index] = TrainResult(
-                    best_val_acc=m.best[0],
-                    best_epoch=m.best[1],
-                    epochs_run=epoch,
-                    steps=steps,
-                    history=m.history,
-                    measurements=m.measured,
-                )
-            else:
-                staying.append(row)
-        if len(staying) < len(members):
-            members = [members[row] for row in staying]
-            if members:
-                pack.keep(torch.tensor(staying, device=device))
-        if members and run is not None:
-            stop = supervision.should_stop is not None and supervision.should_stop()
-            if checkpointer is not None and (stop or checkpointer.due()):
-                checkpointer.save(run.slot, _state(objectives, members, results, pack, cfg, epoch, steps))
-            if stop:
-                kept = "checkpointed" if checkpointer is not None else "not checkpointed"
-                raise Interrupted(f"a pack of {len(objectives)} stopped on request after epoch {epoch} ({kept})")
-    return results
-
-
-# --- checkpoints: a pack's whole state, so that a stopped pack resumes bit for bit ---------------
-
-
-def _state(objectives, members: list[_Member], results, pack: _Pack, cfg: TrainConfig, epoch: int, steps: int):
-    """Everything of a pack that changes from epoch to epoch: the live models' stacked tensors and
-    optimiser, each live model's streams, dropout generator and selection state, and each finished
-    model's result and module (its kept epoch)."""
-    done = {}
-    for k, result in enumerate(results):
-        if isinstance(result, TrainResult):
-            done[k] = {"result": dataclasses.asdict(result), "module": objectives[k].module.state_dict()}
-        elif result is not None:
-            done[k] = {"error": str(result)}
-    return {
-        "config": cfg.model_dump(),
-        "models": len(objectives),
-        "streams": list(objectives[0].streams),
-        "epoch": epoch,
-        "steps": steps,
-        "tensors": {n: t.detach() for n, t in pack.tensors.items()},
-        "optimizer": pack.opt.state_dict(),
-        "live": [
-            {
-                "index": m.index,
-                "generators": {name: gen.get_state() for name, gen in m.gens.items()},
-                "dropout": m.dropout.get_state(),
-                "queues": m.queues,
-                "best": list(m.best),
-                "best_key": m.best_key,
-                "stale": m.stale,
-                "history": m.history,
-                "measurements": m.measured,
-            }
-            for m in members
-        ],
-        "done": done,
-    }
-
-
-def _resume(saved, members: list[_Member], results, pack: _Pack, cfg: TrainConfig, streams, device):
-    """Load `_state`'s `saved` into a pack just built for the same objectives: (live members, epoch, steps)."""
-    if saved["config"] != cfg.model_dump() or saved["models"] != len(members) or saved["streams"] != list(streams):
-        raise ValueError(
-            "a checkpoint of another packed training run was found in this run's slot (saved for "
-            f"{saved['models']} models, {saved['config']} on streams {saved['streams']}); delete it to start afresh"
-        )
-    for k, done in saved["done"].items():
-        k = int(k)
-        if "error" in done:
-            results[k] = NonFiniteLoss(done["error"])
-        else:
-            members[k].objective.module.load_state_dict(done["module"])
-            results[k] = TrainResult(**done["result"])
-    live = []
-    for entry in saved["live"]:
-        m = members[entry["index"]]
-        for name, gen in m.gens.items():
-            gen.set_state(entry["generators"][name])
-        m.dropout.set_state(entry["dropout"])
-        m.queues = {name: list(pending) for name, pending in entry["queues"].items()}
-        m.best, m.best_key, m.stale = tuple(entry["best"]), entry["best_key"], entry["stale"]
-        m.history, m.measured = list(entry["history"]), list(entry["measurements"])
-        live.append(m)
-    pack.keep(torch.tensor([m.index for m in live], device=device))
-    with torch.no_grad():
-        for name, tensor in pack.tensors.items():
-            tensor.copy_(saved["tensors"][name])
-    pack.opt.load_state_dict(saved["optimizer"])
-    for row, m in enumerate(live):
-        pack.write(row, m.objective.module)
-    return live, saved["epoch"], saved["steps"]
 
 
 def _labels_at(labels: dict[str, Labels], rows: dict[str, torch.Tensor]) -> dict[str, Labels]:
@@ -733,21 +565,3 @@ def calibrate(
     return Calibration(chosen, rates, per_model, stopped)
 
 
-def _epoch_end(m: _Member, cfg: TrainConfig, epoch: int, row: dict[str, float], lr: float | None) -> bool:
-    """As `fit` at an epoch end: score model `m` (its module holds this epoch's weights), keep its
-    best epoch by `cfg.select`; whether it is done."""
-    score = m.objective.score()
-    key = selection_key(cfg, m.objective, score, row)
-    if lr is not None:
-        row["lr"] = lr
-    m.history.append(score)
-    m.measured.append(row)
-    if improves(cfg, key, m.best_key):
-        m.best, m.best_key, m.stale = (score, epoch, m.objective.snapshot()), key, 0
-    else:
-        m.stale += 1
-    return (
-        epoch >= cfg.epochs
-        or (cfg.target_val_acc is not None and score >= cfg.target_val_acc)
-        or (cfg.patience is not None and m.stale >= cfg.patience)
-    )

@@ -1,12 +1,13 @@
-"""The one training loop, and the objectives it optimises.
+"""The one training loop, the objectives it optimises, and how they are optimised.
 
 `fit(objective, data, cfg, generator)` trains the source model, discovers masks (continuous
-sparsification is an objective: cross-entropy + L0) and trains every downstream method. An
-`Objective` says which batch streams it consumes, how it turns a batch of each into a loss and named
-measurements, which parameters it updates, and how an epoch is scored for best-epoch selection.
-Cross-entropy on the training split, scored by validation accuracy, is the default
-(`cross_entropy`). The loop keeps seeding, NaN/inf detection, mixed precision, the learning-rate
-schedule, best-epoch selection and early stopping in one place, so every method inherits them.
+sparsification is an objective: cross-entropy + L0) and trains every downstream method;
+`fit_many(objectives, datas, cfg, generators, engine)` trains K of them at once through an engine
+(`Serial`, here, one model; `methods.packing.Vmapped`, K models of one architecture as one vectorised
+model). Every rule lives once, in `_Loop`: seeding and batch streams, the optimiser and its schedule
+(`TrainConfig`: AdamW or SGD, parameter groups, constant / linear / cosine with warm-up), the NaN
+check, best-epoch selection (the initial model included: epoch 0), early stopping, checkpoints and
+per-epoch reports. An engine only runs the K optimiser steps of one batch.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import contextvars
 import copy
 import dataclasses
 import math
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, Protocol
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 from torch.nn import functional as F
 
@@ -29,33 +31,127 @@ from common.seeding import stage_seed
 from tasks.base import Split, StageData
 
 
-class TrainConfig(Frozen):
-    """One training stage (the source model, or the downstream model).
+class ParamGroup(Frozen):
+    """Parameters whose name matches `match` (a regular expression, searched in the dotted name, e.g.
+    `bias|norm|ln_|emb` or `^head\\.`) train at `lr_scale` times the learning rate and, when given,
+    with their own weight decay. The first group that matches a parameter takes it."""
 
-    Best epoch and patience follow `select`: the highest validation score (`val_acc`, the
-    objective's `score()`), or the lowest validation loss (`val_loss`, the objective's
-    `val_loss()`: the training loss on the validation split, in eval mode). `ties`: which of equal
-    values is kept. `lr_schedule: linear` decays the learning rate linearly from `lr` to 0 over
-    `epochs` epochs' optimiser steps (the maximum, as Hugging Face's linear schedule: step t runs at
-    lr * (1 - t / total)).
+    match: str
+    lr_scale: float = Field(1.0, gt=0)
+    weight_decay: float | None = Field(None, ge=0)
+
+    @field_validator("match")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as error:
+            raise ValueError(f"{v!r} is not a regular expression: {error}") from None
+        return v
+
+
+class TrainConfig(Frozen):
+    """One training stage (the source model, or the downstream model): its optimiser, schedule,
+    budget and selection.
+
+    Optimiser: `optimizer` AdamW (betas 0.9, 0.999) or SGD (`momentum`, `nesterov`), at `lr` with
+    `weight_decay`; `groups` set other rates and decays by parameter name (no decay on norms and
+    biases, a new head at its own rate). Schedule: `warmup_steps` linear from lr / warmup_steps up to
+    lr, then `constant`, `linear` (to 0 at the last step, as Hugging Face's) or `cosine` (to 0) over
+    the maximum number of steps, whether or not the run stops early.
+
+    Budget: at most `epochs` epochs, and at least `min_steps` optimiser steps however small the data
+    (the maximum epochs grow to reach it). Selection: the model is scored before the first step
+    (epoch 0) and after every epoch; the best by `select` (the objective's `score()`, validation
+    accuracy, or its `val_loss()`) is restored at the end, so a model that training does not improve
+    is kept as it came (`best_epoch` 0; `keep_initial: false` keeps the best trained epoch instead).
+    `ties`: which of equal values is kept. Early stops: once the score reaches `target_val_acc`, or
+    after `patience` epochs without gain.
     """
 
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw, or sgd (with momentum / nesterov)")
     lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
+    momentum: float = Field(0.0, ge=0, lt=1, description="sgd's momentum")
+    nesterov: bool = Field(False, description="sgd's Nesterov momentum (needs momentum > 0)")
+    groups: tuple[ParamGroup, ...] = Field(
+        (), description="per-parameter rules by name: [{match: regex, lr_scale: x, weight_decay: y}], first match wins"
+    )
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="constant, or linear / cosine decay to 0 over the maximum steps"
+    )
+    warmup_steps: int = Field(0, ge=0, description="steps of linear warm-up before the schedule")
     batch_size: int = Field(50, ge=1)
     epochs: int = Field(20, ge=1, description="maximum epochs")
+    min_steps: int = Field(0, ge=0, description="at least this many optimiser steps: more epochs on small data")
     target_val_acc: float | None = Field(
         None, gt=0, le=1, description="stop early once validation accuracy reaches this"
     )
     patience: int | None = Field(None, ge=1, description="stop after this many epochs without gain in `select`")
     eval_batch_size: int = Field(2000, ge=1)
-    lr_schedule: Literal["constant", "linear"] = Field(
-        "constant", description="constant, or linear decay to 0 over the maximum epochs' steps"
+    keep_initial: bool = Field(
+        True, description="the model as it came (epoch 0) is a candidate for the best epoch; false: always train"
     )
     select: Literal["val_acc", "val_loss"] = Field(
         "val_acc", description="what picks the best epoch (restored at the end) and what patience watches"
     )
     ties: Literal["first", "last"] = Field("first", description="of epochs equal in `select`, keep the first or last")
+
+    @field_validator("nesterov")
+    @classmethod
+    def _nesterov(cls, v: bool, info) -> bool:
+        if v and (info.data.get("optimizer") != "sgd" or not info.data.get("momentum")):
+            raise ValueError("nesterov needs optimizer: sgd and momentum > 0")
+        return v
+
+    def max_epochs(self, steps_per_epoch: int) -> int:
+        """The epoch budget: `epochs`, or more where they would take fewer than `min_steps` steps."""
+        return max(self.epochs, math.ceil(self.min_steps / max(1, steps_per_epoch)))
+
+
+def optimizer(named: Sequence[tuple[str, torch.Tensor]], cfg: TrainConfig, **kwargs) -> torch.optim.Optimizer:
+    """The optimiser `cfg` asks for over the named tensors: one parameter group per `cfg.groups`
+    entry that matches any (in order), then the rest. Each group keeps its `base_lr` for the schedule."""
+    buckets: list[list[torch.Tensor]] = [[] for _ in range(len(cfg.groups) + 1)]
+    for name, tensor in named:
+        at = next((i for i, g in enumerate(cfg.groups) if re.search(g.match, name)), len(cfg.groups))
+        buckets[at].append(tensor)
+    groups = []
+    for i, params in enumerate(buckets):
+        rule = cfg.groups[i] if i < len(cfg.groups) else None
+        if not params:
+            continue
+        decay = cfg.weight_decay if rule is None or rule.weight_decay is None else rule.weight_decay
+        lr = cfg.lr * (rule.lr_scale if rule is not None else 1.0)
+        groups.append({"params": params, "lr": lr, "base_lr": lr, "weight_decay": decay})
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **kwargs)
+    return torch.optim.AdamW(groups, lr=cfg.lr, **kwargs)
+
+
+def lr_factor(cfg: TrainConfig, total_steps: int) -> Callable[[int], float] | None:
+    """The learning-rate multiplier of optimiser step t (counted from 0), or None for a constant
+    rate. A pure function of the step count, which checkpoints hold, so a resumed run follows it."""
+    warm = cfg.warmup_steps
+    if cfg.lr_schedule == "constant" and warm == 0:
+        return None
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, total_steps - warm)
+        if cfg.lr_schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+def set_lr(opt: torch.optim.Optimizer, factor: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = group["base_lr"] * factor
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -85,6 +181,9 @@ class Objective:
       (`snapshot()` / `restore(state)`; the default copies the module's state dict).
     - `val_loss()`: optional, the training loss on validation data; needed by `select: val_loss`,
       which restores the epoch with the lowest one instead.
+    - `initial_candidate`: whether the model is scored before the first step and may be kept as it
+      came (epoch 0). False for an objective whose `score()` has effects of its own (a discoverer
+      that keeps its own best masks per call).
     - `end_epoch(epoch)`: optional hook after each epoch (e.g. annealing); may return measurements.
     - `global_rng`: whether the loss draws from torch's global RNG (dropout). If so, the loop seeds it
       from the run's generator (one draw, before shuffling) and restores the caller's state after.
@@ -113,6 +212,7 @@ class Objective:
     state: Callable[[], Any] | None = None
     load_state: Callable[[Any], None] | None = None
     val_loss: Callable[[], float] | None = None
+    initial_candidate: bool = True
 
     def __post_init__(self):
         if not self.streams:
@@ -137,6 +237,7 @@ class TrainResult:
     steps: int
     history: list[float]  # score per epoch
     measurements: list[dict[str, float]]  # per epoch: mean of each loss measurement, plus end_epoch's
+    initial_score: float | None = None  # the score before the first step (epoch 0), when measured
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -277,7 +378,8 @@ class Supervision:
     - `should_stop()`: asked at every epoch end; when True the run saves its state (with a
       checkpointer) and raises `Interrupted`.
     - `on_epoch(label, epoch, values)`: after every epoch, with `val_score` (the objective's score),
-      `loss` (the mean loss per optimiser step) and the epoch's measurements.
+      `loss` (the mean loss per optimiser step) and the epoch's measurements. A pack reports each
+      model to its own observer (`fit_many(observers=...)`) instead.
     Nothing here draws from a random stream or reorders the loop's work: supervised or not, a run
     gives the same numbers.
     """
@@ -310,6 +412,10 @@ def supervised(supervision: Supervision) -> Iterator[Supervision]:
 # --- the loop ----------------------------------------------------------------------------------
 
 
+class NotPackable(ValueError):
+    """These objectives cannot be trained by this engine together; train each with `fit`."""
+
+
 def fit(
     objective: Objective,
     data: StageData,
@@ -319,26 +425,66 @@ def fit(
     on_epoch: Callable[[int, float], None] | None = None,
     mixed_precision: bool = False,
 ) -> TrainResult:
-    """Train `objective` with AdamW; restore the epoch with the best score.
+    """Train `objective` (see `TrainConfig` for the optimiser, schedule, budget and selection) and
+    restore its best epoch; the serial engine of `fit_many`, for one model.
 
     Shuffling of the first stream uses `generator`; every other stream gets a seed derived from its
     seed without drawing from it, so adding a stream never moves the first stream's batches. Dropout
     draws from torch's global RNG, seeded from `generator` (see `Objective.global_rng`), so the run is
-    a function of its inputs. Stops at `cfg.epochs`, once the score reaches `cfg.target_val_acc`, or
-    after `cfg.patience` epochs without gain in `cfg.select` (see `TrainConfig`).
-    `mixed_precision` runs the loss in bfloat16 autocast on CUDA (a no-op on CPU, which stays
-    bit-reproducible). A NaN or inf loss raises `NonFiniteLoss`. Inside `supervised(...)` the run
-    checkpoints, resumes, stops on request (`Interrupted`) and reports each epoch (see `Supervision`).
+    a function of its inputs; the caller's RNG state is restored afterwards. `mixed_precision` runs
+    the loss in bfloat16 autocast on CUDA (a no-op on CPU, which stays bit-reproducible). A NaN or
+    inf loss raises `NonFiniteLoss`. Inside `supervised(...)` the run checkpoints, resumes, stops on
+    request (`Interrupted`) and reports each epoch (see `Supervision`). `on_epoch(epoch, score)`:
+    called after every epoch.
     """
-    supervision = _SUPERVISION.get()
-    run = _Run(supervision, *supervision.claim()) if supervision is not None else None
-    if not objective.global_rng:
-        return _fit(objective, data, cfg, generator, on_epoch, mixed_precision, run)
-    with torch.random.fork_rng(devices=[]):
-        # Dropout draws from torch's global RNG: seed it from `generator` so that the run depends on
-        # its inputs only, and restore the caller's RNG state afterwards.
-        torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-        return _fit(objective, data, cfg, generator, on_epoch, mixed_precision, run)
+    observers = None
+    if on_epoch is not None:
+        supervision = _SUPERVISION.get()
+        reports = supervision.on_epoch if supervision is not None else None
+
+        def observer(label: str, epoch: int, values: dict[str, float]) -> None:
+            on_epoch(epoch, values["val_score"])
+            if reports is not None:
+                reports(label, epoch, values)
+
+        observers = [observer]
+    (result,) = fit_many([objective], [data], cfg, [generator], Serial(), mixed_precision=mixed_precision,
+                         observers=observers)  # fmt: skip
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def fit_many(
+    objectives: Sequence[Objective],
+    datas: Sequence[StageData],
+    cfg: TrainConfig,
+    generators: Sequence[torch.Generator],
+    engine: Engine | None = None,
+    *,
+    mixed_precision: bool = False,
+    observers: Sequence[EpochObserver | None] | None = None,
+) -> list[TrainResult | BaseException]:
+    """Train each `objectives[k]` on `datas[k]` with `generators[k]` as `fit` would alone, through
+    `engine` (default `Serial`, one model). Returns per model its `TrainResult`, or the
+    `NonFiniteLoss` that ended it (the others go on). `observers[k]` receives model k's epoch reports
+    (default, for one model: the supervision's). An engine that cannot train these objectives raises
+    `NotPackable` before any training and before drawing from any generator."""
+    engine = engine or Serial()
+    k = len(objectives)
+    if not k or len(datas) != k or len(generators) != k:  # a ValueError: the caller's mistake
+        raise NotPackable(f"{len(generators)} generators for {k} objectives and {len(datas)} data sets")
+    for objective in objectives:
+        check_selectable(cfg, objective)
+    reason = engine.refuses(objectives, datas)
+    if reason is not None:
+        raise NotPackable(reason)
+    with engine.running(list(objectives), list(datas), cfg, mixed_precision):  # may refuse: before the claim
+        supervision = _SUPERVISION.get()
+        run = _Run(supervision, *supervision.claim()) if supervision is not None else None
+        if observers is None:
+            observers = [supervision.on_epoch if supervision is not None and k == 1 else None] * k
+        return _Loop(list(objectives), list(datas), cfg, list(generators), engine, run, list(observers)).run()
 
 
 @dataclasses.dataclass
@@ -349,179 +495,363 @@ class _Run:
 
 
 @dataclasses.dataclass
-class _Loop:
-    """Everything of a run that changes from epoch to epoch, so that a checkpoint holds it all."""
+class Member:
+    """One model of a run: its place in the caller's list and everything the loop keeps for it."""
 
+    index: int
     objective: Objective
-    cfg: TrainConfig
-    opt: torch.optim.Optimizer
     gens: dict[str, torch.Generator]  # stream -> its shuffling generator (the first: the caller's)
     queues: dict[str, list[torch.Tensor]]  # stream (not the first) -> its pending batches of indices
+    observer: EpochObserver | None
     best: tuple[float, int, Any]  # (score, epoch, snapshot) of the kept epoch
     best_key: float = -math.inf  # the kept epoch's value of `cfg.select`, as higher-is-better
-    epoch: int = 0
-    steps: int = 0
     stale: int = 0  # epochs since the best one
-    finished: bool = False
+    initial: float | None = None
     history: list[float] = dataclasses.field(default_factory=list)
     measured: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
     def state(self) -> dict[str, Any]:
-        objective, device = self.objective, _device_of(self.objective.module)
-        global_rng = objective.global_rng
         return {
-            "config": self.cfg.model_dump(),
-            "streams": list(objective.streams),
-            "epoch": self.epoch,
-            "steps": self.steps,
-            "stale": self.stale,
-            "finished": self.finished,
-            "best": list(self.best),
-            "best_key": self.best_key,
-            "history": self.history,
-            "measurements": self.measured,
-            "module": objective.module.state_dict(),
-            "loose_params": [p.detach() for p in _loose(objective)],
-            "optimizer": self.opt.state_dict(),
+            "index": self.index,
             "generators": {name: gen.get_state() for name, gen in self.gens.items()},
             "queues": self.queues,
-            "cpu_rng": torch.get_rng_state() if global_rng else None,
-            "cuda_rng": torch.cuda.get_rng_state(device) if global_rng and device.type == "cuda" else None,
-            "objective": objective.state() if objective.state is not None else None,
+            "best": list(self.best),
+            "best_key": self.best_key,
+            "stale": self.stale,
+            "initial": self.initial,
+            "history": self.history,
+            "measurements": self.measured,
+            "objective": self.objective.state() if self.objective.state is not None else None,
         }
 
+    def load(self, saved: dict[str, Any]) -> None:
+        for name, gen in self.gens.items():
+            gen.set_state(saved["generators"][name])
+        self.queues = {name: list(pending) for name, pending in saved["queues"].items()}
+        self.best, self.best_key, self.stale = tuple(saved["best"]), saved["best_key"], saved["stale"]
+        self.initial, self.history = saved["initial"], list(saved["history"])
+        self.measured = list(saved["measurements"])
+        if self.objective.load_state is not None:
+            self.objective.load_state(saved["objective"])
+
+    def result(self, epochs: int, steps: int) -> TrainResult:
+        return TrainResult(
+            best_val_acc=self.best[0],
+            best_epoch=self.best[1],
+            epochs_run=epochs,
+            steps=steps,
+            history=self.history,
+            measurements=self.measured,
+            initial_score=self.initial,
+        )
+
+
+class Engine:
+    """How the live models' optimiser steps run; everything else is the loop's (`_Loop`).
+
+    `refuses` says why it cannot train these objectives (None: it can), before anything is drawn;
+    `running` holds the engine's state for one run (its optimiser over `cfg`, see `optimizer`);
+    `seed` gets each model's dropout seed (drawn by the loop from its generator when the objective
+    draws from the global RNG); `step` runs one optimiser step of every live model on its batch
+    (index tensors per stream) and returns the losses (A,) and measurements (A,) each; `sync` leaves
+    each live model's weights in its module; `keep` drops the models not at `rows`; `state` / `load`
+    checkpoint what the engine holds."""
+
+    def refuses(self, objectives: Sequence[Objective], datas: Sequence[StageData]) -> str | None:
+        return None
+
+    def running(self, objectives, datas, cfg: TrainConfig, mixed_precision: bool):
+        raise NotImplementedError
+
+    def seed(self, seeds: list[int | None], initial: list[int]) -> None:
+        """Each model's dropout seed (None: its objective draws no dropout from the global RNG) and
+        its generator's initial seed."""
+        raise NotImplementedError
+
+    def step(self, idx: list[dict[str, torch.Tensor]], step: int) -> tuple[torch.Tensor, Measurements]:
+        raise NotImplementedError
+
+    def sync(self) -> None:
+        pass
+
+    def keep(self, rows: list[int]) -> None:
+        raise NotImplementedError
+
+    def set_lr(self, factor: float) -> None:
+        set_lr(self.opt, factor)
+
+    def lr(self) -> float:
+        return self.opt.param_groups[0]["lr"]
+
+    def state(self) -> dict[str, Any]:
+        raise NotImplementedError
+
     def load(self, state: dict[str, Any]) -> None:
-        objective, device = self.objective, _device_of(self.objective.module)
-        if state["config"] != self.cfg.model_dump() or state["streams"] != list(objective.streams):
-            raise ValueError(
-                "a checkpoint of another training run was found in this run's slot (saved for "
-                f"{state['config']} on streams {state['streams']}); delete it to start afresh"
-            )
-        objective.module.load_state_dict(state["module"])
+        raise NotImplementedError
+
+
+class Serial(Engine):
+    """One model, stepped by its own loss, backward and optimiser; its dropout draws from torch's
+    global RNG, seeded from its generator inside a forked RNG state."""
+
+    def refuses(self, objectives, datas):
+        return None if len(objectives) == 1 else f"the serial engine trains one model, not {len(objectives)}"
+
+    @contextlib.contextmanager
+    def running(self, objectives, datas, cfg, mixed_precision):
+        (self.objective,), (data,) = objectives, datas
+        module = self.objective.module
+        self.device, self.mixed_precision = _device_of(module), mixed_precision
+        self.splits = {name: _stream(data, name).to(self.device) for name in self.objective.streams}
+        names = {id(p): n for n, p in module.named_parameters()}
+        self.loose = _loose(self.objective)
+        named = [(names.get(id(p), f"loose.{i}"), p) for i, p in enumerate(self.objective.params)]
+        self.opt = optimizer(named, cfg)
+        with torch.random.fork_rng(devices=[]) if self.objective.global_rng else contextlib.nullcontext():
+            yield self
+
+    def seed(self, seeds, initial):
+        if seeds[0] is not None:
+            torch.manual_seed(seeds[0])
+
+    def step(self, idx, step):
+        objective = self.objective
+        batch = {name: self.splits[name].take(i.to(self.device)) for name, i in idx[0].items()}
+        with autocast(objective.module, self.mixed_precision):
+            loss, measurements = objective.loss(batch, step)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.detach().reshape(1), {key: v.detach().float().reshape(1) for key, v in measurements.items()}
+
+    def keep(self, rows):
+        pass
+
+    def state(self):
+        device, global_rng = self.device, self.objective.global_rng
+        return {
+            "module": self.objective.module.state_dict(),
+            "loose_params": [p.detach() for p in self.loose],
+            "optimizer": self.opt.state_dict(),
+            "cpu_rng": torch.get_rng_state() if global_rng else None,
+            "cuda_rng": torch.cuda.get_rng_state(device) if global_rng and device.type == "cuda" else None,
+        }
+
+    def load(self, state):
+        self.objective.module.load_state_dict(state["module"])
         with torch.no_grad():
-            for param, saved in zip(_loose(objective), state["loose_params"], strict=True):
+            for param, saved in zip(self.loose, state["loose_params"], strict=True):
                 param.copy_(saved)
         self.opt.load_state_dict(state["optimizer"])
-        for name, gen in self.gens.items():
-            gen.set_state(state["generators"][name])
-        self.queues = {name: list(pending) for name, pending in state["queues"].items()}
-        if objective.global_rng:
+        if self.objective.global_rng:
             torch.set_rng_state(state["cpu_rng"])
-            if state["cuda_rng"] is not None and device.type == "cuda":
-                torch.cuda.set_rng_state(state["cuda_rng"], device)
-        if objective.load_state is not None:
-            objective.load_state(state["objective"])
-        self.epoch, self.steps, self.stale = state["epoch"], state["steps"], state["stale"]
-        self.finished, self.best, self.best_key = state["finished"], tuple(state["best"]), state["best_key"]
-        self.history, self.measured = list(state["history"]), list(state["measurements"])
+            if state["cuda_rng"] is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(state["cuda_rng"], self.device)
 
 
-def _loose(objective: Objective) -> list[nn.Parameter]:
-    """The objective's parameters that its module does not hold (its state dict misses them)."""
-    held = {id(p) for p in objective.module.parameters()}
-    return [p for p in objective.params if id(p) not in held]
+class _Loop:
+    """One run of K >= 1 models: streams, schedule, epochs, selection, stops, checkpoints, reports."""
 
+    def __init__(self, objectives, datas, cfg: TrainConfig, generators, engine: Engine, run, observers):
+        self.objectives, self.cfg, self.engine, self.run_ = objectives, cfg, engine, run
+        lead = objectives[0]
+        self.streams = lead.streams
+        self.sizes = {name: len(_stream(datas[0], name)) for name in self.streams}
+        self.members = [
+            Member(
+                index=k,
+                objective=o,
+                gens={n: g if i == 0 else _derived(g, f"stream:{n}") for i, n in enumerate(o.streams)},
+                queues={n: [] for n in o.streams[1:]},
+                observer=observers[k],
+                best=(-math.inf, 0, None),
+            )
+            for k, (o, g) in enumerate(zip(objectives, generators, strict=True))
+        ]
+        self.results: list[TrainResult | BaseException | None] = [None] * len(objectives)
+        self.epoch = self.steps = 0
+        per_epoch = math.ceil(self.sizes[self.streams[0]] / cfg.batch_size) * lead.steps_per_batch
+        self.max_epochs = cfg.max_epochs(per_epoch)
+        # The schedule runs over the maximum number of steps, whether or not the run stops early.
+        self.factor = lr_factor(cfg, self.max_epochs * per_epoch)
 
-def _fit(objective: Objective, data, cfg, generator, on_epoch, mixed_precision, run: _Run | None) -> TrainResult:
-    module = objective.module
-    device = _device_of(module)
-    splits = {name: _stream(data, name).to(device) for name in objective.streams}
-    gens = {
-        name: generator if i == 0 else _derived(generator, f"stream:{name}") for i, name in enumerate(objective.streams)
-    }
-    lead, others = objective.streams[0], objective.streams[1:]
-    check_selectable(cfg, objective)
-    # The schedule runs over the maximum number of steps, whether or not the run stops early.
-    per_epoch = math.ceil(len(splits[lead]) / cfg.batch_size) * objective.steps_per_batch
-    schedule = lr_schedule(cfg, cfg.epochs * per_epoch)
-    loop = _Loop(
-        objective=objective,
-        cfg=cfg,
-        opt=torch.optim.AdamW(objective.params, lr=cfg.lr, weight_decay=cfg.weight_decay),
-        gens=gens,
-        queues={name: [] for name in others},
-        best=(-math.inf, 0, objective.snapshot()),
-    )
-    checkpointer = run.supervision.checkpointer if run is not None else None
-    saved = checkpointer.load(run.slot) if checkpointer is not None else None
-    if saved is not None:
-        loop.load(saved)
-    opt, queues = loop.opt, loop.queues
-    if schedule is not None:
-        _set_lr(opt, schedule(loop.steps))
-    while not loop.finished:
-        loop.epoch += 1
-        epoch = loop.epoch
-        module.train(objective.train_mode)
+    def run(self) -> list[TrainResult | BaseException]:
+        engine = self.engine
+        first = self.streams[0]
+        # Dropout: one draw from each model's generator, before its shuffling (see `Objective.global_rng`).
+        engine.seed(
+            [int(torch.randint(2**62, (1,), generator=m.gens[first])) if m.objective.global_rng else None
+             for m in self.members],
+            [m.gens[first].initial_seed() for m in self.members],
+        )  # fmt: skip
+        live = self.members
+        checkpointer = self.run_.supervision.checkpointer if self.run_ is not None else None
+        saved = checkpointer.load(self.run_.slot) if checkpointer is not None else None
+        if saved is not None:
+            live = self._resume(saved)
+        else:
+            live = [m for m in live if not self._start(m)]
+        if self.factor is not None:
+            engine.set_lr(self.factor(self.steps))
+        while live:
+            live = self._epoch(live)
+        return self.results  # type: ignore[return-value]
+
+    def _start(self, m: Member) -> bool:
+        """Epoch 0: the model as it came is the first candidate (`Objective.initial_candidate`).
+        Whether it is already done (its score reached `target_val_acc`)."""
+        objective = m.objective
+        if not (objective.initial_candidate and self.cfg.keep_initial):
+            m.best = (-math.inf, 0, objective.snapshot())
+            return False
+        score = objective.score()
+        key = selection_key(self.cfg, objective, score, {})
+        m.initial, m.best, m.best_key = score, (score, 0, objective.snapshot()), key
+        if self.cfg.target_val_acc is not None and score >= self.cfg.target_val_acc:
+            self.results[m.index] = m.result(0, 0)
+            return True
+        return False
+
+    def _epoch(self, live: list[Member]) -> list[Member]:
+        cfg, engine = self.cfg, self.engine
+        self.epoch += 1
+        first, others = self.streams[0], self.streams[1:]
+        for m in live:
+            m.objective.module.train(m.objective.train_mode)
+        plans = [batches(self.sizes[first], cfg.batch_size, m.gens[first]) for m in live]
         sums: dict[str, torch.Tensor] = {}
         reported: dict[str, int] = {}
-        loss_sum = torch.zeros((), device=device)
-        first_step = loop.steps
-        for idx in batches(len(splits[lead]), cfg.batch_size, gens[lead]):
-            batch = {lead: splits[lead].take(idx.to(device))}
-            for name in others:
-                if not queues[name]:
-                    queues[name] = batches(len(splits[name]), cfg.batch_size, gens[name])
-                batch[name] = splits[name].take(queues[name].pop(0).to(device))
-            for _ in range(objective.steps_per_batch):
-                with autocast(module, mixed_precision):
-                    loss, measurements = objective.loss(batch, loop.steps)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += loss.detach()
+        loss_sum: torch.Tensor | None = None
+        first_step = self.steps
+        for j in range(len(plans[0])):
+            idx = []
+            for m, plan in zip(live, plans, strict=True):
+                batch = {first: plan[j]}
+                for name in others:
+                    if not m.queues[name]:
+                        m.queues[name] = batches(self.sizes[name], cfg.batch_size, m.gens[name])
+                    batch[name] = m.queues[name].pop(0)
+                idx.append(batch)
+            for _ in range(live[0].objective.steps_per_batch):
+                loss, measurements = engine.step(idx, self.steps)
+                loss_sum = loss.float() if loss_sum is None else loss_sum + loss
                 for key, value in measurements.items():
-                    sums[key] = sums.get(key, 0.0) + value.detach().float()
+                    sums[key] = sums.get(key, 0.0) + value
                     reported[key] = reported.get(key, 0) + 1
-                loop.steps += 1
-                if schedule is not None:
-                    _set_lr(opt, schedule(loop.steps))  # the next step's (0 after the last)
+                self.steps += 1
+                if self.factor is not None:
+                    engine.set_lr(self.factor(self.steps))  # the next step's (0 after the last)
+        engine.sync()
         # Checked once per epoch: a per-step .item() would stall a GPU on every step.
-        total = loss_sum.item()
-        if not math.isfinite(total):
-            raise NonFiniteLoss(f"training loss became {total} in epoch {epoch}")
-        row = {key: float(value) / reported[key] for key, value in sums.items()}
+        totals = loss_sum.tolist() if loss_sum is not None else [0.0] * len(live)
+        sums_of = {key: value.tolist() for key, value in sums.items()}
+        lr = engine.lr() if self.factor is not None else None
+        staying = []
+        for row, (m, total) in enumerate(zip(live, totals, strict=True)):
+            if not math.isfinite(total):
+                self.results[m.index] = NonFiniteLoss(f"training loss became {total} in epoch {self.epoch}")
+                continue
+            values = {key: s[row] / reported[key] for key, s in sums_of.items()}
+            if self._epoch_end(m, values, lr, total / max(1, self.steps - first_step)):
+                m.objective.restore(m.best[2])
+                self.results[m.index] = m.result(self.epoch, self.steps)
+            else:
+                staying.append(row)
+        if len(staying) < len(live):
+            live = [live[row] for row in staying]
+            if live:
+                engine.keep(staying)
+        if live and self.run_ is not None:
+            self._supervise(live)
+        return live
+
+    def _epoch_end(self, m: Member, row: dict[str, float], lr: float | None, loss: float) -> bool:
+        """Score model `m` (its module holds this epoch's weights), keep its best epoch by
+        `cfg.select`, report the epoch; whether it is done."""
+        cfg, objective, epoch = self.cfg, m.objective, self.epoch
         if objective.end_epoch is not None:
             row.update(objective.end_epoch(epoch) or {})
         score = objective.score()
         key = selection_key(cfg, objective, score, row)
-        if schedule is not None:
-            row["lr"] = opt.param_groups[0]["lr"]
-        loop.history.append(score)
-        loop.measured.append(row)
-        if on_epoch is not None:
-            on_epoch(epoch, score)
-        if improves(cfg, key, loop.best_key):
-            loop.best, loop.best_key, loop.stale = (score, epoch, objective.snapshot()), key, 0
+        if lr is not None:
+            row["lr"] = lr
+        m.history.append(score)
+        m.measured.append(row)
+        if improves(cfg, key, m.best_key):
+            m.best, m.best_key, m.stale = (score, epoch, objective.snapshot()), key, 0
         else:
-            loop.stale += 1
-        loop.finished = (
-            epoch >= cfg.epochs
+            m.stale += 1
+        if m.observer is not None:
+            m.observer(self.run_.label if self.run_ is not None else "train", epoch,
+                       {"val_score": score, "loss": loss, **row})  # fmt: skip
+        return (
+            epoch >= self.max_epochs
             or (cfg.target_val_acc is not None and score >= cfg.target_val_acc)
-            or (cfg.patience is not None and loop.stale >= cfg.patience)
+            or (cfg.patience is not None and m.stale >= cfg.patience)
         )
-        if run is not None:
-            _supervise(run, loop, score, total / max(1, loop.steps - first_step), row)
-    objective.restore(loop.best[2])
-    return TrainResult(
-        best_val_acc=loop.best[0],
-        best_epoch=loop.best[1],
-        epochs_run=loop.epoch,
-        steps=loop.steps,
-        history=loop.history,
-        measurements=loop.measured,
-    )
 
+    def _supervise(self, live: list[Member]) -> None:
+        """At an epoch end with models still training: save a checkpoint when due or stopping, and
+        stop when asked."""
+        supervision = self.run_.supervision
+        stop = supervision.should_stop is not None and supervision.should_stop()
+        checkpointer = supervision.checkpointer
+        if checkpointer is not None and (stop or checkpointer.due()):
+            checkpointer.save(self.run_.slot, self._state(live))
+        if stop:
+            kept = "checkpointed" if checkpointer is not None else "not checkpointed"
+            raise Interrupted(f"{self.run_.label}: stopped on request after epoch {self.epoch} ({kept})")
 
-# Schedule and selection, shared with any other loop over `TrainConfig` (methods/packing.py).
+    def _state(self, live: list[Member]) -> dict[str, Any]:
+        """Everything of the run that changes from epoch to epoch: the engine's (weights, optimiser,
+        random streams), each live model's streams and selection, each finished model's result and
+        module (its kept epoch)."""
+        done = {}
+        for k, result in enumerate(self.results):
+            if isinstance(result, TrainResult):
+                done[k] = {"result": dataclasses.asdict(result), "module": self.objectives[k].module.state_dict()}
+            elif result is not None:
+                done[k] = {"error": str(result)}
+        return {
+            "config": self.cfg.model_dump(),
+            "models": len(self.objectives),
+            "streams": list(self.streams),
+            "epoch": self.epoch,
+            "steps": self.steps,
+            "live": [m.state() for m in live],
+            "done": done,
+            "engine": self.engine.state(),
+        }
 
-
-def lr_schedule(cfg: TrainConfig, total_steps: int) -> Callable[[int], float] | None:
-    """The learning rate of optimiser step t (counted from 0), or None for a constant one. A pure
-    function of the step count, which checkpoints hold, so a resumed run follows it exactly."""
-    if cfg.lr_schedule == "constant":
-        return None
-    return lambda step: cfg.lr * max(0.0, 1.0 - step / max(1, total_steps))
+    def _resume(self, saved: dict[str, Any]) -> list[Member]:
+        if (
+            saved.get("config") != self.cfg.model_dump()
+            or saved.get("models") != len(self.objectives)
+            or saved.get("streams") != list(self.streams)
+        ):
+            raise ValueError(
+                "a checkpoint of another training run was found in this run's slot (saved for "
+                f"{saved.get('models')} models, {saved.get('config')} on streams {saved.get('streams')}); "
+                "delete it to start afresh"
+            )
+        for k, done in saved["done"].items():
+            k = int(k)
+            if "error" in done:
+                self.results[k] = NonFiniteLoss(done["error"])
+            else:
+                self.objectives[k].module.load_state_dict(done["module"])
+                self.results[k] = TrainResult(**done["result"])
+        live = []
+        for entry in saved["live"]:
+            m = self.members[entry["index"]]
+            m.load(entry)
+            live.append(m)
+        if len(live) < len(self.members):
+            self.engine.keep([m.index for m in live])
+        self.engine.load(saved["engine"])
+        self.engine.sync()
+        self.epoch, self.steps = saved["epoch"], saved["steps"]
+        return live
 
 
 def check_selectable(cfg: TrainConfig, objective: Objective) -> None:
@@ -548,22 +878,10 @@ def improves(cfg: TrainConfig, key: float, best_key: float) -> bool:
     return key > best_key or (cfg.ties == "last" and key == best_key)
 
 
-def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
-    for group in opt.param_groups:
-        group["lr"] = lr
-
-
-def _supervise(run: _Run, loop: _Loop, score: float, loss: float, row: dict[str, float]) -> None:
-    """At an epoch end: report it, save a checkpoint when due or stopping, and stop when asked."""
-    supervision = run.supervision
-    if supervision.on_epoch is not None:
-        supervision.on_epoch(run.label, loop.epoch, {"val_score": score, "loss": loss, **row})
-    stop = supervision.should_stop is not None and supervision.should_stop()
-    checkpointer = supervision.checkpointer
-    if checkpointer is not None and (stop or checkpointer.due()):
-        checkpointer.save(run.slot, loop.state())
-    if stop:
-        raise Interrupted(f"{run.label}: stopped on request after epoch {loop.epoch}")
+def _loose(objective: Objective) -> list[nn.Parameter]:
+    """The objective's parameters that its module does not hold (its state dict misses them)."""
+    held = {id(p) for p in objective.module.parameters()}
+    return [p for p in objective.params if id(p) not in held]
 
 
 def _stream(data: StageData, name: str) -> Split:

@@ -81,7 +81,8 @@ def _ctx(source, config=None, data=None, **training) -> MethodContext:
         task=None,
         data=data or _data(),
         config=config,
-        training=TrainConfig(**{"epochs": 2, "lr": 1e-2, "batch_size": 8, "eval_batch_size": 100, **training}),
+        training=TrainConfig(**{"epochs": 2, "lr": 1e-2, "batch_size": 8, "eval_batch_size": 100,
+                                 "keep_initial": False, **training}),  # these tests look at what training moves
         transfer=TransferConfig(),
         artifacts={"source": source},
         generator=torch_generator(0, "method"),

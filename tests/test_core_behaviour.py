@@ -271,8 +271,8 @@ def test_training_stops_at_the_target_accuracy():
     assert stopped.history == full.history[: reached[0]], "stopping early does not change the epochs run"
 
 
-def _patience_stop(history: list[float], patience: int) -> int:
-    best, stale = -math.inf, 0
+def _patience_stop(history: list[float], patience: int, initial: float) -> int:
+    best, stale = initial, 0  # the initial model (epoch 0) is the first candidate
     for epoch, score in enumerate(history, 1):
         if score > best:
             best, stale = score, 0
@@ -285,15 +285,15 @@ def _patience_stop(history: list[float], patience: int) -> int:
 
 def test_training_stops_after_patience_epochs_without_gain():
     data = base_data()
-    # An lr too small to change any prediction: no epoch after the first gains.
+    # An lr too small to change any prediction: no epoch gains on the initial model (epoch 0).
     flat = train(fresh_mlp(), data, TrainConfig(lr=1e-12, weight_decay=0.0, epochs=20, patience=3), _gen(13))
-    assert len(set(flat.history)) == 1
-    assert flat.epochs_run == 1 + 3 and flat.best_epoch == 1
+    assert len(set(flat.history)) == 1 and flat.initial_score == flat.history[0]
+    assert flat.epochs_run == 3 and flat.best_epoch == 0
 
     # A curve that rises then plateaus: the stop is `patience` epochs after the last gain.
     data = _peaked_data()
     full = train(fresh_mlp(classes=2), data, TrainConfig(lr=3e-3, epochs=30, batch_size=32), _gen(11))
-    expected = _patience_stop(full.history, 4)
+    expected = _patience_stop(full.history, 4, full.initial_score)
     assert expected < 30, "the toy must trigger patience"
     stopped = train(fresh_mlp(classes=2), data, TrainConfig(lr=3e-3, epochs=30, batch_size=32, patience=4), _gen(11))
     assert stopped.epochs_run == expected

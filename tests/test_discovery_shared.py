@@ -82,7 +82,7 @@ def test_a_shared_run_stopped_at_every_epoch_end_resumes_bit_for_bit():
                 result = discover_many(copy.deepcopy(source), data, cfg, SPARSITIES, _gen(5))
         except Interrupted:
             stops += 1
-    assert stops == cfg.epochs
+    assert stops == cfg.epochs - 1  # one epoch per attempt; the last one finishes, no stop
     for one, other in zip(result, reference, strict=True):
         _same(one, other)
 

@@ -197,6 +197,36 @@ def test_paper_settings_pack_too(tiny):
         assert_same_model(packed_models[k], serial_models[k], datas[k])
 
 
+def test_a_method_owned_optimiser_packs_too(tiny):
+    # SGD with Nesterov momentum, warm-up then cosine decay, the embeddings at their own rate without
+    # decay, two optimiser steps per batch, a minimum step budget, per-epoch reports: every rule of the
+    # one loop, through both engines.
+    sweep = tiny(model={"dropout": 0.1})
+    task, seeds = sweep.build_task(), [0, 1, 2]
+    models = [fresh_model(sweep, task, s, "init") for s in seeds]
+    datas = [task.downstream_data(s, 0.3) for s in seeds]
+    cfg = TrainConfig(
+        optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True, lr_schedule="cosine", warmup_steps=3,
+        groups=({"match": "emb", "lr_scale": 0.5, "weight_decay": 0.0},), batch_size=26, epochs=2, min_steps=24,
+    )  # fmt: skip
+    spb = lambda o: dataclasses.replace(recording(o), steps_per_batch=2)  # noqa: E731
+    reports: list[list] = [[] for _ in seeds]
+    observers = [lambda label, epoch, values, k=k: reports[k].append((epoch, values["lr"])) for k in range(3)]
+    serial_models, expected = serial(models, datas, cfg, seeds, wrap=spb)
+    packed_models = [copy.deepcopy(m) for m in models]
+    got = fit_packed([spb(cross_entropy(m, d)) for m, d in zip(packed_models, datas, strict=True)], datas, cfg,
+                     gens(seeds), observers=observers)  # fmt: skip
+    for k in range(len(seeds)):
+        assert got[k].steps == expected[k].steps >= 24 and got[k].epochs_run > cfg.epochs
+        assert (got[k].best_epoch, got[k].epochs_run) == (expected[k].best_epoch, expected[k].epochs_run)
+        assert got[k].history == pytest.approx(expected[k].history, abs=1e-6)
+        for ours, theirs in zip(got[k].measurements, expected[k].measurements, strict=True):
+            assert ours == pytest.approx(theirs, rel=1e-5)
+        assert_same_model(packed_models[k], serial_models[k], datas[k])
+        assert [e for e, _ in reports[k]] == list(range(1, got[k].epochs_run + 1))
+        assert reports[k][-1][1] == pytest.approx(0.0, abs=1e-12)  # cosine reaches 0 at the last step
+
+
 def test_frozen_transplant_stays_the_source(tiny):
     seeds = [0, 1]
     models, datas = build(tiny, "masked", seeds)
@@ -311,7 +341,6 @@ def _unpackable(case: str, objectives: list[Objective], models, datas):
         "loose params": lambda o: dataclasses.replace(o, params=[*o.params, extra]),
         "end_epoch": lambda o: dataclasses.replace(o, end_epoch=lambda epoch: None),
         "own state": lambda o: dataclasses.replace(o, state=lambda: 0, load_state=lambda s: None),
-        "own snapshot": lambda o: dataclasses.replace(o, snapshot=lambda: 0, restore=lambda s: None),
     }
     if case in changes:
         objectives[2] = changes[case](objectives[2])
@@ -337,11 +366,10 @@ def _noisy(loss):
 @pytest.mark.parametrize(
     "case, reason",
     [
-        ("steps per batch", "2 steps per batch"),
-        ("loose params", "loose params"),
-        ("end_epoch", "end_epoch"),
-        ("own state", "state / load_state"),
-        ("own snapshot", "snapshot / restore"),
+        ("steps per batch", "steps_per_batch differs"),
+        ("loose params", "beyond the module's"),
+        ("end_epoch", "`end_epoch` hook"),
+        ("own state", "`state` / `load_state`"),
         ("shared module", "same module"),
         ("another architecture", "module is a Sequential"),
         ("another loss", "loss is another function"),
