@@ -1,0 +1,109 @@
+"""The one loop's rules (methods/training.py): the initial model as a candidate (epoch 0), budgets in
+steps, the optimiser and schedule a config asks for, parameter groups."""
+
+import copy
+import math
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from methods.training import TrainConfig, evaluate, lr_factor, optimizer, train
+from tests.test_core_behaviour import base_data, fresh_mlp, trained_source
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_a_source_trained_on_its_own_task_at_a_destructive_lr_is_kept_as_it_came():
+    source, data = trained_source(), base_data()
+    before = evaluate(source, data.val)["y"]
+    assert before > 0.9, "the toy source must solve its task"
+    kept, lost = copy.deepcopy(source), copy.deepcopy(source)
+    cfg = TrainConfig(lr=0.5, epochs=4, batch_size=64)
+    result = train(kept, data, cfg, _gen())
+    assert result.best_epoch == 0 and result.initial_score == result.best_val_acc == before
+    assert max(result.history) < before, "the destructive lr must hurt every epoch, or nothing is tested"
+    assert all(torch.equal(p, q) for p, q in zip(kept.state_dict().values(), source.state_dict().values(), strict=True))
+    # Without the initial model as a candidate (the loop before): the best trained epoch, worse.
+    old = train(lost, data, cfg.model_copy(update={"keep_initial": False}), _gen())
+    assert old.best_epoch >= 1 and old.initial_score is None and evaluate(lost, data.val)["y"] < before
+
+
+def test_a_target_reached_before_training_trains_nothing():
+    source, data = copy.deepcopy(trained_source()), base_data()
+    result = train(source, data, TrainConfig(lr=0.5, epochs=4, target_val_acc=0.5), _gen())
+    assert (result.epochs_run, result.steps, result.best_epoch, result.history) == (0, 0, 0, [])
+
+
+def test_min_steps_trains_small_data_for_at_least_that_many_steps():
+    data = base_data()  # 1280 rows: 1 step per epoch at batch 2000
+    cfg = TrainConfig(lr=1e-3, epochs=3, batch_size=2000, min_steps=10, keep_initial=False)
+    result = train(fresh_mlp(), data, cfg, _gen())
+    assert (result.steps, result.epochs_run) == (10, 10)
+    assert train(fresh_mlp(), data, cfg.model_copy(update={"min_steps": 0}), _gen()).steps == 3
+    # The schedule runs over the longer budget: linear decay reaches 0 at the 10th step, not the 3rd.
+    linear = train(fresh_mlp(), data, cfg.model_copy(update={"lr_schedule": "linear"}), _gen())
+    assert [row["lr"] for row in linear.measurements][2] == pytest.approx(1e-3 * 0.7)
+
+
+def test_schedules_warm_up_then_decay_to_zero():
+    cfg = TrainConfig(lr=1.0, lr_schedule="cosine", warmup_steps=4)
+    f = lr_factor(cfg, 14)
+    assert [f(t) for t in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == 1.0 and f(9) == pytest.approx(0.5) and f(14) == pytest.approx(0.0, abs=1e-12)
+    linear = lr_factor(cfg.model_copy(update={"lr_schedule": "linear", "warmup_steps": 0}), 10)
+    assert [linear(t) for t in (0, 5, 10)] == [1.0, 0.5, 0.0]
+    constant = cfg.model_copy(update={"lr_schedule": "constant"})
+    assert lr_factor(constant, 10)(2) == 0.75 and lr_factor(constant, 10)(7) == 1.0
+    assert lr_factor(constant.model_copy(update={"warmup_steps": 0}), 10) is None
+
+
+def test_groups_set_rates_and_decay_by_name_first_match_wins():
+    model = fresh_mlp()
+    cfg = TrainConfig(
+        optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01,
+        groups=({"match": r"^head\.", "lr_scale": 10.0}, {"match": "bias", "weight_decay": 0.0}),
+    )  # fmt: skip
+    opt = optimizer(list(model.named_parameters()), cfg)
+    assert isinstance(opt, torch.optim.SGD)
+    head, biases, rest = opt.param_groups
+    named = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(named[id(p)] for p in head["params"]) == ["head.bias", "head.weight"]
+    assert sorted(named[id(p)] for p in biases["params"]) == ["body.0.bias", "body.2.bias"]
+    assert (head["lr"], head["weight_decay"], biases["lr"], biases["weight_decay"]) == (1.0, 0.01, 0.1, 0.0)
+    assert (rest["lr"], rest["weight_decay"], rest["momentum"], rest["nesterov"]) == (0.1, 0.01, 0.9, True)
+    assert isinstance(optimizer(list(model.named_parameters()), TrainConfig()), torch.optim.AdamW)
+
+
+def test_sgd_trains_and_its_head_moves_at_its_own_rate():
+    data = base_data()
+    frozen_body = TrainConfig(
+        optimizer="sgd", lr=0.5, momentum=0.9, epochs=2, batch_size=64, keep_initial=False,
+        groups=({"match": r"^body\.", "lr_scale": 1e-30},),
+    )  # fmt: skip
+    model, start = fresh_mlp(), fresh_mlp()
+    result = train(model, data, frozen_body, _gen())
+    assert result.best_val_acc > 1 / 8
+    moved = {n for n, p in model.named_parameters() if not torch.allclose(p, dict(start.named_parameters())[n])}
+    assert moved == {"head.weight", "head.bias"}
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"nesterov": True}, "nesterov needs optimizer: sgd and momentum > 0"),
+        ({"groups": [{"match": "("}]}, "is not a regular expression"),
+        ({"optimizer": "adam"}, "adamw"),
+        ({"lr_schedule": "step"}, "cosine"),
+    ],
+)
+def test_bad_optimiser_settings_are_named(bad, message):
+    with pytest.raises(ValidationError, match=message):
+        TrainConfig(**bad)
+
+
+def test_max_epochs_reaches_min_steps():
+    cfg = TrainConfig(epochs=15, min_steps=200)
+    assert cfg.max_epochs(1) == 200 and cfg.max_epochs(20) == 15 and cfg.max_epochs(7) == math.ceil(200 / 7)
