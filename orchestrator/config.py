@@ -5,12 +5,14 @@ one block per stage, plus one block per method that has settings of its own (`<m
 message names every bad field by its path (`training.lr: Input should be greater than 0`).
 
 Paths. Every setting has a dotted path: `training.lr`, `model.n_layers`, `discovery.selection.head`,
-`<method>.<field>`. Paths name sweep axes (`axes: {model.n_layers: [2, 4]}`), tuning ranges and
-per-method overrides; `with_values({path: value})` applies them with the field's own validation.
+`<method>.<field>`. Whatever sets a path for some trials only is a `Layer` of the overlay (a method
+block's `training:`, `method_overrides`, a variant, a trial's axis values): `effective` applies the
+layers that reach a trial, `_check_overlay` validates them all with one set of rules.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import json
@@ -144,6 +146,7 @@ _NOT_AXES = {
     "max_failures": "retries do not change results",
     "tuning": "tuning settings are for `instill tune`",
     "method_overrides": "set per-method values in method_overrides directly",
+    "method_training": "set a method's training in its block: <method>: {training: {...}}",
     "axes": "axes cannot be swept",
     "variants": "variants cannot be swept",
     "analyses": "list analyses in `analyses:`",
@@ -170,6 +173,9 @@ class SweepConfig(Frozen):
     )
     method_settings: dict[str, SerializeAsAny[Frozen]] = Field(
         {}, description="blocks of methods and artifact kinds with settings of their own, by name (top level in YAML)"
+    )
+    method_training: dict[str, dict[str, Any]] = Field(
+        {}, description="each method block's `training:` (`<method>: {training: {lr: 30}}`): its trials only"
     )
     analyses: tuple[dict[str, Any], ...] = Field(
         (), description="analyses run on every trained model: names or {name: ..., <params>}"
@@ -227,12 +233,6 @@ class SweepConfig(Frozen):
     @classmethod
     def _axes(cls, v: dict[str, tuple[Any, ...]]) -> dict[str, tuple[Any, ...]]:
         for path, values in v.items():
-            head = path.split(".")[0]
-            if head in _NOT_AXES:
-                raise ValueError(f"{path} cannot be an axis: {_NOT_AXES[head]}")
-            if path == "task.name":
-                raise ValueError(f"{path} cannot be an axis: a sweep has one task; "
-                                 "run one sweep per task and report them together")  # fmt: skip
             if not values:
                 raise ValueError(f"{path}: give at least one value")
             _unique(tuple(json.dumps(x, sort_keys=True, default=str) for x in values), path)
@@ -250,14 +250,6 @@ class SweepConfig(Frozen):
                 raise ValueError(f"variants.{name}: expected a mapping of config paths to values, "
                                  "e.g. {model.init: torch}; {} is the unchanged sweep")  # fmt: skip
         return v
-
-    @model_validator(mode="after")
-    def _variant_paths(self):
-        for name, values in self.variants.items():
-            for path in values:
-                if path in self.axes:
-                    raise ValueError(f"variants.{name}: {path} is also an axis; drop one of them")
-        return self
 
     @property
     def grid(self) -> dict[str, tuple[Any, ...]]:
@@ -285,8 +277,9 @@ class SweepConfig(Frozen):
     def canonical(self) -> dict[str, Any]:
         """The sweep file this config is (method blocks at the top level), defaults filled in."""
         out = super().canonical()
-        settings = out.pop("method_settings")
-        out.update(settings)
+        out.update(out.pop("method_settings"))
+        for method, training in out.pop("method_training").items():
+            out[method] = {**out.get(method, {}), "training": training}
         return out
 
     def block(self, name: str) -> Frozen | None:
@@ -306,43 +299,31 @@ class SweepConfig(Frozen):
             self._variants[key] = _with_values(self, values)
         return self._variants[key]
 
-    def effective(self, method: str, axes: dict[str, Any] | None = None) -> SweepConfig:
-        """The config a trial of `method` runs with: the method's overrides (and the shared
-        artifact settings any method of the sweep tuned), then the trial's axis values."""
-        values = {k: v for k, v in self.method_overrides.get(method, {}).items() if _head(k) not in shared_blocks()}
-        for overrides in self.method_overrides.values():
-            values.update({k: v for k, v in overrides.items() if _head(k) in shared_blocks()})
-        axes = dict(axes or {})
-        if VARIANT in axes:
-            name = axes.pop(VARIANT)
-            if name not in self.variants:
-                raise ValueError(f"variant {name!r} is not in variants {list(self.variants)}")
-            values.update(self.variants[name])
-        values.update(axes)
-        return self.with_values(values)
+    def layers(self) -> list[Layer]:
+        """The overlay, in the order it applies (a later layer wins where two set one path): each
+        method block's `training:`, each method's `method_overrides` (those of a shared artifact's
+        blocks reach every method: its users share the artifact), each variant. A trial's own axis
+        values come last (`effective`)."""
+        out = [Layer(m, _flatten(self, "training", v), method=m, owner=m) for m, v in self.method_training.items()]
+        shared = shared_blocks()
+        for m, values in self.method_overrides.items():
+            own = {p: v for p, v in values.items() if _head(p) not in shared}
+            out.append(Layer(f"method_overrides.{m}", own, method=m, owner=m))
+            out.append(Layer(f"method_overrides.{m}", {p: v for p, v in values.items() if p not in own}, owner=m))
+        return out + [Layer(f"variants.{name}", values, variant=name) for name, values in self.variants.items()]
 
-    @model_validator(mode="after")
-    def _overrides(self):
-        shared: dict[str, tuple[str, Any]] = {}
-        for method, values in self.method_overrides.items():
-            if method not in self.methods:
-                raise ValueError(f"method_overrides names {method!r}, which is not in methods {list(self.methods)}")
-            for path, value in values.items():
-                head = _head(path)
-                if head in METHODS and head != method:
-                    raise ValueError(f"method_overrides.{method}: {path} is another method's setting")
-                if path in self.axes:
-                    raise ValueError(f"method_overrides.{method}: {path} is also an axis; drop one of them")
-                if any(path in values for values in self.variants.values()):
-                    raise ValueError(f"method_overrides.{method}: {path} is also set by a variant; drop one of them")
-                if head in shared_blocks():
-                    if path in shared and shared[path][1] != value:
-                        raise ValueError(
-                            f"method_overrides: {path} is a shared artifact setting, set differently for "
-                            f"{shared[path][0]!r} and {method!r}; give one value"
-                        )
-                    shared[path] = (method, value)
-        return self
+    def effective(self, method: str, axes: dict[str, Any] | None = None) -> SweepConfig:
+        """The config a trial of `method` at grid point `axes` runs with: every layer that reaches
+        it, then its axis values."""
+        point = dict(axes or {})
+        variant = point.pop(VARIANT, None)
+        if variant is not None and variant not in self.variants:
+            raise ValueError(f"variant {variant!r} is not in variants {list(self.variants)}")
+        values: dict[str, Any] = {}
+        for layer in self.layers():
+            if layer.method in (None, method) and layer.variant in (None, variant):
+                values.update(layer.values)
+        return self.with_values({**values, **point})
 
     def build_task(self):
         """The task object for this sweep's task block (one per distinct block and process: building
@@ -385,6 +366,45 @@ def _head(path: str) -> str:
     return path.split(".")[0]
 
 
+# --- the overlay ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """Config paths set together for the trials a scope reaches (`method`, `variant`: None reaches
+    every one). `where` is how the sweep file spells it, for messages; `owner` is the method whose
+    block or overrides wrote it: it may set only what can differ between methods."""
+
+    where: str
+    values: dict[str, Any]
+    method: str | None = None
+    variant: str | None = None
+    owner: str | None = None
+
+
+def _flatten(config: SweepConfig, prefix: str, mapping: dict[str, Any]) -> dict[str, Any]:
+    """`{lr: 30, groups: [...]}` under `training` as paths: `{training.lr: 30, training.groups: [...]}`;
+    a mapping for a nested block goes one level down, so it sets only the fields it names."""
+    out = {}
+    for key, value in mapping.items():
+        path = f"{prefix}.{key}"
+        if isinstance(value, dict) and isinstance(_walk(config, path)[0], Frozen):
+            out.update(_flatten(config, path, value))
+        else:
+            out[path] = value
+    return out
+
+
+def _walk(config: SweepConfig, path: str) -> tuple[Any, int]:
+    """The node at `path`, or the deepest one found, and how many of its parts were found."""
+    parts = path.split(".")
+    node: Any = config.block(parts[0]) if parts[0] not in _NOT_AXES else None
+    depth = 1
+    while depth < len(parts) and isinstance(node, Frozen) and parts[depth] in type(node).model_fields:
+        node, depth = getattr(node, parts[depth]), depth + 1  # may be None: a null field is still a setting
+    return node, depth
+
+
 def _with_values(base: SweepConfig, values: dict[str, Any]) -> SweepConfig:
     raw = base.canonical()
     if "model.name" in values and values["model.name"] != base.model.name:
@@ -398,7 +418,7 @@ def _with_values(base: SweepConfig, values: dict[str, Any]) -> SweepConfig:
         for part in parts[:-1]:
             parent = parent[part]
         parent[parts[-1]] = value
-    return _build(raw, check=False)
+    return _build(raw)
 
 
 def all_paths(config: SweepConfig) -> list[str]:
@@ -420,23 +440,19 @@ def all_paths(config: SweepConfig) -> list[str]:
 
 
 def resolve_path(config: SweepConfig, path: str) -> Any:
-    """The current value at `path`; ValueError listing near matches for an unknown path."""
+    """The current value at `path`; ValueError naming near matches and the block's fields for an
+    unknown path."""
     parts = path.split(".")
-    node: Any = config.block(parts[0]) if parts[0] not in _NOT_AXES else None
-    found = node is not None
-    for part in parts[1:]:
-        if isinstance(node, Frozen) and part in type(node).model_fields:
-            node = getattr(node, part)  # may be None: a field whose value is null is still a setting
-        else:
-            found = False
-            break
-    if not found or isinstance(node, Frozen) or len(parts) < 2:
-        if parts[0] in _NOT_AXES:
-            raise ValueError(f"{path} is not an experiment setting: {_NOT_AXES[parts[0]]}")
-        near = difflib.get_close_matches(path, all_paths(config), n=4, cutoff=0.5)
-        hint = f"; did you mean {', '.join(near)}?" if near else "; paths look like training.lr or model.n_layers"
-        raise ValueError(f"unknown config path {path!r}{hint}")
-    return node
+    if parts[0] in _NOT_AXES:
+        raise ValueError(f"{path} is not an experiment setting: {_NOT_AXES[parts[0]]}")
+    node, depth = _walk(config, path)
+    if depth == len(parts) > 1 and not isinstance(node, Frozen):
+        return node
+    near = difflib.get_close_matches(path, all_paths(config), n=4, cutoff=0.5)
+    hint = f"; did you mean {', '.join(near)}?" if near else "; paths look like training.lr or model.n_layers"
+    if isinstance(node, Frozen):
+        hint += f" (the fields of {'.'.join(parts[:depth])}: {', '.join(type(node).model_fields)})"
+    raise ValueError(f"unknown config path {path!r}{hint}")
 
 
 def _unique(values: tuple, field: str) -> tuple:
@@ -470,19 +486,27 @@ def _parse_blocks(data: dict, errors: list[str]) -> None:
             data[key] = parse_block(registry, data[key], key)
         except ValueError as err:
             errors.append(str(err))
-    settings = {}
+    settings: dict[str, Frozen] = {}
+    training: dict[str, dict] = {}
     methods = data.get("methods") if isinstance(data.get("methods"), (list, tuple)) else []
     for name in METHODS.names():
         method = METHODS.get(name)
         if name not in data and not (method.Config is not None and name in methods):
             continue
+        has_training = isinstance(data.get(name), dict) and "training" in data[name]
+        if has_training:
+            data[name] = dict(data[name])
+            training[name] = data[name].pop("training")
+            if not isinstance(training[name], dict):
+                errors.append(f"{name}.training: expected a mapping of training fields, e.g. {{lr: 30, epochs: 200}}")
+                training.pop(name)
         if method.Config is None:
-            data.pop(name)
-            errors.append(f"{name}: method {name!r} has no settings of its own; remove this block")
+            if data.pop(name) or not has_training:
+                errors.append(f"{name}: method {name!r} has no settings of its own besides `training:`; remove them")
             continue
         _parse_settings(data, name, method.Config, settings, errors)
     _parse_artifact_blocks(data, methods, settings, errors)
-    data["method_settings"] = settings
+    data["method_settings"], data["method_training"] = settings, training
     analyses = data.get("analyses", ())
     if not isinstance(analyses, (list, tuple)):
         valid = ", ".join(ANALYSES.names())
@@ -531,7 +555,7 @@ def _parse_settings(data: dict, name: str, config_cls: type, settings: dict, err
         errors.append(format_validation(err, name))
 
 
-def _build(raw: dict, check: bool = True) -> SweepConfig:
+def _build(raw: dict) -> SweepConfig:
     """Validate a raw mapping into a SweepConfig; raises ValueError with one line per problem."""
     errors: list[str] = []
     data = dict(raw)
@@ -585,105 +609,107 @@ def _check_runnable(config: SweepConfig) -> list[str]:
     return errors
 
 
-def _check_axes(config: SweepConfig) -> list[str]:
-    """Each axis value validated as its field would be, and runnable where it changes the task or model."""
-    errors = []
-    for path, values in config.axes.items():
-        try:
-            resolve_path(config, path)
-        except ValueError as err:
-            errors.append(f"axes.{path}: {err}")
-            continue
-        if _head(path) in METHODS and _head(path) not in config.methods:
-            errors.append(f"axes.{path}: method {_head(path)!r} is not in methods {list(config.methods)}")
-            continue
-        for value in values:
-            try:
-                variant = config.with_values({path: value})
-            except ValueError as err:
-                lines = str(err).splitlines()
-                # One setting's rule ("must be >= 0"); several settings (another model's block): each named.
-                one = len(lines) == 1 and lines[0].startswith(path)
-                rule = lines[0].split(": ", 1)[-1] if one else "; ".join(lines)
-                errors.append(f"axes.{path}: value {value!r} is invalid: {rule}")
-                continue
-            if _head(path) in ("task", "model"):
-                errors += [f"axes.{path}={value!r}: {e}" for e in _check_runnable(variant)]
-    return errors
-
-
-def _check_variants(config: SweepConfig) -> list[str]:
-    """Each variant's paths known and its values, applied together, valid and runnable."""
-    errors = []
-    for name, values in config.variants.items():
-        bad = False
-        for path in values:
-            try:
-                resolve_path(config, path)
-            except ValueError as err:
-                errors.append(f"variants.{name}.{path}: {err}")
-                bad = True
-                continue
-            if _head(path) in METHODS and _head(path) not in config.methods:
-                listed = list(config.methods)
-                errors.append(f"variants.{name}.{path}: method {_head(path)!r} is not in methods {listed}")
-                bad = True
-            if path == "task.name":
-                errors.append(f"variants.{name}.{path}: a sweep has one task; run one sweep per task")
-                bad = True
-        if bad:
-            continue
-        # The variant alone, then with each value of each axis (a variant's model may lack an axis's field).
-        combos = [{}] + [{path: value} for path, values in config.axes.items() for value in values]
-        for combo in combos:
-            try:
-                variant = config.with_values({**values, **combo})
-            except ValueError as err:
-                where = "".join(f" with axes.{p}={v!r}" for p, v in combo.items())
-                errors.append(f"variants.{name}{where}: " + "; ".join(str(err).splitlines()))
-                break
-            if any(_head(p) in ("task", "model") for p in [*values, *combo]):
-                problems = _check_runnable(variant)
-                if problems:
-                    errors += [f"variants.{name}: {e}" for e in problems]
-                    break
-    return errors
-
-
 def per_method_blocks() -> set[str]:
     """Blocks whose settings may differ between methods (tuned or overridden): downstream training,
     a method's own block, and the settings of shared artifacts (inherited by all their users)."""
     return {"training", *shared_blocks(), *(name for name, m in METHODS.items() if m.Config is not None)}
 
 
-def _check_tuning(config: SweepConfig) -> list[str]:
+def _per_method_hint() -> str:
+    return f"only {', '.join(sorted(b + '.*' for b in per_method_blocks()))} can differ between methods"
+
+
+def _check_overlay(config: SweepConfig) -> list[str]:
+    """Every layer (and each axis value, as a layer of its own): its paths settable in its scope,
+    its values valid (a variant's also with each axis value) and runnable where they change the
+    task or model. Errors name the layer as the sweep file spells it."""
+    axes = [Layer("axes", {path: value}) for path, values in config.axes.items() for value in values]
+    errors = _check_shared(config)
+    for layer in [*config.layers(), *axes]:
+        bad = [f"{layer.where}.{p}: {why}" for p in layer.values if (why := _path_problem(config, layer, p))]
+        errors += bad
+        for context in [] if bad else [{}] + ([a.values for a in axes] if layer.variant else []):
+            problem = _value_problem(config, layer, context)
+            if problem:
+                errors.append(problem)
+                break
+    return list(dict.fromkeys(errors))  # an axis's bad path once, not once per value
+
+
+def _path_problem(config: SweepConfig, layer: Layer, path: str) -> str | None:
+    """Why `layer` cannot set `path`, or None."""
+    head, axis = _head(path), layer.where == "axes"
+    if path == "task.name":
+        reason = "a sweep has one task; run one sweep per task and report them together"
+        return f"{path} cannot be an axis: {reason}" if axis else reason
+    if axis and head in _NOT_AXES:
+        return f"{path} cannot be an axis: {_NOT_AXES[head]}"
+    try:
+        resolve_path(config, path)
+    except ValueError as err:
+        return str(err)
+    if layer.owner is None:
+        if head in METHODS and head not in config.methods:
+            return f"method {head!r} is not in methods {list(config.methods)}"
+        return f"{path} is also an axis; drop one of them" if layer.variant and path in config.axes else None
+    if layer.owner not in config.methods:
+        return f"method {layer.owner!r} is not in methods {list(config.methods)}"
+    if head in METHODS and head != layer.owner:
+        return f"{path} is another method's setting"
+    if head not in per_method_blocks():
+        return f"cannot set {path}; {_per_method_hint()}"
+    if path in config.axes:
+        return f"{path} is also an axis; drop one of them"
+    if any(path in values for values in config.variants.values()):
+        return f"{path} is also set by a variant; drop one of them"
+    return None
+
+
+def _value_problem(config: SweepConfig, layer: Layer, context: dict[str, Any]) -> str | None:
+    """Why `layer`'s values (with the axis value `context`) are invalid or cannot run, or None."""
+    where = layer.where + "".join(f" with axes.{p}={v!r}" for p, v in context.items())
+    if layer.where == "axes":
+        ((path, value),) = layer.values.items()
+        where = f"axes.{path}={value!r}"
+    try:
+        variant = config.with_values({**layer.values, **context})
+    except ValueError as err:
+        lines = str(err).splitlines()
+        if layer.where != "axes":
+            return f"{where}: " + "; ".join(lines)
+        # One setting's rule ("must be >= 0"); several settings (another model's block): each named.
+        rule = lines[0].split(": ", 1)[-1] if len(lines) == 1 and lines[0].startswith(path) else "; ".join(lines)
+        return f"axes.{path}: value {value!r} is invalid: {rule}"
+    if any(_head(p) in ("task", "model") for p in [*layer.values, *context]):
+        return "\n".join(f"{where}: {e}" for e in _check_runnable(variant)) or None
+    return None
+
+
+def _check_shared(config: SweepConfig) -> list[str]:
+    """A shared artifact's setting reaches every method that uses the artifact: one value only."""
+    errors, seen = [], {}
+    for layer in config.layers():
+        for path, value in layer.values.items() if layer.owner and not layer.method else ():
+            if seen.setdefault(path, (layer.owner, value))[1] != value:
+                errors.append(f"method_overrides: {path} is a shared artifact setting, set differently for "
+                              f"{seen[path][0]!r} and {layer.owner!r}; give one value")  # fmt: skip
+    return errors
+
+
+def _check_space(config: SweepConfig) -> list[str]:
+    """`tuning.space`: numeric settings that may differ between methods."""
     errors = []
-    allowed = per_method_blocks()
-    hint = f"only {', '.join(sorted(b + '.*' for b in allowed))} can differ between methods"
     for path in config.tuning.space:
-        if _head(path) not in allowed:
-            errors.append(f"tuning.space: cannot tune {path!r}; {hint}")
-    for method, values in config.method_overrides.items():
-        bad = [p for p in values if _head(p) not in allowed]
-        if bad:
-            errors.append(f"method_overrides.{method}: cannot set {bad}; {hint}")
-    if errors:
-        return errors
-    for path in [*config.tuning.space, *(p for v in config.method_overrides.values() for p in v)]:
+        if _head(path) not in per_method_blocks():
+            errors.append(f"tuning.space: cannot tune {path!r}; {_per_method_hint()}")
+            continue
         try:
             value = resolve_path(config, path)
         except ValueError as err:
-            errors.append(f"tuning/method_overrides: {err}")
+            errors.append(f"tuning.space.{path}: {err}")
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            if path in config.tuning.space:
-                errors.append(f"tuning.space: {path} is not a numeric setting, so it cannot be searched")
-    if not errors:
-        for method in config.method_overrides:
-            try:
-                config.effective(method)
-            except ValueError as err:
-                errors.append(f"method_overrides.{method}: {err}")
+            errors.append(f"tuning.space: {path} is not a numeric setting, so it cannot be searched")
     return errors
 
 
@@ -699,7 +725,7 @@ def load_sweep(raw: Any, source: str = "sweep") -> SweepConfig:
     except ValueError as err:
         errors.append(str(err))
     if config is not None:
-        errors += _check_axes(config) + _check_variants(config) + _check_tuning(config)
+        errors += _check_overlay(config) + _check_space(config)
         if not errors:
             errors += _check_runnable(config)
     if not errors:

@@ -56,3 +56,38 @@ def test_method_settings_are_sweepable_and_tunable_by_path(tiny):
     assert over.effective("l2sp").method_settings["l2sp"].alpha == 0.5
     with pytest.raises(ConfigError, match="another method's setting"):
         load_sweep(tiny_raw(methods=["l2sp", "scratch"], method_overrides={"scratch": {"l2sp.alpha": 0.5}}))
+
+
+def test_a_method_blocks_training_reaches_only_its_trials(tiny):
+    training = {"optimizer": "sgd", "momentum": 0.9, "lr": 30, "groups": [{"match": "head", "lr_scale": 0.1}]}
+    methods = ["full_transfer", "scratch", "l2sp"]
+    sweep = tiny(methods=methods, full_transfer={"training": training}, l2sp={"alpha": 0.1})
+    ft, scratch = sweep.effective("full_transfer").training, sweep.effective("scratch").training
+    assert (ft.optimizer, ft.momentum, ft.lr, ft.epochs) == ("sgd", 0.9, 30, sweep.training.epochs)
+    assert ft.groups[0].match == "head" and ft.groups[0].lr_scale == 0.1  # a list of mappings, validated
+    assert scratch == sweep.training
+    plain = tiny(methods=methods, l2sp={"alpha": 0.1})
+    assert [s.method for s in expand(sweep) if trial_hash(sweep, s) != trial_hash(plain, s)] == ["full_transfer"]
+    assert load_sweep(sweep.canonical()) == sweep, "the block round-trips at the top level"
+    both = tiny(methods=["l2sp", "scratch"], l2sp={"alpha": 0.5, "training": {"epochs": 7}})
+    assert both.effective("l2sp").training.epochs == 7 and both.effective("l2sp").method_settings["l2sp"].alpha == 0.5
+    tuned = tiny(methods=["l2sp"], l2sp={"training": {"lr": 0.1}}, method_overrides={"l2sp": {"training.lr": 0.2}})
+    assert tuned.effective("l2sp").training.lr == 0.2, "--tuned values win over the block"
+
+
+@pytest.mark.parametrize(
+    "block, extra, fragments",
+    [
+        ({"lrr": 30}, {}, ["scratch.training.lrr", "unknown config path", "did you mean training.lr", "groups"]),
+        ({"lr": -1}, {}, ["scratch: training.lr", "greater than 0"]),
+        ({"groups": [{"match": "(", "lr_scale": 2}]}, {}, ["scratch: training.groups", "not a regular expression"]),
+        ({"lr": 0.1}, {"axes": {"training.lr": [0.1, 0.2]}}, ["scratch.training.lr", "also an axis"]),
+        ({"lr": 0.1}, {"methods": ["subtask_induction"]}, ["scratch.training.lr", "'scratch' is not in methods"]),
+        (5, {}, ["scratch.training: expected a mapping"]),
+    ],
+)
+def test_a_bad_method_training_block_names_the_method_and_the_field(block, extra, fragments):
+    with pytest.raises(ConfigError) as err:
+        load_sweep(tiny_raw(scratch={"training": block}, **extra))
+    for fragment in fragments:
+        assert fragment in str(err.value), str(err.value)
