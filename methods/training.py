@@ -580,9 +580,6 @@ class Engine:
     def set_lr(self, factor: float) -> None:
         set_lr(self.opt, factor)
 
-    def lr(self) -> float:
-        return self.opt.param_groups[0]["lr"]
-
     def state(self) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -745,7 +742,7 @@ class _Loop:
         # Checked once per epoch: a per-step .item() would stall a GPU on every step.
         totals = loss_sum.tolist() if loss_sum is not None else [0.0] * len(live)
         sums_of = {key: value.tolist() for key, value in sums.items()}
-        lr = engine.lr() if self.factor is not None else None
+        lr = self.cfg.lr * self.factor(self.steps) if self.factor is not None else None  # groups scale it
         staying = []
         for row, (m, total) in enumerate(zip(live, totals, strict=True)):
             if not math.isfinite(total):

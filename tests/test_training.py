@@ -2,6 +2,7 @@
 steps, the optimiser and schedule a config asks for, parameter groups."""
 
 import copy
+import json
 import math
 
 import pytest
@@ -107,3 +108,38 @@ def test_bad_optimiser_settings_are_named(bad, message):
 def test_max_epochs_reaches_min_steps():
     cfg = TrainConfig(epochs=15, min_steps=200)
     assert cfg.max_epochs(1) == 200 and cfg.max_epochs(20) == 15 and cfg.max_epochs(7) == math.ceil(200 / 7)
+
+
+def test_a_method_block_trains_with_sgd_cosine_and_a_head_rate_alone_and_packed(tiny, tmp_path):
+    # The sweep file's `full_transfer: {training: ...}` reaches that method's trials only, and its
+    # trials give the same rows trained alone and packed.
+    from orchestrator.artifacts import ArtifactStore
+    from orchestrator.trial import expand, run_pack, run_trial
+
+    own = {
+        "optimizer": "sgd", "momentum": 0.9, "nesterov": True, "lr": 0.05, "lr_schedule": "cosine",
+        "warmup_steps": 2, "groups": [{"match": r"^head\.", "lr_scale": 10.0}], "keep_initial": False,
+    }  # fmt: skip
+    sweep = tiny(methods=["full_transfer", "scratch"], seeds=[0, 1], full_transfer={"training": own})
+    assert sweep.effective("full_transfer").training.optimizer == "sgd"
+    assert sweep.effective("scratch").training.optimizer == "adamw"
+    specs = expand(sweep)
+    store = ArtifactStore(tmp_path)
+    alone = [run_trial(sweep, s, store) for s in specs]
+    packed = run_pack(sweep, specs, store, limit=4)
+    for a, p in zip(alone, packed, strict=True):
+        assert isinstance(p, dict), p
+        assert p["packed"] is True and p["pack"] == 2
+        for column in ("val_acc", "test_acc", "best_epoch", "epochs_run"):
+            assert p[column] == pytest.approx(a[column], abs=1e-6), (a["trial"], column)
+    # The block is part of those trials' identity, and of theirs only.
+    plain = {r["trial"]: r for r in (run_trial(tiny(methods=["full_transfer", "scratch"], seeds=[0, 1]), s, store)
+                                      for s in specs)}  # fmt: skip
+    for row in alone:
+        same = plain[row["trial"]]["trial_hash"] == row["trial_hash"]
+        assert same is (row["method"] == "scratch"), row["trial"]
+        trained = json.loads(row["config_json"])["training"]
+        assert trained["optimizer"] == ("sgd" if row["method"] == "full_transfer" else "adamw")
+        if row["method"] == "full_transfer":  # the cosine schedule, over its run's steps, at the block's lr
+            assert [m["lr"] for m in json.loads(row["measurements_json"])] == pytest.approx([0.05, 0.0])
+            assert row["best_epoch"] >= 1, "keep_initial: false"
