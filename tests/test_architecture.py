@@ -48,12 +48,14 @@ def test_orchestrator_names_no_method_artifact_kind_or_analysis():
 
 
 def test_orchestrator_modules_import_without_cycles():
-    """Each orchestrator module imports on its own, in a fresh interpreter (no results <-> sweep cycle)."""
+    """Each orchestrator module and package imports on its own, in a fresh interpreter (no results <-> sweep cycle)."""
     import subprocess
     import sys
 
-    for file in sorted((ROOT / "orchestrator").glob("*.py")):
-        module = f"orchestrator.{file.stem}"
+    names = [f.stem for f in (ROOT / "orchestrator").glob("*.py")]
+    names += [f.parent.name for f in (ROOT / "orchestrator").glob("*/__init__.py")]  # a package imports as a whole
+    for name in sorted(names):
+        module = f"orchestrator.{name}"
         done = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=ROOT, capture_output=True, text=True)
         assert done.returncode == 0, f"{module}: {done.stderr[-500:]}"
 

@@ -1,0 +1,210 @@
+"""`write_report`: the report's files, and summary.md and index.html rendered from one list of sections."""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from orchestrator import results
+from orchestrator.config import ConfigError
+from orchestrator.report import statistics, tables
+from orchestrator.report.figures import plot_curves, plot_mask_overlap, plot_profiles, plot_sparsity
+from orchestrator.report.masks import artifact_roots, load_masks, mask_overlap
+from orchestrator.report.statistics import METRIC
+
+CURVES = "Test accuracy by budget (mean [95% CI] over seeds)"
+MASKS = "Mask overlap (Jaccard)"
+
+
+@dataclass(frozen=True)
+class Section:
+    """A titled table. summary.md shows every section, in order; index.html those with a `page`
+    heading: the findings (`lead`) above the figures, the others below them."""
+
+    title: str
+    table: pd.DataFrame
+    note: str = ""
+    empty: str = "(no finished trials)\n"  # summary.md's text in place of an empty table
+    end: str = ""  # summary.md's text after the table or `empty`
+    page: str | None = None  # the heading on index.html; None: in summary.md only
+    lead: bool = False
+    optional: bool = False  # left out (rendered as "") when its table is empty
+
+    def markdown(self) -> str:
+        if self.optional and self.table.empty:
+            return ""
+        body = self.empty if self.table.empty else _markdown(self.table)
+        note = f"{self.note}\n\n" if self.note else ""
+        return f"\n## {self.title}\n\n{note}{body}{self.end}"
+
+    def html(self) -> str:
+        if self.optional and self.table.empty:
+            return ""
+        note = f"<p>{html.escape(self.note)}</p>\n" if self.note else ""
+        empty = "<p>(no finished trials)</p>"
+        table = empty if self.table.empty else self.table.to_html(index=False, border=0, classes="t")
+        return f"<h2>{html.escape(self.page)}</h2>\n{note}{table}"
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    cols = [str(c) for c in frame.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, row in frame.iterrows():
+        lines.append("| " + " | ".join(str(v) for v in row.tolist()) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def load_tables(out_dirs: list) -> pd.DataFrame:
+    """The results of `out_dirs` (paths or URIs), merged."""
+    from orchestrator.outdir import as_outdir
+
+    frames = []
+    for location in out_dirs:
+        out = as_outdir(location)
+        if not out.exists("results.parquet"):
+            raise ConfigError(f"{out.join('results.parquet')}: missing; run `instill run SWEEP --out {out}` first")
+        frames.append(pq.read_table(out.path("results.parquet"), filesystem=out.fs).to_pandas())
+    return pd.concat(frames, ignore_index=True)
+
+
+def _has(summary: pd.DataFrame, column: str) -> bool:
+    return f"{column}_mean" in summary and summary[f"{column}_mean"].notna().any()
+
+
+def write_report(
+    out_dirs: list[Path],
+    report_dir: Path | None = None,
+    target: float = 0.9,
+    versus: str | None = None,
+    over: str | None = None,
+) -> Path:
+    """Summarise the results of `out_dirs` (merged) into `report_dir` (default: first dir's report/).
+    `versus`: a method each series is also compared with, paired by seed (`paired_differences`);
+    `over`: an axis the series are also averaged over (`mean_over`; with `versus`, the differences
+    too: `mean_over_differences`)."""
+    table = load_tables(out_dirs)
+    # Each raises on a bad --versus or --mean-over, before anything is written.
+    diffs = statistics.paired_differences(table, versus) if versus else None
+    means = statistics.mean_over(table, over) if over else None
+    gaps = statistics.mean_over_differences(table, over, versus) if over and versus else None
+    if report_dir is None and "://" in str(out_dirs[0]):
+        raise ConfigError(f"{out_dirs[0]} is not a local directory: give the report a local one with --to DIR")
+    report_dir = Path(report_dir or Path(out_dirs[0]) / "report")
+    report_dir.mkdir(parents=True, exist_ok=True)
+    summary, head = statistics.summarise(table), statistics.headline(table, target=target)
+    overlap = mask_overlap(load_masks(artifact_roots(out_dirs)))
+    plotted = [column for column in results.plotted_columns(table) if _has(summary, column)]
+    profiles = []
+    for name, profile, columns in results.profiled_columns(table):
+        long = tables.profile_table(summary, table, profile, columns) if not summary.empty else pd.DataFrame()
+        if not long.empty:
+            profiles.append((name, profile, long))
+    parquets = {"summary": summary, "headline": head, "mean_over": means, "versus": diffs, "versus_mean_over": gaps,
+                **{f"{name}_profile": long for name, _, long in profiles},
+                "mask_overlap": None if overlap.empty else overlap}  # fmt: skip
+    for stem, frame in parquets.items():
+        if frame is not None:
+            frame.to_parquet(report_dir / f"{stem}.parquet", index=False)
+
+    sections = [
+        Section(f"{METRIC} (mean [95% CI] over seeds)", tables.curve_table(summary), page=CURVES),
+        Section("Headline", tables.headline_table(head), page="Headline", lead=True),
+    ]
+    if over:
+        title = f"{METRIC}, mean over {over} (per seed, then mean [95% CI] over seeds)"
+        sections.append(Section(title, tables.curve_table(means), empty=f"No series differ only in {over}.\n"))
+    if versus:
+        title = f"{METRIC}: each series minus the {versus} series of the same settings, paired by seed (mean [95% CI])"
+        sections.append(Section(title, tables.versus_table(diffs), empty=f"No series has a {versus} partner.\n"))
+    if over and versus:
+        title = f"{METRIC}: each series minus its {versus} partner, mean over {over}"
+        gap_table = tables.versus_table(gaps.assign(versus=f"{versus} (same {over})"))
+        empty = "No group has a partner at every value."
+        sections.append(Section(f"{title} (per seed, then mean [95% CI] over seeds)", gap_table, empty=empty, end="\n"))
+    for column in plotted:
+        wide = tables.non_empty(tables.curve_table(summary, column))
+        sections.append(Section(f"{column} (mean [95% CI] over seeds)", wide))
+    for name, _, long in profiles:
+        title = f"{name} by depth, at each series' largest budget (mean [95% CI] over seeds)"
+        sections.append(Section(title, tables.profile_markdown(long)))
+    overlaps = tables.mask_overlap_table(overlap)
+    sections.append(Section(MASKS, overlaps, tables.MASK_OVERLAP_NOTE, page=MASKS, optional=True))
+    (report_dir / "summary.md").write_text(_notes(summary) + "".join(s.markdown() for s in sections))
+
+    figures: list[tuple[str, str]] = []  # (file, caption)
+    if not summary.empty:
+        plot_curves(summary, report_dir / "data_efficiency", ylabel="test accuracy")
+        figures.append(("data_efficiency.svg", "Data-efficiency curves (mean, 95% Student t CI over seeds)"))
+    if _has(summary, "subtask_acc"):
+        plot_sparsity(summary, report_dir / "sparsity_vs_subtask")
+        figures.append(("sparsity_vs_subtask.svg", "Mask sparsity against the masked model's subtask accuracy"))
+    for column in plotted:
+        plot_curves(summary, report_dir / column, metric=column, ylabel=column.replace("_", " "))
+        figures.append((f"{column}.svg", f"{column} against budget (mean, 95% Student t CI over seeds)"))
+    for name, profile, long in profiles:
+        plot_profiles(long, report_dir / f"{name}_profile", profile.xlabel, profile.ylabel)
+        figures.append((f"{name}_profile.svg", f"{name} against depth at each series' largest budget (95% CI)"))
+    if not overlap.empty:
+        plot_mask_overlap(overlap, report_dir / "mask_overlap")
+        figures.append(("mask_overlap.svg", "Jaccard overlap of discovered masks against random masks"))
+    sources = ", ".join(str(Path(d)) for d in out_dirs)
+    (report_dir / "index.html").write_text(_page(sources, len(table), sections, figures))
+    return report_dir
+
+
+def _notes(summary: pd.DataFrame) -> str:
+    """What the intervals are, and which series have none."""
+    text = (
+        "Intervals are 95% Student t intervals of the mean over seeds (mean ± t(0.975, k-1) · s/√k); "
+        "the budget interval inverts the t bands of the mean curve.\n"
+    )
+    single = sorted(set(summary.loc[summary["seeds"] < 2, "label"])) if not summary.empty else []
+    if single:
+        text += (
+            f"\nOne seed only, so no interval (NaN bounds) at some or all budgets: {', '.join(single)}. "
+            "Run more seeds for an interval.\n"
+        )
+    return text
+
+
+def _page(sources: str, n_rows: int, sections: list[Section], figures: list[tuple[str, str]]) -> str:
+    """index.html: offline, one page; the figures load from files beside it."""
+    shown = [s for s in sections if s.page]
+    lead = "\n".join(s.html() for s in shown if s.lead)
+    rest = "\n".join(s.html() for s in shown if not s.lead)
+    figs = "\n".join(
+        f'<figure><img src="{html.escape(src)}" alt="{html.escape(cap)}"><figcaption>{html.escape(cap)}'
+        f"</figcaption></figure>"
+        for src, cap in figures
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Instill report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; background: #fff; }}
+figure {{ display: inline-block; margin: 1em 1em 1em 0; }} img {{ max-width: 100%; }}
+table.t {{ border-collapse: collapse; font-size: 0.9em; }}
+table.t td, table.t th {{ padding: 0.25em 0.7em; border-bottom: 1px solid #ddd; text-align: left; }}
+</style></head>
+<body>
+<h1>Instill report</h1>
+<p>Results from {html.escape(sources)} ({n_rows} rows). Budgets on a log axis; bands are 95% Student t
+confidence intervals of the mean over seeds (none for a single seed). A series is one configuration;
+different configurations are never averaged.</p>
+{lead}
+<h2>Figures</h2>
+{figs}
+{rest}
+<script>
+window.addEventListener("load", function () {{
+  var imgs = Array.prototype.slice.call(document.images);
+  document.body.setAttribute("data-figures", imgs.length);
+  document.body.setAttribute("data-figures-loaded",
+    imgs.filter(function (i) {{ return i.complete && i.naturalWidth > 0; }}).length);
+}});
+</script>
+</body></html>
+"""

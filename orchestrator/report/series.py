@@ -1,0 +1,273 @@
+"""Series: which finished rows the report's statistics are taken over, and what each is called.
+
+A series is one effective, result-determining trial config minus its seed and data fraction: the
+rows' `series` column, a stable hash of `config_json` without `seed` and `data_fraction` (computed
+here for result files older than that column). Statistics are taken per series, never across
+series: two depths, learning rates, models or merged directories with different settings are
+reported side by side, and two rows for one (series, seed, budget) are an error, not averaged. Each
+series has a short `label`: the method (`@sparsity`), plus the config fields that differ between the
+series of the same task that share that method label (`<method> @0.75 [model.n_layers=4]`);
+`family` is the same without the sparsity (a line of the sparsity figure). Every table carries
+`series`, `task`, `method`, `sparsity`, `label`, `family` and one column per sweep axis (the dotted
+result columns, `model.n_layers`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+
+from common.config import stable_hash
+from methods import METHODS
+from orchestrator import results
+from orchestrator.config import ConfigError
+
+# Per-trial fields that vary inside a series; a series is everything else of the config.
+PER_TRIAL = ("seed", "data_fraction")
+# Keys of the old whole-sweep `config_json` (before rows carried their own effective config) that
+# describe the grid or the machinery, not what a trial computed.
+_SWEEP_ONLY = (
+    "name", "plugins", "resources", "storage", "max_failures", "tuning", "method_overrides",
+    "methods", "sparsities", "data_fractions", "seeds",
+)  # fmt: skip
+_MAX_LABEL_FIELDS = 3
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as {dotted.path: leaf}; lists are leaves."""
+    if not isinstance(config, dict):
+        return {prefix: config}
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        out.update(flatten(value, path) if isinstance(value, dict) and value else {path: value})
+    return out
+
+
+def series_config(row: dict[str, Any]) -> dict[str, Any]:
+    """A row's effective config without its seed and data fraction: what its series is a hash of.
+
+    Rows that carry a per-trial `config_json` (top-level `method`) are used as they are. Older rows
+    carried the whole sweep's config: its grid keys are dropped and the row's own method, sparsity
+    and transfer settings put in, so that old files never pool two methods or two settings.
+    """
+    text = row.get("config_json")
+    config = json.loads(text) if isinstance(text, str) and text else {}
+    if "method" not in config:
+        config = {k: v for k, v in config.items() if k not in _SWEEP_ONLY}
+        config["method"] = row["method"]
+        config["sparsity"] = None if pd.isna(row.get("sparsity")) else float(row["sparsity"])
+        config.setdefault("task", {"name": row.get("task")})
+        config.setdefault("model", {"name": row.get("model")})
+        if "transfer" not in config and not pd.isna(row.get("unmasked")):
+            config["transfer"] = {
+                "unmasked": row.get("unmasked"),
+                "trainable_subnetwork": bool(row.get("trainable_subnetwork")),
+            }
+    return {k: v for k, v in config.items() if k not in PER_TRIAL}
+
+
+def prepare(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Finished rows with a `series` column, and one row per series (indexed by series) with its
+    task, method, sparsity, axis values, `label` and flattened config (`flat`).
+
+    Raises ConfigError when two finished rows are the same trial (series, seed, n_train).
+    """
+    done = table[table["status"] == "done"].copy()
+    done["sparsity"] = pd.to_numeric(done["sparsity"], errors="coerce")
+    records = done.to_dict("records")
+    configs = [series_config(r) for r in records]
+    given = done["series"] if "series" in done else pd.Series([None] * len(done), index=done.index)
+    done["series"] = [s if isinstance(s, str) and s else stable_hash(c) for s, c in zip(given, configs, strict=True)]
+    info = _series_info(done, configs)
+    _check_duplicates(done, info)
+    return done, info
+
+
+def _series_info(done: pd.DataFrame, configs: list[dict]) -> pd.DataFrame:
+    axes = results.axis_columns(done.columns)
+    rows = {}
+    for (_, row), config in zip(done.iterrows(), configs, strict=True):
+        if row["series"] in rows:
+            continue
+        rows[row["series"]] = {
+            "series": row["series"],
+            "task": row["task"],
+            "method": row["method"],
+            "sparsity": row["sparsity"],
+            **{axis: row[axis] for axis in axes},
+            "flat": {k: v for k, v in flatten(config).items() if k not in ("method", "sparsity")},
+        }
+    info = pd.DataFrame(list(rows.values()), columns=["series", "task", "method", "sparsity", *axes, "flat"])
+    base = [_label(m, s) for m, s in zip(info["method"], info["sparsity"], strict=True)]
+    # Named axes (`variant`: not a config path) label a series by name where the name alone tells it apart.
+    named = [
+        " ".join(f"{a}={row[a]}" for a in axes if "." not in a and not pd.isna(row[a])) for _, row in info.iterrows()
+    ]
+    info["label"] = _labels(info["task"], base, info["flat"], info["series"], axes, named)
+    # The family is the series without its sparsity: one line of the sparsity figure.
+    info["family"] = _labels(info["task"], info["method"], info["flat"], info["series"], axes, named)
+    return info.set_index("series", drop=False)
+
+
+def _label(method: str, sparsity) -> str:
+    return method if pd.isna(sparsity) else f"{method} @{sparsity:g}"
+
+
+def _labels(tasks, bases, flats, series, axes: list[str], named: list[str] | None = None) -> list[str]:
+    """Each base label, plus what tells apart the distinct configs of one task sharing it: their
+    `named` tags (e.g. `variant=torch_init`) where those alone do, else the fields that differ."""
+    tasks, bases, flats, series = list(tasks), list(bases), list(flats), list(series)
+    labels = list(bases)
+    groups: dict[tuple, dict[str, list[int]]] = {}
+    for i, (task, base, flat) in enumerate(zip(tasks, bases, flats, strict=True)):
+        groups.setdefault((task, base), {}).setdefault(_exact(flat), []).append(i)
+    for configs in groups.values():
+        if len(configs) < 2:
+            continue
+        members = list(configs.values())
+        if named is not None:
+            tags = [{named[i] for i in m} for m in members]
+            if all(len(t) == 1 and "" not in t for t in tags) and len(set().union(*tags)) == len(members):
+                for same in members:
+                    for i in same:
+                        labels[i] = f"{bases[i]} [{named[i]}]"
+                continue
+        fields = differing_fields([flats[m[0]] for m in members], first=axes)
+        for same, differ in zip(members, fields, strict=True):
+            for i in same:
+                labels[i] = bases[i] + _bracket(differ)
+    # Two series whose configs differ only in ways flattening cannot see still get distinct labels.
+    count: dict[tuple, set] = {}
+    for task, label, flat in zip(tasks, labels, flats, strict=True):
+        count.setdefault((task, label), set()).add(_exact(flat))
+    return [
+        label if len(count[(t, label)]) == 1 else f"{label} #{s[:6]}"
+        for t, label, s in zip(tasks, labels, series, strict=True)
+    ]
+
+
+def differing_fields(flats: list[dict[str, Any]], first: Sequence[str] = ()) -> list[list[str]]:
+    """For each flattened config, `path=value` of the paths whose values are not the same in all;
+    paths in `first` lead, the rest follow in name order."""
+    paths = sorted(set().union(*flats))
+    differ = [p for p in paths if len({_exact(f.get(p, "-")) for f in flats}) > 1]
+    # A field only some configs have, in a block whose `name` differs (model.cam_suppression when
+    # model.name differs), follows from that name: the name tells the series apart.
+    names = {p.rsplit(".", 1)[0] for p in differ if p.endswith(".name")}
+    differ = [p for p in differ if not (p.rsplit(".", 1)[0] in names and any(p not in f for f in flats))]
+    differ.sort(key=lambda p: (p not in first, p))
+    return [[f"{p}={_fmt_value(f.get(p, '-'))}" for p in differ] for f in flats]
+
+
+def _bracket(fields: list[str]) -> str:
+    if not fields:
+        return ""
+    shown = fields[:_MAX_LABEL_FIELDS]
+    more = len(fields) - len(shown)
+    return " [" + ", ".join(shown) + (f", +{more}" if more else "") + "]"
+
+
+def _exact(value: Any) -> str:
+    """A value as text for comparing: exact, unlike `_fmt_value`'s short floats."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _fmt_value(value: Any) -> str:
+    """A value as text for a label."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return str(value)
+
+
+def _check_duplicates(done: pd.DataFrame, info: pd.DataFrame) -> None:
+    dup = done[done.duplicated(["series", "seed", "n_train"], keep=False)]
+    if dup.empty:
+        return
+    series, seed, n_train = dup.iloc[0][["series", "seed", "n_train"]]
+    same = dup[(dup["series"] == series) & (dup["seed"] == seed) & (dup["n_train"] == n_train)]
+    fractions = sorted(set(pd.to_numeric(same["data_fraction"], errors="coerce")))
+    cause = (
+        f"data fractions {fractions} give the same budget; keep one of them in the sweep"
+        if len(fractions) > 1
+        else "two result directories ran the same trial; report one of them"
+    )
+    raise ConfigError(
+        f"{info.loc[series, 'label']} (task {info.loc[series, 'task']}): {len(same)} finished rows for seed "
+        f"{seed}, n_train {n_train} ({len(dup)} duplicate rows in all); {cause}"
+    )
+
+
+# --- which series to compare with which ---------------------------------------------------
+
+
+def reference_for(series: str, info: pd.DataFrame, methods: set[str] | None = None) -> str | None:
+    """The reference series to compare `series` with: same task, a method of `methods` (default: the
+    methods registered as the no-transfer reference, `reference=True`), and of those the one whose
+    config differs from it in the fewest fields both have (method-specific blocks do not count; nor
+    does sparsity where one has none)."""
+    task = info.loc[series, "task"]
+    methods = {name for name, method in METHODS.items() if method.reference} if methods is None else methods
+    candidates = info[info["method"].isin(methods) & (info["task"] == task)]
+    if candidates.empty:
+        return None
+    ranked = sorted(candidates.itertuples(), key=lambda c: (distance(info, series, c.series), c.label))
+    return ranked[0].series
+
+
+def partner(series: str, info: pd.DataFrame, versus: str) -> str | None:
+    """The series of method `versus` with the same settings as `series` wherever both have them
+    (`distance` 0), or None: a series is never paired with a partner of other settings."""
+    ref = reference_for(series, info, {versus})
+    return ref if ref is not None and distance(info, series, ref) == 0 else None
+
+
+def distance(info: pd.DataFrame, a: str, b: str) -> int:
+    """How many settings two series differ in: fields both configs have, and sparsity where both have one."""
+    fa, fb = info.loc[a, "flat"], info.loc[b, "flat"]
+    sa, sb = info.loc[a, "sparsity"], info.loc[b, "sparsity"]
+    differ = sum(_exact(fa[p]) != _exact(fb[p]) for p in set(fa) & set(fb))
+    return differ + int(not pd.isna(sa) and not pd.isna(sb) and sa != sb)
+
+
+def axis_groups(table: pd.DataFrame, axis: str) -> tuple[pd.DataFrame, pd.DataFrame, list[tuple[list[str], str, Any]]]:
+    """(finished rows, series info with `axis` filled in, groups): each group is the series that
+    differ only in `axis` (two or more), with its label (`... [mean over AXIS = v1, v2]`) and its
+    first member's info. Raises ConfigError when `axis` is not a config path the results vary along.
+    """
+    done, info = prepare(table)
+    paths = [a for a in results.axis_columns(done.columns) if "." in a]
+    if axis not in paths:
+        raise ConfigError(
+            f"--mean-over {axis}: not a config path these results vary along; their axes: {', '.join(paths) or 'none'}"
+        )
+    # The value from each series' config where a merged older file lacks the column.
+    values = [v if not pd.isna(v) else f.get(axis) for v, f in zip(info[axis], info["flat"], strict=True)]
+    info = info.assign(**{axis: values})
+    info = info[info[axis].notna()]
+    rest = {series: {k: v for k, v in flat.items() if k != axis} for series, flat in info["flat"].items()}
+    groups: dict[tuple, list[str]] = {}
+    for series, row in info.iterrows():
+        key = (row["task"], row["method"], _exact(row["sparsity"]), _exact(rest[series]))
+        groups.setdefault(key, []).append(series)
+    firsts = [info.loc[members[0]] for members in groups.values()]
+    labels = _labels(
+        [f["task"] for f in firsts],
+        [_label(f["method"], f["sparsity"]) for f in firsts],
+        [rest[f["series"]] for f in firsts],
+        [f["series"] for f in firsts],
+        [a for a in results.axis_columns(done.columns) if a != axis],
+    )
+    kept = []
+    for members, label, first in zip(groups.values(), labels, firsts, strict=True):
+        if len(members) >= 2:  # a group of one has nothing to average: the axis does not vary inside it
+            values = ", ".join(_fmt_value(v) for v in sorted(info.loc[members, axis].tolist()))
+            kept.append((members, f"{label} [mean over {axis} = {values}]", first))
+    return done, info, kept

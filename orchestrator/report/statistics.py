@@ -1,0 +1,305 @@
+"""The report's numbers: per series and budget, the mean and interval over seeds of every summarised
+column (those `orchestrator.results.summarised_columns` names: the core metrics and what analyses
+declare); per series, the budget to reach a target accuracy, the curve area and the data saved
+against its reference; paired differences from another method's series; means over a sweep axis.
+
+Intervals. Sweeps have few seeds (often 3). A percentile bootstrap of 3 values can form only 10
+distinct means, and its "95%" interval undercovers. We use the Student t interval on the seed
+values, mean ± t(0.975, k-1) · s / sqrt(k), at every seed count k: it is exact for normal noise and
+near its nominal level for skewed, bounded accuracies from 2 seeds on, where BCa
+(`scipy.stats.bootstrap`) still undercovers at 20 seeds, so one rule serves all k. The measured
+coverages, and the command that measures them, are in docs/PERFORMANCE.md ("Coverage of the
+report's intervals"). One seed gives no interval: its bounds are NaN, not (v, v).
+
+The budget-to-target interval inverts the pointwise t bands of the mean curve: the interval for
+`n_to_target` runs from the budget where the upper band first reaches the target to the budget
+where the lower band first reaches it (inf when the lower band never does). If the true mean curve
+lies inside both bands at the budgets around the crossing, the true crossing lies inside this
+interval. The bands are pointwise, so this is not an exact 95% interval: its coverage depends on
+the curves (`tests/report/test_statistics.py` holds it to 0.9 on a family of logistic curves).
+
+The log-budget axis is x = log10(1 + n), so that n = 0 (no disambiguating data) has a place on it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from orchestrator import results
+from orchestrator.config import ConfigError
+from orchestrator.report.series import axis_groups, partner, prepare, reference_for
+
+METRIC = "test_acc"
+LEVEL = 0.95
+
+
+def t_interval(values, level: float = LEVEL, axis: int = -1):
+    """Student t CI of the mean of `values` along `axis`, ignoring non-finite entries.
+
+    Returns (lo, hi): floats for 1-D input, arrays otherwise. Fewer than two finite values give
+    NaN bounds: one value says nothing about the spread.
+    """
+    v = np.asarray(values, dtype=float)
+    v = np.where(np.isfinite(v), v, np.nan)
+    k = np.sum(np.isfinite(v), axis=axis)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices and k = 1 give NaN, as meant
+        mean = np.nanmean(v, axis=axis)
+        sd = np.nanstd(v, axis=axis, ddof=1)
+        half = stats.t.ppf(0.5 + level / 2, np.maximum(k - 1, 1)) * sd / np.sqrt(np.maximum(k, 1))
+    lo = np.where(k >= 2, mean - half, np.nan)
+    hi = np.where(k >= 2, mean + half, np.nan)
+    if lo.ndim == 0:
+        return float(lo), float(hi)
+    return lo, hi
+
+
+def log_budget(n) -> np.ndarray:
+    return np.log10(1.0 + np.asarray(n, dtype=float))
+
+
+def first_crossing(n: np.ndarray, acc: np.ndarray, target: float) -> np.ndarray:
+    """`budget_to_reach` for every curve along the last axis of `acc` at once."""
+    n = np.asarray(n, dtype=float)
+    acc = np.asarray(acc, dtype=float)
+    above = acc >= target  # NaN counts as not reached
+    reached = above.any(axis=-1)
+    i = np.argmax(above, axis=-1)
+    prev = np.maximum(i - 1, 0)
+    a0 = np.take_along_axis(acc, prev[..., None], axis=-1)[..., 0]
+    a1 = np.take_along_axis(acc, i[..., None], axis=-1)[..., 0]
+    x = log_budget(n)
+    x0, x1 = x[prev], x[i]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(a1 > a0, (target - a0) / (a1 - a0), 1.0)
+    crossing = 10 ** (x0 + t * (x1 - x0)) - 1.0
+    crossing = np.where(i == 0, n[0], crossing)
+    return np.where(reached, crossing, np.inf)
+
+
+def budget_to_reach(n: np.ndarray, acc: np.ndarray, target: float) -> float:
+    """The budget at which the curve (n ascending) first reaches `target`, linear in log10(1 + n)
+    between the two measured budgets around the crossing; inf if it never does."""
+    return float(first_crossing(n, acc, target))
+
+
+def budget_interval(n: np.ndarray, seeds_by_budget: np.ndarray, target: float, level: float = LEVEL):
+    """(n_to_target, lo, hi) from a seeds x budgets matrix (NaN where a trial is missing).
+
+    The CI inverts the pointwise t bands of the mean curve: [where the upper band first reaches
+    `target`, where the lower band first does]. Works on stacks of matrices (..., seeds, budgets).
+    """
+    m = np.asarray(seeds_by_budget, dtype=float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(m, axis=-2)
+    lo_band, hi_band = t_interval(m, level, axis=-2)
+    point = first_crossing(n, mean, target)
+    # A band that is NaN at some budget (one seed there) cannot be inverted.
+    defined = np.all(np.isfinite(lo_band), axis=-1)
+    lo = np.where(defined, first_crossing(n, hi_band, target), np.nan)
+    hi = np.where(defined, first_crossing(n, lo_band, target), np.nan)
+    if np.ndim(point) == 0:
+        return float(point), float(lo), float(hi)
+    return point, lo, hi
+
+
+def curve_area(n: np.ndarray, acc: np.ndarray) -> float:
+    """Mean accuracy over the log-budget axis (trapezoids), in [0, 1]; acc itself for one budget."""
+    x, acc = log_budget(n), np.asarray(acc, dtype=float)
+    if len(x) == 1 or x[-1] == x[0]:
+        return float(acc.mean())
+    return float(np.trapezoid(acc, x) / (x[-1] - x[0]))
+
+
+# --- per series ------------------------------------------------------------------------------
+
+
+def summarise(table: pd.DataFrame, level: float = LEVEL) -> pd.DataFrame:
+    """Per (series, n_train): seeds, and mean/std/CI (Student t, `level`) of every summarised column."""
+    done, info = prepare(table)
+    metrics = [c for c in results.summarised_columns(done) if c in done.columns]
+    out = []
+    for (series, n_train), group in done.groupby(["series", "n_train"], sort=False):
+        row = {**_ident(info, series), "n_train": n_train, "seeds": int(group["seed"].nunique())}
+        for metric in metrics:
+            values = pd.to_numeric(group[metric], errors="coerce").to_numpy(dtype=float)
+            values = values[np.isfinite(values)]
+            if len(values) == 0:
+                continue
+            row[f"{metric}_mean"] = float(values.mean())
+            row[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+            row[f"{metric}_ci_lo"], row[f"{metric}_ci_hi"] = t_interval(values, level)
+        out.append(row)
+    return _ordered(pd.DataFrame(out), ["n_train"])
+
+
+def _ident(info: pd.DataFrame, series: str) -> dict[str, Any]:
+    """The identifying columns every summary row of a series starts with."""
+    return {k: v for k, v in info.loc[series].items() if k != "flat"}
+
+
+def _ordered(frame: pd.DataFrame, extra: list[str]) -> pd.DataFrame:
+    if frame.empty:
+        return frame
+    return frame.sort_values(["task", "label", *extra], kind="stable").reset_index(drop=True)
+
+
+def _seed_frames(done: pd.DataFrame, metric: str) -> dict[str, pd.DataFrame]:
+    """Per series, `metric` as seeds (rows) x budgets (columns, ascending); NaN where a trial is missing."""
+    frames = {}
+    for series, group in done.groupby("series", sort=False):
+        values = group.assign(_v=pd.to_numeric(group[metric], errors="coerce"))
+        wide = values.pivot_table(index="seed", columns="n_train", values="_v", aggfunc="first", dropna=False)
+        frames[series] = wide.sort_index(axis=1)
+    return frames
+
+
+def headline(table: pd.DataFrame, target: float = 0.9, metric: str = METRIC, level: float = LEVEL) -> pd.DataFrame:
+    """Per series: budget to reach `target` with its CI, curve area, and ratio to the reference."""
+    done, info = prepare(table)
+    rows = []
+    for series, wide in _seed_frames(done, metric).items():
+        n, m = wide.columns.to_numpy(dtype=float), wide.to_numpy(dtype=float)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(m, axis=0)
+        point, lo, hi = budget_interval(n, m, target, level)
+        rows.append(
+            {
+                **_ident(info, series),
+                "seeds": len(m),
+                "target": target,
+                "n_to_target": point,
+                "n_to_target_ci_lo": lo,
+                "n_to_target_ci_hi": hi,
+                "max_budget": float(n.max()),
+                "area": curve_area(n, mean),
+            }
+        )
+    out = _ordered(pd.DataFrame(rows), [])
+    if out.empty:
+        return out
+    return _with_ratio(out, info)
+
+
+def _with_ratio(head: pd.DataFrame, info: pd.DataFrame) -> pd.DataFrame:
+    """Sample-efficiency ratio of each series against its closest reference series of the same task."""
+    head = head.assign(ratio_vs_reference=np.nan, ratio_is_lower_bound=False, reference_label=None)
+    by_series = head.set_index("series")
+    for idx, row in head.iterrows():
+        ref = reference_for(row["series"], info)
+        if ref is None or ref not in by_series.index:
+            continue
+        n_ref = float(by_series.loc[ref, "n_to_target"])
+        bound = not np.isfinite(n_ref)
+        reference = float(by_series.loc[ref, "max_budget"]) if bound else n_ref
+        head.loc[idx, "reference_label"] = info.loc[ref, "label"]
+        if np.isfinite(row["n_to_target"]) and row["n_to_target"] > 0:
+            # The reference needs `ratio` times the data; a lower bound when it never got there.
+            head.loc[idx, "ratio_vs_reference"] = reference / row["n_to_target"]
+            head.loc[idx, "ratio_is_lower_bound"] = bound
+    return head
+
+
+def _check_versus(info: pd.DataFrame, versus: str) -> None:
+    if versus not in set(info["method"]):
+        have = ", ".join(sorted(set(info["method"]))) or "none"
+        raise ConfigError(f"--versus {versus}: no finished trial ran {versus!r}; methods with results: {have}")
+
+
+def paired_differences(table: pd.DataFrame, versus: str, metric: str = METRIC, level: float = LEVEL) -> pd.DataFrame:
+    """Each series against the series of method `versus` with the same settings wherever both have
+    them (`series.partner`: same task, model, source, depth, variant, ...): per budget, the difference
+    of `metric` paired by seed (a seed's two trials share its source model and its draw of the
+    downstream data), its mean and Student t CI over the seeds both have. A series without such a
+    partner (e.g. its partner has no finished trial yet) is left out, never paired with another.
+
+    Raises ConfigError when no finished trial ran `versus`.
+    """
+    done, info = prepare(table)
+    _check_versus(info, versus)
+    by_series = _seed_frames(done, metric)
+    rows = []
+    for series in info.index:
+        ref = partner(series, info, versus) if info.loc[series, "method"] != versus else None
+        if ref is None:
+            continue
+        a, b = by_series[series], by_series[ref]
+        for n in sorted(set(a.columns) & set(b.columns)):
+            diff = (a[n] - b[n]).dropna().to_numpy(dtype=float)  # aligned on seed: pairs only
+            if len(diff) == 0:
+                continue
+            lo, hi = t_interval(diff, level)
+            rows.append(
+                {
+                    **_ident(info, series),
+                    "versus": info.loc[ref, "label"],
+                    "n_train": n,
+                    "pairs": len(diff),
+                    "diff_mean": float(diff.mean()),
+                    "diff_ci_lo": lo,
+                    "diff_ci_hi": hi,
+                }
+            )
+    return _ordered(pd.DataFrame(rows), ["n_train"])
+
+
+def mean_over(table: pd.DataFrame, axis: str, metric: str = METRIC, level: float = LEVEL) -> pd.DataFrame:
+    """Series that differ only in the value of the axis column `axis` (e.g. `model.n_layers`),
+    combined: per budget and seed the mean over the axis values, then the mean and Student t CI of
+    those per-seed means over seeds. A derived quantity (the paper's "mean of six depths"), reported
+    beside the series, never in their place. A (seed, budget) is used only where every axis value
+    has it. Raises ConfigError when `axis` is not an axis column of the results.
+    """
+    done, _, groups = axis_groups(table, axis)
+    by_series = _seed_frames(done, metric)
+    rows = []
+    for members, label, first in groups:
+        for n, seed_means in _per_seed_means([by_series[m] for m in members]):
+            lo, hi = t_interval(seed_means, level)
+            rows.append({"task": first["task"], "method": first["method"], "sparsity": first["sparsity"],
+                         "label": label, "n_train": n, "seeds": len(seed_means),
+                         f"{metric}_mean": float(seed_means.mean()), f"{metric}_ci_lo": lo,
+                         f"{metric}_ci_hi": hi})  # fmt: skip
+    return _ordered(pd.DataFrame(rows), ["n_train"])
+
+
+def mean_over_differences(
+    table: pd.DataFrame, axis: str, versus: str, metric: str = METRIC, level: float = LEVEL
+) -> pd.DataFrame:
+    """`paired_differences` averaged over `axis` as `mean_over` averages levels: per budget and
+    seed, each axis value's difference from its `versus` partner (same settings, same axis value),
+    the mean of those over the axis values, then the mean and Student t CI over seeds (the paper's
+    gap "on the mean of six depths"). A group is left out unless every axis value has a partner."""
+    done, info, groups = axis_groups(table, axis)
+    _check_versus(info, versus)
+    by_series = _seed_frames(done, metric)
+    rows = []
+    for members, label, first in groups:
+        if first["method"] == versus:
+            continue
+        partners = [partner(m, info, versus) for m in members]
+        if None in partners:
+            continue
+        frames = [by_series[m] - by_series[ref] for m, ref in zip(members, partners, strict=True)]
+        for n, seed_means in _per_seed_means(frames):
+            lo, hi = t_interval(seed_means, level)
+            rows.append({"task": first["task"], "method": first["method"], "sparsity": first["sparsity"],
+                         "label": label, "versus": versus, "n_train": n, "pairs": len(seed_means),
+                         "diff_mean": float(seed_means.mean()), "diff_ci_lo": lo, "diff_ci_hi": hi})  # fmt: skip
+    return _ordered(pd.DataFrame(rows), ["n_train"])
+
+
+def _per_seed_means(frames: list[pd.DataFrame]):
+    """(budget, per-seed means over `frames`) for each budget every frame has, over the seeds every
+    frame has there."""
+    for n in sorted(set.intersection(*(set(f.columns) for f in frames))):
+        per_value = pd.concat([f[n] for f in frames], axis=1).dropna()
+        if not per_value.empty:
+            yield n, per_value.mean(axis=1).to_numpy(dtype=float)

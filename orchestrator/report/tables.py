@@ -1,0 +1,145 @@
+"""The report's tables as people read them: budgets as rows, series as columns, cells `mean [95% CI]`
+(long format stays in the Parquet files)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from orchestrator.report.series import prepare
+from orchestrator.report.statistics import METRIC
+
+MASK_OVERLAP_NOTE = (
+    "Jaccard overlap |A∩B| / |A∪B| of discovered masks (all tensors together) that differ only in their seed "
+    "(same sparsity) or only in their sparsity (same seed), mean [min, max] over pairs; random: "
+    "d1·d2 / (d1 + d2 − d1·d2), the expected overlap of independent uniformly random masks of the same densities."
+)
+
+
+def _wide(frame: pd.DataFrame, columns: list[str], cells: list[str]) -> pd.DataFrame:
+    """Rows (task, n_train), one column per distinct `columns` entry in order of first appearance,
+    cells from `cells` ("" where a column has no value at a budget)."""
+    long = frame.assign(_column=columns, _cell=cells)
+    wide = long.pivot_table(index=["task", "n_train"], columns="_column", values="_cell", aggfunc="first")
+    wide = wide[[c for c in dict.fromkeys(columns) if c in wide.columns]]
+    wide.columns.name = None
+    return wide.fillna("").reset_index()
+
+
+def curve_table(summary: pd.DataFrame, metric: str = METRIC) -> pd.DataFrame:
+    """Budgets as rows, series (by label) as columns, cells `mean [95% CI]` (the mean alone for one
+    seed; empty where the series has no value, e.g. an ablation of a model without a transplant)."""
+    if summary.empty or f"{metric}_mean" not in summary:
+        return pd.DataFrame()
+    cols = [summary[f"{metric}_{s}"] for s in ("mean", "ci_lo", "ci_hi")]
+    cells = [
+        "" if pd.isna(mu) else f"{mu:.3f}" if pd.isna(lo) else f"{mu:.3f} [{lo:.3f}, {hi:.3f}]"
+        for mu, lo, hi in zip(*cols, strict=True)
+    ]
+    return _wide(summary, list(summary["label"]), cells)
+
+
+def non_empty(wide: pd.DataFrame) -> pd.DataFrame:
+    """`wide` without the series columns that have no value at any budget."""
+    keep = [c for c in wide.columns if c in ("task", "n_train") or (wide[c] != "").any()]
+    return wide[keep]
+
+
+def versus_table(diffs: pd.DataFrame) -> pd.DataFrame:
+    """Budgets as rows, series (`label − versus`) as columns, cells `mean [95% CI]`."""
+    if diffs.empty:
+        return pd.DataFrame()
+    columns = [f"{a} − {b}" for a, b in zip(diffs["label"], diffs["versus"], strict=True)]
+    triples = zip(diffs["diff_mean"], diffs["diff_ci_lo"], diffs["diff_ci_hi"], strict=True)
+    cells = [f"{m:+.3f}" if pd.isna(lo) else f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]" for m, lo, hi in triples]
+    return _wide(diffs, columns, cells)
+
+
+def headline_table(head: pd.DataFrame) -> pd.DataFrame:
+    """Per series: budget to the target [95% CI], curve area, and the data saved against its reference."""
+    if head.empty:
+        return head
+
+    def n_text(row):
+        if not np.isfinite(row["n_to_target"]):
+            return f"not reached (> {row['max_budget']:.0f})"
+        if np.isnan(row["n_to_target_ci_lo"]):
+            return f"{row['n_to_target']:.0f} [no CI: one seed]"
+        return f"{row['n_to_target']:.0f} [{_fmt_n(row['n_to_target_ci_lo'])}, {_fmt_n(row['n_to_target_ci_hi'])}]"
+
+    def ratio_text(row):
+        if not np.isfinite(row["ratio_vs_reference"]):
+            return ""
+        return (">" if row["ratio_is_lower_bound"] else "") + f"{row['ratio_vs_reference']:.1f}x"
+
+    refs = sorted({str(label).split(" [")[0] for label in head["reference_label"].dropna()}) or ["reference"]
+
+    return pd.DataFrame(
+        {
+            "task": head["task"],
+            "series": head["label"],
+            "seeds": head["seeds"],
+            f"n to {head['target'].iloc[0]:g} [95% CI]": head.apply(n_text, axis=1),
+            "area (log budget)": head["area"].map(lambda v: f"{v:.3f}"),
+            f"data saved vs {', '.join(refs)}": head.apply(ratio_text, axis=1),
+        }
+    )
+
+
+def _fmt_n(v: float) -> str:
+    return "inf" if not np.isfinite(v) else f"{v:.0f}"
+
+
+def mask_overlap_table(overlap: pd.DataFrame) -> pd.DataFrame:
+    """Pairs aggregated per (masks, pair type, sparsities): observed mean [min, max] vs random."""
+    if overlap.empty:
+        return pd.DataFrame()
+    rows = []
+    keys = ["masks", "pair", "sparsity_a", "sparsity_b"]
+    for (masks, pair, sa, sb), g in overlap.groupby(keys, sort=True):
+        rows.append(
+            {
+                "masks": masks,
+                "pair": pair,
+                "sparsity": f"{sa:g}" if sa == sb else f"{sa:g} vs {sb:g}",
+                "pairs": len(g),
+                "Jaccard observed": f"{g['jaccard'].mean():.3f} [{g['jaccard'].min():.3f}, {g['jaccard'].max():.3f}]",
+                "Jaccard random": f"{g['jaccard_random'].mean():.3f}",
+            }
+        )
+    out = pd.DataFrame(rows)
+    return out.drop(columns="masks") if out["masks"].nunique() == 1 else out
+
+
+def profile_table(summary: pd.DataFrame, table: pd.DataFrame, profile, columns: list[str]) -> pd.DataFrame:
+    """A column family drawn as profiles (see `methods.analysis.Profile`), long: per series at its
+    largest budget, per line and position, the mean and 95% CI over seeds, with the position's
+    depth (its index in the model's order, 0 = input side) and the relative depth in [0, 1]."""
+    done, _ = prepare(table)
+    rows = []
+    for series, group in summary.groupby("series", sort=False):
+        top = group.loc[group["n_train"].idxmax()]
+        orders = done.loc[done["series"] == series, profile.order].dropna() if profile.order in done else []
+        order = str(orders.iloc[0]).split(",") if len(orders) else []
+        for col in columns:
+            if f"{col}_mean" not in top or pd.isna(top[f"{col}_mean"]):
+                continue
+            position, line = profile.split(col)
+            if position not in order:
+                continue
+            depth = order.index(position)
+            rows.append({"task": top["task"], "label": top["label"], "series": series, "n_train": top["n_train"],
+                         "seeds": top["seeds"], "line": line, "position": position, "depth": depth,
+                         "relative_depth": depth / max(len(order) - 1, 1), "mean": top[f"{col}_mean"],
+                         "ci_lo": top[f"{col}_ci_lo"], "ci_hi": top[f"{col}_ci_hi"]})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def profile_markdown(long: pd.DataFrame) -> pd.DataFrame:
+    """Rows: series and line; columns: positions in depth order; cells: mean [95% CI]."""
+    positions = list(dict.fromkeys(long.sort_values(["depth"], kind="stable")["position"]))
+    triples = zip(long["mean"], long["ci_lo"], long["ci_hi"], strict=True)
+    text = [f"{m:.3f} [{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) else f"{m:.3f}" for m, lo, hi in triples]
+    cells = long.assign(cell=text)
+    wide = cells.pivot_table(index=["label", "n_train", "line"], columns="position", values="cell", aggfunc="first")
+    return wide.reindex(columns=positions).reset_index().rename(columns={"label": "series", "line": "feature"})

@@ -1,0 +1,177 @@
+"""The report's files: summary.md, index.html (in a real browser), figures and Parquet tables."""
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from orchestrator.cli import main
+from orchestrator.report import write_report
+from tests.report.synthetic import curves_table, series_rows, write_results
+
+
+def test_report_merges_directories_and_writes_every_file(tmp_path):
+    a = curves_table({"subtask_induction": {0: [0.3, 0.35], 99: [0.95, 0.9]}}, 0.75)
+    b = curves_table({"scratch": {0: [0.2, 0.25], 99: [0.4, 0.5]}})
+    write_results(tmp_path / "a", a)
+    write_results(tmp_path / "b", b)
+    report = write_report([tmp_path / "a", tmp_path / "b"], tmp_path / "merged")
+    for name in (
+        "summary.parquet",
+        "headline.parquet",
+        "summary.md",
+        "index.html",
+        "data_efficiency.png",
+        "data_efficiency.svg",
+        "sparsity_vs_subtask.png",
+    ):
+        assert (report / name).exists(), name
+    assert set(pd.read_parquet(report / "summary.parquet")["method"]) == {"subtask_induction", "scratch"}
+    assert "subtask_induction @0.75" in (report / "summary.md").read_text()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_index_html_renders_in_a_real_browser_with_every_figure(tmp_path):
+    from PIL import Image
+
+    table = curves_table(
+        {"subtask_induction": {0: [0.3, 0.35], 99: [0.95, 0.9]}, "scratch": {0: [0.2, 0.25], 99: [0.4, 0.5]}}, 0.75
+    )
+    write_results(tmp_path / "run", table)
+    report = write_report([tmp_path / "run"])
+    url = (report / "index.html").as_uri()
+    dom = subprocess.run(
+        [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'p1'}", "--virtual-time-budget=5000", "--dump-dom", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    assert 'data-figures="2"' in dom and 'data-figures-loaded="2"' in dom, dom[-500:]
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [
+            CHROMIUM,
+            *FLAGS,
+            f"--user-data-dir={tmp_path / 'p2'}",
+            "--window-size=1200,1400",
+            f"--screenshot={shot}",
+            url,
+        ],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert pixels.std() > 10, "the screenshot is blank"
+    assert (pixels < 128).mean() > 0.01, "too little ink: text and figures did not render"
+
+
+def test_summary_md_says_when_a_series_has_no_interval(tmp_path):
+    write_results(tmp_path / "run", curves_table({"scratch": {0: [0.2], 99: [0.95]}}))
+    md = (write_report([tmp_path / "run"]) / "summary.md").read_text()
+    assert "Student t" in md and "One seed only, so no interval (NaN bounds)" in md
+    assert "[no CI: one seed]" in md
+
+
+def test_representation_r2_profile_is_drawn_against_depth_at_the_largest_budget(tmp_path):
+    from orchestrator.report import t_interval
+
+    layers = ["embed", "block0", "final"]  # the model's order: not alphabetical
+    table = curves_table({"scratch": {10: [0.2, 0.3, 0.25], 99: [0.5, 0.6, 0.55]}})
+    config = json.dumps({"analyses": [{"name": "representation_r2"}]})
+    table["config_json"] = config
+    table["representation_r2_layers"] = ",".join(layers)
+    values = {}
+    for depth, layer in enumerate(layers):
+        for feature in ("a", "ab_mod_p"):
+            col = f"representation_r2_{layer}_{feature}"
+            # known answer: R² of feature a falls with depth, of ab mod p rises; the small budget differs
+            base = (0.9 - 0.3 * depth) if feature == "a" else (0.1 + 0.3 * depth)
+            table[col] = [
+                base + 0.01 * seed + (0.5 if n == 10 else 0)
+                for n, seed in zip(table["n_train"], table["seed"], strict=True)
+            ]
+            values[(layer, feature)] = [base + 0.01 * s for s in range(3)]
+    write_results(tmp_path / "run", table)
+    report = write_report([tmp_path / "run"])
+    long = pd.read_parquet(report / "representation_r2_profile.parquet")
+    assert set(long["n_train"]) == {99} and len(long) == 6
+    assert list(long[long["line"] == "a"].sort_values("depth")["position"]) == layers
+    for (layer, feature), vals in values.items():
+        row = long[(long["position"] == layer) & (long["line"] == feature)].iloc[0]
+        assert row["mean"] == pytest.approx(np.mean(vals))
+        lo, hi = t_interval(np.array(vals))
+        assert (row["ci_lo"], row["ci_hi"]) == pytest.approx((lo, hi))
+        assert row["depth"] == layers.index(layer)
+    md = (report / "summary.md").read_text()
+    assert "## representation_r2 by depth" in md
+    section = md.split("## representation_r2 by depth")[1]
+    assert section.index("embed") < section.index("block0") < section.index("final")  # columns in depth order
+    assert (report / "representation_r2_profile.svg").exists()
+    assert "representation_r2_profile.svg" in (report / "index.html").read_text()
+
+
+def test_no_profile_without_the_analysis(tmp_path):
+    write_results(tmp_path / "run", curves_table({"scratch": {10: [0.2, 0.3], 99: [0.5, 0.6]}}))
+    report = write_report([tmp_path / "run"])
+    assert not (report / "representation_r2_profile.parquet").exists()
+
+
+def test_report_versus_writes_the_paired_table(tmp_path, capsys):
+    table = pd.concat([series_rows("subtask_induction", 0.75, {99: [0.5, 0.6, 0.7]}),
+                       series_rows("full_transfer", None, {99: [0.4, 0.45, 0.65]})], ignore_index=True)  # fmt: skip
+    (tmp_path / "run").mkdir()
+    table.to_parquet(tmp_path / "run" / "results.parquet")
+    assert main(["report", str(tmp_path / "run"), "--to", str(tmp_path / "rep"), "--versus", "full_transfer"]) == 0
+    text = (tmp_path / "rep" / "summary.md").read_text()
+    assert "minus the full_transfer series of the same settings, paired by seed" in text
+    assert "subtask_induction @0.75 − full_transfer" in text and "+0.100 [" in text
+    assert len(pd.read_parquet(tmp_path / "rep" / "versus.parquet")) == 1
+    assert main(["report", str(tmp_path / "run"), "--to", str(tmp_path / "rep"), "--versus", "scratch"]) == 2
+    assert "no finished trial ran 'scratch'" in capsys.readouterr().err
+
+
+def test_report_versus_and_mean_over_write_the_mean_gap(tmp_path):
+    runs = [series_rows("subtask_induction", 0.75, {99: [0.5, 0.6, 0.7]}, n_layers=2),
+            series_rows("full_transfer", None, {99: [0.4, 0.5, 0.6]}, n_layers=2),
+            series_rows("subtask_induction", 0.75, {99: [0.3, 0.4, 0.5]}, n_layers=4),
+            series_rows("full_transfer", None, {99: [0.3, 0.4, 0.5]}, n_layers=4)]  # fmt: skip
+    table = pd.concat(runs, ignore_index=True)
+    (tmp_path / "run").mkdir()
+    table.to_parquet(tmp_path / "run" / "results.parquet")
+    argv = ["report", str(tmp_path / "run"), "--to", str(tmp_path / "rep"), "--versus", "full_transfer"]
+    assert main([*argv, "--mean-over", "model.n_layers"]) == 0
+    text = (tmp_path / "rep" / "summary.md").read_text()
+    assert "minus its full_transfer partner, mean over model.n_layers" in text and "+0.050 [" in text
+    assert len(pd.read_parquet(tmp_path / "rep" / "versus_mean_over.parquet")) == 1
+
+
+def test_report_mean_over_writes_its_table(tmp_path):
+    shallow = series_rows("subtask_induction", 0.75, {99: [0.5, 0.6, 0.7]}, n_layers=2)
+    deep = series_rows("subtask_induction", 0.75, {99: [0.3, 0.4, 0.5]}, n_layers=4)
+    table = pd.concat([shallow, deep], ignore_index=True)
+    (tmp_path / "run").mkdir()
+    table.to_parquet(tmp_path / "run" / "results.parquet")
+    assert main(["report", str(tmp_path / "run"), "--to", str(tmp_path / "rep"), "--mean-over", "model.n_layers"]) == 0
+    text = (tmp_path / "rep" / "summary.md").read_text()
+    assert "mean over model.n_layers (per seed, then mean [95% CI] over seeds)" in text
+    assert "0.500 [" in text  # (0.4 + 0.5 + 0.6) / 3
+    assert len(pd.read_parquet(tmp_path / "rep" / "mean_over.parquet")) == 1
