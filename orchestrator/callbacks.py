@@ -71,8 +71,9 @@ def make_callbacks(
 
     class Rows(tune.Callback):
         """Writes each trial's row on the driver as soon as it arrives (a Tune trial runs a group of
-        ours and sends their rows in batches: `orchestrator.worker`), and a failed row for each
-        trial of a group that finally fails or ends without sending it."""
+        ours and sends their rows in batches: `orchestrator.worker`). A trial that failed, or whose
+        group ended without its row, goes back to the queue; once its tries are spent, its failed
+        row is written."""
 
         def __init__(self):
             self.done = self.failed = self.running = self.interrupted = 0
@@ -98,11 +99,13 @@ def make_callbacks(
                 return
             group = self._group(trial)
             for row in json.loads(result["rows_json"]):
+                group.finished(row)
+                if row["status"] == "failed" and not self._retry([group.spec_of(row)], row["error"]):
+                    continue  # it runs again
                 write_row(out_dir, row)
-                if group.finished(row):  # not a row sent again by a retried group
-                    self.done += row["status"] == "done"
-                    self.failed += row["status"] == "failed"
-                    self.cost_done += budget_cost(row["data_fraction"])
+                self.done += row["status"] == "done"
+                self.failed += row["status"] == "failed"
+                self.cost_done += budget_cost(row["data_fraction"])
             if result["stage"] == "rows":
                 group.mark(int(result["group_next"]))
 
@@ -118,27 +121,28 @@ def make_callbacks(
 
         def on_trial_error(self, iteration, trials, trial, **info):
             try:
-                if stopping():  # e.g. its worker got the signal too: resumed from its checkpoint next run
-                    self._end(trial, None)
-                else:
-                    # Tune retries only RUNNING trials: with tries left (`should_recover`), this one was
-                    # lost before it ran (its node died while its worker started), so it goes back.
-                    self._end(trial, error_text(trial), requeue=queue is not None and trial.should_recover())
+                # Its worker was lost (Tune retries nothing); on a stop, e.g. its worker got the signal
+                # too, its trials resume from their checkpoints in the next run.
+                self._end(trial, None if stopping() else error_text(trial))
             finally:
                 forget_results(trial)
 
-        def _end(self, trial, error: str | None, requeue: bool = False) -> None:
-            """The group is over: its trials without a row fail with `error`, or (None) stay pending;
-            with `requeue`, they go back to the queue while they have tries left."""
+        def _retry(self, specs: list[TrialSpec], error: str) -> list[TrialSpec]:
+            """Hand failed `specs` back to the queue, which decides whether they run again (the one
+            place retries are decided); returns those whose tries are spent."""
+            if queue is None or not specs:
+                return specs
+            spent = [TrialSpec(**s) for s in queue.requeue([s.model_dump() for s in specs])]
+            if len(spent) < len(specs):
+                print(f"[instill] {len(specs) - len(spent)} trial(s) queued again after: {error}", file=sys.stderr)
+            return spent
+
+        def _end(self, trial, error: str | None) -> None:
+            """The group is over: its trials without a row go back to the queue while they have tries
+            left, then fail with `error`; or (None: a stop) stay pending."""
             group = self.groups.pop(trial.trial_id, None) or Group(out_dir, sweep, members(trial.config))
             group.mark(None)
-            unfinished = group.unfinished()
-            if requeue and unfinished:
-                spent = queue.requeue([s.model_dump() for s in unfinished])
-                if len(spent) < len(unfinished):
-                    print(f"[instill] {len(unfinished) - len(spent)} trial(s) whose worker was lost before they "
-                          f"ran are queued again ({error})", file=sys.stderr, flush=True)  # fmt: skip
-                unfinished = [TrialSpec(**s) for s in spent]
+            unfinished = group.unfinished() if error is None else self._retry(group.unfinished(), error)
             for spec in unfinished:
                 if error is None:
                     self.interrupted += 1
@@ -222,11 +226,12 @@ class Group:
         if self.marked is not None:
             mark_running(self.out_dir, self.hash(self.marked))
 
-    def finished(self, row: dict) -> bool:
-        """Note a trial's row; False if it had sent it before (a group retried after its worker died)."""
-        new = row["trial_hash"] not in self.finished_hashes
+    def finished(self, row: dict) -> None:
+        """Note that a trial sent its row."""
         self.finished_hashes.add(row["trial_hash"])
-        return new
+
+    def spec_of(self, row: dict) -> TrialSpec:
+        return next(s for i, s in enumerate(self.specs) if self.hash(i) == row["trial_hash"])
 
     def unfinished(self) -> list[TrialSpec]:
         if len(self.finished_hashes) == len(self.specs):

@@ -15,11 +15,14 @@ many trials as make about `GROUP_TARGET_S` seconds of compute, never so many tha
 takes longer than `GROUP_TARGET_S` runs alone, as without groups. `resources.group: N` groups N
 trials; 1 gives every trial its own Tune trial.
 
-A Tune trial whose worker is lost before the trial starts running (its node dies while the actor
-is being set up) is not retried by Tune, whatever `FailureConfig(max_failures)` allows: Tune retries
-only RUNNING trials. The driver hands such a group's unfinished trials back (`requeue`), each at
-most `retries` times, and the queue gives them out again; it reports FINISHED only once every
-trial is handed out and no group is still live, since a live group may yet come back.
+Retries are decided here and nowhere else (`max_failures`, passed as `retries`): the worker does
+not retry a trial that raises (it sends a failed row), and Tune retries no Tune trial
+(`FailureConfig(max_failures=0)`). The driver hands back every trial that failed and every
+unfinished trial of a Tune trial whose worker was lost, whenever it was lost (`requeue`); each goes
+out again at most `retries` times before its failed row is written, the trials handed back together
+as one group first (a lost pack forms again as it was, and resumes from its checkpoint). The queue
+reports FINISHED only once every trial is handed out and no group is still live, since a live group
+may yet hand trials back.
 """
 
 from __future__ import annotations
@@ -76,39 +79,40 @@ class TrialQueue(Searcher):
             if key is not None:
                 self.buckets.setdefault(key, deque()).append(i)
         self.taken = [False] * len(specs)
+        self.returned: deque[list[int]] = deque()  # groups handed back, to go out again first
         self.next = 0  # no trial before it is left
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         self._skip_taken()
         if self.should_stop():
             return Searcher.FINISHED
-        if self.next >= len(self.specs):
+        if self.returned:
+            chosen = self.returned.popleft()
+        elif self.next >= len(self.specs):
             # Tune asks no more once told FINISHED: wait while a live group may hand trials back.
             return None if self.live else Searcher.FINISHED
-        key = self.keys[self.next]
-        chosen = self._pack(key) if key is not None else self._group()
-        for i in chosen:
-            self.taken[i] = True
-            self.cost_left -= self.costs[i]
+        else:
+            chosen = self._pack(self.keys[self.next]) if self.keys[self.next] is not None else self._group()
+            for i in chosen:
+                self.taken[i] = True
+                self.cost_left -= self.costs[i]
         self.live.add(trial_id)
         members = [self.specs[i] for i in chosen]
         return {"spec": members[0]} if len(members) == 1 else {"specs": members}
 
     def requeue(self, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Hand `specs` (of a group whose worker was lost before it ran) out again, each at most
+        """Hand `specs` (failed, or of a group whose worker was lost) out again, each at most
         `retries` times in all. Returns those that are not: their tries are spent."""
-        spent = []
+        spent, back = [], []
         for spec in specs:
             i = self.index.get(_key(spec))
             if i is None or self.requeued[i] >= self.retries:
                 spent.append(spec)
-                continue
-            self.requeued[i] += 1
-            self.taken[i] = False
-            self.cost_left += self.costs[i]
-            self.next = min(self.next, i)
-            if self.keys[i] is not None:  # back in its pack's line, in the sweep's order
-                self.buckets[self.keys[i]] = deque(sorted({*self.buckets[self.keys[i]], i}))
+            else:
+                self.requeued[i] += 1
+                back.append(i)
+        if back:
+            self.returned.append(back)
         return spent
 
     def _skip_taken(self) -> None:

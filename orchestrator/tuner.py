@@ -76,7 +76,7 @@ def make_tuner(
             name=datetime.datetime.now().strftime("run-%Y%m%d-%H%M%S"),
             storage_path=out.path("tune"),
             storage_filesystem=None if out.posix else out.fs,
-            failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+            failure_config=tune.FailureConfig(max_failures=0),  # retries are the queue's (orchestrator.queue)
             callbacks=[*callbacks, throttled_tbx_logger()],
             verbose=0,
             # Trial output goes to stdout/stderr files in each trial's directory, synced to OUT/tune.

@@ -10,11 +10,10 @@ What reaches Tune:
   the group's last result, `"stage": "done"`), each with the compute time and cost of its
   trials, from which the queue sizes the next groups.
 
-A trial that raises is retried in place (`max_failures` times) and then recorded failed; the group
-goes on. A stop request ends the group after the running trial's checkpoint (`"stage":
-"interrupted"`): the trials not finished get no row and run in the next run. A worker that dies
-is retried by Tune with its whole group; the trials whose rows were already sent run again and
-give the same rows (a group holds a few seconds of compute).
+A trial that raises gets a failed row and the group goes on: whether it runs again is the driver's
+decision (`orchestrator.queue`, the one place retries are decided). A stop request ends the group
+after the running trial's checkpoint (`"stage": "interrupted"`): the trials not finished get no row
+and run in the next run.
 """
 
 from __future__ import annotations
@@ -98,41 +97,29 @@ class Group:
         self.flush("done")
 
     def run_packed(self, specs: list[TrialSpec], limit: int) -> None:
-        """Train `specs` in packs (`run_pack`); a trial that fails in its pack is tried again alone
-        (`max_failures` more times), so it gets as many tries as any other."""
+        """Train `specs` in packs (`run_pack`); a trial that fails in its pack gets a failed row."""
         outcomes = run_pack(
             self.sweep, specs, self.store, limit, should_stop=stop.requested, calibrate_k=calibrates(self.sweep)
         )
         for spec, outcome in zip(specs, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 print(f"[{spec.name}] failed in its pack: {outcome!r}", flush=True)
-                if self.sweep.max_failures == 0:
-                    row = failed_row(self.sweep, spec, outcome)
-                else:
-                    row = self.run_one(spec, tries=self.sweep.max_failures)
-            else:
-                row = outcome
-            log(spec, row["status"], row)
-            self.rows.append((spec, row))
+                outcome = failed_row(self.sweep, spec, outcome)
+            log(spec, outcome["status"], outcome)
+            self.rows.append((spec, outcome))
 
-    def run_one(self, spec: TrialSpec, tries: int | None = None) -> dict[str, Any]:
-        """The trial's row: done, or failed after `tries` tries (default: 1 + `max_failures`)."""
-
-        def report(metrics: dict[str, Any]) -> None:
-            self.report(spec, metrics)
-
-        tries = self.sweep.max_failures + 1 if tries is None else tries
-        for attempt in range(tries):
-            try:
-                return run_trial(self.sweep, spec, self.store, report=report, should_stop=stop.requested)
-            except Interrupted:
-                raise
-            except Exception as error:  # recorded in the row; the group goes on
-                print(f"[{spec.name}] attempt {attempt + 1} failed:", flush=True)
-                traceback.print_exc()
-                if attempt == tries - 1:
-                    return failed_row(self.sweep, spec, error)
-        raise AssertionError("unreachable")
+    def run_one(self, spec: TrialSpec) -> dict[str, Any]:
+        """The trial's row: done, or failed with its error."""
+        try:
+            return run_trial(
+                self.sweep, spec, self.store, report=lambda m: self.report(spec, m), should_stop=stop.requested
+            )
+        except Interrupted:
+            raise
+        except Exception as error:  # recorded in the row; the group goes on
+            print(f"[{spec.name}] failed:", flush=True)
+            traceback.print_exc()
+            return failed_row(self.sweep, spec, error)
 
     def report(self, spec: TrialSpec, metrics: dict[str, Any]) -> None:
         stage = metrics["stage"]

@@ -184,17 +184,14 @@ def test_a_group_reports_few_epochs_and_a_trial_alone_every_one(tiny, monkeypatc
     assert alone[-1]["val_acc"] == 0.5
 
 
-def test_a_failing_trial_is_retried_then_failed_and_the_group_goes_on(tiny, monkeypatch):
+def test_a_failing_trial_sends_a_failed_row_and_the_group_goes_on(tiny, monkeypatch):
     fake = _FakeRun(raises={1: RuntimeError("deliberate")})
     sent = _run_group(tiny, monkeypatch, 3, fake, max_failures=2)
-    assert fake.calls == [0, 1, 1, 1, 2]
+    assert fake.calls == [0, 1, 2], "the worker retries nothing: the queue decides (test_a_failed_row_...)"
     rows = _rows(sent)
     assert [r["status"] for r in rows] == ["done", "failed", "done"]
     assert "RuntimeError: deliberate" in rows[1]["error"]
     assert rows[1]["trial"] == _specs(3)[1].name
-    # A failure that passes on retry is not recorded.
-    flaky = _FakeRun(raises={0: [RuntimeError("once")]})
-    assert [r["status"] for r in _rows(_run_group(tiny, monkeypatch, 1, flaky, max_failures=1))] == ["done"]
 
 
 def test_a_stop_request_ends_the_group_with_the_rows_it_has(tiny, monkeypatch):
@@ -396,7 +393,7 @@ def test_a_pack_refused_by_its_first_forward_trains_each_trial_alone(tiny, tmp_p
         ]
 
 
-def test_a_trial_that_fails_in_its_pack_is_tried_again_alone(tiny, monkeypatch):
+def test_a_trial_that_fails_in_its_pack_sends_a_failed_row(tiny, monkeypatch):
     failing = RuntimeError("diverged in the pack")
 
     def run_pack(sweep, specs, store, limit, **kwargs):  # the first trial fails in its pack, the others pack
@@ -407,14 +404,8 @@ def test_a_trial_that_fails_in_its_pack_is_tried_again_alone(tiny, monkeypatch):
     fake = _FakeRun(epochs=0)
     monkeypatch.setattr(worker, "run_trial", fake)
     sent = []
-    sweep = tiny(max_failures=1, resources={"pack": 4})
-    worker.Group(sweep, _specs(3), store=None, send=sent.append).run()
-    assert fake.calls == [0], "the failed trial alone, once (its pack was its first try)"
-    assert [r["status"] for r in _rows(sent)] == ["done"] * 3
-    sent.clear()
-    fake.calls.clear()
-    worker.Group(tiny(max_failures=0, resources={"pack": 4}), _specs(3), store=None, send=sent.append).run()
-    assert fake.calls == []
+    worker.Group(tiny(max_failures=1, resources={"pack": 4}), _specs(3), store=None, send=sent.append).run()
+    assert fake.calls == [], "retries are the queue's"
     rows = _rows(sent)
     assert rows[0]["status"] == "failed" and "diverged in the pack" in rows[0]["error"]
 
@@ -525,21 +516,17 @@ def test_a_failed_calibration_packs_as_many_as_allowed(tiny, tmp_path, monkeypat
 
 
 class _LostTrial:
-    """What the Rows callback reads of a Tune trial that errored (`should_recover`: Tune's verdict
-    on whether its tries allow another)."""
+    """What the Rows callback reads of a Tune trial that errored or sent rows."""
 
-    def __init__(self, config, recoverable: bool):
-        self.trial_id, self.config, self.recoverable = "t0", config, recoverable
+    def __init__(self, config):
+        self.trial_id, self.config = "t0", config
         self.error_msg, self.last_result = "ActorDiedError: its node has died", {}
 
-    def should_recover(self) -> bool:
-        return self.recoverable
 
-
-@pytest.mark.parametrize("recoverable, retries", [(True, 1), (False, 1), (True, 0)])
-def test_a_group_lost_before_it_ran_goes_back_to_the_queue(tiny, tmp_path, recoverable, retries):
-    """Tune does not retry a trial that fails before it runs (its node died while its worker started):
-    the driver queues its trials again while Tune's and our tries allow, else records them failed."""
+@pytest.mark.parametrize("retries", [1, 0])
+def test_a_lost_group_goes_back_to_the_queue(tiny, tmp_path, retries):
+    """Tune retries nothing: the driver queues a lost group's trials again while their tries allow,
+    else records them failed."""
     from orchestrator.callbacks import make_callbacks
     from orchestrator.outdir import read_row
 
@@ -549,9 +536,29 @@ def test_a_group_lost_before_it_ran_goes_back_to_the_queue(tiny, tmp_path, recov
     rows, _ = make_callbacks(tmp_path, sweep, specs, 0, queue=q)
     config = q.suggest("t0")
     q.on_trial_complete("t0", error=True)
-    rows.on_trial_error(0, [], _LostTrial(config, recoverable))
-    back = recoverable and retries > 0
+    rows.on_trial_error(0, [], _LostTrial(config))
+    back = retries > 0
     assert [read_row(tmp_path, sweep, s) is None for s in specs] == [back, back]
     assert (q.suggest("t1") != queue.TrialQueue.FINISHED) == back
     if not back:
         assert read_row(tmp_path, sweep, specs[0])["status"] == "failed"
+
+
+@pytest.mark.parametrize("retries", [1, 0])
+def test_a_failed_row_goes_back_to_the_queue_while_its_tries_allow(tiny, tmp_path, retries):
+    from orchestrator.callbacks import make_callbacks
+    from orchestrator.outdir import read_row
+    from orchestrator.trial import failed_row
+
+    sweep = tiny(methods=["scratch"], max_failures=retries)
+    [spec] = expand(sweep)
+    q = queue.TrialQueue([spec], retries=retries)
+    rows, _ = make_callbacks(tmp_path, sweep, [spec], 0, queue=q)
+    for attempt in range(retries + 1):
+        config = q.suggest(f"t{attempt}")
+        row = failed_row(sweep, spec, RuntimeError("deliberate"))
+        rows.on_trial_result(0, [], _LostTrial(config), {"stage": "done", "rows_json": json.dumps([row])})
+        rows.on_trial_complete(0, [], _LostTrial(config))
+        q.on_trial_complete(f"t{attempt}")
+        assert (read_row(tmp_path, sweep, spec) is None) == (attempt < retries)
+    assert q.suggest("last") == queue.TrialQueue.FINISHED and rows.failed == 1

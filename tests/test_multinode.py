@@ -100,7 +100,7 @@ def test_sweep_on_s3_survives_losing_and_gaining_a_worker_node(tmp_path):
                 break
             time.sleep(0.5)
         changed = thread.is_alive()
-        ray_cluster.remove_node(workers[0])  # kills the trials running there: Tune retries them elsewhere
+        ray_cluster.remove_node(workers[0])  # kills the trials running there: the queue retries them elsewhere
         ray_cluster.add_node(num_cpus=1)
         thread.join(timeout=600)
         outcome = finished["outcome"]
