@@ -1,8 +1,10 @@
 """Analyses: measurements of a trained model, run after training, as plug-ins.
 
 A registered analysis has a name, the artifact kinds it needs (e.g. "source"), an optional typed
-config block (its parameters in the sweep file: `{name: lmc_barrier, points: 11}`), and the output
-columns it declares: dtype, and whether the report summarises it. Every column it returns starts
+config block (its parameters in the sweep file: `{name: lmc_barrier, points: 11}`), the sweep blocks
+it reads besides task, model and training (`reads=`: in the identity of the trials that run it, and
+all `ctx.block(name)` gives it), and the output columns it declares: dtype, and whether the report
+summarises it. Every column it returns starts
 with its name; a declared column ending in `*` stands for a family (`splits_*`). The trial checks
 what an analysis returns against what it declared.
 
@@ -62,6 +64,14 @@ class AnalysisContext:
     eval_batch_size: int
     method: str
     seed: int = 0  # the trial's seed (for data an analysis draws from the task, e.g. probe splits)
+    settings: Any = None  # in a trial: the sweep as the analysis may read it (`common.config.Declared`)
+
+    def block(self, name: str) -> Any:
+        """The sweep block `name`, if the analysis may read it: declared in `reads`, or task, model
+        and training; otherwise `UndeclaredBlock` says which declaration to add."""
+        if self.settings is None:
+            raise ValueError("this AnalysisContext was built without the sweep's settings (settings=None)")
+        return self.settings.block(name)
 
     def artifact(self, kind: str) -> Any:
         if kind not in self.artifacts:
@@ -78,6 +88,7 @@ class Analysis:
     columns: dict[str, Column]
     Config: type[Frozen] | None
     description: str
+    reads: tuple[str, ...] = ()  # sweep blocks it reads besides task, model and training
 
     def declares(self, column: str) -> Column | None:
         for pattern, spec in self.columns.items():
@@ -119,15 +130,17 @@ def register_analysis(
     columns: dict[str, Column],
     needs: tuple[str, ...] = (),
     config: type[Frozen] | None = None,
+    reads: tuple[str, ...] = (),
     description: str = "",
 ):
-    """Decorator for `run(ctx, model, config) -> dict`; columns must start with `name`."""
+    """Decorator for `run(ctx, model, config) -> dict`; columns must start with `name`. `reads`:
+    the sweep blocks it reads (`ctx.block(name)`) besides task, model and training."""
     misnamed = [c for c in columns if not c.startswith(name)]
     if misnamed:
         raise ValueError(f"analysis {name!r}: every column must start with its name; fix {misnamed}")
 
     def add(fn):
-        ANALYSES.register(name)(Analysis(name, fn, tuple(needs), dict(columns), config, description))
+        ANALYSES.register(name)(Analysis(name, fn, tuple(needs), dict(columns), config, description, tuple(reads)))
         return fn
 
     return add

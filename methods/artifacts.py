@@ -1,9 +1,13 @@
 """Artifact kinds: the upstream work trials share, computed once per key.
 
-Each kind declares the kinds it needs, the sweep blocks and grid axes its key holds, and four
-functions: `key(ctx)` (exactly the fields that determine it), `compute(ctx) -> (tensors, meta)`,
+Each kind declares the kinds it needs, the sweep blocks it reads and the grid axes its key holds,
+and four functions: `key(ctx)` (what determines it besides those blocks: its upstream keys, its grid
+point, the task's fields of its stage), `compute(ctx) -> (tensors, meta)`,
 `load(ctx, tensors, meta)` (the object a method receives), and `columns(meta)` (what a trial's row
-records about it). A kind that computes the artifacts of several values of an axis in one go (a
+records about it). `ctx.settings` shows a kind only the blocks it declares (`blocks=`, its own
+block, and `model`); reading another raises `common.config.UndeclaredBlock`, and the store key is
+`key(ctx)` plus every block it may read (`reads`) and, for a plug-in kind (or task, or model), the
+hash of its module's source (`code`). A kind that computes the artifacts of several values of an axis in one go (a
 mask discovery serves every sparsity) names the axis in `shares` and implements
 `compute_many(contexts)`; each artifact is still stored and keyed on its own. A kind that can
 train the artifacts of different seeds as one pack (`methods.packing`; source models) sets
@@ -35,7 +39,9 @@ class ArtifactContext:
     """What computing or loading one artifact may draw on."""
 
     task: Any
-    settings: Any  # the trial's effective sweep config (blocks by attribute: .model, .source, .discovery, ...)
+    # The trial's effective sweep config, as the kind may read it: its declared blocks and `model`,
+    # by attribute (.model, .discovery) or name (.block("guide")); `common.config.Declared`.
+    settings: Any
     seed: int
     point: dict[str, Any]  # the grid axes the kind depends on, e.g. {"sparsity": 0.75}
     device: torch.device
@@ -49,7 +55,7 @@ class ArtifactContext:
 class ArtifactKind:
     name: ClassVar[str]
     needs: ClassVar[tuple[str, ...]] = ()
-    blocks: ClassVar[tuple[str, ...]] = ()  # sweep blocks that enter the key (shared by every method needing it)
+    blocks: ClassVar[tuple[str, ...]] = ()  # sweep blocks it reads, all in its key (shared by every method needing it)
     axes: ClassVar[tuple[str, ...]] = ()  # grid axes that enter the key
     reported: ClassVar[tuple[str, ...]] = ()  # row columns from `columns(meta)` that the report summarises
     is_mask: ClassVar[bool] = False  # boolean tensors over parameters: the report compares them (overlap)
@@ -62,7 +68,10 @@ class ArtifactKind:
         it has one, and `family`: the key without them (artifacts of one family differ only there)."""
         return {}
 
-    def key(self, ctx: ArtifactContext) -> dict: ...
+    def key(self, ctx: ArtifactContext) -> dict:
+        """What determines the artifact besides the blocks it reads (the store adds those): its
+        upstream keys (`ctx.key_of`), grid point, seed, the task's fields of its stage."""
+        ...
 
     def compute(self, ctx: ArtifactContext) -> tuple[dict[str, torch.Tensor], dict[str, Any]]: ...
 
@@ -91,7 +100,8 @@ def register_artifact(
     packs_seeds: bool = False,
     config: type | None = None,
 ):
-    """Register an `ArtifactKind` class. `blocks`: sweep blocks its key reads; `config`: a settings
+    """Register an `ArtifactKind` class. `blocks`: sweep blocks it reads (all it can read, with
+    `model` and its own block; each enters its key); `config`: a settings
     block of its own, written under `name` in the sweep file (`guide: {...}`), validated there, part
     of the key and identity of everything that needs the kind, tunable and sweepable by path.
     `axes`: the fixed grid axes its key holds (only "sparsity" exists); `shares`: those of them
@@ -144,11 +154,9 @@ class Source(ArtifactKind):
     def describe(self, key):
         return {"seed": key["seed"]}
 
-    def key(self, ctx):
+    def key(self, ctx):  # the store adds the model and source blocks (`reads`)
         return {
             "task": ctx.task.key_fields("source"),
-            "model": ctx.settings.model.canonical(),
-            "training": ctx.settings.source.canonical(),
             "seed": ctx.seed,
             # bfloat16 on GPU changes the numbers (masks inherit this through their source key)
             **({"mixed_precision": True} if ctx.mixed_precision else {}),
@@ -219,11 +227,10 @@ class DiscoveredMask(ArtifactKind):
         family = {**{k: v for k, v in key.items() if k not in ("source", "sparsity")}, "source": source}
         return {"seed": key["source"]["seed"], "sparsity": key["sparsity"], "family": family}
 
-    def key(self, ctx):
+    def key(self, ctx):  # the store adds the discovery block (`reads`)
         return {
             "source": ctx.key_of("source"),
             "subtask": ctx.task.key_fields("subtask"),
-            "discovery": ctx.settings.discovery.canonical(),
             "sparsity": ctx.point["sparsity"],
         }
 

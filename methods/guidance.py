@@ -110,11 +110,9 @@ class Guide(ArtifactKind):
         trained = ctx.settings.block("guide").trained
         if trained and own:
             return {"source": ctx.key_of("source"), "trained": True}
-        return {
+        return {  # the store adds the blocks it reads: model, source (trained or not) and guide
             "task": ctx.task.key_fields("source"),
             "model": cfg.canonical(),
-            # an untrained guide does not depend on the source's training settings
-            **({"training": ctx.settings.source.canonical()} if trained else {}),
             "seed": ctx.seed,
             "trained": trained,
             **({"mixed_precision": True} if trained and ctx.mixed_precision else {}),

@@ -8,8 +8,9 @@ A method declares
 - `owns`: shared artifact settings (e.g. "discovery") that `instill tune` searches for this method;
   every method using that artifact inherits the tuned values;
 - `reference`: whether it is the no-transfer reference that the report measures data savings against;
-- `reads`: the sweep blocks besides `training` that its results depend on (e.g. "transfer"), so
-  that a trial's identity holds exactly what it ran with;
+- `reads`: the sweep blocks besides task, model, training and its own that it reads (e.g.
+  "transfer"): they enter its trials' identity, and they are all it can read (`ctx.block(name)`,
+  `ctx.transfer`; an undeclared block raises `common.config.UndeclaredBlock` naming the declaration);
 - `build(ctx) -> nn.Module`, and optionally `objective(ctx, model) -> Objective` (default:
   cross-entropy on the downstream training split, best epoch by validation accuracy);
 - rarely, `train(ctx, model, generator, mixed_precision) -> TrainResult`, for a method that does not
@@ -49,11 +50,19 @@ class MethodContext:
     data: StageData  # the downstream data at this trial's budget
     config: Frozen | None  # the method's own block (None for methods without one)
     training: TrainConfig
-    transfer: TransferConfig
+    transfer: TransferConfig  # in a trial: raises where used unless the method `reads` "transfer"
     artifacts: dict[str, Any]  # kind -> loaded artifact (an nn.Module for "source", a Mask for "mask")
     generator: torch.Generator  # the method's own random stream (e.g. a sampled mask)
     device: torch.device
     fresh_model: Callable[[str], nn.Module]  # fresh_model(stage): a new model, init seeded by (seed, stage)
+    settings: Any = None  # in a trial: the sweep as the method may read it (`common.config.Declared`)
+
+    def block(self, name: str) -> Any:
+        """The sweep block `name`, if the method may read it: declared in `reads`, its own, or task,
+        model and training; otherwise `UndeclaredBlock` says which declaration to add."""
+        if self.settings is None:
+            raise ValueError("this MethodContext was built without the sweep's settings (settings=None)")
+        return self.settings.block(name)
 
     @property
     def fresh(self) -> nn.Module:

@@ -7,9 +7,12 @@ keyed by exactly the config fields that determine it, so it is computed once per
 number of trials that need it. Nothing here knows a method, artifact kind or analysis by name: it
 follows what their registrations declare.
 
-A trial's identity (`identity`) is its method, grid point and every setting its result depends on;
-its hash names its row, so a sweep that grows by a seed, a budget, a method or an axis value reuses
-every finished trial and runs only the new ones.
+A trial's identity (`identity`) is its method, grid point, every setting its result depends on and
+the source of every plug-in module it uses (`common.provenance`); its hash names its row, so a sweep
+that grows by a seed, a budget, a method or an axis value reuses every finished trial and runs only
+the new ones, and editing a plug-in reruns only the trials that use it. Methods, analyses and
+artifact kinds see only the sweep blocks they declare (`common.config.Declared`), and those blocks
+are in the identity (and an artifact's key): reading a block they did not declare is an error.
 
 Every training run inside a trial (`methods.training.fit`: the downstream training, and the source
 or mask when the trial computes them) is supervised (`TrialSupervisor`): it checkpoints into the
@@ -38,7 +41,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from common.config import Frozen, stable_hash
+import tasks
+from common.config import Declared, Frozen, stable_hash
+from common.provenance import plugin_sources
 from common.seeding import seeded_init, torch_generator
 from methods import ANALYSES, ARTIFACTS, AnalysisContext, ArtifactContext, MethodContext, evaluate, get_method
 from methods.artifacts import closure
@@ -76,18 +81,52 @@ def _short(value: Any) -> str:
 # --- the grid and trial identity ---------------------------------------------------------
 
 
+# Blocks every method and analysis may read without declaring them: every trial's identity holds
+# them (task, model, training). Artifact kinds may read `model` undeclared: every kind can build
+# models (`ctx.fresh_model`), so every artifact key holds it; a kind keys the task's fields of its
+# stage itself (`ctx.task.key_fields`), and reads no other block undeclared.
+TRIAL_BLOCKS = ("task", "model", "training")
+KIND_BLOCKS = ("model",)
+
+
 def identity_blocks(sweep: SweepConfig, method: str) -> list[str]:
     """The sweep blocks a trial of `method` depends on: task, model, training, the blocks of every
-    artifact it or its analyses need, the blocks the method reads, and its own settings."""
+    artifact it or its analyses need, the blocks the method and its analyses read, and its own settings."""
     spec = get_method(method)
-    needs = list(spec.needs) + [k for name, _ in sweep.analysis_list() for k in ANALYSES.get(name).needs]
-    blocks = ["task", "model", "training"]
+    analyses = [ANALYSES.get(name) for name, _ in sweep.analysis_list()]
+    needs = list(spec.needs) + [k for analysis in analyses for k in analysis.needs]
+    blocks = list(TRIAL_BLOCKS)
     for kind in closure(needs):
         blocks += ARTIFACTS.get(kind).blocks
-    blocks += list(spec.reads)
+    blocks += list(spec.reads) + [b for analysis in analyses for b in analysis.reads]
     if method in sweep.method_settings:
         blocks.append(method)
     return list(dict.fromkeys(blocks))
+
+
+def method_settings(effective: SweepConfig, method: str) -> Declared:
+    """The sweep as method `method` may read it: its `reads`, its own block and `TRIAL_BLOCKS`."""
+    spec = get_method(method)
+    own = (method,) if method in effective.method_settings else ()
+    hint = "reads= in its @register_method"
+    return Declared(effective, f"method {method!r}", (*spec.reads, *own), hint, TRIAL_BLOCKS)
+
+
+def analysis_settings(effective: SweepConfig, name: str) -> Declared:
+    """The sweep as analysis `name` may read it: its `reads` and `TRIAL_BLOCKS`."""
+    reads = ANALYSES.get(name).reads
+    return Declared(effective, f"analysis {name!r}", reads, "reads= in its @register_analysis", TRIAL_BLOCKS)
+
+
+def kind_settings(effective: SweepConfig, kind: str) -> Declared:
+    """The sweep as artifact kind `kind` may read it: its `blocks` (its own block among them) and `KIND_BLOCKS`."""
+    blocks = ARTIFACTS.get(kind).blocks
+    return Declared(effective, f"artifact kind {kind!r}", blocks, "blocks= in its @register_artifact", KIND_BLOCKS)
+
+
+def stage_plugins(effective: SweepConfig) -> list[Any]:
+    """The registered task and model of a config: what every trial and artifact uses."""
+    return [tasks.TASKS.get(effective.task.name), tasks.MODELS.get(effective.model.name)]
 
 
 def expand(sweep: SweepConfig) -> list[TrialSpec]:
@@ -130,8 +169,13 @@ def identity(sweep: SweepConfig, spec: TrialSpec) -> dict[str, Any]:
     out["analyses"] = [{"name": n, **(c.canonical() if c else {})} for n, c in effective.analysis_list()]
     if effective.resources.mixed_precision:  # bfloat16 on GPU changes the numbers
         out["mixed_precision"] = True
-    if packs_upstream(effective) and any(ARTIFACTS.get(k).packs_seeds for k in trial_needs(sweep, spec)):
+    needs = trial_needs(sweep, spec)
+    if packs_upstream(effective) and any(ARTIFACTS.get(k).packs_seeds for k in needs):
         out["packed_upstream"] = True  # packed upstream artifacts are not the serial ones
+    used = [get_method(spec.method), *(ANALYSES.get(n) for n, _ in effective.analysis_list())]
+    code = plugin_sources(used + [ARTIFACTS.get(k) for k in needs] + stage_plugins(effective))
+    if code:  # the project's own code is recorded beside the identity (`code_version`), not in it
+        out["code"] = code
     return out
 
 
@@ -258,7 +302,7 @@ class Upstream:
             get = key_of
         return ArtifactContext(
             task=self.task,
-            settings=self.sweep,
+            settings=kind_settings(self.sweep, kind),
             seed=seed,
             point={axis: point[axis] for axis in art.axes},
             device=self.device,
@@ -273,8 +317,17 @@ class Upstream:
         if kind not in self.keys:
             for dep in ARTIFACTS.get(kind).needs:
                 self.key(dep)
-            self.keys[kind] = ARTIFACTS.get(kind).key(self.context(kind))
+            self.keys[kind] = self.store_key(self.context(kind), kind)
         return self.keys[kind]
+
+    def store_key(self, ctx: ArtifactContext, kind: str) -> dict:
+        """The store key of `kind`'s artifact in `ctx`: what its `key(ctx)` says (its upstream keys,
+        its grid point, the task's fields of its stage), every block it may read (`reads`), and the
+        source of the plug-in modules it runs (`code`: the kind's, the task's and the model's)."""
+        art = ARTIFACTS.get(kind)
+        key = {**art.key(ctx), "reads": ctx.settings.canonical()}
+        code = plugin_sources([art, *stage_plugins(self.sweep)])
+        return {**key, "code": code} if code else key
 
     def compute_shared(self, kind: str, points: list[dict[str, Any]]) -> None:
         """Store the `kind` artifacts of this trial's context at each of `points` (values of the
@@ -287,7 +340,7 @@ class Upstream:
             contexts.append(
                 dataclasses.replace(ctx, point={**ctx.point, **{k: v for k, v in point.items() if k != "seed"}})
             )
-        keys = [art.key(one) for one in contexts]
+        keys = [self.store_key(one, kind) for one in contexts]
 
         used = []  # the run's checkpointer, cleared once its artifacts are stored
 
@@ -563,12 +616,14 @@ class Trial:
         task = self.task
         data = task.downstream_data(seed, spec.data_fraction)
         self.make_fresh = lambda stage: fresh_model(effective, task, seed, stage)
+        settings = method_settings(effective, spec.method)
         self.ctx = MethodContext(
             task=task,
             data=data,
             config=effective.method_settings.get(spec.method),
             training=effective.training,
-            transfer=effective.transfer,
+            transfer=settings.lazy("transfer"),  # raises where used unless the method `reads` it
+            settings=settings,
             artifacts={kind: upstream.objects[kind] for kind in self.method.needs},
             generator=torch_generator(seed, f"method:{spec.method}"),
             device=self.device,
@@ -602,6 +657,7 @@ class Trial:
                     eval_batch_size=effective.training.eval_batch_size,
                     method=self.spec.method,
                     seed=self.spec.seed,
+                    settings=analysis_settings(effective, name),
                 )
                 row.update(analysis.check(analysis.run(actx, model, config)))
                 self.lap(f"analysis_{name}")
