@@ -30,17 +30,15 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, num_gpus:
 
 @contextlib.contextmanager
 def _keep_signal_handlers():
-    """ray.init replaces the driver's SIGTERM handler with `sys.exit`, and a signal during its start-up
-    is lost; keep the sweep's own (orchestrator.stop) in place instead."""
-    try:
-        from ray._private import utils as ray_utils  # private: the Ray version range is pinned
-    except ImportError:
-        yield
-        return
-    original = getattr(ray_utils, "set_sigterm_handler", None)
-    if original is None:
-        yield
-        return
+    """Keep the sweep's SIGTERM handler (orchestrator.stop) through `ray.init`.
+
+    A patch of a Ray internal, written against Ray 2.60.0: `ray.init` sets SIGTERM to `sys.exit`
+    through `ray._private.utils.set_sigterm_handler`, so a signal during its start-up would end the
+    driver without a graceful stop, and no public API turns that off. tests/test_ray_internals.py
+    fails when Ray stops setting it that way."""
+    from ray._private import utils as ray_utils
+
+    original = ray_utils.set_sigterm_handler
     ray_utils.set_sigterm_handler = lambda handler: None
     try:
         yield

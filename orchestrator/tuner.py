@@ -16,9 +16,8 @@ Settings for grids of thousands of trials (figures: docs/PERFORMANCE.md, "Grid s
   and end at their first stop check, without a row.
 - A FIFO scheduler that looks only at unfinished trials (`live_fifo_scheduler`): Tune's own scans
   every trial it has created on every step, O(trials^2) over a sweep.
-- Tune's CSV, JSON and TensorBoard loggers all stay (per-trial `progress.csv`, `result.json` and
-  event files, the live curves); the TensorBoard one flushes at most once a second per trial
-  instead of after every result (each flush is an fsync on the driver), and always at trial end.
+- Tune's own CSV, JSON and TensorBoard loggers (per-trial `progress.csv`, `result.json` and event
+  files: the live curves).
 - The experiment-state snapshot keeps Tune's automatic period (at most 5% of the driver's time);
   our resume is by rows, so a larger `TUNE_GLOBAL_CHECKPOINT_S` is also safe.
 
@@ -30,7 +29,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import time
 from collections.abc import Callable
 
 from orchestrator.config import SweepConfig
@@ -77,7 +75,7 @@ def make_tuner(
             storage_path=out.path("tune"),
             storage_filesystem=None if out.posix else out.fs,
             failure_config=tune.FailureConfig(max_failures=0),  # retries are the queue's (orchestrator.queue)
-            callbacks=[*callbacks, throttled_tbx_logger()],
+            callbacks=callbacks,
             verbose=0,
             # Trial output goes to stdout/stderr files in each trial's directory, synced to OUT/tune.
             log_to_file=True,
@@ -129,62 +127,31 @@ def ahead(sweep: SweepConfig, concurrency: int) -> int:
     return max(4, concurrency)
 
 
-# Result buffering on the workers. Ray 2.60 (tune_controller._schedule_trial_train) passes
-# (buffer length, buffer time) to `Trainable.train_buffered(buffer_time_s, max_buffer_length)`, the
-# wrong way round, so its buffer only works with the values swapped: LENGTH is read as the time
-# window (2 s) and MIN_TIME_S as the most results (1,000). Read the right way round (a fixed Ray),
-# the same values mean pairs of results: still safe, half the round trips. Tune's own defaults (1 and
-# 0) send every report alone.
+# Result buffering on the workers: a workaround of a Ray bug, written against Ray 2.60.0, whose
+# `TuneController._schedule_trial_train` passes (buffer length, buffer time) to
+# `Trainable.train_buffered(buffer_time_s, max_buffer_length)`, the wrong way round: LENGTH is read
+# as the time window (2 s) and MIN_TIME_S as the most results (1,000). Read the right way round (a
+# fixed Ray), the same values mean pairs of results: still safe, half the round trips; then swap
+# them (tests/test_ray_internals.py fails once Ray is fixed). Tune's defaults send every report alone.
 TUNE_DEFAULTS = {"TUNE_RESULT_BUFFER_LENGTH": "2", "TUNE_RESULT_BUFFER_MIN_TIME_S": "1000"}
-
-TBX_FLUSH_EVERY_S = 1.0
-
-
-def throttled_tbx_logger():
-    """Tune's TensorBoard logger (same files, same tags), flushing each trial's events at most once
-    every `TBX_FLUSH_EVERY_S` instead of after every result. Given explicitly, it replaces the one
-    Tune would add; the writer's own 30 s flush and its close at trial end write the rest."""
-    from ray.tune.logger import TBXLoggerCallback
-
-    class ThrottledTBXLogger(TBXLoggerCallback):
-        def __init__(self):
-            super().__init__()
-            self._summary_writer_cls = _throttled(self._summary_writer_cls)
-
-    return ThrottledTBXLogger()
-
-
-def _throttled(writer_cls):
-    class ThrottledWriter(writer_cls):
-        _last_flush = float("-inf")
-
-        def flush(self):
-            now = time.monotonic()
-            if now - self._last_flush >= TBX_FLUSH_EVERY_S:
-                self._last_flush = now
-                super().flush()
-
-    return ThrottledWriter
 
 
 def live_fifo_scheduler():
     """Tune's FIFO scheduler (the default), choosing the first pending (else paused) trial among the
-    unfinished ones only: Tune's own reads the status of every trial it has created, once per step."""
+    unfinished ones only: Tune's own reads the status of every trial it has created, once per step.
+    Only `TrialScheduler`'s documented hooks: the trials it was given (`on_trial_add`), by status."""
     from ray.tune.schedulers import FIFOScheduler
-
-    from orchestrator.callbacks import LiveTrials
 
     class LiveFIFOScheduler(FIFOScheduler):
         def __init__(self):
             super().__init__()
-            self.live = LiveTrials()
+            self.live: list = []
+
+        def on_trial_add(self, tune_controller, trial):
+            self.live.append(trial)
 
         def choose_trial_to_run(self, tune_controller):
-            statuses = self.live.update(tune_controller.get_trials())
-            for wanted in ("PENDING", "PAUSED"):
-                for trial, status in statuses:
-                    if status == wanted:
-                        return trial
-            return None
+            self.live = [t for t in self.live if t.status not in ("TERMINATED", "ERROR")]
+            return next((t for s in ("PENDING", "PAUSED") for t in self.live if t.status == s), None)
 
     return LiveFIFOScheduler()
