@@ -19,6 +19,8 @@ examples:
       summary table and plots in runs/quickstart/report/
   instill run configs/quickstart.yaml --out runs/quickstart
       (again, after an interruption) resume: only unfinished or failed trials run
+  instill run configs/quickstart.yaml --out runs/quickstart --rerun-stale
+      also rerun the finished trials whose rows came from another version of the code
   instill run configs/arithmetic-paper.yaml --out /shared/paper --address auto
       join the running Ray cluster instead of starting a local one
   instill tune configs/quickstart.yaml --out runs/qs-tuning
@@ -63,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="run even if --out holds a sweep of another name")
     run.add_argument("--no-report", action="store_true", help="skip the summary table and plots")
     run.add_argument("--tuned", type=Path, help="per-method values from `instill tune` (its tuned.yaml)")
+    run.add_argument(
+        "--rerun-stale",
+        action="store_true",
+        help="also rerun finished trials whose rows came from another code version (git commit or package "
+        "version, the row's code_version); their rows are replaced",
+    )
     run.add_argument(
         "--tracking",
         choices=["wandb", "mlflow"],
@@ -157,11 +165,14 @@ def _run(args) -> int:
         grace_s=args.grace,
         resume_hint=resume_command(args),
         tracking=args.tracking,
+        rerun_stale=args.rerun_stale,
     )
     print(
         f"{outcome.ran} trials run, {outcome.skipped} already done, {outcome.failed} failed "
         f"in {outcome.wall_s:.0f} s; results: {outcome.out_dir}/results.parquet"
     )
+    if outcome.skipped or outcome.stale:
+        print(stale_line(outcome))
     if outcome.stopped_by is not None:
         _exit_at_next_signal()
         pending = int((outcome.table["status"] == "pending").sum())
@@ -186,6 +197,17 @@ def _run(args) -> int:
     return 0
 
 
+def stale_line(outcome) -> str:
+    """How many finished rows came from other code versions than this one, and what to do."""
+    from common.provenance import code_version
+
+    here = f"this code version ({code_version()})"
+    if outcome.rerun_stale:
+        return f"{outcome.stale} finished trial(s) from other code versions than {here} run again"
+    line = f"{outcome.stale} of {outcome.skipped} finished trial(s) came from other code versions than {here}"
+    return line + ("; --rerun-stale reruns them" if outcome.stale else "")
+
+
 def resume_command(args) -> str:
     """The `instill run` command line that resumes this run."""
     parts = ["instill", "run", str(args.sweep), "--out", str(args.out)]
@@ -195,6 +217,8 @@ def resume_command(args) -> str:
         parts += ["--tuned", str(args.tuned)]
     if args.force:
         parts.append("--force")
+    if args.rerun_stale:
+        parts.append("--rerun-stale")
     if args.tracking:
         parts += ["--tracking", args.tracking]
     return " ".join(shlex.quote(p) for p in parts)

@@ -42,6 +42,7 @@ TRAILING = [
     "series",
     "config_json",
     "measurements_json",
+    "code_version",
     "versions",
 ]
 COLUMNS = IDENTIFYING + HEADLINE + TRAILING

@@ -5,7 +5,8 @@ The pieces live beside this module: `outdir` (the output directory and its rows)
 written on the driver, the progress line). Rows are written by the driver, so workers on other nodes
 need no shared disk for results. A run pointed at a directory that already holds rows runs only the
 trials without a finished row: an interrupted sweep resumes where it stopped, and a grown sweep runs
-only what is new.
+only what is new. A finished row made by another version of the project's code (its
+`code_version`) is kept and counted (`SweepOutcome.stale`); `rerun_stale` runs its trial again.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from orchestrator.ray_session import start_ray
 from orchestrator.stop import GracefulStop, driver_stopping
 from orchestrator.storage import check_shared
 from orchestrator.tracking import callbacks as tracking_callbacks
-from orchestrator.trial import expand, trial_hash
+from orchestrator.trial import TrialSpec, expand, trial_hash
 from orchestrator.tuner import make_queue, make_tuner
 from orchestrator.upstream import precompute
 
@@ -45,6 +46,8 @@ class SweepOutcome:
     failed: int
     wall_s: float
     stopped_by: int | None = None  # the signal that stopped the sweep (SIGINT/SIGTERM), or None
+    stale: int = 0  # finished trials whose row came from another code version (rerun with `rerun_stale`)
+    rerun_stale: bool = False  # whether this run reran them
 
 
 def run_sweep(
@@ -59,6 +62,7 @@ def run_sweep(
     lease_ttl_s: float = 30.0,
     resume_hint: str | None = None,
     tracking: str | None = None,
+    rerun_stale: bool = False,
 ) -> SweepOutcome:
     """Run every unfinished trial of `sweep` on Ray Tune and write OUT/results.parquet.
 
@@ -67,6 +71,8 @@ def run_sweep(
     sweep gracefully (`orchestrator.stop`); the outcome's `stopped_by` names the signal.
     `tracking` ('wandb', 'mlflow') adds Ray's logger callback for it; `callbacks` are extra Tune
     callbacks; `resume_hint` is printed when a stop cannot return (the command that resumes).
+    `rerun_stale` also reruns the finished trials whose rows came from another code version
+    (`to_run`); their rows are replaced.
     """
     out = as_outdir(out_dir if isinstance(out_dir, OutDir) or "://" in str(out_dir) else Path(out_dir).resolve())
     out.makedirs()
@@ -78,7 +84,7 @@ def run_sweep(
         prepare_out_dir(sweep, out, force=force)
         store = store_for(sweep, out)
         specs = expand(sweep)
-        todo = [s for s in specs if (read_row(out, sweep, s) or {}).get("status") != "done"]
+        todo, stale = to_run(sweep, out, specs, rerun_stale)
 
         def finish_now(signum: int) -> None:
             # Stop at once (second signal, or the grace period is over): rows already written stay.
@@ -138,7 +144,28 @@ def run_sweep(
         failed=failed,
         wall_s=time.monotonic() - start,
         stopped_by=stopper.signum,
+        stale=len(stale),
+        rerun_stale=rerun_stale,
     )
+
+
+def to_run(
+    sweep: SweepConfig, out: OutDir, specs: list[TrialSpec], rerun_stale: bool = False
+) -> tuple[list[TrialSpec], list[TrialSpec]]:
+    """(the trials of `specs` to run, the finished ones whose row came from another code version
+    than this run's: `TrialSpec.code_version`). The trials to run are those without a finished row,
+    and with `rerun_stale` the stale ones too. A row without a code version (written before rows
+    recorded it) counts as stale."""
+    todo, stale = [], []
+    for spec in specs:
+        row = read_row(out, sweep, spec) or {}
+        if row.get("status") != "done":
+            todo.append(spec)
+        elif row.get("code_version") != spec.code_version:
+            stale.append(spec)
+            if rerun_stale:
+                todo.append(spec)
+    return todo, stale
 
 
 def write_results(out: OutDir, table) -> None:

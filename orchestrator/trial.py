@@ -12,7 +12,9 @@ the source of every plug-in module it uses (`common.provenance`); its hash names
 that grows by a seed, a budget, a method or an axis value reuses every finished trial and runs only
 the new ones, and editing a plug-in reruns only the trials that use it. Methods, analyses and
 artifact kinds see only the sweep blocks they declare (`common.config.Declared`), and those blocks
-are in the identity (and an artifact's key): reading a block they did not declare is an error.
+are in the identity (and an artifact's key): reading a block they did not declare is an error. The
+project's own code version is not in the identity: every row and artifact records it
+(`code_version`), and `instill run --rerun-stale` reruns the rows of other versions.
 
 Every training run inside a trial (`methods.training.fit`: the downstream training, and the source
 or mask when the trial computes them) is supervised (`TrialSupervisor`): it checkpoints into the
@@ -43,7 +45,7 @@ from torch import nn
 
 import tasks
 from common.config import Declared, Frozen, stable_hash
-from common.provenance import plugin_sources
+from common.provenance import code_version, plugin_sources
 from common.seeding import seeded_init, torch_generator
 from methods import ANALYSES, ARTIFACTS, AnalysisContext, ArtifactContext, MethodContext, evaluate, get_method
 from methods.artifacts import closure
@@ -58,13 +60,16 @@ Report = Callable[[dict[str, Any]], None]
 
 class TrialSpec(Frozen):
     """A point of the grid. `sparsity` is None for methods that use no mask; `axes` holds the
-    values of the sweep's `axes:` paths that this trial's method depends on."""
+    values of the sweep's `axes:` paths that this trial's method depends on. `code_version`: the
+    project's code version (`common.provenance.code_version`) of the process that planned the
+    trial (the driver), recorded in its row and artifacts; not part of its identity."""
 
     method: str
     sparsity: float | None = Field(None, ge=0, lt=1)
     data_fraction: float = Field(ge=0, le=1)
     seed: int
     axes: dict[str, Any] = {}
+    code_version: str = Field(default_factory=code_version)
 
     @property
     def name(self) -> str:
@@ -329,6 +334,10 @@ class Upstream:
         code = plugin_sources([art, *stage_plugins(self.sweep)])
         return {**key, "code": code} if code else key
 
+    def stamp(self, computed: list[tuple[dict, dict]]) -> list[tuple[dict, dict]]:
+        """Artifacts just computed, their meta recording the code version that computed them."""
+        return [(tensors, {**meta, "code_version": self.spec.code_version}) for tensors, meta in computed]
+
     def compute_shared(self, kind: str, points: list[dict[str, Any]]) -> None:
         """Store the `kind` artifacts of this trial's context at each of `points` (values of the
         kind's `shares` axes, and `seed` for a kind that packs seeds), the missing ones from one
@@ -347,7 +356,7 @@ class Upstream:
         def compute(missing: list[int]):
             used.append(self.supervisor.checkpointer(f"{kind}-{stable_hash([keys[i] for i in missing], 24)}"))
             with supervised(self.supervisor.supervision(kind, used[0])):
-                return art.compute_many([contexts[i] for i in missing])
+                return self.stamp(art.compute_many([contexts[i] for i in missing]))
 
         self.store.get_or_compute_many(kind, keys, compute)
         if used and used[0] is not None:
@@ -360,7 +369,7 @@ class Upstream:
 
             def compute():
                 with supervised(self.supervisor.supervision(kind, checkpointer)):
-                    return art.compute(ctx)
+                    return self.stamp([art.compute(ctx)])[0]
 
             fetched = self.store.get_or_compute(kind, key, compute)
             if fetched.computed and checkpointer is not None:
@@ -687,6 +696,7 @@ def base_row(sweep: SweepConfig, spec: TrialSpec) -> dict[str, Any]:
         "n_train": effective.build_task().downstream_size(spec.data_fraction),
         "seed": spec.seed,
         "config_json": json.dumps(config, sort_keys=True),  # what this trial ran with
+        "code_version": spec.code_version,
         "versions": versions_json(),
     }
     for path in sweep.grid:

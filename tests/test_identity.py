@@ -1,10 +1,12 @@
 """Identity from what a trial reads: the blocks a method, analysis or artifact kind declares (and
-nothing else it can read), and the source of the plug-in modules it uses.
+nothing else it can read), the source of the plug-in modules it uses, and beside the key the
+project's code version, whose other values `--rerun-stale` reruns.
 
-Sweeps here run without Ray: `run_here` decides what to run as `run_sweep` does and runs it trial
-by trial."""
+Sweeps here run without Ray: `run_here` decides what to run as `run_sweep` does (`to_run`) and
+runs it trial by trial."""
 
 import importlib
+import json
 import re
 import sys
 import textwrap
@@ -12,24 +14,26 @@ import types
 
 import pytest
 import torch
+import yaml
 
 import tasks
 from common.config import UndeclaredBlock
-from common.provenance import defining_module
+from common.provenance import code_version, defining_module
 from methods import ANALYSES, ARTIFACTS, METHODS
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.config import load_sweep
-from orchestrator.outdir import prepare_out_dir, read_row, store_for, write_row
+from orchestrator.outdir import prepare_out_dir, read_row, row_name, store_for, write_row
+from orchestrator.sweep import to_run
 from orchestrator.trial import TrialSpec, Upstream, expand, identity, run_trial, trial_hash
 from tests.conftest import tiny_raw
 
 CPU = torch.device("cpu")
 
 
-def run_here(sweep, out) -> list[TrialSpec]:
+def run_here(sweep, out, rerun_stale=False) -> list[TrialSpec]:
     """Run the trials `instill run` would run in `out` (without Ray); the trials run."""
     prepare_out_dir(sweep, out)
-    todo = [s for s in expand(sweep) if (read_row(out, sweep, s) or {}).get("status") != "done"]
+    todo, _ = to_run(sweep, out, expand(sweep), rerun_stale)
     for spec in todo:
         write_row(out, run_trial(sweep, spec, store_for(sweep, out)))
     return todo
@@ -296,3 +300,78 @@ def test_editing_a_plugin_analysis_or_kind_reruns_the_trials_using_it(plugins, t
     row = read_row(tmp_path, sweep, TrialSpec(method="uses_edkind", data_fraction=0.5, seed=0))
     assert row["edkind_value"] == 3.0 and row["edkind_computed"], "the edited kind's artifact is recomputed"
     assert len(ArtifactStore(tmp_path / "artifacts").entries("source")) == 1, "the source is not"
+
+
+# --- the project's code version ----------------------------------------------------------------
+
+
+def test_rows_and_artifacts_record_the_code_version_outside_the_identity(tiny, tmp_path):
+    version = code_version()
+    assert re.fullmatch(r"git [\w.\-]+|instill .+", version), version
+    sweep = tiny(methods=["subtask_induction"])
+    (spec,) = expand(sweep)
+    assert spec.code_version == version
+    row = run_trial(sweep, spec, ArtifactStore(tmp_path))
+    assert row["code_version"] == version
+    for kind in ("source", "mask"):
+        assert [meta["code_version"] for _, meta, _ in ArtifactStore(tmp_path).entries(kind)] == [version]
+    other = spec.model_copy(update={"code_version": "git 0123456789ab"})
+    assert trial_hash(sweep, other) == trial_hash(sweep, spec) and "0123456789ab" not in json.dumps(
+        identity(sweep, other)
+    )
+    assert TrialSpec(**json.loads(json.dumps(other.model_dump()))).code_version == "git 0123456789ab", "it travels"
+
+
+def _set_version(out, sweep, spec, version: str) -> None:
+    path = out / row_name(trial_hash(sweep, spec))
+    row = json.loads(path.read_text())
+    path.write_text(json.dumps({**row, "code_version": version}))
+
+
+def test_rerun_stale_reruns_exactly_the_rows_of_other_code_versions(tiny, tmp_path):
+    sweep = tiny(methods=["scratch"], seeds=[0, 1, 2])
+    run_here(sweep, tmp_path)
+    specs = expand(sweep)
+    _set_version(tmp_path, sweep, specs[0], "git 0123456789ab")
+    _set_version(tmp_path, sweep, specs[2], "git 0123456789ab-dirty")
+    before = _finished(tmp_path, sweep)
+
+    todo, stale = to_run(sweep, tmp_path, specs)
+    assert todo == [] and stale == [specs[0], specs[2]], "counted, not rerun by default"
+    assert run_here(sweep, tmp_path) == []
+    assert run_here(sweep, tmp_path, rerun_stale=True) == [specs[0], specs[2]]
+    for spec in specs:
+        row = read_row(tmp_path, sweep, spec)
+        assert row["code_version"] == code_version()
+        assert (row["finished_at"] == before[spec.name]) == (spec is specs[1])
+    assert to_run(sweep, tmp_path, specs, rerun_stale=True) == ([], [])
+
+
+@pytest.mark.slow
+def test_instill_run_counts_and_reruns_stale_rows(tmp_path, capsys):
+    import ray
+
+    from orchestrator import results
+    from orchestrator.cli import main
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(tiny_raw(methods=["scratch"], seeds=[0, 1])))
+    out = tmp_path / "out"
+    argv = ["run", str(path), "--out", str(out), "--num-cpus", "2", "--no-report"]
+    ray.shutdown()
+    try:
+        assert main(argv) == 0
+        sweep = load_sweep(tiny_raw(methods=["scratch"], seeds=[0, 1]))
+        _set_version(out, sweep, expand(sweep)[0], "git 0123456789ab")
+        capsys.readouterr()
+        assert main(argv) == 0
+        text = capsys.readouterr().out
+        assert "0 trials run, 2 already done" in text
+        assert "1 of 2 finished trial(s) came from other code versions" in text and "--rerun-stale" in text
+        assert main([*argv, "--rerun-stale"]) == 0
+        text = capsys.readouterr().out
+        assert "1 trials run, 1 already done" in text and "1 finished trial(s) from other code versions" in text
+    finally:
+        ray.shutdown()
+    table = results.read(out / "results.parquet")
+    assert (table["code_version"] == code_version()).all()
