@@ -428,6 +428,7 @@ def run_pack(
     device: torch.device | None = None,
     should_stop: Callable[[], bool] | None = None,
     calibrate_k: bool = False,
+    report: Callable[[TrialSpec, dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any] | BaseException]:
     """Run trials whose models can train together, as packs of at most `limit` models
     (`methods.packing.fit_packed`); the rest alone. `calibrate_k`: packs of the K that
@@ -443,14 +444,15 @@ def run_pack(
     alone. A pack's training time is shared out equally among its trials' `train_s`, so the sum of
     their `total_s` is the compute spent. A pack checkpoints its training as a trial does, owned by
     its set of trials (a stop or a lost worker resumes it when the same pack forms again), and
-    reports no epochs; its rows have `pack` = its number of models
+    reports each trial's epochs and stages to `report(spec, metrics)`; its rows have `pack` = its number of models
     and `packed` = True. A packable trial with no company trains as a pack of one: a packed model's
     numbers do not depend on what else is in its pack (`methods.packing`), so a trial gives the same
     row whichever packs a run forms (resumed, extended, on another machine)."""
     outcomes: dict[int, dict[str, Any] | BaseException] = {}
     ready: dict[tuple, list[tuple[int, Trial]]] = {}
     for i, spec in enumerate(specs):
-        trial = Trial(sweep, spec, store, None, device, should_stop=should_stop)
+        reporter = None if report is None else functools.partial(report, spec)
+        trial = Trial(sweep, spec, store, reporter, device, should_stop=should_stop)
         try:
             trial.prepare()
         except Interrupted:
@@ -521,6 +523,8 @@ def _train_pack(members: list[tuple[int, Trial]], should_stop) -> dict[int, dict
                     trials[0].effective.training,
                     [t.train_generator() for t in trials],
                     mixed_precision=trials[0].effective.resources.mixed_precision,
+                    # each trial's epoch reports (live curves) to its own observer, as alone
+                    observers=[t.supervisor.on_epoch if t.supervisor.report is not None else None for t in trials],
                 )
         except NotPackable as refused:  # found by its first forward, before anything trained
             reason = str(refused)

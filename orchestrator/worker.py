@@ -99,7 +99,13 @@ class Group:
     def run_packed(self, specs: list[TrialSpec], limit: int) -> None:
         """Train `specs` in packs (`run_pack`); a trial that fails in its pack gets a failed row."""
         outcomes = run_pack(
-            self.sweep, specs, self.store, limit, should_stop=stop.requested, calibrate_k=calibrates(self.sweep)
+            self.sweep,
+            specs,
+            self.store,
+            limit,
+            should_stop=stop.requested,
+            calibrate_k=calibrates(self.sweep),
+            report=self.report,
         )
         for spec, outcome in zip(specs, outcomes, strict=True):
             if isinstance(outcome, BaseException):

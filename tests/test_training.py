@@ -126,10 +126,18 @@ def test_a_method_block_trains_with_sgd_cosine_and_a_head_rate_alone_and_packed(
     specs = expand(sweep)
     store = ArtifactStore(tmp_path)
     alone = [run_trial(sweep, s, store) for s in specs]
-    packed = run_pack(sweep, specs, store, limit=4)
+    epochs: dict[str, list] = {}
+
+    def report(spec, metrics):
+        if metrics["stage"] == "epoch":
+            epochs.setdefault(spec.name, []).append((metrics["epoch"], "train/val_score" in metrics))
+
+    packed = run_pack(sweep, specs, store, limit=4, report=report)
     for a, p in zip(alone, packed, strict=True):
         assert isinstance(p, dict), p
         assert p["packed"] is True and p["pack"] == 2
+        # A packed trial's live curve: each epoch, reported to its own trial.
+        assert epochs[p["trial"]] == [(e, True) for e in range(1, p["epochs_run"] + 1)]
         for column in ("val_acc", "test_acc", "best_epoch", "epochs_run"):
             assert p[column] == pytest.approx(a[column], abs=1e-6), (a["trial"], column)
     # The block is part of those trials' identity, and of theirs only.
