@@ -276,49 +276,37 @@ def batches(n: int, batch_size: int, generator: torch.Generator | None) -> list[
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, batch_size: int = 2000) -> dict[str, float]:
-    """Accuracy of argmax predictions against every label set of `split`."""
+def _eval_pass(model: nn.Module, split: Split, batch_size: int, fn: Callable[[torch.Tensor, torch.Tensor], Any]):
+    """`fn(x, idx)` over `split` in order, in eval mode (the model's mode restored after)."""
     was_training = model.training
     model.eval()
     device = _device_of(model)
-    preds = []
-    for idx in batches(len(split), batch_size, None):
-        preds.append(model(split.x[idx].to(device)).argmax(-1).cpu())
+    out = [fn(split.x[idx].to(device), idx) for idx in batches(len(split), batch_size, None)]
     model.train(was_training)
+    return out
+
+
+def evaluate(model: nn.Module, split: Split, batch_size: int = 2000) -> dict[str, float]:
+    """Accuracy of argmax predictions against every label set of `split`."""
+    preds = _eval_pass(model, split, batch_size, lambda x, idx: model(x).argmax(-1).cpu())
     pred = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
     return {name: float((pred == y).float().mean()) for name, y in split.labels.items()}
 
 
-@torch.no_grad()
 def mean_loss(model: nn.Module, split: Split, batch_size: int = 2000) -> float:
     """Mean cross-entropy of `model` on `split` (eval mode)."""
-    was_training = model.training
-    model.eval()
-    device = _device_of(model)
-    total = 0.0
-    for idx in batches(len(split), batch_size, None):
-        logits = model(split.x[idx].to(device)).float()
-        total += float(F.cross_entropy(logits, split.y[idx].to(device), reduction="sum"))
-    model.train(was_training)
-    return total / max(1, len(split))
+    ce = lambda x, idx: float(F.cross_entropy(model(x).float(), split.y[idx].to(x.device), reduction="sum"))  # noqa: E731
+    return sum(_eval_pass(model, split, batch_size, ce)) / max(1, len(split))
 
 
-@torch.no_grad()
 def training_loss(model: nn.Module, split: Split, batch_size: int = 2000) -> float:
     """Mean of the loss `cross_entropy` trains `model` on, over `split` (eval mode): the model's own
     loss where it has one (`own_loss`; a mean per example, so batches weigh by their size), else
     `mean_loss`."""
     if not getattr(model, "own_loss", False):
         return mean_loss(model, split, batch_size)
-    was_training = model.training
-    model.eval()
-    device = _device_of(model)
-    total = 0.0
-    for idx in batches(len(split), batch_size, None):
-        loss, _ = model(split.x[idx].to(device), targets=split.y[idx].to(device))
-        total += float(loss) * len(idx)
-    model.train(was_training)
-    return total / max(1, len(split))
+    own = lambda x, idx: float(model(x, targets=split.y[idx].to(x.device))[0]) * len(idx)  # noqa: E731
+    return sum(_eval_pass(model, split, batch_size, own)) / max(1, len(split))
 
 
 def autocast(model: nn.Module, enabled: bool):
