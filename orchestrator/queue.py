@@ -6,9 +6,9 @@ start it, and launches nothing more once the sweep is asked to stop (`should_sto
 
 Each Tune trial runs a *group* of our trials, one after another in one worker
 (`orchestrator.worker`), each still writing its own row as it ends. A Tune trial costs its slot
-some 60-130 ms beyond its compute (a placement group, an actor reset, trial directories, loggers:
-docs/PERFORMANCE.md, "Grid scale"), which is nothing next to a trial of minutes and doubles the
-wall time of a grid of 50 ms trials. `resources.group: auto` (the default) sizes groups from the
+a fixed overhead beyond its compute (a placement group, an actor reset, trial directories, loggers:
+measured in docs/PERFORMANCE.md, "Grid scale"), nothing next to a trial of minutes but as much as
+the compute of a very short trial. `resources.group: auto` (the default) sizes groups from the
 compute time the finished trials report: one trial per group until the first rows arrive, then as
 many trials as make about `GROUP_TARGET_S` seconds of compute, never so many that fewer than
 `GROUPS_PER_SLOT` groups per slot would be left (the sweep's tail stays balanced). A trial that

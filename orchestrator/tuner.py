@@ -7,7 +7,7 @@ Settings for grids of thousands of trials (figures: docs/PERFORMANCE.md, "Grid s
 - Results are buffered on the worker (`TUNE_RESULT_BUFFER_LENGTH`, `TUNE_RESULT_BUFFER_MIN_TIME_S`).
   A function trainable's `tune.report` waits until the driver asks for the next result, so without a
   buffer every report (one per stage, and one per epoch) costs the trial a round trip through the
-  driver; with it, a trial's reports of 2 s travel together (at most 2 s and one report late).
+  driver; with it, a trial's reports travel together (at most one buffer window and one report late).
 - The trial queue (`orchestrator.queue`) instead of a `grid_search`: Tune copies a grid's whole
   search space for every trial it creates, O(trials) each.
 - A few trials created ahead of the running ones (`ahead`: `max_concurrent_trials` above

@@ -5,7 +5,7 @@ What reaches Tune:
 - a group of one trial (every trial that takes longer than a few seconds) reports as a trial always
   did: a result after every stage and every epoch (the live curves in Tune's logs and trackers);
 - a group of several short trials reports epochs at most once every `REPORT_EVERY_S` and no
-  stages: each result costs the driver about 0.6 ms, as much as a 50 ms trial's compute per dozen;
+  stages: each result costs the driver time comparable to a short trial's compute (docs/PERFORMANCE.md);
 - finished rows travel in batches (`"stage": "rows"`, at most `REPORT_EVERY_S` apart, and with
   the group's last result, `"stage": "done"`), each with the compute time and cost of its
   trials, from which the queue sizes the next groups.
