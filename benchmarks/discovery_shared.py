@@ -44,7 +44,7 @@ def main() -> None:
                      seed=args.seed, axes=point)  # fmt: skip
     up = Upstream(sweep, spec, ArtifactStore(root), pick_device(sweep))
     source = up.get("source")
-    data, cfg, sparsities = up.task.subtask_data(args.seed), up.sweep.discovery, tuple(sweep.sparsities)
+    data, cfg, sparsities = up.task.subtask_data(args.seed), up.sweep.block("discovery"), tuple(sweep.sparsities)
 
     def gen():
         return torch_generator(args.seed, "discovery")

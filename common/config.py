@@ -30,6 +30,26 @@ def stable_hash(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
+# Sweep blocks declared by the plug-ins that read them (besides a method's or artifact kind's own
+# block, which its registration declares): name -> schema. Every sweep holds each of them, written
+# at its top level (`discovery: {...}`) or at its defaults.
+BLOCKS: dict[str, type[Frozen]] = {}
+
+
+def declare_block(name: str):
+    """Decorator: the `Frozen` class validates the sweep block `name`, which plug-ins read by
+    declaring it (`reads=` / `blocks=`). One schema per name (a reloaded module may declare it again)."""
+
+    def add(config: type[Frozen]) -> type[Frozen]:
+        known = BLOCKS.get(name)
+        if known is not None and (known.__module__, known.__qualname__) != (config.__module__, config.__qualname__):
+            raise ValueError(f"sweep block {name!r} is already declared as {known.__module__}.{known.__qualname__}")
+        BLOCKS[name] = config
+        return config
+
+    return add
+
+
 class UndeclaredBlock(LookupError):
     """A plug-in read a sweep block it did not declare; the message names the declaration to add."""
 
@@ -58,13 +78,6 @@ class Declared:
             raise AttributeError(name)
         return self.block(name)
 
-    def lazy(self, name: str) -> Any:
-        """The block, or (undeclared) a stand-in that raises `UndeclaredBlock` when it is used."""
-        try:
-            return self.block(name)
-        except UndeclaredBlock as err:
-            return Undeclared(str(err))
-
     def canonical(self) -> dict[str, Any]:
         """Every visible block that the config has, as JSON: what a key holds of the settings."""
         blocks = {name: self._config.block(name) for name in self._visible}
@@ -72,18 +85,3 @@ class Declared:
 
     def __repr__(self) -> str:
         return f"Declared({self._owner}: {', '.join(self._visible)})"
-
-
-class Undeclared:
-    """Stands in for a block its reader did not declare: any use raises `UndeclaredBlock`."""
-
-    def __init__(self, message: str):
-        self._message = message
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        raise UndeclaredBlock(self._message)
-
-    def __repr__(self) -> str:
-        return f"Undeclared({self._message!r})"

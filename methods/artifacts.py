@@ -25,13 +25,15 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
+from pydantic import Field
 from torch import nn
 
+from common.config import declare_block
 from common.registry import Registry
 from common.seeding import torch_generator
 from methods.discovery import discover_many
 from methods.packing import NotPackable, fit_packed
-from methods.training import cross_entropy, train
+from methods.training import TrainConfig, cross_entropy, train
 
 
 @dataclasses.dataclass
@@ -141,6 +143,22 @@ def closure(kinds: tuple[str, ...] | list[str]) -> list[str]:
     for kind in kinds:
         visit(kind)
     return out
+
+
+@declare_block("source")
+class SourceTraining(TrainConfig):
+    """The `source:` block, source-model training: the paper's AdamW 5e-4, batch 50, stopping once
+    validation saturates.
+
+    The paper's code instead trains with weight decay 0 and a linear learning-rate decay, and keeps
+    the epoch of lowest validation loss, stopping after 10 epochs without a lower one
+    (`weight_decay: 0, lr_schedule: linear, select: val_loss, patience: 10, target_val_acc: null`;
+    docs/PAPER-SETTINGS.md)."""
+
+    lr: float = Field(5e-4, gt=0)
+    epochs: int = Field(20, ge=1)
+    target_val_acc: float | None = Field(0.999, gt=0, le=1)
+    patience: int | None = Field(5, ge=1)
 
 
 @register_artifact("source", blocks=("source",), packs_seeds=True)

@@ -31,7 +31,7 @@ from pydantic import Field, field_validator
 from torch import nn
 from torch.nn import functional as F
 
-from common.config import Frozen
+from common.config import Frozen, declare_block
 from common.registry import Registry
 from methods.masking import (
     Mask,
@@ -48,12 +48,15 @@ from tasks.base import StageData
 DISCOVERERS = Registry("discovery method")
 
 
+@declare_block("discovery")
 class DiscoveryConfig(Frozen):
+    """The `discovery:` block, read by the mask kind (`blocks=("discovery",)`)."""
+
     method: str = Field("continuous_sparsification", description="a registered discoverer")
     epochs: int = Field(50, ge=1)
     batch_size: int = Field(500, ge=1)
     lr: float = Field(1e-3, gt=0)
-    l0_lambda: float = Field(1e-7, ge=0)
+    l0_lambda: float = Field(1e-7, ge=0, json_schema_extra={"tune": (1e-8, 1e-5)})  # `instill tune`'s default range
     init_score: float = -0.1
     final_temperature: float = Field(100.0, ge=1)
     selection: MaskSelection = MaskSelection()

@@ -9,8 +9,8 @@ A method declares
   every method using that artifact inherits the tuned values;
 - `reference`: whether it is the no-transfer reference that the report measures data savings against;
 - `reads`: the sweep blocks besides task, model, training and its own that it reads (e.g.
-  "transfer"): they enter its trials' identity, and they are all it can read (`ctx.block(name)`,
-  `ctx.transfer`; an undeclared block raises `common.config.UndeclaredBlock` naming the declaration);
+  "transfer"): they enter its trials' identity, and they are all it can read (`ctx.block(name)`;
+  an undeclared block raises `common.config.UndeclaredBlock` naming the declaration);
 - `build(ctx) -> nn.Module`, and optionally `objective(ctx, model) -> Objective` (default:
   cross-entropy on the downstream training split, best epoch by validation accuracy);
 - rarely, `train(ctx, model, generator, mixed_precision) -> TrainResult`, for a method that does not
@@ -38,7 +38,7 @@ from common.config import Frozen
 from common.registry import Registry
 from methods.masking import complement, sample_like
 from methods.training import Objective, TrainConfig, TrainResult, cross_entropy, fit
-from methods.transfer import TransferConfig, transfer
+from methods.transfer import transfer
 from tasks.base import StageData
 
 
@@ -50,7 +50,6 @@ class MethodContext:
     data: StageData  # the downstream data at this trial's budget
     config: Frozen | None  # the method's own block (None for methods without one)
     training: TrainConfig
-    transfer: TransferConfig  # in a trial: raises where used unless the method `reads` "transfer"
     artifacts: dict[str, Any]  # kind -> loaded artifact (an nn.Module for "source", a Mask for "mask")
     generator: torch.Generator  # the method's own random stream (e.g. a sampled mask)
     device: torch.device
@@ -168,7 +167,7 @@ _SUBNET = {"needs": ("source", "mask"), "reads": ("transfer",), "packable": True
     description="the discovered subnetwork transferred into a fresh model",
 )
 def _subtask_induction(ctx: MethodContext) -> nn.Module:
-    return transfer(ctx.artifact("source"), ctx.fresh, ctx.artifact("mask"), ctx.transfer)
+    return transfer(ctx.artifact("source"), ctx.fresh, ctx.artifact("mask"), ctx.block("transfer"))
 
 
 @register_method(
@@ -177,14 +176,15 @@ def _subtask_induction(ctx: MethodContext) -> nn.Module:
     description="a uniformly random mask with as many ones as the discovered one, transferred the same way",
 )
 def _sampled(ctx: MethodContext) -> nn.Module:
-    return transfer(ctx.artifact("source"), ctx.fresh, sample_like(ctx.artifact("mask"), ctx.generator), ctx.transfer)
+    source, fresh = ctx.artifact("source"), ctx.fresh  # the fresh init before the mask's draw, as ever
+    return transfer(source, fresh, sample_like(ctx.artifact("mask"), ctx.generator), ctx.block("transfer"))
 
 
 @register_method(
     "complement_subnetwork", **_SUBNET, description="the discovered mask's complement, transferred the same way"
 )
 def _complement(ctx: MethodContext) -> nn.Module:
-    return transfer(ctx.artifact("source"), ctx.fresh, complement(ctx.artifact("mask")), ctx.transfer)
+    return transfer(ctx.artifact("source"), ctx.fresh, complement(ctx.artifact("mask")), ctx.block("transfer"))
 
 
 @register_method(
@@ -197,4 +197,4 @@ def _complement(ctx: MethodContext) -> nn.Module:
 )
 def _paper_sampled(ctx: MethodContext) -> nn.Module:
     mask = complement(sample_like(ctx.artifact("mask"), ctx.generator))
-    return transfer(ctx.artifact("source"), ctx.fresh, mask, ctx.transfer)
+    return transfer(ctx.artifact("source"), ctx.fresh, mask, ctx.block("transfer"))

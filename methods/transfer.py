@@ -13,11 +13,14 @@ from typing import Literal
 import torch
 from torch import nn
 
-from common.config import Frozen
+from common.config import Frozen, declare_block
 from methods.masking import Mask, MaskedModel, Transplant
 
 
+@declare_block("transfer")
 class TransferConfig(Frozen):
+    """The `transfer:` block, read by the methods that transfer a subnetwork (`reads=("transfer",)`)."""
+
     trainable_subnetwork: bool = False
     unmasked: Literal["keep", "reinit"] = "keep"
 

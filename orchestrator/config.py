@@ -25,8 +25,8 @@ import yaml
 from pydantic import Field, PositiveInt, PrivateAttr, SerializeAsAny, ValidationError, field_validator, model_validator
 
 import tasks
-from common.config import Frozen, stable_hash
-from methods import ANALYSES, ARTIFACTS, METHODS, DiscoveryConfig, TrainConfig, TransferConfig
+from common.config import BLOCKS, Frozen, stable_hash
+from methods import ANALYSES, ARTIFACTS, METHODS, TrainConfig
 from methods.analysis import parse_analysis
 from tasks.base import format_validation, parse_block
 
@@ -35,26 +35,12 @@ class ConfigError(ValueError):
     """A sweep file that cannot be run; the message says which field and what to do."""
 
 
-class SourceTraining(TrainConfig):
-    """Source-model training: the paper's AdamW 5e-4, batch 50, stopping once validation saturates.
-
-    The paper's code instead trains with weight decay 0 and a linear learning-rate decay, and keeps
-    the epoch of lowest validation loss, stopping after 10 epochs without a lower one
-    (`weight_decay: 0, lr_schedule: linear, select: val_loss, patience: 10, target_val_acc: null`;
-    docs/PAPER-SETTINGS.md)."""
-
-    lr: float = Field(5e-4, gt=0)
-    epochs: int = Field(20, ge=1)
-    target_val_acc: float | None = Field(0.999, gt=0, le=1)
-    patience: int | None = Field(5, ge=1)
-
-
 class DownstreamTraining(TrainConfig):
     """Downstream training: the paper's AdamW 2e-4, batch 50, 100 epochs, best epoch on validation.
     The schedule settings of `TrainConfig` (`lr_schedule`, `select`, `ties`) apply here too."""
 
-    lr: float = Field(2e-4, gt=0)
-    epochs: int = Field(100, ge=1)
+    lr: float = Field(2e-4, gt=0, json_schema_extra={"tune": (1e-4, 1e-2)})  # `instill tune`'s default range
+    epochs: int = Field(100, ge=1, json_schema_extra={"tune": (10, 100)})
 
 
 class Resources(Frozen):
@@ -98,25 +84,23 @@ class Storage(Frozen):
 class Tuning(Frozen):
     """`instill tune`: an Optuna search per method over these ranges, on the validation split.
 
-    Keys are config paths of numeric fields (`training.lr`, `<method>.<field>`). Float ranges are
-    searched on a log scale, integer ranges uniformly. Settings of a shared artifact (`discovery.*`,
-    `source.*`) are tuned only by the methods that declare they own them (`owns=`), and every method
-    that uses the artifact inherits the tuned values; a method's own block is tuned for it only.
+    Keys are config paths of numeric fields (`training.lr`, `<method>.<field>`); by default (null)
+    every field of the sweep's blocks that declares a range (`Field(..., json_schema_extra={"tune":
+    (low, high)})`). Float ranges are searched on a log scale, integer ranges uniformly. Settings of
+    a shared artifact's blocks are tuned only by the methods that declare they own them (`owns=`),
+    and every method that uses the artifact inherits the tuned values; a method's own block is tuned
+    for it only.
     """
 
     budget: int = Field(8, ge=1, description="Optuna trials per method: the same effort for every method")
     data_fractions: tuple[float, ...] = Field((0.1,), min_length=1)
     seeds: tuple[int, ...] = Field((0,), min_length=1)
-    space: dict[str, tuple[float, float]] = {
-        "training.lr": (1e-4, 1e-2),
-        "training.epochs": (10, 100),
-        "discovery.l0_lambda": (1e-8, 1e-5),
-    }
+    space: dict[str, tuple[float, float]] | None = None
 
     @field_validator("space")
     @classmethod
-    def _space(cls, v: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
-        for key, (low, high) in v.items():
+    def _space(cls, v: dict[str, tuple[float, float]] | None) -> dict[str, tuple[float, float]] | None:
+        for key, (low, high) in (v or {}).items():
             if not 0 < low < high:
                 raise ValueError(f"{key}: the range must satisfy 0 < low < high, got [{low}, {high}]")
         return v
@@ -160,9 +144,6 @@ class SweepConfig(Frozen):
     )
     task: SerializeAsAny[Frozen]
     model: SerializeAsAny[Frozen]
-    source: SourceTraining = SourceTraining()
-    discovery: DiscoveryConfig = DiscoveryConfig()
-    transfer: TransferConfig = TransferConfig()
     training: DownstreamTraining = DownstreamTraining()
     resources: Resources = Resources()
     storage: Storage = Storage()
@@ -171,8 +152,10 @@ class SweepConfig(Frozen):
     method_overrides: dict[str, dict[str, Any]] = Field(
         {}, description="per-method values of config paths, e.g. from `instill tune` (see --tuned)"
     )
-    method_settings: dict[str, SerializeAsAny[Frozen]] = Field(
-        {}, description="blocks of methods and artifact kinds with settings of their own, by name (top level in YAML)"
+    blocks: dict[str, SerializeAsAny[Frozen]] = Field(
+        {},
+        description="the blocks plug-ins declare, by name (top level in YAML): methods' and artifact kinds' own "
+        "settings, and the blocks declared for their readers (`common.config.declare_block`)",
     )
     method_training: dict[str, dict[str, Any]] = Field(
         {}, description="each method block's `training:` (`<method>: {training: {lr: 30}}`): its trials only"
@@ -277,15 +260,15 @@ class SweepConfig(Frozen):
     def canonical(self) -> dict[str, Any]:
         """The sweep file this config is (method blocks at the top level), defaults filled in."""
         out = super().canonical()
-        out.update(out.pop("method_settings"))
+        out.update(out.pop("blocks"))
         for method, training in out.pop("method_training").items():
             out[method] = {**out.get(method, {}), "training": training}
         return out
 
     def block(self, name: str) -> Frozen | None:
-        """The block `name`: a stage's block, or a method's own settings."""
-        if name in self.method_settings:
-            return self.method_settings[name]
+        """The block `name`: a stage's block, or one a plug-in declares."""
+        if name in self.blocks:
+            return self.blocks[name]
         value = getattr(self, name, None) if name in type(self).model_fields else None
         return value if isinstance(value, Frozen) else None
 
@@ -344,6 +327,19 @@ class SweepConfig(Frozen):
     @property
     def config_hash(self) -> str:
         return stable_hash(self.canonical())
+
+    @property
+    def tuning_space(self) -> dict[str, tuple[float, float]]:
+        """`tuning.space`, or by default the range of every field of this sweep's blocks that declares one."""
+        if self.tuning.space is not None:
+            return self.tuning.space
+        out = {}
+        for name in [*type(self).model_fields, *self.blocks]:
+            block = self.block(name)
+            for field, info in type(block).model_fields.items() if block is not None else ():
+                if isinstance(info.json_schema_extra, dict) and "tune" in info.json_schema_extra:
+                    out[f"{name}.{field}"] = tuple(info.json_schema_extra["tune"])
+        return out
 
 
 def grid_axes(config: SweepConfig, method: str) -> set[str]:
@@ -432,7 +428,7 @@ def all_paths(config: SweepConfig) -> list[str]:
             else:
                 out.append(f"{prefix}.{name}")
 
-    for name in [*type(config).model_fields, *config.method_settings]:
+    for name in [*type(config).model_fields, *config.blocks]:
         block = config.block(name)
         if block is not None and name not in _NOT_AXES:
             walk(name, block)
@@ -477,7 +473,11 @@ def _import_plugins(plugins: Any, errors: list[str]) -> None:
 
 
 def _parse_blocks(data: dict, errors: list[str]) -> None:
-    """Replace the task, model, method and analysis entries of `data` by validated objects."""
+    """Replace the task, model, analysis and plug-in block entries of `data` by validated objects.
+    A sweep holds every declared block (`common.config.declare_block`), the own block of each method
+    it lists and artifact kind they or its analyses need, and any other such block it writes."""
+    from methods.artifacts import closure
+
     for key, registry in (("task", tasks.TASKS), ("model", tasks.MODELS)):
         if key not in data:
             errors.append(f"{key}: missing; give a mapping with 'name' (one of: {', '.join(registry.names())})")
@@ -486,27 +486,44 @@ def _parse_blocks(data: dict, errors: list[str]) -> None:
             data[key] = parse_block(registry, data[key], key)
         except ValueError as err:
             errors.append(str(err))
-    settings: dict[str, Frozen] = {}
-    training: dict[str, dict] = {}
+    _parse_analyses(data, errors)
     methods = data.get("methods") if isinstance(data.get("methods"), (list, tuple)) else []
-    for name in METHODS.names():
-        method = METHODS.get(name)
-        if name not in data and not (method.Config is not None and name in methods):
+    methods = [m for m in methods if isinstance(m, str) and m in METHODS]
+    needs = [k for m in methods for k in METHODS.get(m).needs] + [
+        k for a in data["analyses"] for k in ANALYSES.get(a["name"]).needs
+    ]
+    needed = closure(needs)
+    training: dict[str, dict] = {}
+    for name in METHODS.names():  # `<method>: {training: {...}}`: that method's training, an overlay layer
+        if name not in data:
             continue
-        has_training = isinstance(data.get(name), dict) and "training" in data[name]
+        has_training = isinstance(data[name], dict) and "training" in data[name]
         if has_training:
             data[name] = dict(data[name])
             training[name] = data[name].pop("training")
             if not isinstance(training[name], dict):
                 errors.append(f"{name}.training: expected a mapping of training fields, e.g. {{lr: 30, epochs: 200}}")
                 training.pop(name)
-        if method.Config is None:
-            if data.pop(name) or not has_training:
-                errors.append(f"{name}: method {name!r} has no settings of its own besides `training:`; remove them")
+        if METHODS.get(name).Config is None and (data.pop(name) or not has_training):
+            errors.append(f"{name}: method {name!r} has no settings of its own besides `training:`; remove them")
+    schemas = {name: (config, True) for name, config in BLOCKS.items()}
+    owners = [*((n, m, n in methods) for n, m in METHODS.items()), *((n, k, n in needed) for n, k in ARTIFACTS.items())]
+    for name, owner, used in owners:
+        if owner.Config is None:
             continue
-        _parse_settings(data, name, method.Config, settings, errors)
-    _parse_artifact_blocks(data, methods, settings, errors)
-    data["method_settings"], data["method_training"] = settings, training
+        if name in schemas:
+            errors.append(f"{name}: two plug-ins declare a block named {name!r} (a method, artifact kind or "
+                          "declared block); rename one")  # fmt: skip
+            continue
+        schemas[name] = (owner.Config, used)
+    settings: dict[str, Frozen] = {}
+    for name, (config, used) in schemas.items():
+        if used or name in data:
+            _parse_settings(data, name, config, settings, errors)
+    data["blocks"], data["method_training"] = settings, training
+
+
+def _parse_analyses(data: dict, errors: list[str]) -> None:
     analyses = data.get("analyses", ())
     if not isinstance(analyses, (list, tuple)):
         valid = ", ".join(ANALYSES.names())
@@ -527,22 +544,6 @@ def _parse_blocks(data: dict, errors: list[str]) -> None:
     data["analyses"] = tuple(normalised)
 
 
-def _parse_artifact_blocks(data: dict, methods: list, settings: dict, errors: list[str]) -> None:
-    """Validate the blocks of artifact kinds with settings of their own (defaults where a listed
-    method needs the kind and the sweep file leaves the block out)."""
-    from methods.artifacts import closure
-
-    known = [m for m in methods if isinstance(m, str) and m in METHODS]
-    needed = set(closure([k for m in known for k in METHODS.get(m).needs]))
-    for name, kind in ARTIFACTS.items():
-        if kind.Config is None or (name not in data and name not in needed):
-            continue
-        if name in settings:
-            errors.append(f"{name}: both a method and an artifact kind are named {name!r}; rename one")
-            continue
-        _parse_settings(data, name, kind.Config, settings, errors)
-
-
 def _parse_settings(data: dict, name: str, config_cls: type, settings: dict, errors: list[str]) -> None:
     """Pop the top-level block `name` (absent: defaults) and validate it into `settings[name]`."""
     block = data.pop(name, {}) or {}
@@ -559,7 +560,7 @@ def _build(raw: dict) -> SweepConfig:
     """Validate a raw mapping into a SweepConfig; raises ValueError with one line per problem."""
     errors: list[str] = []
     data = dict(raw)
-    data.pop("method_settings", None)
+    data.pop("blocks", None)
     _parse_blocks(data, errors)
     if errors:
         # Still check the other fields, so one pass reports every problem: stand-ins replace the
@@ -699,7 +700,7 @@ def _check_shared(config: SweepConfig) -> list[str]:
 def _check_space(config: SweepConfig) -> list[str]:
     """`tuning.space`: numeric settings that may differ between methods."""
     errors = []
-    for path in config.tuning.space:
+    for path in config.tuning_space:
         if _head(path) not in per_method_blocks():
             errors.append(f"tuning.space: cannot tune {path!r}; {_per_method_hint()}")
             continue

@@ -104,7 +104,7 @@ def identity_blocks(sweep: SweepConfig, method: str) -> list[str]:
     for kind in closure(needs):
         blocks += ARTIFACTS.get(kind).blocks
     blocks += list(spec.reads) + [b for analysis in analyses for b in analysis.reads]
-    if method in sweep.method_settings:
+    if method in sweep.blocks:
         blocks.append(method)
     return list(dict.fromkeys(blocks))
 
@@ -112,7 +112,7 @@ def identity_blocks(sweep: SweepConfig, method: str) -> list[str]:
 def method_settings(effective: SweepConfig, method: str) -> Declared:
     """The sweep as method `method` may read it: its `reads`, its own block and `TRIAL_BLOCKS`."""
     spec = get_method(method)
-    own = (method,) if method in effective.method_settings else ()
+    own = (method,) if method in effective.blocks else ()
     hint = "reads= in its @register_method"
     return Declared(effective, f"method {method!r}", (*spec.reads, *own), hint, TRIAL_BLOCKS)
 
@@ -633,9 +633,8 @@ class Trial:
         self.ctx = MethodContext(
             task=task,
             data=data,
-            config=effective.method_settings.get(spec.method),
+            config=effective.blocks.get(spec.method),
             training=effective.training,
-            transfer=settings.lazy("transfer"),  # raises where used unless the method `reads` it
             settings=settings,
             artifacts={kind: upstream.objects[kind] for kind in self.method.needs},
             generator=torch_generator(seed, f"method:{spec.method}"),

@@ -31,7 +31,7 @@ def method_space(sweep: SweepConfig, method: str) -> dict[str, tuple[float, floa
     the methods that own them, a method's own block only for that method."""
     owned = set(get_method(method).owns)
     out = {}
-    for path, bounds in sweep.tuning.space.items():
+    for path, bounds in sweep.tuning_space.items():
         head = path.split(".")[0]
         if head in shared_blocks() and head not in owned:
             continue
@@ -63,7 +63,7 @@ def _objective(config: dict[str, Any], sweep_json: str, method: str, store_root:
 
     base = load_sweep(json.loads(sweep_json))
     torch.set_num_threads(max(1, int(base.resources.cpu)))
-    values = {path: config[_key(path)] for path in base.tuning.space if _key(path) in config}
+    values = {path: config[_key(path)] for path in base.tuning_space if _key(path) in config}
     overrides = dict(base.method_overrides)
     overrides[method] = {**overrides.get(method, {}), **values}
     sweep = base.model_copy(update={"method_overrides": overrides})
@@ -132,7 +132,7 @@ def tune_methods(sweep: SweepConfig, out_dir: str | Path, *, address: str | None
             raise RuntimeError(f"tuning {method}: no trial finished; see {out_dir / 'tune'}")
         best[method] = {
             path: _kind(sweep, path)(result.config[_key(path)])
-            for path in sweep.tuning.space
+            for path in sweep.tuning_space
             if _key(path) in result.config
         }
         scores[method] = float(result.metrics["val_acc"])

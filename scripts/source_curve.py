@@ -41,17 +41,17 @@ def main() -> None:
     sweep = sweep.with_values({**values, "source.patience": None, "source.target_val_acc": None})
     task = sweep.build_task()
     model = fresh_model(sweep, task, args.seed, "source_init")
-    data = task.base_data(args.seed)
+    data, source = task.base_data(args.seed), sweep.block("source")
     print(f"source of {args.sweep} with {values or 'no changes'}: {len(data.train)} samples, "
-          f"{sweep.source.epochs} epochs, lr {sweep.source.lr} ({sweep.source.lr_schedule})", flush=True)  # fmt: skip
+          f"{source.epochs} epochs, lr {source.lr} ({source.lr_schedule})", flush=True)  # fmt: skip
     start = time.perf_counter()
 
     def on_epoch(epoch: int, score: float) -> None:
         print(f"epoch {epoch:3d}  val_acc {score:.3f}  {time.perf_counter() - start:7.1f} s", flush=True)
 
-    result = train(model, data, sweep.source, torch_generator(args.seed, "source_train"), on_epoch=on_epoch)
+    result = train(model, data, source, torch_generator(args.seed, "source_train"), on_epoch=on_epoch)
     losses = [round(m.get("val_loss", float("nan")), 4) for m in result.measurements]
-    print(f"best epoch {result.best_epoch} ({sweep.source.select}): val_acc {result.best_val_acc:.3f}")
+    print(f"best epoch {result.best_epoch} ({source.select}): val_acc {result.best_val_acc:.3f}")
     if any(v == v for v in losses):
         print(f"val_loss per epoch: {losses}")
 

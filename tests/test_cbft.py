@@ -21,7 +21,6 @@ from methods.cbft import CBFTConfig, barrier_loss, draw_t, invariance_loss
 from methods.finetune import LPFTConfig, find_head, merge_phases
 from methods.registry import MethodContext, get_method
 from methods.training import TrainConfig, TrainResult, train
-from methods.transfer import TransferConfig
 from tasks import MODELS
 from tasks.base import Split, StageData
 from tasks.shapes import BOX_VALUE
@@ -83,7 +82,6 @@ def _ctx(source, config=None, data=None, **training) -> MethodContext:
         config=config,
         training=TrainConfig(**{"epochs": 2, "lr": 1e-2, "batch_size": 8, "eval_batch_size": 100,
                                  "keep_initial": False, **training}),  # these tests look at what training moves
-        transfer=TransferConfig(),
         artifacts={"source": source},
         generator=torch_generator(0, "method"),
         device=torch.device("cpu"),

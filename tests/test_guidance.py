@@ -38,7 +38,6 @@ def _run(setup, name: str, config, guide=None):
         data=task.downstream_data(0, 0.5),
         config=config,
         training=sweep.training,
-        transfer=sweep.transfer,
         artifacts={"guide": default_guide if guide is None else guide},
         generator=torch_generator(0, "method"),
         device=torch.device("cpu"),

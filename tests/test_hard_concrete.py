@@ -77,7 +77,7 @@ def tiny_setup():
     task = sweep.build_task()
     with seeded_init(0, "source_init"):
         source = task.build_model(sweep.model)
-    train(source, task.base_data(0), sweep.source, torch_generator(0, "source_train"))
+    train(source, task.base_data(0), sweep.block("source"), torch_generator(0, "source_train"))
     return source, task.subtask_data(0)
 
 
@@ -140,9 +140,9 @@ def test_finds_a_working_subnetwork_in_the_quickstart_source():
     with seeded_init(0, "source_init"):
         source = task.build_model(sweep.model)
     started = time.perf_counter()
-    trained = train(source, task.base_data(0), sweep.source, torch_generator(0, "source_train"))
+    trained = train(source, task.base_data(0), sweep.block("source"), torch_generator(0, "source_train"))
     assert trained.best_val_acc > 0.99
-    cfg = sweep.discovery.model_validate({**sweep.discovery.canonical(), "method": "hard_concrete", "lr": HC_LR})
+    cfg = sweep.block("discovery").model_copy(update={"method": "hard_concrete", "lr": HC_LR})
     found = discover(copy.deepcopy(source), task.subtask_data(0), cfg, 0.75, torch_generator(0, "discovery"))
     elapsed = time.perf_counter() - started
     print(f"hard concrete on the quickstart source: subtask acc {found.subtask_acc:.3f} at sparsity 0.75 "

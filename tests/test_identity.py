@@ -136,7 +136,7 @@ def test_a_kind_that_reads_an_undeclared_block_raises_naming_the_declaration(plu
     # Declared, the block is readable, in the kind's key and in its trials' identity.
     spec = TrialSpec(method="declares", data_fraction=0.5, seed=0)
     key = Upstream(sweep, spec, None, CPU).key("declaring")
-    assert key["reads"]["discovery"] == sweep.discovery.canonical() and "model" in key["reads"]
+    assert key["reads"]["discovery"] == sweep.block("discovery").canonical() and "model" in key["reads"]
     other = tiny(plugins=["peeking_kind"], methods=["peeks", "declares"], discovery={"l0_lambda": 1e-6})
     assert Upstream(other, spec, None, CPU).key("declaring") != key
     assert identity(other, spec)["discovery"] != identity(sweep, spec)["discovery"]
@@ -152,7 +152,7 @@ def test_a_method_or_analysis_reading_an_undeclared_block_raises(plugins, tiny, 
 
         @register_method("peeks_at_transfer", description="test: reads transfer undeclared")
         def _peeks(ctx):
-            assert ctx.transfer.unmasked
+            assert ctx.block("transfer").unmasked
             return ctx.fresh
 
 
@@ -186,7 +186,7 @@ def test_a_method_or_analysis_reading_an_undeclared_block_raises(plugins, tiny, 
         run_trial(peeking, scratch, store)
 
     reading = tiny(plugins=["peeking_method"], methods=["scratch"], analyses=["readprobe"])
-    assert run_trial(reading, scratch, store)["readprobe_lr"] == reading.source.lr + reading.training.lr
+    assert run_trial(reading, scratch, store)["readprobe_lr"] == reading.block("source").lr + reading.training.lr
     assert "source" in identity(reading, scratch), "a block an analysis reads is in its trials' identity"
     faster = tiny(plugins=["peeking_method"], methods=["scratch"], analyses=["readprobe"], source={"lr": 1e-2})
     assert trial_hash(faster, scratch) != trial_hash(reading, scratch)

@@ -24,7 +24,7 @@ def setup():
             return task.build_model(sweep.model)
 
     source = fresh("source_init")
-    train(source, task.base_data(0), sweep.source, torch_generator(0, "source_train"))
+    train(source, task.base_data(0), sweep.block("source"), torch_generator(0, "source_train"))
     return sweep, task, fresh, source
 
 
@@ -35,7 +35,6 @@ def _context(setup, config) -> MethodContext:
         data=task.downstream_data(0, 0.5),
         config=config,
         training=sweep.training,
-        transfer=sweep.transfer,
         artifacts={"source": source},
         generator=torch_generator(0, "method"),
         device=torch.device("cpu"),

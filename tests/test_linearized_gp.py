@@ -228,7 +228,6 @@ def test_train_reads_train_and_validation_only():
         data=data,
         config=GRID,
         training=TrainConfig(eval_batch_size=4),
-        transfer=None,
         artifacts={"source": source},
         generator=torch_generator(0, "method"),
         device=torch.device("cpu"),
@@ -257,7 +256,7 @@ def test_config_is_validated():
     with pytest.raises(ValidationError):
         LinearizedGPConfig(sigma=1.0)
     sweep = load_sweep(tiny_raw(methods=["linearized_gp"], linearized_gp={"sigma2_grid": [0.1, 1.0]}))
-    assert sweep.method_settings["linearized_gp"] == LinearizedGPConfig(sigma2_grid=(0.1, 1.0))
+    assert sweep.blocks["linearized_gp"] == LinearizedGPConfig(sigma2_grid=(0.1, 1.0))
 
 
 def test_features_are_the_sources_and_train_mode_keeps_the_source_in_eval():

@@ -53,7 +53,7 @@ def test_method_settings_are_sweepable_and_tunable_by_path(tiny):
     )
     assert "l2sp.alpha" in method_space(tuned, "l2sp") and "l2sp.alpha" not in method_space(tuned, "scratch")
     over = tiny(methods=["l2sp", "scratch"], method_overrides={"l2sp": {"l2sp.alpha": 0.5}})
-    assert over.effective("l2sp").method_settings["l2sp"].alpha == 0.5
+    assert over.effective("l2sp").blocks["l2sp"].alpha == 0.5
     with pytest.raises(ConfigError, match="another method's setting"):
         load_sweep(tiny_raw(methods=["l2sp", "scratch"], method_overrides={"scratch": {"l2sp.alpha": 0.5}}))
 
@@ -70,7 +70,7 @@ def test_a_method_blocks_training_reaches_only_its_trials(tiny):
     assert [s.method for s in expand(sweep) if trial_hash(sweep, s) != trial_hash(plain, s)] == ["full_transfer"]
     assert load_sweep(sweep.canonical()) == sweep, "the block round-trips at the top level"
     both = tiny(methods=["l2sp", "scratch"], l2sp={"alpha": 0.5, "training": {"epochs": 7}})
-    assert both.effective("l2sp").training.epochs == 7 and both.effective("l2sp").method_settings["l2sp"].alpha == 0.5
+    assert both.effective("l2sp").training.epochs == 7 and both.effective("l2sp").blocks["l2sp"].alpha == 0.5
     tuned = tiny(methods=["l2sp"], l2sp={"training": {"lr": 0.1}}, method_overrides={"l2sp": {"training.lr": 0.2}})
     assert tuned.effective("l2sp").training.lr == 0.2, "--tuned values win over the block"
 

@@ -6,6 +6,7 @@ import io
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -203,7 +204,7 @@ def test_the_fresh_weights_at_transfer_get_the_gpt2_init(tiny):
         data=task.downstream_data(0, 0.5),
         config=None,
         training=sweep.training,
-        transfer=TransferConfig(unmasked="reinit"),
+        settings=SimpleNamespace(block={"transfer": TransferConfig(unmasked="reinit")}.__getitem__),
         artifacts={"source": source, "mask": mask},
         generator=torch.Generator().manual_seed(0),
         device=torch.device("cpu"),
@@ -414,9 +415,10 @@ def test_explicit_defaults_leave_a_trial_row_unchanged(tmp_path):
 def test_the_paper_config_loads_and_a_shrunk_version_runs_a_trial(tmp_path):
     sweep = load_sweep_file(ROOT / "configs" / "arithmetic-paper.yaml")
     assert (sweep.task.loss, sweep.model.head, sweep.model.init) == ("all_positions", "tied_lm", "gpt2")
-    assert (sweep.source.lr_schedule, sweep.source.select, sweep.source.patience) == ("linear", "val_loss", 10)
-    assert sweep.source.weight_decay == 0.0 and sweep.source.target_val_acc is None
-    assert (sweep.discovery.weight_decay, sweep.discovery.ties) == (0.01, "last")
+    source, discovery = sweep.block("source"), sweep.block("discovery")
+    assert (source.lr_schedule, source.select, source.patience) == ("linear", "val_loss", 10)
+    assert source.weight_decay == 0.0 and source.target_val_acc is None
+    assert (discovery.weight_decay, discovery.ties) == (0.01, "last")
 
     raw = yaml.safe_load((ROOT / "configs" / "arithmetic-paper.yaml").read_text())
     small = tiny_raw()

@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -86,7 +88,7 @@ def test_sampled_controls_keep_the_documented_number_of_source_weights(tiny):
             data=task.downstream_data(0, 0.5),
             config=None,
             training=sweep.training,
-            transfer=TransferConfig(),
+            settings=SimpleNamespace(block={"transfer": TransferConfig()}.__getitem__),
             artifacts={"source": source, "mask": mask},
             generator=torch.Generator().manual_seed(3),
             device=torch.device("cpu"),

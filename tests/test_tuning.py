@@ -20,9 +20,9 @@ def test_overrides_apply_per_method_and_controls_inherit_discovery(tiny):
         },
     )
     si, sampled, scratch = (sweep.effective(m) for m in ("subtask_induction", "sampled_subnetwork", "scratch"))
-    assert si.training.lr == 0.003 and si.discovery.l0_lambda == 1e-6
+    assert si.training.lr == 0.003 and si.block("discovery").l0_lambda == 1e-6
     assert sampled.training.epochs == 7 and sampled.training.lr == sweep.training.lr
-    assert sampled.discovery.l0_lambda == 1e-6, "controls use subtask_induction's mask settings"
+    assert sampled.block("discovery").l0_lambda == 1e-6, "controls use subtask_induction's mask settings"
     assert scratch.training.lr == 0.01
     assert "discovery" not in identity(sweep, TrialSpec(method="scratch", data_fraction=0.5, seed=0))
     # the controls' mask is the very mask subtask_induction uses
@@ -143,7 +143,7 @@ def test_tuned_values_reach_every_trial_of_the_run(tmp_path, ray_shutdown):
     lrs = {m: tuned[m]["training.lr"] for m in sweep.methods}
     assert len(set(lrs.values())) == 3 and sweep.training.lr not in lrs.values(), "otherwise the check below is void"
     l0 = tuned["subtask_induction"]["discovery.l0_lambda"]
-    assert l0 != sweep.discovery.l0_lambda
+    assert l0 != sweep.block("discovery").l0_lambda
 
     run = apply_tuned(sweep, path)
     outcome = run_sweep(run, tmp_path / "run", num_cpus=2)

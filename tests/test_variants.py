@@ -25,8 +25,8 @@ def test_each_variant_applies_all_its_settings_and_nothing_else(tiny):
         eff = sweep.effective(spec.method, spec.axes)
         name = spec.axes["variant"]
         assert eff.model.init == ("gpt2" if name == "init" else "torch")
-        assert eff.discovery.weight_decay == (0.01 if name == "discovery" else 0.0)
-        assert eff.discovery.ties == ("last" if name == "discovery" else "first")
+        assert eff.block("discovery").weight_decay == (0.01 if name == "discovery" else 0.0)
+        assert eff.block("discovery").ties == ("last" if name == "discovery" else "first")
         row = base_row(sweep, spec)
         assert row["variant"] == name and "variant" in spec.name
         config = json.loads(row["config_json"])
