@@ -40,11 +40,11 @@ def main() -> None:
     root = os.path.join(args.out, "artifacts") if args.out else tempfile.mkdtemp(prefix="instill-bench-")
     point = {axis: values[0] for axis, values in sweep.grid.items()}
     method = next(m for m in sweep.methods if "mask" in get_method(m).needs)
-    spec = TrialSpec(method=method, sparsity=sweep.sparsities[0], data_fraction=sweep.data_fractions[0],
-                     seed=args.seed, axes=point)  # fmt: skip
+    spec = TrialSpec(method=method, data_fraction=sweep.data_fractions[0], seed=args.seed, axes=point)
     up = Upstream(sweep, spec, ArtifactStore(root), pick_device(sweep))
     source = up.get("source")
-    data, cfg, sparsities = up.task.subtask_data(args.seed), up.sweep.block("discovery"), tuple(sweep.sparsities)
+    data, cfg = up.task.subtask_data(args.seed), up.sweep.block("discovery")
+    sparsities = tuple(sweep.axes["mask.sparsity"])
 
     def gen():
         return torch_generator(args.seed, "discovery")

@@ -46,8 +46,7 @@ def main() -> None:
     point = {axis: values[0] for axis, values in base.grid.items()}
 
     def spec(seed):
-        return TrialSpec(method=base.methods[0], sparsity=base.sparsities[0], data_fraction=base.data_fractions[0],
-                         seed=seed, axes=point)  # fmt: skip
+        return TrialSpec(method=base.methods[0], data_fraction=base.data_fractions[0], seed=seed, axes=point)
 
     device = pick_device(base)
     root = tempfile.mkdtemp(prefix="instill-bench-")

@@ -122,7 +122,7 @@ def main() -> None:
         if args.gpu:
             print(f"device: {torch.cuda.get_device_name(0)}")
 
-        keys = ["method", "sparsity", "data_fraction"]
+        keys = ["method", *(c for c in figures["serial"]["table"] if "." in c), "data_fraction"]  # axes: dotted
         means = {
             name: f["table"].groupby(keys, dropna=False)[["test_acc", "val_acc"]].mean()
             for name, f in figures.items()

@@ -1,14 +1,15 @@
 """Artifact kinds: the upstream work trials share, computed once per key.
 
-Each kind declares the kinds it needs, the sweep blocks it reads and the grid axes its key holds,
-and four functions: `key(ctx)` (what determines it besides those blocks: its upstream keys, its grid
-point, the task's fields of its stage), `compute(ctx) -> (tensors, meta)`,
-`load(ctx, tensors, meta)` (the object a method receives), and `columns(meta)` (what a trial's row
-records about it). `ctx.settings` shows a kind only the blocks it declares (`blocks=`, its own
-block, and `model`); reading another raises `common.config.UndeclaredBlock`, and the store key is
-`key(ctx)` plus every block it may read (`reads`) and, for a plug-in kind (or task, or model), the
-hash of its module's source (`code`). A kind that computes the artifacts of several values of an axis in one go (a
-mask discovery serves every sparsity) names the axis in `shares` and implements
+Each kind declares the kinds it needs, the sweep blocks it reads, the config paths that are grid
+axes of every trial needing it (`axes`), and four functions: `key(ctx)` (what determines it besides
+those blocks: its upstream keys, its seed, the task's fields of its stage),
+`compute(ctx) -> (tensors, meta)`, `load(ctx, tensors, meta)` (the object a method receives), and
+`columns(meta)` (what a trial's row records about it). `ctx.settings` shows a kind only the blocks
+it declares (`blocks=`, its own block, and `model`); reading another raises
+`common.config.UndeclaredBlock`, and the store key is `key(ctx)` plus every block it may read
+(`reads`) and, for a plug-in kind (or task, or model), the hash of its module's source (`code`). A
+kind that computes the artifacts of several values of some of its paths in one go (one mask
+discovery serves every `mask.sparsity`) names them in `shares` and implements
 `compute_many(contexts)`; each artifact is still stored and keyed on its own. A kind that can
 train the artifacts of different seeds as one pack (`methods.packing`; source models) sets
 `packs_seeds` and implements `compute_many` over contexts of different seeds; the orchestrator
@@ -21,14 +22,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
-from common.config import declare_block
+from common.config import Frozen, declare_block
 from common.registry import Registry
 from common.seeding import torch_generator
 from methods.discovery import discover_many
@@ -45,7 +47,6 @@ class ArtifactContext:
     # by attribute (.model, .discovery) or name (.block("guide")); `common.config.Declared`.
     settings: Any
     seed: int
-    point: dict[str, Any]  # the grid axes the kind depends on, e.g. {"sparsity": 0.75}
     device: torch.device
     mixed_precision: bool
     fresh_model: Callable[[str], nn.Module]
@@ -58,11 +59,12 @@ class ArtifactKind:
     name: ClassVar[str]
     needs: ClassVar[tuple[str, ...]] = ()
     blocks: ClassVar[tuple[str, ...]] = ()  # sweep blocks it reads, all in its key (shared by every method needing it)
-    axes: ClassVar[tuple[str, ...]] = ()  # grid axes that enter the key
+    axes: ClassVar[tuple[str, ...]] = ()  # config paths (of its blocks) that are grid axes of its trials
+    shorthand: ClassVar[dict[str, str]] = {}  # sweep-file keys listing an axis' values: {"sparsities": "mask.sparsity"}
     reported: ClassVar[tuple[str, ...]] = ()  # row columns from `columns(meta)` that the report summarises
     is_mask: ClassVar[bool] = False  # boolean tensors over parameters: the report compares them (overlap)
     Config: ClassVar[type | None] = None  # the kind's own settings block, under its name in the sweep file
-    shares: ClassVar[tuple[str, ...]] = ()  # axes (of `axes`) whose artifacts one `compute_many` computes together
+    shares: ClassVar[tuple[str, ...]] = ()  # paths (of `axes`) whose artifacts one `compute_many` computes together
     packs_seeds: ClassVar[bool] = False  # `compute_many` trains the artifacts of several seeds as one pack
 
     def describe(self, key: dict) -> dict[str, Any]:
@@ -72,15 +74,15 @@ class ArtifactKind:
 
     def key(self, ctx: ArtifactContext) -> dict:
         """What determines the artifact besides the blocks it reads (the store adds those): its
-        upstream keys (`ctx.key_of`), grid point, seed, the task's fields of its stage."""
+        upstream keys (`ctx.key_of`), seed, the task's fields of its stage."""
         ...
 
     def compute(self, ctx: ArtifactContext) -> tuple[dict[str, torch.Tensor], dict[str, Any]]: ...
 
     def compute_many(self, contexts: list[ArtifactContext]) -> list[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
-        """The artifacts of `contexts` (which differ only in the `shares` axes of their `point`, or
-        with `packs_seeds` in their seed), each as `compute` would give it. Only kinds with `shares`
-        or `packs_seeds` are asked."""
+        """The artifacts of `contexts` (whose settings differ only at the `shares` paths, or with
+        `packs_seeds` in their seed), each as `compute` would give it. Only kinds with `shares` or
+        `packs_seeds` are asked."""
         raise NotImplementedError(f"artifact kind {self.name!r} declares no shared axes")
 
     def load(self, ctx: ArtifactContext, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Any: ...
@@ -97,8 +99,9 @@ def register_artifact(
     *,
     needs: tuple[str, ...] = (),
     blocks: tuple[str, ...] = (),
-    axes=(),
-    shares=(),
+    axes: tuple[str, ...] = (),
+    shares: tuple[str, ...] = (),
+    shorthand: dict[str, str] | None = None,
     packs_seeds: bool = False,
     config: type | None = None,
 ):
@@ -106,24 +109,31 @@ def register_artifact(
     `model` and its own block; each enters its key); `config`: a settings
     block of its own, written under `name` in the sweep file (`guide: {...}`), validated there, part
     of the key and identity of everything that needs the kind, tunable and sweepable by path.
-    `axes`: the fixed grid axes its key holds (only "sparsity" exists); `shares`: those of them
-    whose artifacts `compute_many` computes in one go (the key holds each under the axis' name).
+    `axes`: config paths of its blocks that are grid axes of every trial that needs the kind (rows
+    get a column, trial names show it; one value, the block's, unless the sweep lists more in
+    `axes:`); `shares`: those of them whose artifacts `compute_many` computes in one go (paths of its
+    own blocks, which no kind it needs reads); `shorthand`: sweep-file keys that list an axis's
+    values (`{"sparsities": "mask.sparsity"}`: `sparsities: [..]` is `axes: {mask.sparsity: [..]}`).
     `packs_seeds`: `compute_many` trains the artifacts of several seeds as one pack (the key holds
     `seed`; the kind needs no other kind, whose artifacts would differ by seed too)."""
+    readable = (*blocks, *((name,) if config is not None else ()))
+    shorthand = dict(shorthand or {})
     if packs_seeds and needs:
         raise ValueError(f"artifact kind {name!r}: a kind that packs seeds cannot need other kinds ({needs})")
-    if any(axis != "sparsity" for axis in axes):
-        raise ValueError(f"artifact kind {name!r}: the only grid axis an artifact can depend on is 'sparsity'")
-    if any(axis not in axes for axis in shares):
-        raise ValueError(f"artifact kind {name!r}: shares {tuple(shares)} must be among its axes {tuple(axes)}")
+    if any(path.split(".")[0] not in readable or "." not in path for path in axes):
+        raise ValueError(f"artifact kind {name!r}: axes {tuple(axes)} must be paths of the blocks it reads {readable}")
+    if any(path not in axes for path in (*shares, *shorthand.values())):
+        raise ValueError(f"artifact kind {name!r}: shares and shorthand must name its axes {tuple(axes)}")
 
     def add(cls):
         unknown = [n for n in needs if n not in ARTIFACTS]
         if unknown:
             raise ValueError(f"artifact kind {name!r} needs {unknown}, which are not registered (register them first)")
-        own = (name,) if config is not None else ()
-        cls.name, cls.needs, cls.blocks, cls.axes = name, tuple(needs), tuple(blocks) + own, tuple(axes)
-        cls.Config, cls.shares, cls.packs_seeds = config, tuple(shares), packs_seeds
+        upstream = {block for kind in closure(needs) for block in ARTIFACTS.get(kind).blocks}
+        if any(path.split(".")[0] in upstream for path in shares):
+            raise ValueError(f"artifact kind {name!r}: shares {tuple(shares)}, but a kind it needs reads that block")
+        cls.name, cls.needs, cls.blocks, cls.axes = name, tuple(needs), readable, tuple(axes)
+        cls.Config, cls.shares, cls.shorthand, cls.packs_seeds = config, tuple(shares), shorthand, packs_seeds
         ARTIFACTS.register(name)(cls())
         return cls
 
@@ -232,25 +242,44 @@ class Source(ArtifactKind):
         return {"source_val_acc": meta["val_acc"]}
 
 
-@register_artifact("mask", needs=("source",), blocks=("discovery",), axes=("sparsity",), shares=("sparsity",))
+class MaskConfig(Frozen):
+    """The `mask:` block: what a discovered mask is asked for besides its `discovery:` settings."""
+
+    sparsity: float = Field(0.75, description="the fraction of the masked weights set to 0, in [0, 1)")
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity(cls, v: float) -> float:
+        if not (math.isfinite(v) and 0.0 <= v < 1.0):
+            raise ValueError(f"a sparsity is the fraction of masked weights set to 0: it lies in [0, 1), not {v}")
+        return v
+
+
+@register_artifact(
+    "mask",
+    needs=("source",),
+    blocks=("discovery",),
+    config=MaskConfig,
+    axes=("mask.sparsity",),
+    shares=("mask.sparsity",),
+    shorthand={"sparsities": "mask.sparsity"},
+)
 class DiscoveredMask(ArtifactKind):
-    """The subnetwork discovered in the source model on the subtask, at the requested sparsity. The
-    sweep's sparsities of one source and discovery setting come from one discovery run (`discover_many`)."""
+    """The subnetwork discovered in the source model on the subtask, at `mask.sparsity` (an axis of
+    every trial that needs a mask: `sparsities: [..]` lists its values). The sparsities of one
+    source and discovery setting come from one discovery run (`discover_many`)."""
 
     reported = ("mask_density", "subtask_acc", "natural_density")
     is_mask = True
 
     def describe(self, key):
         source = {k: v for k, v in key["source"].items() if k != "seed"}
-        family = {**{k: v for k, v in key.items() if k not in ("source", "sparsity")}, "source": source}
-        return {"seed": key["source"]["seed"], "sparsity": key["sparsity"], "family": family}
+        reads = {**key["reads"], "mask": {k: v for k, v in key["reads"]["mask"].items() if k != "sparsity"}}
+        family = {**{k: v for k, v in key.items() if k not in ("source", "reads")}, "source": source, "reads": reads}
+        return {"seed": key["source"]["seed"], "sparsity": key["reads"]["mask"]["sparsity"], "family": family}
 
-    def key(self, ctx):  # the store adds the discovery block (`reads`)
-        return {
-            "source": ctx.key_of("source"),
-            "subtask": ctx.task.key_fields("subtask"),
-            "sparsity": ctx.point["sparsity"],
-        }
+    def key(self, ctx):  # the store adds the discovery and mask blocks (`reads`)
+        return {"source": ctx.key_of("source"), "subtask": ctx.task.key_fields("subtask")}
 
     def compute(self, ctx):
         return self.compute_many([ctx])[0]
@@ -261,7 +290,7 @@ class DiscoveredMask(ArtifactKind):
             copy.deepcopy(ctx.get("source")),
             ctx.task.subtask_data(ctx.seed),
             ctx.settings.discovery,
-            tuple(c.point["sparsity"] for c in contexts),
+            tuple(c.settings.mask.sparsity for c in contexts),
             torch_generator(ctx.seed, "discovery"),
             mixed_precision=ctx.mixed_precision,
         )

@@ -133,7 +133,7 @@ def _validate(args) -> int:
     print(f"{args.sweep}: valid sweep {sweep.name!r} (config hash {sweep.config_hash})")
     print(f"  task {sweep.task.name}, model {sweep.model.name}")
     print(f"  methods {', '.join(sweep.methods)}")
-    print(f"  sparsities {list(sweep.sparsities)}, seeds {list(sweep.seeds)}")
+    print(f"  seeds {list(sweep.seeds)}")
     print(f"  data fractions {list(sweep.data_fractions)}")
     for path, values in sweep.axes.items():
         print(f"  axis {path}: {list(values)}")

@@ -1,13 +1,13 @@
-"""The sweep file: the grid (methods x sparsities x data fractions x seeds x any `axes:` path) and
-one block per stage, plus one block per method that has settings of its own (`<method>: {<field>: ...}`).
+"""The sweep file: the grid (methods x data fractions x seeds x any `axes:` path) and one block per
+stage, plus the blocks plug-ins declare (`<method>: {<field>: ...}`, an artifact kind's own block).
 
 `load_sweep_file` turns YAML into a frozen, validated `SweepConfig`, or raises `ConfigError` whose
 message names every bad field by its path (`training.lr: Input should be greater than 0`).
 
-Paths. Every setting has a dotted path: `training.lr`, `model.n_layers`, `discovery.selection.head`,
-`<method>.<field>`. Whatever sets a path for some trials only is a `Layer` of the overlay (a method
-block's `training:`, `method_overrides`, a variant, a trial's axis values): `effective` applies the
-layers that reach a trial, `_check_overlay` validates them all with one set of rules.
+Paths. Every setting has a dotted path: `training.lr`, `model.n_layers`, `<block>.<field>`.
+Whatever sets a path for some trials only is a `Layer` of the overlay (a method block's
+`training:`, `method_overrides`, a variant, a trial's axis values): `effective` applies the layers
+that reach a trial, `_check_overlay` validates them all with one set of rules.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, PositiveInt, PrivateAttr, SerializeAsAny, ValidationError, field_validator, model_validator
+from pydantic import Field, PositiveInt, PrivateAttr, SerializeAsAny, ValidationError, field_validator
 
 import tasks
 from common.config import BLOCKS, Frozen, stable_hash
@@ -120,7 +120,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Paths that are not settings of an experiment: sweeping them is a mistake with a better spelling.
 _NOT_AXES = {
     "methods": "list the methods in `methods:`",
-    "sparsities": "use the `sparsities:` axis",
     "data_fractions": "use the `data_fractions:` axis",
     "seeds": "use the `seeds:` axis",
     "name": "the sweep's name does not change results",
@@ -171,7 +170,6 @@ class SweepConfig(Frozen):
     )
 
     methods: tuple[str, ...] = Field(min_length=1)
-    sparsities: tuple[float, ...] = (0.75,)
     _variants: dict[str, SweepConfig] = PrivateAttr(default_factory=dict)
     data_fractions: tuple[float, ...] = Field(min_length=1)
     seeds: tuple[int, ...] = Field((0,), min_length=1)
@@ -190,14 +188,6 @@ class SweepConfig(Frozen):
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; valid names: {', '.join(METHODS.names())}")
         return _unique(v, "methods")
-
-    @field_validator("sparsities")
-    @classmethod
-    def _sparsities(cls, v: tuple[float, ...]) -> tuple[float, ...]:
-        bad = [s for s in v if not (math.isfinite(s) and 0.0 <= s < 1.0)]
-        if bad:
-            raise ValueError(f"sparsities must lie in [0, 1) (the fraction of masked weights set to 0); got {bad}")
-        return _unique(v, "sparsities")
 
     @field_validator("data_fractions")
     @classmethod
@@ -248,12 +238,6 @@ class SweepConfig(Frozen):
         if path == VARIANT:
             return {_head(p) for values in self.variants.values() for p in values}
         return {_head(path)}
-
-    @model_validator(mode="after")
-    def _sparsities_needed(self):
-        if any("sparsity" in grid_axes(self, m) for m in self.methods) and not self.sparsities:
-            raise ValueError("sparsities is empty but a method needs a mask: give at least one sparsity")
-        return self
 
     # --- paths, overrides, effective configs ---------------------------------------------
 
@@ -342,19 +326,16 @@ class SweepConfig(Frozen):
         return out
 
 
-def grid_axes(config: SweepConfig, method: str) -> set[str]:
-    """The fixed grid axes besides budget and seed that `method`'s trials depend on ("sparsity"),
-    through the artifacts it or the sweep's analyses need."""
+def needed_kinds(methods, analyses) -> list[str]:
+    """The artifact kinds that `methods` and `analyses` (names) need, each after what it needs."""
     from methods.artifacts import closure
 
-    needs = list(METHODS.get(method).needs)
-    for entry in config.analyses:
-        needs += ANALYSES.get(entry["name"]).needs
-    return {axis for kind in closure(needs) for axis in ARTIFACTS.get(kind).axes}
+    needs = [k for m in methods for k in METHODS.get(m).needs]
+    return closure(needs + [k for a in analyses for k in ANALYSES.get(a).needs])
 
 
 def shared_blocks() -> set[str]:
-    """Sweep blocks that configure shared artifacts (`source`, `discovery`)."""
+    """Sweep blocks that configure shared artifacts (every block an artifact kind reads)."""
     return {block for _, kind in ARTIFACTS.items() for block in kind.blocks}
 
 
@@ -473,11 +454,10 @@ def _import_plugins(plugins: Any, errors: list[str]) -> None:
 
 
 def _parse_blocks(data: dict, errors: list[str]) -> None:
-    """Replace the task, model, analysis and plug-in block entries of `data` by validated objects.
-    A sweep holds every declared block (`common.config.declare_block`), the own block of each method
-    it lists and artifact kind they or its analyses need, and any other such block it writes."""
-    from methods.artifacts import closure
-
+    """Replace the task, model, analysis and plug-in block entries of `data` by validated objects,
+    and artifact kinds' shorthands (`sparsities: [..]`) by the `axes:` they stand for. A sweep holds
+    every declared block (`common.config.declare_block`), the own block of each method it lists and
+    artifact kind they or its analyses need, and any other such block it writes or sweeps."""
     for key, registry in (("task", tasks.TASKS), ("model", tasks.MODELS)):
         if key not in data:
             errors.append(f"{key}: missing; give a mapping with 'name' (one of: {', '.join(registry.names())})")
@@ -489,10 +469,14 @@ def _parse_blocks(data: dict, errors: list[str]) -> None:
     _parse_analyses(data, errors)
     methods = data.get("methods") if isinstance(data.get("methods"), (list, tuple)) else []
     methods = [m for m in methods if isinstance(m, str) and m in METHODS]
-    needs = [k for m in methods for k in METHODS.get(m).needs] + [
-        k for a in data["analyses"] for k in ANALYSES.get(a["name"]).needs
-    ]
-    needed = closure(needs)
+    needed = needed_kinds(methods, [a["name"] for a in data["analyses"]])
+    axes = data.get("axes", {})
+    for key, path in [item for _, kind in ARTIFACTS.items() for item in kind.shorthand.items()]:
+        if key in data and isinstance(axes, dict):
+            if path in axes:
+                errors.append(f"{key}: lists the values of the axis {path}, which axes: sets too; keep one")
+            data["axes"] = axes = {**axes, path: data.pop(key)}
+    swept = {_head(str(path)) for path in axes} if isinstance(axes, dict) else set()
     training: dict[str, dict] = {}
     for name in METHODS.names():  # `<method>: {training: {...}}`: that method's training, an overlay layer
         if name not in data:
@@ -507,7 +491,8 @@ def _parse_blocks(data: dict, errors: list[str]) -> None:
         if METHODS.get(name).Config is None and (data.pop(name) or not has_training):
             errors.append(f"{name}: method {name!r} has no settings of its own besides `training:`; remove them")
     schemas = {name: (config, True) for name, config in BLOCKS.items()}
-    owners = [*((n, m, n in methods) for n, m in METHODS.items()), *((n, k, n in needed) for n, k in ARTIFACTS.items())]
+    owners = [(n, m, n in methods or n in swept) for n, m in METHODS.items()]
+    owners += [(n, k, n in needed or n in swept) for n, k in ARTIFACTS.items()]
     for name, owner, used in owners:
         if owner.Config is None:
             continue
@@ -575,7 +560,12 @@ def _build(raw: dict) -> SweepConfig:
         raise ValueError("\n".join(errors)) from None
     if errors:
         raise ValueError("\n".join(errors))
-    return config
+    # The axes of the kinds the sweep needs are axes of its grid, with the block's one value by default.
+    kinds = needed_kinds(config.methods, [a["name"] for a in config.analyses])
+    paths = [p for kind in kinds for p in ARTIFACTS.get(kind).axes if p not in config.axes]
+    if not paths:
+        return config
+    return config.model_copy(update={"axes": {**config.axes, **{p: (resolve_path(config, p),) for p in paths}}})
 
 
 def _check_runnable(config: SweepConfig) -> list[str]:

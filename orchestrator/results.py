@@ -1,6 +1,7 @@
 """The results table: one row per trial of a sweep's current grid, as Parquet.
 
-Identifying columns come first (then one column per `axes:` path, named by the path), the headline
+Identifying columns come first (then one column per axis of the grid: each `axes:` path and each
+path an artifact kind declares as an axis, named by the path; `variant`), the headline
 metrics, the columns analyses add (each starting with its analysis's name), then bookkeeping.
 Trials that have not finished appear with status `pending`, so the table always covers the whole
 grid. `summarised_columns` says which columns the report summarises: the core metrics and what
@@ -23,7 +24,7 @@ from orchestrator.config import VARIANT, SweepConfig
 from orchestrator.outdir import read_row
 from orchestrator.trial import TrialSpec, base_row
 
-IDENTIFYING = ["trial", "trial_hash", "task", "model", "method", "sparsity", "data_fraction", "n_train", "seed"]
+IDENTIFYING = ["trial", "trial_hash", "task", "model", "method", "data_fraction", "n_train", "seed"]
 HEADLINE = ["status", "test_acc", "val_acc"]
 CORE_SUMMARISED = ("test_acc", "val_acc")
 TRAILING = [
@@ -46,12 +47,12 @@ TRAILING = [
     "versions",
 ]
 COLUMNS = IDENTIFYING + HEADLINE + TRAILING
-_FLOATS = ("sparsity", "test_acc", "val_acc")
+_FLOATS = ("test_acc", "val_acc")
 
 
 def axis_columns(columns) -> list[str]:
-    """The columns of a sweep's extra axes: one per `axes:` path (named by the dotted path) and
-    `variant` (the names of `variants:`)."""
+    """The columns of a sweep's axes: one per axis path (named by the dotted path) and `variant`
+    (the names of `variants:`)."""
     return sorted(str(c) for c in columns if "." in str(c) or c == VARIANT)
 
 

@@ -1,9 +1,9 @@
 """`--tracking wandb|mlflow`: Ray Tune's own logger callbacks, set up for a sweep.
 
 One experiment (MLflow) or group (W&B) per sweep, named after it; one run per Tune trial, named by
-the trial (`<method>-s<sparsity>-...-seed<seed>`; a group of short trials run as one Tune trial,
+the trial (`<method>-<axis>=<value>-...-seed<seed>`; a group of short trials run as one Tune trial,
 `orchestrator.queue`, is named by its first, `+N` for the others), with the grid points (method,
-sparsity, data fraction, seed, axes) as its parameters and every numeric value a trial reports as a metric, so the
+data fraction, seed, axes) as its parameters and every numeric value a trial reports as a metric, so the
 per-epoch curves show up as history. Long or structured values (the final row's JSON) are not logged:
 they live in OUT/rows.
 

@@ -26,7 +26,6 @@ reports each epoch through `report` (`{"stage": "epoch", "fit": "train", "epoch"
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import json
@@ -53,19 +52,18 @@ from methods.packing import NotPackable, calibrate, fit_packed, packable
 from methods.training import Interrupted, Supervision, supervised
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.checkpoints import Checkpointer, CheckpointStore, Interval
-from orchestrator.config import SweepConfig, grid_axes
+from orchestrator.config import SweepConfig
 
 Report = Callable[[dict[str, Any]], None]
 
 
 class TrialSpec(Frozen):
-    """A point of the grid. `sparsity` is None for methods that use no mask; `axes` holds the
-    values of the sweep's `axes:` paths that this trial's method depends on. `code_version`: the
-    project's code version (`common.provenance.code_version`) of the process that planned the
-    trial (the driver), recorded in its row and artifacts; not part of its identity."""
+    """A point of the grid. `axes` holds the values of the sweep's axes (its `axes:` paths, the
+    axes of the artifact kinds it needs, `variant`) that this trial's method depends on.
+    `code_version`: the project's code version (`common.provenance.code_version`) of the process
+    that planned the trial (the driver), recorded in its row and artifacts; not part of its identity."""
 
     method: str
-    sparsity: float | None = Field(None, ge=0, lt=1)
     data_fraction: float = Field(ge=0, le=1)
     seed: int
     axes: dict[str, Any] = {}
@@ -73,9 +71,8 @@ class TrialSpec(Frozen):
 
     @property
     def name(self) -> str:
-        sparsity = "" if self.sparsity is None else f"-s{self.sparsity:g}"
         axes = "".join(f"-{path}={_short(v)}" for path, v in sorted(self.axes.items()))
-        return f"{self.method}{sparsity}{axes}-f{self.data_fraction:g}-seed{self.seed}"
+        return f"{self.method}{axes}-f{self.data_fraction:g}-seed{self.seed}"
 
 
 def _short(value: Any) -> str:
@@ -135,24 +132,22 @@ def stage_plugins(effective: SweepConfig) -> list[Any]:
 
 
 def expand(sweep: SweepConfig) -> list[TrialSpec]:
-    """The trials of a sweep: methods x sparsities x data fractions x seeds x the `axes:` paths.
-    A method runs once per value of the axes it depends on only (a method without a mask does not
-    depend on sparsity; one that transfers nothing does not depend on `transfer.*`)."""
+    """The trials of a sweep: methods x data fractions x seeds x the grid's axes. A method runs once
+    per value of the axes it depends on only: those of the blocks in its identity (a method without a
+    mask does not depend on `mask.sparsity`; one that transfers nothing does not depend on `transfer.*`)."""
     specs, seen = [], set()
     for method in sweep.methods:
-        sparsities = sweep.sparsities if "sparsity" in grid_axes(sweep, method) else (None,)
         blocks = set(identity_blocks(sweep, method))
         paths = [p for p in sweep.grid if sweep.axis_heads(p) & blocks]
         for values in itertools.product(*(sweep.grid[p] for p in paths)):
             axes = dict(zip(paths, values, strict=True))
-            for sparsity in sparsities:
-                for fraction in sweep.data_fractions:
-                    for seed in sweep.seeds:
-                        spec = TrialSpec(method=method, sparsity=sparsity, data_fraction=fraction, seed=seed, axes=axes)
-                        key = trial_hash(sweep, spec)
-                        if key not in seen:  # e.g. an analysis's need made two axis values equal
-                            seen.add(key)
-                            specs.append(spec)
+            for fraction in sweep.data_fractions:
+                for seed in sweep.seeds:
+                    spec = TrialSpec(method=method, data_fraction=fraction, seed=seed, axes=axes)
+                    key = trial_hash(sweep, spec)
+                    if key not in seen:  # e.g. two variants that give the method the same settings
+                        seen.add(key)
+                        specs.append(spec)
     return specs
 
 
@@ -160,12 +155,7 @@ def identity(sweep: SweepConfig, spec: TrialSpec) -> dict[str, Any]:
     """Everything the trial's results depend on: method, grid point and every setting it runs with.
     Resources, storage, the sweep's name and retries are not part of it."""
     effective = sweep.effective(spec.method, spec.axes)
-    out: dict[str, Any] = {
-        "method": spec.method,
-        "sparsity": spec.sparsity,
-        "data_fraction": spec.data_fraction,
-        "seed": spec.seed,
-    }
+    out: dict[str, Any] = {"method": spec.method, "data_fraction": spec.data_fraction, "seed": spec.seed}
     for block in identity_blocks(effective, spec.method):
         out[block] = effective.block(block).canonical()
     # Where a task caches what it generates is not part of what it generates.
@@ -293,10 +283,11 @@ class Upstream:
         self.columns: dict[str, Any] = {}
         self.wait_s = 0.0
 
-    def context(self, kind: str, seed: int | None = None) -> ArtifactContext:
-        """The context of `kind` for this trial, or for another `seed` (a kind that packs seeds)."""
+    def context(self, kind: str, seed: int | None = None, config: SweepConfig | None = None) -> ArtifactContext:
+        """The context of `kind` for this trial, or for another `seed` (a kind that packs seeds) or
+        `config` (this trial's with other values of the kind's `shares` paths)."""
         seed = self.spec.seed if seed is None else seed
-        point = {"sparsity": self.spec.sparsity}
+        config = self.sweep if config is None else config
         art = ARTIFACTS.get(kind)
         key_of, get = self.key, self.get
         if seed != self.spec.seed:  # this trial's artifacts are of its own seed
@@ -307,9 +298,8 @@ class Upstream:
             get = key_of
         return ArtifactContext(
             task=self.task,
-            settings=kind_settings(self.sweep, kind),
+            settings=kind_settings(config, kind),
             seed=seed,
-            point={axis: point[axis] for axis in art.axes},
             device=self.device,
             mixed_precision=self.sweep.resources.mixed_precision,
             fresh_model=lambda stage: fresh_model(self.sweep, self.task, seed, stage),
@@ -340,15 +330,13 @@ class Upstream:
 
     def compute_shared(self, kind: str, points: list[dict[str, Any]]) -> None:
         """Store the `kind` artifacts of this trial's context at each of `points` (values of the
-        kind's `shares` axes, and `seed` for a kind that packs seeds), the missing ones from one
+        kind's `shares` paths, and `seed` for a kind that packs seeds), the missing ones from one
         `compute_many`; loads nothing for the trial."""
         art = ARTIFACTS.get(kind)
         contexts = []
         for point in points:
-            ctx = self.context(kind, point.get("seed"))
-            contexts.append(
-                dataclasses.replace(ctx, point={**ctx.point, **{k: v for k, v in point.items() if k != "seed"}})
-            )
+            values = {path: value for path, value in point.items() if path != "seed"}
+            contexts.append(self.context(kind, point.get("seed"), self.sweep.with_values(values)))
         keys = [self.store_key(one, kind) for one in contexts]
 
         used = []  # the run's checkpointer, cleared once its artifacts are stored
@@ -694,7 +682,6 @@ def base_row(sweep: SweepConfig, spec: TrialSpec) -> dict[str, Any]:
         "task": effective.task.name,
         "model": effective.model.name,
         "method": spec.method,
-        "sparsity": spec.sparsity,
         "data_fraction": spec.data_fraction,
         "n_train": effective.build_task().downstream_size(spec.data_fraction),
         "seed": spec.seed,

@@ -16,10 +16,10 @@ from typing import Any
 import yaml
 
 from common.config import stable_hash
-from methods import METHODS, get_method
+from methods import ARTIFACTS, METHODS, get_method
 from orchestrator.artifacts import ArtifactStore
-from orchestrator.config import ConfigError, SweepConfig, grid_axes, load_sweep, resolve_path, shared_blocks
-from orchestrator.trial import TrialSpec, run_trial
+from orchestrator.config import ConfigError, SweepConfig, load_sweep, resolve_path, shared_blocks
+from orchestrator.trial import TrialSpec, identity_blocks, run_trial
 
 
 def _key(path: str) -> str:
@@ -69,10 +69,13 @@ def _objective(config: dict[str, Any], sweep_json: str, method: str, store_root:
     sweep = base.model_copy(update={"method_overrides": overrides})
     store = ArtifactStore(store_root)
     scores = []
+    # The method's artifacts at the first value of each of their axes (e.g. the sweep's first sparsity).
+    blocks = set(identity_blocks(sweep, method))
+    kind_axes = {path for _, kind in ARTIFACTS.items() for path in kind.axes}
+    point = {p: sweep.axes[p][0] for p in sweep.axes if p in kind_axes and sweep.axis_heads(p) & blocks}
     for fraction in sweep.tuning.data_fractions:
         for seed in sweep.tuning.seeds:
-            sparsity = sweep.sparsities[0] if "sparsity" in grid_axes(sweep, method) else None
-            spec = TrialSpec(method=method, sparsity=sparsity, data_fraction=fraction, seed=seed)
+            spec = TrialSpec(method=method, data_fraction=fraction, seed=seed, axes=point)
             row = run_trial(sweep, spec, store, tuning=True)  # never reads a test split
             scores.append(row["val_acc"])
     tune.report({"val_acc": sum(scores) / len(scores)})

@@ -9,6 +9,8 @@ to the trials that need the artifact: they retry it and record the error.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import sys
 import time
@@ -44,7 +46,7 @@ def _compute(sweep_json: str, spec_json: str, kind: str, store_root: str, points
 
 
 def _shared_runs(jobs: list[dict], slots: int = 1, limit: int = 1) -> list[dict]:
-    """Jobs of a kind with shared axes (`ArtifactKind.shares`) whose keys differ only there merged
+    """Jobs of a kind with shared paths (`ArtifactKind.shares`) whose keys differ only there merged
     into one run over their points; every other job stays a run of its own. A kind that packs seeds
     (`packs_seeds`, its key saying `packed`) shares `seed` too, and its runs are packs: split into
     `slots` runs of near-equal size (one per slot that computes at once), each of at most `limit`
@@ -52,15 +54,19 @@ def _shared_runs(jobs: list[dict], slots: int = 1, limit: int = 1) -> list[dict]
     runs: dict[tuple[str, str], dict] = {}
     for job in jobs:
         art = ARTIFACTS.get(job["kind"])
-        shares = art.shares + (("seed",) if art.packs_seeds and job["key"].get("packed") else ())
-        rest = {k: v for k, v in job["key"].items() if k not in shares}
+        packs = art.packs_seeds and bool(job["key"].get("packed"))
+        rest, point = copy.deepcopy(job["key"]), {}
+        for path in art.shares:  # a shared path's value sits in the key's `reads`, as the kind read it
+            *parents, leaf = path.split(".")
+            point[path] = functools.reduce(dict.get, parents, rest["reads"]).pop(leaf)
+        if packs:
+            point["seed"] = rest.pop("seed")
         run = runs.setdefault(
-            (job["kind"], stable_hash(rest)), {**job, "members": [], "points": [] if shares else None, "packs": False}
+            (job["kind"], stable_hash(rest)), {**job, "members": [], "points": [] if point else None, "packs": packs}
         )
         run["members"].append(job["key"])
-        if shares:
-            run["points"].append({axis: job["key"][axis] for axis in shares})
-        run["packs"] = "seed" in shares
+        if point:
+            run["points"].append(point)
     out = []
     for run in runs.values():
         n = len(run["members"])

@@ -144,7 +144,7 @@ def test_a_reused_row_takes_the_current_versions_name_and_axis_values(tiny, tmp_
 def test_an_analysis_that_needs_a_mask_puts_every_method_on_the_sparsity_axis(tiny, tmp_path):
     sweep = tiny(methods=["scratch"], plugins=["tests.plugins.mask_analysis"], analyses=["maskprobe"], sparsities=[0.5])
     (spec,) = expand(sweep)
-    assert spec.sparsity == 0.5
+    assert spec.axes == {"mask.sparsity": 0.5}
     row = run_trial(sweep, spec, ArtifactStore(tmp_path))
     assert type(row["maskprobe_density"]) is float and row["maskprobe_density"] == pytest.approx(0.5, abs=0.01)
     assert type(row["maskprobe_tensors"]) is int

@@ -231,8 +231,8 @@ def _method_sweep(method: str, tmp_path):
 
 
 def _spec(sweep, method: str) -> TrialSpec:
-    sparsity = sweep.sparsities[0] if "mask" in get_method(method).needs else None
-    return TrialSpec(method=method, sparsity=sparsity, data_fraction=sweep.data_fractions[0], seed=0)
+    axes = {"mask.sparsity": sweep.axes["mask.sparsity"][0]} if "mask" in get_method(method).needs else {}
+    return TrialSpec(method=method, axes=axes, data_fraction=sweep.data_fractions[0], seed=0)
 
 
 def _epochs(reports: list[dict]) -> list[str]:

@@ -90,6 +90,9 @@ def test_a_shared_run_stopped_at_every_epoch_end_resumes_bit_for_bit():
 # --- the mask kind and the upstream phase ------------------------------------------------------
 
 
+POINTS = [{"mask.sparsity": s} for s in (0.5, 0.8, 0.9)]  # every point of `_sweep`'s mask axis
+
+
 def _sweep(**overrides):
     raw = {"methods": ["subtask_induction"], "sparsities": [0.5, 0.8, 0.9], "seeds": [0, 1], **overrides}
     return load_sweep(tiny_raw(**raw))
@@ -106,8 +109,8 @@ def test_the_upstream_phase_merges_the_mask_jobs_of_one_source():
     masks = [run for run in runs if run["kind"] == "mask"]
     assert len(masks) == 2, "one discovery run per seed"
     for run in masks:
-        assert sorted(p["sparsity"] for p in run["points"]) == [0.5, 0.8, 0.9]
-        assert [m["sparsity"] for m in run["members"]] == [p["sparsity"] for p in run["points"]]
+        assert sorted(p["mask.sparsity"] for p in run["points"]) == [0.5, 0.8, 0.9]
+        assert [m["reads"]["mask"]["sparsity"] for m in run["members"]] == [p["mask.sparsity"] for p in run["points"]]
         assert len({m["source"]["seed"] for m in run["members"]}) == 1
     sources = [run for run in runs if run["kind"] == "source"]
     assert len(sources) == 2 and all(run["points"] is None and len(run["members"]) == 1 for run in sources)
@@ -118,7 +121,7 @@ def test_masks_stored_from_a_shared_run_equal_masks_computed_one_by_one(tmp_path
     specs = expand(sweep)
     shared, alone = ArtifactStore(tmp_path / "shared"), ArtifactStore(tmp_path / "alone")
     device = pick_device(sweep)
-    Upstream(sweep, specs[0], shared, device).compute_shared("mask", [{"sparsity": s} for s in sweep.sparsities])
+    Upstream(sweep, specs[0], shared, device).compute_shared("mask", POINTS)
     entries = shared.entries("mask")
     assert len(entries) == 3 and all(meta["computed_with"] == 3 for _, meta, _ in entries)
     assert [c["kind"] for c in shared.computations()] == ["source", "mask", "mask", "mask"]
@@ -145,8 +148,8 @@ def test_a_partly_stored_group_computes_only_what_is_missing(tmp_path):
     specs = expand(sweep)
     store = ArtifactStore(tmp_path)
     device = pick_device(sweep)
-    run_trial(sweep, next(s for s in specs if s.sparsity == 0.8), store)  # stores the 0.8 mask alone
-    Upstream(sweep, specs[0], store, device).compute_shared("mask", [{"sparsity": s} for s in sweep.sparsities])
+    run_trial(sweep, next(s for s in specs if s.axes["mask.sparsity"] == 0.8), store)  # stores the 0.8 mask alone
+    Upstream(sweep, specs[0], store, device).compute_shared("mask", POINTS)
     masks = [c for c in store.computations() if c["kind"] == "mask"]
     assert len(masks) == 3, "the stored mask is not computed again"
     widths = sorted(meta.get("computed_with", 1) for _, meta, _ in store.entries("mask"))

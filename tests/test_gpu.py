@@ -17,7 +17,9 @@ def test_device_is_cuda_when_a_gpu_is_assigned(tiny):
 def test_trial_runs_on_gpu(tiny, tmp_path, mixed_precision):
     sweep = tiny(resources={"gpu": 1, "mixed_precision": mixed_precision})
     row = run_trial(
-        sweep, TrialSpec(method="subtask_induction", sparsity=0.5, data_fraction=0.5, seed=0), ArtifactStore(tmp_path)
+        sweep,
+        TrialSpec(method="subtask_induction", axes={"mask.sparsity": 0.5}, data_fraction=0.5, seed=0),
+        ArtifactStore(tmp_path),
     )
     assert row["device"] == "cuda" and 0 <= row["test_acc"] <= 1
 

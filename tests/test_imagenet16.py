@@ -95,7 +95,7 @@ def test_a_trial_runs_and_reports_shape_bias(tmp_path, dirs):
     sweep = load_sweep(_raw(tmp_path, *dirs))
     row = run_trial(
         sweep,
-        TrialSpec(method="subtask_induction", sparsity=0.5, data_fraction=1.0, seed=0),
+        TrialSpec(method="subtask_induction", axes={"mask.sparsity": 0.5}, data_fraction=1.0, seed=0),
         ArtifactStore(tmp_path / "store"),
     )
     for col in ("test_acc", "splits_meanpooled_acc", "splits_cue_conflict_acc_shape", "shape_bias", "subtask_acc"):

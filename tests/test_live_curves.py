@@ -12,7 +12,7 @@ from orchestrator.trial import TrialSpec, run_trial
 
 def test_the_report_gets_one_result_per_epoch_of_every_training_run(tiny, tmp_path):
     sweep = tiny(training={"epochs": 3}, discovery={"epochs": 2}, source={"epochs": 2})
-    spec = TrialSpec(method="subtask_induction", sparsity=0.5, data_fraction=0.5, seed=0)
+    spec = TrialSpec(method="subtask_induction", axes={"mask.sparsity": 0.5}, data_fraction=0.5, seed=0)
     reports: list[dict] = []
     row = run_trial(sweep, spec, ArtifactStore(tmp_path), report=reports.append)
 

@@ -330,8 +330,8 @@ def test_trials_run_on_occam_resnet18(tmp_path, methods):
     sweep = load_sweep(raw)
     store = ArtifactStore(tmp_path / "store")
     for method in methods:
-        sparsity = 0.5 if method == "subtask_induction" else None
-        spec = TrialSpec(method=method, sparsity=sparsity, data_fraction=0.5, seed=0)
+        axes = {"mask.sparsity": 0.5} if method == "subtask_induction" else {}
+        spec = TrialSpec(method=method, axes=axes, data_fraction=0.5, seed=0)
         row = run_trial(sweep, spec, store)
         assert 0.0 <= row["test_acc"] <= 1.0, method
         epochs = json.loads(row["measurements_json"])

@@ -403,7 +403,7 @@ def test_explicit_defaults_leave_a_trial_row_unchanged(tmp_path):
         "training": {"lr_schedule": "constant", "select": "val_acc", "ties": "first"},
         "discovery": {"weight_decay": 0.0, "ties": "first"},
     }
-    spec = TrialSpec(method="subtask_induction", sparsity=0.5, data_fraction=0.5, seed=0)
+    spec = TrialSpec(method="subtask_induction", axes={"mask.sparsity": 0.5}, data_fraction=0.5, seed=0)
     implicit = run_trial(load_sweep(tiny_raw()), spec, ArtifactStore(tmp_path / "a"))
     explicit = run_trial(load_sweep(tiny_raw(**defaults)), spec, ArtifactStore(tmp_path / "b"))
     assert _stable(implicit) == _stable(explicit)
@@ -429,7 +429,7 @@ def test_the_paper_config_loads_and_a_shrunk_version_runs_a_trial(tmp_path):
     raw["discovery"]["batch_size"] = 100
     raw.update(methods=["subtask_induction"], sparsities=[0.9], data_fractions=[0.5], seeds=[0])
     raw["resources"] = {"cpu": 1}
-    spec = TrialSpec(method="subtask_induction", sparsity=0.9, data_fraction=0.5, seed=0)
+    spec = TrialSpec(method="subtask_induction", axes={"mask.sparsity": 0.9}, data_fraction=0.5, seed=0)
     row = run_trial(load_sweep(raw), spec, ArtifactStore(tmp_path))
     assert row["status"] == "done" and 0.0 <= row["test_acc"] <= 1.0
     (measured,) = json.loads(row["measurements_json"])

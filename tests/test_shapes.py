@@ -186,7 +186,7 @@ def test_trial_reports_every_vision_metric(tmp_path):
     sweep = load_sweep(vision_raw(tmp_path))
     row = run_trial(
         sweep,
-        TrialSpec(method="subtask_induction", sparsity=0.5, data_fraction=0.5, seed=0),
+        TrialSpec(method="subtask_induction", axes={"mask.sparsity": 0.5}, data_fraction=0.5, seed=0),
         ArtifactStore(tmp_path / "store"),
     )
     for col in (

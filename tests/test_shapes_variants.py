@@ -345,7 +345,7 @@ def test_a_trial_with_cue_and_bias_reports_the_variant_evaluations(tmp_path):
     plain = load_sweep(vision_raw(tmp_path, methods=["scratch"]))
     assert sweep.config_hash != plain.config_hash
     row = run_trial(
-        sweep, TrialSpec(method="scratch", sparsity=None, data_fraction=0.5, seed=0), ArtifactStore(tmp_path / "s")
+        sweep, TrialSpec(method="scratch", data_fraction=0.5, seed=0), ArtifactStore(tmp_path / "s")
     )
     for col in ("splits_cue_acc", "splits_randomised_cue_acc", "splits_randomised_cue_acc_cue",
                 "splits_randomised_image_acc", "splits_randomised_image_acc_shape", "splits_bias_aligned_acc",

@@ -48,16 +48,16 @@ def test_smoke_sweep_writes_the_documented_table(smoke):
     assert outcome.ran == len(specs) and outcome.failed == 0
     table = pq.read_table(out / "results.parquet").to_pandas()
     assert len(table) == len(specs)
-    assert list(table.columns[:9]) == results.COLUMNS[:9]
+    assert list(table.columns[:9]) == [*results.IDENTIFYING, "mask.sparsity"]  # the grid point, then its axes
     for col in results.COLUMNS + ["splits_test_acc_2a2", "splits_test_acc_2b2"]:
         assert col in table.columns, col
     assert (table["status"] == "done").all()
     assert table["test_acc"].between(0, 1).all()
     masked = table[table["method"] != "scratch"]
-    assert ((masked["mask_density"] - (1 - masked["sparsity"])).abs() <= 0.005).all()
-    assert table.loc[table["method"] == "scratch", "sparsity"].isna().all()
+    assert ((masked["mask_density"] - (1 - masked["mask.sparsity"])).abs() <= 0.005).all()
+    assert table.loc[table["method"] == "scratch", "mask.sparsity"].isna().all()
     assert table["trial_hash"].nunique() == len(specs)
-    assert table.groupby(["method", "sparsity", "n_train"], dropna=False)["series"].nunique().eq(1).all()
+    assert table.groupby(["method", "mask.sparsity", "n_train"], dropna=False)["series"].nunique().eq(1).all()
     assert json.loads(table["config_json"].iloc[0])["task"]["name"] == "modular_arithmetic"
     assert "torch" in json.loads(table["versions"].iloc[0])
     # readable by pandas, pyarrow and duckdb alike

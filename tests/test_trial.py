@@ -22,7 +22,7 @@ def test_expand_runs_mask_free_methods_once_per_budget_and_seed(tiny):
     by_method = {m: [s for s in specs if s.method == m] for m in sweep.methods}
     assert len(by_method["subtask_induction"]) == 2 * 3 * 2
     assert len(by_method["scratch"]) == 3 * 2
-    assert all(s.sparsity is None for s in by_method["full_transfer"])
+    assert all(s.axes == {} for s in by_method["full_transfer"])
     assert len({s.name for s in specs}) == len(specs)
 
 
@@ -31,7 +31,7 @@ def source_key(sweep, seed):
 
 
 def mask_key(sweep, seed, sparsity):
-    spec = TrialSpec(method="subtask_induction", sparsity=sparsity, data_fraction=0.5, seed=seed)
+    spec = TrialSpec(method="subtask_induction", axes={"mask.sparsity": sparsity}, data_fraction=0.5, seed=seed)
     return artifact_key(sweep, spec, "mask")
 
 
@@ -69,7 +69,7 @@ def test_same_config_and_seed_give_identical_metrics(tiny, tmp_path):
 def test_trial_row_has_documented_fields_and_reports_each_stage(tiny, tmp_path):
     sweep = tiny()
     reports = []
-    spec = TrialSpec(method="subtask_induction", sparsity=0.5, data_fraction=0.5, seed=0)
+    spec = TrialSpec(method="subtask_induction", axes={"mask.sparsity": 0.5}, data_fraction=0.5, seed=0)
     row = run_trial(sweep, spec, ArtifactStore(tmp_path), report=reports.append)
     assert [r["stage"] for r in reports if r["stage"] != "epoch"] == ["source", "mask", "build", "train", "done"]
     assert row["status"] == "done" and row["n_train"] == 50

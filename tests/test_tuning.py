@@ -26,9 +26,9 @@ def test_overrides_apply_per_method_and_controls_inherit_discovery(tiny):
     assert scratch.training.lr == 0.01
     assert "discovery" not in identity(sweep, TrialSpec(method="scratch", data_fraction=0.5, seed=0))
     # the controls' mask is the very mask subtask_induction uses
-    a = upstream_keys(sweep, TrialSpec(method="subtask_induction", sparsity=0.5, data_fraction=0.5, seed=0))
-    b = upstream_keys(sweep, TrialSpec(method="sampled_subnetwork", sparsity=0.5, data_fraction=0.5, seed=0))
-    spec = TrialSpec(method="subtask_induction", sparsity=0.5, data_fraction=0.5, seed=0)
+    spec = TrialSpec(method="subtask_induction", axes={"mask.sparsity": 0.5}, data_fraction=0.5, seed=0)
+    a = upstream_keys(sweep, spec)
+    b = upstream_keys(sweep, spec.model_copy(update={"method": "sampled_subnetwork"}))
     assert a == b
     plain = sweep.model_copy(update={"method_overrides": {}})
     assert artifact_key(sweep, spec, "mask") != artifact_key(plain, spec, "mask"), "tuned discovery changes the mask"

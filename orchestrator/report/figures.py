@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from orchestrator.report.series import coordinates
 from orchestrator.report.statistics import METRIC
 
 
@@ -40,21 +41,26 @@ def _legend_names(frame: pd.DataFrame) -> dict[str, str]:
 
 
 def plot_curves(summary: pd.DataFrame, stem: Path, metric: str = METRIC, ylabel: str | None = None) -> list[Path]:
-    """Metric against budget: one panel per sparsity (mask-free series in every panel), one line
-    per series, t-interval bands. A series family (the label without its sparsity) keeps one colour
-    in every panel; each panel has its own legend, below it, so no curve is hidden."""
+    """Metric against budget: one panel per value of the series' coordinates (`series.coordinates`,
+    e.g. one per mask sparsity; series without coordinates in every panel), one line per series,
+    t-interval bands. A series family (the label without its coordinates) keeps one colour in every
+    panel; each panel has its own legend, below it, so no curve is hidden."""
     plt = _pyplot()
-    masked = summary[summary["sparsity"].notna()]
-    panels = sorted(masked["sparsity"].unique()) or [None]
+    coords = coordinates(summary.columns)
+    # A series' point: its (coordinate, value) pairs; it is drawn in every panel whose point holds them.
+    firsts = summary.groupby("series").first()
+    point = {s: tuple((c, r[c]) for c in coords if not pd.isna(r[c])) for s, r in firsts.iterrows()}
+    panels = sorted({p for p in point.values() if p}) or [()]
     names = _legend_names(summary)
     family = dict(zip(summary["series"], summary.get("family", summary["label"]), strict=True))
     families = sorted(set(family.values()))
     palette = plt.cm.tab10 if len(families) <= 10 else plt.cm.tab20
     colours = {f: palette(i % palette.N) for i, f in enumerate(families)}
-    rows = max(len(summary[summary["sparsity"].isna() | (summary["sparsity"] == s)]["series"].unique()) for s in panels)
+    members = [[s for s, p in point.items() if set(p) <= set(panel)] for panel in panels]
+    rows = max(len(m) for m in members)
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6 + 0.2 * rows), squeeze=False, sharey=True)
-    for ax, sparsity in zip(axes[0], panels, strict=True):
-        part = summary[summary["sparsity"].isna() | (summary["sparsity"] == sparsity)]
+    for ax, panel, inside in zip(axes[0], panels, members, strict=True):
+        part = summary[summary["series"].isin(inside)]
         for series, group in part.groupby("series", sort=False):
             group = group.sort_values("n_train")
             if f"{metric}_mean" not in group or group[f"{metric}_mean"].isna().all():
@@ -65,7 +71,7 @@ def plot_curves(summary: pd.DataFrame, stem: Path, metric: str = METRIC, ylabel:
             ax.fill_between(x, group[f"{metric}_ci_lo"], group[f"{metric}_ci_hi"], alpha=0.15, color=colour, lw=0)
         ax.set_xscale("symlog", linthresh=10)
         ax.set_xlabel("training budget n (log scale)")
-        ax.set_title("no mask" if sparsity is None else f"mask sparsity {sparsity:g}")
+        ax.set_title(", ".join(f"{c} = {v:g}" if isinstance(v, float) else f"{c} = {v}" for c, v in panel))
         ax.grid(alpha=0.3)
         handles, labels = ax.get_legend_handles_labels()
         order = sorted(range(len(labels)), key=labels.__getitem__)
@@ -81,6 +87,7 @@ def plot_sparsity(summary: pd.DataFrame, stem: Path) -> list[Path]:
     (a series without its sparsity); families with identical curves (controls reusing one mask)
     share a line."""
     plt = _pyplot()
+    summary = summary.rename(columns={"mask.sparsity": "sparsity"})
     part = summary[summary["sparsity"].notna() & summary.get("subtask_acc_mean", pd.Series(dtype=float)).notna()]
     points = part.groupby(["task", "family", "sparsity"], as_index=False)["subtask_acc_mean"].mean()
     lines: dict[tuple, list[str]] = {}

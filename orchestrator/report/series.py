@@ -5,11 +5,12 @@ rows' `series` column, a stable hash of `config_json` without `seed` and `data_f
 here for result files older than that column). Statistics are taken per series, never across
 series: two depths, learning rates, models or merged directories with different settings are
 reported side by side, and two rows for one (series, seed, budget) are an error, not averaged. Each
-series has a short `label`: the method (`@sparsity`), plus the config fields that differ between the
-series of the same task that share that method label (`<method> @0.75 [model.n_layers=4]`);
-`family` is the same without the sparsity (a line of the sparsity figure). Every table carries
-`series`, `task`, `method`, `sparsity`, `label`, `family` and one column per sweep axis (the dotted
-result columns, `model.n_layers`).
+series has a short `label`: the method, `@` the values of the axes its artifacts declare (its
+`coordinates`, e.g. a mask's sparsity), plus the config fields that differ between the series of
+the same task that share that label (`<method> @0.75 [model.n_layers=4]`); `family` is the same
+without the coordinates (a line of a figure drawn against them). Every table carries `series`,
+`task`, `method`, `label`, `family` and one column per sweep axis (the dotted result columns,
+`model.n_layers`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import pandas as pd
 
 from common.config import stable_hash
-from methods import METHODS
+from methods import ARTIFACTS, METHODS
 from orchestrator import results
 from orchestrator.config import ConfigError
 
@@ -31,7 +32,7 @@ PER_TRIAL = ("seed", "data_fraction")
 # describe the grid or the machinery, not what a trial computed.
 _SWEEP_ONLY = (
     "name", "plugins", "resources", "storage", "max_failures", "tuning", "method_overrides",
-    "methods", "sparsities", "data_fractions", "seeds",
+    "methods", "data_fractions", "seeds",
 )  # fmt: skip
 _MAX_LABEL_FIELDS = 3
 
@@ -47,37 +48,40 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def coordinates(columns) -> list[str]:
+    """The axis columns of paths that artifact kinds declare as axes (`ArtifactKind.axes`): a
+    series' label shows their values after its method, and the curves have one panel per value."""
+    declared = {path for _, kind in ARTIFACTS.items() for path in kind.axes}
+    return [c for c in results.axis_columns(columns) if c in declared]
+
+
 def series_config(row: dict[str, Any]) -> dict[str, Any]:
     """A row's effective config without its seed and data fraction: what its series is a hash of.
 
     Rows that carry a per-trial `config_json` (top-level `method`) are used as they are. Older rows
-    carried the whole sweep's config: its grid keys are dropped and the row's own method, sparsity
-    and transfer settings put in, so that old files never pool two methods or two settings.
+    carried the whole sweep's config: its grid keys are dropped and the row's own method and axis
+    values put in (two of its trials that differ only in a column this does not read are refused as
+    duplicates by `prepare`, never pooled).
     """
     text = row.get("config_json")
     config = json.loads(text) if isinstance(text, str) and text else {}
     if "method" not in config:
         config = {k: v for k, v in config.items() if k not in _SWEEP_ONLY}
         config["method"] = row["method"]
-        config["sparsity"] = None if pd.isna(row.get("sparsity")) else float(row["sparsity"])
+        config.update({c: row[c] for c in results.axis_columns(row) if not pd.isna(row[c])})
         config.setdefault("task", {"name": row.get("task")})
         config.setdefault("model", {"name": row.get("model")})
-        if "transfer" not in config and not pd.isna(row.get("unmasked")):
-            config["transfer"] = {
-                "unmasked": row.get("unmasked"),
-                "trainable_subnetwork": bool(row.get("trainable_subnetwork")),
-            }
     return {k: v for k, v in config.items() if k not in PER_TRIAL}
 
 
 def prepare(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Finished rows with a `series` column, and one row per series (indexed by series) with its
-    task, method, sparsity, axis values, `label` and flattened config (`flat`).
+    task, method, axis values, `label`, `family` and flattened config without method and
+    coordinates (`flat`).
 
     Raises ConfigError when two finished rows are the same trial (series, seed, n_train).
     """
     done = table[table["status"] == "done"].copy()
-    done["sparsity"] = pd.to_numeric(done["sparsity"], errors="coerce")
     records = done.to_dict("records")
     configs = [series_config(r) for r in records]
     given = done["series"] if "series" in done else pd.Series([None] * len(done), index=done.index)
@@ -88,7 +92,7 @@ def prepare(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def _series_info(done: pd.DataFrame, configs: list[dict]) -> pd.DataFrame:
-    axes = results.axis_columns(done.columns)
+    axes, coords = results.axis_columns(done.columns), coordinates(done.columns)
     rows = {}
     for (_, row), config in zip(done.iterrows(), configs, strict=True):
         if row["series"] in rows:
@@ -97,24 +101,25 @@ def _series_info(done: pd.DataFrame, configs: list[dict]) -> pd.DataFrame:
             "series": row["series"],
             "task": row["task"],
             "method": row["method"],
-            "sparsity": row["sparsity"],
             **{axis: row[axis] for axis in axes},
-            "flat": {k: v for k, v in flatten(config).items() if k not in ("method", "sparsity")},
+            "flat": {k: v for k, v in flatten(config).items() if k != "method" and k not in coords},
         }
-    info = pd.DataFrame(list(rows.values()), columns=["series", "task", "method", "sparsity", *axes, "flat"])
-    base = [_label(m, s) for m, s in zip(info["method"], info["sparsity"], strict=True)]
+    info = pd.DataFrame(list(rows.values()), columns=["series", "task", "method", *axes, "flat"])
+    base = [_label(row["method"], row[coords]) for _, row in info.iterrows()]
     # Named axes (`variant`: not a config path) label a series by name where the name alone tells it apart.
     named = [
         " ".join(f"{a}={row[a]}" for a in axes if "." not in a and not pd.isna(row[a])) for _, row in info.iterrows()
     ]
     info["label"] = _labels(info["task"], base, info["flat"], info["series"], axes, named)
-    # The family is the series without its sparsity: one line of the sparsity figure.
+    # The family is the series without its coordinates: one line of a figure drawn against them.
     info["family"] = _labels(info["task"], info["method"], info["flat"], info["series"], axes, named)
     return info.set_index("series", drop=False)
 
 
-def _label(method: str, sparsity) -> str:
-    return method if pd.isna(sparsity) else f"{method} @{sparsity:g}"
+def _label(method: str, values) -> str:
+    """`method @v` (`@v1,v2` for several coordinates): the values the series has, no `@` for none."""
+    shown = [_fmt_value(v) for v in values if not pd.isna(v)]
+    return f"{method} @{','.join(shown)}" if shown else method
 
 
 def _labels(tasks, bases, flats, series, axes: list[str], named: list[str] | None = None) -> list[str]:
@@ -212,7 +217,7 @@ def reference_for(series: str, info: pd.DataFrame, methods: set[str] | None = No
     """The reference series to compare `series` with: same task, a method of `methods` (default: the
     methods registered as the no-transfer reference, `reference=True`), and of those the one whose
     config differs from it in the fewest fields both have (method-specific blocks do not count; nor
-    does sparsity where one has none)."""
+    does a coordinate where one has none)."""
     task = info.loc[series, "task"]
     methods = {name for name, method in METHODS.items() if method.reference} if methods is None else methods
     candidates = info[info["method"].isin(methods) & (info["task"] == task)]
@@ -230,11 +235,11 @@ def partner(series: str, info: pd.DataFrame, versus: str) -> str | None:
 
 
 def distance(info: pd.DataFrame, a: str, b: str) -> int:
-    """How many settings two series differ in: fields both configs have, and sparsity where both have one."""
+    """How many settings two series differ in: fields both configs have, and coordinates both have."""
     fa, fb = info.loc[a, "flat"], info.loc[b, "flat"]
-    sa, sb = info.loc[a, "sparsity"], info.loc[b, "sparsity"]
     differ = sum(_exact(fa[p]) != _exact(fb[p]) for p in set(fa) & set(fb))
-    return differ + int(not pd.isna(sa) and not pd.isna(sb) and sa != sb)
+    pairs = [(info.loc[a, c], info.loc[b, c]) for c in coordinates(info.columns)]
+    return differ + sum(not pd.isna(x) and not pd.isna(y) and x != y for x, y in pairs)
 
 
 def axis_groups(table: pd.DataFrame, axis: str) -> tuple[pd.DataFrame, pd.DataFrame, list[tuple[list[str], str, Any]]]:
@@ -253,14 +258,15 @@ def axis_groups(table: pd.DataFrame, axis: str) -> tuple[pd.DataFrame, pd.DataFr
     info = info.assign(**{axis: values})
     info = info[info[axis].notna()]
     rest = {series: {k: v for k, v in flat.items() if k != axis} for series, flat in info["flat"].items()}
+    coords = [c for c in coordinates(info.columns) if c != axis]
     groups: dict[tuple, list[str]] = {}
     for series, row in info.iterrows():
-        key = (row["task"], row["method"], _exact(row["sparsity"]), _exact(rest[series]))
+        key = (row["task"], row["method"], _exact(row[coords].tolist()), _exact(rest[series]))
         groups.setdefault(key, []).append(series)
     firsts = [info.loc[members[0]] for members in groups.values()]
     labels = _labels(
         [f["task"] for f in firsts],
-        [_label(f["method"], f["sparsity"]) for f in firsts],
+        [_label(f["method"], f[coords]) for f in firsts],
         [rest[f["series"]] for f in firsts],
         [f["series"] for f in firsts],
         [a for a in results.axis_columns(done.columns) if a != axis],

@@ -21,7 +21,7 @@ def curves_table(curves: dict[str, dict[int, list[float]]], sparsity=None) -> pd
                         "task": "t",
                         "model": "m",
                         "method": method,
-                        "sparsity": None if method == "scratch" else sparsity,
+                        "mask.sparsity": None if method == "scratch" else sparsity,
                         "data_fraction": n / 1000,
                         "n_train": n,
                         "seed": seed,
@@ -44,7 +44,6 @@ def _config(method, sparsity, seed, fraction, task="t", **model) -> dict:
     """A trial's effective config as the rows carry it in `config_json`."""
     config = {
         "method": method,
-        "sparsity": sparsity,
         "data_fraction": fraction,
         "seed": seed,
         "task": {"name": task},
@@ -52,6 +51,7 @@ def _config(method, sparsity, seed, fraction, task="t", **model) -> dict:
         "training": {"lr": 2e-4, "epochs": 10},
     }
     if sparsity is not None:
+        config["mask"] = {"sparsity": sparsity}
         config["discovery"] = {"l0_lambda": 1e-3}
         config["transfer"] = {"unmasked": "keep"}
     return config
@@ -68,7 +68,7 @@ def series_rows(method, sparsity, curve: dict[int, list[float]], task="t", with_
                 "task": task,
                 "model": "mlp",
                 "method": method,
-                "sparsity": sparsity,
+                "mask.sparsity": sparsity,
                 "data_fraction": n / 1000,
                 "n_train": n,
                 "seed": seed,

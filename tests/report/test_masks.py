@@ -15,7 +15,8 @@ N_WEIGHTS = 1000  # a mask over a 600-vector and a 20 x 20 matrix, flattened tog
 
 def _mask_key(seed: int, sparsity: float, l0: float = 1e-3) -> dict:
     source = {"task": {"name": "t"}, "model": {"name": "mlp"}, "training": {"lr": 5e-4}, "seed": seed}
-    return {"source": source, "subtask": {"name": "t"}, "discovery": {"l0_lambda": l0}, "sparsity": sparsity}
+    reads = {"discovery": {"l0_lambda": l0}, "mask": {"sparsity": sparsity}}
+    return {"source": source, "subtask": {"name": "t"}, "reads": reads}
 
 
 def _store_mask(store: ArtifactStore, key: dict, ones: slice) -> None:

@@ -8,15 +8,17 @@ from orchestrator.report import differing_fields, headline, paired_differences, 
 from tests.report.synthetic import curves_table, series_rows, write_results
 
 
-def test_legacy_transfer_variants_are_reported_as_separate_series():
-    # Result files from before `series`: no series column, and the transfer settings in columns.
-    keep = curves_table({"subtask_induction": {99: [0.9, 0.9]}}, 0.75)
-    reinit = curves_table({"subtask_induction": {99: [0.3, 0.3]}}, 0.75)
-    keep["unmasked"], reinit["unmasked"] = "keep", "reinit"
-    keep["trainable_subnetwork"] = reinit["trainable_subnetwork"] = False
-    summary = summarise(pd.concat([keep, reinit], ignore_index=True)).set_index("label")
-    assert summary.loc["subtask_induction @0.75 [transfer.unmasked=keep]", "test_acc_mean"] == pytest.approx(0.9)
-    assert summary.loc["subtask_induction @0.75 [transfer.unmasked=reinit]", "test_acc_mean"] == pytest.approx(0.3)
+def test_legacy_rows_are_separated_by_their_axes_and_never_pooled_otherwise():
+    # Result files from before `series` and per-trial configs: the grid point in columns only.
+    low = curves_table({"subtask_induction": {99: [0.9, 0.9]}}, 0.5)
+    high = curves_table({"subtask_induction": {99: [0.3, 0.3]}}, 0.75)
+    summary = summarise(pd.concat([low, high], ignore_index=True)).set_index("label")
+    assert summary.loc["subtask_induction @0.5", "test_acc_mean"] == pytest.approx(0.9)
+    assert summary.loc["subtask_induction @0.75", "test_acc_mean"] == pytest.approx(0.3)
+    # Settings in other columns (an old file's `unmasked`) are not read: such trials are refused, not averaged.
+    keep, reinit = high.assign(unmasked="keep"), high.assign(unmasked="reinit")
+    with pytest.raises(ConfigError, match="subtask_induction @0.75"):
+        summarise(pd.concat([keep, reinit], ignore_index=True))
 
 
 def test_two_depths_of_one_method_are_two_series_with_distinct_labels(tmp_path):
@@ -30,7 +32,7 @@ def test_two_depths_of_one_method_are_two_series_with_distinct_labels(tmp_path):
     assert by_label.loc[("subtask_induction @0.75 [model.n_layers=4]", 99), "test_acc_mean"] == pytest.approx(0.51)
     assert set(summary["model.n_layers"]) == {2, 4}  # the axis is a column
     head = headline(table)
-    assert len(head) == 2 and {"series", "task", "method", "sparsity", "label", "model.n_layers"} <= set(head)
+    assert len(head) == 2 and {"series", "task", "method", "mask.sparsity", "label", "model.n_layers"} <= set(head)
     write_results(tmp_path / "run", table)
     md = (write_report([tmp_path / "run"]) / "summary.md").read_text()
     assert "subtask_induction @0.75 [model.n_layers=4]" in md

@@ -153,7 +153,7 @@ def test_summary_has_seeds_mean_std_ci_for_every_metric():
     assert row["test_acc_ci_lo"] < 0.5 and row["test_acc_ci_hi"] > 0.7  # t(1) = 12.7: two seeds say little
     for metric in ("val_acc", "subtask_acc"):
         assert f"{metric}_mean" in summary.columns
-    assert np.isnan(summary.loc[("scratch", 10), "sparsity"])
+    assert np.isnan(summary.loc[("scratch", 10), "mask.sparsity"])
 
 
 def test_the_summarised_columns_are_the_ones_results_names(monkeypatch):
@@ -286,7 +286,8 @@ def test_mean_over_an_axis_averages_each_seed_over_its_values_then_takes_the_t_i
     assert (row["test_acc_ci_lo"], row["test_acc_ci_hi"]) == pytest.approx(
         (np.mean(per_seed) - half, np.mean(per_seed) + half), rel=1e-4
     )
-    with pytest.raises(ConfigError, match="--mean-over model.depth: not a config path .* axes: model.n_layers"):
+    message = "--mean-over model.depth: not a config path .* axes: mask.sparsity, model.n_layers"
+    with pytest.raises(ConfigError, match=message):
         mean_over(si2, "model.depth")
     with pytest.raises(ConfigError, match="--mean-over variant: not a config path"):
         mean_over(si2.assign(variant="a"), "variant")
