@@ -1,5 +1,5 @@
 """Methods: the training loop, mask discovery, transfer, and the registries of compared methods,
-artifact kinds and analyses. Importing this package registers the built-in ones."""
+artifact kinds, analyses and report extras. Importing this package registers the built-in ones."""
 
 from methods import analyses as _analyses  # noqa: F401  (registers the built-in analyses)
 from methods import cbft as _cbft  # noqa: F401  (registers the cbft method)
@@ -8,12 +8,14 @@ from methods import guidance as _guidance  # noqa: F401  (the guide artifact kin
 from methods import hard_concrete as _hard_concrete  # noqa: F401  (registers the hard_concrete discoverer)
 from methods import l2sp as _l2sp  # noqa: F401  (registers the l2sp method)
 from methods import linearized_gp as _linearized_gp  # noqa: F401  (registers the linearized_gp method)
+from methods import mask_reports as _mask_reports  # noqa: F401  (the mask kind's report extras)
 from methods.analysis import ANALYSES, AnalysisContext, Column, Profile, register_analysis
 from methods.artifacts import ARTIFACTS, ArtifactContext, ArtifactKind, register_artifact
 from methods.discovery import DISCOVERERS, Discovery, DiscoveryConfig, discover
 from methods.masking import Mask, MaskedModel, MaskSelection, effective_state_dict, maskable_names, topk_mask
 from methods.packing import NotPackable, fit_packed, packable
 from methods.registry import METHODS, Method, MethodContext, get_method, register_method
+from methods.reports import REPORTS, ReportContext, register_report
 from methods.training import NonFiniteLoss, Objective, TrainConfig, cross_entropy, evaluate, fit, train
 from methods.transfer import TransferConfig, transfer
 
@@ -22,6 +24,7 @@ __all__ = [
     "ARTIFACTS",
     "DISCOVERERS",
     "METHODS",
+    "REPORTS",
     "AnalysisContext",
     "ArtifactContext",
     "ArtifactKind",
@@ -37,6 +40,7 @@ __all__ = [
     "NotPackable",
     "Objective",
     "Profile",
+    "ReportContext",
     "TrainConfig",
     "TransferConfig",
     "cross_entropy",
@@ -51,6 +55,7 @@ __all__ = [
     "register_analysis",
     "register_artifact",
     "register_method",
+    "register_report",
     "topk_mask",
     "train",
     "transfer",

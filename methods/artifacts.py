@@ -62,15 +62,9 @@ class ArtifactKind:
     axes: ClassVar[tuple[str, ...]] = ()  # config paths (of its blocks) that are grid axes of its trials
     shorthand: ClassVar[dict[str, str]] = {}  # sweep-file keys listing an axis' values: {"sparsities": "mask.sparsity"}
     reported: ClassVar[tuple[str, ...]] = ()  # row columns from `columns(meta)` that the report summarises
-    is_mask: ClassVar[bool] = False  # boolean tensors over parameters: the report compares them (overlap)
     Config: ClassVar[type | None] = None  # the kind's own settings block, under its name in the sweep file
     shares: ClassVar[tuple[str, ...]] = ()  # paths (of `axes`) whose artifacts one `compute_many` computes together
     packs_seeds: ClassVar[bool] = False  # `compute_many` trains the artifacts of several seeds as one pack
-
-    def describe(self, key: dict) -> dict[str, Any]:
-        """The grid coordinates of a stored artifact's key, for reports: `seed`, `sparsity` where
-        it has one, and `family`: the key without them (artifacts of one family differ only there)."""
-        return {}
 
     def key(self, ctx: ArtifactContext) -> dict:
         """What determines the artifact besides the blocks it reads (the store adds those): its
@@ -179,9 +173,6 @@ class Source(ArtifactKind):
 
     reported = ("source_val_acc",)
 
-    def describe(self, key):
-        return {"seed": key["seed"]}
-
     def key(self, ctx):  # the store adds the model and source blocks (`reads`)
         return {
             "task": ctx.task.key_fields("source"),
@@ -267,16 +258,10 @@ class MaskConfig(Frozen):
 class DiscoveredMask(ArtifactKind):
     """The subnetwork discovered in the source model on the subtask, at `mask.sparsity` (an axis of
     every trial that needs a mask: `sparsities: [..]` lists its values). The sparsities of one
-    source and discovery setting come from one discovery run (`discover_many`)."""
+    source and discovery setting come from one discovery run (`discover_many`). The report compares
+    masks and draws them against sparsity through the extras in `methods.mask_reports`."""
 
-    reported = ("mask_density", "subtask_acc", "natural_density")
-    is_mask = True
-
-    def describe(self, key):
-        source = {k: v for k, v in key["source"].items() if k != "seed"}
-        reads = {**key["reads"], "mask": {k: v for k, v in key["reads"]["mask"].items() if k != "sparsity"}}
-        family = {**{k: v for k, v in key.items() if k not in ("source", "reads")}, "source": source, "reads": reads}
-        return {"seed": key["source"]["seed"], "sparsity": key["reads"]["mask"]["sparsity"], "family": family}
+    reported = ("mask_density", "subtask_acc", "natural_density")  # its report extras: methods/mask_reports.py
 
     def key(self, ctx):  # the store adds the discovery and mask blocks (`reads`)
         return {"source": ctx.key_of("source"), "subtask": ctx.task.key_fields("subtask")}

@@ -101,10 +101,6 @@ class Guide(ArtifactKind):
     """The frozen guide network: the source model itself, another architecture trained like the
     source, or a fresh (untrained) initialisation."""
 
-    def describe(self, key):
-        seed = key["seed"] if "seed" in key else key.get("source", {}).get("seed")
-        return {"seed": seed} if seed is not None else {}
-
     def key(self, ctx):
         cfg, own = _guide_model_cfg(ctx)
         trained = ctx.settings.block("guide").trained

@@ -103,7 +103,7 @@ class ArtifactStore:
         compute: Callable[[list[int]], list[tuple[Tensors, dict[str, Any]]]],
     ) -> list[Fetched]:
         """Load the artifacts for `keys`; `compute(missing)` computes those at the indices `missing`
-        (in one go: e.g. one mask discovery for several sparsities), each stored under its own key.
+        (in one go: a kind's `compute_many`), each stored under its own key.
         Holds every key's lock while it computes (taken in path order, so two callers cannot deadlock)."""
         paths = [self.path(kind, key) for key in keys]
         hits = [self._load(path) for path in paths]

@@ -455,7 +455,7 @@ def _import_plugins(plugins: Any, errors: list[str]) -> None:
 
 def _parse_blocks(data: dict, errors: list[str]) -> None:
     """Replace the task, model, analysis and plug-in block entries of `data` by validated objects,
-    and artifact kinds' shorthands (`sparsities: [..]`) by the `axes:` they stand for. A sweep holds
+    and artifact kinds' shorthands (`ArtifactKind.shorthand`) by the `axes:` they stand for. A sweep holds
     every declared block (`common.config.declare_block`), the own block of each method it lists and
     artifact kind they or its analyses need, and any other such block it writes or sweeps."""
     for key, registry in (("task", tasks.TASKS), ("model", tasks.MODELS)):

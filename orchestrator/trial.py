@@ -133,8 +133,8 @@ def stage_plugins(effective: SweepConfig) -> list[Any]:
 
 def expand(sweep: SweepConfig) -> list[TrialSpec]:
     """The trials of a sweep: methods x data fractions x seeds x the grid's axes. A method runs once
-    per value of the axes it depends on only: those of the blocks in its identity (a method without a
-    mask does not depend on `mask.sparsity`; one that transfers nothing does not depend on `transfer.*`)."""
+    per value of the axes it depends on only: those of the blocks in its identity (a method that
+    needs no artifact of a kind does not depend on the kind's axes or blocks)."""
     specs, seen = [], set()
     for method in sweep.methods:
         blocks = set(identity_blocks(sweep, method))

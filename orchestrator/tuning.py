@@ -69,7 +69,7 @@ def _objective(config: dict[str, Any], sweep_json: str, method: str, store_root:
     sweep = base.model_copy(update={"method_overrides": overrides})
     store = ArtifactStore(store_root)
     scores = []
-    # The method's artifacts at the first value of each of their axes (e.g. the sweep's first sparsity).
+    # The method's artifacts at the first value of each axis they declare (the sweep's first, as listed).
     blocks = set(identity_blocks(sweep, method))
     kind_axes = {path for _, kind in ARTIFACTS.items() for path in kind.axes}
     point = {p: sweep.axes[p][0] for p in sweep.axes if p in kind_axes and sweep.axis_heads(p) & blocks}

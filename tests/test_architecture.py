@@ -47,6 +47,46 @@ def test_orchestrator_names_no_method_artifact_kind_or_analysis():
             assert f'"{kind}"' not in text and f"'{kind}'" not in text, f"{file.relative_to(ROOT)} names {kind!r}"
 
 
+def _code_words(tree: ast.AST) -> set[str]:
+    """The strings (docstrings aside), attribute names, keyword names and class fields of a module."""
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
+    }  # fmt: skip
+    words = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            words.add(node.value)
+        elif isinstance(node, ast.Attribute):
+            words.add(node.attr)
+        elif isinstance(node, ast.keyword) and node.arg:
+            words.add(node.arg)
+        elif isinstance(node, ast.ClassDef):
+            words |= {s.target.id for s in node.body if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)}
+    return words
+
+
+def test_orchestrator_code_names_no_plug_in_block_axis_or_report_extra():
+    """The blocks plug-ins declare (`discovery`, `transfer`, a kind's or method's own), the axes kinds
+    declare (`mask.sparsity`) and report extras reach the orchestrator through their declarations:
+    no string, attribute, keyword or field of its code names one (docstrings may, as examples), and
+    the word sparsity appears nowhere in it."""
+    import methods
+    from common.config import BLOCKS
+
+    owned = [name for name, p in [*methods.METHODS.items(), *methods.ARTIFACTS.items()] if p.Config is not None]
+    names = {*BLOCKS, *methods.ARTIFACTS.names(), *owned, *methods.REPORTS.names()}
+    paths = {path for _, kind in methods.ARTIFACTS.items() for path in (*kind.axes, *kind.shorthand)}
+    for file in (ROOT / "orchestrator").rglob("*.py"):
+        text = file.read_text()
+        assert "sparsit" not in text.lower(), f"{file.relative_to(ROOT)} mentions sparsity"
+        words = _code_words(ast.parse(text))
+        found = sorted(w for w in words if w in names | paths or w.split(".")[0] in names and "." in w)
+        assert not found, f"{file.relative_to(ROOT)} names {found}"
+
+
 def test_orchestrator_modules_import_without_cycles():
     """Each orchestrator module and package imports on its own, in a fresh interpreter (no results <-> sweep cycle)."""
     import subprocess

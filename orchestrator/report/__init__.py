@@ -10,22 +10,19 @@
   the sample-efficiency ratio against the no-transfer reference series of the same task (a method
   registered with `reference=True`; of several, the one whose config differs from the series' in
   the fewest fields both have; named in `reference_label`).
-- `mask_overlap.parquet`: Jaccard overlap of the discovered masks across seeds and across
-  sparsities, beside the overlap two independent random masks of the same densities would have
-  (only when the sweep's artifact store holds at least two masks).
 - `summary.md`: the tables above in Markdown.
-- `data_efficiency.png/.svg` (one panel per sparsity, one line per series, CI bands),
-  `sparsity_vs_subtask.png/.svg`, one `<column>.png/.svg` per column an analysis declares with
-  `plot=True`, and `mask_overlap.png/.svg`.
+- `data_efficiency.png/.svg` (one panel per value of the axes artifact kinds declare, one line per
+  series, CI bands), one `<column>.png/.svg` per column an analysis declares with `plot=True`.
+- what the registered report extras return (`methods.reports`, declared by artifact kinds and
+  analyses): tables as `<name>.parquet` and sections, figures as `<name>.png/.svg`.
 - `index.html`: all of the above on one page that reads offline.
 
 Modules, upstream first: `series` (which rows form a series, its label, which series to compare
-with), `statistics` (intervals, thresholds, paired differences), `masks` (mask overlap), `tables`
-and `figures` (what people read), `render` (the files).
+with), `statistics` (intervals, thresholds, paired differences), `tables` and `figures` (what
+people read), `render` (the files, and the extras).
 """
 
-from orchestrator.report.masks import artifact_roots, load_masks, mask_overlap
-from orchestrator.report.render import write_report
+from orchestrator.report.render import artifact_roots, write_report
 from orchestrator.report.series import differing_fields
 from orchestrator.report.statistics import (
     budget_interval,
@@ -41,5 +38,5 @@ from orchestrator.report.statistics import (
 )
 
 __all__ = ["artifact_roots", "budget_interval", "budget_to_reach", "curve_area", "differing_fields", "first_crossing",
-           "headline", "load_masks", "mask_overlap", "mean_over", "mean_over_differences", "paired_differences",
+           "headline", "mean_over", "mean_over_differences", "paired_differences",
            "summarise", "t_interval", "write_report"]  # fmt: skip

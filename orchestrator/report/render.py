@@ -1,23 +1,29 @@
-"""`write_report`: the report's files, and summary.md and index.html rendered from one list of sections."""
+"""`write_report`: the report's files, and summary.md and index.html rendered from one list of
+sections; with them what the registered report extras (`methods.reports`) return."""
 
 from __future__ import annotations
 
+import functools
 import html
+import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
 
+from methods.reports import REPORTS, Figure, ReportContext, Stored, Table
 from orchestrator import results
+from orchestrator.artifacts import ArtifactStore, CorruptArtifact
 from orchestrator.config import ConfigError
 from orchestrator.report import statistics, tables
-from orchestrator.report.figures import plot_curves, plot_mask_overlap, plot_profiles, plot_sparsity
-from orchestrator.report.masks import artifact_roots, load_masks, mask_overlap
+from orchestrator.report.figures import plot_curves, plot_profiles, save
+from orchestrator.report.series import differing_fields, flatten
 from orchestrator.report.statistics import METRIC
 
+log = logging.getLogger(__name__)
 CURVES = "Test accuracy by budget (mean [95% CI] over seeds)"
-MASKS = "Mask overlap (Jaccard)"
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,56 @@ def load_tables(out_dirs: list) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def artifact_roots(out_dirs: list) -> list[str]:
+    """Each output directory's artifact store: sweep.json's storage.artifacts, else OUT/artifacts."""
+    from orchestrator.outdir import as_outdir
+
+    roots = []
+    for location in out_dirs:
+        out = as_outdir(location)
+        text = out.read_text("sweep.json")
+        config = (json.loads(text).get("config") or {}) if text else {}
+        root = str((config.get("storage") or {}).get("artifacts") or out.join("artifacts"))
+        if root not in roots:
+            roots.append(root)
+    return roots
+
+
+def stored_artifacts(roots: list[str]):
+    """`artifacts(kind)`: every artifact of `kind` in the stores at `roots` (`methods.reports.Stored`).
+    A store that does not exist or cannot be reached contributes nothing (the extras are optional)."""
+
+    def load(store: ArtifactStore, kind: str, key: dict, path: str):
+        try:
+            return store.load(kind, key)[0]
+        except (OSError, CorruptArtifact) as err:
+            log.warning("report: skipping artifact %s (%s)", path, err)
+            return None
+
+    def artifacts(kind: str) -> list[Stored]:
+        found, seen = [], set()
+        for root in roots:
+            if "://" not in root and not Path(root.removeprefix("file://")).is_dir():
+                continue
+            try:
+                store = ArtifactStore(root)
+                entries = store.entries(kind)
+            except (OSError, ValueError) as err:  # unreachable or unauthorised remote store
+                log.info("report: skipping artifact store %s (%s)", root, err)
+                continue
+            for key, meta, path in entries:
+                if path not in seen:
+                    seen.add(path)
+                    found.append(Stored(key, meta, functools.partial(load, store, kind, key, path)))
+        return found
+
+    return artifacts
+
+
+def _differences(configs: list[dict]) -> list[str]:
+    return [", ".join(fields) for fields in differing_fields([flatten(c) for c in configs])]
+
+
 def _has(summary: pd.DataFrame, column: str) -> bool:
     return f"{column}_mean" in summary and summary[f"{column}_mean"].notna().any()
 
@@ -96,7 +152,8 @@ def write_report(
     report_dir = Path(report_dir or Path(out_dirs[0]) / "report")
     report_dir.mkdir(parents=True, exist_ok=True)
     summary, head = statistics.summarise(table), statistics.headline(table, target=target)
-    overlap = mask_overlap(load_masks(artifact_roots(out_dirs)))
+    context = ReportContext(summary, table, stored_artifacts(artifact_roots(out_dirs)), _differences)
+    extras = [out for _, extra in REPORTS.items() for out in extra(context)]
     plotted = [column for column in results.plotted_columns(table) if _has(summary, column)]
     profiles = []
     for name, profile, columns in results.profiled_columns(table):
@@ -105,7 +162,7 @@ def write_report(
             profiles.append((name, profile, long))
     parquets = {"summary": summary, "headline": head, "mean_over": means, "versus": diffs, "versus_mean_over": gaps,
                 **{f"{name}_profile": long for name, _, long in profiles},
-                "mask_overlap": None if overlap.empty else overlap}  # fmt: skip
+                **{extra.name: extra.frame for extra in extras if isinstance(extra, Table)}}  # fmt: skip
     for stem, frame in parquets.items():
         if frame is not None:
             frame.to_parquet(report_dir / f"{stem}.parquet", index=False)
@@ -131,26 +188,22 @@ def write_report(
     for name, _, long in profiles:
         title = f"{name} by depth, at each series' largest budget (mean [95% CI] over seeds)"
         sections.append(Section(title, tables.profile_markdown(long)))
-    overlaps = tables.mask_overlap_table(overlap)
-    sections.append(Section(MASKS, overlaps, tables.MASK_OVERLAP_NOTE, page=MASKS, optional=True))
+    sections += [Section(t.title, t.shown, t.note, page=t.title) for t in extras if isinstance(t, Table)]
     (report_dir / "summary.md").write_text(_notes(summary) + "".join(s.markdown() for s in sections))
 
     figures: list[tuple[str, str]] = []  # (file, caption)
     if not summary.empty:
         plot_curves(summary, report_dir / "data_efficiency", ylabel="test accuracy")
         figures.append(("data_efficiency.svg", "Data-efficiency curves (mean, 95% Student t CI over seeds)"))
-    if _has(summary, "subtask_acc"):
-        plot_sparsity(summary, report_dir / "sparsity_vs_subtask")
-        figures.append(("sparsity_vs_subtask.svg", "Mask sparsity against the masked model's subtask accuracy"))
     for column in plotted:
         plot_curves(summary, report_dir / column, metric=column, ylabel=column.replace("_", " "))
         figures.append((f"{column}.svg", f"{column} against budget (mean, 95% Student t CI over seeds)"))
     for name, profile, long in profiles:
         plot_profiles(long, report_dir / f"{name}_profile", profile.xlabel, profile.ylabel)
         figures.append((f"{name}_profile.svg", f"{name} against depth at each series' largest budget (95% CI)"))
-    if not overlap.empty:
-        plot_mask_overlap(overlap, report_dir / "mask_overlap")
-        figures.append(("mask_overlap.svg", "Jaccard overlap of discovered masks against random masks"))
+    for extra in (e for e in extras if isinstance(e, Figure)):
+        save(extra.figure, report_dir / extra.name)
+        figures.append((f"{extra.name}.svg", extra.caption))
     sources = ", ".join(str(Path(d)) for d in out_dirs)
     (report_dir / "index.html").write_text(_page(sources, len(table), sections, figures))
     return report_dir

@@ -6,7 +6,7 @@ here for result files older than that column). Statistics are taken per series, 
 series: two depths, learning rates, models or merged directories with different settings are
 reported side by side, and two rows for one (series, seed, budget) are an error, not averaged. Each
 series has a short `label`: the method, `@` the values of the axes its artifacts declare (its
-`coordinates`, e.g. a mask's sparsity), plus the config fields that differ between the series of
+`coordinates`), plus the config fields that differ between the series of
 the same task that share that label (`<method> @0.75 [model.n_layers=4]`); `family` is the same
 without the coordinates (a line of a figure drawn against them). Every table carries `series`,
 `task`, `method`, `label`, `family` and one column per sweep axis (the dotted result columns,

@@ -9,12 +9,6 @@ import pandas as pd
 from orchestrator.report.series import prepare
 from orchestrator.report.statistics import METRIC
 
-MASK_OVERLAP_NOTE = (
-    "Jaccard overlap |A∩B| / |A∪B| of discovered masks (all tensors together) that differ only in their seed "
-    "(same sparsity) or only in their sparsity (same seed), mean [min, max] over pairs; random: "
-    "d1·d2 / (d1 + d2 − d1·d2), the expected overlap of independent uniformly random masks of the same densities."
-)
-
 
 def _wide(frame: pd.DataFrame, columns: list[str], cells: list[str]) -> pd.DataFrame:
     """Rows (task, n_train), one column per distinct `columns` entry in order of first appearance,
@@ -88,27 +82,6 @@ def headline_table(head: pd.DataFrame) -> pd.DataFrame:
 
 def _fmt_n(v: float) -> str:
     return "inf" if not np.isfinite(v) else f"{v:.0f}"
-
-
-def mask_overlap_table(overlap: pd.DataFrame) -> pd.DataFrame:
-    """Pairs aggregated per (masks, pair type, sparsities): observed mean [min, max] vs random."""
-    if overlap.empty:
-        return pd.DataFrame()
-    rows = []
-    keys = ["masks", "pair", "sparsity_a", "sparsity_b"]
-    for (masks, pair, sa, sb), g in overlap.groupby(keys, sort=True):
-        rows.append(
-            {
-                "masks": masks,
-                "pair": pair,
-                "sparsity": f"{sa:g}" if sa == sb else f"{sa:g} vs {sb:g}",
-                "pairs": len(g),
-                "Jaccard observed": f"{g['jaccard'].mean():.3f} [{g['jaccard'].min():.3f}, {g['jaccard'].max():.3f}]",
-                "Jaccard random": f"{g['jaccard_random'].mean():.3f}",
-            }
-        )
-    out = pd.DataFrame(rows)
-    return out.drop(columns="masks") if out["masks"].nunique() == 1 else out
 
 
 def profile_table(summary: pd.DataFrame, table: pd.DataFrame, profile, columns: list[str]) -> pd.DataFrame:

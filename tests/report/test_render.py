@@ -175,3 +175,29 @@ def test_report_mean_over_writes_its_table(tmp_path):
     assert "mean over model.n_layers (per seed, then mean [95% CI] over seeds)" in text
     assert "0.500 [" in text  # (0.4 + 0.5 + 0.6) / 3
     assert len(pd.read_parquet(tmp_path / "rep" / "mean_over.parquet")) == 1
+
+
+def test_a_registered_report_extra_adds_its_table_and_figure(tmp_path):
+    """Extras are plug-ins (`methods.reports`): the report runs each and writes what it returns."""
+    from methods.reports import REPORTS, Figure, Table, pyplot, register_report
+
+    seen = []
+
+    @register_report("probe_extra")
+    def _probe(ctx):
+        seen.append((sorted(ctx.summary["label"].unique()), ctx.artifacts("no_such_kind")))
+        frame = pd.DataFrame({"series": ctx.summary["label"].unique(), "value": 1.0})
+        fig, ax = pyplot().subplots()
+        ax.plot([0, 1], [0, 1])
+        return [Table("probe_extra", "Probe table", frame, frame, "a note"), Figure("probe_extra", "Probe figure", fig)]
+
+    try:
+        write_results(tmp_path / "run", curves_table({"scratch": {0: [0.2, 0.25], 99: [0.4, 0.5]}}))
+        report = write_report([tmp_path / "run"])
+    finally:
+        del REPORTS._items["probe_extra"]
+    assert seen == [(["scratch"], [])]
+    assert list(pd.read_parquet(report / "probe_extra.parquet")["series"]) == ["scratch"]
+    assert "## Probe table\n\na note" in (report / "summary.md").read_text()
+    page = (report / "index.html").read_text()
+    assert "Probe table" in page and "probe_extra.svg" in page and (report / "probe_extra.png").exists()

@@ -1,4 +1,5 @@
-"""Overlap of discovered masks read from artifact stores, against random masks of the same densities."""
+"""The mask kind's report extras: overlap of discovered masks read from artifact stores, against random
+masks of the same densities, and the sparsity-against-subtask figure."""
 
 import json
 
@@ -6,8 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
+from methods.mask_reports import load_masks, mask_overlap
 from orchestrator.artifacts import ArtifactStore
-from orchestrator.report import artifact_roots, load_masks, mask_overlap, write_report
+from orchestrator.report import artifact_roots, write_report
+from orchestrator.report.render import stored_artifacts
 from tests.report.synthetic import curves_table, write_results
 
 N_WEIGHTS = 1000  # a mask over a 600-vector and a 20 x 20 matrix, flattened together
@@ -63,7 +66,8 @@ def test_masks_of_other_discovery_settings_are_not_paired(tmp_path):
     store = ArtifactStore(tmp_path / "run" / "artifacts")
     _store_mask(store, _mask_key(0, 0.5, l0=1e-3), slice(0, 500))
     _store_mask(store, _mask_key(1, 0.5, l0=1e-2), slice(0, 500))
-    assert mask_overlap(load_masks(artifact_roots([tmp_path / "run"]))).empty
+    stored = stored_artifacts(artifact_roots([tmp_path / "run"]))("mask")
+    assert len(stored) == 2 and mask_overlap(load_masks(stored)).empty
 
 
 def test_no_mask_overlap_figure_with_fewer_than_two_masks(tmp_path):
