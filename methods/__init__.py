@@ -15,7 +15,6 @@ from methods.discovery import DISCOVERERS, Discovery, DiscoveryConfig, discover
 from methods.masking import Mask, MaskedModel, MaskSelection, effective_state_dict, maskable_names, topk_mask
 from methods.packing import NotPackable, fit_packed, packable
 from methods.registry import METHODS, Method, MethodContext, get_method, register_method
-from methods.reports import REPORTS, ReportContext, register_report
 from methods.training import NonFiniteLoss, Objective, TrainConfig, cross_entropy, evaluate, fit, train
 from methods.transfer import TransferConfig, transfer
 
@@ -24,7 +23,6 @@ __all__ = [
     "ARTIFACTS",
     "DISCOVERERS",
     "METHODS",
-    "REPORTS",
     "AnalysisContext",
     "ArtifactContext",
     "ArtifactKind",
@@ -40,7 +38,6 @@ __all__ = [
     "NotPackable",
     "Objective",
     "Profile",
-    "ReportContext",
     "TrainConfig",
     "TransferConfig",
     "cross_entropy",
@@ -55,7 +52,6 @@ __all__ = [
     "register_analysis",
     "register_artifact",
     "register_method",
-    "register_report",
     "topk_mask",
     "train",
     "transfer",

@@ -1,16 +1,14 @@
 """Artifact kinds: the upstream work trials share, computed once per key.
 
-Each kind declares the kinds it needs, the sweep blocks it reads, the config paths that are grid
-axes of every trial needing it (`axes`), and four functions: `key(ctx)` (what determines it besides
-those blocks: its upstream keys, its seed, the task's fields of its stage),
-`compute(ctx) -> (tensors, meta)`, `load(ctx, tensors, meta)` (the object a method receives), and
-`columns(meta)` (what a trial's row records about it). `ctx.settings` shows a kind only the blocks
-it declares (`blocks=`, its own block, and `model`); reading another raises
-`common.config.UndeclaredBlock`, and the store key is `key(ctx)` plus every block it may read
-(`reads`) and, for a plug-in kind (or task, or model), the hash of its module's source (`code`). A
-kind that computes the artifacts of several values of some of its paths in one go (one mask
-discovery serves every `mask.sparsity`) names them in `shares` and implements
-`compute_many(contexts)`; each artifact is still stored and keyed on its own. A kind that can
+Each kind declares the kinds it needs, the sweep blocks it reads, the config paths of those that
+are grid axes of its trials (`axes`, `shares`, `shorthand`: see `register_artifact`), and four
+functions: `key(ctx)` (what determines it besides those blocks: its upstream keys, its seed, the
+task's fields of its stage), `compute(ctx) -> (tensors, meta)`, `load(ctx, tensors, meta)` (the
+object a method receives), and `columns(meta)` (what a trial's row records about it).
+`ctx.settings` shows a kind only the blocks it declares (`blocks=`, its own block, and `model`);
+reading another raises `common.config.UndeclaredBlock`, and the store key is `key(ctx)` plus every
+block it may read (`reads`) and, for a plug-in kind (or task, or model), the hash of its module's
+source (`code`). A kind that can
 train the artifacts of different seeds as one pack (`methods.packing`; source models) sets
 `packs_seeds` and implements `compute_many` over contexts of different seeds; the orchestrator
 asks it to where the sweep packs upstream work (`ctx.packed`, which its key must hold). The orchestrator
@@ -22,12 +20,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import nn
 
 from common.config import Frozen, declare_block
@@ -100,16 +97,15 @@ def register_artifact(
     config: type | None = None,
 ):
     """Register an `ArtifactKind` class. `blocks`: sweep blocks it reads (all it can read, with
-    `model` and its own block; each enters its key); `config`: a settings
-    block of its own, written under `name` in the sweep file (`guide: {...}`), validated there, part
-    of the key and identity of everything that needs the kind, tunable and sweepable by path.
-    `axes`: config paths of its blocks that are grid axes of every trial that needs the kind (rows
-    get a column, trial names show it; one value, the block's, unless the sweep lists more in
-    `axes:`); `shares`: those of them whose artifacts `compute_many` computes in one go (paths of its
-    own blocks, which no kind it needs reads); `shorthand`: sweep-file keys that list an axis's
-    values (`{"sparsities": "mask.sparsity"}`: `sparsities: [..]` is `axes: {mask.sparsity: [..]}`).
-    `packs_seeds`: `compute_many` trains the artifacts of several seeds as one pack (the key holds
-    `seed`; the kind needs no other kind, whose artifacts would differ by seed too)."""
+    `model` and its own block; each enters its key); `config`: a settings block of its own, written
+    under `name` in the sweep file (`guide: {...}`), part of the key and identity of everything that
+    needs the kind, tunable and sweepable by path. `axes`: paths of its blocks that are grid axes of
+    every trial needing it (one value, the block's, unless the sweep's `axes:` lists more);
+    `shares`: those whose artifacts one `compute_many` computes (paths no kind it needs reads);
+    `shorthand`: sweep-file keys listing an axis's values (`sparsities: [..]` is
+    `axes: {mask.sparsity: [..]}`). `packs_seeds`: `compute_many` trains the artifacts of several
+    seeds as one pack (the key holds `seed`; the kind needs no other kind, whose artifacts would
+    differ by seed too)."""
     readable = (*blocks, *((name,) if config is not None else ()))
     shorthand = dict(shorthand or {})
     if packs_seeds and needs:
@@ -236,14 +232,7 @@ class Source(ArtifactKind):
 class MaskConfig(Frozen):
     """The `mask:` block: what a discovered mask is asked for besides its `discovery:` settings."""
 
-    sparsity: float = Field(0.75, description="the fraction of the masked weights set to 0, in [0, 1)")
-
-    @field_validator("sparsity")
-    @classmethod
-    def _sparsity(cls, v: float) -> float:
-        if not (math.isfinite(v) and 0.0 <= v < 1.0):
-            raise ValueError(f"a sparsity is the fraction of masked weights set to 0: it lies in [0, 1), not {v}")
-        return v
+    sparsity: float = Field(0.75, ge=0, lt=1, description="the fraction of the masked weights set to 0")
 
 
 @register_artifact(

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from common.config import stable_hash
-from methods.reports import Figure, ReportContext, Stored, Table, pyplot, register_report
+from methods.reports import Figure, ReportContext, Table, pyplot, register_report
 
 AXIS = "mask.sparsity"  # the mask kind's axis (methods/artifacts.py), a column of the results
 MASKS = "Mask overlap (Jaccard)"
@@ -40,30 +40,26 @@ def random_jaccard(d1, d2):
         return d1 * d2 / (d1 + d2 - d1 * d2)
 
 
-def load_masks(stored: list[Stored]) -> list[dict[str, Any]]:
-    """The readable masks among `stored`: {family, seed, sparsity, bits (flat bool), density}, where
+def load_masks(stored: list[tuple[dict, dict]]) -> list[dict[str, Any]]:
+    """Stored masks, (key, tensors), as {family, seed, sparsity, bits (flat bool), density}, where
     `family` is the key without its seed and sparsity (masks of one family differ only there)."""
     masks = []
-    for one in stored:
+    for key, tensors in stored:
         try:
-            family = copy.deepcopy(one.key)
+            family = copy.deepcopy(key)
             seed, sparsity = family["source"].pop("seed"), float(family["reads"]["mask"].pop("sparsity"))
         except (KeyError, TypeError, AttributeError):  # a mask stored by other code: not comparable
-            continue
-        tensors = one.load()
-        if tensors is None:
             continue
         flat = np.concatenate([tensors[name].reshape(-1).numpy() != 0 for name in sorted(tensors)])
         masks.append({"family": family, "seed": seed, "sparsity": sparsity, "bits": flat, "density": flat.mean()})
     return masks
 
 
-def mask_overlap(masks: list[dict[str, Any]], differences=None) -> pd.DataFrame:
+def mask_overlap(masks: list[dict[str, Any]], differences) -> pd.DataFrame:
     """One row per pair of masks that differ only in their seed, or only in their sparsity.
     `differences(families)`: what tells each family apart from the others (its `masks` column)."""
     families = {stable_hash(m["family"]): m["family"] for m in masks}
-    told = differences(list(families.values())) if differences is not None else [""] * len(families)
-    names = dict(zip(families, told, strict=True))
+    names = dict(zip(families, differences(list(families.values())), strict=True))
     rows = []
     for pair, same in (("across seeds", "sparsity"), ("across sparsities", "seed")):
         groups: dict[str, list[dict]] = {}
@@ -84,19 +80,11 @@ def mask_overlap(masks: list[dict[str, Any]], differences=None) -> pd.DataFrame:
 
 def overlap_table(overlap: pd.DataFrame) -> pd.DataFrame:
     """Pairs aggregated per (masks, pair type, sparsities): observed mean [min, max] vs random."""
-    rows = []
-    for (masks, pair, sa, sb), g in overlap.groupby(["masks", "pair", "sparsity_a", "sparsity_b"], sort=True):
-        rows.append(
-            {
-                "masks": masks,
-                "pair": pair,
-                "sparsity": f"{sa:g}" if sa == sb else f"{sa:g} vs {sb:g}",
-                "pairs": len(g),
-                "Jaccard observed": f"{g['jaccard'].mean():.3f} [{g['jaccard'].min():.3f}, {g['jaccard'].max():.3f}]",
-                "Jaccard random": f"{g['jaccard_random'].mean():.3f}",
-            }
-        )
-    out = pd.DataFrame(rows)
+    groups = overlap.groupby(["masks", "pair", "sparsity_a", "sparsity_b"], sort=True)
+    out = pd.DataFrame([{"masks": masks, "pair": pair, "sparsity": f"{sa:g}" if sa == sb else f"{sa:g} vs {sb:g}",
+                         "pairs": len(g), "Jaccard observed": f"{g['jaccard'].mean():.3f} [{g['jaccard'].min():.3f}, "
+                         f"{g['jaccard'].max():.3f}]", "Jaccard random": f"{g['jaccard_random'].mean():.3f}"}
+                        for (masks, pair, sa, sb), g in groups])  # fmt: skip
     return out.drop(columns="masks") if out["masks"].nunique() == 1 else out
 
 
@@ -162,10 +150,8 @@ def _mask_overlap(ctx: ReportContext) -> list:
 
 @register_report("sparsity_vs_subtask")
 def _sparsity_vs_subtask(ctx: ReportContext) -> list:
-    summary = ctx.summary
-    if AXIS not in summary or "subtask_acc_mean" not in summary:
-        return []
-    if not (summary[AXIS].notna() & summary["subtask_acc_mean"].notna()).any():
+    summary, acc = ctx.summary, ctx.summary.get("subtask_acc_mean")
+    if AXIS not in summary or acc is None or not (summary[AXIS].notna() & acc.notna()).any():
         return []
     caption = "Mask sparsity against the masked model's subtask accuracy"
     return [Figure("sparsity_vs_subtask", caption, plot_sparsity(summary))]

@@ -455,9 +455,9 @@ def _import_plugins(plugins: Any, errors: list[str]) -> None:
 
 def _parse_blocks(data: dict, errors: list[str]) -> None:
     """Replace the task, model, analysis and plug-in block entries of `data` by validated objects,
-    and artifact kinds' shorthands (`ArtifactKind.shorthand`) by the `axes:` they stand for. A sweep holds
-    every declared block (`common.config.declare_block`), the own block of each method it lists and
-    artifact kind they or its analyses need, and any other such block it writes or sweeps."""
+    and artifact kinds' shorthands (`ArtifactKind.shorthand`) by the `axes:` they stand for. A
+    sweep holds every declared block (`common.config.declare_block`), the own block of each method
+    it lists and artifact kind they or its analyses need, and any other such block it writes or sweeps."""
     for key, registry in (("task", tasks.TASKS), ("model", tasks.MODELS)):
         if key not in data:
             errors.append(f"{key}: missing; give a mapping with 'name' (one of: {', '.join(registry.names())})")

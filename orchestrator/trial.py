@@ -47,12 +47,11 @@ from common.config import Declared, Frozen, stable_hash
 from common.provenance import code_version, plugin_sources
 from common.seeding import seeded_init, torch_generator
 from methods import ANALYSES, ARTIFACTS, AnalysisContext, ArtifactContext, MethodContext, evaluate, get_method
-from methods.artifacts import closure
 from methods.packing import NotPackable, calibrate, fit_packed, packable
 from methods.training import Interrupted, Supervision, supervised
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.checkpoints import Checkpointer, CheckpointStore, Interval
-from orchestrator.config import SweepConfig
+from orchestrator.config import SweepConfig, needed_kinds
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -94,11 +93,10 @@ KIND_BLOCKS = ("model",)
 def identity_blocks(sweep: SweepConfig, method: str) -> list[str]:
     """The sweep blocks a trial of `method` depends on: task, model, training, the blocks of every
     artifact it or its analyses need, the blocks the method and its analyses read, and its own settings."""
-    spec = get_method(method)
-    analyses = [ANALYSES.get(name) for name, _ in sweep.analysis_list()]
-    needs = list(spec.needs) + [k for analysis in analyses for k in analysis.needs]
+    spec, names = get_method(method), [name for name, _ in sweep.analysis_list()]
+    analyses = [ANALYSES.get(name) for name in names]
     blocks = list(TRIAL_BLOCKS)
-    for kind in closure(needs):
+    for kind in needed_kinds([method], names):
         blocks += ARTIFACTS.get(kind).blocks
     blocks += list(spec.reads) + [b for analysis in analyses for b in analysis.reads]
     if method in sweep.blocks:
@@ -371,11 +369,8 @@ class Upstream:
 
 def trial_needs(sweep: SweepConfig, spec: TrialSpec, tuning: bool = False) -> list[str]:
     """Artifact kinds the trial needs (its method's and its analyses'), each after its own needs."""
-    effective = sweep.effective(spec.method, spec.axes)
-    needs = list(get_method(spec.method).needs)
-    if not tuning:
-        needs += [k for name, _ in effective.analysis_list() for k in ANALYSES.get(name).needs]
-    return closure(needs)
+    analyses = [] if tuning else [name for name, _ in sweep.effective(spec.method, spec.axes).analysis_list()]
+    return needed_kinds([spec.method], analyses)
 
 
 def upstream_keys(sweep: SweepConfig, spec: TrialSpec) -> list[tuple[str, str]]:

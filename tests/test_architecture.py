@@ -75,9 +75,10 @@ def test_orchestrator_code_names_no_plug_in_block_axis_or_report_extra():
     the word sparsity appears nowhere in it."""
     import methods
     from common.config import BLOCKS
+    from methods.reports import REPORTS
 
     owned = [name for name, p in [*methods.METHODS.items(), *methods.ARTIFACTS.items()] if p.Config is not None]
-    names = {*BLOCKS, *methods.ARTIFACTS.names(), *owned, *methods.REPORTS.names()}
+    names = {*BLOCKS, *methods.ARTIFACTS.names(), *owned, *REPORTS.names()}
     paths = {path for _, kind in methods.ARTIFACTS.items() for path in (*kind.axes, *kind.shorthand)}
     for file in (ROOT / "orchestrator").rglob("*.py"):
         text = file.read_text()

@@ -3,7 +3,6 @@ sections; with them what the registered report extras (`methods.reports`) return
 
 from __future__ import annotations
 
-import functools
 import html
 import json
 import logging
@@ -13,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
-from methods.reports import REPORTS, Figure, ReportContext, Stored, Table
+from methods.reports import REPORTS, Figure, ReportContext, Table
 from orchestrator import results
 from orchestrator.artifacts import ArtifactStore, CorruptArtifact
 from orchestrator.config import ConfigError
@@ -38,18 +37,13 @@ class Section:
     end: str = ""  # summary.md's text after the table or `empty`
     page: str | None = None  # the heading on index.html; None: in summary.md only
     lead: bool = False
-    optional: bool = False  # left out (rendered as "") when its table is empty
 
     def markdown(self) -> str:
-        if self.optional and self.table.empty:
-            return ""
         body = self.empty if self.table.empty else _markdown(self.table)
         note = f"{self.note}\n\n" if self.note else ""
         return f"\n## {self.title}\n\n{note}{body}{self.end}"
 
     def html(self) -> str:
-        if self.optional and self.table.empty:
-            return ""
         note = f"<p>{html.escape(self.note)}</p>\n" if self.note else ""
         empty = "<p>(no finished trials)</p>"
         table = empty if self.table.empty else self.table.to_html(index=False, border=0, classes="t")
@@ -93,17 +87,10 @@ def artifact_roots(out_dirs: list) -> list[str]:
 
 
 def stored_artifacts(roots: list[str]):
-    """`artifacts(kind)`: every artifact of `kind` in the stores at `roots` (`methods.reports.Stored`).
-    A store that does not exist or cannot be reached contributes nothing (the extras are optional)."""
+    """`artifacts(kind)`: (key, tensors) of every readable artifact of `kind` in the stores at `roots`;
+    a store that does not exist or cannot be reached, or an unreadable artifact, is skipped (logged)."""
 
-    def load(store: ArtifactStore, kind: str, key: dict, path: str):
-        try:
-            return store.load(kind, key)[0]
-        except (OSError, CorruptArtifact) as err:
-            log.warning("report: skipping artifact %s (%s)", path, err)
-            return None
-
-    def artifacts(kind: str) -> list[Stored]:
+    def artifacts(kind: str) -> list[tuple[dict, dict]]:
         found, seen = [], set()
         for root in roots:
             if "://" not in root and not Path(root.removeprefix("file://")).is_dir():
@@ -114,10 +101,12 @@ def stored_artifacts(roots: list[str]):
             except (OSError, ValueError) as err:  # unreachable or unauthorised remote store
                 log.info("report: skipping artifact store %s (%s)", root, err)
                 continue
-            for key, meta, path in entries:
-                if path not in seen:
-                    seen.add(path)
-                    found.append(Stored(key, meta, functools.partial(load, store, kind, key, path)))
+            for key, _meta, path in (e for e in entries if e[2] not in seen):
+                seen.add(path)
+                try:
+                    found.append((key, store.load(kind, key)[0]))
+                except (OSError, CorruptArtifact) as err:
+                    log.warning("report: skipping artifact %s (%s)", path, err)
         return found
 
     return artifacts

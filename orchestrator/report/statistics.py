@@ -32,7 +32,7 @@ from scipy import stats
 
 from orchestrator import results
 from orchestrator.config import ConfigError
-from orchestrator.report.series import axis_groups, coordinates, partner, prepare, reference_for
+from orchestrator.report.series import axis_groups, partner, prepare, reference_for
 
 METRIC = "test_acc"
 LEVEL = 0.95
@@ -263,7 +263,7 @@ def mean_over(table: pd.DataFrame, axis: str, metric: str = METRIC, level: float
     for members, label, first in groups:
         for n, seed_means in _per_seed_means([by_series[m] for m in members]):
             lo, hi = t_interval(seed_means, level)
-            rows.append({"task": first["task"], "method": first["method"], **_coordinates(first, axis),
+            rows.append({"task": first["task"], "method": first["method"],
                          "label": label, "n_train": n, "seeds": len(seed_means),
                          f"{metric}_mean": float(seed_means.mean()), f"{metric}_ci_lo": lo,
                          f"{metric}_ci_hi": hi})  # fmt: skip
@@ -290,15 +290,10 @@ def mean_over_differences(
         frames = [by_series[m] - by_series[ref] for m, ref in zip(members, partners, strict=True)]
         for n, seed_means in _per_seed_means(frames):
             lo, hi = t_interval(seed_means, level)
-            rows.append({"task": first["task"], "method": first["method"], **_coordinates(first, axis),
+            rows.append({"task": first["task"], "method": first["method"],
                          "label": label, "versus": versus, "n_train": n, "pairs": len(seed_means),
                          "diff_mean": float(seed_means.mean()), "diff_ci_lo": lo, "diff_ci_hi": hi})  # fmt: skip
     return _ordered(pd.DataFrame(rows), ["n_train"])
-
-
-def _coordinates(first: pd.Series, axis: str) -> dict[str, Any]:
-    """A group's coordinates (`series.coordinates`) besides the axis it is averaged over."""
-    return {c: first[c] for c in coordinates(first.index) if c != axis}
 
 
 def _per_seed_means(frames: list[pd.DataFrame]):
