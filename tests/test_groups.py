@@ -315,7 +315,7 @@ def test_pack_keys_join_packable_methods_of_one_budget_and_setting(tiny):
             continue
         same = [s for s, k in zip(specs, keys, strict=True) if k == key]
         assert all(s.data_fraction == spec.data_fraction for s in same)
-        assert all(s.axes == spec.axes for s in same)
+        assert all(s.axes["training.lr"] == spec.axes["training.lr"] for s in same)  # sparsities mix
         assert {s.method for s in same} == {"subtask_induction", "sampled_subnetwork", "scratch"}
     assert pack_keys(tiny(resources={"pack": 1}), specs) == [None] * len(specs)
 
