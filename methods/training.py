@@ -746,7 +746,7 @@ class _Loop:
             live = [live[row] for row in staying]
             if live:
                 engine.keep(staying)
-        if live and self.run_ is not None:
+        if self.run_ is not None:
             self._supervise(live)
         return live
 
@@ -776,14 +776,15 @@ class _Loop:
         )
 
     def _supervise(self, live: list[Member]) -> None:
-        """At an epoch end with models still training: save a checkpoint when due or stopping, and
-        stop when asked."""
+        """At an epoch end: save a checkpoint when due or stopping (a finished run's too, so that
+        work after it, if interrupted, does not train again), and stop when asked while models are
+        still training."""
         supervision = self.run_.supervision
         stop = supervision.should_stop is not None and supervision.should_stop()
         checkpointer = supervision.checkpointer
         if checkpointer is not None and (stop or checkpointer.due()):
             checkpointer.save(self.run_.slot, self._state(live))
-        if stop:
+        if stop and live:
             kept = "checkpointed" if checkpointer is not None else "not checkpointed"
             raise Interrupted(f"{self.run_.label}: stopped on request after epoch {self.epoch} ({kept})")
 
@@ -794,7 +795,12 @@ class _Loop:
         done = {}
         for k, result in enumerate(self.results):
             if isinstance(result, TrainResult):
-                done[k] = {"result": dataclasses.asdict(result), "module": self.objectives[k].module.state_dict()}
+                objective = self.objectives[k]
+                done[k] = {
+                    "result": dataclasses.asdict(result),
+                    "module": objective.module.state_dict(),
+                    "objective": objective.state() if objective.state is not None else None,
+                }
             elif result is not None:
                 done[k] = {"error": str(result)}
         return {
@@ -805,7 +811,7 @@ class _Loop:
             "steps": self.steps,
             "live": [m.state() for m in live],
             "done": done,
-            "engine": self.engine.state(),
+            "engine": self.engine.state() if live else None,
         }
 
     def _resume(self, saved: dict[str, Any]) -> list[Member]:
@@ -824,17 +830,21 @@ class _Loop:
             if "error" in done:
                 self.results[k] = NonFiniteLoss(done["error"])
             else:
-                self.objectives[k].module.load_state_dict(done["module"])
+                objective = self.objectives[k]
+                objective.module.load_state_dict(done["module"])
+                if objective.load_state is not None:
+                    objective.load_state(done["objective"])
                 self.results[k] = TrainResult(**done["result"])
         live = []
         for entry in saved["live"]:
             m = self.members[entry["index"]]
             m.load(entry)
             live.append(m)
-        if len(live) < len(self.members):
-            self.engine.keep([m.index for m in live])
-        self.engine.load(saved["engine"])
-        self.engine.sync()
+        if live:  # else every model had finished: their results are all there is
+            if len(live) < len(self.members):
+                self.engine.keep([m.index for m in live])
+            self.engine.load(saved["engine"])
+            self.engine.sync()
         self.epoch, self.steps = saved["epoch"], saved["steps"]
         return live
 
