@@ -11,7 +11,7 @@ import pytest
 from methods.training import Interrupted
 from orchestrator import queue, worker
 from orchestrator.ordering import cost
-from orchestrator.trial import TrialSpec, expand
+from orchestrator.trial import TrialSpec, expand, run_trial
 
 # --- the queue ------------------------------------------------------------------------------
 
@@ -373,19 +373,19 @@ def test_a_pack_refused_by_its_first_forward_trains_each_trial_alone(tiny, tmp_p
     # `fit_packed` may refuse a pack only once the models are built (its first forward finds
     # randomness past nn.Dropout): then each trial trains serially, as with pack: 1.
     from methods.packing import NotPackable
-    from orchestrator import trial as trial_module
     from orchestrator.artifacts import ArtifactStore
+    from orchestrator.trial import packs
 
     sweep = tiny(methods=["scratch"], seeds=[0, 1])
     specs = expand(sweep)
     store = ArtifactStore(tmp_path)
-    alone = [trial_module.run_trial(sweep, s, store) for s in specs]
+    alone = [run_trial(sweep, s, store) for s in specs]
 
     def refuse(*args, **kwargs):
         raise NotPackable("its loss draws random numbers other than through nn.Dropout modules")
 
-    monkeypatch.setattr(trial_module, "fit_packed", refuse)
-    rows = trial_module.run_pack(sweep, specs, store, limit=16)
+    monkeypatch.setattr(packs, "fit_packed", refuse)
+    rows = packs.run_pack(sweep, specs, store, limit=16)
     for a, r in zip(alone, rows, strict=True):
         assert isinstance(r, dict) and r["packed"] is False and r["pack"] == 1
         assert [r[k] for k in ("val_acc", "test_acc", "best_epoch")] == [
@@ -478,9 +478,8 @@ def test_a_calibrated_pack_size_splits_the_packs(tiny, tmp_path, monkeypatch):
     """With `calibrate_k` (pack: auto on a GPU) the measured K, not the limit, sizes the packs; it is
     measured once per kind of pack in the process."""
     from methods import packing
-    from orchestrator import trial as trial_module
     from orchestrator.artifacts import ArtifactStore
-    from orchestrator.trial import run_pack
+    from orchestrator.trial import packs, run_pack
 
     calls = []
 
@@ -488,28 +487,27 @@ def test_a_calibrated_pack_size_splits_the_packs(tiny, tmp_path, monkeypatch):
         calls.append(k_max)
         return packing.Calibration(k=2, rates={1: 1.0, 2: 2.0}, bytes_per_model=None, stopped="test")
 
-    monkeypatch.setattr(trial_module, "calibrate", fake)
-    monkeypatch.setattr(trial_module, "_CALIBRATED", {})
+    monkeypatch.setattr(packs, "calibrate", fake)
+    monkeypatch.setattr(packs, "_CALIBRATED", {})
     sweep = tiny(methods=["scratch"], seeds=[0, 1, 2, 3, 4], resources={"pack": "auto"})
     specs = expand(sweep)
     rows = run_pack(sweep, specs, ArtifactStore(tmp_path), limit=16, calibrate_k=True)
     assert [r["pack"] for r in rows] == [2, 2, 2, 2, 1]  # 5 trials at K = 2: 2 + 2 + 1, in order
     assert calls == [5]  # at most the trials there are
-    monkeypatch.setattr(trial_module, "_CALIBRATED", {})
+    monkeypatch.setattr(packs, "_CALIBRATED", {})
     rows = run_pack(sweep, specs, ArtifactStore(tmp_path / "b"), limit=4, calibrate_k=False)
     assert [r["pack"] for r in rows] == [3, 3, 3, 2, 2]  # 5 trials at most 4 a pack: 3 + 2, not 4 + 1
 
 
 def test_a_failed_calibration_packs_as_many_as_allowed(tiny, tmp_path, monkeypatch):
-    from orchestrator import trial as trial_module
     from orchestrator.artifacts import ArtifactStore
-    from orchestrator.trial import run_pack
+    from orchestrator.trial import packs, run_pack
 
     def broken(*args, **kw):
         raise RuntimeError("CUBLAS_STATUS_ALLOC_FAILED")
 
-    monkeypatch.setattr(trial_module, "calibrate", broken)
-    monkeypatch.setattr(trial_module, "_CALIBRATED", {})
+    monkeypatch.setattr(packs, "calibrate", broken)
+    monkeypatch.setattr(packs, "_CALIBRATED", {})
     sweep = tiny(methods=["scratch"], seeds=[0, 1, 2], resources={"pack": "auto"})
     rows = run_pack(sweep, expand(sweep), ArtifactStore(tmp_path), limit=16, calibrate_k=True)
     assert [r["pack"] for r in rows] == [3, 3, 3]

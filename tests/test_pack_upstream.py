@@ -14,7 +14,8 @@ import torch
 from methods import ARTIFACTS
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.config import load_sweep
-from orchestrator.trial import Upstream, expand, packs_upstream, pick_device
+from orchestrator.trial import Upstream, expand, pick_device
+from orchestrator.trial.grid import packs_upstream
 from orchestrator.upstream import _shared_runs
 from tests.conftest import tiny_raw
 

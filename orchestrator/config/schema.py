@@ -1,0 +1,328 @@
+"""The sweep config's schema: `SweepConfig` (the grid and one block per stage, plus the blocks
+plug-ins declare), its fixed blocks (`Resources`, `Storage`, `Tuning`, downstream training) and
+what the registrations say about blocks (`needed_kinds`, `shared_blocks`, `per_method_blocks`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any, Literal
+
+from pydantic import Field, PositiveInt, PrivateAttr, SerializeAsAny, field_validator
+
+import tasks
+from common.config import Frozen, stable_hash
+from methods import ANALYSES, ARTIFACTS, METHODS, TrainConfig
+from methods.analysis import parse_analysis
+from orchestrator.config.paths import Layer, _flatten, _head
+
+
+class ConfigError(ValueError):
+    """A sweep file that cannot be run; the message says which field and what to do."""
+
+
+class DownstreamTraining(TrainConfig):
+    """Downstream training: the paper's AdamW 2e-4, batch 50, 100 epochs, best epoch on validation.
+    The schedule settings of `TrainConfig` (`lr_schedule`, `select`, `ties`) apply here too."""
+
+    lr: float = Field(2e-4, gt=0, json_schema_extra={"tune": (1e-4, 1e-2)})  # `instill tune`'s default range
+    epochs: int = Field(100, ge=1, json_schema_extra={"tune": (10, 100)})
+
+
+class Resources(Frozen):
+    """What each trial gets, and how many run at once."""
+
+    cpu: float = Field(1.0, gt=0, description="CPUs per trial; torch threads are pinned to this")
+    gpu: float = Field(0.0, ge=0, description="GPUs per trial; 0.25 packs four trials on a GPU")
+    max_concurrent: int | None = Field(None, ge=1, description="cap on trials running at once")
+    group: Literal["auto"] | PositiveInt = Field(
+        "auto",
+        description="trials run one after another in one Tune trial, each with its own row: 'auto' groups "
+        "trials shorter than a few seconds (Tune's cost per trial is then paid per group), N groups N, "
+        "1 gives every trial a Tune trial of its own",
+    )
+    pack: Literal["auto"] | PositiveInt = Field(
+        "auto",
+        description="trials of one data budget and training setting whose models have the same shapes train "
+        "together as one vectorised model of K models, each with its own row: 'auto' (the default) picks K, "
+        "N packs at most N, 1 trains every model alone with the serial loop (other numbers than packed)",
+    )
+    pack_upstream: bool = Field(
+        False,
+        description="upstream artifacts of different seeds that can train as one pack (source models) do so, "
+        "one pack per upstream slot, where trials pack too (pack is not 1). Off by default: it does not pay on "
+        "CPU, and on GPUs it is not measured yet. A packed artifact's key and its trials' identity say so.",
+    )
+    mixed_precision: bool = Field(False, description="bfloat16 autocast for training on GPU (ignored on CPU)")
+    checkpoint_every_s: float | None = Field(
+        300.0,
+        ge=0,
+        description="a trial checkpoints its training state (in the artifact store) at the first epoch end this "
+        "many seconds after its start or last checkpoint, and resumes from it when rerun; 0: every epoch; "
+        "null: never (a stop request still checkpoints)",
+    )
+
+
+class Storage(Frozen):
+    artifacts: str | None = Field(None, description="where source models and masks are cached; default OUT/artifacts")
+
+
+class Tuning(Frozen):
+    """`instill tune`: an Optuna search per method over these ranges, on the validation split.
+
+    Keys are config paths of numeric fields (`training.lr`, `<method>.<field>`); by default (null)
+    every field of the sweep's blocks that declares a range (`Field(..., json_schema_extra={"tune":
+    (low, high)})`). Float ranges are searched on a log scale, integer ranges uniformly. Settings of
+    a shared artifact's blocks are tuned only by the methods that declare they own them (`owns=`),
+    and every method that uses the artifact inherits the tuned values; a method's own block is tuned
+    for it only.
+    """
+
+    budget: int = Field(8, ge=1, description="Optuna trials per method: the same effort for every method")
+    data_fractions: tuple[float, ...] = Field((0.1,), min_length=1)
+    seeds: tuple[int, ...] = Field((0,), min_length=1)
+    space: dict[str, tuple[float, float]] | None = None
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, v: dict[str, tuple[float, float]] | None) -> dict[str, tuple[float, float]] | None:
+        for key, (low, high) in (v or {}).items():
+            if not 0 < low < high:
+                raise ValueError(f"{key}: the range must satisfy 0 < low < high, got [{low}, {high}]")
+        return v
+
+    @field_validator("data_fractions")
+    @classmethod
+    def _fractions(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0.0 <= f <= 1.0 for f in v):
+            raise ValueError(f"data_fractions must lie in [0, 1]; got {list(v)}")
+        return v
+
+
+_TASK_CACHE: dict[str, object] = {}
+
+
+VARIANT = "variant"  # the grid axis of `variants:` (a row column of that name)
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class SweepConfig(Frozen):
+    name: str = "sweep"
+    plugins: tuple[str, ...] = Field(
+        (), description="modules imported before validation, e.g. ones that register more methods or tasks"
+    )
+    task: SerializeAsAny[Frozen]
+    model: SerializeAsAny[Frozen]
+    training: DownstreamTraining = DownstreamTraining()
+    resources: Resources = Resources()
+    storage: Storage = Storage()
+    max_failures: int = Field(1, ge=0, description="retries of a failing trial before it is recorded failed")
+    tuning: Tuning = Tuning()
+    method_overrides: dict[str, dict[str, Any]] = Field(
+        {}, description="per-method values of config paths, e.g. from `instill tune` (see --tuned)"
+    )
+    blocks: dict[str, SerializeAsAny[Frozen]] = Field(
+        {},
+        description="the blocks plug-ins declare, by name (top level in YAML): methods' and artifact kinds' own "
+        "settings, and the blocks declared for their readers (`common.config.declare_block`)",
+    )
+    method_training: dict[str, dict[str, Any]] = Field(
+        {}, description="each method block's `training:` (`<method>: {training: {lr: 30}}`): its trials only"
+    )
+    analyses: tuple[dict[str, Any], ...] = Field(
+        (), description="analyses run on every trained model: names or {name: ..., <params>}"
+    )
+    axes: dict[str, tuple[Any, ...]] = Field({}, description="config path -> values: more axes of the grid")
+    variants: dict[str, dict[str, Any]] = Field(
+        {},
+        description="name -> {config path: value}: one more axis of the grid, `variant`, whose values are "
+        "named sets of settings applied together (e.g. an ablation that changes one thing at a time)",
+    )
+
+    methods: tuple[str, ...] = Field(min_length=1)
+    _variants: dict[str, SweepConfig] = PrivateAttr(default_factory=dict)
+    data_fractions: tuple[float, ...] = Field(min_length=1)
+    seeds: tuple[int, ...] = Field((0,), min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"{v!r} is not a usable name: use letters, digits, '_', '.', '-'")
+        return v
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [m for m in v if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; valid names: {', '.join(METHODS.names())}")
+        return _unique(v, "methods")
+
+    @field_validator("data_fractions")
+    @classmethod
+    def _fractions(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        bad = [f for f in v if not (math.isfinite(f) and 0.0 <= f <= 1.0)]
+        if bad:
+            raise ValueError(f"data_fractions must lie in [0, 1] (fractions of the downstream pool); got {bad}")
+        return _unique(v, "data_fractions")
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        return _unique(v, "seeds")
+
+    @field_validator("axes")
+    @classmethod
+    def _axes(cls, v: dict[str, tuple[Any, ...]]) -> dict[str, tuple[Any, ...]]:
+        for path, values in v.items():
+            if not values:
+                raise ValueError(f"{path}: give at least one value")
+            _unique(tuple(json.dumps(x, sort_keys=True, default=str) for x in values), path)
+        return v
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _variant_names(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            raise ValueError("expected a mapping of variant names to {config path: value} mappings")
+        for name, values in v.items():
+            if not _NAME.match(str(name)):
+                raise ValueError(f"variants: {name!r} is not a usable name: use letters, digits, '_', '.', '-'")
+            if not isinstance(values, dict):
+                raise ValueError(f"variants.{name}: expected a mapping of config paths to values, "
+                                 "e.g. {model.init: torch}; {} is the unchanged sweep")  # fmt: skip
+        return v
+
+    @property
+    def grid(self) -> dict[str, tuple[Any, ...]]:
+        """The extra axes of the grid: the `axes:` paths and, with `variants:`, the axis `variant`
+        (its values are the variants' names)."""
+        if not self.variants:
+            return self.axes
+        return {**self.axes, VARIANT: tuple(self.variants)}
+
+    def axis_heads(self, path: str) -> set[str]:
+        """The sweep blocks an extra axis changes: a path's first part, or for `variant` the first
+        parts of every path any variant sets."""
+        if path == VARIANT:
+            return {_head(p) for values in self.variants.values() for p in values}
+        return {_head(path)}
+
+    # --- paths, overrides, effective configs ---------------------------------------------
+
+    def canonical(self) -> dict[str, Any]:
+        """The sweep file this config is (method blocks at the top level), defaults filled in."""
+        out = super().canonical()
+        out.update(out.pop("blocks"))
+        for method, training in out.pop("method_training").items():
+            out[method] = {**out.get(method, {}), "training": training}
+        return out
+
+    def block(self, name: str) -> Frozen | None:
+        """The block `name`: a stage's block, or one a plug-in declares."""
+        if name in self.blocks:
+            return self.blocks[name]
+        value = getattr(self, name, None) if name in type(self).model_fields else None
+        return value if isinstance(value, Frozen) else None
+
+    def with_values(self, values: dict[str, Any]) -> SweepConfig:
+        """This sweep with each config path set to its value, validated as that field would be.
+        Raises ValueError naming the path and the field's rule."""
+        if not values:
+            return self
+        key = json.dumps(values, sort_keys=True, default=str)
+        if key not in self._variants:  # expanding a grid asks for the same variants many times
+            from orchestrator.config.loading import _with_values  # loading builds configs from this schema
+
+            self._variants[key] = _with_values(self, values)
+        return self._variants[key]
+
+    def layers(self) -> list[Layer]:
+        """The overlay, in the order it applies (a later layer wins where two set one path): each
+        method block's `training:`, each method's `method_overrides` (those of a shared artifact's
+        blocks reach every method: its users share the artifact), each variant. A trial's own axis
+        values come last (`effective`)."""
+        out = [Layer(m, _flatten(self, "training", v), method=m, owner=m) for m, v in self.method_training.items()]
+        shared = shared_blocks()
+        for m, values in self.method_overrides.items():
+            own = {p: v for p, v in values.items() if _head(p) not in shared}
+            out.append(Layer(f"method_overrides.{m}", own, method=m, owner=m))
+            out.append(Layer(f"method_overrides.{m}", {p: v for p, v in values.items() if p not in own}, owner=m))
+        return out + [Layer(f"variants.{name}", values, variant=name) for name, values in self.variants.items()]
+
+    def effective(self, method: str, axes: dict[str, Any] | None = None) -> SweepConfig:
+        """The config a trial of `method` at grid point `axes` runs with: every layer that reaches
+        it, then its axis values."""
+        point = dict(axes or {})
+        variant = point.pop(VARIANT, None)
+        if variant is not None and variant not in self.variants:
+            raise ValueError(f"variant {variant!r} is not in variants {list(self.variants)}")
+        values: dict[str, Any] = {}
+        for layer in self.layers():
+            if layer.method in (None, method) and layer.variant in (None, variant):
+                values.update(layer.values)
+        return self.with_values({**values, **point})
+
+    def build_task(self):
+        """The task object for this sweep's task block (one per distinct block and process: building
+        one may scan data directories, and it caches the data it generates)."""
+        key = stable_hash(self.task.canonical())
+        if key not in _TASK_CACHE:
+            _TASK_CACHE[key] = tasks.TASKS.get(self.task.name)(self.task)
+        return _TASK_CACHE[key]
+
+    def analysis_list(self) -> list[tuple[str, Frozen | None]]:
+        """(name, config) of every analysis a trial runs: the task's defaults, then the sweep's."""
+        names = [a["name"] for a in self.analyses]
+        out = [(n, None) for n in self.build_task().default_analyses if n not in names]
+        for entry in self.analyses:
+            out.append(parse_analysis(entry, "analyses"))
+        return out
+
+    @property
+    def config_hash(self) -> str:
+        return stable_hash(self.canonical())
+
+    @property
+    def tuning_space(self) -> dict[str, tuple[float, float]]:
+        """`tuning.space`, or by default the range of every field of this sweep's blocks that declares one."""
+        if self.tuning.space is not None:
+            return self.tuning.space
+        out = {}
+        for name in [*type(self).model_fields, *self.blocks]:
+            block = self.block(name)
+            for field, info in type(block).model_fields.items() if block is not None else ():
+                if isinstance(info.json_schema_extra, dict) and "tune" in info.json_schema_extra:
+                    out[f"{name}.{field}"] = tuple(info.json_schema_extra["tune"])
+        return out
+
+
+def needed_kinds(methods, analyses) -> list[str]:
+    """The artifact kinds that `methods` and `analyses` (names) need, each after what it needs."""
+    from methods.artifacts import closure
+
+    needs = [k for m in methods for k in METHODS.get(m).needs]
+    return closure(needs + [k for a in analyses for k in ANALYSES.get(a).needs])
+
+
+def shared_blocks() -> set[str]:
+    """Sweep blocks that configure shared artifacts (every block an artifact kind reads)."""
+    return {block for _, kind in ARTIFACTS.items() for block in kind.blocks}
+
+
+def _unique(values: tuple, field: str) -> tuple:
+    seen = [v for i, v in enumerate(values) if v in values[:i]]
+    if seen:
+        raise ValueError(f"{field} lists {seen} more than once")
+    return values
+
+
+def per_method_blocks() -> set[str]:
+    """Blocks whose settings may differ between methods (tuned or overridden): downstream training,
+    a method's own block, and the settings of shared artifacts (inherited by all their users)."""
+    return {"training", *shared_blocks(), *(name for name, m in METHODS.items() if m.Config is not None)}

@@ -1,0 +1,16 @@
+"""Trials: the grid and each trial's identity (`grid`), its upstream artifacts and supervision
+(`upstream`), one trial in its stages (`run`), and trials that train as one pack (`packs`).
+
+Upstream work comes from the artifact store, keyed by exactly the config fields that determine it,
+so it is computed once per key whatever the number of trials that need it. Nothing here knows a
+method, artifact kind or analysis by name: it follows what their registrations declare.
+"""
+
+from orchestrator.trial.grid import TrialSpec, expand, identity, identity_blocks, trial_hash, trial_needs
+from orchestrator.trial.packs import near_equal, pack_keys, run_pack
+from orchestrator.trial.run import base_row, failed_row, run_trial
+from orchestrator.trial.upstream import TrialSupervisor, Upstream, artifact_key, fresh_model, pick_device, upstream_keys
+
+__all__ = ["TrialSpec", "TrialSupervisor", "Upstream", "artifact_key", "base_row", "expand", "failed_row",
+           "fresh_model", "identity", "identity_blocks", "near_equal", "pack_keys", "pick_device", "run_pack",
+           "run_trial", "trial_hash", "trial_needs", "upstream_keys"]  # fmt: skip

@@ -1,0 +1,218 @@
+"""One trial in its stages: upstream artifacts -> method build -> the method's objective in the one
+training loop -> evaluation -> analyses -> its row.
+
+`run_trial` is a plain function of (sweep config, trial spec, artifact store): it runs and is tested
+without Ray; the Tune layer only adapts it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import time
+import traceback
+from collections.abc import Callable
+from importlib import metadata
+from typing import Any
+
+import torch
+
+from common.config import stable_hash
+from common.seeding import torch_generator
+from methods import ANALYSES, AnalysisContext, MethodContext, evaluate, get_method
+from methods.training import supervised
+from orchestrator.artifacts import ArtifactStore
+from orchestrator.config import SweepConfig
+from orchestrator.trial.grid import TrialSpec, analysis_settings, identity, method_settings, series_of, trial_needs
+from orchestrator.trial.upstream import Report, TrialSupervisor, Upstream, fresh_model, pick_device
+
+
+def run_trial(
+    sweep: SweepConfig,
+    spec: TrialSpec,
+    store: ArtifactStore,
+    report: Report | None = None,
+    device: torch.device | None = None,
+    tuning: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, Any]:
+    """Run one trial and return its result row (see `orchestrator.results.COLUMNS`).
+
+    `tuning=True` (used by `instill tune`) stops after training: no test split and no analysis is
+    ever read, so tuning sees validation data only. `report` gets a result after every stage and
+    every epoch. `should_stop()` is asked at every epoch end: when True, the run saves a checkpoint
+    and `methods.training.Interrupted` is raised (no row); running the trial again resumes it.
+    """
+    trial = Trial(sweep, spec, store, report, device, tuning, should_stop)
+    trial.prepare()
+    return trial.train_alone()
+
+
+class Trial:
+    """One trial in its stages: `prepare` (upstream artifacts, data, the method's model), then
+    training (the caller's: alone or packed), `trained(result)`, `finish()` (evaluation, analyses,
+    the row)."""
+
+    def __init__(
+        self,
+        sweep: SweepConfig,
+        spec: TrialSpec,
+        store: ArtifactStore,
+        report: Report | None = None,
+        device: torch.device | None = None,
+        tuning: bool = False,
+        should_stop: Callable[[], bool] | None = None,
+    ):
+        self.sweep, self.spec, self.store, self.tuning = sweep, spec, store, tuning
+        self.report = report or (lambda metrics: None)
+        self.device = device or pick_device(sweep)
+        self.row: dict[str, Any] = base_row(sweep, spec)
+        self.effective = sweep.effective(spec.method, spec.axes)
+        self.task, self.method = self.effective.build_task(), get_method(spec.method)
+        self.supervisor = TrialSupervisor(self.effective, store, self.report, should_stop)
+        self.times: dict[str, float] = {}
+        self.clock = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.times[f"{stage}_s"] = self.times.get(f"{stage}_s", 0.0) + now - self.clock
+        self.clock = now
+
+    def train_generator(self) -> torch.Generator:
+        return torch_generator(self.spec.seed, "downstream_train")
+
+    def pack_key(self) -> tuple:
+        """Trials with equal keys may train as one pack: packable method, same training settings,
+        same parameters and buffers (names, shapes, dtypes, which train), same data sizes."""
+        if not getattr(self.method, "packable", False):
+            return ("alone", id(self))
+        model = self.model
+        # By name: a mask loaded from the store and one just discovered may list their tensors in another order.
+        tensors = tuple(sorted((n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in model.named_parameters()))
+        buffers = tuple(sorted((n, tuple(b.shape), str(b.dtype)) for n, b in model.named_buffers()))
+        sizes = (len(self.ctx.data.train), tuple(sorted((k, len(v)) for k, v in self.ctx.data.streams.items())))
+        return (type(model), tensors, buffers, sizes, json.dumps(self.effective.training.canonical(), sort_keys=True))
+
+    def train_alone(self) -> dict[str, Any]:
+        """Train with the method's own `train` (checkpointed, stoppable, reporting epochs); the row."""
+        checkpointer = self.supervisor.checkpointer(self.row["trial_hash"])
+        with supervised(self.supervisor.supervision("train", checkpointer)):
+            result = self.method.train(
+                self.ctx, self.model, self.train_generator(), mixed_precision=self.effective.resources.mixed_precision
+            )
+        self.trained(result)
+        row = self.finish()
+        if checkpointer is not None:
+            checkpointer.clear()
+        return row
+
+    def prepare(self) -> None:
+        spec, seed, effective = self.spec, self.spec.seed, self.effective
+        self.row["started_at"] = time.time()
+        self.row["worker"] = f"{platform.node()}:{os.getpid()}"
+        self.clock = time.perf_counter()
+        self.upstream = upstream = Upstream(self.sweep, spec, self.store, self.device, self.supervisor)
+        for kind in trial_needs(self.sweep, spec, self.tuning):
+            upstream.get(kind)
+            self.lap(kind)
+            self.report({"stage": kind, **self.times})
+        self.row.update(upstream.columns)
+        self.times["wait_s"] = upstream.wait_s
+
+        task = self.task
+        data = task.downstream_data(seed, spec.data_fraction)
+        self.make_fresh = lambda stage: fresh_model(effective, task, seed, stage)
+        settings = method_settings(effective, spec.method)
+        self.ctx = MethodContext(
+            task=task,
+            data=data,
+            config=effective.blocks.get(spec.method),
+            training=effective.training,
+            settings=settings,
+            artifacts={kind: upstream.objects[kind] for kind in self.method.needs},
+            generator=torch_generator(seed, f"method:{spec.method}"),
+            device=self.device,
+            fresh_model=self.make_fresh,
+        )
+        self.model = self.method.build(self.ctx).to(self.device)
+        self.lap("build")
+        self.report({"stage": "build", **self.times})
+
+    def trained(self, result, timed: bool = True) -> None:
+        self.row.update(val_acc=result.best_val_acc, best_epoch=result.best_epoch, epochs_run=result.epochs_run)
+        self.row["measurements_json"] = json.dumps(result.measurements)
+        if timed:
+            self.lap("train")
+        self.report({"stage": "train", "val_acc": result.best_val_acc, **self.times})
+
+    def finish(self) -> dict[str, Any]:
+        effective, data, model, row = self.effective, self.ctx.data, self.model, self.row
+        if not self.tuning:
+            row["test_acc"] = evaluate(model, data.evals["test"], effective.training.eval_batch_size)["y"]
+            self.lap("eval")
+            for name, config in effective.analysis_list():
+                analysis = ANALYSES.get(name)
+                actx = AnalysisContext(
+                    task=self.task,
+                    data=data,
+                    artifacts={kind: self.upstream.objects[kind] for kind in analysis.needs},
+                    fresh_model=self.make_fresh,
+                    generator=torch_generator(self.spec.seed, f"analysis:{name}"),
+                    device=self.device,
+                    eval_batch_size=effective.training.eval_batch_size,
+                    method=self.spec.method,
+                    seed=self.spec.seed,
+                    settings=analysis_settings(effective, name),
+                )
+                row.update(analysis.check(analysis.run(actx, model, config)))
+                self.lap(f"analysis_{name}")
+        times = self.times
+        # Compute time: the stages' wall time less the time spent waiting on another trial's lock.
+        times["total_s"] = sum(v for k, v in times.items() if k != "wait_s") - times["wait_s"]
+        row.update(times, status="done", device=str(self.device), finished_at=time.time())
+        row.setdefault("pack", 1)
+        row.setdefault("packed", False)
+        self.report({"stage": "done", "row_json": json.dumps(row), "val_acc": row["val_acc"]})
+        return row
+
+
+def base_row(sweep: SweepConfig, spec: TrialSpec) -> dict[str, Any]:
+    """The identifying columns of a trial's row, filled for done and failed trials alike."""
+    effective = sweep.effective(spec.method, spec.axes)
+    config = identity(sweep, spec)
+    row = {
+        "trial": spec.name,
+        "trial_hash": stable_hash(config, 20),
+        "series": series_of(config),
+        "task": effective.task.name,
+        "model": effective.model.name,
+        "method": spec.method,
+        "data_fraction": spec.data_fraction,
+        "n_train": effective.build_task().downstream_size(spec.data_fraction),
+        "seed": spec.seed,
+        "config_json": json.dumps(config, sort_keys=True),  # what this trial ran with
+        "code_version": spec.code_version,
+        "versions": versions_json(),
+    }
+    for path in sweep.grid:
+        row[path] = spec.axes.get(path)
+    return row
+
+
+def failed_row(sweep: SweepConfig, spec: TrialSpec, error: BaseException | str) -> dict[str, Any]:
+    message = error if isinstance(error, str) else "".join(traceback.format_exception_only(error)).strip()
+    return {**base_row(sweep, spec), "status": "failed", "error": message}
+
+
+@functools.cache
+def versions_json() -> str:
+    """Python's and the packages' versions, once per process (package metadata is read from disk)."""
+    out = {"python": platform.python_version()}
+    for package in ("instill", "torch", "ray", "numpy", "pyarrow", "pydantic"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = "not installed"
+    return json.dumps(out, sort_keys=True)
