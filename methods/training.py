@@ -672,6 +672,7 @@ class _Loop:
         live = self.members
         checkpointer = self.run_.supervision.checkpointer if self.run_ is not None else None
         saved = checkpointer.load(self.run_.slot) if checkpointer is not None else None
+        self.saved = saved is not None  # whether this run's slot holds a state
         if saved is not None:
             live = self._resume(saved)
         else:
@@ -780,11 +781,13 @@ class _Loop:
         work after it, if interrupted, does not train again), and stop when asked while models are
         still training."""
         supervision = self.run_.supervision
-        stop = supervision.should_stop is not None and supervision.should_stop()
+        stop = bool(live) and supervision.should_stop is not None and supervision.should_stop()  # not asked at the end
         checkpointer = supervision.checkpointer
-        if checkpointer is not None and (stop or checkpointer.due()):
+        # At the end: saved too if an earlier state of this run is stored, which a rerun would resume.
+        if checkpointer is not None and (stop or checkpointer.due() or (not live and self.saved)):
             checkpointer.save(self.run_.slot, self._state(live))
-        if stop and live:
+            self.saved = True
+        if stop:
             kept = "checkpointed" if checkpointer is not None else "not checkpointed"
             raise Interrupted(f"{self.run_.label}: stopped on request after epoch {self.epoch} ({kept})")
 
