@@ -1,32 +1,22 @@
 """The vmapped engine: K objectives of one architecture trained as one vectorised model.
 
-`Vmapped` is an engine of the one loop (`methods.training.fit_many`): every parameter and buffer of
-the K modules is stacked along a new leading dimension, the K losses come from one `torch.vmap` over
-the first objective's `loss` with its module's tensors swapped for model k's, and one foreach
-optimiser (`methods.training.optimizer`: elementwise, so K independent ones) updates the stacked
-parameters. Streams, schedules, selection, early stops (a finished model leaves the pack), NaN
-isolation, checkpoints and epoch reports are the loop's, as for a model trained alone.
-`fit_packed(objectives, datas, cfg, generators)` is `fit_many` through this engine.
+`Vmapped` is an engine of the one loop (`methods.training.fit_many`; `fit_packed` is `fit_many`
+through it): the K modules' parameters and buffers are stacked along a new leading dimension, the K
+losses come from one `torch.vmap` over the first objective's `loss` with its module's tensors
+swapped for model k's, and one foreach optimiser (elementwise, so K independent ones) updates them.
+Everything else (streams, schedules, selection, early stops, NaN isolation, checkpoints, epoch
+reports) is the loop's, as for a model trained alone.
 
-Dropout: the lead module's `nn.Dropout` modules are stood in for during the run, and each model's
-masks are drawn outside vmap from its own generator, seeded as `fit` seeds the global RNG (one draw
-from its shuffling generator), site by site in the order and shapes its forward applies them
-(recorded by a forward of a copy of the first model at every batch shape a step can have). Inside
-`tasks.models.dropout.dropout_through_modules()` models route fused dropout (attention's) through a
-module too. On CPU a model therefore gets its serial run's dropout masks: its losses follow the
-serial run's within float rounding (batched kernels sum in another order and attention runs the
-math kernel, so not bitwise), and its packed run is bitwise the same whatever else is in the pack,
-in which order, and in a pack of one (tests/test_packing.py). On CUDA, serial dropout runs other
-kernels (fused attention and dropout), so there the masks are not the serial ones.
-vmap runs with `randomness="error"`: a loss that draws random numbers any other way is refused
-(`NotPackable`) by that first forward, before any generator is drawn from.
-
-What packs: objectives whose loss is a function of the batch, the step and their module's tensors
-only, built the same way for every member (`Method.packable` marks the methods whose objective is).
-Hooks the engine cannot run are refused by name before any training (`packable`): parameters the
-module does not hold, `end_epoch`, and objective state between epochs. Attention runs the math
-kernel of `scaled_dot_product_attention` inside the pack (CPU's fused kernel has no batching rule).
-Buffers that forward updates in place (batch-norm statistics) stay per model.
+Dropout: the lead module's `nn.Dropout`s are stood in for, and each model's masks are drawn
+outside vmap from its own generator, seeded as `fit` seeds the global RNG, site by site in the
+order and shapes its forward applies them (recorded once per batch shape). On CPU a model thus gets
+its serial run's masks: its losses follow the serial run's within float rounding (batched kernels
+sum in another order), and its packed run is bitwise the same whatever else is in the pack
+(tests/test_packing.py). On CUDA serial dropout runs fused kernels, so the masks differ there. vmap
+runs with `randomness="error"`: a loss that draws random numbers any other way is refused
+(`NotPackable`) before any generator is drawn from, as are hooks the engine cannot run (`packable`:
+parameters the module does not hold, `end_epoch`, objective state). Attention runs the math kernel
+(CPU's fused kernel has no batching rule); buffers that forward updates (batch norm) stay per model.
 """
 
 from __future__ import annotations
@@ -61,8 +51,6 @@ from methods.training import (
 )
 from tasks.base import Split, StageData
 from tasks.models.dropout import dropout_through_modules
-
-Labels = dict[str, torch.Tensor]  # label set name -> labels
 
 __all__ = ["NotPackable", "Vmapped", "calibrate", "fit_packed", "packable"]
 
@@ -158,10 +146,8 @@ def fit_packed(
     mixed_precision: bool = False,
     observers: Sequence[EpochObserver | None] | None = None,
 ) -> list[TrainResult | BaseException]:
-    """Train each objective as `fit(objectives[k], datas[k], cfg, generators[k])` would, all as one
-    vectorised model: `fit_many` through `Vmapped`. Returns, per objective, its `TrainResult`, or
-    the `NonFiniteLoss` that `fit` would have raised. Raises `NotPackable` (before any training, and
-    before drawing from any generator) when the objectives do not pack."""
+    """`fit_many` through `Vmapped`: per objective its `TrainResult` or the `NonFiniteLoss` that ended
+    it; `NotPackable` (before any training or draw) when the objectives do not pack."""
     return fit_many(objectives, datas, cfg, generators, Vmapped(), mixed_precision=mixed_precision, observers=observers)
 
 
@@ -196,7 +182,8 @@ class Vmapped(Engine):
             for combination in itertools.product(*lengths):
                 rows = {n: torch.arange(length) for n, length in zip(self.streams, combination, strict=True)}
                 x = {n: self.xs[n][:, rows[n]] for n in self.streams}
-                self.step_fn.sites(self.pack, x, _labels_at(self.labels, rows), 0, refuse=True)
+                y = {n: {key: t[:, rows[n]] for key, t in ys.items()} for n, ys in self.labels.items()}
+                self.step_fn.sites(self.pack, x, y, 0, refuse=True)
             yield self
 
     @property
@@ -303,10 +290,6 @@ class _Pack:
             p.copy_(self.tensors[n][row])
         for n, b in module.named_buffers():
             b.copy_(self.tensors[n][row])
-
-
-def _labels_at(labels: dict[str, Labels], rows: dict[str, torch.Tensor]) -> dict[str, Labels]:
-    return {name: {key: t[:, rows[name]] for key, t in ys.items()} for name, ys in labels.items()}
 
 
 _VMAP_RANDOMNESS = "called random operation while in randomness error mode"
@@ -563,5 +546,3 @@ def calibrate(
     best = max(rates.values())
     chosen = min(k for k, r in rates.items() if r >= best / 1.02)  # the smallest K within 2% of the fastest
     return Calibration(chosen, rates, per_model, stopped)
-
-

@@ -52,21 +52,10 @@ class ParamGroup(Frozen):
 
 class TrainConfig(Frozen):
     """One training stage (the source model, or the downstream model): its optimiser, schedule,
-    budget and selection.
-
-    Optimiser: `optimizer` AdamW (betas 0.9, 0.999) or SGD (`momentum`, `nesterov`), at `lr` with
-    `weight_decay`; `groups` set other rates and decays by parameter name (no decay on norms and
-    biases, a new head at its own rate). Schedule: `warmup_steps` linear from lr / warmup_steps up to
-    lr, then `constant`, `linear` (to 0 at the last step, as Hugging Face's) or `cosine` (to 0) over
-    the maximum number of steps, whether or not the run stops early.
-
-    Budget: at most `epochs` epochs, and at least `min_steps` optimiser steps however small the data
-    (the maximum epochs grow to reach it). Selection: the model is scored before the first step
-    (epoch 0) and after every epoch; the best by `select` (the objective's `score()`, validation
-    accuracy, or its `val_loss()`) is restored at the end, so a model that training does not improve
-    is kept as it came (`best_epoch` 0; `keep_initial: false` keeps the best trained epoch instead).
-    `ties`: which of equal values is kept. Early stops: once the score reaches `target_val_acc`, or
-    after `patience` epochs without gain.
+    budget and selection. The schedule (after `warmup_steps` of linear warm-up) runs over the
+    maximum number of steps, whether or not the run stops early. The model is scored before the
+    first step (epoch 0) and after every epoch; the best by `select` is restored at the end, so a
+    model that training does not improve is kept as it came (`best_epoch` 0).
     """
 
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw, or sgd (with momentum / nesterov)")
@@ -336,20 +325,15 @@ def train(
 
 class Checkpointer(Protocol):
     """Where the `fit` runs under one `Supervision` keep their state: one slot per run, numbered
-    in call order (a method may train in several runs, e.g. a probe then a fine-tune)."""
+    in call order (a method may train in several runs, e.g. a probe then a fine-tune). `due()`:
+    whether to save now (asked at every epoch end); `save` gets live tensors: serialise before
+    returning."""
 
-    def due(self) -> bool:
-        """Whether to save now (asked at every epoch end)."""
-        ...
+    def due(self) -> bool: ...
 
-    def load(self, slot: int) -> dict[str, Any] | None:
-        """The state last saved in `slot`, or None."""
-        ...
+    def load(self, slot: int) -> dict[str, Any] | None: ...
 
-    def save(self, slot: int, state: dict[str, Any]) -> None:
-        """Store `state` in `slot`. It holds live tensors (the module's, the optimiser's): serialise
-        it before returning."""
-        ...
+    def save(self, slot: int, state: dict[str, Any]) -> None: ...
 
 
 EpochObserver = Callable[[str, int, dict[str, float]], None]  # (run label, epoch, values)
@@ -463,23 +447,19 @@ def fit_many(
     if not k or len(datas) != k or len(generators) != k:  # a ValueError: the caller's mistake
         raise NotPackable(f"{len(generators)} generators for {k} objectives and {len(datas)} data sets")
     for objective in objectives:
-        check_selectable(cfg, objective)
+        if cfg.select == "val_loss" and objective.val_loss is None:
+            raise ValueError(
+                f"select: val_loss needs the objective's validation loss, and this one (training a "
+                f"{type(objective.module).__name__}) has none; use select: val_acc"
+            )
     reason = engine.refuses(objectives, datas)
     if reason is not None:
         raise NotPackable(reason)
     with engine.running(list(objectives), list(datas), cfg, mixed_precision):  # may refuse: before the claim
         supervision = _SUPERVISION.get()
-        run = _Run(supervision, *supervision.claim()) if supervision is not None else None
         if observers is None:
             observers = [supervision.on_epoch if supervision is not None and k == 1 else None] * k
-        return _Loop(list(objectives), list(datas), cfg, list(generators), engine, run, list(observers)).run()
-
-
-@dataclasses.dataclass
-class _Run:
-    supervision: Supervision
-    slot: int
-    label: str
+        return _Loop(list(objectives), list(datas), cfg, list(generators), engine, supervision, list(observers)).run()
 
 
 @dataclasses.dataclass
@@ -637,8 +617,9 @@ class Serial(Engine):
 class _Loop:
     """One run of K >= 1 models: streams, schedule, epochs, selection, stops, checkpoints, reports."""
 
-    def __init__(self, objectives, datas, cfg: TrainConfig, generators, engine: Engine, run, observers):
-        self.objectives, self.cfg, self.engine, self.run_ = objectives, cfg, engine, run
+    def __init__(self, objectives, datas, cfg: TrainConfig, generators, engine: Engine, supervision, observers):
+        self.objectives, self.cfg, self.engine, self.supervision = objectives, cfg, engine, supervision
+        self.slot, self.label = supervision.claim() if supervision is not None else (0, "train")
         lead = objectives[0]
         self.streams = lead.streams
         self.sizes = {name: len(_stream(datas[0], name)) for name in self.streams}
@@ -670,8 +651,8 @@ class _Loop:
             [m.gens[first].initial_seed() for m in self.members],
         )  # fmt: skip
         live = self.members
-        checkpointer = self.run_.supervision.checkpointer if self.run_ is not None else None
-        saved = checkpointer.load(self.run_.slot) if checkpointer is not None else None
+        checkpointer = self.supervision.checkpointer if self.supervision is not None else None
+        saved = checkpointer.load(self.slot) if checkpointer is not None else None
         self.saved = saved is not None  # whether this run's slot holds a state
         if saved is not None:
             live = self._resume(saved)
@@ -747,7 +728,7 @@ class _Loop:
             live = [live[row] for row in staying]
             if live:
                 engine.keep(staying)
-        if self.run_ is not None:
+        if self.supervision is not None:
             self._supervise(live)
         return live
 
@@ -763,13 +744,12 @@ class _Loop:
             row["lr"] = lr
         m.history.append(score)
         m.measured.append(row)
-        if improves(cfg, key, m.best_key):
+        if key > m.best_key or (cfg.ties == "last" and key == m.best_key):  # patience restarts
             m.best, m.best_key, m.stale = (score, epoch, objective.snapshot()), key, 0
         else:
             m.stale += 1
         if m.observer is not None:
-            m.observer(self.run_.label if self.run_ is not None else "train", epoch,
-                       {"val_score": score, "loss": loss, **row})  # fmt: skip
+            m.observer(self.label, epoch, {"val_score": score, "loss": loss, **row})
         return (
             epoch >= self.max_epochs
             or (cfg.target_val_acc is not None and score >= cfg.target_val_acc)
@@ -780,16 +760,16 @@ class _Loop:
         """At an epoch end: save a checkpoint when due or stopping (a finished run's too, so that
         work after it, if interrupted, does not train again), and stop when asked while models are
         still training."""
-        supervision = self.run_.supervision
+        supervision = self.supervision
         stop = bool(live) and supervision.should_stop is not None and supervision.should_stop()  # not asked at the end
         checkpointer = supervision.checkpointer
         # At the end: saved too if an earlier state of this run is stored, which a rerun would resume.
         if checkpointer is not None and (stop or checkpointer.due() or (not live and self.saved)):
-            checkpointer.save(self.run_.slot, self._state(live))
+            checkpointer.save(self.slot, self._state(live))
             self.saved = True
         if stop:
             kept = "checkpointed" if checkpointer is not None else "not checkpointed"
-            raise Interrupted(f"{self.run_.label}: stopped on request after epoch {self.epoch} ({kept})")
+            raise Interrupted(f"{self.label}: stopped on request after epoch {self.epoch} ({kept})")
 
     def _state(self, live: list[Member]) -> dict[str, Any]:
         """Everything of the run that changes from epoch to epoch: the engine's (weights, optimiser,
@@ -852,15 +832,6 @@ class _Loop:
         return live
 
 
-def check_selectable(cfg: TrainConfig, objective: Objective) -> None:
-    """Raise ValueError if `cfg.select` needs what `objective` lacks."""
-    if cfg.select == "val_loss" and objective.val_loss is None:
-        raise ValueError(
-            f"select: val_loss needs the objective's validation loss, and this one (training a "
-            f"{type(objective.module).__name__}) has none; use select: val_acc"
-        )
-
-
 def selection_key(cfg: TrainConfig, objective: Objective, score: float, row: dict[str, float]) -> float:
     """This epoch's value of `cfg.select`, higher is better: the score, or minus the validation
     loss (which is added to the epoch's measurements `row`)."""
@@ -868,12 +839,6 @@ def selection_key(cfg: TrainConfig, objective: Objective, score: float, row: dic
         return score
     row["val_loss"] = objective.val_loss()
     return -row["val_loss"]
-
-
-def improves(cfg: TrainConfig, key: float, best_key: float) -> bool:
-    """Whether an epoch with selection value `key` replaces the kept one (`cfg.ties`); patience
-    restarts when it does."""
-    return key > best_key or (cfg.ties == "last" and key == best_key)
 
 
 def _loose(objective: Objective) -> list[nn.Parameter]:

@@ -8,10 +8,11 @@ and those blocks are in the identity. The project's own code version is not: row
 
 from __future__ import annotations
 
+import copy
 import itertools
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 import tasks
 from common.config import Declared, Frozen, stable_hash
@@ -31,6 +32,22 @@ class TrialSpec(Frozen):
     seed: int
     axes: dict[str, Any] = {}
     code_version: str = Field(default_factory=code_version)
+    # What the plan computed for this spec: [the sweep, the trial's effective config, its identity].
+    _plan: list[Any] | None = PrivateAttr(None)
+
+    def __eq__(self, other: object) -> bool:  # the fields: a planned spec equals an unplanned one
+        return isinstance(other, TrialSpec) and self.__dict__ == other.__dict__
+
+    def __hash__(self) -> int:
+        return hash(stable_hash(self.model_dump(mode="json")))
+
+    def config(self, sweep: SweepConfig) -> SweepConfig:
+        """The config this trial runs with (every overlay layer that reaches it, then its axis
+        values), computed once: by the plan (`expand`), or where a spec arrives as a dict (a
+        worker), at its first use. It travels with the spec to every key, row and failure."""
+        if self._plan is None or self._plan[0] is not sweep:
+            self._plan = [sweep, sweep.effective(self.method, self.axes), None]
+        return self._plan[1]
 
     @property
     def name(self) -> str:
@@ -114,8 +131,14 @@ def expand(sweep: SweepConfig) -> list[TrialSpec]:
 
 def identity(sweep: SweepConfig, spec: TrialSpec) -> dict[str, Any]:
     """Everything the trial's results depend on: method, grid point and every setting it runs with.
-    Resources, storage, the sweep's name and retries are not part of it."""
-    effective = sweep.effective(spec.method, spec.axes)
+    Resources, storage, the sweep's name and retries are not part of it. Computed once per spec."""
+    effective = spec.config(sweep)
+    if spec._plan[2] is None:
+        spec._plan[2] = _identity(sweep, spec, effective)
+    return copy.deepcopy(spec._plan[2])
+
+
+def _identity(sweep: SweepConfig, spec: TrialSpec, effective: SweepConfig) -> dict[str, Any]:
     out: dict[str, Any] = {"method": spec.method, "data_fraction": spec.data_fraction, "seed": spec.seed}
     for block in identity_blocks(effective, spec.method):
         out[block] = effective.block(block).canonical()
@@ -153,5 +176,5 @@ def series_of(config: dict[str, Any]) -> str:
 
 def trial_needs(sweep: SweepConfig, spec: TrialSpec, tuning: bool = False) -> list[str]:
     """Artifact kinds the trial needs (its method's and its analyses'), each after its own needs."""
-    analyses = [] if tuning else [name for name, _ in sweep.effective(spec.method, spec.axes).analysis_list()]
+    analyses = [] if tuning else [name for name, _ in spec.config(sweep).analysis_list()]
     return needed_kinds([spec.method], analyses)

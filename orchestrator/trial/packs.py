@@ -29,19 +29,14 @@ def pack_keys(sweep: SweepConfig, specs: list[TrialSpec]) -> list[str | None]:
     or None for a trial that trains alone. `run_pack` checks the rest once the models are built."""
     if sweep.resources.pack == 1:
         return [None] * len(specs)
-    settings: dict[tuple, str] = {}
     keys: list[str | None] = []
     for spec in specs:
         if not get_method(spec.method).packable:
             keys.append(None)
             continue
-        at = (spec.method, json.dumps(spec.axes, sort_keys=True, default=str))
-        if at not in settings:  # one effective config per method and axis values, not per trial
-            eff = sweep.effective(spec.method, spec.axes)
-            blocks = [eff.task.canonical(), eff.model.canonical(), eff.training.canonical()]
-            blocks.append(eff.resources.mixed_precision)
-            settings[at] = json.dumps(blocks, sort_keys=True, default=str)
-        keys.append(f"{spec.data_fraction}|{settings[at]}")
+        eff = spec.config(sweep)
+        blocks = [eff.task.canonical(), eff.model.canonical(), eff.training.canonical(), eff.resources.mixed_precision]
+        keys.append(f"{spec.data_fraction}|{json.dumps(blocks, sort_keys=True, default=str)}")
     return keys
 
 

@@ -69,7 +69,7 @@ class Trial:
         self.report = report or (lambda metrics: None)
         self.device = device or pick_device(sweep)
         self.row: dict[str, Any] = base_row(sweep, spec)
-        self.effective = sweep.effective(spec.method, spec.axes)
+        self.effective = spec.config(sweep)
         self.task, self.method = self.effective.build_task(), get_method(spec.method)
         self.supervisor = TrialSupervisor(self.effective, store, self.report, should_stop)
         self.times: dict[str, float] = {}
@@ -180,8 +180,7 @@ class Trial:
 
 def base_row(sweep: SweepConfig, spec: TrialSpec) -> dict[str, Any]:
     """The identifying columns of a trial's row, filled for done and failed trials alike."""
-    effective = sweep.effective(spec.method, spec.axes)
-    config = identity(sweep, spec)
+    effective, config = spec.config(sweep), identity(sweep, spec)
     row = {
         "trial": spec.name,
         "trial_hash": stable_hash(config, 20),

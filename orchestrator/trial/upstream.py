@@ -80,7 +80,7 @@ class Upstream:
         device: torch.device,
         supervisor: TrialSupervisor | None = None,
     ):
-        self.sweep = sweep.effective(spec.method, spec.axes)
+        self.sweep = spec.config(sweep)
         self.spec, self.store, self.device = spec, store, device
         self.supervisor = supervisor or TrialSupervisor(self.sweep, store)
         self.task = self.sweep.build_task()
