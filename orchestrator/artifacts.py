@@ -5,15 +5,12 @@ header's metadata the key it was computed for, its metadata (accuracies, timings
 its data section. Loading parses no pickle and runs no code; the hash is checked on every load, and
 a corrupted artifact is reported and recomputed, never used.
 
-ROOT is a local path, an NFS path, or any pyarrow filesystem URI (`s3://bucket/prefix`,
-`gs://bucket/prefix`; S3 options such as `endpoint_override` go in the query string). Writes go to a
-temporary name that is then moved into place, so a reader never sees half an artifact (a rename
-locally; on object stores the final object appears whole).
+ROOT is a local or NFS path, or any pyarrow filesystem URI (`s3://bucket/prefix`, `gs://...`).
+Writes go to a temporary name moved into place, so a reader never sees half an artifact.
 
-Exactly-once computation: a file lock per key (on the store itself for local and NFS paths, on the
-node for object stores) makes concurrent processes wait for the one computing an artifact; across
-nodes of an object store, the sweep computes upstream artifacts in a phase of their own before any
-trial needs them (`orchestrator.sweep.precompute`).
+Exactly-once computation: a file lock per key (on the store for local and NFS paths, on the node for
+object stores) makes concurrent processes wait for the one computing an artifact; across nodes of an
+object store, the sweep computes upstream artifacts before any trial needs them (`orchestrator.upstream`).
 """
 
 from __future__ import annotations
@@ -68,6 +65,19 @@ def open_filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str, bool]:
     return pafs.LocalFileSystem(), str(path), True
 
 
+def read_or_none(fs: pafs.FileSystem, path: str) -> bytes | None:
+    """The bytes of the file at `path`, or None when there is none."""
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return None
+        raise
+
+
 class ArtifactStore:
     """Artifacts keyed by config, on a local path, NFS, or a pyarrow filesystem URI."""
 
@@ -102,9 +112,8 @@ class ArtifactStore:
         keys: list[dict[str, Any]],
         compute: Callable[[list[int]], list[tuple[Tensors, dict[str, Any]]]],
     ) -> list[Fetched]:
-        """Load the artifacts for `keys`; `compute(missing)` computes those at the indices `missing`
-        (in one go: a kind's `compute_many`), each stored under its own key.
-        Holds every key's lock while it computes (taken in path order, so two callers cannot deadlock)."""
+        """Load the artifacts for `keys`; `compute(missing)` computes those at the indices `missing` in
+        one go, under every key's lock (taken in path order, so two callers cannot deadlock)."""
         paths = [self.path(kind, key) for key in keys]
         hits = [self._load(path) for path in paths]
         if all(hit is not None for hit in hits):
@@ -122,12 +131,9 @@ class ArtifactStore:
                 if len(results) != len(missing):
                     raise RuntimeError(f"{kind}: {len(results)} artifacts computed for {len(missing)} keys")
                 seconds = (time.perf_counter() - start) / len(missing)  # the shared run's time, shared out
+                shared = {"computed_with": len(missing)} if len(missing) > 1 else {}
                 for i, (tensors, meta) in zip(missing, results, strict=True):
-                    meta = {
-                        **meta,
-                        "compute_s": seconds,
-                        **({"computed_with": len(missing)} if len(missing) > 1 else {}),
-                    }
+                    meta = {**meta, "compute_s": seconds, **shared}
                     self._write(paths[i], kind, keys[i], tensors, meta)
                     self._log_computation(kind, paths[i], seconds)
                     hits[i] = ({k: v.detach().cpu() for k, v in tensors.items()}, meta)
@@ -140,11 +146,8 @@ class ArtifactStore:
             return _decode(f.read())
 
     def entries(self, kind: str) -> list[tuple[dict[str, Any], dict[str, Any], str]]:
-        """(key, meta, path) of every stored artifact of `kind`, in path order; reads only headers.
-
-        Read-only: the content hash is not checked here (that needs the whole file), so get the
-        tensors with `load(kind, key)`, which checks it. An unreadable header is logged and skipped.
-        """
+        """(key, meta, path) of every stored artifact of `kind`, in path order, from headers only
+        (unchecked: `load` checks the content hash). An unreadable header is logged and skipped."""
         selector = pafs.FileSelector(f"{self.root}/{kind}", allow_not_found=True)
         found = []
         for info in self.fs.get_file_info(selector):
@@ -189,15 +192,9 @@ class ArtifactStore:
         self.fs.move(tmp, path)
 
     def _load(self, path: str) -> tuple[Tensors, dict[str, Any]] | None:
-        try:
-            with self.fs.open_input_stream(path) as f:
-                data = f.read()
-        except FileNotFoundError:
+        data = read_or_none(self.fs, path)
+        if data is None:
             return None
-        except OSError as err:
-            if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
-                return None
-            raise err
         try:
             return _decode(data)
         except CorruptArtifact as err:

@@ -1,9 +1,8 @@
 """Tune callbacks on the driver: rows written the moment a trial ends, and one live progress line.
 
-Tune calls `on_step_end` with every trial it has created, once per event it handles (several per
-trial): anything that scans that list costs O(trials) per step and O(trials^2) per sweep. The
-callbacks here look only at the trials not yet finished (`LiveTrials`), and do the rest of their
-bookkeeping per trial event, so a sweep of 10,000 trials costs 10 times one of 1,000.
+Tune calls `on_step_end` with every trial it has created, several times per trial: the callbacks here
+look only at the unfinished trials (`LiveTrials`) and do the rest per trial event, so a sweep's
+bookkeeping stays linear in its trials.
 """
 
 from __future__ import annotations
@@ -23,11 +22,8 @@ from orchestrator.trial import TrialSpec, failed_row, trial_hash
 
 
 class LiveTrials:
-    """The trials Tune has created that have not finished, from the list Tune passes each step.
-
-    Tune's list only grows (new trials are appended), so each step reads the new tail and the trials
-    still live: the work per step is bounded by the live and pending trials, not by the sweep.
-    """
+    """The trials Tune has created that have not finished. Tune's list only grows, so each step
+    reads its new tail and the trials still live, not the whole sweep."""
 
     FINISHED = ("TERMINATED", "ERROR")
 
@@ -46,8 +42,8 @@ class LiveTrials:
         return [(t, status) for t, status in statuses if status not in self.FINISHED]
 
     def running(self, trials: list) -> int:
-        """How many of `trials` are RUNNING (Tune's own states: with reused actors, a trial's
-        start and end events do not always pair up)."""
+        """How many of `trials` are RUNNING (by Tune's states: with reused actors, start and end
+        events do not always pair up)."""
         return sum(status == "RUNNING" for _, status in self.update(trials))
 
 
@@ -59,9 +55,8 @@ def make_callbacks(
     stopping: Callable[[], bool] = lambda: False,
     queue=None,
 ):
-    """(the Rows callback, every callback to give Tune). Once `stopping()` is True (a graceful
-    stop), a trial that ends without its final result is not a failure: it gets no row and resumes
-    from its checkpoint in the next run."""
+    """(the Rows callback, every callback to give Tune). Once `stopping()` is True, a trial that ends
+    without its final result is not a failure: it gets no row and resumes in the next run."""
     from ray import tune
 
     from orchestrator.queue import members
@@ -70,10 +65,8 @@ def make_callbacks(
     total_cost = sum(cost(s) for s in todo)
 
     class Rows(tune.Callback):
-        """Writes each trial's row on the driver as soon as it arrives (a Tune trial runs a group of
-        ours and sends their rows in batches: `orchestrator.worker`). A trial that failed, or whose
-        group ended without its row, goes back to the queue; once its tries are spent, its failed
-        row is written."""
+        """Writes each trial's row on the driver as soon as it arrives. A trial that failed, or whose
+        group ended without its row, goes back to the queue; once its tries are spent, its failed row is written."""
 
         def __init__(self):
             self.done = self.failed = self.running = self.interrupted = 0
@@ -90,8 +83,7 @@ def make_callbacks(
             return self.groups[trial.trial_id]
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            # Marked when Tune starts it on an actor (new or reused), for `status`: not at its first
-            # report, which buffered results (orchestrator.tuner) can hold back until the trial ends.
+            # Marked at its start, not its first report: buffered results can come only at its end.
             self._group(trial).mark(0)
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -111,18 +103,15 @@ def make_callbacks(
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             try:
-                last = trial.last_result or {}
-                if last.get("stage") == "interrupted" or stopping():
-                    self._end(trial, None)  # stopped on request after checkpointing: resumed later
-                else:
-                    self._end(trial, "trial ended without a final result")
+                # Stopped on request after checkpointing: resumed later.
+                stopped = (trial.last_result or {}).get("stage") == "interrupted" or stopping()
+                self._end(trial, None if stopped else "trial ended without a final result")
             finally:
                 forget_results(trial)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             try:
-                # Its worker was lost (Tune retries nothing); on a stop, e.g. its worker got the signal
-                # too, its trials resume from their checkpoints in the next run.
+                # Its worker was lost; on a stop (its worker got the signal too) its trials resume later.
                 self._end(trial, None if stopping() else error_text(trial))
             finally:
                 forget_results(trial)
@@ -173,8 +162,7 @@ def make_callbacks(
             )
 
         def on_step_end(self, iteration, trials, **info):
-            now = time.monotonic()
-            if now - self.last_print >= (1.0 if sys.stderr.isatty() else 30.0):
+            if time.monotonic() - self.last_print >= (1.0 if sys.stderr.isatty() else 30.0):
                 self._print()
 
         def on_trial_complete(self, iteration, trials, trial, **info):
@@ -191,9 +179,7 @@ def make_callbacks(
             self.last_print = time.monotonic()
             stream = sys.stderr  # looked up at print time: the Tuner pickles its callbacks
             tty = stream.isatty()
-            end = "\n" if (final or not tty) else ""
-            prefix = "\r\033[K" if tty else ""
-            stream.write(prefix + self.line() + end)
+            stream.write(("\r\033[K" if tty else "") + self.line() + ("\n" if final or not tty else ""))
             stream.flush()
 
     rows = Rows()
@@ -227,7 +213,6 @@ class Group:
             mark_running(self.out_dir, self.hash(self.marked))
 
     def finished(self, row: dict) -> None:
-        """Note that a trial sent its row."""
         self.finished_hashes.add(row["trial_hash"])
 
     def spec_of(self, row: dict) -> TrialSpec:
@@ -240,11 +225,8 @@ class Group:
 
 
 def forget_results(trial) -> None:
-    """Drop what Tune keeps in memory about a finished trial's results, once its row is written.
-
-    Tune holds every trial to the end of the experiment, with its last result (our final row, as
-    JSON) and running statistics of every metric it reported (each epoch's keys): about 0.25 MB a
-    trial, linear growth of the driver over a grid of thousands. Its logs on disk keep everything.
+    """Drop what Tune keeps in memory about a finished trial's results (its last result and the
+    statistics of every metric: the driver would grow with the grid), once its row is written.
     A patch of a Ray internal, written against Ray 2.60.0 (`Trial.run_metadata`, a
     `_TrainingRunMetadata`): no public API drops them. tests/test_ray_internals.py fails if it changes."""
     meta = getattr(trial, "run_metadata", None)

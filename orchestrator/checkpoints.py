@@ -1,17 +1,13 @@
 """Checkpoints of the training runs inside trials, kept in the artifact store.
 
-`ROOT/checkpoints/<owner>/<slot>.pt`, ROOT the artifact store's root (a local path or an object
-store URI, so a trial retried on another node finds them). The owner is what is being trained: a
-trial's downstream training is owned by the trial's hash (its identity holds every setting its
-result depends on, so a checkpoint is never loaded into a trial configured differently); an
-artifact trained inside a trial by `<kind>-<key hash>` (the artifact's own key). The slot is the
-`fit` call's index within the owner (`methods.training.Supervision`).
+`ROOT/checkpoints/<owner>/<slot>.pt`, ROOT the artifact store's root (so a trial retried on another
+node finds them). The owner is the trial's hash (its identity holds every setting its result depends
+on) or, for an artifact trained inside a trial, `<kind>-<key hash>`; the slot is the `fit` call's
+index within the owner (`methods.training.Supervision`).
 
-A checkpoint is one `torch.save` of the loop's state (tensors, numbers, strings and containers of
-them), read back with `torch.load(weights_only=True)`: no arbitrary object is ever unpickled.
-Writes go to a temporary name that is then moved into place, so a reader never sees half a
-checkpoint; an unreadable one is reported and ignored (the run starts afresh). An owner's
-checkpoints are deleted once it finishes.
+A checkpoint is one `torch.save` of the loop's state, read back with `torch.load(weights_only=True)`
+(nothing arbitrary is unpickled) and written to a temporary name moved into place; an unreadable one
+is reported and ignored (the run starts afresh). An owner's checkpoints are deleted once it finishes.
 """
 
 from __future__ import annotations
@@ -27,7 +23,7 @@ from typing import Any
 import pyarrow.fs as pafs
 import torch
 
-from orchestrator.artifacts import ArtifactStore
+from orchestrator.artifacts import ArtifactStore, read_or_none
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +53,9 @@ class CheckpointStore:
     def load(self, owner: str, slot: int) -> dict[str, Any] | None:
         """The state saved for (owner, slot), or None when there is none or it cannot be read."""
         path = self.path(owner, slot)
-        try:
-            with self.fs.open_input_stream(path) as f:
-                data = f.read()
-        except FileNotFoundError:
+        data = read_or_none(self.fs, path)
+        if data is None:
             return None
-        except OSError:
-            if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
-                return None
-            raise
         try:
             record = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
@@ -82,8 +72,7 @@ class CheckpointStore:
         return sorted(int(name.removesuffix(".pt")) for name in names if name.endswith(".pt"))
 
     def owners(self) -> list[str]:
-        selector = pafs.FileSelector(self.root, allow_not_found=True)
-        infos = self.fs.get_file_info(selector)
+        infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
         return sorted(info.path.rsplit("/", 1)[1] for info in infos if info.type == pafs.FileType.Directory)
 
     def clear(self, owner: str) -> None:

@@ -186,13 +186,14 @@ def _run(args) -> int:
         from orchestrator.report import write_report
 
         if isinstance(outcome.out_dir, Path):
-            report_dir = write_report([outcome.out_dir])
-            print((report_dir / "summary.md").read_text())
-            print(f"report: {report_dir}")
+            _print_report(write_report([outcome.out_dir]))
         else:
             print(f"report: run `instill report {outcome.out_dir} --to DIR` to write it to a local directory")
     if outcome.failed:
-        _print_failures(outcome.table)
+        failed = outcome.table[outcome.table["status"] == "failed"]
+        print(f"{len(failed)} trial(s) failed:", file=sys.stderr)
+        for _, row in failed.iterrows():
+            print(f"  {row['trial']}: {row['error']}", file=sys.stderr)
         return 1
     return 0
 
@@ -211,16 +212,11 @@ def stale_line(outcome) -> str:
 def resume_command(args) -> str:
     """The `instill run` command line that resumes this run."""
     parts = ["instill", "run", str(args.sweep), "--out", str(args.out)]
-    if args.address:
-        parts += ["--address", args.address]
-    if args.tuned:
-        parts += ["--tuned", str(args.tuned)]
-    if args.force:
-        parts.append("--force")
-    if args.rerun_stale:
-        parts.append("--rerun-stale")
-    if args.tracking:
-        parts += ["--tracking", args.tracking]
+    parts += ["--address", args.address] if args.address else []
+    parts += ["--tuned", str(args.tuned)] if args.tuned else []
+    parts += ["--force"] if args.force else []
+    parts += ["--rerun-stale"] if args.rerun_stale else []
+    parts += ["--tracking", args.tracking] if args.tracking else []
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -238,31 +234,25 @@ def _tune(args) -> int:
 def _status(args) -> int:
     from orchestrator.status import sweep_status
 
-    text, failed = sweep_status(args.out)
-    print(text)
+    print(sweep_status(args.out)[0])
     return 0
 
 
 def _report(args) -> int:
     from orchestrator.report import write_report
 
-    report_dir = write_report(args.out, args.to, target=args.target, versus=args.versus, over=args.mean_over)
-    print((report_dir / "summary.md").read_text())
-    print(f"report: {report_dir}")
+    _print_report(write_report(args.out, args.to, target=args.target, versus=args.versus, over=args.mean_over))
     return 0
 
 
-def _print_failures(table) -> None:
-    failed = table[table["status"] == "failed"]
-    print(f"{len(failed)} trial(s) failed:", file=sys.stderr)
-    for _, row in failed.iterrows():
-        print(f"  {row['trial']}: {row['error']}", file=sys.stderr)
+def _print_report(report_dir: Path) -> None:
+    print((report_dir / "summary.md").read_text())
+    print(f"report: {report_dir}")
 
 
 def _exit_at_next_signal() -> None:
-    """After a graceful stop, everything is written: another SIGINT/SIGTERM (e.g. a second one sent
-    while the process shuts Ray down) ends the process at once with 128 + its number, instead of
-    Python's default (a KeyboardInterrupt trace, or death by the signal)."""
+    """After a graceful stop everything is written: another SIGINT/SIGTERM ends the process at once
+    with 128 + its number (not a KeyboardInterrupt trace, or death by the signal)."""
     if threading.current_thread() is not threading.main_thread():
         return
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,20 +1,15 @@
 """One driver per output directory: a lease on OUT/driver.lock, kept alive by a heartbeat.
 
-The lease is a small JSON object (host, process id, a random token, start time, heartbeat time and
-count) on the output directory's own file system, so the same code holds on a local disk, on a
-shared (NFS) file system and on object storage (`s3://`, `gs://`):
+The lease is a small JSON record (host, process id, random token, start and heartbeat) on OUT's own
+file system, so it holds on a local disk, NFS and object storage (`s3://`, `gs://`):
 
-- A new lease is created exclusively where the file system allows it (`O_CREAT | O_EXCL` on POSIX
-  paths). On object stores it is written, then read back after a settling pause: the last writer
-  wins, and a driver that finds another token there gives up.
-- The holder rewrites the lease every `heartbeat_s` seconds, first checking the token is still its
-  own. A holder that finds another token has lost the lease (two drivers raced on an object store
-  within the settling pause) and is told so through `on_lost`: it stops launching trials. Rows are
-  named by trial identity and written whole, so the few trials both drivers ran are written twice
-  with the same content, never corrupted.
-- A lease is stale, and is taken over, when its holder is gone: on the same host, when its process
-  no longer exists; from another host, when its heartbeat has not moved for `ttl_s` seconds (watched
-  from this host, so the two hosts' clocks need not agree).
+- A new lease is created exclusively (`O_CREAT | O_EXCL`); on object stores it is written, then
+  read back after a settling pause: the last writer wins.
+- The holder rewrites it every `heartbeat_s` seconds, first checking the token is still its own; a
+  holder that finds another token has lost it and is told so through `on_lost` (it stops launching
+  trials; rows are written whole by trial identity, so a trial run twice is never corrupted).
+- A lease is stale, and taken over, when its holder is gone: on the same host, when its process no
+  longer exists; from another host, when its heartbeat has not moved for `ttl_s` seconds.
 """
 
 from __future__ import annotations
@@ -84,8 +79,6 @@ class Lease:
         self._thread: threading.Thread | None = None
         self.held = False
 
-    # --- reading ------------------------------------------------------------------------------
-
     def read(self) -> Holder | None:
         try:
             with self.fs.open_input_stream(self.path) as f:
@@ -117,15 +110,12 @@ class Lease:
                 return "live"
         return "stale"
 
-    # --- acquiring and releasing ----------------------------------------------------------------
-
     def acquire(self) -> None:
         """Take the lease, taking over a stale one; raise DirectoryBusy if a live driver holds it."""
         self.fs.create_dir(self.path.rsplit("/", 1)[0], recursive=True)
         # On POSIX paths contenders take turns (reading, removing a stale lease, creating): without
         # it, one could move away the lease another has just created in place of the same stale one.
-        turn = FileLock(self.path + ".turn") if self.posix else contextlib.nullcontext()
-        with turn:
+        with FileLock(self.path + ".turn") if self.posix else contextlib.nullcontext():
             self._acquire()
 
     def _acquire(self) -> None:
@@ -163,8 +153,6 @@ class Lease:
     def __exit__(self, *exc) -> None:
         self.release()
 
-    # --- internals ------------------------------------------------------------------------------
-
     def _record(self) -> dict[str, Any]:
         return dataclasses.asdict(
             Holder(
@@ -174,22 +162,20 @@ class Lease:
                 started=self.started,
                 heartbeat=time.time(),
                 beats=self.beats,
-                command=" ".join(_argv())[:500],
+                command=" ".join(sys.argv)[:500],
             )
         )
 
     def _create(self) -> bool:
-        data = json.dumps(self._record()).encode()
         if self.posix:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 return False
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                f.write(json.dumps(self._record()).encode())
             return True
-        with self.fs.open_output_stream(self.path) as f:
-            f.write(data)
+        self._write()
         time.sleep(self.settle_s)  # another driver writing at the same moment: the last writer wins
         holder = self.read()
         return holder is not None and holder.token == self.token
@@ -261,7 +247,3 @@ def _process_exists(pid: int) -> bool:
     except PermissionError:
         return True  # exists, owned by someone else
     return True
-
-
-def _argv() -> list[str]:
-    return list(sys.argv)

@@ -21,17 +21,10 @@ def budget_cost(data_fraction: float) -> float:
 
 
 def order_trials(sweep: SweepConfig, specs: list[TrialSpec], concurrency: int) -> list[TrialSpec]:
-    """Order trials so that trials running side by side rarely need the same missing artifact.
-
-    Trials are taken largest budget first (the long ones start early, so the sweep's tail is
-    short), then arranged in waves of `concurrency` where no two trials of a wave would compute
-    the same upstream artifact: the second would only wait on the first's lock. A trial left out of
-    a wave keeps its place at the head of the queue.
-
-    Linear in the number of trials: a wave reads the queue only until it is full, and a trial is
-    left out of a wave only for an artifact that the wave claims, which is ready from then on, so
-    each trial is passed over at most once per artifact it needs.
-    """
+    """Order trials so that trials running side by side rarely need the same missing artifact:
+    largest budget first (a short tail), in waves of `concurrency` where no two trials would compute
+    the same upstream artifact. A trial left out of a wave keeps its place at the head of the queue;
+    it is passed over at most once per artifact it needs, so the order is linear in the trials."""
     pending = deque(sorted(specs, key=lambda s: -s.data_fraction))
     needs = {id(s): frozenset(upstream_keys(sweep, s)) for s in pending}
     ready: set[tuple[str, str]] = set()

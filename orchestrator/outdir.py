@@ -8,17 +8,16 @@
     OUT/tune/                    Ray Tune's own experiment state and per-trial logs
     OUT/driver.lock              the lease of the driver running here (`orchestrator.lease`)
 
-OUT is a local or shared (NFS) path, or an object-store URI (`s3://bucket/prefix`, `gs://...`;
-S3 options such as `endpoint_override` go in the query string): `OutDir` reads and writes it through
-its pyarrow file system, with whole-object writes, so a reader never sees half a file.
+OUT is a local or shared (NFS) path, or an object-store URI (`s3://bucket/prefix`, `gs://...`):
+`OutDir` reads and writes it through its pyarrow file system, with whole-object writes.
 
 A row is named by the hash of its trial's identity (method, grid point and every setting it ran
-with), so the directory may hold rows of several versions of a sweep, and a version reuses every row
-whose trial it shares: adding a seed, a budget, a method or an axis value runs only the new trials.
+with), so a new version of a sweep reuses every row whose trial it shares.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -94,10 +93,8 @@ class OutDir:
         self.write_bytes(name, text.encode())
 
     def delete(self, name: str) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.fs.delete_file(self.path(name))
-        except FileNotFoundError:
-            pass
 
     def list(self, folder: str, suffix: str = "") -> list[str]:
         """Names (relative to OUT) of the files directly in `folder` ending in `suffix`."""

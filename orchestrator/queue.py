@@ -1,28 +1,15 @@
 """The trial queue Tune draws from: our trials in order, in groups, until done or stopped.
 
-A Tune `Searcher` rather than a `grid_search` over every trial: Tune holds no search space of
-thousands of configurations in its experiment state, creates each Tune trial only when it can
-start it, and launches nothing more once the sweep is asked to stop (`should_stop`).
+A Tune `Searcher` rather than a `grid_search`: Tune holds no search space of thousands of
+configurations, creates each Tune trial only when it can start it, and launches nothing once the
+sweep is stopping. Each Tune trial runs a *group* of our trials (`orchestrator.worker`), paying
+Tune's per-trial overhead once per group. `resources.group: auto` sizes groups from the compute time
+finished trials report: about `GROUP_TARGET_S` seconds each, leaving at least `GROUPS_PER_SLOT`
+groups per slot; `resources.group: N` groups N trials.
 
-Each Tune trial runs a *group* of our trials, one after another in one worker
-(`orchestrator.worker`), each still writing its own row as it ends. A Tune trial costs its slot
-a fixed overhead beyond its compute (a placement group, an actor reset, trial directories, loggers:
-measured in docs/PERFORMANCE.md, "Grid scale"), nothing next to a trial of minutes but as much as
-the compute of a very short trial. `resources.group: auto` (the default) sizes groups from the
-compute time the finished trials report: one trial per group until the first rows arrive, then as
-many trials as make about `GROUP_TARGET_S` seconds of compute, never so many that fewer than
-`GROUPS_PER_SLOT` groups per slot would be left (the sweep's tail stays balanced). A trial that
-takes longer than `GROUP_TARGET_S` runs alone, as without groups. `resources.group: N` groups N
-trials; 1 gives every trial its own Tune trial.
-
-Retries are decided here and nowhere else (`max_failures`, passed as `retries`): the worker does
-not retry a trial that raises (it sends a failed row), and Tune retries no Tune trial
-(`FailureConfig(max_failures=0)`). The driver hands back every trial that failed and every
-unfinished trial of a Tune trial whose worker was lost, whenever it was lost (`requeue`); each goes
-out again at most `retries` times before its failed row is written, the trials handed back together
-as one group first (a lost pack forms again as it was, and resumes from its checkpoint). The queue
-reports FINISHED only once every trial is handed out and no group is still live, since a live group
-may yet hand trials back.
+Retries are decided here and nowhere else: the driver hands back failed trials and the unfinished
+trials of a lost worker (`requeue`); each goes out again, first, at most `retries` times.
+FINISHED comes only once every trial is handed out and no group is live.
 """
 
 from __future__ import annotations
@@ -44,12 +31,9 @@ MAX_GROUP = 1000  # trials per group at most (the group's config travels with it
 
 class TrialQueue(Searcher):
     """Hands out `specs` in order, in groups sized by `group` ('auto' or a number of trials), as
-    Tune trial configs (`members` reads them); FINISHED when all are handed out or `should_stop()`
-    is True.
-
-    Trials with the same `pack_keys` entry (not None) can train as one packed model
-    (`orchestrator.trial.run_pack`): the first of them in the order takes the next ones of its key
-    with it, up to `pack` trials, as one group, whatever `group` says."""
+    Tune trial configs (`members` reads them); FINISHED when all are handed out or `should_stop()`.
+    Trials with the same `pack_keys` entry (not None) go out together as one group of up to `pack`
+    trials, whatever `group` says: they train as one packed model (`orchestrator.trial.run_pack`)."""
 
     def __init__(
         self,
@@ -83,7 +67,8 @@ class TrialQueue(Searcher):
         self.next = 0  # no trial before it is left
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        self._skip_taken()
+        while self.next < len(self.specs) and self.taken[self.next]:
+            self.next += 1
         if self.should_stop():
             return Searcher.FINISHED
         if self.returned:
@@ -114,10 +99,6 @@ class TrialQueue(Searcher):
         if back:
             self.returned.append(back)
         return spent
-
-    def _skip_taken(self) -> None:
-        while self.next < len(self.specs) and self.taken[self.next]:
-            self.next += 1
 
     def _pack(self, key: Hashable) -> list[int]:
         bucket = self.buckets[key]
@@ -164,11 +145,8 @@ class TrialQueue(Searcher):
         self.live.discard(trial_id)
 
     def __getstate__(self) -> dict[str, Any]:
-        # Tune pickles its Tuner (for Tuner.restore, which we do not use): leave out the driver's
-        # stop flag, which holds threads and locks.
-        state = dict(self.__dict__)
-        state["should_stop"] = _never
-        return state
+        # Tune pickles its Tuner: leave out the driver's stop flag, which holds threads and locks.
+        return {**self.__dict__, "should_stop": _never}
 
     # Our resume is by rows (a new run skips finished trials), not by Tune's experiment state.
     def save(self, checkpoint_path: str) -> None:
@@ -185,9 +163,8 @@ def _key(spec: dict[str, Any]) -> str:
 
 
 def members(config: dict[str, Any]) -> list[dict[str, Any]]:
-    """The trials (spec dicts) of a Tune trial's config: `{"spec": ...}` for a trial alone (Tune
-    and the trackers show its grid point as parameters, `spec/method`, ...), `{"specs": [...]}` for
-    a group."""
+    """The trials (spec dicts) of a Tune trial's config: `{"spec": ...}` for a trial alone (Tune and
+    the trackers show its grid point as parameters), `{"specs": [...]}` for a group."""
     return [config["spec"]] if "spec" in config else list(config["specs"])
 
 

@@ -30,12 +30,10 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, num_gpus:
 
 @contextlib.contextmanager
 def _keep_signal_handlers():
-    """Keep the sweep's SIGTERM handler (orchestrator.stop) through `ray.init`.
-
-    A patch of a Ray internal, written against Ray 2.60.0: `ray.init` sets SIGTERM to `sys.exit`
-    through `ray._private.utils.set_sigterm_handler`, so a signal during its start-up would end the
-    driver without a graceful stop, and no public API turns that off. tests/test_ray_internals.py
-    fails when Ray stops setting it that way."""
+    """Keep the sweep's SIGTERM handler (orchestrator.stop) through `ray.init`. A patch of a Ray
+    internal, written against Ray 2.60.0: `ray.init` sets SIGTERM to `sys.exit` through
+    `ray._private.utils.set_sigterm_handler`, and no public API turns that off.
+    tests/test_ray_internals.py fails when Ray stops setting it that way."""
     from ray._private import utils as ray_utils
 
     original = ray_utils.set_sigterm_handler
@@ -50,6 +48,5 @@ def concurrency(cpu_per_trial: float, max_concurrent: int | None) -> int:
     """How many trials fit on the cluster at once, capped by `max_concurrent`."""
     import ray
 
-    cpus = ray.cluster_resources().get("CPU", 1)
-    n = max(1, int(cpus // cpu_per_trial))
+    n = max(1, int(ray.cluster_resources().get("CPU", 1) // cpu_per_trial))
     return min(n, max_concurrent) if max_concurrent else n

@@ -1,11 +1,9 @@
 """The results table: one row per trial of a sweep's current grid, as Parquet.
 
-Identifying columns come first (then one column per axis of the grid: each `axes:` path and each
-path an artifact kind declares as an axis, named by the path; `variant`), the headline
-metrics, the columns analyses add (each starting with its analysis's name), then bookkeeping.
-Trials that have not finished appear with status `pending`, so the table always covers the whole
-grid. `summarised_columns` says which columns the report summarises: the core metrics and what
-artifact kinds and analyses declare, never columns guessed from their names.
+Identifying columns come first, then one per axis of the grid (named by its path; `variant`), the
+headline metrics, the columns analyses add (each starting with its analysis's name), then
+bookkeeping. Unfinished trials appear with status `pending`, so the table covers the whole grid.
+`summarised_columns` says which columns the report summarises: only what is declared, never guessed.
 """
 
 from __future__ import annotations
@@ -97,42 +95,37 @@ def _analyses_run(table: pd.DataFrame) -> list:
     return [ANALYSES.get(name) for name in sorted(names) if name in ANALYSES]
 
 
-def plotted_columns(table: pd.DataFrame) -> list[str]:
-    """Columns an analysis that ran declares with `plot=True`: the report draws each against budget."""
-    out = []
+def _declared(table: pd.DataFrame):
+    """(analysis, column, its declaration) for each column of `table` that an analysis that ran declares."""
     for analysis in _analyses_run(table):
         for col in table.columns:
             spec = analysis.declares(col) if col.startswith(analysis.name) else None
-            if spec is not None and spec.plot and col not in out:
-                out.append(col)
-    return out
+            if spec is not None:
+                yield analysis, col, spec
+
+
+def plotted_columns(table: pd.DataFrame) -> list[str]:
+    """Columns an analysis that ran declares with `plot=True`: the report draws each against budget."""
+    return list(dict.fromkeys(col for _, col, spec in _declared(table) if spec.plot))
 
 
 def profiled_columns(table: pd.DataFrame) -> list[tuple[str, Any, list[str]]]:
     """(analysis name, its `Profile`, the columns it covers) for each column family that an analysis
     that ran declares with a profile: the report draws those as profiles (e.g. R² against depth)."""
-    out = []
-    for analysis in _analyses_run(table):
-        groups: dict[int, tuple[Any, list[str]]] = {}
-        for col in table.columns:
-            spec = analysis.declares(col) if col.startswith(analysis.name) else None
-            if spec is not None and spec.profile is not None:
-                groups.setdefault(id(spec.profile), (spec.profile, []))[1].append(col)
-        out += [(analysis.name, profile, cols) for profile, cols in groups.values()]
-    return out
+    groups: dict[tuple[int, int], tuple[str, Any, list[str]]] = {}
+    for analysis, col, spec in _declared(table):
+        if spec.profile is not None:
+            groups.setdefault((id(analysis), id(spec.profile)), (analysis.name, spec.profile, []))[2].append(col)
+    return list(groups.values())
 
 
 def summarised_columns(table: pd.DataFrame) -> list[str]:
     """The columns the report summarises: test and validation accuracy, what artifact kinds report,
     and every column an analysis that ran declares with `summarise=True`."""
-    declared = list(CORE_SUMMARISED) + artifact_columns()
-    out = [c for c in declared if c in table.columns]
-    for analysis in _analyses_run(table):
-        name = analysis.name
-        for col in table.columns:
-            spec = analysis.declares(col) if col.startswith(name) else None
-            if spec is not None and spec.summarise and col not in out:
-                out.append(col)
+    out = [c for c in (*CORE_SUMMARISED, *artifact_columns()) if c in table.columns]
+    for _, col, spec in _declared(table):
+        if spec.summarise and col not in out:
+            out.append(col)
     return [c for c in out if pd.to_numeric(table[c], errors="coerce").notna().any()]
 
 

@@ -17,8 +17,7 @@ def sweep_status(out_dir: str | Path | OutDir) -> tuple[str, int]:
     text = out.read_text("sweep.json")
     if text is None:
         raise ConfigError(f"{out}: not a sweep output directory (no sweep.json); give the --out of `instill run`")
-    record = json.loads(text)
-    sweep = load_sweep(record["config"], out.join("sweep.json"))
+    sweep = load_sweep(json.loads(text)["config"], out.join("sweep.json"))
     counts = {"done": 0, "running": 0, "pending": 0, "failed": 0}
     failures = []
     trial_s, keys = 0.0, set()
@@ -33,8 +32,7 @@ def sweep_status(out_dir: str | Path | OutDir) -> tuple[str, int]:
             if state == "failed":
                 failures.append(f"  {spec.name}: {row.get('error')}")
         counts[state] += 1
-    total = sum(counts.values())
-    lines = [f"{out}: sweep {sweep.name!r}, {total} trials"]
+    lines = [f"{out}: sweep {sweep.name!r}, {sum(counts.values())} trials"]
     holder = out.lease().read()
     if holder is None:
         lines.append("  no driver is running here")

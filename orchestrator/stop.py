@@ -1,22 +1,20 @@
 """Graceful stops: SIGINT/SIGTERM on the driver, and the stop request as the workers see it.
 
-SLURM, Kubernetes and spot preemption stop a process with SIGTERM (then SIGKILL after a grace
-period); a person stops it with Ctrl-C (SIGINT). On the first signal the driver:
+On the first signal (SLURM, Kubernetes and spot preemption send SIGTERM; Ctrl-C SIGINT) the driver:
 
 1. launches no new trial (the trial queue, `orchestrator.queue`, reports itself finished);
-2. asks running trials to stop: a flag in a small named Ray actor, read by each trial at the end of
-   every epoch (`requested()`), on any node. A trial that sees it saves a checkpoint and ends with
-   stage `interrupted`: it gets no row and resumes from its checkpoint in the next run;
-3. waits for them, at most `grace_s` seconds, then writes every finished row and results.parquet,
-   and exits 130 (SIGINT) or 143 (SIGTERM) with the command that resumes.
+2. asks running trials to stop through a flag in a small named Ray actor, read by each trial at the
+   end of every epoch (`requested()`): it saves a checkpoint and ends with stage `interrupted`;
+3. waits for them at most `grace_s` seconds, writes every finished row and results.parquet, and
+   exits 130 (SIGINT) or 143 (SIGTERM) with the command that resumes.
 
-A second signal, the end of the grace period, or Ray's own processes stopping (a signal sent to
-the whole process group reaches them too) stops at once: rows already written are kept (each
-is written the moment its trial ends), results.parquet is rebuilt from them, and the process exits.
+A second signal, the end of the grace period, or Ray's own processes stopping stops at once: rows
+already written are kept, results.parquet is rebuilt from them, and the process exits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import sys
@@ -78,10 +76,7 @@ def _flag_class():
 
 class GracefulStop:
     """The driver's signal handling for one sweep (install, then restore when the sweep ends).
-
-    `finish_now(signum)` is called (from the signal handler or the grace timer) to stop at once: it
-    must write what is finished and end the process.
-    """
+    `finish_now(signum)` stops at once: it must write what is finished and end the process."""
 
     def __init__(self, grace_s: float, finish_now: Callable[[int], None]):
         self.grace_s = grace_s
@@ -106,14 +101,11 @@ class GracefulStop:
         return self
 
     def connect(self) -> None:
-        """Once Ray is up: create the flag the trials read (set already if a signal came first).
-
-        Ray's core worker installs a native handler for SIGTERM in the driver that prints a stack
-        trace and aborts the process; installing ours again puts it back in front."""
+        """Once Ray is up: create the flag the trials read (set already if a signal came first), and
+        install our handlers again, in front of the native SIGTERM handler Ray's core worker installs."""
         import ray
 
         self.install()
-
         flag = _flag_class().options(name=ACTOR, get_if_exists=True, lifetime=None).remote()
         ray.get(flag.set.remote(self.stopping))
         try:
@@ -130,12 +122,10 @@ class GracefulStop:
             signal.signal(sig, handler)
         self._previous.clear()
         if self._flag is not None:
-            try:
+            with contextlib.suppress(Exception):
                 import ray
 
                 ray.kill(self._flag)
-            except Exception:
-                pass
             self._flag = None
 
     def request(self, signum: int) -> None:
@@ -157,9 +147,8 @@ class GracefulStop:
         threading.Thread(target=self._watch_ray, name="instill-stop-watch", daemon=True).start()
 
     def _watch_ray(self) -> None:
-        """A signal sent to the whole process group (e.g. `scancel` without --batch) also stops the
-        local Ray's own processes; the sweep cannot wait for its trials then, so it stops at once.
-        Watched by connecting to Ray's GCS port: a call through Ray would block on the dead GCS."""
+        """Stop at once when a signal to the whole process group stopped the local Ray too, watched by
+        connecting to Ray's GCS port (a call through Ray would block on the dead GCS)."""
         host, _, port = (self._gcs or "").rpartition(":")
         if not host:
             return

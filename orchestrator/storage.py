@@ -1,12 +1,9 @@
 """The storage rule on a multi-node cluster: every node must see the sweep's directories.
 
-Rows and results are written by the driver, but artifacts (source models, masks), checkpoints and
-Tune's trial logs are written where the trials run. On a cluster of more than one node, a local path
-for `--out` or `storage.artifacts` works only if it is the same shared directory on every node
-(NFS, a mounted bucket); otherwise each node computes its own copy of every artifact and the
-exactly-once guarantee silently becomes once per node. `check_shared` writes a marker file from the
-driver and reads it back with a Ray task pinned to each node; a node that cannot see it stops the
-sweep before any trial runs (exit 2), with the fix.
+Artifacts, checkpoints and Tune's trial logs are written where the trials run, so a local path for
+`--out` or `storage.artifacts` must be the same shared directory on every node, or each node computes
+its own copy of every artifact. `check_shared` writes a marker file from the driver and reads it back
+with a Ray task pinned to each node; a node that cannot see it stops the sweep before any trial runs.
 """
 
 from __future__ import annotations
@@ -32,23 +29,14 @@ def sees(path: str, token: str) -> bool:
         return False
 
 
-def alive_nodes() -> list[dict[str, Any]]:
-    import ray
-
-    return [n for n in ray.nodes() if n.get("Alive")]
-
-
 def check_shared(locations: dict[str, str | None], check: Callable[[str, str], bool] = sees) -> None:
-    """Check that every node of the Ray cluster sees each local directory in `locations`
-    (label -> path, or None/URI for ones that need no check). No-op on a one-node cluster.
-
-    `check(path, token)` runs on each node (a Ray task pinned to it); raises StorageNotShared naming
-    the nodes that do not see a directory and how to fix it.
-    """
+    """Check that every node of the Ray cluster sees each local directory in `locations` (label ->
+    path; None or a URI: no check), by `check(path, token)` in a Ray task pinned to each node.
+    Raises StorageNotShared naming the nodes that do not and the fix. No-op on a one-node cluster."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    nodes = alive_nodes()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
     local = {label: path for label, path in locations.items() if path and "://" not in str(path)}
     if len(nodes) <= 1 or not local:
         return
@@ -67,7 +55,7 @@ def check_shared(locations: dict[str, str | None], check: Callable[[str, str], b
                 ).remote(marker, token)
                 for node in nodes
             }
-            blind = [f"{_describe(node)}" for node in nodes if not ray.get(refs[node["NodeID"]], timeout=120)]
+            blind = [_describe(node) for node in nodes if not ray.get(refs[node["NodeID"]], timeout=120)]
         finally:
             os.unlink(marker)
         if blind:

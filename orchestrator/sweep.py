@@ -1,12 +1,9 @@
 """Running a sweep: the trials not yet finished in OUT, on Ray Tune, then OUT/results.parquet.
 
-The pieces live beside this module: `outdir` (the output directory and its rows), `ray_session`
-(joining or starting Ray), `upstream` (artifacts computed before the trials), `callbacks` (rows
-written on the driver, the progress line). Rows are written by the driver, so workers on other nodes
-need no shared disk for results. A run pointed at a directory that already holds rows runs only the
-trials without a finished row: an interrupted sweep resumes where it stopped, and a grown sweep runs
-only what is new. A finished row made by another version of the project's code (its
-`code_version`) is kept and counted (`SweepOutcome.stale`); `rerun_stale` runs its trial again.
+Rows are written by the driver (`callbacks`), so workers on other nodes need no shared disk for
+results. A run in a directory that already holds rows runs only the trials without a finished row;
+a finished row made by another version of the code (its `code_version`) is kept and counted
+(`SweepOutcome.stale`), and `rerun_stale` runs its trial again.
 """
 
 from __future__ import annotations
@@ -66,13 +63,10 @@ def run_sweep(
 ) -> SweepOutcome:
     """Run every unfinished trial of `sweep` on Ray Tune and write OUT/results.parquet.
 
-    OUT is a local or shared path or an object-store URI. One driver at a time: a lease on OUT
-    (`orchestrator.lease`) makes a second driver stop with `DirectoryBusy`. SIGINT/SIGTERM stop the
-    sweep gracefully (`orchestrator.stop`); the outcome's `stopped_by` names the signal.
-    `tracking` ('wandb', 'mlflow') adds Ray's logger callback for it; `callbacks` are extra Tune
-    callbacks; `resume_hint` is printed when a stop cannot return (the command that resumes).
-    `rerun_stale` also reruns the finished trials whose rows came from another code version
-    (`to_run`); their rows are replaced.
+    One driver at a time: a lease on OUT (`orchestrator.lease`) makes a second one stop with
+    `DirectoryBusy`. SIGINT/SIGTERM stop the sweep gracefully (`orchestrator.stop`; `stopped_by`).
+    `tracking` ('wandb', 'mlflow') adds Ray's logger callback; `callbacks` are extra Tune callbacks;
+    `resume_hint` is printed when a stop cannot return; `rerun_stale`: see `to_run`.
     """
     out = as_outdir(out_dir if isinstance(out_dir, OutDir) or "://" in str(out_dir) else Path(out_dir).resolve())
     out.makedirs()
@@ -113,17 +107,7 @@ def run_sweep(
                     _, tune_callbacks = make_callbacks(
                         out, sweep, todo, len(specs) - len(todo), stopping=driver_stopping, queue=queue
                     )
-                    tuner = make_tuner(
-                        sweep,
-                        todo,
-                        out,
-                        store.location,
-                        concurrency,
-                        tune_callbacks + extra,
-                        should_stop=lambda: stopper.stopping,
-                        queue=queue,
-                    )
-                    tuner.fit()
+                    make_tuner(sweep, todo, out, store.location, concurrency, tune_callbacks + extra, queue=queue).fit()
             finally:
                 if not stopper.stopping:
                     stopper.restore()
@@ -134,14 +118,13 @@ def run_sweep(
             write_results(out, table)
         finally:
             stopper.restore()
-    failed = int((table["status"] == "failed").sum()) if len(table) else 0
     finished = set(table.loc[table["status"] != "pending", "trial_hash"]) if len(table) else set()
     return SweepOutcome(
         out_dir=out.local or out.uri,
         table=table,
         ran=sum(trial_hash(sweep, s) in finished for s in todo),
         skipped=len(specs) - len(todo),
-        failed=failed,
+        failed=int((table["status"] == "failed").sum()) if len(table) else 0,
         wall_s=time.monotonic() - start,
         stopped_by=stopper.signum,
         stale=len(stale),
@@ -152,10 +135,8 @@ def run_sweep(
 def to_run(
     sweep: SweepConfig, out: OutDir, specs: list[TrialSpec], rerun_stale: bool = False
 ) -> tuple[list[TrialSpec], list[TrialSpec]]:
-    """(the trials of `specs` to run, the finished ones whose row came from another code version
-    than this run's: `TrialSpec.code_version`). The trials to run are those without a finished row,
-    and with `rerun_stale` the stale ones too. A row without a code version (written before rows
-    recorded it) counts as stale."""
+    """(the trials of `specs` without a finished row, and with `rerun_stale` the stale ones too; the
+    stale ones: finished, with a row from another code version than `TrialSpec.code_version`, or none)."""
     todo, stale = [], []
     for spec in specs:
         row = read_row(out, sweep, spec) or {}

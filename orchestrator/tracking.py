@@ -1,13 +1,9 @@
 """`--tracking wandb|mlflow`: Ray Tune's own logger callbacks, set up for a sweep.
 
 One experiment (MLflow) or group (W&B) per sweep, named after it; one run per Tune trial, named by
-the trial (`<method>-<axis>=<value>-...-seed<seed>`; a group of short trials run as one Tune trial,
-`orchestrator.queue`, is named by its first, `+N` for the others), with the grid points (method,
-data fraction, seed, axes) as its parameters and every numeric value a trial reports as a metric, so the
-per-epoch curves show up as history. Long or structured values (the final row's JSON) are not logged:
-they live in OUT/rows.
-
-Both packages are optional extras: `pip install 'instill[wandb]'` or `'instill[mlflow]'`.
+the trial (a group of trials by its first, `+N` for the others), with the grid point as parameters
+and every numeric value a trial reports as a metric (the per-epoch curves). Long or structured
+values (the final row's JSON) are not logged: they live in OUT/rows.
 
     MLflow  MLFLOW_TRACKING_URI if set, else a local SQLite store OUT/mlruns/mlflow.db (MLflow 3
             refuses new plain-directory stores); browse with
@@ -51,25 +47,17 @@ _BOOKKEEPING = (
 
 
 def callbacks(kind: str | None, *, experiment: str, out_dir: str | Path) -> list:
-    """Ray Tune logger callbacks for `--tracking kind` (None: no tracking, an empty list).
-
-    `experiment` names the MLflow experiment / W&B group (and default project): the sweep's name.
-    `out_dir` is the sweep's OUT, where the local defaults (the MLflow store, W&B run files) go.
-    Raises ConfigError for an unknown kind or a tracker that is not installed.
-    """
+    """Ray Tune logger callbacks for `--tracking kind` (None: none). `experiment` (the sweep's name)
+    names the MLflow experiment / W&B group; the local defaults (MLflow store, W&B files) go in `out_dir`."""
     if kind is None:
         return []
     if kind not in KINDS:
         raise ConfigError(f"unknown tracking {kind!r}: use one of {', '.join(KINDS)} (or leave --tracking out)")
-    _require(kind)
-    return [_mlflow(experiment, out_dir) if kind == "mlflow" else _wandb(experiment, out_dir)]
-
-
-def _require(kind: str) -> None:
     try:
         importlib.import_module(kind)
     except ImportError as e:
         raise ConfigError(f"--tracking {kind} needs the {kind} package: pip install 'instill[{kind}]' ({e})") from None
+    return [_mlflow(experiment, out_dir) if kind == "mlflow" else _wandb(experiment, out_dir)]
 
 
 def _local(out_dir: str | Path, what: str, env: str) -> Path:
@@ -85,7 +73,9 @@ def _mlflow(experiment: str, out_dir: str | Path):
         """Ray's MLflow callback, less the values that are not metrics (it has no `excludes`)."""
 
         def log_trial_result(self, iteration, trial, result):
-            super().log_trial_result(iteration, trial, _metrics(result))
+            # Keep what MLflow can plot; the step comes from `training_iteration`, which stays.
+            metrics = {k: v for k, v in result.items() if k not in EXCLUDED and k not in _BOOKKEEPING}
+            super().log_trial_result(iteration, trial, metrics)
 
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
@@ -93,11 +83,6 @@ def _mlflow(experiment: str, out_dir: str | Path):
         store.mkdir(parents=True, exist_ok=True)
         uri = f"sqlite:///{store / 'mlflow.db'}"
     return _Callback(tracking_uri=uri, experiment_name=experiment, tags={"sweep": experiment})
-
-
-def _metrics(result: dict) -> dict:
-    # Keep what MLflow can plot; the step comes from `training_iteration`, which stays.
-    return {k: v for k, v in result.items() if k not in EXCLUDED and k not in _BOOKKEEPING}
 
 
 def _wandb(experiment: str, out_dir: str | Path):

@@ -2,24 +2,13 @@
 
 Settings for grids of thousands of trials (figures: docs/PERFORMANCE.md, "Grid scale"):
 
-- Short trials run in groups, one Tune trial each (`orchestrator.queue`, `orchestrator.worker`):
-  Tune's cost per trial is paid per group.
-- Results are buffered on the worker (`TUNE_RESULT_BUFFER_LENGTH`, `TUNE_RESULT_BUFFER_MIN_TIME_S`).
-  A function trainable's `tune.report` waits until the driver asks for the next result, so without a
-  buffer every report (one per stage, and one per epoch) costs the trial a round trip through the
-  driver; with it, a trial's reports travel together (at most one buffer window and one report late).
-- The trial queue (`orchestrator.queue`) instead of a `grid_search`: Tune copies a grid's whole
-  search space for every trial it creates, O(trials) each.
-- A few trials created ahead of the running ones (`ahead`: `max_concurrent_trials` above
-  `concurrency`; Tune's pending-trial limit, `TUNE_MAX_PENDING_TRIALS_PG`, follows it for a
-  searcher): each waits for the next actor to free up and starts on it at once. On a graceful stop these few still start
-  and end at their first stop check, without a row.
+- Short trials run in groups, one Tune trial each (`orchestrator.queue`, `orchestrator.worker`).
+- Results are buffered on the worker (`TUNE_DEFAULTS`): without a buffer every `tune.report` costs
+  the trial a round trip through the driver.
+- The trial queue instead of a `grid_search`: Tune copies a grid's search space for every trial, O(trials) each.
+- A few trials created ahead of the running ones (`ahead`) start on the next free actor at once.
 - A FIFO scheduler that looks only at unfinished trials (`live_fifo_scheduler`): Tune's own scans
-  every trial it has created on every step, O(trials^2) over a sweep.
-- Tune's own CSV, JSON and TensorBoard loggers (per-trial `progress.csv`, `result.json` and event
-  files: the live curves).
-- The experiment-state snapshot keeps Tune's automatic period (at most 5% of the driver's time);
-  our resume is by rows, so a larger `TUNE_GLOBAL_CHECKPOINT_S` is also safe.
+  every trial on every step, O(trials^2) over a sweep.
 
 Every variable is only a default: set in the environment, it wins.
 """
@@ -47,9 +36,8 @@ def make_tuner(
     should_stop: Callable[[], bool] = lambda: False,
     queue=None,
 ):
-    """A Tuner that runs `todo` (in this order), `concurrency` at a time, launching no new trial
-    once `should_stop()` is True. Tune's state and trial logs go to OUT/tune (a local path or OUT's
-    object store). `queue`: the `make_queue` of `todo` (the Rows callback hands lost trials back to it)."""
+    """A Tuner that runs `todo` in this order, `concurrency` at a time, from `queue` (default: a new
+    `make_queue` of `todo`, stopped by `should_stop()`). Tune's state and trial logs go to OUT/tune."""
     from ray import tune
 
     for name, value in TUNE_DEFAULTS.items():
@@ -59,7 +47,7 @@ def make_tuner(
         tune.with_parameters(trainable_fn, sweep_json=json.dumps(sweep.canonical()), store_root=store_location),
         {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu},
     )
-    tuner = tune.Tuner(
+    return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=queue or make_queue(sweep, todo, concurrency, should_stop),
@@ -82,7 +70,6 @@ def make_tuner(
             sync_config=tune.SyncConfig(sync_artifacts=True, sync_artifacts_on_checkpoint=False),
         ),
     )
-    return tuner
 
 
 def make_queue(sweep: SweepConfig, todo: list[TrialSpec], concurrency: int, should_stop=lambda: False):
@@ -110,18 +97,13 @@ def group_name(config: dict) -> str:
     from orchestrator.queue import members
 
     specs = members(config)
-    more = f"+{len(specs) - 1}" if len(specs) > 1 else ""
-    return TrialSpec(**specs[0]).name + more
+    return TrialSpec(**specs[0]).name + (f"+{len(specs) - 1}" if len(specs) > 1 else "")
 
 
 def ahead(sweep: SweepConfig, concurrency: int) -> int:
-    """Trials Tune may create beyond those that run. Where the cluster's resources bound the running
-    trials and every trial is its own Tune trial (`resources.group: 1`), a few more wait for the
-    next actor to free up and start on it at once, instead of being created a Tune step later.
-    None where `resources.max_concurrent` bounds them (Tune's limit is then the only one), nor with
-    trial groups: their Tune trials are few and seconds long, and trials created ahead of them made
-    Tune start actors that it then threw away (18 extra worker processes, each importing torch, in
-    one run of 10,000 trials: overhead 1.32 instead of 1.12; docs/PERFORMANCE.md, "Grid scale")."""
+    """Trials Tune may create beyond those that run, to start on the next free actor at once: only
+    where the cluster bounds the running trials and every trial is its own Tune trial (`group: 1`).
+    With trial groups, trials created ahead made Tune start actors it then threw away."""
     if sweep.resources.max_concurrent or sweep.resources.group != 1:
         return 0
     return max(4, concurrency)
@@ -137,9 +119,8 @@ TUNE_DEFAULTS = {"TUNE_RESULT_BUFFER_LENGTH": "2", "TUNE_RESULT_BUFFER_MIN_TIME_
 
 
 def live_fifo_scheduler():
-    """Tune's FIFO scheduler (the default), choosing the first pending (else paused) trial among the
-    unfinished ones only: Tune's own reads the status of every trial it has created, once per step.
-    Only `TrialScheduler`'s documented hooks: the trials it was given (`on_trial_add`), by status."""
+    """Tune's FIFO scheduler, choosing the first pending (else paused) trial among the unfinished
+    ones only, through `TrialScheduler`'s documented hooks."""
     from ray.tune.schedulers import FIFOScheduler
 
     class LiveFIFOScheduler(FIFOScheduler):

@@ -33,11 +33,8 @@ def method_space(sweep: SweepConfig, method: str) -> dict[str, tuple[float, floa
     out = {}
     for path, bounds in sweep.tuning_space.items():
         head = path.split(".")[0]
-        if head in shared_blocks() and head not in owned:
-            continue
-        if head in METHODS and head != method:
-            continue
-        out[path] = bounds
+        if (head not in shared_blocks() or head in owned) and (head not in METHODS or head == method):
+            out[path] = bounds
     return out
 
 
@@ -47,10 +44,15 @@ def _with_shared(sweep: SweepConfig, best: dict[str, dict[str, Any]]) -> SweepCo
     shared = {m: v for m, v in shared.items() if v}
     if not shared:
         return sweep
-    overrides = {m: dict(v) for m, v in sweep.method_overrides.items()}
-    for method, values in shared.items():
-        overrides.setdefault(method, {}).update(values)
-    return sweep.model_copy(update={"method_overrides": overrides})
+    return sweep.model_copy(update={"method_overrides": _merged(sweep.method_overrides, shared)})
+
+
+def _merged(overrides: dict[str, dict[str, Any]], values: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per-method `overrides` with `values` applied path by path (their other overrides stay)."""
+    merged = {m: dict(v) for m, v in overrides.items()}
+    for method, paths in values.items():
+        merged.setdefault(method, {}).update(paths)
+    return merged
 
 
 def _kind(sweep: SweepConfig, path: str) -> type:
@@ -64,9 +66,7 @@ def _objective(config: dict[str, Any], sweep_json: str, method: str, store_root:
     base = load_sweep(json.loads(sweep_json))
     torch.set_num_threads(max(1, int(base.resources.cpu)))
     values = {path: config[_key(path)] for path in base.tuning_space if _key(path) in config}
-    overrides = dict(base.method_overrides)
-    overrides[method] = {**overrides.get(method, {}), **values}
-    sweep = base.model_copy(update={"method_overrides": overrides})
+    sweep = base.model_copy(update={"method_overrides": _merged(base.method_overrides, {method: values})})
     store = ArtifactStore(store_root)
     scores = []
     # The method's artifacts at the first value of each axis they declare (the sweep's first, as listed).
@@ -134,9 +134,7 @@ def tune_methods(sweep: SweepConfig, out_dir: str | Path, *, address: str | None
         if result.metrics is None or "val_acc" not in result.metrics:
             raise RuntimeError(f"tuning {method}: no trial finished; see {out_dir / 'tune'}")
         best[method] = {
-            path: _kind(sweep, path)(result.config[_key(path)])
-            for path in sweep.tuning_space
-            if _key(path) in result.config
+            p: _kind(sweep, p)(result.config[_key(p)]) for p in sweep.tuning_space if _key(p) in result.config
         }
         scores[method] = float(result.metrics["val_acc"])
     record = {
@@ -163,8 +161,5 @@ def apply_tuned(sweep: SweepConfig, tuned_file: str | Path) -> SweepConfig:
     except (yaml.YAMLError, KeyError, TypeError, AttributeError) as err:
         raise ConfigError(f"{path}: not a tuned-values file from `instill tune` ({err})") from None
     raw = sweep.canonical()
-    merged = {m: dict(v) for m, v in raw.get("method_overrides", {}).items()}
-    for method, values in overrides.items():  # per path: the sweep file's other overrides stay
-        merged.setdefault(method, {}).update(values)
-    raw["method_overrides"] = merged
+    raw["method_overrides"] = _merged(raw.get("method_overrides", {}), overrides)
     return load_sweep(raw, str(path))

@@ -1,10 +1,8 @@
 """The upstream phase: every missing artifact of a sweep computed once, before the trials start.
 
-Artifacts are computed level by level (a kind after the kinds it needs: source models, then masks,
-then whatever a plug-in kind needs), as Ray tasks with a trial's resources and at most
-`concurrency` at a time. This makes computation exactly-once on any storage, object stores
-included, and keeps trials from idling on each other's locks. A failure here is reported and left
-to the trials that need the artifact: they retry it and record the error.
+Artifacts are computed level by level (a kind after the kinds it needs), as Ray tasks with a trial's
+resources, at most `concurrency` at a time: exactly-once on any storage, object stores included. A
+failure here is reported and left to the trials that need the artifact: they retry it and record it.
 """
 
 from __future__ import annotations
@@ -47,9 +45,8 @@ def _compute(sweep_json: str, spec_json: str, kind: str, store_root: str, points
 
 def _shared_runs(jobs: list[dict], slots: int = 1, limit: int = 1) -> list[dict]:
     """Jobs of a kind with shared paths (`ArtifactKind.shares`) whose keys differ only there merged
-    into one run over their points; every other job stays a run of its own. A kind that packs seeds
-    (`packs_seeds`, its key saying `packed`) shares `seed` too, and its runs are packs: split into
-    `slots` runs of near-equal size (one per slot that computes at once), each of at most `limit`
+    into one run over their points. A kind that packs seeds (`packs_seeds`, its key saying `packed`)
+    shares `seed` too, and its runs are packs: `slots` runs of near-equal size, each of at most `limit`
     models. Each run lists the keys it stores (`members`) and its `points` (None: a plain `get`)."""
     runs: dict[tuple[str, str], dict] = {}
     for job in jobs:
@@ -73,13 +70,11 @@ def _shared_runs(jobs: list[dict], slots: int = 1, limit: int = 1) -> list[dict]
         if not run["packs"] or n == 1:
             out.append(run)
             continue
-        parts = max(min(slots, n), -(-n // max(1, limit)))
-        sizes = near_equal(n, parts)
         start = 0
-        for size in sizes:
-            end = start + size
-            out.append({**run, "members": run["members"][start:end], "points": run["points"][start:end]})
-            start = end
+        for size in near_equal(n, max(min(slots, n), -(-n // max(1, limit)))):
+            part = slice(start, start + size)
+            out.append({**run, "members": run["members"][part], "points": run["points"][part]})
+            start += size
     return out
 
 

@@ -1,19 +1,14 @@
 """What runs inside a Ray worker for one Tune trial: a group of our trials, one after another
 (`orchestrator.queue` sizes the groups), each row sent to the driver as the trial ends.
 
-What reaches Tune:
-- a group of one trial (every trial that takes longer than a few seconds) reports as a trial always
-  did: a result after every stage and every epoch (the live curves in Tune's logs and trackers);
-- a group of several short trials reports epochs at most once every `REPORT_EVERY_S` and no
-  stages: each result costs the driver time comparable to a short trial's compute (docs/PERFORMANCE.md);
-- finished rows travel in batches (`"stage": "rows"`, at most `REPORT_EVERY_S` apart, and with
-  the group's last result, `"stage": "done"`), each with the compute time and cost of its
-  trials, from which the queue sizes the next groups.
+A group of one trial reports a result after every stage and epoch (the live curves); a group of
+several short trials reports epochs at most once every `REPORT_EVERY_S` and no stages. Finished rows
+travel in batches (`"stage": "rows"`, and `"done"` with the last), each with the compute time and
+cost of its trials, from which the queue sizes the next groups.
 
-A trial that raises gets a failed row and the group goes on: whether it runs again is the driver's
-decision (`orchestrator.queue`, the one place retries are decided). A stop request ends the group
-after the running trial's checkpoint (`"stage": "interrupted"`): the trials not finished get no row
-and run in the next run.
+A trial that raises gets a failed row and the group goes on (retries are the driver's,
+`orchestrator.queue`). A stop request ends the group after the running trial's checkpoint
+(`"stage": "interrupted"`): the unfinished trials get no row and run in the next run.
 """
 
 from __future__ import annotations
@@ -104,7 +99,7 @@ class Group:
             self.store,
             limit,
             should_stop=stop.requested,
-            calibrate_k=calibrates(self.sweep),
+            calibrate_k=self.sweep.resources.pack == "auto" and pick_device(self.sweep).type == "cuda",
             report=self.report,
         )
         for spec, outcome in zip(specs, outcomes, strict=True):
@@ -162,10 +157,8 @@ def log(spec: TrialSpec, stage: str, metrics: dict[str, Any]) -> None:
     print(f"[{spec.name}] stage {stage} {timing}", flush=True)
 
 
-# Under `resources.pack: auto`, the most models in a pack. On CPU a fixed K: packs beyond 16 gain
-# little (benchmarks/packing_fit.py), and a K measured on a loaded machine would mostly measure the
-# load; there K never changes a trial's numbers (a packed model does not depend on its pack). On a
-# GPU the worker measures K up to this bound (`calibrates`): throughput and free memory decide.
+# Under `resources.pack: auto`, the most models in a pack: on CPU a fixed K (packs beyond 16 gain
+# little, benchmarks/packing_fit.py); on a GPU the worker measures K up to this bound.
 AUTO_PACK = {"cpu": 16, "cuda": 64}
 
 
@@ -174,8 +167,3 @@ def pack_limit(sweep: SweepConfig) -> int:
     if sweep.resources.pack != "auto":
         return int(sweep.resources.pack)
     return AUTO_PACK.get(pick_device(sweep).type, 1)
-
-
-def calibrates(sweep: SweepConfig) -> bool:
-    """Whether this worker measures its pack size (`methods.packing.calibrate`): `pack: auto` on a GPU."""
-    return sweep.resources.pack == "auto" and pick_device(sweep).type == "cuda"
