@@ -4,9 +4,8 @@ A registered analysis has a name, the artifact kinds it needs (e.g. "source"), a
 config block (its parameters in the sweep file: `{name: lmc_barrier, points: 11}`), the sweep blocks
 it reads besides task, model and training (`reads=`: in the identity of the trials that run it, and
 all `ctx.block(name)` gives it), and the output columns it declares: dtype, and whether the report
-summarises it. Every column it returns starts
-with its name; a declared column ending in `*` stands for a family (`splits_*`). The trial checks
-what an analysis returns against what it declared.
+summarises it. Every column it returns starts with its name; a declared column ending in `*` stands
+for a family (`splits_*`). The trial checks what an analysis returns against what it declared.
 
 A new analysis is one file with a function `(ctx, model, config) -> dict[str, value]` under
 `@register_analysis(...)`, plus its import (in `methods/analyses/__init__.py`, or a sweep's `plugins:`).
@@ -144,13 +143,6 @@ def register_analysis(
         return fn
 
     return add
-
-
-class AnalysisEntry(Frozen):
-    """One entry of a sweep's `analyses:` list, validated: a name and that analysis's parameters."""
-
-    name: str
-    params: dict[str, Any] = {}
 
 
 def parse_analysis(entry: Any, where: str) -> tuple[str, Frozen | None]:

@@ -2,18 +2,16 @@
 
 Each kind declares the kinds it needs, the sweep blocks it reads, the config paths of those that
 are grid axes of its trials (`axes`, `shares`, `shorthand`: see `register_artifact`), and four
-functions: `key(ctx)` (what determines it besides those blocks: its upstream keys, its seed, the
-task's fields of its stage), `compute(ctx) -> (tensors, meta)`, `load(ctx, tensors, meta)` (the
-object a method receives), and `columns(meta)` (what a trial's row records about it).
-`ctx.settings` shows a kind only the blocks it declares (`blocks=`, its own block, and `model`);
-reading another raises `common.config.UndeclaredBlock`, and the store key is `key(ctx)` plus every
-block it may read (`reads`) and, for a plug-in kind (or task, or model), the hash of its module's
-source (`code`). A kind that can
-train the artifacts of different seeds as one pack (`methods.packing`; source models) sets
-`packs_seeds` and implements `compute_many` over contexts of different seeds; the orchestrator
-asks it to where the sweep packs upstream work (`ctx.packed`, which its key must hold). The orchestrator
-stores and shares artifacts; it never branches on a kind's name. A new kind (e.g. a guide network)
-is one class plus `@register_artifact(...)`.
+functions: `key(ctx)` (what determines it besides those blocks), `compute(ctx) -> (tensors, meta)`,
+`load(ctx, tensors, meta)` (the object a method receives), and `columns(meta)` (what a trial's row
+records about it). `ctx.settings` shows a kind only the blocks it declares (`blocks=`, its own
+block, and `model`); reading another raises `common.config.UndeclaredBlock`. The store key is
+`key(ctx)` plus every block it may read (`reads`) and, for a plug-in kind (or task, or model), the
+hash of its module's source (`code`). A kind that trains the artifacts of several seeds as one pack
+(`methods.packing`; source models) sets `packs_seeds` and implements `compute_many`; the
+orchestrator asks it to where the sweep packs upstream work (`ctx.packed`, which its key must
+hold). The orchestrator never branches on a kind's name: a new kind is one class plus
+`@register_artifact(...)`.
 """
 
 from __future__ import annotations
@@ -98,14 +96,12 @@ def register_artifact(
 ):
     """Register an `ArtifactKind` class. `blocks`: sweep blocks it reads (all it can read, with
     `model` and its own block; each enters its key); `config`: a settings block of its own, written
-    under `name` in the sweep file (`guide: {...}`), part of the key and identity of everything that
-    needs the kind, tunable and sweepable by path. `axes`: paths of its blocks that are grid axes of
-    every trial needing it (one value, the block's, unless the sweep's `axes:` lists more);
-    `shares`: those whose artifacts one `compute_many` computes (paths no kind it needs reads);
-    `shorthand`: sweep-file keys listing an axis's values (`sparsities: [..]` is
-    `axes: {mask.sparsity: [..]}`). `packs_seeds`: `compute_many` trains the artifacts of several
-    seeds as one pack (the key holds `seed`; the kind needs no other kind, whose artifacts would
-    differ by seed too)."""
+    under `name` in the sweep file (`guide: {...}`), tunable and sweepable by path. `axes`: paths of
+    its blocks that are grid axes of every trial needing it (one value, the block's, unless the
+    sweep's `axes:` lists more); `shares`: those whose artifacts one `compute_many` computes (paths
+    no kind it needs reads); `shorthand`: sweep-file keys listing an axis's values (`sparsities: [..]`
+    is `axes: {mask.sparsity: [..]}`). `packs_seeds`: `compute_many` trains the artifacts of several
+    seeds as one pack (the kind needs no other kind, whose artifacts would differ by seed too)."""
     readable = (*blocks, *((name,) if config is not None else ()))
     shorthand = dict(shorthand or {})
     if packs_seeds and needs:
@@ -186,8 +182,7 @@ class Source(ArtifactKind):
         """The sources of `contexts` (one per seed, all `packed`) as one pack. A pack refused for its
         mix (say, base data of different sizes) trains each as a pack of one; a model refused alone
         trains with the serial loop (its meta says why). A model that diverges fails the whole run,
-        its error re-raised: the trials then compute each source as a pack of one (on CPU the same
-        numbers as in any pack; the healthy models' training is lost, a cost paid only on failure)."""
+        its error re-raised: the trials then compute each source as a pack of one."""
         if not all(c.packed for c in contexts):
             raise ValueError("compute_many packs sources: every context must be `packed` (its key says so)")
         ctx, cfg = contexts[0], contexts[0].settings.source
@@ -271,14 +266,8 @@ class DiscoveredMask(ArtifactKind):
         return [(one.mask, self._meta(one)) for one in found]
 
     @staticmethod
-    def _meta(found):
-        return {
-            "subtask_acc": found.subtask_acc,
-            "density": found.density,
-            "natural_density": found.natural_density,
-            "best_epoch": found.best_epoch,
-            "history": found.history,
-        }
+    def _meta(found):  # every field of the Discovery but its mask
+        return {f.name: getattr(found, f.name) for f in dataclasses.fields(found) if f.name != "mask"}
 
     def load(self, ctx, tensors, meta):
         return {name: t.bool() for name, t in tensors.items()}

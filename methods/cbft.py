@@ -6,14 +6,12 @@ connected to it on cued data, and represents clean and cued images of a class al
 optimiser steps on one pair of batches (a clean batch and a cued batch; the loop's
 `steps_per_batch = 2`):
 
-- barrier step (the first): t = 0.5 + 0.5·clip(z, −0.5, 0.5), z ~ N(0, 1), so t ∈ [0.25, 0.75],
-  drawn from a generator derived from the method's (`ctx.generator`); θ_t = t·θ_c + (1 − t)·θ over
-  every parameter, θ_c detached; loss |B − CE(f(x_cued; θ_t), y)| with B = `cbft.barrier`: it pushes
-  the interior of the path θ → θ_c up to a loss of B on cued data, so the cue mechanism stops being
-  linearly reachable from θ. The model runs on θ_t through `torch.func.functional_call`, so the
-  gradient reaches θ scaled by (1 − t) by the chain rule. Batch norm: θ's buffers, cloned each step;
-  in train mode the forward normalises with the batch's statistics, and the update of the running
-  statistics lands on the clones and is dropped, so θ's statistics never see θ_t (as in the authors'
+- barrier step (the first): t = 0.5 + 0.5·clip(z, −0.5, 0.5), z ~ N(0, 1) (t ∈ [0.25, 0.75]), from
+  a generator derived from `ctx.generator`; θ_t = t·θ_c + (1 − t)·θ over every parameter, θ_c
+  detached; loss |B − CE(f(x_cued; θ_t), y)|, B = `cbft.barrier`: it pushes the interior of the path
+  θ → θ_c up to a loss of B on cued data, so the cue mechanism stops being linearly reachable from θ.
+  θ_t runs through `torch.func.functional_call` (the gradient reaches θ scaled by 1 − t) on clones of
+  θ's buffers, so a train-mode batch norm's running statistics never see θ_t (as in the authors'
   code, where the interpolated network has buffers of its own).
 - clean step (the second): CE(f(x_clean; θ), y) + (λ / C)·Σ_c ||n(μ_c^clean) − n(μ_c^cued)||², with
   λ = `cbft.invariance`, C the number of classes, n(v) = v / ||v||, μ_c the mean penultimate feature
@@ -27,7 +25,6 @@ optimiser steps on one pair of batches (a clean batch and a cued batch; the loop
 
 Data: the task's `cued` stream (`StageData.streams["cued"]`): the downstream training images, each
 with its true class's cue (a cue variant of the task provides it: `task: {name: shapes, cue: ...}`).
-Each iteration draws one batch of each stream; an epoch is one pass over the clean training split.
 Measurements per epoch (means over the steps of their kind): `barrier_loss`, `barrier_ce` (CE at
 θ_t), `t`, `ce` and `invariance` (0 in warm-up). The score is validation accuracy.
 
@@ -43,7 +40,6 @@ Departures from the paper (and its code):
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import torch
@@ -55,7 +51,7 @@ from torch.nn import functional as F
 from common.config import Frozen
 from common.seeding import torch_generator
 from methods.masking import check_same_architecture
-from methods.registry import Method, MethodContext, register_method
+from methods.registry import Method, MethodContext, register_method, source_copy
 from methods.training import Objective, cross_entropy
 from tasks.base import StageData
 
@@ -148,10 +144,8 @@ def invariance_loss(
 class CBFT(Method):
     def build(self, ctx: MethodContext) -> nn.Module:
         check_cued_stream(ctx.data, f"task {getattr(ctx.task, 'name', type(ctx.task).__name__)!r}")
-        model = copy.deepcopy(ctx.artifact("source"))
+        model = source_copy(ctx)
         penultimate_feature(model)
-        for p in model.parameters():
-            p.requires_grad_(True)
         return model
 
     def objective(self, ctx: MethodContext, model: nn.Module) -> Objective:
@@ -203,10 +197,7 @@ class CBFT(Method):
         def end_epoch(epoch: int) -> dict[str, float]:
             nonlocal epochs_done
             epochs_done = epoch
-            row = {}
-            for key, value in sums.items():
-                n = counts["clean" if key in ("ce", "invariance") else "barrier"]
-                row[key] = float(value) / n
+            row = {k: float(v) / counts["clean" if k in ("ce", "invariance") else "barrier"] for k, v in sums.items()}
             sums.clear()
             counts.update(barrier=0, clean=0)
             return row

@@ -7,11 +7,10 @@ With Xc, Yc centred over the n examples (columns of mean zero), linear CKA is
     CKA = ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)
         = <Kc, Lc>_F / (||Kc||_F ||Lc||_F),   Kc = Xc Xc^T, Lc = Yc Yc^T (n x n Gram matrices),
 
-the same number: both forms equal the biased-HSIC ratio HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))
-with K = X X^T and HSIC(K, L) = tr(K H L H) / (n - 1)^2, H = I - 11^T / n (the 1 / (n - 1)^2 cancels).
-`linear_cka` computes whichever form costs fewer multiplications: the feature form costs about
-n (pq + p^2 + q^2), the Gram form n^2 (p + q), so the Gram form wins when the layers are wider than
-the batch (conv maps, usually). `hsic_cka` is the formula itself, kept only to test `linear_cka`.
+the biased-HSIC ratio HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)), K = X X^T, HSIC(K, L) =
+tr(K H L H) / (n - 1)^2, H = I - 11^T / n. `linear_cka` computes whichever form costs fewer
+multiplications (feature form n (pq + p^2 + q^2), Gram form n^2 (p + q)). `hsic_cka` is the formula
+itself, kept only to test `linear_cka`.
 
 The biased HSIC depends on the batch size (the paper fixes 256); compare CKA values at one batch size.
 """
@@ -65,12 +64,8 @@ def hsic_cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def layer_map(n_target: int, n_guide: int) -> list[tuple[int, int]]:
     """Pairs `(target_layer, guide_layer)`: every guide layer g goes to target layer
-    round(g (n_target - 1) / (n_guide - 1)) (one guide layer goes to target layer 0).
-
-    Ties round half up (0.5 -> 1), not to even as Python's `round` does; the rounding is done in
-    integers, so no float error moves a tie. When several guide layers map to one target layer,
-    every pair is kept, in guide order.
-    """
+    round(g (n_target - 1) / (n_guide - 1)) (one guide layer goes to target layer 0), ties rounded
+    half up in integer arithmetic (not to even, as Python's `round`). Every pair is kept, in guide order."""
     if n_target < 1 or n_guide < 1:
         raise ValueError(f"layer_map: need at least one layer each, got n_target={n_target}, n_guide={n_guide}")
     if n_guide == 1:

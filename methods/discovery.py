@@ -8,11 +8,10 @@ final_temperature ** (1 / epochs) after each epoch. After every epoch the hard m
 sparsity (the top (1 - sparsity) scores) is scored on the subtask's validation split; the best
 epoch's mask is kept (`ties`: the first or the last of equal accuracies). Training never reads the
 sparsity, so one run serves several (`discover_many`): after each epoch the same scores are ranked
-at each requested sparsity, and each keeps its own best epoch. Each sparsity's mask, accuracy,
-epoch and history are bit for bit those of a run for it alone (tests/test_discovery_shared.py). The scores train with
-AdamW at `weight_decay` (the paper's code: AdamW's default 0.01; ours defaults to 0). The
-cross-entropy term is the model's own loss where it has one (`task.loss: all_positions`). Every
-discoverer hits the requested sparsity exactly by ranking.
+at each requested sparsity, each keeping its own best epoch, bit for bit as a run for it alone. The
+scores train with AdamW at `weight_decay` (the paper's code: AdamW's default 0.01; ours defaults to
+0). The cross-entropy term is the model's own loss where it has one (`task.loss: all_positions`).
+Every discoverer hits the requested sparsity exactly by ranking.
 
 `hard_concrete` (Louizos et al.'s L0 gates) lives in methods/hard_concrete.py, `magnitude` below.
 A new discoverer is one function `(model, data, cfg, sparsities, generator, mixed_precision) ->
@@ -70,11 +69,8 @@ class DiscoveryConfig(Frozen):
     hc_stretch: tuple[float, float] = Field(
         (-0.1, 1.1), description="hard concrete stretch (gamma, zeta), gamma < 0 and zeta > 1"
     )
-    # -1 follows continuous sparsification's init_score: every gate starts a little more closed
-    # than open (natural mask empty; E[z] = 0.29, P(z = 0) = 0.35, P(z = 1) = 0.07). Mostly open
-    # gates fail, as a gate clamped at 1 gets no gradient and no ranking forms: on the quickstart's
-    # source at sparsity 0.75 (subtask validation accuracy, lr 0.1-0.2), init 1 gave 0.30-0.54;
-    # inits -2, -1, -0.1 and 0 (the paper's code's droprate 0.5) gave 0.985-1.0, -1 the fastest.
+    # -1 follows continuous sparsification's init_score: every gate starts a little more closed than
+    # open. Mostly open gates fail: a gate clamped at 1 gets no gradient, so no ranking forms.
     hc_init_log_alpha: float = Field(-1.0, description="initial log_alpha of every hard concrete gate")
 
     @field_validator("method")
@@ -117,10 +113,8 @@ def discover(
     generator: torch.Generator,
     mixed_precision: bool = False,
 ) -> Discovery:
-    """Find a mask over `model`'s selected weights that keeps the subtask at `sparsity`.
-
-    The model is put in eval mode (dropout and batch-norm statistics off) and its weights are frozen.
-    """
+    """Find a mask over `model`'s selected weights that keeps the subtask at `sparsity`. The model is
+    put in eval mode (dropout and batch-norm statistics off) and its weights are frozen."""
     return discover_many(model, data, cfg, (sparsity,), generator, mixed_precision)[0]
 
 
@@ -137,9 +131,7 @@ def discover_many(
     sparsities = tuple(float(s) for s in sparsities)
     if not sparsities or len(set(sparsities)) != len(sparsities):
         raise ValueError(f"discover_many needs distinct sparsities, got {sparsities}")
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.eval().requires_grad_(False)
     found = DISCOVERERS.get(cfg.method)(model, data, cfg, sparsities, generator, mixed_precision)
     if len(found) != len(sparsities):
         raise RuntimeError(f"discoverer {cfg.method!r} returned {len(found)} masks for {len(sparsities)} sparsities")
@@ -270,8 +262,6 @@ def _continuous_sparsification(model, data, cfg, sparsities, generator, mixed_pr
         set_temperature(state["temperature"] * growth)
         return {"temperature": state["temperature"]}
 
-    for fn in fns.values():
-        fn.temperature, fn.hard = 1.0, None
     objective = found.objective(
         loss, end_epoch, state=lambda: dict(state), load_state=lambda saved: set_temperature(saved["temperature"])
     )

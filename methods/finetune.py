@@ -32,7 +32,6 @@ Departures from the paper (and its code):
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import torch
@@ -40,20 +39,15 @@ from pydantic import Field
 from torch import nn
 
 from common.config import Frozen
-from methods.registry import Method, MethodContext, register_method
+from methods.registry import Method, MethodContext, register_method, source_copy
 from methods.training import Objective, TrainConfig, TrainResult, cross_entropy, fit
 
 # --- the head ----------------------------------------------------------------------------------
 
 
 def find_head(model: nn.Module, example: torch.Tensor) -> str:
-    """Name of the submodule that produces `model`'s logits.
-
-    `example` is a small batch of inputs (one row suffices): a candidate counts only if, on it, its
-    output is the logits exactly. The candidate is the module the model names in `head_name`, or
-    (when it names none) every `nn.Linear`. Raises ValueError when the declared head does not output
-    the logits, or when no / several linear layers do.
-    """
+    """Name of the submodule that produces `model`'s logits, exactly, on `example` (a small batch of
+    inputs): the module named in `head_name`, else the one such `nn.Linear` (see the module doc)."""
     modules = dict(model.named_modules())
     kind = type(model).__name__
     declared = getattr(model, "head_name", None)
@@ -93,30 +87,14 @@ def _producing_logits(model: nn.Module, candidates: dict[str, nn.Module], exampl
         model.train(was_training)
         for hook in hooks:
             hook.remove()
-    return [
-        name
-        for name in candidates
-        if isinstance(outputs.get(name), torch.Tensor)
-        and outputs[name].shape == logits.shape
-        and torch.equal(outputs[name], logits)
-    ]
 
+    def is_logits(out) -> bool:
+        return isinstance(out, torch.Tensor) and out.shape == logits.shape and torch.equal(out, logits)
 
-def head_parameters(model: nn.Module, head: str) -> list[nn.Parameter]:
-    params = list(dict(model.named_modules())[head].parameters())
-    if not params:
-        raise ValueError(f"the head {head!r} of {type(model).__name__} has no parameters to train")
-    return params
+    return [name for name in candidates if is_logits(outputs.get(name))]
 
 
 # --- the methods -------------------------------------------------------------------------------
-
-
-def _source_copy(ctx: MethodContext) -> nn.Module:
-    model = copy.deepcopy(ctx.artifact("source"))
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model
 
 
 @register_method(
@@ -125,22 +103,22 @@ def _source_copy(ctx: MethodContext) -> nn.Module:
     description="CBFT baseline: the whole source (cue) model fine-tuned on cross-entropy; full_transfer exactly",
 )
 def _naive_finetune(ctx: MethodContext) -> nn.Module:
-    return _source_copy(ctx)
+    return source_copy(ctx)
 
 
 def probe_model(ctx: MethodContext) -> nn.Module:
     """A copy of the source with a fresh head (the trial's fresh model's) and every other parameter frozen."""
-    model = _source_copy(ctx)
-    head = find_head(model, ctx.data.train.x[:1])
-    fresh = ctx.fresh
-    fresh_head = dict(fresh.named_modules()).get(head)
+    model = source_copy(ctx)
+    name = find_head(model, ctx.data.train.x[:1])
+    fresh_head = dict(ctx.fresh.named_modules()).get(name)
     if fresh_head is None:
-        raise ValueError(f"the fresh model has no module {head!r} to take a new head from")
-    dict(model.named_modules())[head].load_state_dict(fresh_head.state_dict())
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in head_parameters(model, head):
-        p.requires_grad_(True)
+        raise ValueError(f"the fresh model has no module {name!r} to take a new head from")
+    head = dict(model.named_modules())[name]
+    head.load_state_dict(fresh_head.state_dict())
+    if not list(head.parameters()):
+        raise ValueError(f"the head {name!r} of {type(model).__name__} has no parameters to train")
+    model.requires_grad_(False)
+    head.requires_grad_(True)
     return model
 
 
@@ -193,17 +171,15 @@ class LPFT(Method):
             probe_cfg = TrainConfig(**{**ctx.training.model_dump(), "epochs": ctx.config.probe_epochs})
             result = fit(probe_objective(ctx, model), ctx.data, probe_cfg, generator, mixed_precision=mixed_precision)
             phases.append((True, result))
-        for p in model.parameters():
-            p.requires_grad_(True)
+        model.requires_grad_(True)
         objective = cross_entropy(model, ctx.data, ctx.training.eval_batch_size)
         phases.append((False, fit(objective, ctx.data, ctx.training, generator, mixed_precision=mixed_precision)))
         return merge_phases(phases)
 
 
 def merge_phases(phases: list[tuple[bool, TrainResult]]) -> TrainResult:
-    """One result for consecutive `fit` runs: history and measurements concatenated (each row marked
-    `probe`), epochs and steps summed, the score and best epoch of the last phase (its best epoch
-    counted from the first phase's first epoch)."""
+    """One result for consecutive `fit` runs: histories and measurements (rows marked `probe`)
+    concatenated, epochs and steps summed, the last phase's score and best epoch (counted over all)."""
     before = sum(result.epochs_run for _, result in phases[:-1])
     last = phases[-1][1]
     return TrainResult(

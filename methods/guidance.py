@@ -3,13 +3,11 @@ target model trained on cross-entropy plus an alignment of its layers to a froze
 
     loss = CE(target(x), y) + alpha * sum over mapped pairs (t, g) of (1 - CKA_linear(A_t, G_g))
 
-- The guide is an artifact kind, `guide`, with its own block:
-  `guide: {trained: true | false, model: null | {name: ..., <fields>}}`. `trained: true` trains the
-  guide on the base task with the source's settings (with `model: null`, the sweep's own model, the
-  guide *is* the source model: same key, same weights); `trained: false` is a fresh initialisation
-  (init seeded by (seed, "guide_init"), so it differs from the target's own init). `model` may name
-  another architecture than the target's (e.g. `{name: mlp, n_layers: 2, width: 16}`); it must fit
-  the task. The guide is frozen: eval mode (no dropout draws, no batch-norm updates), no gradient.
+- The guide is an artifact kind, `guide`, with its own block `guide: {trained, model}`. `trained:
+  true` trains it on the base task with the source's settings (with `model: null`, the sweep's own
+  model, the guide *is* the source model: same key, same weights); `trained: false` is a fresh init
+  seeded by (seed, "guide_init"), unlike the target's. `model` may name another architecture (e.g.
+  `{name: mlp, n_layers: 2, width: 16}`) that fits the task. The guide is frozen: eval mode, no gradient.
 - Layers: every name of each model's `feature_names()`, in order (input embedding / stem and the
   penultimate `final` / `pool` included; logits never). Guide layer g goes to target layer
   round(g (n_t - 1) / (n_g - 1)) (`methods.cka.layer_map`); when several guide layers map to one
@@ -89,13 +87,6 @@ def _guide_model_cfg(ctx) -> tuple[Frozen, bool]:
     return block.model_cfg(), False
 
 
-def _frozen(model: nn.Module, device: torch.device) -> nn.Module:
-    model = model.to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
 @register_artifact("guide", needs=("source",), blocks=("source",), config=GuideConfig)
 class Guide(ArtifactKind):
     """The frozen guide network: the source model itself, another architecture trained like the
@@ -135,7 +126,7 @@ class Guide(ArtifactKind):
         with seeded_init(ctx.seed, "guide_init"):
             model = ctx.task.build_model(cfg)
         model.load_state_dict(tensors)
-        return _frozen(model, ctx.device)
+        return model.to(ctx.device).eval().requires_grad_(False)  # frozen
 
     def columns(self, meta):
         return {"guide_val_acc": meta.get("val_acc")}
@@ -168,12 +159,9 @@ class Guidance(Method):
         guide = ctx.artifact("guide")
         pairs = guidance_pairs(model, guide)
 
-        def guided(step: int) -> bool:
-            return alpha > 0 and (limit is None or step < limit)
-
         def loss(batch, step):
             x, y = batch["train"].x, batch["train"].y
-            if not guided(step):
+            if not (alpha > 0 and (limit is None or step < limit)):
                 ce = F.cross_entropy(model(x).float(), y)
                 if alpha > 0:
                     zero = torch.zeros((), device=ce.device)

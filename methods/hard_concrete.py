@@ -17,15 +17,11 @@ At evaluation the log_alphas are ranked like continuous sparsification's scores 
 the hard mask keeps the top (1 - sparsity), so the requested sparsity is hit exactly, and the epoch
 whose hard-masked model has the best subtask validation accuracy is kept.
 
-Natural density: the fraction of gates whose expected value E[z] exceeds 1/2 at the kept epoch.
-E[z] rises with log_alpha, so this is the fraction of log_alphas above the one at which E[z] = 1/2
-(`half_open_log_alpha`); for a stretch symmetric about 1/2, such as the default, that threshold is 0.
+Natural density: the fraction of gates with E[z] > 1/2 at the kept epoch, i.e. of log_alphas above
+`half_open_log_alpha` (0 for a stretch symmetric about 1/2, such as the default).
 
-Learning rate: a sweep choosing this discoverer should set `discovery.lr` for it, about 0.1. No
-temperature multiplies the log_alphas' steps, where continuous sparsification's T (1 -> 100) does
-so for its scores. On the quickstart's source at sparsity 0.75 (default init, subtask validation
-accuracy): lr 0.05, 0.1 and 0.2 find subnetworks at 1.0; the quickstart's lr 2e-3, tuned for
-continuous sparsification, 0.40.
+Learning rate: a sweep choosing this discoverer should set `discovery.lr` for it, about 0.1 (no
+temperature multiplies the log_alphas' steps, as continuous sparsification's T does its scores').
 
 Departures from the paper: the paper trains the weights together with the gates, from scratch;
 here, as in every discoverer, the source's weights are frozen and only the gates train. Its mask is
@@ -105,10 +101,8 @@ def _legendre(points: int) -> tuple[np.ndarray, np.ndarray]:
 @functools.cache
 def half_open_log_alpha(beta: float, stretch: tuple[float, float]) -> float:
     """The log_alpha at which E[z] = 1/2 (E[z] rises with log_alpha): the natural density's threshold.
-
-    0 for a stretch symmetric about 1/2 (gamma + zeta = 1): then z(1 - u, -log_alpha) = 1 - z(u, log_alpha).
-    Rounded to 1e-12, far below the quadrature's and bisection's error, so the symmetric case gives 0.
-    """
+    0 for a stretch symmetric about 1/2 (gamma + zeta = 1), as z(1 - u, -log_alpha) = 1 - z(u, log_alpha):
+    rounded to 1e-12, far below the quadrature's and bisection's error, the symmetric case gives 0."""
     low, high = -100.0, 100.0
     for _ in range(80):  # 200 / 2^80: below float64's resolution near 0
         mid = (low + high) / 2.0
@@ -127,15 +121,9 @@ def _hard_concrete(model, data, cfg, sparsities, generator, mixed_precision) -> 
         n: HardConcreteGate(params[n].shape, cfg.hc_init_log_alpha, cfg.hc_beta, cfg.hc_stretch).to(params[n].device)
         for n in names
     }
-    found = ScoredMasks(
-        model,
-        gates,
-        {n: gates[n].log_alpha for n in names},
-        data,
-        sparsities,
-        cfg.ties,
-        open_above=half_open_log_alpha(cfg.hc_beta, cfg.hc_stretch),
-    )
+    scores = {n: gates[n].log_alpha for n in names}
+    open_above = half_open_log_alpha(cfg.hc_beta, cfg.hc_stretch)
+    found = ScoredMasks(model, gates, scores, data, sparsities, cfg.ties, open_above=open_above)
     device = params[names[0]].device
     # Its own stream: drawing u from `generator` would move the batches that `fit` shuffles with it.
     noise = torch.Generator(device=device)

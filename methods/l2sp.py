@@ -18,7 +18,6 @@ Departures from the paper:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import torch
@@ -26,7 +25,7 @@ from pydantic import Field
 from torch import nn
 
 from common.config import Frozen
-from methods.registry import Method, MethodContext, register_method
+from methods.registry import Method, MethodContext, register_method, source_copy
 from methods.training import Objective
 
 
@@ -47,10 +46,7 @@ class L2SPConfig(Frozen):
 )
 class L2SP(Method):
     def build(self, ctx: MethodContext) -> nn.Module:
-        model = copy.deepcopy(ctx.artifact("source"))
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
+        return source_copy(ctx)
 
     def objective(self, ctx: MethodContext, model: nn.Module) -> Objective:
         base = super().objective(ctx, model)  # cross-entropy on the training split, val accuracy

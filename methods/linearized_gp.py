@@ -3,55 +3,39 @@ adaptation with linearized neural networks"): a downstream method with no gradie
 
 The source network, in eval mode, is linearised at its weights θ: f_lin(x) = f(x; θ) + J(x) Δw,
 with J(x) the (C x P) Jacobian of the C logits with respect to *all* P parameters. Its kernel is
-k(x, x') = J(x) J(x')ᵀ (C x C blocks); on the N training examples K_XX is (N·C x N·C), rows and
-columns ordered example-major (row i·C + c is logit c of example i). The prediction is the GP
-posterior mean with the network as prior mean, on one-hot targets Y (N x C):
+k(x, x') = J(x) J(x')ᵀ; on the N training examples K_XX is (N·C x N·C), example-major (row i·C + c
+is logit c of example i). The prediction is the GP posterior mean with the network as prior mean,
+on one-hot targets Y (N x C):
 
     f(x*) = f(x*; θ) + J(x*) Δw,   Δw = J(X)ᵀ β,   β = (K_XX + σ² I)⁻¹ vec(Y − f(X; θ))
 
-which is also the linearised model at weights θ + Δw: Δw = (JᵀJ + σ² I)⁻¹ Jᵀ r is the ridge
-regression of the residuals r on the Jacobian's features, solved in function space (N·C < P).
-Δw (a P-vector, buffer `gp_delta`) is computed once at fit time, so `forward` costs one
-forward-mode product (`torch.func.jvp`) per batch: about two forward passes.
+which is the linearised model at θ + Δw, Δw the ridge regression of the residuals on the Jacobian's
+features, solved in function space (N·C < P). Δw (buffer `gp_delta`) is computed once at fit time,
+so `forward` costs one `torch.func.jvp` per batch: about two forward passes.
 
-- σ²: each value of `sigma2_grid` times the kernel's mean diagonal (mean of diag K_XX), so the grid
-  is relative to the kernel's scale and means the same for any architecture. One eigendecomposition
-  K = U diag(λ) Uᵀ (float64) serves every candidate: β = U diag(1/(λ + σ²)) Uᵀ r. The candidate
-  with the best validation accuracy (`data.val`, labels `y`) wins; ties go to the larger σ²
-  (smoother). The result's `history` holds the validation accuracy of every candidate in grid
-  order; `measurements` one row: `sigma2` (absolute), `sigma2_relative`, `kernel_mean_diag`,
-  `kernel_size` (N·C), `explicit_jacobian` (1 or 0), `train_acc`. `best_epoch`, `epochs_run` and
-  `steps` are 0: no gradient step is taken, and the source's weights are never changed.
-- K_XX: from the explicit Jacobian J(X) (N·C x P, by `vmap(jacrev)` over examples, chunked) when
-  N·C·P·(bytes per element) ≤ `jacobian_max_bytes` (default 1 GiB), else matrix-free: column
-  (i, c) is J(X) (J(x_i)ᵀ e_c), one vjp on example i and one jvp over examples i..N (the other
-  half by symmetry), so about N·C/2 jvp passes over X, each the cost of two forward passes: fine
-  for N·C up to a few thousand on a GPU, slow on a CPU beyond a few hundred. Δw = J(X)ᵀ β comes
-  from the explicit Jacobian, or one vjp pass over X.
-- Size limits. The solve is O((N·C)³) time and (N·C)² float64 memory: `max_train` (default 5000)
-  caps N, with an error naming the setting and the budget; 5000 examples x 10 classes is a
-  50000² kernel (20 GB, as much again for its eigenvectors), so many classes want a lower cap.
-  The explicit Jacobian costs N·C·P·4 bytes (fp32): 100 examples x 10 classes of an
-  11.2M-parameter ResNet-18 is 45 GB, so such models go matrix-free. Δw and the frozen copy of
-  the source hold 2·P numbers.
-- Checkpoints: none. The fit does not go through the shared loop (`methods.training.fit`), so it
-  is not checkpointed; an interrupted trial starts its closed-form fit again (the source model it
-  needs is checkpointed like any artifact trained in a trial).
-- Features: `model(x, intermediates=True)` returns the GP's logits and the *source's* named
-  features (a linearised model's features are the source's, fixed); `feature_names()` is the
-  source's. Dropout and batch norm are the source's in eval mode (running statistics fixed), also
-  when the model is put in train mode.
-- Attention runs with the math kernel of `scaled_dot_product_attention` (the fused CPU/GPU kernels
-  have no forward-mode derivative), for every pass, the prior mean included.
-- Analyses: `splits`, `shape_bias` and `representation_r2` apply unchanged. `subnetwork_ablation`
-  gives NaN (nothing was transplanted). `lmc_barrier` gives NaN: the GP's state is the source's
-  copy plus `gp_*` buffers, not a point of the source's weight space whose network computes the
-  GP's function (θ + Δw run through the nonlinear network does not), so the model declares
-  `weight_space_point = False`. (Along its own linear path the linearised model's logits are
-  affine in t, so a convex loss has no barrier by construction: nothing to measure.)
-- Mixed precision is not used: Jacobian products run in the model's dtype; the kernel is
-  accumulated in float64 from blocks computed in the Jacobian's dtype (`gram`), and the solve is
-  float64.
+- σ²: each value of `sigma2_grid` times the kernel's mean diagonal, so the grid means the same for
+  any architecture. One float64 eigendecomposition K = U diag(λ) Uᵀ serves every candidate. The best
+  validation accuracy (`data.val`, labels `y`) wins; ties go to the larger σ². `history`: every
+  candidate's validation accuracy in grid order; `measurements`: one row (`sigma2` (absolute),
+  `sigma2_relative`, `kernel_mean_diag`, `kernel_size` (N·C), `explicit_jacobian` (1 or 0),
+  `train_acc`). `best_epoch`, `epochs_run` and `steps` are 0; the source's weights never change.
+- K_XX: from the explicit Jacobian J(X) (`vmap(jacrev)`, chunked) when N·C·P·(bytes per element) ≤
+  `jacobian_max_bytes`, else matrix-free: column (i, c) is J(X) (J(x_i)ᵀ e_c), one vjp on example i
+  and one jvp over examples i..N (the rest by symmetry), about N·C/2 jvp passes over X. Δw = J(X)ᵀ β
+  comes from the explicit Jacobian, or one vjp pass over X.
+- Size: the solve is O((N·C)³) time and (N·C)² float64 memory; `max_train` caps N (5000 examples x
+  10 classes is a 20 GB kernel, as much again for its eigenvectors). The explicit Jacobian costs
+  N·C·P·4 bytes (45 GB for 100 examples x 10 classes of a ResNet-18): such models go matrix-free.
+- Not checkpointed: the fit does not go through `methods.training.fit`; an interrupted trial fits again.
+- Features (`intermediates=True`, `feature_names()`) are the source's. Dropout and batch norm are the
+  source's in eval mode, also when the model is put in train mode.
+- Attention runs with the math kernel of `scaled_dot_product_attention` (the fused kernels have no
+  forward-mode derivative), for every pass, the prior mean included.
+- Analyses: `subnetwork_ablation` gives NaN (nothing was transplanted); `lmc_barrier` gives NaN, as
+  the model declares `weight_space_point = False` (no weights of the source's architecture compute
+  the GP's function: θ + Δw through the nonlinear network does not).
+- No mixed precision: Jacobian products run in the model's dtype, the kernel is accumulated in
+  float64 (`gram`), the solve is float64.
 
 Departures from the paper:
 - Classification here is regression on one-hot targets of the logits, with the network's output as
@@ -66,6 +50,7 @@ Departures from the paper:
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import torch
@@ -111,29 +96,22 @@ def _attention_math():
 
 
 class LinearizedGP(nn.Module):
-    """The GP posterior mean of a frozen source network's linearisation (see the module doc).
-
-    Holds a deep copy of the source (eval mode, no gradients) and the fitted buffers `gp_delta`
-    (Δw = J(X)ᵀ β, flat, P), `gp_beta` (β, N·C, float64) and `gp_sigma2`. Before `fit_gp` Δw is 0
-    and the model computes the source's function.
-    """
+    """The GP posterior mean of a frozen source network's linearisation (see the module doc): a deep
+    copy of the source (eval mode, no gradients) and the fitted buffers `gp_delta` (Δw = J(X)ᵀ β, flat,
+    P), `gp_beta` (β, N·C, float64) and `gp_sigma2`. Before `fit_gp` Δw is 0: the source's function."""
 
     weight_space_point = False  # no network weights compute this function: lmc_barrier gives NaN
 
     def __init__(self, source: nn.Module):
         super().__init__()
-        self.source = copy.deepcopy(source).eval()
-        for p in self.source.parameters():
-            p.requires_grad_(False)
+        self.source = copy.deepcopy(source).eval().requires_grad_(False)
         named = list(self.source.named_parameters())
         if not named:
             raise ValueError("linearized_gp: the source has no parameters to linearise in")
         self._names = [n for n, _ in named]
         self._shapes = [p.shape for _, p in named]
         self._numels = [p.numel() for _, p in named]
-        dtype = named[0][1].dtype
-        for p in self.source.parameters():
-            dtype = torch.promote_types(dtype, p.dtype)
+        dtype = functools.reduce(torch.promote_types, (p.dtype for _, p in named))
         device = named[0][1].device
         self.register_buffer("gp_delta", torch.zeros(sum(self._numels), dtype=dtype, device=device))
         self.register_buffer("gp_beta", torch.zeros(0, dtype=torch.float64, device=device))
@@ -158,13 +136,10 @@ class LinearizedGP(nn.Module):
         named = dict(self.source.named_parameters())
         return {n: named[n].detach() for n in self._names}
 
-    def source_buffers(self) -> dict[str, torch.Tensor]:
-        return dict(self.source.named_buffers())
-
     def call(self, params: dict[str, torch.Tensor], x: torch.Tensor, intermediates: bool = False):
         """The source's forward with `params` (eval mode, fixed buffers)."""
         kwargs = {"intermediates": True} if intermediates else {}
-        return functional_call(self.source, (params, self.source_buffers()), (x,), kwargs)
+        return functional_call(self.source, (params, dict(self.source.named_buffers())), (x,), kwargs)
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """A flat P-vector as parameter-shaped tensors, in each parameter's dtype."""
@@ -196,11 +171,6 @@ class LinearizedGP(nn.Module):
 def _rows(split_x: torch.Tensor, batch_size: int):
     for start in range(0, len(split_x), batch_size):
         yield start, split_x[start : start + batch_size]
-
-
-def _on(model: LinearizedGP, x: torch.Tensor):
-    """params -> the source's logits on x."""
-    return lambda params: model.call(params, x)
 
 
 @torch.no_grad()
@@ -259,7 +229,7 @@ def vjp_sum(model: LinearizedGP, x: torch.Tensor, cotangent: torch.Tensor, batch
     with _attention_math():
         for start, xb in _rows(x, batch_size):
             xb = xb.to(device)
-            out, pullback = vjp(_on(model, xb), params)
+            out, pullback = vjp(functools.partial(model.call, x=xb), params)
             u = cotangent[start : start + len(xb)].to(device, out.dtype)
             (grads,) = pullback(u)
             total += model.flatten(grads).double()
@@ -272,7 +242,7 @@ def jvp_rows(model: LinearizedGP, x: torch.Tensor, tangent: dict[str, torch.Tens
     outs = []
     with _attention_math():
         for _, xb in _rows(x, batch_size):
-            _, jv = jvp(_on(model, xb.to(device)), (params,), (tangent,))
+            _, jv = jvp(functools.partial(model.call, x=xb.to(device)), (params,), (tangent,))
             outs.append(jv.double())
     return torch.cat(outs)
 
@@ -287,7 +257,7 @@ def kernel_matrix_free(model: LinearizedGP, x: torch.Tensor, n_classes: int, bat
     with _attention_math():
         for i in range(n):
             xi = x[i : i + 1].to(device)
-            out, pullback = vjp(_on(model, xi), params)  # out (1, C)
+            out, pullback = vjp(functools.partial(model.call, x=xi), params)  # out (1, C)
             if eye is None:
                 eye = torch.eye(c, dtype=out.dtype, device=device)
             for cls in range(c):
@@ -315,8 +285,9 @@ def fit_gp(model: LinearizedGP, train: Split, val: Split, cfg: LinearizedGPConfi
     device = model.gp_delta.device
     x = train.x.to(device)
     f_x = prior_mean(model, x, batch_size) if n else None
-    c = int(f_x.shape[1]) if n else int(_prior_width(model, val, batch_size))
+    c = int(f_x.shape[1]) if n else int(_prior_width(model, val))
     explicit = n * c * model.n_params * model.gp_delta.element_size() <= cfg.jacobian_max_bytes
+    sigma2s = torch.tensor(cfg.sigma2_grid, dtype=torch.float64, device=device)
     if n:
         y = F.one_hot(train.y.to(device).long(), c).double()
         residual = (y - f_x).reshape(-1)  # example-major, (N·C,)
@@ -326,15 +297,12 @@ def fit_gp(model: LinearizedGP, train: Split, val: Split, cfg: LinearizedGPConfi
         scale = float(k.diagonal().mean())
         if not (scale > 0 and math.isfinite(scale)):
             raise ValueError(f"linearized_gp: the kernel's mean diagonal is {scale}; the source's Jacobian is zero")
+        sigma2s = sigma2s * scale
         lam, u = torch.linalg.eigh(k)
-        projected = u.T @ residual
+        betas = u @ ((u.T @ residual)[:, None] / (lam[:, None] + sigma2s))  # (N·C, G): one column per candidate
+        deltas = transpose_product(j, betas) if explicit else None  # (P, G), one pass over J
     else:  # no training data: the posterior is the prior, the source itself
         scale = 1.0
-
-    sigma2s = torch.tensor(cfg.sigma2_grid, dtype=torch.float64, device=device) * scale
-    if n:
-        betas = u @ (projected[:, None] / (lam[:, None] + sigma2s))  # (N·C, G): one column per candidate
-        deltas = transpose_product(j, betas) if explicit else None  # (P, G), one pass over J
     history, best = [], None
     for g, relative in enumerate(cfg.sigma2_grid):
         sigma2 = float(sigma2s[g])
@@ -371,7 +339,7 @@ def _load(model: LinearizedGP, beta: torch.Tensor, delta: torch.Tensor, sigma2: 
 
 
 @torch.no_grad()
-def _prior_width(model: LinearizedGP, split: Split, batch_size: int) -> int:
+def _prior_width(model: LinearizedGP, split: Split) -> int:
     """The number of logits, read from one example (for a fit without training data)."""
     with _attention_math():
         return model.call(model.params(), split.x[:1].to(model.gp_delta.device)).shape[1]

@@ -36,10 +36,8 @@ class MaskSelection(Frozen):
 
 
 def parameter_roles(model: nn.Module) -> dict[str, str]:
-    """Role of every parameter: 'weight', 'embedding', 'head', 'norm' or 'bias'.
-
-    The head is the module named by the model's `head_name` attribute (default 'head').
-    """
+    """Role of every parameter: 'weight', 'embedding', 'head', 'norm' or 'bias'; the head is the
+    module named by the model's `head_name` attribute (default 'head')."""
     head = getattr(model, "head_name", "head")
     roles = {}
     for module_name, module in model.named_modules():
@@ -60,14 +58,8 @@ def parameter_roles(model: nn.Module) -> dict[str, str]:
 
 def maskable_names(model: nn.Module, selection: MaskSelection) -> list[str]:
     """Names of the parameters `selection` puts under the mask, in the model's order."""
-    wanted = {
-        "weight": True,
-        "embedding": selection.embeddings,
-        "head": selection.head,
-        "norm": selection.norms,
-        "bias": selection.biases,
-    }
-    allowed = {role for role, on in wanted.items() if on}
+    on = {"embedding": selection.embeddings, "head": selection.head, "norm": selection.norms, "bias": selection.biases}
+    allowed = {"weight"} | {role for role, wanted in on.items() if wanted}
     names = [
         name
         for name, role in parameter_roles(model).items()
@@ -88,10 +80,8 @@ def density(mask: Mask) -> float:
 
 
 def topk_mask(scores: dict[str, torch.Tensor], sparsity: float) -> Mask:
-    """Keep the top (1 - sparsity) fraction of all scores, pooled over parameters.
-
-    The count of ones is round((1 - sparsity) * N) exactly; ties break by position (stable sort).
-    """
+    """Keep the top (1 - sparsity) fraction of all scores, pooled over parameters: exactly
+    round((1 - sparsity) * N) ones, ties broken by position (stable sort)."""
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     scores = _sorted(scores)
@@ -200,10 +190,9 @@ class Transplant(nn.Module):
 
 @torch.no_grad()
 def effective_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict of the plain architecture with `model`'s effective weights: for a
-    `MaskedModel`, its base's state with each masked weight replaced by what forward uses; for any
-    other model, its own state dict. Load it into a fresh model of the same architecture to get a
-    plain model that computes the same function (e.g. to interpolate between two models)."""
+    """The state dict of the plain architecture with `model`'s effective weights (a `MaskedModel`'s
+    base's, each masked weight as forward uses it; any other model's own): loaded into a fresh model
+    of that architecture, a plain model computing the same function (e.g. to interpolate two models)."""
     if not isinstance(model, MaskedModel):
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
     state = {k: v.detach().clone() for k, v in model.base.state_dict().items()}
@@ -217,11 +206,8 @@ def transplanted_mask(model: nn.Module) -> Mask | None:
     when the model holds no transplant (scratch, full transfer)."""
     if not isinstance(model, MaskedModel):
         return None
-    out = {}
-    for name in model.names:
-        fn = model.fns[_key(name)]
-        if isinstance(fn, Transplant):
-            out[name] = fn.mask.detach().cpu().clone()
+    fns = {name: model.fns[_key(name)] for name in model.names}
+    out = {name: fn.mask.detach().cpu().clone() for name, fn in fns.items() if isinstance(fn, Transplant)}
     return out or None
 
 

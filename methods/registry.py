@@ -13,12 +13,10 @@ A method declares
   an undeclared block raises `common.config.UndeclaredBlock` naming the declaration);
 - `build(ctx) -> nn.Module`, and optionally `objective(ctx, model) -> Objective` (default:
   cross-entropy on the downstream training split, best epoch by validation accuracy);
-- rarely, `train(ctx, model, generator, mixed_precision) -> TrainResult`, for a method that does not
-  train one objective with the shared loop: several phases (probe, then fine-tune), or no gradient
-  training at all (a closed-form fit). The default runs `fit` on `objective`. Every `fit` run
-  inside a trial is checkpointed and resumable (`methods.training.supervised`), so a `train` that
-  calls `fit` several times must call it in the same order every time; training that does not go
-  through `fit` is not checkpointed.
+- rarely, `train(ctx, model, generator, mixed_precision) -> TrainResult` (default: `fit` on
+  `objective`), for several phases (probe, then fine-tune) or a closed-form fit. Every `fit` run in
+  a trial is checkpointed (`methods.training.supervised`), so a `train` must call `fit` in the same
+  order every time; training that does not go through `fit` is not checkpointed.
 
 A simple method is one decorated function (its `build`); a method with its own objective is a
 small class. Either is one file plus `@register_method(...)`.
@@ -129,8 +127,7 @@ def register_method(
         else:
             raise TypeError(f"register_method({name!r}) decorates a Method subclass or a build function")
         cls.name, cls.needs, cls.Config, cls.description = name, tuple(needs), config, description
-        cls.reads, cls.owns, cls.reference = tuple(reads), tuple(owns), reference
-        cls.packable = packable
+        cls.reads, cls.owns, cls.reference, cls.packable = tuple(reads), tuple(owns), reference, packable
         METHODS.register(name)(cls())
         return obj
 
@@ -150,11 +147,9 @@ def _scratch(ctx: MethodContext) -> nn.Module:
 
 
 @register_method("full_transfer", needs=("source",), packable=True, description="the whole source model, fine-tuned")
-def _full_transfer(ctx: MethodContext) -> nn.Module:
-    model = copy.deepcopy(ctx.artifact("source"))
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model
+def source_copy(ctx: MethodContext) -> nn.Module:
+    """A trainable copy of the source: full_transfer's model, the start of every source fine-tuning."""
+    return copy.deepcopy(ctx.artifact("source")).requires_grad_(True)
 
 
 _SUBNET = {"needs": ("source", "mask"), "reads": ("transfer",), "packable": True}

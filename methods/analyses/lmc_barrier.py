@@ -6,14 +6,12 @@ model's), the loss L(t) is the mean cross-entropy on one downstream evaluation s
 the largest excess over the chord, max_t [L(t) − ((1 − t)·L(0) + t·L(1))]: 0 when the two ends sit
 in one linearly connected basin, large when the path climbs over a ridge (Frankle et al. 2020).
 
-- The split (`split`, default "test") is the held-out test split: the question is whether the two
-  solutions generalise as one basin, and test and validation are drawn alike; "val" names the
-  validation split, any other name one of the task's evaluation splits.
+- `split` (default "test": do the two solutions generalise as one basin?) is "val" for the
+  validation split, else one of the task's evaluation splits.
 - Models with batch norm get their statistics re-estimated at every point, the endpoints included
-  (Jordan et al. 2023, REPAIR): interpolated weights with interpolated statistics are not a model
-  anyone trained, and re-estimating only inside would make the ends a different code path. Running
-  statistics are reset and averaged cumulatively (momentum None) over the downstream training split,
-  norms in train mode and everything else in eval mode, without gradients.
+  (Jordan et al. 2023, REPAIR): interpolated statistics are not a model anyone trained, and the ends
+  take the same code path. Running statistics are reset and averaged cumulatively (momentum None)
+  over the downstream training split, norms in train mode and everything else in eval mode.
 - A model that is not a point of its architecture's weight space (it declares
   `weight_space_point = False`, e.g. `linearized_gp`'s GP predictor, whose function no network
   weights compute) has no straight line to its source: every column is NaN. Any other model whose

@@ -14,11 +14,9 @@ residues and the base answer for arithmetic):
 
 Math choices:
 - With one-hot features (no separate intercept: the one-hot columns span the constant), the
-  least-squares W has one row per class, and the row of class c is exactly the mean of the centred
-  φ over the fit examples of class c (the normal equations are diagonal: XᵀX = diag(class counts)).
-  We use that closed form, in float64, rather than a generic solver: exact, O(N·D), and no
-  conditioning issue. A class seen in eval but absent from fit gets the minimum-norm row 0 (the
-  prediction is the fit mean), as `torch.linalg.lstsq`'s minimum-norm solution would.
+  least-squares row of class c is exactly the mean of the centred φ over the fit examples of class
+  c (XᵀX = diag(class counts)): that closed form, in float64, is exact and O(N·D). A class absent
+  from fit gets the minimum-norm row 0 (the prediction is the fit mean), as `torch.linalg.lstsq` would.
 - R² is held out, so it can be negative (a feature with many classes and few examples per class
   overfits the fit split: e.g. `a` with operand_range 1000 and ~1 example per value). Compare
   features with similar numbers of classes, or raise `n`.
@@ -81,8 +79,7 @@ def representation_r2(ctx, model: nn.Module, config: R2Config | None) -> dict[st
         raise ValueError(
             f"representation_r2 needs a task with probe_features(seed); {type(ctx.task).__name__} has none"
         )
-    seed = ctx.seed  # the trial's seed: probe data of the same split as the trial's
-    fit, held = probe(seed)
+    fit, held = probe(ctx.seed)  # the trial's seed: probe data of the same split as the trial's
     fit, held = _head(fit, config.n), _head(held, config.n)
     phi_fit = activations(model, fit.x, ctx.device, ctx.eval_batch_size)
     phi_eval = activations(model, held.x, ctx.device, ctx.eval_batch_size)
@@ -101,9 +98,7 @@ def representation_r2(ctx, model: nn.Module, config: R2Config | None) -> dict[st
 
 def r2(features_fit: torch.Tensor, phi_fit: torch.Tensor, features_eval: torch.Tensor, phi_eval: torch.Tensor) -> float:
     """Held-out R² of activations `phi_*` [N, ...] (flattened per example) regressed on the one-hot
-    of integer labels `features_*` [N]: least squares on the fit split (per-class means of the
-    fit-centred φ, which is the exact least-squares solution for one-hot regressors), evaluated
-    as 1 − Σ‖Wf − φ‖² / Σ‖φ‖² on the eval split centred with the fit split's mean."""
+    of integer labels `features_*` [N] (see the module doc)."""
     phi_fit = phi_fit.reshape(len(phi_fit), -1).double()
     phi_eval = phi_eval.reshape(len(phi_eval), -1).double()
     f_fit, f_eval = features_fit.long().cpu(), features_eval.long().cpu()
