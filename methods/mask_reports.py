@@ -1,9 +1,6 @@
 """The mask kind's report extras (`methods.reports`): do seeds, or sparsities, find the same weights
-(`mask_overlap`), and how much of the subtask does a mask keep at each sparsity (`sparsity_vs_subtask`)?
-
-Masks are read from the sweeps' artifact stores and paired when they differ only in their seed
-(same sparsity) or only in their sparsity (same seed), beside the overlap two independent random
-masks of the same densities would have.
+(`mask_overlap`: masks that differ only in their seed or only in their sparsity, beside random masks of
+the same densities), and how much of the subtask does a mask keep at each sparsity (`sparsity_vs_subtask`)?
 """
 
 from __future__ import annotations
@@ -92,9 +89,8 @@ def plot_overlap(overlap: pd.DataFrame):
     """Bars per pair type and sparsity: observed Jaccard overlap (mean, whiskers min-max over pairs)
     beside the expectation for independent random masks of the same densities."""
     plt = pyplot()
-    g = overlap.groupby(["masks", "pair", "sparsity_a", "sparsity_b"], sort=True)
+    g = overlap.groupby(["masks", "pair", "sparsity_a", "sparsity_b"], sort=True, as_index=False)
     agg = g.agg(obs=("jaccard", "mean"), lo=("jaccard", "min"), hi=("jaccard", "max"), rnd=("jaccard_random", "mean"))
-    agg = agg.reset_index()
     several = agg["masks"].nunique() > 1
     names = [
         (f"{m}\n" if several else "") + (f"seeds @{a:g}" if p == "across seeds" else f"sparsity {a:g} vs {b:g}")
@@ -115,9 +111,8 @@ def plot_overlap(overlap: pd.DataFrame):
 
 
 def plot_sparsity(summary: pd.DataFrame):
-    """The masked model's subtask accuracy against the mask's sparsity: one line per series family
-    (a series without its sparsity); families with identical curves (controls reusing one mask)
-    share a line."""
+    """The masked model's subtask accuracy against the mask's sparsity: one line per series family;
+    families with identical curves (controls reusing one mask) share a line."""
     plt = pyplot()
     part = summary[summary[AXIS].notna() & summary["subtask_acc_mean"].notna()]
     points = part.groupby(["task", "family", AXIS], as_index=False)["subtask_acc_mean"].mean()

@@ -1,10 +1,8 @@
 """Report extras: tables and figures that artifact kinds and analyses add to `instill report`.
 
 An extra is `extra(ctx: ReportContext) -> list[Table | Figure]` under `@register_report(name)`,
-declared beside what it reports on (the mask kind's: `methods/mask_reports.py`). The report runs
-every registered extra on the merged results and the sweeps' artifact stores, and writes a `Table`
-as `<name>.parquet` and a section of summary.md and index.html, a `Figure` as `<name>.png/.svg`.
-"""
+declared beside what it reports on (`methods/mask_reports.py`). A `Table` becomes `<name>.parquet`
+and a section of summary.md and index.html, a `Figure` `<name>.png/.svg`."""
 
 from __future__ import annotations
 
@@ -17,11 +15,10 @@ from common.registry import Registry
 
 @dataclasses.dataclass(frozen=True)
 class ReportContext:
-    """`summary`: per series and budget, `label`, `family` (the label without the values of the axes
-    kinds declare), `task`, one column per axis and `<column>_mean`/`_ci_lo`/`_ci_hi` per summarised
-    column; `table`: the merged rows; `artifacts(kind)`: (key, tensors) of every readable artifact of
-    `kind` in the sweeps' stores; `differences(configs)`: for each nested dict, the `path=value`
-    fields that tell it apart from the others, as the report's labels name them ("" for none)."""
+    """`summary`: per series and budget, `label`, `family`, `task`, one column per axis and
+    `<column>_mean`/`_ci_lo`/`_ci_hi` per summarised column; `table`: the merged rows;
+    `artifacts(kind)`: (key, tensors) of every readable artifact of `kind` in the sweeps' stores;
+    `differences(configs)`: per nested dict, the `path=value` fields that tell it apart ("" for none)."""
 
     summary: Any  # pandas.DataFrame
     table: Any  # pandas.DataFrame

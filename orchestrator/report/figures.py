@@ -13,11 +13,9 @@ from orchestrator.report.statistics import METRIC
 
 
 def save(fig, stem: Path) -> list[Path]:
-    written = []
-    for ext in ("png", "svg"):
-        file = stem.with_suffix(f".{ext}")
+    written = [stem.with_suffix(f".{ext}") for ext in ("png", "svg")]
+    for file in written:
         fig.savefig(file, dpi=130, bbox_inches="tight")  # legends below the axes stay in
-        written.append(file)
     pyplot().close(fig)
     return written
 
@@ -34,9 +32,8 @@ def _legend_names(frame: pd.DataFrame) -> dict[str, str]:
 
 def plot_curves(summary: pd.DataFrame, stem: Path, metric: str = METRIC, ylabel: str | None = None) -> list[Path]:
     """Metric against budget: one panel per value of the series' coordinates (`series.coordinates`;
-    series without coordinates in every panel), one line per series,
-    t-interval bands. A series family (the label without its coordinates) keeps one colour in every
-    panel; each panel has its own legend, below it, so no curve is hidden."""
+    series without coordinates in every panel), one line per series, t-interval bands. A family
+    keeps one colour in every panel; each panel has its own legend, below it, so no curve is hidden."""
     plt = pyplot()
     coords = coordinates(summary.columns)
     # A series' point: its (coordinate, value) pairs; it is drawn in every panel whose point holds them.

@@ -16,6 +16,7 @@ from methods.reports import REPORTS, Figure, ReportContext, Table
 from orchestrator import results
 from orchestrator.artifacts import ArtifactStore, CorruptArtifact
 from orchestrator.config import ConfigError
+from orchestrator.outdir import as_outdir
 from orchestrator.report import statistics, tables
 from orchestrator.report.figures import plot_curves, plot_profiles, save
 from orchestrator.report.series import differing_fields, flatten
@@ -52,16 +53,12 @@ class Section:
 
 def _markdown(frame: pd.DataFrame) -> str:
     cols = [str(c) for c in frame.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, row in frame.iterrows():
-        lines.append("| " + " | ".join(str(v) for v in row.tolist()) + " |")
-    return "\n".join(lines) + "\n"
+    rows = ["| " + " | ".join(str(v) for v in row.tolist()) + " |" for _, row in frame.iterrows()]
+    return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols), *rows]) + "\n"
 
 
 def load_tables(out_dirs: list) -> pd.DataFrame:
     """The results of `out_dirs` (paths or URIs), merged."""
-    from orchestrator.outdir import as_outdir
-
     frames = []
     for location in out_dirs:
         out = as_outdir(location)
@@ -73,17 +70,13 @@ def load_tables(out_dirs: list) -> pd.DataFrame:
 
 def artifact_roots(out_dirs: list) -> list[str]:
     """Each output directory's artifact store: sweep.json's storage.artifacts, else OUT/artifacts."""
-    from orchestrator.outdir import as_outdir
-
     roots = []
     for location in out_dirs:
         out = as_outdir(location)
         text = out.read_text("sweep.json")
         config = (json.loads(text).get("config") or {}) if text else {}
-        root = str((config.get("storage") or {}).get("artifacts") or out.join("artifacts"))
-        if root not in roots:
-            roots.append(root)
-    return roots
+        roots.append(str((config.get("storage") or {}).get("artifacts") or out.join("artifacts")))
+    return list(dict.fromkeys(roots))
 
 
 def stored_artifacts(roots: list[str]):
@@ -128,9 +121,8 @@ def write_report(
     over: str | None = None,
 ) -> Path:
     """Summarise the results of `out_dirs` (merged) into `report_dir` (default: first dir's report/).
-    `versus`: a method each series is also compared with, paired by seed (`paired_differences`);
-    `over`: an axis the series are also averaged over (`mean_over`; with `versus`, the differences
-    too: `mean_over_differences`)."""
+    `versus`: a method each series is also compared with (`paired_differences`); `over`: an axis the
+    series are also averaged over (`mean_over`; with `versus`, `mean_over_differences` too)."""
     table = load_tables(out_dirs)
     # Each raises on a bad --versus or --mean-over, before anything is written.
     diffs = statistics.paired_differences(table, versus) if versus else None

@@ -1,17 +1,12 @@
 """Series: which finished rows the report's statistics are taken over, and what each is called.
 
-A series is one effective, result-determining trial config minus its seed and data fraction: the
-rows' `series` column, a stable hash of `config_json` without `seed` and `data_fraction` (computed
-here for result files older than that column). Statistics are taken per series, never across
-series: two depths, learning rates, models or merged directories with different settings are
-reported side by side, and two rows for one (series, seed, budget) are an error, not averaged. Each
-series has a short `label`: the method, `@` the values of the axes its artifacts declare (its
-`coordinates`), plus the config fields that differ between the series of
-the same task that share that label (`<method> @0.75 [model.n_layers=4]`); `family` is the same
-without the coordinates (a line of a figure drawn against them). Every table carries `series`,
-`task`, `method`, `label`, `family` and one column per sweep axis (the dotted result columns,
-`model.n_layers`).
-"""
+A series is one effective trial config minus its seed and data fraction: the rows' `series` column,
+a stable hash of `config_json` without them (computed here for older result files). Statistics are
+taken per series, never across series; two rows for one (series, seed, budget) are an error, not
+averaged. A series' `label` is its method, `@` the values of the axes its artifacts declare (its
+`coordinates`), plus the config fields that tell it apart from the series of its task that share
+that label (`<method> @0.75 [model.n_layers=4]`); `family` is the label without the coordinates.
+Every table carries `series`, `task`, `method`, `label`, `family` and one column per sweep axis."""
 
 from __future__ import annotations
 
@@ -28,8 +23,7 @@ from orchestrator.config import ConfigError
 
 # Per-trial fields that vary inside a series; a series is everything else of the config.
 PER_TRIAL = ("seed", "data_fraction")
-# Keys of the old whole-sweep `config_json` (before rows carried their own effective config) that
-# describe the grid or the machinery, not what a trial computed.
+# Keys of the old whole-sweep `config_json` that describe the grid or the machinery, not a trial.
 _SWEEP_ONLY = (
     "name", "plugins", "resources", "storage", "max_failures", "tuning", "method_overrides",
     "methods", "data_fractions", "seeds",
@@ -57,11 +51,8 @@ def coordinates(columns) -> list[str]:
 
 def series_config(row: dict[str, Any]) -> dict[str, Any]:
     """A row's effective config without its seed and data fraction: what its series is a hash of.
-
-    Rows that carry a per-trial `config_json` (top-level `method`) are used as they are. Older rows
-    carried the whole sweep's config: its grid keys are dropped and the row's own method and axis
-    values put in (two of its trials that differ only in a column this does not read are refused as
-    duplicates by `prepare`, never pooled).
+    Older rows carried the whole sweep's config (no top-level `method`): its grid keys are dropped
+    and the row's own method and axis values put in (trials that then collide are refused by `prepare`).
     """
     text = row.get("config_json")
     config = json.loads(text) if isinstance(text, str) and text else {}
@@ -77,13 +68,10 @@ def series_config(row: dict[str, Any]) -> dict[str, Any]:
 def prepare(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Finished rows with a `series` column, and one row per series (indexed by series) with its
     task, method, axis values, `label`, `family` and flattened config without method and
-    coordinates (`flat`).
-
-    Raises ConfigError when two finished rows are the same trial (series, seed, n_train).
+    coordinates (`flat`). Raises ConfigError when two finished rows are the same trial.
     """
     done = table[table["status"] == "done"].copy()
-    records = done.to_dict("records")
-    configs = [series_config(r) for r in records]
+    configs = [series_config(r) for r in done.to_dict("records")]
     given = done["series"] if "series" in done else pd.Series([None] * len(done), index=done.index)
     done["series"] = [s if isinstance(s, str) and s else stable_hash(c) for s, c in zip(given, configs, strict=True)]
     info = _series_info(done, configs)
@@ -95,15 +83,9 @@ def _series_info(done: pd.DataFrame, configs: list[dict]) -> pd.DataFrame:
     axes, coords = results.axis_columns(done.columns), coordinates(done.columns)
     rows = {}
     for (_, row), config in zip(done.iterrows(), configs, strict=True):
-        if row["series"] in rows:
-            continue
-        rows[row["series"]] = {
-            "series": row["series"],
-            "task": row["task"],
-            "method": row["method"],
-            **{axis: row[axis] for axis in axes},
-            "flat": {k: v for k, v in flatten(config).items() if k != "method" and k not in coords},
-        }
+        if row["series"] not in rows:
+            flat = {k: v for k, v in flatten(config).items() if k != "method" and k not in coords}
+            rows[row["series"]] = {**row[["series", "task", "method", *axes]].to_dict(), "flat": flat}
     info = pd.DataFrame(list(rows.values()), columns=["series", "task", "method", *axes, "flat"])
     base = [_label(row["method"], row[coords]) for _, row in info.iterrows()]
     # Named axes (`variant`: not a config path) label a series by name where the name alone tells it apart.
@@ -134,17 +116,14 @@ def _labels(tasks, bases, flats, series, axes: list[str], named: list[str] | Non
         if len(configs) < 2:
             continue
         members = list(configs.values())
-        if named is not None:
-            tags = [{named[i] for i in m} for m in members]
-            if all(len(t) == 1 and "" not in t for t in tags) and len(set().union(*tags)) == len(members):
-                for same in members:
-                    for i in same:
-                        labels[i] = f"{bases[i]} [{named[i]}]"
-                continue
-        fields = differing_fields([flats[m[0]] for m in members], first=axes)
-        for same, differ in zip(members, fields, strict=True):
+        tags = [{named[i] for i in m} for m in members] if named is not None else []
+        if tags and all(len(t) == 1 and "" not in t for t in tags) and len(set().union(*tags)) == len(members):
+            suffixes = [f" [{named[m[0]]}]" for m in members]
+        else:
+            suffixes = [_bracket(d) for d in differing_fields([flats[m[0]] for m in members], first=axes)]
+        for same, suffix in zip(members, suffixes, strict=True):
             for i in same:
-                labels[i] = bases[i] + _bracket(differ)
+                labels[i] = bases[i] + suffix
     # Two series whose configs differ only in ways flattening cannot see still get distinct labels.
     count: dict[tuple, set] = {}
     for task, label, flat in zip(tasks, labels, flats, strict=True):
@@ -210,14 +189,9 @@ def _check_duplicates(done: pd.DataFrame, info: pd.DataFrame) -> None:
     )
 
 
-# --- which series to compare with which ---------------------------------------------------
-
-
 def reference_for(series: str, info: pd.DataFrame, methods: set[str] | None = None) -> str | None:
     """The reference series to compare `series` with: same task, a method of `methods` (default: the
-    methods registered as the no-transfer reference, `reference=True`), and of those the one whose
-    config differs from it in the fewest fields both have (method-specific blocks do not count; nor
-    does a coordinate where one has none)."""
+    no-transfer references, `reference=True`), and of those the one at the least `distance`."""
     task = info.loc[series, "task"]
     methods = {name for name, method in METHODS.items() if method.reference} if methods is None else methods
     candidates = info[info["method"].isin(methods) & (info["task"] == task)]
@@ -245,8 +219,7 @@ def distance(info: pd.DataFrame, a: str, b: str) -> int:
 def axis_groups(table: pd.DataFrame, axis: str) -> tuple[pd.DataFrame, pd.DataFrame, list[tuple[list[str], str, Any]]]:
     """(finished rows, series info with `axis` filled in, groups): each group is the series that
     differ only in `axis` (two or more), with its label (`... [mean over AXIS = v1, v2]`) and its
-    first member's info. Raises ConfigError when `axis` is not a config path the results vary along.
-    """
+    first member's info. Raises ConfigError when `axis` is not a config path the results vary along."""
     done, info = prepare(table)
     paths = [a for a in results.axis_columns(done.columns) if "." in a]
     if axis not in paths:
@@ -264,13 +237,9 @@ def axis_groups(table: pd.DataFrame, axis: str) -> tuple[pd.DataFrame, pd.DataFr
         key = (row["task"], row["method"], _exact(row[coords].tolist()), _exact(rest[series]))
         groups.setdefault(key, []).append(series)
     firsts = [info.loc[members[0]] for members in groups.values()]
-    labels = _labels(
-        [f["task"] for f in firsts],
-        [_label(f["method"], f[coords]) for f in firsts],
-        [rest[f["series"]] for f in firsts],
-        [f["series"] for f in firsts],
-        [a for a in results.axis_columns(done.columns) if a != axis],
-    )
+    labels = _labels([f["task"] for f in firsts], [_label(f["method"], f[coords]) for f in firsts],
+                     [rest[f["series"]] for f in firsts], [f["series"] for f in firsts],
+                     [a for a in results.axis_columns(done.columns) if a != axis])  # fmt: skip
     kept = []
     for members, label, first in zip(groups.values(), labels, firsts, strict=True):
         if len(members) >= 2:  # a group of one has nothing to average: the axis does not vary inside it

@@ -1,25 +1,14 @@
 """The report's numbers: per series and budget, the mean and interval over seeds of every summarised
-column (those `orchestrator.results.summarised_columns` names: the core metrics and what analyses
-declare); per series, the budget to reach a target accuracy, the curve area and the data saved
-against its reference; paired differences from another method's series; means over a sweep axis.
+column (`orchestrator.results.summarised_columns`); per series, the budget to reach a target
+accuracy, the curve area and the data saved against its reference; paired differences from another
+method's series; means over a sweep axis.
 
-Intervals. Sweeps have few seeds (often 3). A percentile bootstrap of 3 values can form only 10
-distinct means, and its "95%" interval undercovers. We use the Student t interval on the seed
-values, mean ± t(0.975, k-1) · s / sqrt(k), at every seed count k: it is exact for normal noise and
-near its nominal level for skewed, bounded accuracies from 2 seeds on, where BCa
-(`scipy.stats.bootstrap`) still undercovers at 20 seeds, so one rule serves all k. The measured
-coverages, and the command that measures them, are in docs/PERFORMANCE.md ("Coverage of the
-report's intervals"). One seed gives no interval: its bounds are NaN, not (v, v).
-
-The budget-to-target interval inverts the pointwise t bands of the mean curve: the interval for
-`n_to_target` runs from the budget where the upper band first reaches the target to the budget
-where the lower band first reaches it (inf when the lower band never does). If the true mean curve
-lies inside both bands at the budgets around the crossing, the true crossing lies inside this
-interval. The bands are pointwise, so this is not an exact 95% interval: its coverage depends on
-the curves (`tests/report/test_statistics.py` holds it to 0.9 on a family of logistic curves).
-
-The log-budget axis is x = log10(1 + n), so that n = 0 (no disambiguating data) has a place on it.
-"""
+Intervals are Student t intervals of the mean over seeds, mean ± t(0.975, k-1) · s / sqrt(k), at
+every seed count k: with few seeds (often 3) a bootstrap undercovers (measured coverages:
+docs/PERFORMANCE.md). One seed gives no interval: NaN bounds, not (v, v). The budget-to-target
+interval inverts the pointwise t bands of the mean curve, [where the upper band first reaches the
+target, where the lower band does], so it is not exactly 95% (`tests/report/test_statistics.py`
+holds its coverage to 0.9). The log-budget axis is x = log10(1 + n), so that n = 0 has a place on it."""
 
 from __future__ import annotations
 
@@ -39,11 +28,8 @@ LEVEL = 0.95
 
 
 def t_interval(values, level: float = LEVEL, axis: int = -1):
-    """Student t CI of the mean of `values` along `axis`, ignoring non-finite entries.
-
-    Returns (lo, hi): floats for 1-D input, arrays otherwise. Fewer than two finite values give
-    NaN bounds: one value says nothing about the spread.
-    """
+    """Student t CI of the mean of `values` along `axis`, ignoring non-finite entries: (lo, hi),
+    floats for 1-D input, arrays otherwise; NaN bounds where fewer than two values are finite."""
     v = np.asarray(values, dtype=float)
     v = np.where(np.isfinite(v), v, np.nan)
     k = np.sum(np.isfinite(v), axis=axis)
@@ -54,9 +40,7 @@ def t_interval(values, level: float = LEVEL, axis: int = -1):
         half = stats.t.ppf(0.5 + level / 2, np.maximum(k - 1, 1)) * sd / np.sqrt(np.maximum(k, 1))
     lo = np.where(k >= 2, mean - half, np.nan)
     hi = np.where(k >= 2, mean + half, np.nan)
-    if lo.ndim == 0:
-        return float(lo), float(hi)
-    return lo, hi
+    return (float(lo), float(hi)) if lo.ndim == 0 else (lo, hi)
 
 
 def log_budget(n) -> np.ndarray:
@@ -65,8 +49,7 @@ def log_budget(n) -> np.ndarray:
 
 def first_crossing(n: np.ndarray, acc: np.ndarray, target: float) -> np.ndarray:
     """`budget_to_reach` for every curve along the last axis of `acc` at once."""
-    n = np.asarray(n, dtype=float)
-    acc = np.asarray(acc, dtype=float)
+    n, acc = np.asarray(n, dtype=float), np.asarray(acc, dtype=float)
     above = acc >= target  # NaN counts as not reached
     reached = above.any(axis=-1)
     i = np.argmax(above, axis=-1)
@@ -89,11 +72,8 @@ def budget_to_reach(n: np.ndarray, acc: np.ndarray, target: float) -> float:
 
 
 def budget_interval(n: np.ndarray, seeds_by_budget: np.ndarray, target: float, level: float = LEVEL):
-    """(n_to_target, lo, hi) from a seeds x budgets matrix (NaN where a trial is missing).
-
-    The CI inverts the pointwise t bands of the mean curve: [where the upper band first reaches
-    `target`, where the lower band first does]. Works on stacks of matrices (..., seeds, budgets).
-    """
+    """(n_to_target, lo, hi) from a seeds x budgets matrix (NaN where a trial is missing), the CI
+    from the t bands (module docstring). Works on stacks of matrices (..., seeds, budgets)."""
     m = np.asarray(seeds_by_budget, dtype=float)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -104,9 +84,7 @@ def budget_interval(n: np.ndarray, seeds_by_budget: np.ndarray, target: float, l
     defined = np.all(np.isfinite(lo_band), axis=-1)
     lo = np.where(defined, first_crossing(n, hi_band, target), np.nan)
     hi = np.where(defined, first_crossing(n, lo_band, target), np.nan)
-    if np.ndim(point) == 0:
-        return float(point), float(lo), float(hi)
-    return point, lo, hi
+    return (float(point), float(lo), float(hi)) if np.ndim(point) == 0 else (point, lo, hi)
 
 
 def curve_area(n: np.ndarray, acc: np.ndarray) -> float:
@@ -115,9 +93,6 @@ def curve_area(n: np.ndarray, acc: np.ndarray) -> float:
     if len(x) == 1 or x[-1] == x[0]:
         return float(acc.mean())
     return float(np.trapezoid(acc, x) / (x[-1] - x[0]))
-
-
-# --- per series ------------------------------------------------------------------------------
 
 
 def summarise(table: pd.DataFrame, level: float = LEVEL) -> pd.DataFrame:
@@ -170,22 +145,11 @@ def headline(table: pd.DataFrame, target: float = 0.9, metric: str = METRIC, lev
             warnings.simplefilter("ignore", RuntimeWarning)
             mean = np.nanmean(m, axis=0)
         point, lo, hi = budget_interval(n, m, target, level)
-        rows.append(
-            {
-                **_ident(info, series),
-                "seeds": len(m),
-                "target": target,
-                "n_to_target": point,
-                "n_to_target_ci_lo": lo,
-                "n_to_target_ci_hi": hi,
-                "max_budget": float(n.max()),
-                "area": curve_area(n, mean),
-            }
-        )
+        rows.append({**_ident(info, series), "seeds": len(m), "target": target, "n_to_target": point,
+                     "n_to_target_ci_lo": lo, "n_to_target_ci_hi": hi, "max_budget": float(n.max()),
+                     "area": curve_area(n, mean)})  # fmt: skip
     out = _ordered(pd.DataFrame(rows), [])
-    if out.empty:
-        return out
-    return _with_ratio(out, info)
+    return out if out.empty else _with_ratio(out, info)
 
 
 def _with_ratio(head: pd.DataFrame, info: pd.DataFrame) -> pd.DataFrame:
@@ -214,14 +178,10 @@ def _check_versus(info: pd.DataFrame, versus: str) -> None:
 
 
 def paired_differences(table: pd.DataFrame, versus: str, metric: str = METRIC, level: float = LEVEL) -> pd.DataFrame:
-    """Each series against the series of method `versus` with the same settings wherever both have
-    them (`series.partner`: same task, model, source, depth, variant, ...): per budget, the difference
-    of `metric` paired by seed (a seed's two trials share its source model and its draw of the
-    downstream data), its mean and Student t CI over the seeds both have. A series without such a
-    partner (e.g. its partner has no finished trial yet) is left out, never paired with another.
-
-    Raises ConfigError when no finished trial ran `versus`.
-    """
+    """Each series against its `series.partner` of method `versus` (the same settings wherever both
+    have them): per budget, the difference of `metric` paired by seed (a seed's two trials share its
+    source model and data draw), its mean and Student t CI over the seeds both have. A series without
+    a partner is left out, never paired with another. ConfigError when no finished trial ran `versus`."""
     done, info = prepare(table)
     _check_versus(info, versus)
     by_series = _seed_frames(done, metric)
@@ -236,47 +196,32 @@ def paired_differences(table: pd.DataFrame, versus: str, metric: str = METRIC, l
             if len(diff) == 0:
                 continue
             lo, hi = t_interval(diff, level)
-            rows.append(
-                {
-                    **_ident(info, series),
-                    "versus": info.loc[ref, "label"],
-                    "n_train": n,
-                    "pairs": len(diff),
-                    "diff_mean": float(diff.mean()),
-                    "diff_ci_lo": lo,
-                    "diff_ci_hi": hi,
-                }
-            )
+            rows.append({**_ident(info, series), "versus": info.loc[ref, "label"], "n_train": n, "pairs": len(diff),
+                         "diff_mean": float(diff.mean()), "diff_ci_lo": lo, "diff_ci_hi": hi})  # fmt: skip
     return _ordered(pd.DataFrame(rows), ["n_train"])
 
 
 def mean_over(table: pd.DataFrame, axis: str, metric: str = METRIC, level: float = LEVEL) -> pd.DataFrame:
-    """Series that differ only in the value of the axis column `axis` (e.g. `model.n_layers`),
-    combined: per budget and seed the mean over the axis values, then the mean and Student t CI of
-    those per-seed means over seeds. A derived quantity (the paper's "mean of six depths"), reported
-    beside the series, never in their place. A (seed, budget) is used only where every axis value
-    has it. Raises ConfigError when `axis` is not an axis column of the results.
-    """
+    """Series that differ only in the axis column `axis` (e.g. `model.n_layers`), combined: per budget
+    and seed the mean over the axis values (where every value has that seed and budget), then the
+    mean and Student t CI of those over seeds (the paper's "mean of six depths"), reported beside the
+    series. Raises ConfigError when `axis` is not an axis column of the results."""
     done, _, groups = axis_groups(table, axis)
     by_series = _seed_frames(done, metric)
     rows = []
     for members, label, first in groups:
-        for n, seed_means in _per_seed_means([by_series[m] for m in members]):
-            lo, hi = t_interval(seed_means, level)
-            rows.append({"task": first["task"], "method": first["method"],
-                         "label": label, "n_train": n, "seeds": len(seed_means),
-                         f"{metric}_mean": float(seed_means.mean()), f"{metric}_ci_lo": lo,
-                         f"{metric}_ci_hi": hi})  # fmt: skip
+        for n, k, mean, lo, hi in _per_seed_means([by_series[m] for m in members], level):
+            rows.append({"task": first["task"], "method": first["method"], "label": label, "n_train": n,
+                         "seeds": k, f"{metric}_mean": mean, f"{metric}_ci_lo": lo, f"{metric}_ci_hi": hi})  # fmt: skip
     return _ordered(pd.DataFrame(rows), ["n_train"])
 
 
 def mean_over_differences(
     table: pd.DataFrame, axis: str, versus: str, metric: str = METRIC, level: float = LEVEL
 ) -> pd.DataFrame:
-    """`paired_differences` averaged over `axis` as `mean_over` averages levels: per budget and
-    seed, each axis value's difference from its `versus` partner (same settings, same axis value),
-    the mean of those over the axis values, then the mean and Student t CI over seeds (the paper's
-    gap "on the mean of six depths"). A group is left out unless every axis value has a partner."""
+    """`paired_differences` averaged over `axis` as `mean_over` averages levels (the paper's gap "on
+    the mean of six depths"), each axis value paired with its own `versus` partner. A group is left
+    out unless every axis value has a partner."""
     done, info, groups = axis_groups(table, axis)
     _check_versus(info, versus)
     by_series = _seed_frames(done, metric)
@@ -288,18 +233,17 @@ def mean_over_differences(
         if None in partners:
             continue
         frames = [by_series[m] - by_series[ref] for m, ref in zip(members, partners, strict=True)]
-        for n, seed_means in _per_seed_means(frames):
-            lo, hi = t_interval(seed_means, level)
-            rows.append({"task": first["task"], "method": first["method"],
-                         "label": label, "versus": versus, "n_train": n, "pairs": len(seed_means),
-                         "diff_mean": float(seed_means.mean()), "diff_ci_lo": lo, "diff_ci_hi": hi})  # fmt: skip
+        for n, k, mean, lo, hi in _per_seed_means(frames, level):
+            rows.append({"task": first["task"], "method": first["method"], "label": label, "versus": versus,
+                         "n_train": n, "pairs": k, "diff_mean": mean, "diff_ci_lo": lo, "diff_ci_hi": hi})  # fmt: skip
     return _ordered(pd.DataFrame(rows), ["n_train"])
 
 
-def _per_seed_means(frames: list[pd.DataFrame]):
-    """(budget, per-seed means over `frames`) for each budget every frame has, over the seeds every
-    frame has there."""
+def _per_seed_means(frames: list[pd.DataFrame], level: float):
+    """For each budget every frame has: (budget, seeds, mean, lo, hi) of the per-seed means over
+    `frames`, over the seeds every frame has there."""
     for n in sorted(set.intersection(*(set(f.columns) for f in frames))):
         per_value = pd.concat([f[n] for f in frames], axis=1).dropna()
         if not per_value.empty:
-            yield n, per_value.mean(axis=1).to_numpy(dtype=float)
+            seed_means = per_value.mean(axis=1).to_numpy(dtype=float)
+            yield n, len(seed_means), float(seed_means.mean()), *t_interval(seed_means, level)

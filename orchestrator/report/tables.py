@@ -10,6 +10,11 @@ from orchestrator.report.series import prepare
 from orchestrator.report.statistics import METRIC
 
 
+def _cell(mean: float, lo: float, hi: float, spec: str = ".3f") -> str:
+    """`mean [lo, hi]`; the mean alone where there is no interval (one seed)."""
+    return f"{mean:{spec}}" if pd.isna(lo) else f"{mean:{spec}} [{lo:{spec}}, {hi:{spec}}]"
+
+
 def _wide(frame: pd.DataFrame, columns: list[str], cells: list[str]) -> pd.DataFrame:
     """Rows (task, n_train), one column per distinct `columns` entry in order of first appearance,
     cells from `cells` ("" where a column has no value at a budget)."""
@@ -26,10 +31,7 @@ def curve_table(summary: pd.DataFrame, metric: str = METRIC) -> pd.DataFrame:
     if summary.empty or f"{metric}_mean" not in summary:
         return pd.DataFrame()
     cols = [summary[f"{metric}_{s}"] for s in ("mean", "ci_lo", "ci_hi")]
-    cells = [
-        "" if pd.isna(mu) else f"{mu:.3f}" if pd.isna(lo) else f"{mu:.3f} [{lo:.3f}, {hi:.3f}]"
-        for mu, lo, hi in zip(*cols, strict=True)
-    ]
+    cells = ["" if pd.isna(mu) else _cell(mu, lo, hi) for mu, lo, hi in zip(*cols, strict=True)]
     return _wide(summary, list(summary["label"]), cells)
 
 
@@ -44,8 +46,7 @@ def versus_table(diffs: pd.DataFrame) -> pd.DataFrame:
     if diffs.empty:
         return pd.DataFrame()
     columns = [f"{a} − {b}" for a, b in zip(diffs["label"], diffs["versus"], strict=True)]
-    triples = zip(diffs["diff_mean"], diffs["diff_ci_lo"], diffs["diff_ci_hi"], strict=True)
-    cells = [f"{m:+.3f}" if pd.isna(lo) else f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]" for m, lo, hi in triples]
+    cells = [_cell(*t, "+.3f") for t in diffs[["diff_mean", "diff_ci_lo", "diff_ci_hi"]].itertuples(index=False)]
     return _wide(diffs, columns, cells)
 
 
@@ -67,17 +68,10 @@ def headline_table(head: pd.DataFrame) -> pd.DataFrame:
         return (">" if row["ratio_is_lower_bound"] else "") + f"{row['ratio_vs_reference']:.1f}x"
 
     refs = sorted({str(label).split(" [")[0] for label in head["reference_label"].dropna()}) or ["reference"]
-
-    return pd.DataFrame(
-        {
-            "task": head["task"],
-            "series": head["label"],
-            "seeds": head["seeds"],
-            f"n to {head['target'].iloc[0]:g} [95% CI]": head.apply(n_text, axis=1),
-            "area (log budget)": head["area"].map(lambda v: f"{v:.3f}"),
-            f"data saved vs {', '.join(refs)}": head.apply(ratio_text, axis=1),
-        }
-    )
+    return pd.DataFrame({"task": head["task"], "series": head["label"], "seeds": head["seeds"],
+                         f"n to {head['target'].iloc[0]:g} [95% CI]": head.apply(n_text, axis=1),
+                         "area (log budget)": head["area"].map(lambda v: f"{v:.3f}"),
+                         f"data saved vs {', '.join(refs)}": head.apply(ratio_text, axis=1)})  # fmt: skip
 
 
 def _fmt_n(v: float) -> str:
@@ -111,8 +105,7 @@ def profile_table(summary: pd.DataFrame, table: pd.DataFrame, profile, columns: 
 def profile_markdown(long: pd.DataFrame) -> pd.DataFrame:
     """Rows: series and line; columns: positions in depth order; cells: mean [95% CI]."""
     positions = list(dict.fromkeys(long.sort_values(["depth"], kind="stable")["position"]))
-    triples = zip(long["mean"], long["ci_lo"], long["ci_hi"], strict=True)
-    text = [f"{m:.3f} [{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) else f"{m:.3f}" for m, lo, hi in triples]
+    text = [_cell(m, lo, hi) for m, lo, hi in zip(long["mean"], long["ci_lo"], long["ci_hi"], strict=True)]
     cells = long.assign(cell=text)
     wide = cells.pivot_table(index=["label", "n_train", "line"], columns="position", values="cell", aggfunc="first")
     return wide.reindex(columns=positions).reset_index().rename(columns={"label": "series", "line": "feature"})
