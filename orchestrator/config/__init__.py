@@ -1,7 +1,6 @@
 """The sweep file: the grid (methods x data fractions x seeds x any `axes:` path) and one block per
 stage, plus the blocks plug-ins declare (`<method>: {<field>: ...}`, an artifact kind's own block).
-Modules: `schema` (`SweepConfig` and its blocks), `paths` (config paths, the overlay), `loading`.
-"""
+Modules: `schema` (`SweepConfig` and its blocks), `paths` (config paths, the overlay), `loading`."""
 
 from orchestrator.config.loading import load_sweep, load_sweep_file
 from orchestrator.config.paths import resolve_path

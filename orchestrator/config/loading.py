@@ -1,7 +1,6 @@
 """Loading a sweep: `load_sweep_file` turns YAML into a frozen, validated `SweepConfig`, or raises
 `ConfigError` whose message names every bad field by its path (`training.lr: Input should be
-greater than 0`). Every overlay layer and axis value is checked with one set of rules (`_check_overlay`).
-"""
+greater than 0`). Every overlay layer and axis value is checked with one set of rules (`_check_overlay`)."""
 
 from __future__ import annotations
 
@@ -49,10 +48,9 @@ def _import_plugins(plugins: Any, errors: list[str]) -> None:
 
 
 def _parse_blocks(data: dict, errors: list[str]) -> None:
-    """Replace the task, model, analysis and plug-in block entries of `data` by validated objects,
-    and artifact kinds' shorthands (`ArtifactKind.shorthand`) by the `axes:` they stand for. A
-    sweep holds every declared block (`common.config.declare_block`), the own block of each method
-    it lists and artifact kind they or its analyses need, and any other such block it writes or sweeps."""
+    """Replace the task, model, analysis and plug-in block entries of `data` by validated objects, and
+    artifact kinds' shorthands by the `axes:` they stand for. A sweep holds every declared block, the
+    block of each method it lists and kind they need, and any other such block it writes or sweeps."""
     for key, registry in (("task", tasks.TASKS), ("model", tasks.MODELS)):
         if key not in data:
             errors.append(f"{key}: missing; give a mapping with 'name' (one of: {', '.join(registry.names())})")
@@ -73,9 +71,7 @@ def _parse_blocks(data: dict, errors: list[str]) -> None:
             data["axes"] = axes = {**axes, path: data.pop(key)}
     swept = {_head(str(path)) for path in axes} if isinstance(axes, dict) else set()
     training: dict[str, dict] = {}
-    for name in METHODS.names():  # `<method>: {training: {...}}`: that method's training, an overlay layer
-        if name not in data:
-            continue
+    for name in [n for n in METHODS.names() if n in data]:  # `<method>: {training: {...}}`: an overlay layer
         has_training = isinstance(data[name], dict) and "training" in data[name]
         if has_training:
             data[name] = dict(data[name])

@@ -1,8 +1,6 @@
-"""Config paths and the overlay. Every setting has a dotted path: `training.lr`, `model.n_layers`,
-`<block>.<field>`. Whatever sets a path for some trials only is a `Layer` of the overlay (a method
-block's `training:`, `method_overrides`, a variant, a trial's axis values): `SweepConfig.effective`
-applies the layers that reach a trial; `loading` validates them all with one set of rules.
-"""
+"""Config paths (`training.lr`, `<block>.<field>`) and the overlay: whatever sets paths for some
+trials only is a `Layer` (a method block's `training:`, `method_overrides`, a variant, a trial's axis
+values); `SweepConfig.effective` applies those that reach a trial, `loading` validates them all."""
 
 from __future__ import annotations
 
@@ -58,10 +56,8 @@ def _flatten(config: SweepConfig, prefix: str, mapping: dict[str, Any]) -> dict[
     out = {}
     for key, value in mapping.items():
         path = f"{prefix}.{key}"
-        if isinstance(value, dict) and isinstance(_walk(config, path)[0], Frozen):
-            out.update(_flatten(config, path, value))
-        else:
-            out[path] = value
+        nested = isinstance(value, dict) and isinstance(_walk(config, path)[0], Frozen)
+        out.update(_flatten(config, path, value) if nested else {path: value})
     return out
 
 

@@ -1,7 +1,6 @@
 """The sweep config's schema: `SweepConfig` (the grid and one block per stage, plus the blocks
 plug-ins declare), its fixed blocks (`Resources`, `Storage`, `Tuning`, downstream training) and
-what the registrations say about blocks (`needed_kinds`, `shared_blocks`, `per_method_blocks`).
-"""
+what the registrations say about blocks (`needed_kinds`, `shared_blocks`, `per_method_blocks`)."""
 
 from __future__ import annotations
 
@@ -73,11 +72,9 @@ class Tuning(Frozen):
     """`instill tune`: an Optuna search per method over these ranges, on the validation split.
 
     Keys are config paths of numeric fields (`training.lr`, `<method>.<field>`); by default (null)
-    every field of the sweep's blocks that declares a range (`Field(..., json_schema_extra={"tune":
-    (low, high)})`). Float ranges are searched on a log scale, integer ranges uniformly. Settings of
-    a shared artifact's blocks are tuned only by the methods that declare they own them (`owns=`),
-    and every method that uses the artifact inherits the tuned values; a method's own block is tuned
-    for it only.
+    every field of the sweep's blocks that declares a range (`json_schema_extra={"tune": (low, high)}`).
+    Floats are searched on a log scale, integers uniformly. A shared artifact's settings are tuned by
+    the methods that own them (`owns=`) and inherited by its other users.
     """
 
     budget: int = Field(8, ge=1, description="Optuna trials per method: the same effort for every method")
@@ -102,11 +99,7 @@ class Tuning(Frozen):
 
 
 _TASK_CACHE: dict[str, object] = {}
-
-
 VARIANT = "variant"  # the grid axis of `variants:` (a row column of that name)
-
-
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -200,20 +193,13 @@ class SweepConfig(Frozen):
 
     @property
     def grid(self) -> dict[str, tuple[Any, ...]]:
-        """The extra axes of the grid: the `axes:` paths and, with `variants:`, the axis `variant`
-        (its values are the variants' names)."""
-        if not self.variants:
-            return self.axes
-        return {**self.axes, VARIANT: tuple(self.variants)}
+        """The extra axes of the grid: the `axes:` paths and, with `variants:`, `variant` (their names)."""
+        return {**self.axes, VARIANT: tuple(self.variants)} if self.variants else self.axes
 
     def axis_heads(self, path: str) -> set[str]:
         """The sweep blocks an extra axis changes: a path's first part, or for `variant` the first
         parts of every path any variant sets."""
-        if path == VARIANT:
-            return {_head(p) for values in self.variants.values() for p in values}
-        return {_head(path)}
-
-    # --- paths, overrides, effective configs ---------------------------------------------
+        return {_head(p) for values in self.variants.values() for p in values} if path == VARIANT else {_head(path)}
 
     def canonical(self) -> dict[str, Any]:
         """The sweep file this config is (method blocks at the top level), defaults filled in."""
@@ -243,10 +229,9 @@ class SweepConfig(Frozen):
         return self._variants[key]
 
     def layers(self) -> list[Layer]:
-        """The overlay, in the order it applies (a later layer wins where two set one path): each
-        method block's `training:`, each method's `method_overrides` (those of a shared artifact's
-        blocks reach every method: its users share the artifact), each variant. A trial's own axis
-        values come last (`effective`)."""
+        """The overlay, in the order it applies (a later layer wins): each method block's `training:`,
+        each method's `method_overrides` (those of a shared artifact's blocks reach every method),
+        each variant. A trial's own axis values come last (`effective`)."""
         out = [Layer(m, _flatten(self, "training", v), method=m, owner=m) for m, v in self.method_training.items()]
         shared = shared_blocks()
         for m, values in self.method_overrides.items():
@@ -279,10 +264,8 @@ class SweepConfig(Frozen):
     def analysis_list(self) -> list[tuple[str, Frozen | None]]:
         """(name, config) of every analysis a trial runs: the task's defaults, then the sweep's."""
         names = [a["name"] for a in self.analyses]
-        out = [(n, None) for n in self.build_task().default_analyses if n not in names]
-        for entry in self.analyses:
-            out.append(parse_analysis(entry, "analyses"))
-        return out
+        defaults = [(n, None) for n in self.build_task().default_analyses if n not in names]
+        return defaults + [parse_analysis(entry, "analyses") for entry in self.analyses]
 
     @property
     def config_hash(self) -> str:
