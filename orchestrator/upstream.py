@@ -34,7 +34,7 @@ def _compute(sweep_json: str, spec_json: str, kind: str, store_root: str, points
     start = time.perf_counter()
     spec, store = TrialSpec(**json.loads(spec_json)), ArtifactStore(store_root)
     # Checkpointed, and stopped on request (the checkpoint is kept for the next run).
-    supervisor = TrialSupervisor(sweep.effective(spec.method, spec.axes), store, should_stop=stop.requested)
+    supervisor = TrialSupervisor(spec.config(sweep), store, should_stop=stop.requested)
     upstream = Upstream(sweep, spec, store, pick_device(sweep), supervisor)
     if points_json is None:
         upstream.get(kind)
