@@ -7,7 +7,7 @@ Draws REPS synthetic seed tables with a known mean and counts how often each int
     skewed and bounded);
   - the budget needed to reach a target accuracy: the former percentile bootstrap over seeds of the
     crossing, and the inverted t bands the report uses now, on logistic curves in log budget whose
-    midpoints vary (as in tests/report/test_statistics.py).
+    midpoints vary (as in tests/orchestrator/report/test_statistics.py).
 
 A well-calibrated 95% interval covers about 0.95; the count's standard error is about
 sqrt(0.95 * 0.05 / REPS) (0.005 at 2000).

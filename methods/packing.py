@@ -12,7 +12,7 @@ outside vmap from its own generator, seeded as `fit` seeds the global RNG, site 
 order and shapes its forward applies them (recorded once per batch shape). On CPU a model thus gets
 its serial run's masks: its losses follow the serial run's within float rounding (batched kernels
 sum in another order), and its packed run is bitwise the same whatever else is in the pack
-(tests/test_packing.py). On CUDA serial dropout runs fused kernels, so the masks differ there. vmap
+(tests/methods/test_packing.py). On CUDA serial dropout runs fused kernels, so the masks differ there. vmap
 runs with `randomness="error"`: a loss that draws random numbers any other way is refused
 (`NotPackable`) before any generator is drawn from, as are hooks the engine cannot run (`packable`:
 parameters the module does not hold, `end_epoch`, objective state). Attention runs the math kernel

@@ -228,7 +228,7 @@ def forget_results(trial) -> None:
     """Drop what Tune keeps in memory about a finished trial's results (its last result and the
     statistics of every metric: the driver would grow with the grid), once its row is written.
     A patch of a Ray internal, written against Ray 2.60.0 (`Trial.run_metadata`, a
-    `_TrainingRunMetadata`): no public API drops them. tests/test_ray_internals.py fails if it changes."""
+    `_TrainingRunMetadata`): no public API drops them. tests/orchestrator/test_ray_internals.py fails if it changes."""
     meta = getattr(trial, "run_metadata", None)
     if meta is None:  # a stand-in trial (tests)
         return

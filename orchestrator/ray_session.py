@@ -33,7 +33,7 @@ def _keep_signal_handlers():
     """Keep the sweep's SIGTERM handler (orchestrator.stop) through `ray.init`. A patch of a Ray
     internal, written against Ray 2.60.0: `ray.init` sets SIGTERM to `sys.exit` through
     `ray._private.utils.set_sigterm_handler`, and no public API turns that off.
-    tests/test_ray_internals.py fails when Ray stops setting it that way."""
+    tests/orchestrator/test_ray_internals.py fails when Ray stops setting it that way."""
     from ray._private import utils as ray_utils
 
     original = ray_utils.set_sigterm_handler

@@ -114,7 +114,7 @@ def ahead(sweep: SweepConfig, concurrency: int) -> int:
 # `Trainable.train_buffered(buffer_time_s, max_buffer_length)`, the wrong way round: LENGTH is read
 # as the time window (2 s) and MIN_TIME_S as the most results (1,000). Read the right way round (a
 # fixed Ray), the same values mean pairs of results: still safe, half the round trips; then swap
-# them (tests/test_ray_internals.py fails once Ray is fixed). Tune's defaults send every report alone.
+# them (tests/orchestrator/test_ray_internals.py fails once Ray is fixed). Tune's defaults send every report alone.
 TUNE_DEFAULTS = {"TUNE_RESULT_BUFFER_LENGTH": "2", "TUNE_RESULT_BUFFER_MIN_TIME_S": "1000"}
 
 

@@ -7,7 +7,7 @@ Intervals are Student t intervals of the mean over seeds, mean ± t(0.975, k-1) 
 every seed count k: with few seeds (often 3) a bootstrap undercovers (measured coverages:
 docs/PERFORMANCE.md). One seed gives no interval: NaN bounds, not (v, v). The budget-to-target
 interval inverts the pointwise t bands of the mean curve, [where the upper band first reaches the
-target, where the lower band does], so it is not exactly 95% (`tests/report/test_statistics.py`
+target, where the lower band does], so it is not exactly 95% (`tests/orchestrator/report/test_statistics.py`
 holds its coverage to 0.9). The log-budget axis is x = log10(1 + n), so that n = 0 has a place on it."""
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import yaml
 
 from tests.conftest import tiny_raw
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 NATIVE = ("SIGTERM received", "Aborted", "Traceback", "logging.cc", "PC: @")
 
 
@@ -27,7 +27,8 @@ def _sweep(tmp_path):
         data_fractions=[0.5, 1.0],
         seeds=[0, 1, 2],
         training={"epochs": 40},
-        resources={"pack": 1},  # trials alone, which checkpoint when stopped (a pack: tests/test_groups.py)
+        # Trials alone, which checkpoint when stopped (a pack: tests/orchestrator/test_worker.py).
+        resources={"pack": 1},
     )
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(raw))

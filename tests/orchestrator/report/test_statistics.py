@@ -25,7 +25,7 @@ from orchestrator.report import (
     summarise,
     t_interval,
 )
-from tests.report.synthetic import curves_table, series_rows
+from tests.orchestrator.report.synthetic import curves_table, series_rows
 
 REPS = 10_000  # the coverage count's standard error is 0.0022 at 95%
 BETA = (45.0, 5.0)  # accuracies around 0.9, sd 0.04, skewed towards 0 and bounded by 1

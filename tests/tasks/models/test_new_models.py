@@ -8,7 +8,7 @@ from orchestrator.artifacts import ArtifactStore
 from orchestrator.config import load_sweep
 from orchestrator.trial import TrialSpec, run_trial
 from tests.conftest import tiny_raw
-from tests.test_shapes import vision_raw
+from tests.tasks.test_shapes import vision_raw
 
 MLP = {"name": "mlp", "n_layers": 2, "width": 16, "embed_dim": 4}
 PLAIN_CNN = {"name": "plain_cnn", "n_blocks": 3, "width": 4}

@@ -5,7 +5,7 @@ import pytest
 
 from orchestrator.config import ConfigError
 from orchestrator.report import differing_fields, headline, paired_differences, summarise, write_report
-from tests.report.synthetic import curves_table, series_rows, write_results
+from tests.orchestrator.report.synthetic import curves_table, series_rows, write_results
 
 
 def test_legacy_rows_are_separated_by_their_axes_and_never_pooled_otherwise():

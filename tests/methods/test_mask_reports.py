@@ -11,7 +11,7 @@ from methods.mask_reports import load_masks, mask_overlap
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.report import artifact_roots, write_report
 from orchestrator.report.render import stored_artifacts
-from tests.report.synthetic import curves_table, write_results
+from tests.orchestrator.report.synthetic import curves_table, write_results
 
 N_WEIGHTS = 1000  # a mask over a 600-vector and a 20 x 20 matrix, flattened together
 

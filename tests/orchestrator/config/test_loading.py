@@ -14,7 +14,7 @@ import yaml
 from orchestrator.config import ConfigError, load_sweep, load_sweep_file
 from orchestrator.trial import expand
 
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[3] / "configs").glob("*.yaml"))
 DATA_DIR_KEYS = {"train_dir", "cue_conflict_dir"}
 
 
@@ -75,6 +75,6 @@ def test_configs_with_data_directories_report_a_missing_one(path, tmp_path):
 
 
 def test_quickstart_fits_its_budget_on_paper():
-    sweep = load_sweep_file(Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml")
+    sweep = load_sweep_file(Path(__file__).resolve().parents[3] / "configs" / "quickstart.yaml")
     assert sweep.resources.cpu == 1 and sweep.resources.gpu == 0
     assert len(expand(sweep)) <= 80

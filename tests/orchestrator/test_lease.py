@@ -16,7 +16,7 @@ from orchestrator.lease import DirectoryBusy, Holder
 from orchestrator.outdir import OutDir
 from tests.conftest import moto_s3, tiny_raw
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 FAST = dict(ttl_s=1.0, heartbeat_s=0.1, settle_s=0.3)
 
 

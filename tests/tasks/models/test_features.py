@@ -71,7 +71,8 @@ TINY = {
 
 def _build(name: str, seed: int = 0):
     if name not in TINY:
-        pytest.fail(f"model {name!r} is registered but has no tiny config in tests/test_features.py::TINY; add one")
+        where = "tests/tasks/models/test_features.py::TINY"
+        pytest.fail(f"model {name!r} is registered but has no tiny config in {where}; add one")
     config, dims, make_input, shapes = TINY[name]
     spec = MODELS.get(name)
     torch.manual_seed(seed)

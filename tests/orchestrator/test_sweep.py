@@ -113,7 +113,7 @@ def test_upstream_work_is_computed_once_per_distinct_key(smoke):
     assert sorted((c["kind"], c["key"]) for c in done) == sorted(keys)
     assert len([k for k in keys if k[0] == "source"]) == 2
     assert len([k for k in keys if k[0] == "mask"]) == 4
-    # each seed's two sparsities come from one discovery run (tests/test_discovery_shared.py)
+    # each seed's two sparsities come from one discovery run (tests/methods/test_discovery.py)
     assert [meta.get("computed_with") for _, meta, _ in ArtifactStore(out / "artifacts").entries("mask")] == [2] * 4
     pids = {c["pid"] for c in done}
     assert len(pids) >= 1

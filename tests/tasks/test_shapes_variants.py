@@ -14,7 +14,7 @@ from orchestrator.config import ConfigError, load_sweep
 from orchestrator.trial import TrialSpec, run_trial
 from tasks.shapes import BOX_VALUE, Shapes, ShapesConfig
 from tasks.shapes_render import COLOURS, GREY, box_layout, render
-from tests.test_shapes import vision_raw
+from tests.tasks.test_shapes import vision_raw
 
 SMALL = {
     "n_classes": 10,

@@ -24,7 +24,7 @@ from methods.training import (
 from methods.transfer import TransferConfig, transfer
 from orchestrator.trial import fresh_model
 from tasks.models.mlp import MLPConfig
-from tests.test_checkpoints import MemoryCheckpointer
+from tests.orchestrator.test_checkpoints import MemoryCheckpointer
 
 K = 4
 # 130 training rows (the tiny task at fraction 1) in batches of 26: 5 steps per epoch.

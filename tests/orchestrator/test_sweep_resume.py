@@ -15,7 +15,7 @@ import yaml
 from orchestrator import results
 from tests.conftest import tiny_raw
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 VOLATILE = ("_s", "started_at", "finished_at", "_computed", "device", "worker")
 
 
@@ -44,7 +44,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
         training={"epochs": 4},
         # Trials alone (`pack: 1`): their rows land one by one, so the kill falls between them (a
         # pack's rows land at once, and these tiny packs finish within one poll of each other).
-        # Packs stopped and resumed: tests/test_groups.py, tests/test_packing.py.
+        # Packs stopped and resumed: tests/orchestrator/test_worker.py, tests/methods/test_packing.py.
         resources={"pack": 1},
     )
     sweep_path = tmp_path / "sweep.yaml"

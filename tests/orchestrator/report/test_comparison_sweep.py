@@ -10,7 +10,7 @@ from orchestrator import results
 from orchestrator.config import load_sweep
 from orchestrator.report import write_report
 from orchestrator.sweep import run_sweep
-from tests.test_shapes import vision_raw
+from tests.tasks.test_shapes import vision_raw
 
 pytestmark = pytest.mark.slow
 

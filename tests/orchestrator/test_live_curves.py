@@ -1,7 +1,7 @@
 """Live curves: a trial reports every epoch of every training run it does (the downstream model's,
 and the source's and mask's when it computes them), not only its stages, so Tune's logs
 (result.json, progress.csv, TensorBoard) hold per-epoch curves. The Ray side is checked by
-tests/test_checkpoints.py's sweep (a trial directory's result.json and TensorBoard files)."""
+tests/orchestrator/test_checkpoints.py's sweep (a trial directory's result.json and TensorBoard files)."""
 
 import json
 import math

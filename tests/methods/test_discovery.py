@@ -21,8 +21,8 @@ from orchestrator.config import load_sweep
 from orchestrator.trial import Upstream, expand, pick_device, run_trial
 from orchestrator.upstream import _shared_runs
 from tests.conftest import tiny_raw
-from tests.test_checkpoints import MemoryCheckpointer, stable
-from tests.test_core_behaviour import _gen, subtask_data, trained_source
+from tests.methods.test_core_behaviour import _gen, subtask_data, trained_source
+from tests.orchestrator.test_checkpoints import MemoryCheckpointer, stable
 
 SPARSITIES = (0.5, 0.8, 0.95)
 CASES = {

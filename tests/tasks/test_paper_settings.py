@@ -35,7 +35,7 @@ from tasks.base import Split, StageData
 from tasks.models.gpt import GPT, GPTConfig, TiedHead
 from tests.conftest import tiny_raw
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VOLATILE = ("_s", "started_at", "finished_at", "_computed", "device", "worker")
 
 
@@ -242,7 +242,7 @@ def _scripted(scores, losses=None):
         return scores[epoch["n"] - 1]
 
     val_loss = (lambda: losses[epoch["n"] - 1]) if losses is not None else None
-    # Scripted from epoch 1: the initial model is not scored (tests/test_training.py covers epoch 0).
+    # Scripted from epoch 1: the initial model is not scored (tests/methods/test_training.py covers epoch 0).
     objective = dataclasses.replace(base, score=score, val_loss=val_loss, initial_candidate=False)
     return objective, data, model, states
 

@@ -10,7 +10,7 @@ import torch
 from pydantic import ValidationError
 
 from methods.training import TrainConfig, evaluate, lr_factor, optimizer, train
-from tests.test_core_behaviour import base_data, fresh_mlp, trained_source
+from tests.methods.test_core_behaviour import base_data, fresh_mlp, trained_source
 
 
 def _gen(seed: int = 0) -> torch.Generator:

@@ -29,7 +29,7 @@ from orchestrator.config import load_sweep
 from orchestrator.trial import TrialSpec, run_trial
 from tasks.base import Split, StageData
 from tests.conftest import tiny_raw
-from tests.test_shapes import vision_raw
+from tests.tasks.test_shapes import vision_raw
 
 
 class LinearModel(nn.Module):

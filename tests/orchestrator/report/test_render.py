@@ -10,7 +10,7 @@ import pytest
 
 from orchestrator.cli import main
 from orchestrator.report import write_report
-from tests.report.synthetic import curves_table, series_rows, write_results
+from tests.orchestrator.report.synthetic import curves_table, series_rows, write_results
 
 
 def test_report_merges_directories_and_writes_every_file(tmp_path):

@@ -17,7 +17,7 @@ from orchestrator.trial import TrialSpec, run_trial
 from tasks import MODELS
 from tasks.base import Split, StageData
 from tasks.models.occam import balanced_gate_bce, cam_suppression, ce_weight_first, route
-from tests.test_shapes import vision_raw
+from tests.tasks.test_shapes import vision_raw
 
 B, K, SIZE = 6, 5, 16
 TRUNK = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
