@@ -37,7 +37,7 @@ from torch import nn
 from common.config import Frozen
 from common.seeding import numpy_generator
 from tasks import expr
-from tasks.base import Split, StageData, build_model_for, register_task
+from tasks.base import MODELS, Feeds, Split, StageData, Tokens, build_model_for, register_task
 
 
 def _check_expression(text: str) -> str:
@@ -107,7 +107,6 @@ class ModularArithmetic:
 
     Config = ModularArithmeticConfig
     n_positions = 4  # [a, b, =, y] as in the paper; the model reads the first three
-    supported_models = ("gpt", "mlp")
     trains_on_zero = True  # n = 0 still leaves the ambiguous samples to train on
     default_analyses = ("splits",)  # accuracy under the competing readings
 
@@ -236,23 +235,31 @@ class ModularArithmetic:
 
     # --- model ----------------------------------------------------------------------------
 
+    def feeds(self) -> Feeds:
+        """Token sequences [a, b, =] over the vocabulary 0..operand_range (`=` last), labels in
+        [0, modulus): also the answer tokens when modulus <= operand_range."""
+        c = self.config
+        tokens = Tokens(
+            vocab_size=c.operand_range + 1,
+            n_positions=self.n_positions,
+            labels_are_tokens=c.modulus <= c.operand_range,
+            sequence_loss=c.loss == "all_positions",
+        )
+        return Feeds(tokens, n_classes=c.modulus)
+
     def build_model(self, model_config: Frozen) -> nn.Module:
         c = self.config
-        lm_head = getattr(model_config, "head", "classes") == "tied_lm"
+        lm_head = MODELS.get(model_config.name).vocabulary_head(model_config)
         if c.loss == "all_positions" and not lm_head:
             raise ValueError(
                 "task.loss: all_positions trains the next token at every position, which needs logits over the "
                 f"vocabulary; model {model_config.name!r} has a classes head: set model.head: tied_lm (model gpt), "
-                "or task.loss: answer"
+                "use model hf_gpt2, or task.loss: answer"
             )
         if lm_head and c.modulus > c.operand_range:
             raise ValueError(
-                f"model.head: tied_lm reads the answer y as the token y, but task.modulus ({c.modulus}) exceeds "
-                f"task.operand_range ({c.operand_range}), so some answers have no token: lower the modulus, raise "
-                "operand_range, or use model.head: classes"
+                f"model {model_config.name!r} reads the answer y as the token y (a language-model head), but "
+                f"task.modulus ({c.modulus}) exceeds task.operand_range ({c.operand_range}), so some answers have no "
+                "token: lower the modulus, raise operand_range, or use model.head: classes (model gpt)"
             )
-        extra = {"sequence_loss": True} if c.loss == "all_positions" else {}
-        return build_model_for(
-            self, model_config, vocab_size=c.operand_range + 1, n_positions=self.n_positions, n_classes=c.modulus,
-            **extra,
-        )  # fmt: skip
+        return build_model_for(self, model_config)

@@ -29,7 +29,7 @@ from torch import nn
 
 from common.config import Frozen, stable_hash
 from common.seeding import numpy_generator
-from tasks.base import Split, StageData, build_model_for, register_task
+from tasks.base import Feeds, Images, Split, StageData, build_model_for, register_task
 
 GEIRHOS_CLASSES = (
     "airplane", "bear", "bicycle", "bird", "boat", "bottle", "car", "cat", "chair", "clock", "dog", "elephant",
@@ -101,7 +101,6 @@ class ImageNet16:
     """Real images from local directories; see the module docstring."""
 
     Config = ImageNet16Config
-    supported_models = ("resnet18", "vit", "plain_cnn", "mlp", "occam_resnet18")
     trains_on_zero = False
     default_analyses = ("splits", "shape_bias")
 
@@ -245,7 +244,9 @@ class ImageNet16:
             },  # fmt: skip
         )
 
+    def feeds(self) -> Feeds:
+        """RGB images of `image_size` px, one class per entry of `classes`."""
+        return Feeds(Images(size=self.config.image_size), n_classes=len(self.config.classes))
+
     def build_model(self, model_config: Frozen) -> nn.Module:
-        return build_model_for(
-            self, model_config, n_classes=len(self.config.classes), image_size=self.config.image_size
-        )
+        return build_model_for(self, model_config)

@@ -40,7 +40,7 @@ from torch import nn
 
 from common.config import Frozen, stable_hash
 from common.seeding import numpy_generator
-from tasks.base import Split, StageData, build_model_for, register_task
+from tasks.base import Feeds, Images, Split, StageData, build_model_for, register_task
 from tasks.shapes_render import COLOURS, SHAPES, TEXTURES, box_layout, paint_boxes, render
 
 GENERATOR_VERSION = 2  # bump when rendering changes: cached splits and artifacts keyed on it are redone
@@ -107,7 +107,6 @@ class Shapes:
     """Procedural shape/texture images; see the module docstring."""
 
     Config = ShapesConfig
-    supported_models = ("resnet18", "vit", "mlp", "plain_cnn", "occam_resnet18")
     trains_on_zero = False  # downstream training needs at least one textured image
     default_analyses = ("splits", "shape_bias")
 
@@ -329,8 +328,12 @@ class Shapes:
         whole = Split(_normalise(arrays["images"]), {name: torch.from_numpy(v) for name, v in features.items()})
         return whole.take(torch.arange(n // 2)), whole.take(torch.arange(n // 2, n))
 
+    def feeds(self) -> Feeds:
+        """RGB images of `image_size` px, `n_classes` shape classes."""
+        return Feeds(Images(size=self.config.image_size), n_classes=self.config.n_classes)
+
     def build_model(self, model_config: Frozen) -> nn.Module:
-        return build_model_for(self, model_config, n_classes=self.config.n_classes, image_size=self.config.image_size)
+        return build_model_for(self, model_config)
 
 
 def _draw_feature(rng: np.random.Generator, aligned: np.ndarray, n_values: int, draw: dict) -> np.ndarray:

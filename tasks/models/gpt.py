@@ -197,6 +197,6 @@ def gpt2_init(module: nn.Module) -> None:
         module.bias.zero_()
 
 
-@register_model("gpt", GPTConfig)
+@register_model("gpt", GPTConfig, accepts=("tokens",), vocabulary_head=lambda cfg: cfg.head == "tied_lm")
 def build_gpt(cfg: GPTConfig, *, vocab_size: int, n_positions: int, n_classes: int, sequence_loss: bool = False) -> GPT:
     return GPT(cfg, vocab_size=vocab_size, n_positions=n_positions, n_classes=n_classes, sequence_loss=sequence_loss)

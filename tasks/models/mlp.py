@@ -6,7 +6,7 @@ for token tasks and image tasks alike.
   sequence is right-padded with zero vectors, which changes nothing (zero inputs add nothing to the
   first layer and give its columns no gradient). The arithmetic task passes `n_positions = 4` and
   feeds the three tokens [a, b, =].
-- Images (B, C, H, W): flattened to `3 * image_size**2` values.
+- Images (B, C, H, W): flattened to `C * image_size**2` values (C = the task's channels, 3 by default).
 
 Then `n_layers` hidden layers `Linear -> activation -> dropout` of `width` units and a linear head.
 
@@ -29,7 +29,6 @@ from common.config import Frozen
 from tasks.base import register_model
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
-IMAGE_CHANNELS = 3
 
 
 class MLPConfig(Frozen):
@@ -42,7 +41,7 @@ class MLPConfig(Frozen):
 
 
 class MLP(nn.Module):
-    """Tokens (B, T) or images (B, 3, H, W) -> logits (B, n_classes). See the module doc."""
+    """Tokens (B, T) or images (B, C, H, W) -> logits (B, n_classes). See the module doc."""
 
     head_name = "head"
     penultimate = "final"
@@ -54,6 +53,7 @@ class MLP(nn.Module):
         vocab_size: int | None = None,
         n_positions: int | None = None,
         image_size: int | None = None,
+        channels: int = 3,
     ):
         super().__init__()
         self.cfg = cfg
@@ -63,7 +63,7 @@ class MLP(nn.Module):
             in_dim = n_positions * cfg.embed_dim
         else:
             self.embed = None
-            in_dim = IMAGE_CHANNELS * image_size * image_size
+            in_dim = channels * image_size * image_size
         self.in_dim = in_dim
         widths = [in_dim] + [cfg.width] * cfg.n_layers
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True))
@@ -77,7 +77,7 @@ class MLP(nn.Module):
 
     def _flat_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.embed is None:
-            return x.flatten(1)  # (B, 3 H W)
+            return x.flatten(1)  # (B, C H W)
         if x.shape[1] > self.n_positions:
             raise ValueError(f"mlp: got {x.shape[1]} tokens, built for at most n_positions = {self.n_positions}")
         e = self.embed(x).flatten(1)  # (B, T E)
@@ -99,7 +99,7 @@ class MLP(nn.Module):
         return (logits, features) if intermediates else logits
 
 
-@register_model("mlp", MLPConfig)
+@register_model("mlp", MLPConfig, accepts=("tokens", "images"))
 def build_mlp(
     cfg: MLPConfig,
     *,
@@ -107,6 +107,7 @@ def build_mlp(
     vocab_size: int | None = None,
     n_positions: int | None = None,
     image_size: int | None = None,
+    channels: int = 3,
     **_,
 ) -> MLP:
     if vocab_size is not None:
@@ -115,4 +116,4 @@ def build_mlp(
         return MLP(cfg, n_classes, vocab_size=vocab_size, n_positions=n_positions)
     if image_size is None:
         raise ValueError("mlp: the task passed neither vocab_size (tokens) nor image_size (images)")
-    return MLP(cfg, n_classes, image_size=image_size)
+    return MLP(cfg, n_classes, image_size=image_size, channels=channels)

@@ -66,7 +66,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from common.config import Frozen
-from tasks.base import register_model
+from tasks.base import register_model, require_rgb
 from tasks.models.vision import SmallImageResNet
 
 N_EXITS = 4
@@ -269,6 +269,9 @@ def ce_weight_first(logits: torch.Tensor, y: torch.Tensor, gamma0: float) -> tor
     return F.softmax(logits, dim=1).gather(1, y.view(-1, 1)).squeeze(1) ** gamma0
 
 
-@register_model("occam_resnet18", OccamResNet18Config)
-def build_occam_resnet18(cfg: OccamResNet18Config, *, n_classes: int, image_size: int, **_) -> nn.Module:
+@register_model("occam_resnet18", OccamResNet18Config, accepts=("images",))
+def build_occam_resnet18(
+    cfg: OccamResNet18Config, *, n_classes: int, image_size: int, channels: int = 3, **_
+) -> nn.Module:
+    require_rgb("occam_resnet18", channels)
     return OccamResNet(cfg, n_classes)

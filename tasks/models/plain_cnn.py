@@ -76,8 +76,10 @@ class PlainCNN(nn.Module):
         return (logits, features) if intermediates else logits
 
 
-@register_model("plain_cnn", PlainCNNConfig)
-def build_plain_cnn(cfg: PlainCNNConfig, *, n_classes: int, image_size: int | None = None, **_) -> PlainCNN:
+@register_model("plain_cnn", PlainCNNConfig, accepts=("images",))
+def build_plain_cnn(
+    cfg: PlainCNNConfig, *, n_classes: int, image_size: int | None = None, channels: int = 3, **_
+) -> PlainCNN:
     if image_size is None:
         raise ValueError("plain_cnn is an image model; the task passed no image_size")
-    return PlainCNN(cfg, n_classes, image_size)
+    return PlainCNN(cfg, n_classes, image_size, in_channels=channels)

@@ -23,7 +23,7 @@ from torchvision.models import VisionTransformer
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from common.config import Frozen
-from tasks.base import register_model
+from tasks.base import register_model, require_rgb
 
 
 class ResNet18Config(Frozen):
@@ -41,12 +41,12 @@ class SmallImageResNet(ResNet):
     head_name = "fc"
     penultimate = "pool"
 
-    def __init__(self, width: int, n_classes: int):
+    def __init__(self, width: int, n_classes: int, channels: int = 3):
         nn.Module.__init__(self)  # ResNet.__init__ hard-codes the ImageNet stem and widths
         self._norm_layer = nn.BatchNorm2d
         self.dilation, self.groups, self.base_width = 1, 1, 64
         self.inplanes = width
-        self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(channels, width, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.Identity()
@@ -85,9 +85,9 @@ class SmallImageResNet(ResNet):
         return (logits, features) if intermediates else logits
 
 
-@register_model("resnet18", ResNet18Config)
-def build_resnet18(cfg: ResNet18Config, *, n_classes: int, image_size: int, **_) -> nn.Module:
-    return SmallImageResNet(cfg.width, n_classes)
+@register_model("resnet18", ResNet18Config, accepts=("images",))
+def build_resnet18(cfg: ResNet18Config, *, n_classes: int, image_size: int, channels: int = 3, **_) -> nn.Module:
+    return SmallImageResNet(cfg.width, n_classes, channels)
 
 
 class ViTConfig(Frozen):
@@ -142,8 +142,9 @@ class SmallViT(VisionTransformer):
         return (logits, features) if intermediates else logits
 
 
-@register_model("vit", ViTConfig)
-def build_vit(cfg: ViTConfig, *, n_classes: int, image_size: int, **_) -> nn.Module:
+@register_model("vit", ViTConfig, accepts=("images",))
+def build_vit(cfg: ViTConfig, *, n_classes: int, image_size: int, channels: int = 3, **_) -> nn.Module:
+    require_rgb("vit", channels)
     if image_size % cfg.patch_size:
         raise ValueError(f"image_size ({image_size}) must be divisible by patch_size ({cfg.patch_size})")
     return SmallViT(

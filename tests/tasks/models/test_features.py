@@ -22,6 +22,12 @@ TINY = {
         lambda gen: torch.randint(0, 11, (B, 3), generator=gen),
         {"embed": (B, 3, 16), "block0": (B, 3, 16), "block1": (B, 3, 16), "final": (B, 16)},
     ),
+    "hf_gpt2": (  # logits over the vocabulary (11), read as the classes
+        {"n_layer": 2, "n_embd": 16, "n_head": 2},
+        {"vocab_size": 11, "n_positions": 4, "n_classes": 7},
+        lambda gen: torch.randint(0, 11, (B, 3), generator=gen),
+        {"embed": (B, 3, 16), "block0": (B, 3, 16), "block1": (B, 3, 16), "final": (B, 16)},
+    ),
     "resnet18": (
         {"width": 4},
         {"n_classes": 5, "image_size": 16},

@@ -86,7 +86,7 @@ def test_masks_cover_hidden_weights_only(tmp_path, which):
 
 
 def test_arithmetic_refuses_plain_cnn():
-    with pytest.raises(ValueError, match=r"plain_cnn.*gpt, mlp"):
+    with pytest.raises(ValueError, match=r"plain_cnn.*accepts images.*feeds token sequences.*gpt, hf_gpt2, mlp"):
         load_sweep(_arith_raw(PLAIN_CNN))
 
 
