@@ -8,7 +8,15 @@ every seed count k: with few seeds (often 3) a bootstrap undercovers (measured c
 docs/PERFORMANCE.md). One seed gives no interval: NaN bounds, not (v, v). The budget-to-target
 interval inverts the pointwise t bands of the mean curve, [where the upper band first reaches the
 target, where the lower band does], so it is not exactly 95% (`tests/orchestrator/report/test_statistics.py`
-holds its coverage to 0.9). The log-budget axis is x = log10(1 + n), so that n = 0 has a place on it."""
+holds its coverage to 0.9). The log-budget axis is x = log10(1 + n), so that n = 0 has a place on it.
+An accuracy's interval is kept inside [0, 1] and a difference of accuracies inside [-1, 1]
+(`bounds`): clipping a bound at the range never excludes a value the metric can take, so it cannot
+lower coverage.
+
+Findings (`findings`) turn each paired difference into a verdict: `better` / `worse` when its
+interval excludes 0, `equivalent` only when the whole interval lies inside ±margin, a margin
+declared before the data are read (two one-sided tests, each at 2.5%), `gated` when a quality gate
+of either side failed, `undecided` otherwise, one seed included: "not detected" is never "absent"."""
 
 from __future__ import annotations
 
@@ -41,6 +49,17 @@ def t_interval(values, level: float = LEVEL, axis: int = -1):
     lo = np.where(k >= 2, mean - half, np.nan)
     hi = np.where(k >= 2, mean + half, np.nan)
     return (float(lo), float(hi)) if lo.ndim == 0 else (lo, hi)
+
+
+def bounds(metric: str) -> tuple[float, float]:
+    """The range `metric` can take: accuracies (columns named `*acc`) lie in [0, 1]."""
+    return (0.0, 1.0) if metric.endswith("acc") else (-np.inf, np.inf)
+
+
+def clipped(interval: tuple[float, float], low: float, high: float) -> tuple[float, float]:
+    """`interval` inside [low, high]; NaN bounds stay NaN."""
+    lo, hi = interval
+    return (lo if np.isnan(lo) else max(lo, low), hi if np.isnan(hi) else min(hi, high))
 
 
 def log_budget(n) -> np.ndarray:
@@ -109,7 +128,7 @@ def summarise(table: pd.DataFrame, level: float = LEVEL) -> pd.DataFrame:
                 continue
             row[f"{metric}_mean"] = float(values.mean())
             row[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
-            row[f"{metric}_ci_lo"], row[f"{metric}_ci_hi"] = t_interval(values, level)
+            row[f"{metric}_ci_lo"], row[f"{metric}_ci_hi"] = clipped(t_interval(values, level), *bounds(metric))
         out.append(row)
     return _ordered(pd.DataFrame(out), ["n_train"])
 
@@ -184,7 +203,8 @@ def paired_differences(table: pd.DataFrame, versus: str, metric: str = METRIC, l
     a partner is left out, never paired with another. ConfigError when no finished trial ran `versus`."""
     done, info = prepare(table)
     _check_versus(info, versus)
-    by_series = _seed_frames(done, metric)
+    by_series, gated = _seed_frames(done, metric), _gated(done)
+    low, high = bounds(metric)
     rows = []
     for series in info.index:
         ref = partner(series, info, versus) if info.loc[series, "method"] != versus else None
@@ -195,10 +215,63 @@ def paired_differences(table: pd.DataFrame, versus: str, metric: str = METRIC, l
             diff = (a[n] - b[n]).dropna().to_numpy(dtype=float)  # aligned on seed: pairs only
             if len(diff) == 0:
                 continue
-            lo, hi = t_interval(diff, level)
+            lo, hi = clipped(t_interval(diff, level), low - high, high - low)
+            failed = sorted(gated.get((series, n), set()) | gated.get((ref, n), set()))
             rows.append({**_ident(info, series), "versus": info.loc[ref, "label"], "n_train": n, "pairs": len(diff),
-                         "diff_mean": float(diff.mean()), "diff_ci_lo": lo, "diff_ci_hi": hi})  # fmt: skip
+                         "diff_mean": float(diff.mean()), "diff_ci_lo": lo, "diff_ci_hi": hi,
+                         "gates_failed": ",".join(failed)})  # fmt: skip
     return _ordered(pd.DataFrame(rows), ["n_train"])
+
+
+def _gated(done: pd.DataFrame) -> dict[tuple[str, Any], set[str]]:
+    """(series, budget) -> the quality gates that failed in any of its rows (`gates_failed` column)."""
+    if "gates_failed" not in done:
+        return {}
+    out: dict[tuple[str, Any], set[str]] = {}
+    for series, n, failed in done[["series", "n_train", "gates_failed"]].itertuples(index=False):
+        if isinstance(failed, str) and failed:
+            out.setdefault((series, n), set()).update(failed.split(","))
+    return out
+
+
+VERDICTS = ("better", "worse", "equivalent", "undecided", "gated")
+
+
+def verdict(lo: float, hi: float, margin: float | None = None, gated: bool = False) -> str:
+    """The verdict on a difference with interval [lo, hi] (module docstring)."""
+    if gated:
+        return "gated"
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return "undecided"
+    if lo > 0:
+        return "better"
+    if hi < 0:
+        return "worse"
+    if margin is not None and -margin < lo and hi < margin:
+        return "equivalent"
+    return "undecided"
+
+
+def findings(diffs: pd.DataFrame, metric: str = METRIC, margin: float | None = None) -> pd.DataFrame:
+    """One finding per paired difference (`paired_differences`, `mean_over_differences`): `series`,
+    `label`, `versus`, `metric`, `n_train`, `diff`, `ci_lo`, `ci_hi`, `seeds`, `margin`, `verdict`."""
+    if margin is not None and not margin > 0:
+        raise ConfigError(f"--margin {margin}: an equivalence margin must be positive, e.g. 0.03")
+    if diffs is None or diffs.empty:
+        return pd.DataFrame(columns=["series", "label", "versus", "metric", "n_train", "diff", "ci_lo", "ci_hi",
+                                     "seeds", "margin", "verdict"])  # fmt: skip
+    gates = diffs["gates_failed"] if "gates_failed" in diffs else pd.Series("", index=diffs.index)
+    out = pd.DataFrame({
+        "series": diffs["series"] if "series" in diffs else diffs["label"],
+        "label": diffs["label"], "versus": diffs["versus"], "metric": metric, "n_train": diffs["n_train"],
+        "diff": diffs["diff_mean"], "ci_lo": diffs["diff_ci_lo"], "ci_hi": diffs["diff_ci_hi"],
+        "seeds": diffs["pairs"], "margin": np.nan if margin is None else margin, "gates_failed": gates.fillna(""),
+    })  # fmt: skip
+    out["verdict"] = [
+        verdict(lo, hi, margin, bool(g))
+        for lo, hi, g in zip(out["ci_lo"], out["ci_hi"], out["gates_failed"], strict=True)
+    ]
+    return out
 
 
 def mean_over(table: pd.DataFrame, axis: str, metric: str = METRIC, level: float = LEVEL) -> pd.DataFrame:
@@ -246,4 +319,4 @@ def _per_seed_means(frames: list[pd.DataFrame], level: float):
         per_value = pd.concat([f[n] for f in frames], axis=1).dropna()
         if not per_value.empty:
             seed_means = per_value.mean(axis=1).to_numpy(dtype=float)
-            yield n, len(seed_means), float(seed_means.mean()), *t_interval(seed_means, level)
+            yield n, len(seed_means), float(seed_means.mean()), *clipped(t_interval(seed_means, level), -1.0, 1.0)
