@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import hashlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_serializer
+from safetensors.torch import load_file
 from torch import nn
 
 from common.config import Frozen, declare_block
@@ -30,7 +34,7 @@ from common.registry import Registry
 from common.seeding import torch_generator
 from methods.discovery import discover_many
 from methods.packing import NotPackable, fit_packed
-from methods.training import TrainConfig, cross_entropy, train
+from methods.training import TrainConfig, cross_entropy, evaluate, train
 
 
 @dataclasses.dataclass
@@ -155,6 +159,76 @@ class SourceTraining(TrainConfig):
     epochs: int = Field(20, ge=1)
     target_val_acc: float | None = Field(0.999, gt=0, le=1)
     patience: int | None = Field(5, ge=1)
+    pretrained: str | None = Field(
+        None,
+        description="load the source from this local Hugging Face folder or safetensors file instead of training "
+        "it (its sha256 enters the source's key)",
+    )
+
+    @model_serializer(mode="wrap")
+    def _pretrained_only_when_set(self, handler) -> dict:
+        """Every field, `pretrained` only when set: sweeps that train their source keep the trial
+        identities and artifact keys they had before the field existed."""
+        out = handler(self)
+        if out.get("pretrained", 0) is None:
+            del out["pretrained"]
+        return out
+
+
+def pretrained_file(path: str) -> Path:
+    """The weights file of a local pretrained model: `path` itself, or in a Hugging Face folder its
+    `model.safetensors` (else `pytorch_model.bin`). Nothing is downloaded: a missing path is an error."""
+    where = Path(path).expanduser()
+    if where.is_dir():
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (where / name).is_file():
+                return where / name
+        raise ValueError(f"source.pretrained: {where} holds neither model.safetensors nor pytorch_model.bin; "
+                         "save the model there with save_pretrained(), or point at a safetensors file")  # fmt: skip
+    if not where.is_file():
+        raise ValueError(f"source.pretrained: {where} does not exist (a local folder or file; nothing is downloaded)")
+    return where
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: Path, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (cached while its size and modification time stay)."""
+    stat = path.stat()
+    return _sha256(path, stat.st_size, stat.st_mtime_ns)
+
+
+def load_pretrained(model: nn.Module, path: str) -> nn.Module:
+    """Load the weights at `path` (`pretrained_file`) into `model`, safely (safetensors, or
+    `torch.load(weights_only=True)`). A model may translate the file's names with a
+    `pretrained_state(state) -> state` (hf_gpt2 reads Hugging Face's). Every name and shape must
+    match: the error lists what differs."""
+    file = pretrained_file(path)
+    if file.suffix == ".safetensors":
+        state = load_file(str(file))
+    else:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    translate = getattr(model, "pretrained_state", None)
+    state = translate(state) if translate is not None else state
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        details = "; ".join(f"{what}: {names[:5]}{' ...' if len(names) > 5 else ''}"
+                            for what, names in (("missing", missing), ("unexpected", unexpected),
+                                                ("other shapes", wrong)) if names)  # fmt: skip
+        raise ValueError(f"source.pretrained: {file} does not fit model {type(model).__name__} as the sweep builds it "
+                         f"({details}); set the model block to the pretrained model's architecture")  # fmt: skip
+    model.load_state_dict(state)
+    return model
 
 
 @register_artifact("source", blocks=("source",), packs_seeds=True)
@@ -166,6 +240,10 @@ class Source(ArtifactKind):
     reported = ("source_val_acc",)
 
     def key(self, ctx):  # the store adds the model and source blocks (`reads`)
+        pretrained = ctx.settings.source.pretrained
+        if pretrained is not None:  # loaded, not trained: the file's bytes determine it (and the task's val data)
+            return {"task": ctx.task.key_fields("source"), "seed": ctx.seed,
+                    "pretrained_sha256": file_digest(pretrained_file(pretrained))}  # fmt: skip
         return {
             "task": ctx.task.key_fields("source"),
             "seed": ctx.seed,
@@ -176,6 +254,8 @@ class Source(ArtifactKind):
         }
 
     def compute(self, ctx):
+        if ctx.settings.source.pretrained is not None:
+            return self._pretrained(ctx)
         return self.compute_many([ctx])[0] if ctx.packed else self._alone(ctx)
 
     def compute_many(self, contexts):
@@ -183,6 +263,8 @@ class Source(ArtifactKind):
         mix (say, base data of different sizes) trains each as a pack of one; a model refused alone
         trains with the serial loop (its meta says why). A model that diverges fails the whole run,
         its error re-raised: the trials then compute each source as a pack of one."""
+        if contexts[0].settings.source.pretrained is not None:
+            return [self._pretrained(c) for c in contexts]
         if not all(c.packed for c in contexts):
             raise ValueError("compute_many packs sources: every context must be `packed` (its key says so)")
         ctx, cfg = contexts[0], contexts[0].settings.source
@@ -210,6 +292,14 @@ class Source(ArtifactKind):
         result = train(model, ctx.task.base_data(ctx.seed), ctx.settings.source, generator,
                        mixed_precision=ctx.mixed_precision)  # fmt: skip
         return model.state_dict(), {**self._meta(result), **({"pack": 1, "alone": why} if why else {})}
+
+    def _pretrained(self, ctx):
+        """The source read from `source.pretrained` (no training), scored on the base task's validation split."""
+        model = load_pretrained(ctx.fresh_model("source_init"), ctx.settings.source.pretrained).to(ctx.device)
+        val = ctx.task.base_data(ctx.seed).val.to(ctx.device)
+        cfg = ctx.settings.source
+        acc = evaluate(model, val, cfg.eval_batch_size)["y"]
+        return model.state_dict(), {"val_acc": acc, "best_epoch": 0, "epochs_run": 0, "pretrained": cfg.pretrained}
 
     @staticmethod
     def _meta(result):

@@ -39,9 +39,12 @@ def parameter_roles(model: nn.Module) -> dict[str, str]:
     """Role of every parameter: 'weight', 'embedding', 'head', 'norm' or 'bias'; the head is the
     module named by the model's `head_name` attribute (default 'head')."""
     head = getattr(model, "head_name", "head")
-    roles = {}
+    roles, seen = {}, set()
     for module_name, module in model.named_modules():
         for pname, param in module.named_parameters(recurse=False):
+            if id(param) in seen:  # a tied parameter keeps its first name, as in model.named_parameters()
+                continue
+            seen.add(id(param))
             name = f"{module_name}.{pname}" if module_name else pname
             if module_name == head or module_name.startswith(head + "."):
                 roles[name] = "head"

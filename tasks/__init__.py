@@ -9,6 +9,7 @@ from tasks.models import hf_gpt2 as _hf_gpt2  # noqa: F401  (registers hf_gpt2)
 from tasks.models import mlp as _mlp  # noqa: F401  (registers mlp)
 from tasks.models import occam as _occam  # noqa: F401  (registers occam_resnet18)
 from tasks.models import plain_cnn as _plain_cnn  # noqa: F401  (registers plain_cnn)
+from tasks.models import torchvision_arch as _torchvision_arch  # noqa: F401  (registers torchvision)
 from tasks.models import vision as _vision  # noqa: F401  (registers resnet18, vit)
 
 __all__ = ["MODELS", "TASKS", "Split", "StageData", "Task", "parse_block", "register_model", "register_task"]

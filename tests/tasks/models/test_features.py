@@ -41,6 +41,20 @@ TINY = {
             "pool": (B, 32),
         },
     ),
+    "torchvision": (  # torchvision's own resnet18 (ImageNet stem): 16 px -> 8 (conv1) -> 4 (max-pool)
+        {"arch": "resnet18"},
+        {"n_classes": 5, "image_size": 16},
+        _image(),
+        {
+            "conv1": (B, 64, 8, 8),
+            "bn1": (B, 64, 8, 8),
+            "layer1": (B, 64, 4, 4),
+            "layer2": (B, 128, 2, 2),
+            "layer3": (B, 256, 1, 1),
+            "layer4": (B, 512, 1, 1),
+            "final": (B, 512),
+        },
+    ),
     "vit": (
         {"patch_size": 4, "n_layers": 2, "n_heads": 2, "hidden_dim": 16, "mlp_dim": 32, "dropout": 0.1},
         {"n_classes": 5, "image_size": 16},
