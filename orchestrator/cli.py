@@ -54,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("sweep", type=Path, help="YAML sweep file")
+    _add_set(run)
     run.add_argument(
         "--out",
         required=True,
@@ -85,12 +86,14 @@ def _parser() -> argparse.ArgumentParser:
 
     tune = sub.add_parser("tune", help="Optuna search of each method's hyperparameters on validation data")
     tune.add_argument("sweep", type=Path)
+    _add_set(tune)
     tune.add_argument("--out", type=Path, required=True, help="directory for tuned.yaml and the search's state")
     tune.add_argument("--address", help="Ray cluster address; default: start a local one")
     tune.add_argument("--num-cpus", type=int)
 
     validate = sub.add_parser("validate", help="check a sweep file and print its grid")
     validate.add_argument("sweep", type=Path)
+    _add_set(validate)
 
     status = sub.add_parser("status", help="counts of done, pending and failed trials in an output directory")
     status.add_argument("out", help="output directory (path or URI)")
@@ -108,8 +111,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="overrides",
+        metavar="PATH=VALUE",
+        help="set a config path of the sweep file, the value read as YAML (repeatable): --set training.lr=0.004 "
+        "--set 'seeds=[0, 1]'; bare PATH=VALUE arguments after the sweep file are the same; recorded in OUT/sweep.json",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    bare = [arg for arg in extra if "=" in arg and not arg.startswith("-")]
+    if extra and (bare != extra or not hasattr(args, "overrides")):
+        hint = "; set a config path with --set PATH=VALUE" if hasattr(args, "overrides") else ""
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+    if bare:
+        args.overrides += bare
     from orchestrator.config import ConfigError
 
     try:
@@ -124,13 +146,15 @@ def _validate(args) -> int:
     from orchestrator.config import load_sweep_file
     from orchestrator.trial import expand, upstream_keys
 
-    sweep = load_sweep_file(args.sweep)
+    sweep = load_sweep_file(args.sweep, args.overrides)
     specs = expand(sweep)
     artifacts: dict[str, set] = {}
     for spec in specs:
         for kind, key in upstream_keys(sweep, spec):
             artifacts.setdefault(kind, set()).add(key)
     print(f"{args.sweep}: valid sweep {sweep.name!r} (config hash {sweep.config_hash})")
+    if args.overrides:
+        print(f"  with --set {' '.join(args.overrides)}")
     print(f"  task {sweep.task.name}, model {sweep.model.name}")
     print(f"  methods {', '.join(sweep.methods)}")
     print(f"  seeds {list(sweep.seeds)}")
@@ -151,7 +175,7 @@ def _run(args) -> int:
     from orchestrator.config import load_sweep_file
     from orchestrator.sweep import run_sweep
 
-    sweep = load_sweep_file(args.sweep)
+    sweep = load_sweep_file(args.sweep, args.overrides)
     if args.tuned:
         from orchestrator.tuning import apply_tuned
 
@@ -166,6 +190,7 @@ def _run(args) -> int:
         resume_hint=resume_command(args),
         tracking=args.tracking,
         rerun_stale=args.rerun_stale,
+        overrides=args.overrides,
     )
     print(
         f"{outcome.ran} trials run, {outcome.skipped} already done, {outcome.failed} failed "
@@ -212,6 +237,7 @@ def stale_line(outcome) -> str:
 def resume_command(args) -> str:
     """The `instill run` command line that resumes this run."""
     parts = ["instill", "run", str(args.sweep), "--out", str(args.out)]
+    parts += [part for override in args.overrides for part in ("--set", override)]
     parts += ["--address", args.address] if args.address else []
     parts += ["--tuned", str(args.tuned)] if args.tuned else []
     parts += ["--force"] if args.force else []
@@ -224,10 +250,11 @@ def _tune(args) -> int:
     from orchestrator.config import load_sweep_file
     from orchestrator.tuning import tune_methods
 
-    sweep = load_sweep_file(args.sweep)
+    sweep = load_sweep_file(args.sweep, args.overrides)
     path = tune_methods(sweep, args.out, address=args.address, num_cpus=args.num_cpus)
     print(path.read_text())
-    print(f"tuned values: {path}; use them with `instill run {args.sweep} --out DIR --tuned {path}`")
+    sets = "".join(f" --set {shlex.quote(override)}" for override in args.overrides)
+    print(f"tuned values: {path}; use them with `instill run {args.sweep}{sets} --out DIR --tuned {path}`")
     return 0
 
 

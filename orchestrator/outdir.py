@@ -20,13 +20,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
 
 from orchestrator.artifacts import ArtifactStore, open_filesystem
-from orchestrator.config import ConfigError, SweepConfig
+from orchestrator.config import ConfigError, SweepConfig, import_plugins, plugin_paths
 from orchestrator.trial import TrialSpec, trial_hash
 
 
@@ -124,9 +125,12 @@ class SweepMismatch(ConfigError):
     """The output directory holds a different sweep."""
 
 
-def prepare_out_dir(sweep: SweepConfig, out_dir: str | Path | OutDir, force: bool = False) -> None:
+def prepare_out_dir(
+    sweep: SweepConfig, out_dir: str | Path | OutDir, force: bool = False, overrides: Sequence[str] = ()
+) -> None:
     """Create OUT, or check that it holds a version of this same sweep (same name). Never deletes
-    a row: rows of other versions stay and are reused where their trials recur."""
+    a row: rows of other versions stay and are reused where their trials recur. sweep.json records
+    the `overrides` (`--set`) as given and where the plug-ins were found (`read_sweep` imports them)."""
     out = as_outdir(out_dir)
     previous_text = out.read_text("sweep.json")
     if previous_text is not None:
@@ -143,9 +147,22 @@ def prepare_out_dir(sweep: SweepConfig, out_dir: str | Path | OutDir, force: boo
     for folder, suffix in (("rows", ".running"), ("rows", ".tmp"), ("sweeps", ".tmp"), ("", ".tmp")):
         for stale in out.list(folder, suffix):  # left by a driver that was killed
             out.delete(stale)
-    record = json.dumps({"name": sweep.name, "config_hash": sweep.config_hash, "config": sweep.canonical()}, indent=1)
+    record = {"name": sweep.name, "config_hash": sweep.config_hash, "config": sweep.canonical()}
+    record = json.dumps({**record, "overrides": list(overrides), "plugin_paths": plugin_paths(sweep.plugins)}, indent=1)
     out.write_text(f"sweeps/{sweep.config_hash}.json", record)
     out.write_text("sweep.json", record)
+
+
+def read_sweep(out_dir: str | Path | OutDir) -> tuple[dict[str, Any] | None, list[str]]:
+    """OUT/sweep.json (None if there is none) with its plug-ins imported from where the run found
+    them, and why each that cannot be imported here cannot."""
+    text = as_outdir(out_dir).read_text("sweep.json")
+    record = json.loads(text) if text is not None else None
+    problems: list[str] = []
+    found = (record or {}).get("plugin_paths", {})
+    for module in ((record or {}).get("config") or {}).get("plugins", []):
+        import_plugins([module], problems, (Path(found[module]),) if module in found else ())
+    return record, problems
 
 
 def row_name(key: str) -> str:

@@ -6,33 +6,48 @@ import json
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from orchestrator.config import ConfigError, load_sweep
-from orchestrator.outdir import OutDir, as_outdir, is_running, read_row, store_for
+from orchestrator.outdir import OutDir, as_outdir, is_running, read_sweep, row_name, store_for
 from orchestrator.trial import expand, trial_hash, upstream_keys
 
 
 def sweep_status(out_dir: str | Path | OutDir) -> tuple[str, int]:
-    """A printable summary and the number of failed trials."""
+    """A printable summary and the number of failed trials. Where the sweep cannot be loaded here
+    (a plug-in gone), a warning says why and the trials of its last results.parquet are counted."""
     out = as_outdir(out_dir)
-    text = out.read_text("sweep.json")
-    if text is None:
+    record, problems = read_sweep(out)
+    if record is None:
         raise ConfigError(f"{out}: not a sweep output directory (no sweep.json); give the --out of `instill run`")
-    sweep = load_sweep(json.loads(text)["config"], out.join("sweep.json"))
+    sweep = None
+    if not problems:
+        try:
+            sweep = load_sweep(record["config"], out.join("sweep.json"))
+        except ConfigError as err:
+            problems = [str(err)]
+    specs = expand(sweep) if sweep is not None else []
+    trials = [(s.name, trial_hash(sweep, s)) for s in specs] if sweep is not None else _last_trials(out)
     counts = {"done": 0, "running": 0, "pending": 0, "failed": 0}
     failures = []
-    trial_s, keys = 0.0, set()
-    for spec in expand(sweep):
-        keys.update(upstream_keys(sweep, spec))
-        row = read_row(out, sweep, spec)
-        if row is None:
-            state = "running" if is_running(out, trial_hash(sweep, spec)) else "pending"
+    trial_s = 0.0
+    for name, key in trials:
+        text = out.read_text(row_name(key))
+        if text is None:
+            state = "running" if is_running(out, key) else "pending"
         else:
+            row = json.loads(text)
             state = row["status"]
             trial_s += float(row.get("total_s") or 0.0)
             if state == "failed":
-                failures.append(f"  {spec.name}: {row.get('error')}")
+                failures.append(f"  {name}: {row.get('error')}")
         counts[state] += 1
-    lines = [f"{out}: sweep {sweep.name!r}, {sum(counts.values())} trials"]
+    lines = [f"warning: {line}" for line in problems]
+    if problems:
+        lines.append("warning: so the trials counted are those of the last results.parquet, by their rows")
+    lines.append(f"{out}: sweep {record.get('name')!r}, {sum(counts.values())} trials")
+    if record.get("overrides"):
+        lines.append(f"  --set {' '.join(record['overrides'])}")
     holder = out.lease().read()
     if holder is None:
         lines.append("  no driver is running here")
@@ -40,12 +55,22 @@ def sweep_status(out_dir: str | Path | OutDir) -> tuple[str, int]:
         age = max(0.0, time.time() - holder.heartbeat)
         lines.append(f"  driver: {holder.describe()}, last heartbeat {age:.0f} s ago")
     lines.append("  " + ", ".join(f"{v} {k}" for k, v in counts.items()))
-    finished = counts["done"] + counts["failed"]
-    lines.append("  " + compute_line(store_for(sweep, out).computations(), keys, trial_s, finished))
+    if sweep is not None:
+        keys = {key for spec in specs for key in upstream_keys(sweep, spec)}
+        finished = counts["done"] + counts["failed"]
+        lines.append("  " + compute_line(store_for(sweep, out).computations(), keys, trial_s, finished))
     if failures:
         lines.append("failed trials:")
         lines += failures
     return "\n".join(lines), counts["failed"]
+
+
+def _last_trials(out: OutDir) -> list[tuple[str, str]]:
+    """(name, trial hash) of each trial of OUT/results.parquet (the grid of the last run)."""
+    if not out.exists("results.parquet"):
+        return []
+    table = pq.read_table(out.path("results.parquet"), filesystem=out.fs, columns=["trial", "trial_hash"])
+    return list(zip(table["trial"].to_pylist(), table["trial_hash"].to_pylist(), strict=True))
 
 
 def compute_line(computations: list[dict], keys: set[tuple[str, str]], trial_s: float, trials: int) -> str:

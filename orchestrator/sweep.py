@@ -14,6 +14,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,13 +61,15 @@ def run_sweep(
     resume_hint: str | None = None,
     tracking: str | None = None,
     rerun_stale: bool = False,
+    overrides: Sequence[str] = (),
 ) -> SweepOutcome:
     """Run every unfinished trial of `sweep` on Ray Tune and write OUT/results.parquet.
 
     One driver at a time: a lease on OUT (`orchestrator.lease`) makes a second one stop with
     `DirectoryBusy`. SIGINT/SIGTERM stop the sweep gracefully (`orchestrator.stop`; `stopped_by`).
     `tracking` ('wandb', 'mlflow') adds Ray's logger callback; `callbacks` are extra Tune callbacks;
-    `resume_hint` is printed when a stop cannot return; `rerun_stale`: see `to_run`.
+    `resume_hint` is printed when a stop cannot return; `rerun_stale`: see `to_run`; `overrides`: the
+    `--set PATH=VALUE` the sweep was loaded with, recorded in sweep.json.
     """
     out = as_outdir(out_dir if isinstance(out_dir, OutDir) or "://" in str(out_dir) else Path(out_dir).resolve())
     out.makedirs()
@@ -75,7 +78,7 @@ def run_sweep(
     lease = out.lease(ttl_s=lease_ttl_s, on_lost=lambda holder: _lost(stopper, out, holder))
     start = time.monotonic()
     with lease:
-        prepare_out_dir(sweep, out, force=force)
+        prepare_out_dir(sweep, out, force=force, overrides=overrides)
         store = store_for(sweep, out)
         specs = expand(sweep)
         todo, stale = to_run(sweep, out, specs, rerun_stale)

@@ -5,6 +5,10 @@ greater than 0`). Every overlay layer and axis value is checked with one set of 
 from __future__ import annotations
 
 import importlib
+import os
+import shlex
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,23 +32,70 @@ def _with_values(base: SweepConfig, values: dict[str, Any]) -> SweepConfig:
         raw["model"] = {**base.model.model_dump(mode="json", exclude_unset=True), "name": values["model.name"]}
     for path, value in values.items():
         resolve_path(base, path)
-        parent = raw
-        parts = path.split(".")
-        for part in parts[:-1]:
-            parent = parent[part]
-        parent[parts[-1]] = value
+        set_path(raw, path, value)
     return _build(raw)
 
 
-def _import_plugins(plugins: Any, errors: list[str]) -> None:
+# Mappings whose keys are config paths: below them the rest of a path is one key (`axes.model.n_layers`).
+_KEYED_BY_PATH = (("axes",), ("variants", "*"), ("method_overrides", "*"), ("tuning", "space"))
+
+
+def set_path(raw: dict, path: str, value: Any) -> None:
+    """Set the dotted `path` of a raw sweep mapping (as YAML spells it) to `value`, creating the
+    mappings on the way: `training.lr`, `seeds`, `axes.model.n_layers`, `variants.v.model.init`."""
+    parts = path.split(".")
+    for prefix in _KEYED_BY_PATH:
+        if len(parts) > len(prefix) and all(p in ("*", q) for p, q in zip(prefix, parts, strict=False)):
+            parts = [*parts[: len(prefix)], ".".join(parts[len(prefix) :])]
+            break
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        node[part] = {} if node.get(part) is None else node[part]
+        if not isinstance(node[part], dict):
+            where = ".".join(parts[: i + 1])
+            raise ValueError(f"{where} is not a mapping, so {path} cannot be set in it; set {where} itself")
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`PATH=VALUE` (`--set training.lr=0.004`, `--set 'seeds=[0, 1]'`): the path and the value as YAML reads it."""
+    path, sep, value = text.partition("=")
+    if not sep or not path.strip() or " " in path.strip():
+        raise ValueError("expected PATH=VALUE, e.g. --set training.lr=0.004 or --set 'seeds=[0, 1]'")
+    try:
+        return path.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise ValueError(f"the value is not valid YAML ({getattr(err, 'problem', None) or err})") from None
+
+
+def import_plugins(plugins: Any, errors: list[str], search: tuple[Path, ...] = ()) -> None:
+    """Import each plug-in module, found in the first folder of `search` that holds it (put on
+    sys.path, and on PYTHONPATH for the Ray workers started later), else on the Python path."""
     if not isinstance(plugins, (list, tuple)) or not all(isinstance(p, str) for p in plugins):
         errors.append("plugins: expected a list of module names, e.g. [my_lab.methods]")
         return
     for module in plugins:
+        top = module.split(".")[0]
+        folder = next((str(f) for f in search if (f / top).is_dir() or (f / f"{top}.py").is_file()), None)
+        if folder is not None and folder not in sys.path:
+            sys.path.insert(0, folder)
+            os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [folder, os.environ.get("PYTHONPATH")]))
         try:
             importlib.import_module(module)
         except Exception as err:  # any import failure is the user's to fix; say which and why
-            errors.append(f"plugins: cannot import {module!r}: {type(err).__name__}: {err}")
+            looked = f" (looked in {', '.join(map(str, search))} and the Python path)" if search else ""
+            errors.append(f"plugins: cannot import {module!r}: {type(err).__name__}: {err}{looked}")
+
+
+def plugin_paths(plugins: tuple[str, ...]) -> dict[str, str]:
+    """Where each imported plug-in module was found: the folder its top-level package is in."""
+    out = {}
+    for module in plugins:
+        file = getattr(sys.modules.get(module), "__file__", None)
+        if file:
+            out[module] = str(Path(file).resolve().parents[module.count(".") + (Path(file).name == "__init__.py")])
+    return out
 
 
 def _parse_blocks(data: dict, errors: list[str]) -> None:
@@ -289,12 +340,13 @@ def _check_space(config: SweepConfig) -> list[str]:
     return errors
 
 
-def load_sweep(raw: Any, source: str = "sweep") -> SweepConfig:
-    """Validate a parsed sweep mapping. Raises ConfigError listing every problem by field path."""
+def load_sweep(raw: Any, source: str = "sweep", search: tuple[Path, ...] = ()) -> SweepConfig:
+    """Validate a parsed sweep mapping, its `plugins:` found in the folders `search` first. Raises
+    ConfigError listing every problem by field path."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys to values, got {type(raw).__name__}")
     errors: list[str] = []
-    _import_plugins(raw.get("plugins", ()), errors)
+    import_plugins(raw.get("plugins", ()), errors, search)
     config = None
     try:
         config = _build(raw)
@@ -309,8 +361,9 @@ def load_sweep(raw: Any, source: str = "sweep") -> SweepConfig:
     raise ConfigError(f"{source}: invalid sweep file\n  " + "\n  ".join("\n".join(errors).splitlines()))
 
 
-def load_sweep_file(path: str | Path) -> SweepConfig:
-    """Read and validate a YAML sweep file."""
+def load_sweep_file(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
+    """Read and validate a YAML sweep file, with `overrides` (`PATH=VALUE`, `--set`) applied to it
+    first; its plug-ins are found in its folder, then the working folder, then the Python path."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such sweep file; pass the path of a YAML file such as configs/quickstart.yaml")
@@ -321,4 +374,10 @@ def load_sweep_file(path: str | Path) -> SweepConfig:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err)
         raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
-    return load_sweep(raw, str(path))
+    for text in overrides if isinstance(raw, dict) else ():  # not a mapping: load_sweep says so
+        try:
+            set_path(raw, *parse_override(text))
+        except ValueError as err:
+            raise ConfigError(f"{path}: --set {text!r}: {err}") from None
+    source = f"{path} (with {' '.join(f'--set {shlex.quote(t)}' for t in overrides)})" if overrides else str(path)
+    return load_sweep(raw, source, (path.resolve().parent, Path.cwd()))

@@ -12,11 +12,12 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
+from methods import ANALYSES
 from methods.reports import REPORTS, Figure, ReportContext, Table
 from orchestrator import results
 from orchestrator.artifacts import ArtifactStore, CorruptArtifact
 from orchestrator.config import ConfigError
-from orchestrator.outdir import as_outdir
+from orchestrator.outdir import as_outdir, read_sweep
 from orchestrator.report import statistics, tables
 from orchestrator.report.figures import plot_curves, plot_profiles, save
 from orchestrator.report.series import differing_fields, flatten
@@ -109,6 +110,30 @@ def _differences(configs: list[dict]) -> list[str]:
     return [", ".join(fields) for fields in differing_fields([flatten(c) for c in configs])]
 
 
+def _provenance(out_dirs: list, table: pd.DataFrame) -> Section | None:
+    """Each output directory's `--set` overrides and plug-ins (imported here from where its run found
+    them), with a warning for each plug-in that cannot be imported and each analysis that ran but is
+    not registered here: their columns stay in results.parquet, unsummarised. None if nothing to say."""
+    rows, problems = [], []
+    for location in out_dirs:
+        record, failed = read_sweep(location)
+        record = record or {}
+        found = record.get("plugin_paths", {})
+        plugins = [f"{m} ({found.get(m, 'Python path')})" for m in (record.get("config") or {}).get("plugins", [])]
+        overrides = " ".join(record.get("overrides", []))
+        rows.append({"results": str(location), "--set": overrides, "plug-ins": ", ".join(plugins)})
+        problems += [f"{location}: {problem}" for problem in failed]
+    configs = table["config_json"].dropna().unique() if "config_json" in table else []
+    ran = {a["name"] for text in configs for a in json.loads(text).get("analyses", [])}
+    if missing := sorted(ran - set(ANALYSES.names())):
+        problems.append(f"analyses {', '.join(missing)} ran but no plug-in imported here registers them")
+    if not problems and not any(row["--set"] or row["plug-ins"] for row in rows):
+        return None
+    note = "".join(f"Warning: {p}. " for p in problems)
+    note += "Their columns are in results.parquet but not summarised." if problems else ""
+    return Section("Provenance", pd.DataFrame(rows), note=note.strip(), page="Provenance")
+
+
 def _has(summary: pd.DataFrame, column: str) -> bool:
     return f"{column}_mean" in summary and summary[f"{column}_mean"].notna().any()
 
@@ -124,6 +149,7 @@ def write_report(
     `versus`: a method each series is also compared with (`paired_differences`); `over`: an axis the
     series are also averaged over (`mean_over`; with `versus`, `mean_over_differences` too)."""
     table = load_tables(out_dirs)
+    provenance = _provenance(out_dirs, table)  # imports the runs' plug-ins: their columns are summarised
     # Each raises on a bad --versus or --mean-over, before anything is written.
     diffs = statistics.paired_differences(table, versus) if versus else None
     means = statistics.mean_over(table, over) if over else None
@@ -170,6 +196,7 @@ def write_report(
         title = f"{name} by depth, at each series' largest budget (mean [95% CI] over seeds)"
         sections.append(Section(title, tables.profile_markdown(long)))
     sections += [Section(t.title, t.shown, t.note, page=t.title) for t in extras if isinstance(t, Table)]
+    sections += [provenance] if provenance is not None else []
     (report_dir / "summary.md").write_text(_notes(summary) + "".join(s.markdown() for s in sections))
 
     figures: list[tuple[str, str]] = []  # (file, caption)

@@ -1,7 +1,14 @@
-"""Bad input: one clear message naming the field or path, exit code 2, nothing written or lost."""
+"""Bad input: one clear message naming the field or path, exit code 2, nothing written or lost.
+Then `--set` and plug-ins beside the sweep file, end to end."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -77,6 +84,42 @@ def test_bad_sweep_files_exit_2_with_a_clear_message(tmp_path, capsys, command, 
     assert not out.exists(), "a rejected sweep must write nothing"
 
 
+# (case id, --set arguments, fragments the message must contain)
+SET_CASES = [
+    ("no-equals", ["--set", "training.lr"], ["--set 'training.lr'", "expected PATH=VALUE"]),
+    ("bad-yaml", ["--set", "seeds=[0,"], ["--set 'seeds=[0,'", "not valid YAML"]),
+    ("unknown-path", ["--set", "training.lrr=0.1"], ["--set training.lrr=0.1", "training.lrr", "Extra inputs"]),
+    ("bad-value", ["--set", "training.lr=-1"], ["training.lr", "greater than 0"]),
+    ("into-a-value", ["--set", "task.name.x=1"], ["task.name is not a mapping", "set task.name itself"]),
+    ("bare-bad-axis", ["axes.model.n_layerz=[1, 2]"], ["axes.model.n_layerz", "did you mean model.n_layers"]),
+]
+
+
+@pytest.mark.parametrize("args, fragments", [c[1:] for c in SET_CASES], ids=[c[0] for c in SET_CASES])
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_bad_set_exits_2_with_a_clear_message(tmp_path, capsys, command, args, fragments):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(_yaml())
+    out = tmp_path / "out"
+    argv = [command, str(path), *args] + (["--out", str(out)] if command == "run" else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(path) in err
+    for fragment in fragments:
+        assert fragment in err, f"{fragment!r} not in {err!r}"
+    assert not out.exists(), "a rejected sweep must write nothing"
+
+
+def test_a_stray_argument_suggests_set(tmp_path, capsys):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(_yaml())
+    with pytest.raises(SystemExit) as exit_:
+        main(["validate", str(path), "training.lr", "0.1"])
+    assert exit_.value.code == 2 and "--set PATH=VALUE" in capsys.readouterr().err
+    assert main(["validate", str(path), "training.lr=0.004", "--set", "seeds=[3, 4]"]) == 0
+    assert "seeds [3, 4]" in capsys.readouterr().out
+
+
 def test_missing_sweep_file(tmp_path, capsys):
     assert main(["validate", str(tmp_path / "nope.yaml")]) == 2
     assert "no such sweep file" in capsys.readouterr().err
@@ -105,3 +148,50 @@ def test_status_of_a_non_sweep_dir(tmp_path, capsys):
 
 def test_case_table_is_large_enough():
     assert len(CASES) >= 20
+
+
+def _instill(*args, cwd: Path) -> subprocess.CompletedProcess:
+    """The `instill` command in a subprocess, in `cwd`, with no PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    command = [str(Path(sys.executable).parent / "instill"), *map(str, args)]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_set_and_a_plugin_beside_the_sweep_file_end_to_end(tmp_path):
+    lab, elsewhere, out = tmp_path / "lab", tmp_path / "elsewhere", tmp_path / "out"
+    lab.mkdir()
+    elsewhere.mkdir()
+    shutil.copy(Path(__file__).parents[1] / "plugins" / "probe_analysis.py", lab / "probe_analysis.py")
+    sweep = lab / "sweep.yaml"
+    sweep.write_text(_yaml(methods=["scratch"], plugins=["probe_analysis"], analyses=["probe"]))
+    sets = ["--set", "training.lr=0.004", "--set", "seeds=[0, 1]"]
+
+    validated = _instill("validate", sweep, *sets, cwd=elsewhere)
+    assert validated.returncode == 0, validated.stderr
+    assert "seeds [0, 1]" in validated.stdout
+    ran = _instill("run", sweep, "--out", out, "--num-cpus", "1", *sets, cwd=elsewhere)
+    assert ran.returncode == 0, ran.stderr
+    table = pd.read_parquet(out / "results.parquet")
+    assert sorted(table["seed"]) == [0, 1] and (table["status"] == "done").all()
+    assert {json.loads(c)["training"]["lr"] for c in table["config_json"]} == {0.004}
+    assert table["probe_norm"].notna().all(), "the plug-in analysis ran in the Ray workers"
+    record = json.loads((out / "sweep.json").read_text())
+    assert record["overrides"] == ["training.lr=0.004", "seeds=[0, 1]"]
+    assert record["plugin_paths"] == {"probe_analysis": str(lab.resolve())}
+
+    reported = _instill("report", out, cwd=elsewhere)
+    assert reported.returncode == 0, reported.stderr
+    assert pd.read_parquet(out / "report" / "summary.parquet")["probe_norm_mean"].notna().all()
+    summary = (out / "report" / "summary.md").read_text()
+    assert "training.lr=0.004 seeds=[0, 1]" in summary and f"probe_analysis ({lab.resolve()})" in summary
+    status = _instill("status", out, cwd=elsewhere)
+    assert status.returncode == 0 and "2 done" in status.stdout and "warning" not in status.stdout, status
+
+    (lab / "probe_analysis.py").rename(lab / "moved_away.py")
+    status = _instill("status", out, cwd=elsewhere)
+    assert status.returncode == 0, status.stderr
+    assert "cannot import 'probe_analysis'" in status.stdout and "2 done" in status.stdout
+    reported = _instill("report", out, cwd=elsewhere)
+    assert reported.returncode == 0, reported.stderr
+    assert "cannot import 'probe_analysis'" in reported.stdout and "not summarised" in reported.stdout

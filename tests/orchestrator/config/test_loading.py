@@ -78,3 +78,84 @@ def test_quickstart_fits_its_budget_on_paper():
     sweep = load_sweep_file(Path(__file__).resolve().parents[3] / "configs" / "quickstart.yaml")
     assert sweep.resources.cpu == 1 and sweep.resources.gpu == 0
     assert len(expand(sweep)) <= 80
+
+
+# --- --set and plug-ins -----------------------------------------------------------------------
+
+SETS = ["training.lr=0.004", "seeds=[0, 1]", "methods=[scratch, l2sp]", "l2sp.alpha=0.5", "model.d_model=32",
+        "axes.model.n_layers=[1, 2]"]  # fmt: skip
+
+
+def _sweep_file(folder: Path, **overrides) -> Path:
+    from tests.conftest import tiny_raw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "sweep.yaml"
+    path.write_text(yaml.safe_dump(tiny_raw(**overrides)))
+    return path
+
+
+def test_set_gives_the_sweep_the_file_would_with_those_values(tmp_path):
+    from tests.conftest import tiny_raw
+
+    sweep = load_sweep_file(_sweep_file(tmp_path), SETS)
+    assert sweep.training.lr == 0.004 and sweep.seeds == (0, 1) and sweep.methods == ("scratch", "l2sp")
+    assert sweep.block("l2sp").alpha == 0.5 and sweep.model.d_model == 32 and sweep.axes["model.n_layers"] == (1, 2)
+    written = tiny_raw(training={"lr": 0.004}, seeds=[0, 1], methods=["scratch", "l2sp"], l2sp={"alpha": 0.5},
+                       model={"d_model": 32}, axes={"model.n_layers": [1, 2]})  # fmt: skip
+    assert sweep.config_hash == load_sweep(written).config_hash
+    whole = load_sweep_file(_sweep_file(tmp_path), ["axes={model.n_layers: [1, 2]}"])
+    assert whole.axes["model.n_layers"] == (1, 2)
+
+
+def test_a_bad_set_is_the_same_error_as_in_the_file(tmp_path):
+    with pytest.raises(ConfigError) as from_set:
+        load_sweep_file(_sweep_file(tmp_path / "a"), ["training.lrr=0.1"])
+    with pytest.raises(ConfigError) as from_file:
+        load_sweep_file(_sweep_file(tmp_path / "b", training={"lrr": 0.1}))
+    assert "with --set training.lrr=0.1" in str(from_set.value)
+    assert str(from_set.value).splitlines()[1:] == str(from_file.value).splitlines()[1:] != []
+
+
+@pytest.fixture
+def markers(tmp_path, monkeypatch):
+    """`write(folder, name, where)`: a module `name` in `folder` that records `where`; sys.path,
+    PYTHONPATH and the modules are restored after the test."""
+    import sys
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("PYTHONPATH", "")
+    names = []
+
+    def write(folder: Path, name: str, where: str) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.py").write_text(f"WHERE = {where!r}\n")
+        names.append(name)
+
+    yield write
+    for name in names:
+        sys.modules.pop(name, None)
+
+
+def test_plugins_resolve_from_the_sweep_folder_then_the_working_folder(tmp_path, monkeypatch, markers):
+    import os
+    import sys
+
+    from orchestrator.config import plugin_paths
+
+    lab, cwd = tmp_path / "lab", tmp_path / "cwd"
+    markers(lab, "instill_marker_both", "sweep folder")
+    markers(cwd, "instill_marker_both", "working folder")
+    markers(cwd, "instill_marker_cwd", "working folder")
+    monkeypatch.chdir(cwd)
+    plugins = ["instill_marker_both", "instill_marker_cwd"]
+    sweep = load_sweep_file(_sweep_file(lab, plugins=plugins))
+    assert sys.modules["instill_marker_both"].WHERE == "sweep folder"
+    assert sys.modules["instill_marker_cwd"].WHERE == "working folder"
+    found = {"instill_marker_both": str(lab.resolve()), "instill_marker_cwd": str(cwd.resolve())}
+    assert plugin_paths(sweep.plugins) == found
+    assert str(lab.resolve()) in os.environ["PYTHONPATH"].split(os.pathsep), "Ray workers started later find them"
+
+    with pytest.raises(ConfigError) as err:
+        load_sweep_file(_sweep_file(lab, plugins=["instill_marker_nowhere"]))
+    assert "cannot import 'instill_marker_nowhere'" in str(err.value) and str(lab.resolve()) in str(err.value)
