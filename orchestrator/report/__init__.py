@@ -15,6 +15,7 @@ from orchestrator.report.statistics import (
     budget_interval,
     budget_to_reach,
     curve_area,
+    findings,
     first_crossing,
     headline,
     mean_over,
@@ -22,8 +23,9 @@ from orchestrator.report.statistics import (
     paired_differences,
     summarise,
     t_interval,
+    verdict,
 )
 
-__all__ = ["artifact_roots", "budget_interval", "budget_to_reach", "curve_area", "differing_fields", "first_crossing",
-           "headline", "mean_over", "mean_over_differences", "paired_differences",
-           "summarise", "t_interval", "write_report"]  # fmt: skip
+__all__ = ["artifact_roots", "budget_interval", "budget_to_reach", "curve_area", "differing_fields", "findings",
+           "first_crossing", "headline", "mean_over", "mean_over_differences", "paired_differences",
+           "summarise", "t_interval", "verdict", "write_report"]  # fmt: skip

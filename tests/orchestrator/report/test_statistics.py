@@ -17,6 +17,7 @@ from orchestrator.report import (
     budget_interval,
     budget_to_reach,
     curve_area,
+    findings,
     first_crossing,
     headline,
     mean_over,
@@ -24,6 +25,7 @@ from orchestrator.report import (
     paired_differences,
     summarise,
     t_interval,
+    verdict,
 )
 from tests.orchestrator.report.synthetic import curves_table, series_rows
 
@@ -312,3 +314,64 @@ def test_mean_over_differences_average_each_seeds_gaps_over_the_axis():
     # a depth without a partner leaves the whole group out: its mean would be over other depths
     alone = mean_over_differences(pd.concat([si2, ft2, si4], ignore_index=True), "model.n_layers", "full_transfer")
     assert alone.empty
+
+
+# --- findings -----------------------------------------------------------------------------------
+
+TRUTHS = {100: (0.15, 0.05), 200: (0.0, 0.005), 300: (-0.15, 0.05), 400: (0.0, 0.1)}  # budget: (gap, sd)
+RIGHT = {100: "better", 200: "equivalent", 300: "worse", 400: "undecided"}
+
+
+def _ten_seed_table(rng) -> pd.DataFrame:
+    """Ten seeds of a method and of `ref` at four budgets, the method's gap to `ref` known per budget:
+    +0.15, 0 with tight noise, -0.15, 0 with wide noise (a shared per-seed level, as a shared source
+    gives; both inside [0, 1])."""
+    curves = {"method": {}, "ref": {}}
+    for n, (gap, sd) in TRUTHS.items():
+        level = rng.uniform(0.4, 0.6, 10)
+        curves["ref"][n] = list(level)
+        curves["method"][n] = list(level + gap + rng.normal(0, sd, 10))
+    return curves_table(curves)
+
+
+def test_findings_give_the_right_verdict_on_ten_seed_tables_with_a_known_truth():
+    """`instill report --versus ref --margin 0.03` on synthetic 10-seed tables: the right verdict in
+    at least 90% of cells, and a null cell (true gap 0) called better or worse at the interval's
+    nominal 5% (within the binomial error of the count)."""
+    rng = np.random.default_rng(1)
+    found = pd.concat([findings(paired_differences(_ten_seed_table(rng), "ref"), margin=0.03) for _ in range(150)])
+    right = (found["verdict"] == found["n_train"].map(RIGHT)).mean()
+    null = found[found["n_train"].isin([200, 400])]
+    false_calls = null["verdict"].isin(["better", "worse"]).mean()
+    assert right >= 0.90, right
+    assert false_calls <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / len(null)), false_calls
+    assert set(found.columns) >= {"series", "versus", "metric", "n_train", "diff", "ci_lo", "ci_hi", "seeds", "verdict"}
+
+
+def test_a_verdict_follows_the_interval_and_the_declared_margin():
+    assert verdict(0.01, 0.05) == "better"
+    assert verdict(-0.05, -0.01) == "worse"
+    assert verdict(-0.01, 0.02) == "undecided"  # no margin declared: never "equivalent"
+    assert verdict(-0.01, 0.02, margin=0.03) == "equivalent"
+    assert verdict(-0.04, 0.02, margin=0.03) == "undecided"  # not detected is not absent
+    assert verdict(float("nan"), float("nan"), margin=0.03) == "undecided"  # one seed: no interval
+    assert verdict(0.01, 0.05, gated=True) == "gated"
+    with pytest.raises(ConfigError, match="margin"):
+        findings(pd.DataFrame(), margin=0.0)
+
+
+def test_a_failed_gate_on_either_side_gates_the_finding():
+    table = curves_table({"method": {100: [0.9, 0.91, 0.92]}, "ref": {100: [0.5, 0.5, 0.52]}})
+    table["gates_failed"] = np.where(table["method"] == "ref", "source_learnt", "")
+    found = findings(paired_differences(table, "ref"))
+    assert list(found["verdict"]) == ["gated"]
+    assert list(found["gates_failed"]) == ["source_learnt"]
+
+
+def test_accuracy_intervals_stay_inside_zero_and_one():
+    table = curves_table({"method": {100: [0.99, 1.0, 0.95]}, "ref": {100: [0.01, 0.3, 0.0]}})
+    summary = summarise(table).set_index("method")
+    assert summary.loc["method", "test_acc_ci_hi"] == 1.0
+    assert summary.loc["ref", "test_acc_ci_lo"] == 0.0
+    diffs = paired_differences(table, "ref")
+    assert -1.0 <= diffs["diff_ci_lo"].min() and diffs["diff_ci_hi"].max() <= 1.0
