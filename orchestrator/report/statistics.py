@@ -20,6 +20,7 @@ of either side failed, `undecided` otherwise, one seed included: "not detected" 
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Any
 
@@ -252,14 +253,21 @@ def verdict(lo: float, hi: float, margin: float | None = None, gated: bool = Fal
     return "undecided"
 
 
+def finding_id(label: str, versus: str, n_train: float) -> str:
+    """A finding's anchor (`findings.md`) and key (`findings.parquet`'s `id`): `{label}-vs-{versus}-n{n}`,
+    lower case, each run of characters other than letters, digits, `.` and `_` as one `-`."""
+    return re.sub(r"[^a-z0-9._]+", "-", f"{label}-vs-{versus}-n{float(n_train):g}".lower()).strip("-")
+
+
 def findings(diffs: pd.DataFrame, metric: str = METRIC, margin: float | None = None) -> pd.DataFrame:
     """One finding per paired difference (`paired_differences`, `mean_over_differences`): `series`,
-    `label`, `versus`, `metric`, `n_train`, `diff`, `ci_lo`, `ci_hi`, `seeds`, `margin`, `verdict`."""
+    `label`, `versus`, `metric`, `n_train`, `diff`, `ci_lo`, `ci_hi`, `seeds`, `margin`, `verdict`, `id`
+    (`finding_id`, which documents cite)."""
     if margin is not None and not margin > 0:
         raise ConfigError(f"--margin {margin}: an equivalence margin must be positive, e.g. 0.03")
     if diffs is None or diffs.empty:
         return pd.DataFrame(columns=["series", "label", "versus", "metric", "n_train", "diff", "ci_lo", "ci_hi",
-                                     "seeds", "margin", "verdict"])  # fmt: skip
+                                     "seeds", "margin", "verdict", "id"])  # fmt: skip
     gates = diffs["gates_failed"] if "gates_failed" in diffs else pd.Series("", index=diffs.index)
     out = pd.DataFrame({
         "series": diffs["series"] if "series" in diffs else diffs["label"],
@@ -267,10 +275,9 @@ def findings(diffs: pd.DataFrame, metric: str = METRIC, margin: float | None = N
         "diff": diffs["diff_mean"], "ci_lo": diffs["diff_ci_lo"], "ci_hi": diffs["diff_ci_hi"],
         "seeds": diffs["pairs"], "margin": np.nan if margin is None else margin, "gates_failed": gates.fillna(""),
     })  # fmt: skip
-    out["verdict"] = [
-        verdict(lo, hi, margin, bool(g))
-        for lo, hi, g in zip(out["ci_lo"], out["ci_hi"], out["gates_failed"], strict=True)
-    ]
+    cells = zip(out["ci_lo"], out["ci_hi"], out["gates_failed"], strict=True)
+    out["verdict"] = [verdict(lo, hi, margin, bool(gates)) for lo, hi, gates in cells]
+    out["id"] = [finding_id(*key) for key in zip(out["label"], out["versus"], out["n_train"], strict=True)]
     return out
 
 

@@ -1,0 +1,74 @@
+"""`instill check-claims`: a verdict written in a document must agree with the finding it cites."""
+
+import pandas as pd
+import pytest
+
+from orchestrator.claims import check_files, sentences
+from orchestrator.config import ConfigError
+from orchestrator.report import findings, paired_differences
+from tests.orchestrator.report.synthetic import curves_table
+
+
+@pytest.fixture
+def report(tmp_path):
+    """A committed report folder `docs/cmp/` with the findings of a method that is clearly better
+    than `ref` at n = 100 and level with it (undecided, no margin) at n = 200."""
+    method = {100: [0.9, 0.92, 0.91], 200: [0.5, 0.6, 0.55]}
+    table = curves_table({"method": method, "ref": {100: [0.5, 0.52, 0.5], 200: [0.55, 0.5, 0.6]}})
+    found = findings(paired_differences(table, "ref"))
+    folder = tmp_path / "docs" / "cmp"
+    folder.mkdir(parents=True)
+    found.to_parquet(folder / "findings.parquet")
+    return found.set_index("n_train")["id"]
+
+
+def _doc(tmp_path, text: str):
+    path = tmp_path / "docs" / "CLAIMS.md"
+    path.write_text(text)
+    return path
+
+
+def test_a_verdict_that_agrees_with_its_finding_passes(tmp_path, report):
+    doc = _doc(
+        tmp_path,
+        f"# Results\n\nThe method is **better** than ref at n = 100 ([finding](cmp/findings.md#{report[100]})).\n"
+        f"At n = 200 the comparison is **undecided**\n([finding](cmp/findings.md#{report[200]})). Prose is free.\n"
+        f"| n | verdict |\n|---|---|\n| 100 | **better** ([f](cmp/findings.md#{report[100]})) |\n",
+    )
+    assert check_files([doc]) == []
+
+
+def test_a_changed_verdict_a_missing_finding_or_no_citation_fail_naming_the_sentence(tmp_path, report):
+    doc = _doc(
+        tmp_path,
+        f"The method is **better** at n = 200 ([finding](cmp/findings.md#{report[200]})).\n\n"
+        "It is **equivalent** everywhere.\n\n"
+        "It is **worse** at n = 5 ([finding](cmp/findings.md#method-vs-ref-n5)).\n\n"
+        f"A citation without its verdict ([finding](cmp/findings.md#{report[100]})).\n",
+    )
+    problems = check_files([doc])
+    assert len(problems) == 4, problems
+    assert "CLAIMS.md:1: the sentence says ['better'], its findings say ['undecided']" in problems[0]
+    assert "CLAIMS.md:3: verdict ['equivalent'] cites no finding" in problems[1]
+    assert "'method-vs-ref-n5', which" in problems[2]
+    assert "says no verdict, its findings say ['better']" in problems[3]
+
+
+def test_a_finding_changed_in_the_report_fails_the_document_that_cites_it(tmp_path, report):
+    doc = _doc(tmp_path, f"The method is **better** at n = 100 ([f](cmp/findings.md#{report[100]})).\n")
+    assert check_files([doc]) == []
+    parquet = tmp_path / "docs" / "cmp" / "findings.parquet"
+    frame = pd.read_parquet(parquet)
+    frame.loc[frame["n_train"] == 100, "verdict"] = "undecided"
+    frame.to_parquet(parquet)
+    assert len(check_files([doc])) == 1
+
+
+def test_a_missing_file_is_bad_input(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        check_files([tmp_path / "nope.md"])
+
+
+def test_sentences_join_lines_and_keep_table_rows_and_code_apart():
+    text = "One sentence\nacross lines. Another one.\n\n| a | b |\n```\n**better** in code\n```\n- item\n"
+    assert sentences(text) == [(1, "One sentence across lines."), (1, "Another one."), (4, "| a | b |"), (8, "- item")]
