@@ -83,6 +83,17 @@ class ArtifactKind:
     def columns(self, meta: dict[str, Any]) -> dict[str, Any]:
         return {}
 
+    def gates(self, meta: dict[str, Any], chance: float) -> dict[str, bool]:
+        """Quality gates: name -> whether this artifact passed it, `chance` being the task's chance
+        accuracy. A trial needing an artifact that failed one records it (`gates_failed`) and the
+        report gates its findings: a comparison built on a source that never learnt says nothing."""
+        return {}
+
+
+def learnt(accuracy: float | None, chance: float) -> bool:
+    """The gates' rule, fixed before any result is read: an accuracy at least halfway from chance to 1."""
+    return accuracy is not None and accuracy >= (1 + chance) / 2
+
 
 ARTIFACTS = Registry("artifact kind")
 
@@ -313,6 +324,9 @@ class Source(ArtifactKind):
     def columns(self, meta):
         return {"source_val_acc": meta["val_acc"]}
 
+    def gates(self, meta, chance):
+        return {"learnt": learnt(meta["val_acc"], chance)}
+
 
 class MaskConfig(Frozen):
     """The `mask:` block: what a discovered mask is asked for besides its `discovery:` settings."""
@@ -365,3 +379,6 @@ class DiscoveredMask(ArtifactKind):
     def columns(self, meta):
         return {"mask_density": meta["density"], "subtask_acc": meta["subtask_acc"],
                 "natural_density": meta["natural_density"]}  # fmt: skip
+
+    def gates(self, meta, chance):
+        return {"computes_subtask": learnt(meta["subtask_acc"], chance)}

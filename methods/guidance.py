@@ -50,7 +50,7 @@ from torch.nn import functional as F
 import tasks
 from common.config import Frozen
 from common.seeding import seeded_init, torch_generator
-from methods.artifacts import ArtifactKind, register_artifact
+from methods.artifacts import ArtifactKind, learnt, register_artifact
 from methods.cka import layer_map, linear_cka
 from methods.registry import Method, MethodContext, register_method
 from methods.training import Objective, cross_entropy, train
@@ -130,6 +130,9 @@ class Guide(ArtifactKind):
 
     def columns(self, meta):
         return {"guide_val_acc": meta.get("val_acc")}
+
+    def gates(self, meta, chance):  # an untrained guide, or the source itself, has no training to check
+        return {"learnt": learnt(meta["val_acc"], chance)} if meta.get("val_acc") is not None else {}
 
 
 class GuidanceConfig(Frozen):

@@ -171,6 +171,9 @@ class Upstream:
             self.objects[kind] = art.load(ctx, fetched.tensors, fetched.meta)
             self.columns.update(art.columns(fetched.meta))
             self.columns[f"{kind}_computed"] = fetched.computed
+            chance = 1 / self.task.feeds().n_classes
+            failed = [f"{kind}.{gate}" for gate, ok in art.gates(fetched.meta, chance).items() if not ok]
+            self.columns["gates_failed"] = ",".join(filter(None, [self.columns.get("gates_failed", ""), *failed]))
             self.wait_s += fetched.wait_s
         return self.objects[kind]
 
