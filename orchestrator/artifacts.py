@@ -139,6 +139,11 @@ class ArtifactStore:
                     hits[i] = ({k: v.detach().cpu() for k, v in tensors.items()}, meta)
         return [Fetched(*hit, computed=i in missing, wait_s=waited) for i, hit in enumerate(hits)]
 
+    def put(self, kind: str, key: dict[str, Any], tensors: Tensors, meta: dict[str, Any]) -> None:
+        """Store (or replace) the artifact for `key`: for results a trial keeps (its trained model),
+        which are written once by their own trial and need no lock."""
+        self._write(self.path(kind, key), kind, key, tensors, meta)
+
     def load(self, kind: str, key: dict[str, Any]) -> tuple[Tensors, dict[str, Any]]:
         """Load an artifact that must exist and be intact; raises FileNotFoundError or CorruptArtifact."""
         path = self.path(kind, key)

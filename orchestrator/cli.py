@@ -33,6 +33,8 @@ examples:
       rebuild the summary tables, plots and index.html in runs/quickstart/report/
   instill report runs/a runs/b --to runs/merged-report
       one report over several result directories
+  instill analyse runs/quickstart --analyses NAME [NAME ...]
+      add these analyses' columns to the finished rows, from the models kept by `keep: {models: true}`
 """
 
 EXIT_BAD_INPUT = 2
@@ -98,6 +100,12 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="counts of done, pending and failed trials in an output directory")
     status.add_argument("out", help="output directory (path or URI)")
 
+    analyse = sub.add_parser(
+        "analyse", help="run more analyses on finished trials, from the models kept by `keep: {models: true}`"
+    )
+    analyse.add_argument("out", help="output directory (path or URI) of `instill run`")
+    analyse.add_argument("--analyses", nargs="+", required=True, metavar="NAME", help="registered analyses to run")
+
     report = sub.add_parser("report", help="summary tables, plots and index.html of one or more output directories")
     report.add_argument("out", nargs="+", help="output directories (paths or URIs) of `instill run` (merged)")
     report.add_argument("--to", type=Path, help="local report directory (default: FIRST_OUT/report; needed for URIs)")
@@ -136,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         commands = {"run": _run, "validate": _validate, "status": _status, "report": _report, "tune": _tune}
+        commands["analyse"] = _analyse
         return commands[args.command](args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -198,6 +207,7 @@ def _run(args) -> int:
     )
     if outcome.skipped or outcome.stale:
         print(stale_line(outcome))
+    _print_analysis_errors(outcome.table)
     if outcome.stopped_by is not None:
         _exit_at_next_signal()
         pending = int((outcome.table["status"] == "pending").sum())
@@ -270,6 +280,24 @@ def _report(args) -> int:
 
     _print_report(write_report(args.out, args.to, target=args.target, versus=args.versus, over=args.mean_over))
     return 0
+
+
+def _analyse(args) -> int:
+    from orchestrator.analyse import analyse_sweep
+
+    table = analyse_sweep(args.out, args.analyses)
+    done = int((table["status"] == "done").sum())
+    print(f"{', '.join(args.analyses)} added to {done} finished trial(s); instill report {args.out} updates the report")
+    return 1 if _print_analysis_errors(table) else 0
+
+
+def _print_analysis_errors(table) -> bool:
+    from orchestrator.results import analysis_errors_line
+
+    line = analysis_errors_line(zip(table["trial"], table["analysis_errors"], strict=True))
+    if line:
+        print(line, file=sys.stderr)
+    return line is not None
 
 
 def _print_report(report_dir: Path) -> None:

@@ -38,6 +38,7 @@ TRAILING = [
     "started_at",
     "finished_at",
     "error",
+    "analysis_errors",
     "series",
     "config_json",
     "measurements_json",
@@ -129,6 +130,18 @@ def summarised_columns(table: pd.DataFrame) -> list[str]:
     return [c for c in out if pd.to_numeric(table[c], errors="coerce").notna().any()]
 
 
+def analysis_errors_line(rows) -> str | None:
+    """How many rows have analyses that failed, and the first failure; None when none has.
+    `rows`: (trial, analysis_errors) pairs, the latter JSON {analysis: message} or null."""
+    failed = [(trial, json.loads(text)) for trial, text in rows if isinstance(text, str)]
+    if not failed:
+        return None
+    trial, first = failed[0]
+    name = next(iter(first))
+    return (f"{len(failed)} finished row(s) have analysis errors (their columns are empty; see analysis_errors), "
+            f"first: {trial}: {name}: {first[name]}")  # fmt: skip
+
+
 def write(table: pd.DataFrame, path: Path) -> None:
     """Write atomically, so a reader never sees half a file."""
     tmp = path.with_suffix(".parquet.tmp")
@@ -138,7 +151,7 @@ def write(table: pd.DataFrame, path: Path) -> None:
     for col in fixed.columns:
         if fixed[col].dtype == object and fixed[col].map(lambda v: isinstance(v, (list, dict))).any():
             fixed[col] = fixed[col].map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v)
-    for col in ("error", "device"):
+    for col in ("error", "analysis_errors", "device"):
         fixed[col] = fixed[col].astype("object")
     pq.write_table(pa.Table.from_pandas(fixed, preserve_index=False), tmp)
     os.replace(tmp, path)

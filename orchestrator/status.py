@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 
 from orchestrator.config import ConfigError, load_sweep
 from orchestrator.outdir import OutDir, as_outdir, is_running, read_sweep, row_name, store_for
+from orchestrator.results import analysis_errors_line
 from orchestrator.trial import expand, trial_hash, upstream_keys
 
 
@@ -29,7 +30,7 @@ def sweep_status(out_dir: str | Path | OutDir) -> tuple[str, int]:
     specs = expand(sweep) if sweep is not None else []
     trials = [(s.name, trial_hash(sweep, s)) for s in specs] if sweep is not None else _last_trials(out)
     counts = {"done": 0, "running": 0, "pending": 0, "failed": 0}
-    failures = []
+    failures, analysed = [], []
     trial_s = 0.0
     for name, key in trials:
         text = out.read_text(row_name(key))
@@ -41,6 +42,7 @@ def sweep_status(out_dir: str | Path | OutDir) -> tuple[str, int]:
             trial_s += float(row.get("total_s") or 0.0)
             if state == "failed":
                 failures.append(f"  {name}: {row.get('error')}")
+            analysed.append((name, row.get("analysis_errors")))
         counts[state] += 1
     lines = [f"warning: {line}" for line in problems]
     if problems:
@@ -59,6 +61,8 @@ def sweep_status(out_dir: str | Path | OutDir) -> tuple[str, int]:
         keys = {key for spec in specs for key in upstream_keys(sweep, spec)}
         finished = counts["done"] + counts["failed"]
         lines.append("  " + compute_line(store_for(sweep, out).computations(), keys, trial_s, finished))
+    line = analysis_errors_line(analysed)
+    lines += [f"  {line}"] if line else []
     if failures:
         lines.append("failed trials:")
         lines += failures

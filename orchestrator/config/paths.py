@@ -23,6 +23,7 @@ _NOT_AXES = {
     "plugins": "plugins are imported once for the whole sweep",
     "resources": "resources do not change results",
     "storage": "storage does not change results",
+    "keep": "keeping models does not change results",
     "max_failures": "retries do not change results",
     "tuning": "tuning settings are for `instill tune`",
     "method_overrides": "set per-method values in method_overrides directly",

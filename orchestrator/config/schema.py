@@ -68,6 +68,16 @@ class Storage(Frozen):
     artifacts: str | None = Field(None, description="where source models and masks are cached; default OUT/artifacts")
 
 
+class Keep(Frozen):
+    """What a trial keeps besides its row; not part of its identity."""
+
+    models: bool = Field(
+        False,
+        description="store each trial's trained model in the artifact store (by trial hash), so that "
+        "`instill analyse` can run more analyses on finished trials without training them again",
+    )
+
+
 class Tuning(Frozen):
     """`instill tune`: an Optuna search per method over these ranges, on the validation split.
 
@@ -113,6 +123,7 @@ class SweepConfig(Frozen):
     training: DownstreamTraining = DownstreamTraining()
     resources: Resources = Resources()
     storage: Storage = Storage()
+    keep: Keep = Keep()
     max_failures: int = Field(1, ge=0, description="retries of a failing trial before it is recorded failed")
     tuning: Tuning = Tuning()
     method_overrides: dict[str, dict[str, Any]] = Field(

@@ -197,7 +197,7 @@ def write_report(
         sections.append(Section(title, tables.profile_markdown(long)))
     sections += [Section(t.title, t.shown, t.note, page=t.title) for t in extras if isinstance(t, Table)]
     sections += [provenance] if provenance is not None else []
-    (report_dir / "summary.md").write_text(_notes(summary) + "".join(s.markdown() for s in sections))
+    (report_dir / "summary.md").write_text(_notes(summary, table) + "".join(s.markdown() for s in sections))
 
     figures: list[tuple[str, str]] = []  # (file, caption)
     if not summary.empty:
@@ -217,8 +217,8 @@ def write_report(
     return report_dir
 
 
-def _notes(summary: pd.DataFrame) -> str:
-    """What the intervals are, and which series have none."""
+def _notes(summary: pd.DataFrame, table: pd.DataFrame) -> str:
+    """What the intervals are, which series have none, and which rows have analysis errors."""
     text = (
         "Intervals are 95% Student t intervals of the mean over seeds (mean ± t(0.975, k-1) · s/√k); "
         "the budget interval inverts the t bands of the mean curve.\n"
@@ -229,6 +229,9 @@ def _notes(summary: pd.DataFrame) -> str:
             f"\nOne seed only, so no interval (NaN bounds) at some or all budgets: {', '.join(single)}. "
             "Run more seeds for an interval.\n"
         )
+    if "analysis_errors" in table:  # older results files have no such column
+        errors = results.analysis_errors_line(zip(table["trial"], table["analysis_errors"], strict=True))
+        text += f"\n{errors}\n" if errors else ""
     return text
 
 

@@ -145,7 +145,7 @@ def _identity(sweep: SweepConfig, spec: TrialSpec, effective: SweepConfig) -> di
     # Where a task caches what it generates is not part of what it generates.
     for field in getattr(type(effective.task), "not_identity", ()):
         out["task"].pop(field, None)
-    out["analyses"] = [{"name": n, **(c.canonical() if c else {})} for n, c in effective.analysis_list()]
+    out["analyses"] = analysis_entries(effective.analysis_list())
     if effective.resources.mixed_precision:  # bfloat16 on GPU changes the numbers
         out["mixed_precision"] = True
     needs = trial_needs(sweep, spec)
@@ -156,6 +156,11 @@ def _identity(sweep: SweepConfig, spec: TrialSpec, effective: SweepConfig) -> di
     if code:  # the project's own code is recorded beside the identity (`code_version`), not in it
         out["code"] = code
     return out
+
+
+def analysis_entries(analyses: list[tuple[str, Any]]) -> list[dict[str, Any]]:
+    """(name, config) pairs as the identity lists them: `{"name": ..., <params>}`."""
+    return [{"name": n, **(c.canonical() if c else {})} for n, c in analyses]
 
 
 def trial_hash(sweep: SweepConfig, spec: TrialSpec) -> str:

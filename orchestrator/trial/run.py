@@ -20,12 +20,21 @@ from typing import Any
 import torch
 
 from common.config import stable_hash
+from common.provenance import plugin_sources
 from common.seeding import torch_generator
 from methods import ANALYSES, AnalysisContext, MethodContext, evaluate, get_method
-from methods.training import supervised
+from methods.training import Interrupted, supervised
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.config import SweepConfig
-from orchestrator.trial.grid import TrialSpec, analysis_settings, identity, method_settings, series_of, trial_needs
+from orchestrator.trial.grid import (
+    TrialSpec,
+    analysis_entries,
+    analysis_settings,
+    identity,
+    method_settings,
+    series_of,
+    trial_needs,
+)
 from orchestrator.trial.upstream import Report, TrialSupervisor, Upstream, fresh_model, pick_device
 
 
@@ -152,22 +161,11 @@ class Trial:
         if not self.tuning:
             row["test_acc"] = evaluate(model, data.evals["test"], effective.training.eval_batch_size)["y"]
             self.lap("eval")
-            for name, config in effective.analysis_list():
-                analysis = ANALYSES.get(name)
-                actx = AnalysisContext(
-                    task=self.task,
-                    data=data,
-                    artifacts={kind: self.upstream.objects[kind] for kind in analysis.needs},
-                    fresh_model=self.make_fresh,
-                    generator=torch_generator(self.spec.seed, f"analysis:{name}"),
-                    device=self.device,
-                    eval_batch_size=effective.training.eval_batch_size,
-                    method=self.spec.method,
-                    seed=self.spec.seed,
-                    settings=analysis_settings(effective, name),
-                )
-                row.update(analysis.check(analysis.run(actx, model, config)))
-                self.lap(f"analysis_{name}")
+            if effective.keep.models:  # before the analyses: what they measure is what is kept
+                weights = {name: t.detach().cpu().clone() for name, t in model.state_dict().items()}
+                meta = {"trial": self.spec.name, "training": model.training}
+                self.store.put(KEPT_MODELS, kept_key(row["trial_hash"]), weights, meta)
+            self.analyse(effective.analysis_list())
         times = self.times
         # Compute time: the stages' wall time less the time spent waiting on another trial's lock.
         times["total_s"] = sum(v for k, v in times.items() if k != "wait_s") - times["wait_s"]
@@ -176,6 +174,71 @@ class Trial:
         row.setdefault("packed", False)
         self.report({"stage": "done", "row_json": json.dumps(row), "val_acc": row["val_acc"]})
         return row
+
+    def analyse(self, analyses: list[tuple[str, Any]]) -> None:
+        """Run `analyses` ((name, config) pairs) on the trained model into the row. An analysis that
+        raises is the analysis's failure, not the trial's: its columns stay empty and its message
+        goes to `analysis_errors` (JSON, name -> message). A stop request (`Interrupted`) propagates."""
+        errors = json.loads(self.row.get("analysis_errors") or "{}")
+        for name, config in analyses:
+            analysis, effective = ANALYSES.get(name), self.effective
+            errors.pop(name, None)
+            try:
+                actx = AnalysisContext(
+                    task=self.task,
+                    data=self.ctx.data,
+                    artifacts={kind: self.upstream.get(kind) for kind in analysis.needs},
+                    fresh_model=self.make_fresh,
+                    generator=torch_generator(self.spec.seed, f"analysis:{name}"),
+                    device=self.device,
+                    eval_batch_size=effective.training.eval_batch_size,
+                    method=self.spec.method,
+                    seed=self.spec.seed,
+                    settings=analysis_settings(effective, name),
+                )
+                self.row.update(analysis.check(analysis.run(actx, self.model, config)))
+            except Interrupted:
+                raise
+            except Exception as error:
+                errors[name] = error_text(error)
+            self.lap(f"analysis_{name}")
+        self.row["analysis_errors"] = json.dumps(errors, sort_keys=True) if errors else None
+
+
+KEPT_MODELS = "trained_model"  # the store's folder of the models `keep: {models: true}` keeps
+
+
+def kept_key(trial_hash: str) -> dict[str, str]:
+    """The store key of a trial's kept model: its identity's hash."""
+    return {"trial_hash": trial_hash}
+
+
+def analyse_trial(
+    sweep: SweepConfig,
+    spec: TrialSpec,
+    store: ArtifactStore,
+    row: dict[str, Any],
+    analyses: list[tuple[str, Any]],
+    device: torch.device | None = None,
+) -> dict[str, Any]:
+    """`row` (a finished trial's) with `analyses` run on its trained model, rebuilt by the method
+    from its upstream artifacts and given the weights the trial kept (`keep: {models: true}`)."""
+    trial = Trial(sweep, spec, store, device=device)
+    trial.prepare()
+    tensors, meta = store.load(KEPT_MODELS, kept_key(row["trial_hash"]))
+    trial.model.load_state_dict(tensors)
+    trial.model.train(meta["training"])  # the mode the trial's analyses saw
+    trial.row, trial.times, trial.clock = dict(row), {}, time.perf_counter()
+    trial.analyse(analyses)
+    # The row now says it ran them (the report summarises the columns of the analyses it lists); its
+    # name, series and so `instill run`'s view of it stay those of the trial's identity.
+    config = json.loads(row["config_json"])
+    names = {name for name, _ in analyses}
+    config["analyses"] = [a for a in config.get("analyses", []) if a["name"] not in names]
+    config["analyses"] += analysis_entries(analyses)
+    code = {**config.get("code", {}), **plugin_sources([ANALYSES.get(name) for name in names])}
+    config.update({"code": code} if code else {})
+    return {**trial.row, **trial.times, "config_json": json.dumps(config, sort_keys=True)}
 
 
 def base_row(sweep: SweepConfig, spec: TrialSpec) -> dict[str, Any]:
@@ -201,8 +264,12 @@ def base_row(sweep: SweepConfig, spec: TrialSpec) -> dict[str, Any]:
 
 
 def failed_row(sweep: SweepConfig, spec: TrialSpec, error: BaseException | str) -> dict[str, Any]:
-    message = error if isinstance(error, str) else "".join(traceback.format_exception_only(error)).strip()
+    message = error if isinstance(error, str) else error_text(error)
     return {**base_row(sweep, spec), "status": "failed", "error": message}
+
+
+def error_text(error: BaseException) -> str:
+    return "".join(traceback.format_exception_only(error)).strip()
 
 
 @functools.cache

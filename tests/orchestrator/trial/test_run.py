@@ -1,13 +1,24 @@
+import json
 import math
 
 import pytest
 import torch
 
 from methods import NonFiniteLoss
+from methods.training import Interrupted
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.config import load_sweep
 from orchestrator.ordering import order_trials
-from orchestrator.trial import TrialSpec, artifact_key, expand, run_trial, upstream_keys
+from orchestrator.trial import (
+    KEPT_MODELS,
+    TrialSpec,
+    analyse_trial,
+    artifact_key,
+    expand,
+    kept_key,
+    run_trial,
+    upstream_keys,
+)
 from tests.conftest import tiny_raw
 
 
@@ -108,3 +119,42 @@ def test_cuda_is_not_picked_without_a_gpu_request(tiny):
 
 def test_tiny_raw_is_valid():
     load_sweep(tiny_raw())
+
+
+PLUGINS = ["tests.plugins.brittle_analysis", "tests.plugins.probe_analysis"]
+
+
+def test_an_analysis_that_raises_keeps_the_trials_results(tiny, tmp_path):
+    spec = TrialSpec(method="scratch", data_fraction=0.5, seed=0)
+    plain = run_trial(tiny(plugins=PLUGINS, analyses=["probe"]), spec, ArtifactStore(tmp_path))
+    row = run_trial(tiny(plugins=PLUGINS, analyses=["brittle", "probe"]), spec, ArtifactStore(tmp_path))
+    assert row["status"] == "done" and row["test_acc"] == plain["test_acc"]
+    assert row["probe_norm"] == plain["probe_norm"] and row["splits_test_acc"] == plain["splits_test_acc"]
+    assert json.loads(row["analysis_errors"]) == {"brittle": "RuntimeError: deliberate analysis failure"}
+    assert "brittle_value" not in row and plain["analysis_errors"] is None
+
+
+def test_a_stop_request_inside_an_analysis_still_stops_the_trial(tiny, tmp_path):
+    sweep = tiny(plugins=PLUGINS, analyses=[{"name": "brittle", "stop": True}])
+    with pytest.raises(Interrupted):
+        run_trial(sweep, TrialSpec(method="scratch", data_fraction=0.5, seed=0), ArtifactStore(tmp_path))
+
+
+def test_a_kept_model_gives_the_analyses_the_trial_would_have_run(tiny, tmp_path):
+    """`keep: {models: true}` stores the trained model; `analyse_trial` rebuilds it and runs analyses
+    the sweep did not have, with the values a sweep that had them from the start gives."""
+    store = ArtifactStore(tmp_path)
+    later = [("probe", None), ("lmc_barrier", None)]
+    kept = tiny(plugins=PLUGINS, keep={"models": True})
+    ahead = tiny(plugins=PLUGINS, analyses=["probe", "lmc_barrier"])
+    assert expand(kept) == expand(tiny(plugins=PLUGINS))  # keep is not part of any identity
+    for spec in expand(kept):
+        row = run_trial(kept, spec, store)
+        assert store.exists(KEPT_MODELS, kept_key(row["trial_hash"]))
+        analysed = analyse_trial(kept, spec, store, row, later)
+        expected = run_trial(ahead, spec, store)
+        for column in ("probe_norm", "lmc_barrier", "lmc_barrier_acc_mid"):
+            assert analysed[column] == expected[column], (spec.name, column)
+        assert analysed["test_acc"] == row["test_acc"] and analysed["trial_hash"] == row["trial_hash"]
+        listed = [a["name"] for a in json.loads(analysed["config_json"])["analyses"]]
+        assert listed == ["splits", "probe", "lmc_barrier"]
