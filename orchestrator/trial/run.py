@@ -201,6 +201,8 @@ class Trial:
                 raise
             except Exception as error:
                 errors[name] = error_text(error)
+                for column in [c for c in self.row if c.startswith(name) and analysis.declares(c)]:
+                    del self.row[column]  # a value from an earlier run of it (`instill analyse`) is not this one's
             self.lap(f"analysis_{name}")
         self.row["analysis_errors"] = json.dumps(errors, sort_keys=True) if errors else None
 
