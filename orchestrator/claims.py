@@ -2,7 +2,7 @@
 
 A verdict is one of `statistics.VERDICTS` written in bold (`**better**`, `**undecided**`, ...). The
 sentence (or table row) that holds it cites the findings it rests on as links to the anchors of a
-committed report's `findings.md` (`[n = 99](compare-shapes/findings.md#linearized_gp-vs-full_transfer-n99)`),
+committed report's `findings.md` (`[n = 99](compare/findings.md#mine-vs-theirs-n99)`),
 resolved relative to the document; the finding is read from the `findings.parquet` beside it. A
 claim fails when its sentence has a verdict and no citation, cites a finding that does not exist,
 or when its verdicts and its findings' verdicts differ (each bold verdict must be a cited finding's,
