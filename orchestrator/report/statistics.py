@@ -3,9 +3,14 @@ column (`orchestrator.results.summarised_columns`); per series, the budget to re
 accuracy, the curve area and the data saved against its reference; paired differences from another
 method's series; means over a sweep axis.
 
-Intervals are Student t intervals of the mean over seeds, mean ± t(0.975, k-1) · s / sqrt(k), at
-every seed count k: with few seeds (often 3) a bootstrap undercovers (measured coverages:
-docs/PERFORMANCE.md). One seed gives no interval: NaN bounds, not (v, v). The budget-to-target
+Intervals of a mean over seeds (`interval`) are Student t intervals, mean ± t(0.975, k-1) · s / sqrt(k),
+widened from `BCA_FROM` (10) seeds on to also hold the BCa bootstrap interval: below 10 seeds every
+bootstrap undercovers even normal data, and from 10 seeds on bimodal outcomes (a share of failing
+seeds) skew the mean, which BCa follows and t does not. Measured coverages, per process and seed
+count, and the choice: docs/STATISTICS.md. No interval covers a low mode the seeds have not shown,
+so `summarise` flags cells with fewer than `FEW_SEEDS` (15) seeds (`few_seeds`), the count the
+chosen interval needs for about 95% on bimodal outcomes whose failures are not rare (p >= 0.2).
+One seed gives no interval: NaN bounds, not (v, v). The budget-to-target
 interval inverts the pointwise t bands of the mean curve, [where the upper band first reaches the
 target, where the lower band does], so it is not exactly 95% (`tests/orchestrator/report/test_statistics.py`
 holds its coverage to 0.9). The log-budget axis is x = log10(1 + n), so that n = 0 has a place on it.
@@ -34,6 +39,9 @@ from orchestrator.report.series import axis_groups, partner, prepare, reference_
 
 METRIC = "test_acc"
 LEVEL = 0.95
+BCA_FROM = 10  # seeds from which `interval` also holds the BCa interval (docs/STATISTICS.md)
+FEW_SEEDS = 15  # fewer seeds: the interval undercovers bimodal outcomes (docs/STATISTICS.md)
+BOOT = 2000  # BCa resamples, drawn from a fixed seed so that a report is reproducible
 
 
 def t_interval(values, level: float = LEVEL, axis: int = -1):
@@ -50,6 +58,22 @@ def t_interval(values, level: float = LEVEL, axis: int = -1):
     lo = np.where(k >= 2, mean - half, np.nan)
     hi = np.where(k >= 2, mean + half, np.nan)
     return (float(lo), float(hi)) if lo.ndim == 0 else (lo, hi)
+
+
+def interval(values, level: float = LEVEL, axis: int = -1):
+    """The report's CI of the mean of `values` along `axis`: `t_interval`, widened where there are at
+    least `BCA_FROM` values to also hold scipy's BCa bootstrap interval (a row with a non-finite or
+    constant value keeps the t interval). Bounds as `t_interval`'s."""
+    v = np.asarray(values, dtype=float)
+    lo, hi = t_interval(v, level, axis)
+    if v.shape[axis] < BCA_FROM:
+        return lo, hi
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # degenerate rows (constant values): NaN bounds, the t interval stands
+        ci = stats.bootstrap((v,), np.mean, axis=axis, confidence_level=level, n_resamples=BOOT, method="BCa",
+                             random_state=np.random.default_rng(0), batch=200).confidence_interval  # fmt: skip
+    lo, hi = np.fmin(lo, ci.low), np.fmax(hi, ci.high)
+    return (float(lo), float(hi)) if np.ndim(lo) == 0 else (lo, hi)
 
 
 def bounds(metric: str) -> tuple[float, float]:
@@ -116,12 +140,14 @@ def curve_area(n: np.ndarray, acc: np.ndarray) -> float:
 
 
 def summarise(table: pd.DataFrame, level: float = LEVEL) -> pd.DataFrame:
-    """Per (series, n_train): seeds, and mean/std/CI (Student t, `level`) of every summarised column."""
+    """Per (series, n_train): seeds, `few_seeds` (fewer than `FEW_SEEDS`: the interval may undercover
+    bimodal outcomes), and mean/std/CI (`interval`, `level`) of every summarised column."""
     done, info = prepare(table)
     metrics = [c for c in results.summarised_columns(done) if c in done.columns]
     out = []
     for (series, n_train), group in done.groupby(["series", "n_train"], sort=False):
-        row = {**_ident(info, series), "n_train": n_train, "seeds": int(group["seed"].nunique())}
+        seeds = int(group["seed"].nunique())
+        row = {**_ident(info, series), "n_train": n_train, "seeds": seeds, "few_seeds": seeds < FEW_SEEDS}
         for metric in metrics:
             values = pd.to_numeric(group[metric], errors="coerce").to_numpy(dtype=float)
             values = values[np.isfinite(values)]
@@ -129,7 +155,7 @@ def summarise(table: pd.DataFrame, level: float = LEVEL) -> pd.DataFrame:
                 continue
             row[f"{metric}_mean"] = float(values.mean())
             row[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
-            row[f"{metric}_ci_lo"], row[f"{metric}_ci_hi"] = clipped(t_interval(values, level), *bounds(metric))
+            row[f"{metric}_ci_lo"], row[f"{metric}_ci_hi"] = clipped(interval(values, level), *bounds(metric))
         out.append(row)
     return _ordered(pd.DataFrame(out), ["n_train"])
 
@@ -200,7 +226,7 @@ def _check_versus(info: pd.DataFrame, versus: str) -> None:
 def paired_differences(table: pd.DataFrame, versus: str, metric: str = METRIC, level: float = LEVEL) -> pd.DataFrame:
     """Each series against its `series.partner` of method `versus` (the same settings wherever both
     have them): per budget, the difference of `metric` paired by seed (a seed's two trials share its
-    source model and data draw), its mean and Student t CI over the seeds both have. A series without
+    source model and data draw), its mean and CI (`interval`) over the seeds both have. A series without
     a partner is left out, never paired with another. ConfigError when no finished trial ran `versus`."""
     done, info = prepare(table)
     _check_versus(info, versus)
@@ -216,7 +242,7 @@ def paired_differences(table: pd.DataFrame, versus: str, metric: str = METRIC, l
             diff = (a[n] - b[n]).dropna().to_numpy(dtype=float)  # aligned on seed: pairs only
             if len(diff) == 0:
                 continue
-            lo, hi = clipped(t_interval(diff, level), low - high, high - low)
+            lo, hi = clipped(interval(diff, level), low - high, high - low)
             failed = sorted(gated.get((series, n), set()) | gated.get((ref, n), set()))
             rows.append({**_ident(info, series), "versus": info.loc[ref, "label"], "n_train": n, "pairs": len(diff),
                          "diff_mean": float(diff.mean()), "diff_ci_lo": lo, "diff_ci_hi": hi,
@@ -284,7 +310,7 @@ def findings(diffs: pd.DataFrame, metric: str = METRIC, margin: float | None = N
 def mean_over(table: pd.DataFrame, axis: str, metric: str = METRIC, level: float = LEVEL) -> pd.DataFrame:
     """Series that differ only in the axis column `axis` (e.g. `model.n_layers`), combined: per budget
     and seed the mean over the axis values (where every value has that seed and budget), then the
-    mean and Student t CI of those over seeds (the paper's "mean of six depths"), reported beside the
+    mean and CI (`interval`) of those over seeds (the paper's "mean of six depths"), reported beside the
     series. Raises ConfigError when `axis` is not an axis column of the results."""
     done, _, groups = axis_groups(table, axis)
     by_series = _seed_frames(done, metric)
@@ -326,4 +352,4 @@ def _per_seed_means(frames: list[pd.DataFrame], level: float):
         per_value = pd.concat([f[n] for f in frames], axis=1).dropna()
         if not per_value.empty:
             seed_means = per_value.mean(axis=1).to_numpy(dtype=float)
-            yield n, len(seed_means), float(seed_means.mean()), *clipped(t_interval(seed_means, level), -1.0, 1.0)
+            yield n, len(seed_means), float(seed_means.mean()), *clipped(interval(seed_means, level), -1.0, 1.0)
