@@ -109,13 +109,28 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="summary tables, plots and index.html of one or more output directories")
     report.add_argument("out", nargs="+", help="output directories (paths or URIs) of `instill run` (merged)")
     report.add_argument("--to", type=Path, help="local report directory (default: FIRST_OUT/report; needed for URIs)")
-    report.add_argument("--target", type=float, default=0.9, help="accuracy whose required budget is reported")
     report.add_argument(
-        "--versus", metavar="METHOD", help="also compare every series with its closest series of METHOD, paired by seed"
+        "--target", type=float, help="accuracy whose required budget is reported; default: report.target (0.9)"
+    )
+    report.add_argument(
+        "--versus",
+        metavar="METHOD",
+        action="append",
+        help="also compare every series with its closest series of METHOD, paired by seed, as findings with verdicts "
+        "(repeatable); default: the sweep's report.versus",
+    )
+    report.add_argument(
+        "--margin",
+        type=float,
+        help="equivalence margin declared in advance: a difference whose interval lies inside +-MARGIN is "
+        "'equivalent'; default: the sweep's report.margin, else none (never 'equivalent')",
     )
     report.add_argument(
         "--mean-over", metavar="AXIS", help="also average the series that differ only in AXIS (e.g. model.n_layers)"
     )
+
+    claims = sub.add_parser("check-claims", help="check each bold verdict in documents against its finding")
+    claims.add_argument("files", nargs="+", type=Path, help="Markdown files (e.g. docs/*.md)")
     return parser
 
 
@@ -144,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         commands = {"run": _run, "validate": _validate, "status": _status, "report": _report, "tune": _tune}
-        commands["analyse"] = _analyse
+        commands.update(analyse=_analyse, **{"check-claims": _check_claims})
         return commands[args.command](args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -221,7 +236,9 @@ def _run(args) -> int:
         from orchestrator.report import write_report
 
         if isinstance(outcome.out_dir, Path):
-            _print_report(write_report([outcome.out_dir]))
+            r = sweep.report
+            out = write_report([outcome.out_dir], target=r.target, versus=r.versus, over=r.mean_over, margin=r.margin)
+            _print_report(out)
         else:
             print(f"report: run `instill report {outcome.out_dir} --to DIR` to write it to a local directory")
     if outcome.failed:
@@ -276,10 +293,26 @@ def _status(args) -> int:
 
 
 def _report(args) -> int:
+    from orchestrator.outdir import read_sweep
     from orchestrator.report import write_report
 
-    _print_report(write_report(args.out, args.to, target=args.target, versus=args.versus, over=args.mean_over))
+    record, _ = read_sweep(args.out[0])  # the sweep's `report:` settings, where the options do not say
+    settings = ((record or {}).get("config") or {}).get("report") or {}
+    target = args.target if args.target is not None else settings.get("target", 0.9)
+    margin = args.margin if args.margin is not None else settings.get("margin")
+    versus, over = args.versus or settings.get("versus"), args.mean_over or settings.get("mean_over")
+    _print_report(write_report(args.out, args.to, target=target, versus=versus, over=over, margin=margin))
     return 0
+
+
+def _check_claims(args) -> int:
+    from orchestrator.claims import check_files
+
+    problems = check_files(args.files)
+    for problem in problems:
+        print(problem)
+    print(f"{len(args.files)} file(s): {len(problems)} claim(s) disagree with their findings or cite none")
+    return 1 if problems else 0
 
 
 def _analyse(args) -> int:

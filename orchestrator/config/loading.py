@@ -354,6 +354,8 @@ def load_sweep(raw: Any, source: str = "sweep", search: tuple[Path, ...] = ()) -
         errors.append(str(err))
     if config is not None:
         errors += _check_overlay(config) + _check_space(config)
+        errors += [f"report.versus: {m!r} is not one of methods {list(config.methods)}; add it or drop it"
+                   for m in config.report.versus if m not in config.methods]  # fmt: skip
         if not errors:
             errors += _check_runnable(config)
     if not errors:

@@ -24,6 +24,7 @@ _NOT_AXES = {
     "resources": "resources do not change results",
     "storage": "storage does not change results",
     "keep": "keeping models does not change results",
+    "report": "how results are reported does not change them",
     "max_failures": "retries do not change results",
     "tuning": "tuning settings are for `instill tune`",
     "method_overrides": "set per-method values in method_overrides directly",

@@ -78,6 +78,21 @@ class Keep(Frozen):
     )
 
 
+class ReportSettings(Frozen):
+    """How `instill run` and `instill report` compare the sweep's series; not part of any identity.
+    The margin is declared here, before any result is read, never inferred from the data."""
+
+    versus: tuple[str, ...] = Field((), description="methods every series is compared with, paired by seed (findings)")
+    margin: float | None = Field(None, gt=0, description="inside +-margin a difference is equivalent")
+    target: float = Field(0.9, gt=0, le=1, description="accuracy whose required budget the headline reports")
+    mean_over: str | None = Field(None, description="an axis the series are also averaged over (e.g. model.n_layers)")
+
+    @field_validator("versus", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return (v,) if isinstance(v, str) else v
+
+
 class Tuning(Frozen):
     """`instill tune`: an Optuna search per method over these ranges, on the validation split.
 
@@ -124,6 +139,7 @@ class SweepConfig(Frozen):
     resources: Resources = Resources()
     storage: Storage = Storage()
     keep: Keep = Keep()
+    report: ReportSettings = ReportSettings()
     max_failures: int = Field(1, ge=0, description="retries of a failing trial before it is recorded failed")
     tuning: Tuning = Tuning()
     method_overrides: dict[str, dict[str, Any]] = Field(

@@ -134,6 +134,10 @@ def _provenance(out_dirs: list, table: pd.DataFrame) -> Section | None:
     return Section("Provenance", pd.DataFrame(rows), note=note.strip(), page="Provenance")
 
 
+def _joined(frames: list[pd.DataFrame]) -> pd.DataFrame | None:
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
 def _has(summary: pd.DataFrame, column: str) -> bool:
     return f"{column}_mean" in summary and summary[f"{column}_mean"].notna().any()
 
@@ -142,18 +146,25 @@ def write_report(
     out_dirs: list[Path],
     report_dir: Path | None = None,
     target: float = 0.9,
-    versus: str | None = None,
+    versus: str | list[str] | None = None,
     over: str | None = None,
+    margin: float | None = None,
 ) -> Path:
     """Summarise the results of `out_dirs` (merged) into `report_dir` (default: first dir's report/).
-    `versus`: a method each series is also compared with (`paired_differences`); `over`: an axis the
-    series are also averaged over (`mean_over`; with `versus`, `mean_over_differences` too)."""
+    `versus`: methods each series is also compared with (`paired_differences`), each comparison a
+    finding with a verdict (`statistics.findings`; `margin`: the equivalence margin declared in
+    advance); `over`: an axis the series are also averaged over (`mean_over`; with `versus`,
+    `mean_over_differences` too)."""
     table = load_tables(out_dirs)
     provenance = _provenance(out_dirs, table)  # imports the runs' plug-ins: their columns are summarised
-    # Each raises on a bad --versus or --mean-over, before anything is written.
-    diffs = statistics.paired_differences(table, versus) if versus else None
+    # Each raises on a bad --versus, --mean-over or --margin, before anything is written.
+    versus = [versus] if isinstance(versus, str) else list(versus or [])
+    diffs = _joined([statistics.paired_differences(table, v) for v in versus])
     means = statistics.mean_over(table, over) if over else None
-    gaps = statistics.mean_over_differences(table, over, versus) if over and versus else None
+    gaps = _joined([statistics.mean_over_differences(table, over, v) for v in versus]) if over else None
+    found = statistics.findings(diffs, margin=margin) if versus else None
+    if found is not None and gaps is not None:
+        found = pd.concat([found, statistics.findings(gaps, margin=margin).assign(over=over)], ignore_index=True)
     if report_dir is None and "://" in str(out_dirs[0]):
         raise ConfigError(f"{out_dirs[0]} is not a local directory: give the report a local one with --to DIR")
     report_dir = Path(report_dir or Path(out_dirs[0]) / "report")
@@ -168,6 +179,7 @@ def write_report(
         if not long.empty:
             profiles.append((name, profile, long))
     parquets = {"summary": summary, "headline": head, "mean_over": means, "versus": diffs, "versus_mean_over": gaps,
+                "findings": found,
                 **{f"{name}_profile": long for name, _, long in profiles},
                 **{extra.name: extra.frame for extra in extras if isinstance(extra, Table)}}  # fmt: skip
     for stem, frame in parquets.items():
@@ -182,13 +194,26 @@ def write_report(
         title = f"{METRIC}, mean over {over} (per seed, then mean [95% CI] over seeds)"
         sections.append(Section(title, tables.curve_table(means), empty=f"No series differ only in {over}.\n"))
     if versus:
-        title = f"{METRIC}: each series minus the {versus} series of the same settings, paired by seed (mean [95% CI])"
-        sections.append(Section(title, tables.versus_table(diffs), empty=f"No series has a {versus} partner.\n"))
+        names, bound = " / ".join(versus), f"±{margin:g}" if margin else "none declared"
+        sections.insert(0, Section(
+            "Findings", tables.findings_counts(found), page="Findings", lead=True,
+            note=f"Each series minus its {names} partner, paired by seed, at each budget: better / worse where the "
+            f"95% interval excludes 0, equivalent where it lies inside the margin ({bound}), gated where a quality "
+            "gate failed, undecided otherwise. Every finding: findings.md, findings.parquet.",
+        ))  # fmt: skip
+        (report_dir / "findings.md").write_text(tables.findings_markdown(found))
+        title = f"{METRIC}: each series minus the {names} series of the same settings, paired by seed (mean [95% CI])"
+        shown = tables.versus_table(diffs, found.iloc[: len(diffs)])
+        sections.append(Section(title, shown, empty=f"No series has a {names} partner.\n"))
     if over and versus:
-        title = f"{METRIC}: each series minus its {versus} partner, mean over {over}"
-        gap_table = tables.versus_table(gaps.assign(versus=f"{versus} (same {over})"))
+        title = f"{METRIC}: each series minus its {' / '.join(versus)} partner, mean over {over}"
+        gap_table = tables.versus_table(gaps.assign(versus=gaps["versus"].astype(str) + f" (same {over})"))
         empty = "No group has a partner at every value."
         sections.append(Section(f"{title} (per seed, then mean [95% CI] over seeds)", gap_table, empty=empty, end="\n"))
+    gates = tables.failed_gates(table)
+    if not gates.empty:
+        note = "These upstream artifacts failed a quality gate; the findings of their trials are gated."
+        sections.insert(0, Section("Failed quality gates", gates, note=note, page="Failed quality gates", lead=True))
     for column in plotted:
         wide = tables.non_empty(tables.curve_table(summary, column))
         sections.append(Section(f"{column} (mean [95% CI] over seeds)", wide))

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.report.series import prepare
-from orchestrator.report.statistics import METRIC
+from orchestrator.report.statistics import METRIC, VERDICTS
 
 
 def _cell(mean: float, lo: float, hi: float, spec: str = ".3f") -> str:
@@ -41,13 +41,46 @@ def non_empty(wide: pd.DataFrame) -> pd.DataFrame:
     return wide[keep]
 
 
-def versus_table(diffs: pd.DataFrame) -> pd.DataFrame:
-    """Budgets as rows, series (`label − versus`) as columns, cells `mean [95% CI]`."""
-    if diffs.empty:
+def versus_table(diffs: pd.DataFrame, found: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Budgets as rows, series (`label − versus`) as columns, cells `mean [95% CI]`, followed by the
+    finding's verdict when `found` (`statistics.findings` of `diffs`, row for row) is given."""
+    if diffs is None or diffs.empty:
         return pd.DataFrame()
     columns = [f"{a} − {b}" for a, b in zip(diffs["label"], diffs["versus"], strict=True)]
     cells = [_cell(*t, "+.3f") for t in diffs[["diff_mean", "diff_ci_lo", "diff_ci_hi"]].itertuples(index=False)]
+    if found is not None:
+        cells = [f"{cell} {verdict}" for cell, verdict in zip(cells, found["verdict"], strict=True)]
     return _wide(diffs, columns, cells)
+
+
+def findings_counts(found: pd.DataFrame) -> pd.DataFrame:
+    """Per comparison (`label − versus`): how many budgets got each verdict."""
+    if found is None or found.empty:
+        return pd.DataFrame()
+    pair = found["label"] + " − " + found["versus"]
+    counts = pd.crosstab(pair, found["verdict"]).reindex(columns=list(VERDICTS), fill_value=0)
+    return counts.rename_axis(None, axis=1).reset_index(names="comparison")
+
+
+def findings_markdown(found: pd.DataFrame) -> str:
+    """findings.md: one line per finding under the anchor documents cite (`orchestrator.claims`)."""
+    lines = ["# Findings", "", "Each series minus its partner, paired by seed: mean [95% CI], seeds, verdict.", ""]
+    for row in found.itertuples(index=False):
+        over = f", mean over {row.over}" if isinstance(getattr(row, "over", None), str) else ""
+        cell = _cell(row.diff, row.ci_lo, row.ci_hi, "+.3f")
+        lines.append(f'- <a id="{row.id}"></a>**{row.verdict}**: {row.label} − {row.versus}, '
+                     f"n = {row.n_train:g}{over}: {cell}, {row.seeds} seeds")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def failed_gates(table: pd.DataFrame) -> pd.DataFrame:
+    """Per failed quality gate (`gates_failed` of the rows): how many trials it gates, and one of them."""
+    if "gates_failed" not in table:
+        return pd.DataFrame()
+    rows = table[table["gates_failed"].fillna("") != ""]
+    gates = rows.assign(gate=rows["gates_failed"].str.split(",")).explode("gate")
+    out = gates.groupby("gate").agg(trials=("trial", "nunique"), example=("trial", "first"))
+    return out.reset_index()
 
 
 def headline_table(head: pd.DataFrame) -> pd.DataFrame:

@@ -72,3 +72,15 @@ def test_a_missing_file_is_bad_input(tmp_path):
 def test_sentences_join_lines_and_keep_table_rows_and_code_apart():
     text = "One sentence\nacross lines. Another one.\n\n| a | b |\n```\n**better** in code\n```\n- item\n"
     assert sentences(text) == [(1, "One sentence across lines."), (1, "Another one."), (4, "| a | b |"), (8, "- item")]
+
+
+def test_the_command_exits_1_naming_each_failed_claim_0_when_all_agree_2_on_a_missing_file(tmp_path, report, capsys):
+    from orchestrator.cli import main
+
+    good = _doc(tmp_path, f"The method is **better** at n = 100 ([f](cmp/findings.md#{report[100]})).\n")
+    assert main(["check-claims", str(good)]) == 0
+    bad = tmp_path / "docs" / "BAD.md"
+    bad.write_text(f"The method is **worse** at n = 100 ([f](cmp/findings.md#{report[100]})).\n")
+    assert main(["check-claims", str(good), str(bad)]) == 1
+    assert "BAD.md:1: the sentence says ['worse'], its findings say ['better']" in capsys.readouterr().out
+    assert main(["check-claims", str(tmp_path / "missing.md")]) == 2

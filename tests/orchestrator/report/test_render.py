@@ -149,6 +149,50 @@ def test_report_versus_writes_the_paired_table(tmp_path, capsys):
     assert "no finished trial ran 'scratch'" in capsys.readouterr().err
 
 
+def test_findings_come_first_with_their_verdicts_and_cited_anchors(tmp_path):
+    """`--versus` and `--margin`: findings.parquet and findings.md (anchors for `check-claims`), the
+    verdict counts first in summary.md and on index.html, each paired cell with its verdict."""
+    table = pd.concat([series_rows("subtask_induction", 0.75, {99: [0.9, 0.92, 0.91], 300: [0.5, 0.6, 0.7]}),
+                       series_rows("full_transfer", None, {99: [0.5, 0.52, 0.5], 300: [0.5, 0.6, 0.7]})],
+                      ignore_index=True)  # fmt: skip
+    write_results(tmp_path / "run", table)
+    argv = ["report", str(tmp_path / "run"), "--to", str(tmp_path / "rep"), "--versus", "full_transfer"]
+    assert main([*argv, "--margin", "0.03"]) == 0
+    found = pd.read_parquet(tmp_path / "rep" / "findings.parquet").set_index("n_train")
+    assert list(found["verdict"]) == ["better", "equivalent"] and set(found["margin"]) == {0.03}
+    md = (tmp_path / "rep" / "findings.md").read_text()
+    assert f'<a id="{found.loc[99, "id"]}"></a>**better**' in md
+    text = (tmp_path / "rep" / "summary.md").read_text()
+    assert text.index("## Findings") < text.index("## test_acc (mean") and "(±0.03)" in text
+    assert "+0.403 [" in text and "] better" in text
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert page.index("Findings") < page.index("<img")
+    assert main([*argv, "--margin", "0"]) == 2  # a margin must be positive
+
+
+def test_the_sweeps_report_block_sets_what_the_report_compares(tmp_path):
+    table = pd.concat([series_rows("subtask_induction", 0.75, {99: [0.9, 0.92, 0.91]}),
+                       series_rows("full_transfer", None, {99: [0.5, 0.52, 0.5]})], ignore_index=True)  # fmt: skip
+    write_results(tmp_path / "run", table)
+    config = {"report": {"versus": ["full_transfer"], "margin": 0.05}}
+    (tmp_path / "run" / "sweep.json").write_text(json.dumps({"config": config}))
+    assert main(["report", str(tmp_path / "run"), "--to", str(tmp_path / "rep")]) == 0
+    assert set(pd.read_parquet(tmp_path / "rep" / "findings.parquet")["margin"]) == {0.05}
+    assert main(["report", str(tmp_path / "run"), "--to", str(tmp_path / "rep"), "--margin", "0.02"]) == 0
+    assert set(pd.read_parquet(tmp_path / "rep" / "findings.parquet")["margin"]) == {0.02}  # the option wins
+
+
+def test_failed_quality_gates_head_the_report(tmp_path):
+    table = curves_table({"subtask_induction": {99: [0.5, 0.6, 0.7]}, "scratch": {99: [0.4, 0.5, 0.6]}})
+    table["gates_failed"] = np.where(table["method"] == "scratch", "", "source.learnt,mask.computes_subtask")
+    write_results(tmp_path / "run", table)
+    write_report([tmp_path / "run"], tmp_path / "rep", versus="scratch")
+    text = (tmp_path / "rep" / "summary.md").read_text()
+    assert text.index("## Failed quality gates") < text.index("## Findings") < text.index("## test_acc (mean")
+    assert "| source.learnt | 3 |" in text
+    assert list(pd.read_parquet(tmp_path / "rep" / "findings.parquet")["verdict"]) == ["gated"]
+
+
 def test_report_versus_and_mean_over_write_the_mean_gap(tmp_path):
     runs = [series_rows("subtask_induction", 0.75, {99: [0.5, 0.6, 0.7]}, n_layers=2),
             series_rows("full_transfer", None, {99: [0.4, 0.5, 0.6]}, n_layers=2),
