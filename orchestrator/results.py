@@ -39,6 +39,7 @@ TRAILING = [
     "finished_at",
     "error",
     "analysis_errors",
+    "gates_failed",
     "series",
     "config_json",
     "measurements_json",
