@@ -243,11 +243,19 @@ def write_report(
 
 
 def _notes(summary: pd.DataFrame, table: pd.DataFrame) -> str:
-    """What the intervals are, which series have none, and which rows have analysis errors."""
+    """What the intervals are, which series have none or too few seeds for them, and which rows have
+    analysis errors."""
     text = (
-        "Intervals are 95% Student t intervals of the mean over seeds (mean ± t(0.975, k-1) · s/√k); "
-        "the budget interval inverts the t bands of the mean curve.\n"
+        f"Intervals are 95% intervals of the mean over seeds: Student t (mean ± t(0.975, k-1) · s/√k) below "
+        f"{statistics.BCA_FROM} seeds, from then on the smallest interval holding the t and the BCa bootstrap "
+        "intervals (docs/STATISTICS.md); the budget interval inverts the t bands of the mean curve.\n"
     )
+    few = sorted(set(summary.loc[summary["few_seeds"], "label"])) if "few_seeds" in summary else []
+    if few:
+        text += (
+            f"\nFewer than {statistics.FEW_SEEDS} seeds at some budgets, so intervals there may not hold when "
+            f"outcomes are bimodal (a share of failing seeds; docs/STATISTICS.md): {', '.join(few)}.\n"
+        )
     single = sorted(set(summary.loc[summary["seeds"] < 2, "label"])) if not summary.empty else []
     if single:
         text += (

@@ -167,6 +167,7 @@ def test_findings_come_first_with_their_verdicts_and_cited_anchors(tmp_path):
     assert "+0.403 [" in text and "] better" in text
     page = (tmp_path / "rep" / "index.html").read_text()
     assert page.index("Findings") < page.index("<img")
+    assert "Fewer than 15 seeds at some budgets" in text and "subtask_induction @0.75" in text
     assert main([*argv, "--margin", "0"]) == 2  # a margin must be positive
 
 
