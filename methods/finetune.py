@@ -189,4 +189,5 @@ def merge_phases(phases: list[tuple[bool, TrainResult]]) -> TrainResult:
         steps=sum(result.steps for _, result in phases),
         history=[score for _, result in phases for score in result.history],
         measurements=[{**row, "probe": float(probe)} for probe, result in phases for row in result.measurements],
+        last_state=last.last_state,
     )

@@ -227,6 +227,8 @@ class TrainResult:
     history: list[float]  # score per epoch
     measurements: list[dict[str, float]]  # per epoch: mean of each loss measurement, plus end_epoch's
     initial_score: float | None = None  # the score before the first step (epoch 0), when measured
+    # The module's state at the last epoch, when it is not the kept one (not compared: tensors).
+    last_state: dict[str, Any] | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -502,7 +504,7 @@ class Member:
         if self.objective.load_state is not None:
             self.objective.load_state(saved["objective"])
 
-    def result(self, epochs: int, steps: int) -> TrainResult:
+    def result(self, epochs: int, steps: int, last_state: dict[str, Any] | None = None) -> TrainResult:
         return TrainResult(
             best_val_acc=self.best[0],
             best_epoch=self.best[1],
@@ -511,6 +513,7 @@ class Member:
             history=self.history,
             measurements=self.measured,
             initial_score=self.initial,
+            last_state=last_state,
         )
 
 
@@ -720,8 +723,10 @@ class _Loop:
                 continue
             values = {key: s[row] / reported[key] for key, s in sums_of.items()}
             if self._epoch_end(m, values, lr, total / max(1, self.steps - first_step)):
+                kept_last = m.best[1] == self.epoch  # else the last epoch's weights go with the result
+                last = None if kept_last else copy.deepcopy(m.objective.module.state_dict())
                 m.objective.restore(m.best[2])
-                self.results[m.index] = m.result(self.epoch, self.steps)
+                self.results[m.index] = m.result(self.epoch, self.steps, last)
             else:
                 staying.append(row)
         if len(staying) < len(live):

@@ -23,7 +23,7 @@ from orchestrator.outdir import read_row
 from orchestrator.trial import TrialSpec, base_row
 
 IDENTIFYING = ["trial", "trial_hash", "task", "model", "method", "data_fraction", "n_train", "seed"]
-HEADLINE = ["status", "test_acc", "val_acc"]
+HEADLINE = ["status", "test_acc", "val_acc", "test_acc_last"]
 CORE_SUMMARISED = ("test_acc", "val_acc")
 TRAILING = [
     "best_epoch",
@@ -47,7 +47,7 @@ TRAILING = [
     "versions",
 ]
 COLUMNS = IDENTIFYING + HEADLINE + TRAILING
-_FLOATS = ("test_acc", "val_acc")
+_FLOATS = ("test_acc", "val_acc", "test_acc_last")
 
 
 def axis_columns(columns) -> list[str]:

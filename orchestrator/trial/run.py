@@ -151,6 +151,7 @@ class Trial:
 
     def trained(self, result, timed: bool = True) -> None:
         self.row.update(val_acc=result.best_val_acc, best_epoch=result.best_epoch, epochs_run=result.epochs_run)
+        self.last_state = result.last_state
         self.row["measurements_json"] = json.dumps(result.measurements)
         if timed:
             self.lap("train")
@@ -159,7 +160,14 @@ class Trial:
     def finish(self) -> dict[str, Any]:
         effective, data, model, row = self.effective, self.ctx.data, self.model, self.row
         if not self.tuning:
-            row["test_acc"] = evaluate(model, data.evals["test"], effective.training.eval_batch_size)["y"]
+            test, size = data.evals["test"], effective.training.eval_batch_size
+            row["test_acc"] = evaluate(model, test, size)["y"]
+            row["test_acc_last"] = row["test_acc"]  # the last epoch is the kept one, or no epoch ran
+            if self.last_state is not None:  # the last epoch's test accuracy beside the kept epoch's
+                kept = {name: t.clone() for name, t in model.state_dict().items()}
+                model.load_state_dict(self.last_state)
+                row["test_acc_last"] = evaluate(model, test, size)["y"]
+                model.load_state_dict(kept)
             self.lap("eval")
             if effective.keep.models:  # before the analyses: what they measure is what is kept
                 weights = {name: t.detach().cpu().clone() for name, t in model.state_dict().items()}

@@ -30,12 +30,17 @@ def test_a_source_trained_on_its_own_task_at_a_destructive_lr_is_kept_as_it_came
     # Without the initial model as a candidate (the loop before): the best trained epoch, worse.
     old = train(lost, data, cfg.model_copy(update={"keep_initial": False}), _gen())
     assert old.best_epoch >= 1 and old.initial_score is None and evaluate(lost, data.val)["y"] < before
+    # The last epoch goes with the result, for its test accuracy beside the kept epoch's (`test_acc_last`).
+    last = copy.deepcopy(source)
+    last.load_state_dict(result.last_state)
+    assert result.epochs_run == 4 and evaluate(last, data.val)["y"] == pytest.approx(result.history[-1])
 
 
 def test_a_target_reached_before_training_trains_nothing():
     source, data = copy.deepcopy(trained_source()), base_data()
     result = train(source, data, TrainConfig(lr=0.5, epochs=4, target_val_acc=0.5), _gen())
     assert (result.epochs_run, result.steps, result.best_epoch, result.history) == (0, 0, 0, [])
+    assert result.last_state is None  # the last epoch is the kept one
 
 
 def test_min_steps_trains_small_data_for_at_least_that_many_steps():
@@ -138,12 +143,14 @@ def test_a_method_block_trains_with_sgd_cosine_and_a_head_rate_alone_and_packed(
         assert p["packed"] is True and p["pack"] == 2
         # A packed trial's live curve: each epoch, reported to its own trial.
         assert epochs[p["trial"]] == [(e, True) for e in range(1, p["epochs_run"] + 1)]
-        for column in ("val_acc", "test_acc", "best_epoch", "epochs_run"):
+        for column in ("val_acc", "test_acc", "test_acc_last", "best_epoch", "epochs_run"):
             assert p[column] == pytest.approx(a[column], abs=1e-6), (a["trial"], column)
     # The block is part of those trials' identity, and of theirs only.
     plain = {r["trial"]: r for r in (run_trial(tiny(methods=["full_transfer", "scratch"], seeds=[0, 1]), s, store)
                                       for s in specs)}  # fmt: skip
     for row in alone:
+        if row["best_epoch"] == row["epochs_run"]:
+            assert row["test_acc_last"] == row["test_acc"]
         same = plain[row["trial"]]["trial_hash"] == row["trial_hash"]
         assert same is (row["method"] == "scratch"), row["trial"]
         trained = json.loads(row["config_json"])["training"]
