@@ -18,9 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from orchestrator import results
+from orchestrator import results, seeds
 from orchestrator.callbacks import make_callbacks
 from orchestrator.config import SweepConfig
+from orchestrator.config.schema import SeedRule
 from orchestrator.ordering import order_trials
 from orchestrator.outdir import OutDir, SweepMismatch, as_outdir, prepare_out_dir, read_row, store_for
 from orchestrator.ray_session import concurrency as cluster_concurrency
@@ -28,7 +29,7 @@ from orchestrator.ray_session import start_ray
 from orchestrator.stop import GracefulStop, driver_stopping
 from orchestrator.storage import check_shared
 from orchestrator.tracking import callbacks as tracking_callbacks
-from orchestrator.trial import TrialSpec, expand, trial_hash
+from orchestrator.trial import TrialSpec, trial_hash
 from orchestrator.tuner import make_queue, make_tuner
 from orchestrator.upstream import precompute
 
@@ -80,8 +81,10 @@ def run_sweep(
     with lease:
         prepare_out_dir(sweep, out, force=force, overrides=overrides)
         store = store_for(sweep, out)
-        specs = expand(sweep)
+        plan = seeds.advance(sweep, out)
+        specs = plan.specs
         todo, stale = to_run(sweep, out, specs, rerun_stale)
+        ran: list[TrialSpec] = []  # every trial this invocation ran, over the rounds of a seed rule
 
         def finish_now(signum: int) -> None:
             # Stop at once (second signal, or the grace period is over): rows already written stay.
@@ -103,14 +106,23 @@ def run_sweep(
                 stopper.connect()
                 check_shared({"--out": out.root if out.posix else None, "storage.artifacts": store.location})
                 concurrency = cluster_concurrency(sweep.resources.cpu, sweep.resources.max_concurrent)
-                precompute(sweep, store, todo, concurrency, should_stop=lambda: stopper.stopping)
-                if not stopper.stopping:
+                while todo and not stopper.stopping:  # one pass per round of a seed rule
+                    precompute(sweep, store, todo, concurrency, should_stop=lambda: stopper.stopping)
+                    if stopper.stopping:
+                        break
                     todo = order_trials(sweep, todo, concurrency)
                     queue = make_queue(sweep, todo, concurrency, should_stop=lambda: stopper.stopping)
                     _, tune_callbacks = make_callbacks(
                         out, sweep, todo, len(specs) - len(todo), stopping=driver_stopping, queue=queue
                     )
                     make_tuner(sweep, todo, out, store.location, concurrency, tune_callbacks + extra, queue=queue).fit()
+                    ran += todo
+                    if stopper.stopping or not isinstance(sweep.seeds, SeedRule):
+                        break
+                    plan = seeds.advance(sweep, out, {trial_hash(sweep, s) for s in ran}, len(plan.rounds))
+                    specs, done_here = plan.specs, set(ran)
+                    more, newly_stale = to_run(sweep, out, specs, rerun_stale)
+                    todo, stale = [s for s in more if s not in done_here], list({*stale, *newly_stale})
             finally:
                 if not stopper.stopping:
                     stopper.restore()
@@ -125,8 +137,8 @@ def run_sweep(
     return SweepOutcome(
         out_dir=out.local or out.uri,
         table=table,
-        ran=sum(trial_hash(sweep, s) in finished for s in todo),
-        skipped=len(specs) - len(todo),
+        ran=sum(trial_hash(sweep, s) in finished for s in ran),
+        skipped=len(set(specs) - set(ran) - set(todo)),
         failed=int((table["status"] == "failed").sum()) if len(table) else 0,
         wall_s=time.monotonic() - start,
         stopped_by=stopper.signum,

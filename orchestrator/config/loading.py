@@ -4,6 +4,7 @@ greater than 0`). Every overlay layer and axis value is checked with one set of 
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 import os
 import shlex
@@ -20,7 +21,7 @@ from common.config import BLOCKS, Frozen
 from methods import ANALYSES, ARTIFACTS, METHODS
 from methods.analysis import parse_analysis
 from orchestrator.config.paths import _NOT_AXES, Layer, _head, resolve_path
-from orchestrator.config.schema import ConfigError, SweepConfig, needed_kinds, per_method_blocks
+from orchestrator.config.schema import ConfigError, SeedRule, SweepConfig, needed_kinds, per_method_blocks
 from tasks.base import format_validation, parse_block
 
 
@@ -323,6 +324,18 @@ def _check_shared(config: SweepConfig) -> list[str]:
     return errors
 
 
+def _check_metric(config: SweepConfig, metric: str) -> list[str]:
+    """`seeds.until.metric`: a column the report summarises (accuracies, what the artifact kinds the
+    sweep needs report, the summarised columns of its analyses)."""
+    kinds = needed_kinds(config.methods, [a["name"] for a in config.analyses])
+    known = ["test_acc", "val_acc", *(c for k in kinds for c in ARTIFACTS.get(k).reported)]
+    for name, _ in config.analysis_list():
+        known += [pattern for pattern, column in ANALYSES.get(name).columns.items() if column.summarise]
+    if any(fnmatch.fnmatchcase(metric, pattern) for pattern in known):
+        return []
+    return [f"seeds.until.metric: {metric!r} is not a column the report summarises; one of: {', '.join(known)}"]
+
+
 def _check_space(config: SweepConfig) -> list[str]:
     """`tuning.space`: numeric settings that may differ between methods."""
     errors = []
@@ -356,8 +369,13 @@ def load_sweep(raw: Any, source: str = "sweep", search: tuple[Path, ...] = ()) -
         errors += _check_overlay(config) + _check_space(config)
         errors += [f"report.versus: {m!r} is not one of methods {list(config.methods)}; add it or drop it"
                    for m in config.report.versus if m not in config.methods]  # fmt: skip
+        rule = config.seeds if isinstance(config.seeds, SeedRule) else None
+        if rule and rule.until.versus is not None and rule.until.versus not in config.methods:
+            errors.append(f"seeds.until.versus: {rule.until.versus!r} is not one of methods {list(config.methods)}")
         if not errors:
             errors += _check_runnable(config)
+        if not errors and rule:
+            errors += _check_metric(config, rule.until.metric)
     if not errors:
         return config
     raise ConfigError(f"{source}: invalid sweep file\n  " + "\n  ".join("\n".join(errors).splitlines()))

@@ -9,13 +9,14 @@ import math
 import re
 from typing import Any, Literal
 
-from pydantic import Field, PositiveInt, PrivateAttr, SerializeAsAny, field_validator
+from pydantic import Field, PositiveInt, PrivateAttr, SerializeAsAny, ValidationError, field_validator, model_validator
 
 import tasks
 from common.config import Frozen, stable_hash
 from methods import ANALYSES, ARTIFACTS, METHODS, TrainConfig
 from methods.analysis import parse_analysis
 from orchestrator.config.paths import Layer, _flatten, _head
+from tasks.base import format_validation
 
 
 class ConfigError(ValueError):
@@ -104,7 +105,7 @@ class Tuning(Frozen):
 
     budget: int = Field(8, ge=1, description="Optuna trials per method: the same effort for every method")
     data_fractions: tuple[float, ...] = Field((0.1,), min_length=1)
-    seeds: tuple[int, ...] = Field((0,), min_length=1)
+    seeds: tuple[int, ...] | SeedRule = Field((0,), description="a list, or a precision target (`SeedRule`)")
     space: dict[str, tuple[float, float]] | None = None
 
     @field_validator("space")
@@ -123,6 +124,38 @@ class Tuning(Frozen):
         return v
 
 
+class SeedTarget(Frozen):
+    """`seeds.until`: the precision every cell (series x budget) must reach. Precision, never
+    significance: the stopping rule does not look at the sign of a difference (docs/CONFIG.md)."""
+
+    half_width: float = Field(gt=0, description="the 95% interval's (hi - lo) / 2 at or below which a cell stops")
+    metric: str = Field("test_acc", description="a summarised column (test_acc, val_acc, ...)")
+    versus: str | None = Field(None, description="a method: judge the interval of the paired difference to it")
+
+
+class SeedRule(Frozen):
+    """`seeds: {min, max, step, until}`: seeds 0..min-1 first; after each round every cell wider than
+    `until` gets `step` more seeds, up to `max` (`orchestrator.seeds`)."""
+
+    min: int = Field(ge=1, description="seeds of the first round: 0..min-1")
+    max: int = Field(ge=1, description="the most seeds a cell gets")
+    step: int = Field(1, ge=1, description="seeds a cell wider than the target gets per round")
+    until: SeedTarget
+
+    @model_validator(mode="after")
+    def _order(self) -> SeedRule:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must be at most max ({self.max})")
+        return self
+
+    def __str__(self) -> str:
+        of = f"the paired difference to {self.until.versus}" if self.until.versus else "the mean"
+        return (f"0..{self.min - 1}, then {self.step} more per round (up to {self.max}) for every series x "
+                f"budget whose 95% interval of {of} of {self.until.metric} is wider than "
+                f"+-{self.until.half_width:g}")  # fmt: skip
+
+
+_RULE = "{min: 3, max: 20, step: 3, until: {half_width: 0.03, metric: test_acc}}"
 _TASK_CACHE: dict[str, object] = {}
 VARIANT = "variant"  # the grid axis of `variants:` (a row column of that name)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -166,7 +199,7 @@ class SweepConfig(Frozen):
     methods: tuple[str, ...] = Field(min_length=1)
     _variants: dict[str, SweepConfig] = PrivateAttr(default_factory=dict)
     data_fractions: tuple[float, ...] = Field(min_length=1)
-    seeds: tuple[int, ...] = Field((0,), min_length=1)
+    seeds: tuple[int, ...] | SeedRule = Field((0,), description="a list, or a precision target (`SeedRule`)")
 
     @field_validator("name")
     @classmethod
@@ -191,10 +224,29 @@ class SweepConfig(Frozen):
             raise ValueError(f"data_fractions must lie in [0, 1] (fractions of the downstream pool); got {bad}")
         return _unique(v, "data_fractions")
 
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seed_rule(cls, v: Any) -> Any:
+        if isinstance(v, (list, tuple, SeedRule)):
+            return v
+        if not isinstance(v, dict):
+            raise ValueError(f"expected a list of seeds or a rule such as {_RULE}; got {v!r}")
+        try:
+            return SeedRule.model_validate(v)
+        except ValidationError as err:  # one message per field, named as the file spells it
+            raise ValueError("; ".join(format_validation(err).splitlines())) from None
+
     @field_validator("seeds")
     @classmethod
-    def _seeds(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        return _unique(v, "seeds")
+    def _seeds(cls, v: tuple[int, ...] | SeedRule) -> tuple[int, ...] | SeedRule:
+        if isinstance(v, tuple) and not v:
+            raise ValueError(f"give at least one seed, or a rule such as {_RULE}")
+        return _unique(v, "seeds") if isinstance(v, tuple) else v
+
+    @property
+    def first_seeds(self) -> tuple[int, ...]:
+        """The seeds every trial runs: the list, or a rule's first round (0..min-1)."""
+        return tuple(range(self.seeds.min)) if isinstance(self.seeds, SeedRule) else self.seeds
 
     @field_validator("axes")
     @classmethod

@@ -120,7 +120,7 @@ def expand(sweep: SweepConfig) -> list[TrialSpec]:
         for values in itertools.product(*(sweep.grid[p] for p in paths)):
             axes = dict(zip(paths, values, strict=True))
             for fraction in sweep.data_fractions:
-                for seed in sweep.seeds:
+                for seed in sweep.first_seeds:
                     spec = TrialSpec(method=method, data_fraction=fraction, seed=seed, axes=axes)
                     key = trial_hash(sweep, spec)
                     if key not in seen:  # e.g. two variants that give the method the same settings
