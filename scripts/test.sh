@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
+.venv/bin/instill check-claims docs/*.md README.md
 exec .venv/bin/python -m pytest -q "$@"
