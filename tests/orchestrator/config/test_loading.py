@@ -159,3 +159,36 @@ def test_plugins_resolve_from_the_sweep_folder_then_the_working_folder(tmp_path,
     with pytest.raises(ConfigError) as err:
         load_sweep_file(_sweep_file(lab, plugins=["instill_marker_nowhere"]))
     assert "cannot import 'instill_marker_nowhere'" in str(err.value) and str(lab.resolve()) in str(err.value)
+
+
+_RULE = {"min": 3, "max": 20, "step": 3, "until": {"half_width": 0.03, "metric": "test_acc"}}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"min": 5, "max": 4}, "seeds: min (5) must be at most max (4)"),
+        ({"step": 0}, "seeds: step: Input should be greater than or equal to 1"),
+        ({"until": {"half_width": 0}}, "seeds: until.half_width: Input should be greater than 0"),
+        ({"until": {"half_width": 0.03, "metric": "tst_acc"}},
+         "seeds.until.metric: 'tst_acc' is not a column the report summarises; one of: test_acc, val_acc"),
+        ({"until": {"half_width": 0.03, "versus": "l2sp"}}, "seeds.until.versus: 'l2sp' is not one of methods"),
+        ({"until": {"half_width": 0.03, "margin": 0.1}}, "seeds: until.margin: Extra inputs are not permitted"),
+    ],
+)  # fmt: skip
+def test_a_seed_rule_is_checked_field_by_field(change, message):
+    from tests.conftest import tiny_raw
+
+    with pytest.raises(ConfigError) as err:
+        load_sweep(tiny_raw(seeds={**_RULE, **change}))
+    assert message in str(err.value)
+
+
+def test_a_seed_rule_runs_its_first_round_and_a_list_is_unchanged():
+    from tests.conftest import tiny_raw
+
+    ruled = load_sweep(tiny_raw(seeds=_RULE))
+    assert ruled.first_seeds == (0, 1, 2) and {s.seed for s in expand(ruled)} == {0, 1, 2}
+    assert "then 3 more per round (up to 20)" in str(ruled.seeds) and "+-0.03" in str(ruled.seeds)
+    listed = load_sweep(tiny_raw(seeds=[4, 2]))
+    assert listed.seeds == listed.first_seeds == (4, 2) and listed.canonical()["seeds"] == [4, 2]
