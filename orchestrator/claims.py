@@ -1,13 +1,13 @@
 """`instill check-claims`: every verdict written in the docs agrees with the finding it cites.
 
 A verdict is one of `statistics.VERDICTS` written in bold (`**better**`, `**undecided**`, ...). The
-sentence (or table row) that holds it cites the findings it rests on as links to the anchors of a
-committed report's `findings.md` (`[n = 99](compare/findings.md#mine-vs-theirs-n99)`),
-resolved relative to the document; the finding is read from the `findings.parquet` beside it. A
-claim fails when its sentence has a verdict and no citation, cites a finding that does not exist,
-or when its verdicts and its findings' verdicts differ (each bold verdict must be a cited finding's,
-and each cited finding's verdict must be written). Verdicts in plain words ("beats", "level") are
-not recognised: write them in the vocabulary, in bold, so that they can be checked.
+sentence (or table row, or list item) that holds it cites the findings it rests on as links to the
+anchors of a committed report's `findings.md`, resolved relative to the document; each finding is
+read from the `findings.parquet` beside it. A bold verdict governs the citations after it, up to the
+next verdict (citations before the first verdict belong to the first). A claim fails when a verdict
+governs no citation, a citation no verdict, a cited finding does not exist, or a cited finding's
+verdict is not the one that governs it. Inline code is not read. Verdicts in plain words ("beats",
+"level") are not recognised: write them in the vocabulary, in bold, so that they can be checked.
 """
 
 from __future__ import annotations
@@ -20,11 +20,14 @@ import pandas as pd
 from orchestrator.config import ConfigError
 from orchestrator.report.statistics import VERDICTS
 
-_BOLD = re.compile(r"\*\*(" + "|".join(VERDICTS) + r")\*\*", re.IGNORECASE)
-_CITE = re.compile(r"\]\(([^)#\s]*findings\.md)#([^)\s]+)\)")
+_TOKEN = re.compile(
+    r"\*\*(?P<verdict>" + "|".join(VERDICTS) + r")\*\*|\]\((?P<target>[^)#\s]*findings\.md)#(?P<anchor>[^)\s]+)\)",
+    re.IGNORECASE,
+)
+_CODE = re.compile(r"`[^`]*`")
 # A sentence ends at a full stop, question or exclamation mark followed by a space and a capital or a
 # markup character; a table row, list item or heading is a sentence of its own.
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z*`(\[])")
+_SENTENCE_END = re.compile(r"(?<!\be\.g\.)(?<!\bi\.e\.)(?<!\bcf\.)(?<!\bvs\.)(?<=[.!?])\s+(?=[A-Z*`(\[])")
 
 
 def sentences(markdown: str) -> list[tuple[int, str]]:
@@ -47,13 +50,13 @@ def sentences(markdown: str) -> list[tuple[int, str]]:
             continue
         if fenced:
             continue
-        if not stripped or stripped.startswith(("|", "#", "- ", "* ", "1. ")):
+        if not stripped or stripped.startswith(("|", "#")):  # a blank line ends a block; a row is one
             flush()
             if stripped:
-                block.append(stripped)
-                start = number
-                flush()
+                out.append((number, stripped))
             continue
+        if re.match(r"([-*]|\d+\.)\s", stripped):  # a list item starts a block, continued below
+            flush()
         if not block:
             start = number
         block.append(stripped)
@@ -66,24 +69,32 @@ def check(path: Path, cache: dict[Path, pd.DataFrame] | None = None) -> list[str
     cache = {} if cache is None else cache
     problems = []
     for line, sentence in sentences(path.read_text()):
-        written = {w.lower() for w in _BOLD.findall(sentence)}
-        cites = _CITE.findall(sentence)
-        if not written and not cites:
+        tokens = list(_TOKEN.finditer(_CODE.sub("", sentence)))
+        if not tokens:
             continue
         short = sentence if len(sentence) <= 160 else sentence[:157] + "..."
         where = f"{path}:{line}"
-        if not cites:
-            problems.append(f"{where}: verdict {sorted(written)} cites no finding: {short}")
+        verdicts = [t["verdict"].lower() for t in tokens if t["verdict"]]
+        if not verdicts:
+            problems.append(f"{where}: cites findings but states no verdict: {short}")
             continue
-        cited = set()
-        for target, anchor in cites:
+        governed, at = [0] * len(verdicts), -1
+        for token in tokens:
+            if token["verdict"]:
+                at += 1
+                continue
+            owner = max(at, 0)  # citations before the first verdict belong to it
+            governed[owner] += 1
             try:
-                cited.add(_verdict(path.parent / target, anchor, cache))
+                found = _verdict(path.parent / token["target"], token["anchor"], cache)
             except LookupError as missing:
                 problems.append(f"{where}: {missing}: {short}")
-        if cited and written != cited:
-            says = sorted(written) or "no verdict"
-            problems.append(f"{where}: the sentence says {says}, its findings say {sorted(cited)}: {short}")
+                continue
+            if found != verdicts[owner]:
+                says = verdicts[owner]
+                problems.append(f"{where}: **{says}** cites {token['anchor']}, whose verdict is {found}: {short}")
+        unbacked = [verdict for verdict, n in zip(verdicts, governed, strict=True) if not n]
+        problems += [f"{where}: **{verdict}** cites no finding: {short}" for verdict in unbacked]
     return problems
 
 

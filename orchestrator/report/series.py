@@ -209,9 +209,11 @@ def partner(series: str, info: pd.DataFrame, versus: str) -> str | None:
 
 
 def distance(info: pd.DataFrame, a: str, b: str) -> int:
-    """How many settings two series differ in: fields both configs have, and coordinates both have."""
+    """How many settings two series differ in: fields both configs have (a field set to None, as older
+    rows give a setting their method does not use, counts as absent), and coordinates both have."""
     fa, fb = info.loc[a, "flat"], info.loc[b, "flat"]
-    differ = sum(_exact(fa[p]) != _exact(fb[p]) for p in set(fa) & set(fb))
+    both = [p for p in set(fa) & set(fb) if fa[p] is not None and fb[p] is not None]
+    differ = sum(_exact(fa[p]) != _exact(fb[p]) for p in both)
     pairs = [(info.loc[a, c], info.loc[b, c]) for c in coordinates(info.columns)]
     return differ + sum(not pd.isna(x) and not pd.isna(y) and x != y for x, y in pairs)
 

@@ -48,10 +48,31 @@ def test_a_changed_verdict_a_missing_finding_or_no_citation_fail_naming_the_sent
     )
     problems = check_files([doc])
     assert len(problems) == 4, problems
-    assert "CLAIMS.md:1: the sentence says ['better'], its findings say ['undecided']" in problems[0]
-    assert "CLAIMS.md:3: verdict ['equivalent'] cites no finding" in problems[1]
+    assert f"CLAIMS.md:1: **better** cites {report[200]}, whose verdict is undecided" in problems[0]
+    assert "CLAIMS.md:3: **equivalent** cites no finding" in problems[1]
     assert "'method-vs-ref-n5', which" in problems[2]
-    assert "says no verdict, its findings say ['better']" in problems[3]
+    assert "cites findings but states no verdict" in problems[3]
+
+
+def test_each_verdict_governs_the_citations_after_it(tmp_path, report):
+    better, undecided = report[100], report[200]
+    ok = (
+        f"It is **better** at n = 100 ([f](cmp/findings.md#{better})) and **undecided** at 200 "
+        f"([f](cmp/findings.md#{undecided})).\n"
+    )
+    assert check_files([_doc(tmp_path, ok)]) == []
+    swapped = (
+        ok.replace(f"#{better})", "#TMP)").replace(f"#{undecided})", f"#{better})").replace("#TMP)", f"#{undecided})")
+    )
+    assert len(check_files([_doc(tmp_path, swapped)])) == 2  # the same set of verdicts, each citing the other's
+
+
+def test_list_items_continue_on_their_lines_and_inline_code_is_not_read(tmp_path, report):
+    text = (
+        f"- A list item whose verdict\n  comes later: **better** ([f](cmp/findings.md#{report[100]})).\n\n"
+        "Write `**worse**` in bold, e.g. [a link](x.md).\n"
+    )
+    assert check_files([_doc(tmp_path, text)]) == []
 
 
 def test_a_finding_changed_in_the_report_fails_the_document_that_cites_it(tmp_path, report):
@@ -70,8 +91,14 @@ def test_a_missing_file_is_bad_input(tmp_path):
 
 
 def test_sentences_join_lines_and_keep_table_rows_and_code_apart():
-    text = "One sentence\nacross lines. Another one.\n\n| a | b |\n```\n**better** in code\n```\n- item\n"
-    assert sentences(text) == [(1, "One sentence across lines."), (1, "Another one."), (4, "| a | b |"), (8, "- item")]
+    text = "One sentence\nacross lines. Another one, e.g. [this].\n\n| a | b |\n```\n**better**\n```\n- item\n  on\n"
+    expected = [
+        (1, "One sentence across lines."),
+        (1, "Another one, e.g. [this]."),
+        (4, "| a | b |"),
+        (8, "- item on"),
+    ]
+    assert sentences(text) == expected
 
 
 def test_the_command_exits_1_naming_each_failed_claim_0_when_all_agree_2_on_a_missing_file(tmp_path, report, capsys):
@@ -82,5 +109,5 @@ def test_the_command_exits_1_naming_each_failed_claim_0_when_all_agree_2_on_a_mi
     bad = tmp_path / "docs" / "BAD.md"
     bad.write_text(f"The method is **worse** at n = 100 ([f](cmp/findings.md#{report[100]})).\n")
     assert main(["check-claims", str(good), str(bad)]) == 1
-    assert "BAD.md:1: the sentence says ['worse'], its findings say ['better']" in capsys.readouterr().out
+    assert f"BAD.md:1: **worse** cites {report[100]}, whose verdict is better" in capsys.readouterr().out
     assert main(["check-claims", str(tmp_path / "missing.md")]) == 2
