@@ -240,7 +240,7 @@ class SweepConfig(Frozen):
     @classmethod
     def _seeds(cls, v: tuple[int, ...] | SeedRule) -> tuple[int, ...] | SeedRule:
         if isinstance(v, tuple) and not v:
-            raise ValueError(f"give at least one seed, or a rule such as {_RULE}")
+            raise ValueError(f"give at least 1 seed, or a rule such as {_RULE}")
         return _unique(v, "seeds") if isinstance(v, tuple) else v
 
     @property
