@@ -2,7 +2,7 @@
 
 `write_report([OUT, ...])` merges the results of output directories into `REPORT/` (default
 `OUT/report/`): `summary.parquet` (per series x budget and summarised column: seeds, mean, std, 95%
-Student t CI over seeds), `headline.parquet` (per series: budget to reach a target accuracy with a
+CI over seeds, `statistics.interval`), `headline.parquet` (per series: budget to reach a target accuracy with a
 95% CI, curve area, data saved against its no-transfer reference), both in `summary.md`; figures
 (`data_efficiency.png/.svg`, one per column an analysis plots); what the report extras
 (`methods.reports`) return; and `index.html`, all of it on one page that reads offline.

@@ -227,10 +227,10 @@ def write_report(
     figures: list[tuple[str, str]] = []  # (file, caption)
     if not summary.empty:
         plot_curves(summary, report_dir / "data_efficiency", ylabel="test accuracy")
-        figures.append(("data_efficiency.svg", "Data-efficiency curves (mean, 95% Student t CI over seeds)"))
+        figures.append(("data_efficiency.svg", "Data-efficiency curves (mean, 95% CI over seeds)"))
     for column in plotted:
         plot_curves(summary, report_dir / column, metric=column, ylabel=column.replace("_", " "))
-        figures.append((f"{column}.svg", f"{column} against budget (mean, 95% Student t CI over seeds)"))
+        figures.append((f"{column}.svg", f"{column} against budget (mean, 95% CI over seeds)"))
     for name, profile, long in profiles:
         plot_profiles(long, report_dir / f"{name}_profile", profile.xlabel, profile.ylabel)
         figures.append((f"{name}_profile.svg", f"{name} against depth at each series' largest budget (95% CI)"))
@@ -288,8 +288,8 @@ table.t td, table.t th {{ padding: 0.25em 0.7em; border-bottom: 1px solid #ddd; 
 </style></head>
 <body>
 <h1>Instill report</h1>
-<p>Results from {html.escape(sources)} ({n_rows} rows). Budgets on a log axis; bands are 95% Student t
-confidence intervals of the mean over seeds (none for a single seed). A series is one configuration;
+<p>Results from {html.escape(sources)} ({n_rows} rows). Budgets on a log axis; bands are 95% confidence
+intervals of the mean over seeds (Student t below 10 seeds; none for a single seed). A series is one configuration;
 different configurations are never averaged.</p>
 {lead}
 <h2>Figures</h2>
