@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _validate(args) -> int:
     from orchestrator.config import load_sweep_file
+    from orchestrator.config.schema import SeedRule
     from orchestrator.trial import expand, upstream_keys
 
     sweep = load_sweep_file(args.sweep, args.overrides)
@@ -181,7 +182,7 @@ def _validate(args) -> int:
         print(f"  with --set {' '.join(args.overrides)}")
     print(f"  task {sweep.task.name}, model {sweep.model.name}")
     print(f"  methods {', '.join(sweep.methods)}")
-    print(f"  seeds {list(sweep.seeds)}")
+    print(f"  seeds {sweep.seeds if isinstance(sweep.seeds, SeedRule) else list(sweep.seeds)}")
     print(f"  data fractions {list(sweep.data_fractions)}")
     for path, values in sweep.axes.items():
         print(f"  axis {path}: {list(values)}")

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from orchestrator import seeds
 from orchestrator.config import ConfigError, load_sweep
 from orchestrator.outdir import OutDir, as_outdir, is_running, read_sweep, row_name, store_for
 from orchestrator.results import analysis_errors_line
-from orchestrator.trial import expand, trial_hash, upstream_keys
+from orchestrator.trial import trial_hash, upstream_keys
 
 
 def sweep_status(out_dir: str | Path | OutDir) -> tuple[str, int]:
@@ -27,7 +28,7 @@ def sweep_status(out_dir: str | Path | OutDir) -> tuple[str, int]:
             sweep = load_sweep(record["config"], out.join("sweep.json"))
         except ConfigError as err:
             problems = [str(err)]
-    specs = expand(sweep) if sweep is not None else []
+    specs = seeds.plan(sweep, out).specs if sweep is not None else []  # every round planned so far
     trials = [(s.name, trial_hash(sweep, s)) for s in specs] if sweep is not None else _last_trials(out)
     counts = {"done": 0, "running": 0, "pending": 0, "failed": 0}
     failures, analysed = [], []

@@ -117,3 +117,12 @@ def test_instill_run_takes_noisy_cells_to_max_and_reuses_every_trial(tmp_path, c
     assert (table.loc[table["method"] == "always_right", "test_acc"] == 1.0).all()
     record = json.loads((out / "seeds.json").read_text())
     assert [c["seeds"] for c in record["cells"]] == [2, 2, 6, 6] and len(record["rounds"]) == 2
+
+
+def test_status_counts_the_trials_of_every_round_planned_so_far(tmp_path, capsys):
+    sweep, out = load_sweep(_raw()), OutDir(tmp_path)
+    prepare_out_dir(sweep, out)
+    _finish(sweep, out, plan(sweep, out).specs)  # round 1 done: the noisy cells want 2 more seeds each
+    assert main(["status", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "8 done" in text and "4 pending" in text, text
