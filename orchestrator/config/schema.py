@@ -105,7 +105,7 @@ class Tuning(Frozen):
 
     budget: int = Field(8, ge=1, description="Optuna trials per method: the same effort for every method")
     data_fractions: tuple[float, ...] = Field((0.1,), min_length=1)
-    seeds: tuple[int, ...] | SeedRule = Field((0,), description="a list, or a precision target (`SeedRule`)")
+    seeds: tuple[int, ...] = Field((0,), min_length=1)
     space: dict[str, tuple[float, float]] | None = None
 
     @field_validator("space")
