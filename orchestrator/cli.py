@@ -201,10 +201,10 @@ def _run(args) -> int:
     from orchestrator.sweep import run_sweep
 
     sweep = load_sweep_file(args.sweep, args.overrides)
-    if args.tuned:
+    if args.tuned or sweep.tuning.in_run:
         from orchestrator.tuning import apply_tuned
 
-        sweep = apply_tuned(sweep, args.tuned)
+        sweep = apply_tuned(sweep, args.tuned or _tune_first(sweep, args))
     outcome = run_sweep(
         sweep,
         args.out,
@@ -260,6 +260,22 @@ def stale_line(outcome) -> str:
         return f"{outcome.stale} finished trial(s) from other code versions than {here} run again"
     line = f"{outcome.stale} of {outcome.skipped} finished trial(s) came from other code versions than {here}"
     return line + ("; --rerun-stale reruns them" if outcome.stale else "")
+
+
+def _tune_first(sweep, args) -> Path:
+    """`tuning.in_run`: every method tuned on validation with the same budget, into
+    OUT/tuning/<config hash>/ (kept: a resumed or extended run with the same config reuses it)."""
+    from orchestrator.config import ConfigError
+    from orchestrator.tuning import tune_methods
+
+    if "://" in str(args.out):
+        raise ConfigError("tuning.in_run tunes into OUT/tuning/, which needs a local --out; run `instill tune` and "
+                          "pass its tuned.yaml with --tuned")  # fmt: skip
+    folder = Path(args.out) / "tuning" / sweep.config_hash
+    if (folder / "tuned.yaml").is_file():
+        print(f"tuned values: {folder / 'tuned.yaml'} (tuned before, for this config)")
+        return folder / "tuned.yaml"
+    return tune_methods(sweep, folder, address=args.address, num_cpus=args.num_cpus)
 
 
 def resume_command(args) -> str:

@@ -104,6 +104,9 @@ class Tuning(Frozen):
     """
 
     budget: int = Field(8, ge=1, description="Optuna trials per method: the same effort for every method")
+    in_run: bool = Field(
+        False, description="`instill run` first tunes every method (this budget each) on validation, then runs tuned"
+    )
     data_fractions: tuple[float, ...] = Field((0.1,), min_length=1)
     seeds: tuple[int, ...] = Field((0,), min_length=1)
     space: dict[str, tuple[float, float]] | None = None

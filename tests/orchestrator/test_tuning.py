@@ -201,3 +201,34 @@ def test_tuning_never_reads_test_data(tmp_path, ray_shutdown):
     tuned = yaml.safe_load(path.read_text())
     assert set(tuned["method_overrides"]) == set(raw["methods"])
     assert all(0.0 <= v <= 1.0 for v in tuned["best_val_acc"].values())
+
+
+def test_tuning_in_run_needs_a_local_out(tmp_path, capsys):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(tiny_raw(tuning={"in_run": True})))
+    assert main(["run", str(path), "--out", "s3://bucket/run"]) == 2
+    assert "tuning.in_run tunes into OUT/tuning/, which needs a local --out" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # Ray twice (the tuning stage, then the run), a minute or more on two cores
+def test_tuning_in_run_tunes_every_method_first_and_reuses_it(tmp_path, capsys, ray_shutdown):
+    import json
+
+    import pandas as pd
+
+    space = {"training.lr": [1e-4, 1e-2]}
+    raw = tiny_raw(methods=["subtask_induction", "scratch"],
+                   tuning={"in_run": True, "budget": 2, "data_fractions": [0.5], "space": space})  # fmt: skip
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    assert main(["run", str(path), "--out", str(out), "--no-report", "--num-cpus", "2"]) == 0
+    (tuned_file,) = (out / "tuning").glob("*/tuned.yaml")
+    tuned = yaml.safe_load(tuned_file.read_text())["method_overrides"]
+    rows = pd.read_parquet(out / "results.parquet")
+    for method, config in zip(rows["method"], rows["config_json"], strict=True):
+        assert json.loads(config)["training"]["lr"] == tuned[method]["training.lr"], "rows record the tuned values"
+    capsys.readouterr()
+    assert main(["run", str(path), "--out", str(out), "--no-report", "--num-cpus", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "tuned before, for this config" in text and "0 trials run" in text
