@@ -95,7 +95,7 @@ def _widths(table, rule: SeedRule) -> tuple[dict, dict, dict]:
     from orchestrator.report.series import partner, prepare
 
     metric, versus = rule.until.metric, rule.until.versus
-    summary = statistics.summarise(table)
+    summary = statistics.summarise(table, columns=[metric])  # only the judged metric: planning runs every round
     lo, hi = f"{metric}_ci_lo", f"{metric}_ci_hi"
     widths = {(r["series"], r["n_train"]): (r.get(hi, math.nan) - r.get(lo, math.nan)) / 2
               for r in summary.to_dict("records")}  # fmt: skip

@@ -139,11 +139,11 @@ def curve_area(n: np.ndarray, acc: np.ndarray) -> float:
     return float(np.trapezoid(acc, x) / (x[-1] - x[0]))
 
 
-def summarise(table: pd.DataFrame, level: float = LEVEL) -> pd.DataFrame:
+def summarise(table: pd.DataFrame, level: float = LEVEL, columns: list[str] | None = None) -> pd.DataFrame:
     """Per (series, n_train): seeds, `few_seeds` (fewer than `FEW_SEEDS`: the interval may undercover
-    bimodal outcomes), and mean/std/CI (`interval`, `level`) of every summarised column."""
+    bimodal outcomes), and mean/std/CI (`interval`, `level`) of every summarised column (or of `columns`)."""
     done, info = prepare(table)
-    metrics = [c for c in results.summarised_columns(done) if c in done.columns]
+    metrics = [c for c in (columns or results.summarised_columns(done)) if c in done.columns]
     out = []
     for (series, n_train), group in done.groupby(["series", "n_train"], sort=False):
         seeds = int(group["seed"].nunique())
