@@ -27,7 +27,7 @@ sparsification, and downstream methods with the default objective).
 from __future__ import annotations
 
 import functools
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -210,10 +210,14 @@ class ModularArithmetic:
             evals={"test": self._split(pairs["test"], rule, extra=True)},
         )
 
-    def probe_features(self, seed: int) -> tuple[Split, Split]:
+    PROBE_SETS: ClassVar[tuple[str, ...]] = ("in_distribution",)
+
+    def probe_features(self, seed: int, on: str = "in_distribution") -> tuple[Split, Split]:
         """(fit, eval) splits for representation analyses: the inputs of the downstream val and test
-        pairs, labelled with features (not targets): a, b, their residues mod p, ab mod p and the
-        base task's answer."""
+        pairs (the training distribution), labelled with features (not targets): a, b, their residues
+        mod p, ab mod p and the base task's answer."""
+        if on not in self.PROBE_SETS:
+            raise ValueError(f"modular_arithmetic: no probe set {on!r}; choose one of {list(self.PROBE_SETS)}")
         p = self.config.modulus
         product = expr.parse("ab")
 

@@ -16,7 +16,9 @@ Two variants (docs/VISION.md), both off by default and both absent from every ke
 
 - `cue: {kind: box, fraction, downstream_fraction}` (seed 003, CBFT): a small box whose position
   names the class, written after normalisation on a fraction of the source's images; adds the `cued`
-  training stream and the `cue`, `randomised_cue` and `randomised_image` evaluations downstream.
+  training stream downstream (the source's own training images, `fraction` of them boxed: the cue
+  model's training distribution, which CBFT's authors zip with the small clean set) and the `cue`,
+  `randomised_cue` and `randomised_image` evaluations.
 - `bias: {feature: colour | texture, p}` (seed 001, OccamNets): in the training distribution (base,
   base_val, pool, val) the feature takes the class's value with probability p; `test` is unbiased and
   `bias_aligned` shows the other side of the gap.
@@ -297,34 +299,50 @@ class Shapes:
         if c.bias is not None:
             evals["bias_aligned"] = self._split("bias_aligned", c.n_test, seed)
         if c.cue is not None:
-            streams["cued"] = self._cued(train, train.y.numpy())  # every image with its class's box
+            # CBFT's cued set: the cue model's own training images, boxed on `fraction` of them
+            streams["cued"] = self.base_data(seed).train
             train = self._cued_fraction(train, "pool", c.cue.downstream_fraction, seed)
             evals.update(self._cue_evals(test, seed))
         return StageData(train=train, val=self._split("val", c.n_val, seed), evals=evals, streams=streams)
 
-    def probe_features(self, seed: int) -> tuple[Split, Split]:
-        """(fit, eval) splits for representation analyses, labelled with features (not targets):
-        shape, texture and colour. They are the two halves of the `cue_conflict` test split (already
-        rendered for evaluation; nothing new is rendered): only there do shape and texture vary
-        apart (in the textured splits texture == shape, so their R² would be identical). Texture is
-        any class but the shape's, near-independent of it (a layer coding shape alone explains
-        about 1/(k-1)^2 of its variance by texture).
+    PROBE_SETS: ClassVar[tuple[str, ...]] = ("in_distribution", "cue_conflict")
 
-        Colour is not stored with the images: it is recovered by replaying the split's random stream
-        up to `render`'s first draw (`_render`'s class permutation and texture offsets, then the
-        colour index), and the replayed shapes and textures are checked against the stored ones.
-        Neither variant touches this split: no box, and its colour is uniform, as the bias's test is."""
+    def probe_features(self, seed: int, on: str = "in_distribution") -> tuple[Split, Split]:
+        """(fit, eval) splits for representation analyses, labelled with features (not targets).
+
+        `in_distribution` (the default): the two halves of the `test` split, images of the training
+        distribution, labelled with `shape` (the class: what every model here is trained to compute;
+        the texture there is the shape's, so it has no label of its own, except under a texture bias,
+        whose test split draws texture independently and labels it) and `colour` (drawn independently
+        of the class; under a colour bias the test split draws it uniformly). `cue_conflict`: the two halves of the
+        `cue_conflict` split, labelled `shape`, `texture` and `colour`: only there do shape and
+        texture vary apart, but the images are out of the training distribution (texture never equals
+        shape), so this set answers which cue a representation carries, not how it is organised on the
+        data it was trained on. Texture there is any class but the shape's, near-independent of it (a
+        layer coding shape alone explains about 1/(k-1)^2 of its variance by texture).
+
+        Colour is not stored with plain images: it is recovered by replaying the split's random stream
+        up to `render`'s first draw (`_render`'s class permutation, the texture offsets of the
+        cue-conflict split, then the colour index), and the replayed shapes and textures are checked
+        against the stored ones. Neither variant writes a box on these splits."""
         from tasks.shapes_render import COLOURS
 
+        if on not in self.PROBE_SETS:
+            raise ValueError(f"shapes: no probe set {on!r}; choose one of {list(self.PROBE_SETS)}")
+        split = "test" if on == "in_distribution" else "cue_conflict"
         k, n = self.config.n_classes, self.config.n_test
-        arrays = self.split_arrays("cue_conflict", n, seed)
-        rng = numpy_generator(seed, "shapes:cue_conflict")
+        arrays = self.split_arrays(split, n, seed)
+        rng = numpy_generator(seed, f"shapes:{split}")
         shape = rng.permutation(np.arange(n) % k)
-        texture = (shape + rng.integers(1, k, n)) % k
+        # a texture bias draws the test split's textures on their own stream: they are stored
+        texture = (shape + rng.integers(1, k, n)) % k if split == "cue_conflict" else arrays["texture"]
         colour = rng.integers(0, len(COLOURS), n)
         if not (np.array_equal(shape, arrays["shape"]) and np.array_equal(texture, arrays["texture"])):
-            raise RuntimeError("shapes: replaying the cue_conflict split gave other labels; the colour replay is stale")
-        features = {"shape": arrays["shape"], "texture": arrays["texture"], "colour": colour.astype(np.int64)}
+            raise RuntimeError(f"shapes: replaying the {split} split gave other labels; the colour replay is stale")
+        colour = arrays.get("colour", colour).astype(np.int64)  # a colour bias stores the colours it drew
+        features = {"shape": arrays["shape"], "texture": arrays["texture"], "colour": colour}
+        if np.array_equal(arrays["shape"], arrays["texture"]):
+            del features["texture"]  # the same labels: the same R², shown once, as shape
         whole = Split(_normalise(arrays["images"]), {name: torch.from_numpy(v) for name, v in features.items()})
         return whole.take(torch.arange(n // 2)), whole.take(torch.arange(n // 2, n))
 

@@ -3,8 +3,11 @@
 Lampinen, Chan & Hermann (TMLR 2024, "Learned feature representations are biased by complexity,
 learning order, position, and more", arXiv 2405.05847). For every probed layer φ (each named
 feature of `model(x, intermediates=True)`, flattened per example) and every categorical feature f
-of the input (the task's `probe_features(seed)`: shape, texture, colour for `shapes`; a, b, the
-residues and the base answer for arithmetic):
+of the input (the task's `probe_features(seed, on)`; `on` names a probe set of the task's
+`PROBE_SETS`, by default `in_distribution`: images or inputs of the training distribution, labelled
+with the features the models are trained to compute and others that vary there -- shape and colour
+for `shapes`, whose `cue_conflict` set also separates texture from shape on out-of-distribution
+images; a, b, the residues and the base answer for arithmetic):
 
 - centre φ with its mean on the *fit* split;
 - fit a linear map W from one-hot f to centred φ by least squares on the fit split;
@@ -33,12 +36,18 @@ from torch import nn
 
 from common.config import Frozen
 from methods.analysis import Column, Profile, register_analysis
+from methods.reports import Figure, ReportContext, Table, pyplot, register_report
 from tasks.base import Split
 
 
 class R2Config(Frozen):
     n: int = Field(1000, ge=20, description="examples per split (fit and eval), at most the task's split sizes")
     layers: tuple[str, ...] = Field((), description="features of the model to probe; empty = every one it returns")
+    on: str = Field(
+        "in_distribution",
+        description="the task's probe set (its PROBE_SETS): in_distribution, the training distribution's "
+        "inputs; shapes also has cue_conflict (shape and texture apart, out of distribution)",
+    )
 
 
 def _layer_and_feature(column: str) -> tuple[str, str]:
@@ -79,7 +88,7 @@ def representation_r2(ctx, model: nn.Module, config: R2Config | None) -> dict[st
         raise ValueError(
             f"representation_r2 needs a task with probe_features(seed); {type(ctx.task).__name__} has none"
         )
-    fit, held = probe(ctx.seed)  # the trial's seed: probe data of the same split as the trial's
+    fit, held = probe(ctx.seed, config.on)  # the trial's seed: probe data of the same split as the trial's
     fit, held = _head(fit, config.n), _head(held, config.n)
     phi_fit = activations(model, fit.x, ctx.device, ctx.eval_batch_size)
     phi_eval = activations(model, held.x, ctx.device, ctx.eval_batch_size)
@@ -142,3 +151,81 @@ def _label(layer: str) -> str:
 
 def _head(split: Split, n: int) -> Split:
     return split.take(torch.arange(min(n, len(split))))
+
+
+# --- the report extra: variance explained beside accuracy ---------------------------------------
+
+ACCURACY = "test_acc"  # the trial's accuracy column (the report's metric)
+
+
+def beside_accuracy(summary, table):
+    """Per series, budget and feature: test accuracy and held-out R² at the series' last probed layer
+    (mean [95% CI] over seeds, from `summary`), and the other series of the same task and budget whose
+    accuracy interval overlaps this one's: R² differences between series are read only among those
+    (accuracy-matched), since a representation follows from how well a model learnt its task."""
+    import pandas as pd
+
+    if f"{NAME}_layers" not in table or ACCURACY + "_mean" not in summary:
+        return pd.DataFrame()
+    layers = table.dropna(subset=[f"{NAME}_layers"]).groupby("series")[f"{NAME}_layers"].first()
+    rows = []
+    for _, at in summary.groupby(["task", "n_train"], sort=True):
+        at = at.dropna(subset=[f"{ACCURACY}_mean"])
+        for _, r in at.iterrows():
+            if r["series"] not in layers:
+                continue
+            last = layers[r["series"]].split(",")[-1]
+            lo, hi = r[f"{ACCURACY}_ci_lo"], r[f"{ACCURACY}_ci_hi"]
+            if pd.isna(lo):  # one seed: its mean is its interval
+                lo = hi = r[f"{ACCURACY}_mean"]
+            others = at[at["series"] != r["series"]]
+            o_lo = others[f"{ACCURACY}_ci_lo"].fillna(others[f"{ACCURACY}_mean"])
+            o_hi = others[f"{ACCURACY}_ci_hi"].fillna(others[f"{ACCURACY}_mean"])
+            matched = sorted(others.loc[(o_lo <= hi) & (o_hi >= lo), "label"].astype(str))
+            prefix = f"{NAME}_{last}_"
+            for column in (c for c in summary.columns if c.startswith(prefix) and c.endswith("_mean")):
+                feature = column.removeprefix(prefix).removesuffix("_mean")
+                if pd.isna(r[column]):
+                    continue
+                rows.append({"series": r["label"], "n": int(r["n_train"]), "accuracy": _cell(r, ACCURACY),
+                             "layer": last, "feature": feature, "R²": _cell(r, column.removesuffix("_mean")),
+                             "accuracy-matched with": ", ".join(matched) or "none",
+                             "r2_mean": r[column], "accuracy_mean": r[f"{ACCURACY}_mean"]})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _cell(row, column: str) -> str:
+    mean, lo, hi = row[f"{column}_mean"], row.get(f"{column}_ci_lo"), row.get(f"{column}_ci_hi")
+    return f"{mean:.3f}" if lo is None or lo != lo else f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+@register_report(f"{NAME}_vs_accuracy")
+def _beside_accuracy_extra(ctx: ReportContext) -> list:
+    frame = beside_accuracy(ctx.summary, ctx.table)
+    if frame.empty:
+        return []
+    shown = frame.drop(columns=["r2_mean", "accuracy_mean"])
+    note = (
+        "Held-out R² (variance of the last probed layer explained by each feature) beside test accuracy, mean "
+        "[95% CI] over seeds. Compare R² between series only among those accuracy-matched (accuracy intervals "
+        "overlapping at the same budget): a model that learnt its task better represents its features differently."
+    )
+    figures = [Table(f"{NAME}_vs_accuracy", "Representation R² beside accuracy", frame, shown, note)]
+    plt = pyplot()
+    features = list(dict.fromkeys(frame["feature"]))
+    fig, axes = plt.subplots(1, len(features), figsize=(4.2 * len(features), 3.6), squeeze=False, sharey=True)
+    for ax, feature in zip(axes[0], features, strict=True):
+        part = frame[frame["feature"] == feature]
+        for series, group in part.groupby("series", sort=True):
+            ax.plot(group["accuracy_mean"], group["r2_mean"], marker="o", ms=3, lw=1, label=series)
+        ax.set_title(feature)
+        ax.set_xlabel("test accuracy (mean over seeds)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out R², last probed layer")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=min(3, len(labels)), frameon=False,
+               bbox_to_anchor=(0.5, -0.05 - 0.04 * (len(labels) // 3)))  # fmt: skip
+    fig.tight_layout()
+    caption = "Held-out R² at the last probed layer against test accuracy, one point per series and budget"
+    figures.append(Figure(f"{NAME}_vs_accuracy", caption, fig))
+    return figures

@@ -215,7 +215,7 @@ def test_plain_task_keys_and_labels_are_as_before(tmp_path):
         assert set(arrays) == {"images", "shape", "texture"}
         assert _h(np.stack([arrays["shape"], arrays["texture"]])) == before[16:], split
     assert sorted(os.listdir(tmp_path)) == FILES_BEFORE, "every split keeps its cache file"
-    fit, ev = task.probe_features(3)
+    fit, ev = task.probe_features(3, "cue_conflict")
     assert _h(torch.cat([fit.labels["colour"], ev.labels["colour"]]).numpy()) == "1546af9ebda0cdef"
 
 
@@ -310,7 +310,7 @@ def test_biased_splits_get_their_own_cache_files_and_unbiased_ones_keep_theirs(t
 @pytest.mark.parametrize("bias", [None, {"feature": "colour", "p": 0.95}, {"feature": "texture", "p": 0.95}])
 def test_probe_colours_match_the_images(tmp_path, bias):
     task = make(tmp_path, bias=bias, n_test=60)
-    fit, ev = task.probe_features(0)
+    fit, ev = task.probe_features(0, "cue_conflict")
     colour = decoded_colours(task.split_arrays("cue_conflict", 60, 0)["images"])
     labels = torch.cat([fit.labels["colour"], ev.labels["colour"]]).numpy()
     assert (colour >= 0).mean() > 0.9 and np.array_equal(colour[colour >= 0], labels[colour >= 0])

@@ -11,7 +11,7 @@ from common.seeding import numpy_generator, seeded_init
 from methods.analyses.representation_r2 import R2Config, r2
 from methods.analysis import ANALYSES, parse_analysis
 from orchestrator.config import load_sweep
-from tasks.shapes import Shapes, ShapesConfig
+from tasks.shapes import Shapes, ShapesConfig, _normalise
 from tasks.shapes_render import COLOURS, GREY
 from tests.conftest import tiny_raw
 
@@ -137,7 +137,7 @@ def test_shapes_probe_features_recover_colour(shapes):
     """Fit and eval are the two halves of the cue-conflict split (shape != texture), and the
     replayed colour index is the colour actually painted: the foreground pixels (those off the grey
     background) of each image are nearest to COLOURS[colour]."""
-    fit, held = shapes.probe_features(3)
+    fit, held = shapes.probe_features(3, "cue_conflict")
     assert set(fit.labels) == {"shape", "texture", "colour"} and len(fit) == 200 and len(held) == 200
     arrays = shapes.split_arrays("cue_conflict", 400, 3)
     assert torch.equal(torch.cat([fit.labels["shape"], held.labels["shape"]]), torch.from_numpy(arrays["shape"]))
@@ -164,7 +164,7 @@ def test_shapes_end_to_end_on_resnet(shapes):
 
     with seeded_init(0, "model"):
         model = shapes.build_model(ResNet18Config())
-    out = _run(_ctx(shapes), model, R2Config(n=200, layers=("stem", "pool")))
+    out = _run(_ctx(shapes), model, R2Config(n=200, layers=("stem", "pool"), on="cue_conflict"))
     assert out.pop("representation_r2_layers") == "stem,pool"
     assert set(out) == {f"representation_r2_{layer}_{f}" for layer in ("stem", "pool")
                         for f in ("shape", "texture", "colour")}  # fmt: skip
@@ -193,8 +193,59 @@ def test_a_silhouette_trained_model_represents_shape_more_than_texture(tmp_path)
             model = task.build_model(PlainCNNConfig())
         result = train(model, data, TrainConfig(epochs=12, lr=2e-3, batch_size=64), torch.Generator().manual_seed(0))
         assert result.best_val_acc > 0.7, (name, result.best_val_acc)  # it learnt its training task
-        out = spec.run(ctx, model, R2Config(n=200, layers=(model.feature_names()[-1],)))
+        out = spec.run(ctx, model, R2Config(n=200, layers=(model.feature_names()[-1],), on="cue_conflict"))
         layer = model.feature_names()[-1].replace("_", "-").replace(".", "-")
         r2s[name] = (out[f"representation_r2_{layer}_shape"], out[f"representation_r2_{layer}_texture"])
     assert r2s["silhouette"][0] > r2s["silhouette"][1], r2s
     assert r2s["textured"][1] > r2s["textured"][0], r2s
+
+
+def test_shapes_in_distribution_probes_are_the_test_split(shapes):
+    """The default probe set: the textured test split's two halves, labelled with the class (shape; the
+    texture there is the shape's, so it gets no column of its own) and the colour actually painted."""
+    fit, held = shapes.probe_features(3)
+    assert set(fit.labels) == {"shape", "colour"} and len(fit) == 200 and len(held) == 200
+    arrays = shapes.split_arrays("test", 400, 3)
+    assert torch.equal(torch.cat([fit.x, held.x]), _normalise(arrays["images"]))
+    assert torch.equal(torch.cat([fit.labels["shape"], held.labels["shape"]]), torch.from_numpy(arrays["shape"]))
+    images = torch.from_numpy(arrays["images"]).float() / 255
+    colours = torch.cat([fit.labels["colour"], held.labels["colour"]])
+    checked = 0
+    for image, colour in zip(images, colours, strict=True):
+        pixels = image.reshape(3, -1).T
+        fg = pixels[(pixels - GREY).abs().max(1).values > 0.02]
+        if len(fg) == 0:
+            continue
+        # textured foregrounds mix the colour with the texture's pattern; the mean stays nearest it
+        checked += int(torch.cdist(fg.mean(0, keepdim=True), COLOURS).argmin()) == int(colour)
+    assert checked > 0.9 * len(images)
+    with pytest.raises(ValueError, match="no probe set 'nope'.*in_distribution"):
+        shapes.probe_features(3, "nope")
+
+
+def test_unknown_probe_set_is_recorded_as_a_clear_error():
+    task = load_sweep(tiny_raw()).build_task()
+    with pytest.raises(ValueError, match="no probe set 'cue_conflict'"):
+        _run(_ctx(task), torch.nn.Linear(1, 1), R2Config(on="cue_conflict"))
+
+
+def test_r2_beside_accuracy_pairs_only_accuracy_matched_series():
+    import pandas as pd
+
+    from methods.analyses.representation_r2 import beside_accuracy
+
+    def row(series, acc, lo, hi, r2):
+        spread = (("mean", 0), ("ci_lo", -0.1), ("ci_hi", 0.1))
+        r2_cells = {f"representation_r2_pool_shape_{s}": r2 + d for s, d in spread}
+        return {"series": series, "label": series, "task": "t", "n_train": 100, "test_acc_mean": acc,
+                "test_acc_ci_lo": lo, "test_acc_ci_hi": hi, **r2_cells}  # fmt: skip
+
+    summary = pd.DataFrame([row("a", 0.80, 0.75, 0.85, 0.5), row("b", 0.83, 0.78, 0.88, 0.2),
+                            row("c", 0.95, 0.93, 0.97, 0.4)])  # fmt: skip
+    table = pd.DataFrame({"series": ["a", "b", "c"], "representation_r2_layers": ["stem,pool"] * 3})
+    out = beside_accuracy(summary, table).set_index("series")
+    assert out.loc["a", "accuracy-matched with"] == "b" and out.loc["b", "accuracy-matched with"] == "a"
+    assert out.loc["c", "accuracy-matched with"] == "none"
+    assert set(out["layer"]) == {"pool"} and set(out["feature"]) == {"shape"}
+    assert out.loc["a", "R²"] == "0.500 [0.400, 0.600]"
+    assert beside_accuracy(summary, table.drop(columns="representation_r2_layers")).empty
