@@ -8,13 +8,21 @@ target model trained on cross-entropy plus an alignment of its layers to a froze
   model, the guide *is* the source model: same key, same weights); `trained: false` is a fresh init
   seeded by (seed, "guide_init"), unlike the target's. `model` may name another architecture (e.g.
   `{name: mlp, n_layers: 2, width: 16}`) that fits the task. The guide is frozen: eval mode, no gradient.
-- Layers: every name of each model's `feature_names()`, in order (input embedding / stem and the
-  penultimate `final` / `pool` included; logits never). Guide layer g goes to target layer
+- Layers: the paper aligns every layer's output before its nonlinearity. Here the aligned
+  activations are the *pre-activations*: the input of every call of an activation module (ReLU,
+  GELU, Tanh, SiLU, ...) in the order of the forward pass, recorded by forward pre-hooks
+  (`preactivations`). A plain CNN gives one per block (its conv or batch-norm output), an MLP one
+  per hidden layer, a torchvision ResNet-18 17 (the stem, then each BasicBlock's two: after `bn1`,
+  and the residual sum before the block's last ReLU), a GPT one per block (its MLP's hidden layer).
+  The logits are never aligned (no activation follows them). Guide layer g goes to target layer
   round(g (n_t - 1) / (n_g - 1)) (`methods.cka.layer_map`); when several guide layers map to one
-  target layer every pair is kept, so the sum has one term per guide layer.
-- Activations are flattened per example; linear CKA on the minibatch in fp32 (`methods.cka`).
-- One forward pass of the target per step (`model(x, intermediates=True)`) gives the logits and the
-  features; the guide runs under `torch.no_grad` on the same batch.
+  target layer every pair is kept, so the sum has one term per guide pre-activation.
+- Activations are flattened per example; linear CKA on the minibatch in fp32 (`methods.cka`), by
+  default with the unbiased HSIC estimator (`guidance.estimator`), whose estimate does not depend
+  on the batch size and does not inflate when features outnumber examples; each layer's Gram
+  matrix is computed once however many pairs use it.
+- One forward pass of the target per step gives the logits and, through the hooks, the
+  pre-activations; the guide runs under `torch.no_grad` on the same batch.
 - `guidance.guidance_steps = N`: the alignment term only for the first N optimisation steps, then
   cross-entropy only, without running the guide at all. With `alpha = 0` (or N = 0) the guide is
   never run and the method is `scratch` bit for bit.
@@ -27,19 +35,22 @@ Departures from the paper (and its code):
   dropout masks and a double batch-norm update. Here one forward.
 - Their layer map overwrites when several guide layers map to one target layer (only the last counts);
   here every pair is kept.
-- The paper aligns the outputs of conv / linear / attention / norm layers before the nonlinearity.
-  Here the aligned activations are the models' named features (`feature_names()`): block / layer
-  outputs (after the activation for the MLP), the input embedding and the penultimate features, so
-  there are far fewer pairs (a handful, not ~20) and the same alpha weighs the alignment less.
-- The paper fixes the batch at 256; here the downstream block's `batch_size` (biased HSIC depends on
-  it, so CKA values compare only at one batch size).
+- The paper aligns the outputs of conv / linear / attention / norm layers (before the nonlinearity);
+  here only the inputs of the nonlinearities, so a conv followed by batch norm counts once (its
+  normalised output), and attention / projection outputs not followed by a nonlinearity (in a
+  transformer) are not aligned.
+- The paper estimates CKA with the biased HSIC on batches of 256; here on the downstream block's
+  `batch_size` with the unbiased HSIC (`estimator: biased` gives the paper's estimator, which on a
+  batch of 64 with thousands of features scores even independent representations near 1).
 - The optimiser is the shared loop's AdamW with the downstream settings, not the paper's per-target
   optimiser schedules.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -51,7 +62,7 @@ import tasks
 from common.config import Frozen
 from common.seeding import seeded_init, torch_generator
 from methods.artifacts import ArtifactKind, learnt, register_artifact
-from methods.cka import layer_map, linear_cka
+from methods.cka import Estimator, cka_of_grams, gram, layer_map
 from methods.registry import Method, MethodContext, register_method
 from methods.training import Objective, cross_entropy, train
 from tasks.base import parse_block
@@ -142,6 +153,7 @@ class GuidanceConfig(Frozen):
     guidance_steps: int | None = Field(
         None, ge=0, description="align only for the first N optimisation steps, then CE only (null: always)"
     )
+    estimator: Estimator = Field("unbiased", description="the HSIC estimator of CKA: unbiased or biased (the paper's)")
 
 
 @register_method(
@@ -158,9 +170,9 @@ class Guidance(Method):
         base = cross_entropy(model, ctx.data, ctx.training.eval_batch_size)  # for its score and params
         if not isinstance(ctx.config, GuidanceConfig):
             raise TypeError(f"guidance needs its GuidanceConfig block in ctx.config, got {type(ctx.config).__name__}")
-        alpha, limit = ctx.config.alpha, ctx.config.guidance_steps
+        alpha, limit, estimator = ctx.config.alpha, ctx.config.guidance_steps, ctx.config.estimator
         guide = ctx.artifact("guide")
-        pairs = guidance_pairs(model, guide)
+        pairs: list[tuple[int, int]] = []  # (target, guide) pre-activation indices, set at the first guided step
 
         def loss(batch, step):
             x, y = batch["train"].x, batch["train"].y
@@ -170,26 +182,65 @@ class Guidance(Method):
                     zero = torch.zeros((), device=ce.device)
                     return ce, {"ce": ce, "cka_loss": zero, "guided": zero}
                 return ce, {"ce": ce}
-            logits, feats = model(x, intermediates=True)
+            with preactivations(model) as feats:
+                logits = model(x)
             guide.eval()
-            with torch.no_grad():
-                _, guide_feats = guide(x, intermediates=True)
+            with torch.no_grad(), preactivations(guide) as guide_feats:
+                guide(x)
+            if not pairs:
+                pairs.extend(layer_map(len(feats), len(guide_feats)))
             ce = F.cross_entropy(logits.float(), y)
-            cka_loss = alignment_loss(feats, guide_feats, pairs)
+            cka_loss = alignment_loss(feats, guide_feats, pairs, estimator)
             one = torch.ones((), device=ce.device)
             return ce + alpha * cka_loss, {"ce": ce, "cka_loss": cka_loss.detach(), "guided": one}
 
         return dataclasses.replace(base, loss=loss)
 
 
-def guidance_pairs(target: nn.Module, guide: nn.Module) -> list[tuple[str, str]]:
-    """(target feature, guide feature) names, every guide layer mapped by `layer_map`."""
-    t_names, g_names = list(target.feature_names()), list(guide.feature_names())
-    return [(t_names[t], g_names[g]) for t, g in layer_map(len(t_names), len(g_names))]
+ACTIVATIONS = (nn.ReLU, nn.GELU, nn.Tanh, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Sigmoid, nn.Hardtanh, nn.Mish)
+
+
+@contextlib.contextmanager
+def preactivations(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Within the block, every forward of `model` appends to the yielded list the input of each call
+    of an activation module (`ACTIVATIONS`), in call order: the model's pre-activations. The inputs
+    are cloned, so an in-place activation (torchvision's ReLU) does not overwrite them; gradients
+    flow through the clones. Raises if the model has no activation module (nothing to align)."""
+    recorded: list[torch.Tensor] = []
+    modules = [m for m in model.modules() if isinstance(m, ACTIVATIONS)]
+    if not modules:
+        raise ValueError(
+            f"guidance aligns pre-activations, the inputs of activation modules, and "
+            f"{type(model).__name__} has none (nn.ReLU, nn.GELU, ...): build its nonlinearities as modules"
+        )
+    handles = [m.register_forward_pre_hook(lambda _m, args: recorded.append(args[0].clone())) for m in modules]
+    try:
+        yield recorded
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def preactivation_count(model: nn.Module, x: torch.Tensor) -> int:
+    """How many pre-activations one forward of `model` on `x` records (eval mode, no gradient; the
+    model's mode is restored)."""
+    was_training = model.training
+    try:
+        with torch.no_grad(), preactivations(model.eval()) as feats:
+            model(x)
+    finally:
+        model.train(was_training)
+    return len(feats)
 
 
 def alignment_loss(
-    target_feats: dict[str, torch.Tensor], guide_feats: dict[str, torch.Tensor], pairs: list[tuple[str, str]]
+    target_feats: list[torch.Tensor],
+    guide_feats: list[torch.Tensor],
+    pairs: list[tuple[int, int]],
+    estimator: Estimator = "unbiased",
 ) -> torch.Tensor:
-    """sum over pairs of 1 - linear CKA (activations flattened per example), fp32."""
-    return torch.stack([1 - linear_cka(target_feats[t], guide_feats[g]) for t, g in pairs]).sum()
+    """sum over pairs (t, g) of 1 - linear CKA(target_feats[t], guide_feats[g]) (flattened per
+    example, fp32), each layer's Gram matrix computed once."""
+    t_gram = {t: gram(target_feats[t], estimator) for t in {t for t, _ in pairs}}
+    g_gram = {g: gram(guide_feats[g], estimator) for g in {g for _, g in pairs}}
+    return torch.stack([1 - cka_of_grams(t_gram[t], g_gram[g], estimator) for t, g in pairs]).sum()

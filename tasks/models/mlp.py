@@ -9,6 +9,8 @@ for token tasks and image tasks alike.
 - Images (B, C, H, W): flattened to `C * image_size**2` values (C = the task's channels, 3 by default).
 
 Then `n_layers` hidden layers `Linear -> activation -> dropout` of `width` units and a linear head.
+Deep and wide on images (e.g. 8 layers of 1024), it is the paper's untrainable fully connected
+target: it fits the training images and generalises poorly.
 
 `model(x, intermediates=True)` returns `(logits, features)`: `embed` is the flattened input of the
 first layer (B, in_dim); `layer{i}` is hidden layer i after its activation (B, width); `final` is
@@ -28,7 +30,7 @@ from torch.nn import functional as F
 from common.config import Frozen
 from tasks.base import register_model
 
-_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
 
 class MLPConfig(Frozen):
@@ -69,7 +71,9 @@ class MLP(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True))
         self.drop = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(cfg.width, n_classes)
-        self._act = _ACTIVATIONS[cfg.activation]
+        # A module (no parameters), called once per hidden layer: its input is that layer's
+        # pre-activation (what representational guidance aligns).
+        self.act = _ACTIVATIONS[cfg.activation]()
 
     def feature_names(self) -> tuple[str, ...]:
         """Names of the features `forward(..., intermediates=True)` returns, in order."""
@@ -91,7 +95,7 @@ class MLP(nn.Module):
         h = self._flat_input(x)
         features["embed"] = h
         for i, layer in enumerate(self.layers):
-            a = self._act(layer(h))
+            a = self.act(layer(h))
             features[f"layer{i}"] = a
             h = self.drop(a)  # a fresh tensor, so the recorded activation is left as it was
         features["final"] = h

@@ -1,10 +1,12 @@
 """A plain CNN without skip connections (a target of representational guidance, seed 004), for
 image tasks.
 
-`n_blocks` blocks of `Conv3x3(width) -> BatchNorm -> ReLU`, every block after the first followed by
-a 2x2 max-pool while the map is still larger than 4 px; then global average pooling and a linear
-head `fc`. The width stays the same in every block (a small net for CPU runs; the paper's deep plain
-CNN is far larger).
+`n_blocks` blocks of `Conv3x3(width) -> BatchNorm -> ReLU` (`norm: none`: `Conv3x3(width, bias)
+-> ReLU`), every block after the first followed by a 2x2 max-pool while the map is still larger than
+4 px; then global average pooling and a linear head `fc`. The width stays the same in every block
+(a small net for CPU runs; the paper's deep plain CNN is far larger). Deep and without
+normalisation it is the paper's untrainable plain CNN: without skips or normalisation the signal
+and the gradients of a deep ReLU stack degrade and it underfits.
 
 `model(x, intermediates=True)` returns `(logits, features)`: `block{i}` is block i's output map
 (B, width, H_i, W_i); `pool` is the pooled vector the head reads (B, width).
@@ -28,6 +30,7 @@ class PlainCNNConfig(Frozen):
     name: Literal["plain_cnn"] = "plain_cnn"
     n_blocks: int = Field(4, ge=1)
     width: int = Field(32, ge=1, description="channels of every block")
+    norm: Literal["batch", "none"] = Field("batch", description="batch norm after every conv, or none")
 
 
 class PlainCNN(nn.Module):
@@ -41,11 +44,14 @@ class PlainCNN(nn.Module):
         self.cfg = cfg
         blocks, size, channels = [], image_size, in_channels
         for i in range(cfg.n_blocks):
-            layers: list[nn.Module] = [
-                nn.Conv2d(channels, cfg.width, kernel_size=3, padding=1, bias=False),  # BN has the bias
-                nn.BatchNorm2d(cfg.width),
-                nn.ReLU(),
-            ]
+            if cfg.norm == "batch":  # BN has the bias
+                layers: list[nn.Module] = [
+                    nn.Conv2d(channels, cfg.width, kernel_size=3, padding=1, bias=False),
+                    nn.BatchNorm2d(cfg.width),
+                ]
+            else:
+                layers = [nn.Conv2d(channels, cfg.width, kernel_size=3, padding=1)]
+            layers.append(nn.ReLU())
             if i > 0 and size > MIN_POOLED_SIZE:
                 layers.append(nn.MaxPool2d(2))
                 size //= 2
@@ -57,6 +63,8 @@ class PlainCNN(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def feature_names(self) -> tuple[str, ...]:
         """Names of the features `forward(..., intermediates=True)` returns, in order."""

@@ -85,3 +85,67 @@ def test_layer_map_follows_the_formula(n_t, n_g):
 def test_layer_map_refuses_empty_models():
     with pytest.raises(ValueError):
         layer_map(0, 3)
+
+
+def _hsic_u_reference(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Song et al. (2012)'s unbiased HSIC written out as the U-statistic over ordered index tuples
+    of distinct examples (O(n^4): small n only), from its definition rather than the closed form:
+    HSIC_1 = mean over distinct (i, j) of k_ij l_ij + mean over distinct (i, j, q, r) of k_ij l_qr
+    - 2 mean over distinct (i, j, q) of k_ij l_iq."""
+    import itertools
+
+    x, y = x.reshape(x.shape[0], -1).double(), y.reshape(y.shape[0], -1).double()
+    k, m = (x @ x.T).tolist(), (y @ y.T).tolist()
+    n = x.shape[0]
+    t2 = [k[i][j] * m[i][j] for i, j in itertools.permutations(range(n), 2)]
+    t3 = [k[i][j] * m[i][q] for i, j, q in itertools.permutations(range(n), 3)]
+    t4 = [k[i][j] * m[q][r] for i, j, q, r in itertools.permutations(range(n), 4)]
+    return sum(t2) / len(t2) + sum(t4) / len(t4) - 2 * sum(t3) / len(t3)
+
+
+def test_unbiased_cka_is_the_u_statistic_ratio():
+    x = _randn(7, 5, seed=11)
+    y = _randn(7, 3, seed=12) + 0.5 * x[:, :3]
+    ref = _hsic_u_reference(x, y) / math.sqrt(_hsic_u_reference(x, x) * _hsic_u_reference(y, y))
+    assert linear_cka(x, y, "unbiased").item() == pytest.approx(ref, rel=1e-4)
+    assert linear_cka(x, x, "unbiased").item() == pytest.approx(1.0, abs=1e-5)
+    # Exactly invariant to shifting every example by one vector (so centring first is harmless).
+    assert linear_cka(x + 3.0, y - 2.0, "unbiased").item() == pytest.approx(ref, rel=1e-4)
+
+
+def test_biased_cka_inflates_with_more_features_than_examples_and_unbiased_does_not():
+    """Two independent random representations share nothing (population CKA 0). With p >> n the
+    biased estimate on a batch of 64 is near 1; the unbiased one stays near 0."""
+    x, y = _randn(64, 4096, seed=20).float(), _randn(64, 4096, seed=21).float()
+    assert linear_cka(x, y).item() > 0.9
+    assert abs(linear_cka(x, y, "unbiased").item()) < 0.1
+
+
+def test_unbiased_cka_on_small_batches_estimates_what_biased_cka_reaches_on_many_examples():
+    """The paper's biased CKA at 256 examples is the target of the estimate; on batches of 32 the
+    biased estimator overshoots the many-example value while the unbiased one's mean is near it."""
+    x = _randn(8192, 8, seed=30).float()
+    y = x[:, :4] @ _randn(4, 8, seed=31).float() + 2 * _randn(8192, 8, seed=32).float()
+    many = linear_cka(x, y).item()
+    parts = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 8192, 32)]
+    biased = sum(linear_cka(a, b).item() for a, b in parts) / len(parts)
+    unbiased = sum(linear_cka(a, b, "unbiased").item() for a, b in parts) / len(parts)
+    assert biased - many > 0.05
+    assert abs(unbiased - many) < 0.02
+
+
+def test_gram_matrices_reused_across_pairs_give_the_same_cka():
+    from methods.cka import cka_of_grams, gram
+
+    x, y = _randn(16, 3, 4, 4, seed=40).float(), _randn(16, 20, seed=41).float()
+    for est in ("biased", "unbiased"):
+        assert cka_of_grams(gram(x, est), gram(y, est), est).item() == pytest.approx(
+            linear_cka(x, y, est).item(), rel=1e-5
+        )
+
+
+def test_unbiased_cka_refuses_too_few_examples_and_unknown_estimators():
+    with pytest.raises(ValueError, match="at least 4"):
+        linear_cka(torch.randn(3, 5), torch.randn(3, 5), "unbiased")
+    with pytest.raises(ValueError, match="estimator"):
+        linear_cka(torch.randn(8, 5), torch.randn(8, 5), "debiased")

@@ -8,7 +8,8 @@ import yaml
 
 from common.seeding import seeded_init, torch_generator
 from methods import guidance as _guidance  # noqa: F401  (registers the guide kind and the method)
-from methods.guidance import GuidanceConfig, GuideConfig, alignment_loss, guidance_pairs
+from methods.cka import layer_map
+from methods.guidance import GuidanceConfig, GuideConfig, alignment_loss, preactivation_count, preactivations
 from methods.registry import MethodContext, get_method
 from methods.training import fit
 from tests.conftest import tiny_raw
@@ -74,12 +75,11 @@ def test_strong_alignment_lowers_the_cka_loss_and_the_guide_stays_frozen(setup):
     assert not guide.training and not any(p.requires_grad for p in guide.parameters())
     # The restored (best) target is closer to the guide than a fresh init is.
     x = setup[1].downstream_data(0, 0.5).train.x[:50]
-    pairs = guidance_pairs(model, guide)
-    with torch.no_grad():
-        fresh = setup[2]("init").eval()
-        _, g = guide(x, intermediates=True)
-        _, t = model.eval()(x, intermediates=True)
-        _, f = fresh(x, intermediates=True)
+    fresh = setup[2]("init").eval()
+    pairs = layer_map(preactivation_count(model, x), preactivation_count(guide, x))
+    with torch.no_grad(), preactivations(guide) as g, preactivations(model.eval()) as t:
+        with preactivations(fresh) as f:
+            guide(x), model(x), fresh(x)
     assert alignment_loss(t, g, pairs) < alignment_loss(f, g, pairs)
 
 
@@ -89,14 +89,58 @@ def test_guidance_steps_stop_the_alignment(setup):
     assert 0 < result.measurements[0]["guided"] < 1 and result.measurements[-1]["guided"] == 0
 
 
-def test_pairs_keep_every_guide_layer(setup):
+def test_pairs_keep_every_guide_preactivation(setup):
     sweep, task, fresh, guide = setup
-    target = fresh("init")  # gpt, 1 block: embed, block0, final
+    target = fresh("init")  # gpt, 1 block: one GELU, so one pre-activation
     with seeded_init(0, "mlp"):
         mlp = task.build_model(GuideConfig(model={"name": "mlp", "n_layers": 4, "width": 8}).model_cfg())
-    pairs = guidance_pairs(target, mlp)
-    assert [g for _, g in pairs] == list(mlp.feature_names())
-    assert [t for t, _ in pairs] == ["embed", "embed", "block0", "block0", "final", "final"]
+    x = task.downstream_data(0, 0.5).train.x[:8]
+    assert preactivation_count(target, x) == 1 and preactivation_count(mlp, x) == 4
+    assert layer_map(1, 4) == [(0, 0), (0, 1), (0, 2), (0, 3)]  # every guide layer kept
+
+
+def _image_model(block):
+    import tasks
+    from tasks.base import parse_block
+
+    with seeded_init(0, "init"):
+        return tasks.MODELS.get(block["name"]).build(
+            parse_block(tasks.MODELS, dict(block), "model"), n_classes=5, image_size=16, channels=3
+        )
+
+
+@pytest.mark.parametrize(
+    "block, count",
+    [
+        ({"name": "plain_cnn", "n_blocks": 5, "width": 4}, 5),
+        ({"name": "plain_cnn", "n_blocks": 7, "width": 4, "norm": "none"}, 7),
+        ({"name": "mlp", "n_layers": 6, "width": 8}, 6),
+        ({"name": "resnet18", "width": 4}, 17),  # the stem, then two per BasicBlock
+    ],
+)
+def test_preactivations_are_the_inputs_of_every_nonlinearity(block, count):
+    model = _image_model(block).train()
+    x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with preactivations(model) as feats:
+        logits = model(x)
+    assert len(feats) == count and preactivation_count(model, x) == count
+    assert model.training, "counting restores the mode"
+    # Before the ReLU: negative values survive (torchvision's in-place ReLU did not overwrite them).
+    assert all(f.shape[0] == 6 and (f < 0).any() for f in feats)
+    # Gradients reach the parameters through the recorded pre-activations alone.
+    model.zero_grad()
+    torch.stack([f.square().mean() for f in feats]).sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert logits.shape == (6, 5)
+    # The hooks are gone after the block: a later forward records nothing.
+    model(x)
+    assert len(feats) == count
+
+
+def test_a_model_without_activation_modules_is_refused():
+    with pytest.raises(ValueError, match="activation modules"):
+        with preactivations(torch.nn.Linear(3, 2)):
+            pass
 
 
 def test_a_guide_of_another_architecture_runs_end_to_end(tiny, tmp_path):
