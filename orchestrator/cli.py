@@ -114,10 +114,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     report.add_argument(
         "--versus",
-        metavar="METHOD",
+        metavar="METHOD|PATH=VALUE",
         action="append",
-        help="also compare every series with its closest series of METHOD, paired by seed, as findings with verdicts "
-        "(repeatable); default: the sweep's report.versus",
+        help="also compare every series with its closest series of METHOD, or with its twin of the same method "
+        "and settings but VALUE at config PATH (--versus model.name=gpt), paired by seed, as findings with "
+        "verdicts (repeatable); default: the sweep's report.versus",
     )
     report.add_argument(
         "--margin",

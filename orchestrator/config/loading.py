@@ -368,7 +368,7 @@ def load_sweep(raw: Any, source: str = "sweep", search: tuple[Path, ...] = ()) -
     if config is not None:
         errors += _check_overlay(config) + _check_space(config)
         errors += [f"report.versus: {m!r} is not one of methods {list(config.methods)}; add it or drop it"
-                   for m in config.report.versus if m not in config.methods]  # fmt: skip
+                   for m in config.report.versus if "=" not in m and m not in config.methods]  # fmt: skip
         rule = config.seeds if isinstance(config.seeds, SeedRule) else None
         if rule and rule.until.versus is not None and rule.until.versus not in config.methods:
             errors.append(f"seeds.until.versus: {rule.until.versus!r} is not one of methods {list(config.methods)}")

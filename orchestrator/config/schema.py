@@ -83,7 +83,11 @@ class ReportSettings(Frozen):
     """How `instill run` and `instill report` compare the sweep's series; not part of any identity.
     The margin is declared here, before any result is read, never inferred from the data."""
 
-    versus: tuple[str, ...] = Field((), description="methods every series is compared with, paired by seed (findings)")
+    versus: tuple[str, ...] = Field(
+        (),
+        description="what every series is compared with, paired by seed (findings): methods, or PATH=VALUE "
+        "settings (model.name=gpt: each series against its twin with that value at that path)",
+    )
     margin: float | None = Field(None, gt=0, description="inside +-margin a difference is equivalent")
     target: float = Field(0.9, gt=0, le=1, description="accuracy whose required budget the headline reports")
     mean_over: str | None = Field(None, description="an axis the series are also averaged over (e.g. model.n_layers)")

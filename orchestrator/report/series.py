@@ -201,18 +201,58 @@ def reference_for(series: str, info: pd.DataFrame, methods: set[str] | None = No
     return ranked[0].series
 
 
+def versus_setting(versus: str) -> tuple[str, Any] | None:
+    """`PATH=VALUE` (the value read as YAML) -> (PATH, VALUE); a method name -> None."""
+    if "=" not in versus:
+        return None
+    import yaml
+
+    path, _, text = versus.partition("=")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--versus {versus}: VALUE is not YAML ({err}); e.g. --versus model.name=gpt") from err
+    return path.strip(), value
+
+
 def partner(series: str, info: pd.DataFrame, versus: str) -> str | None:
-    """The series of method `versus` with the same settings as `series` wherever both have them
-    (`distance` 0), or None: a series is never paired with a partner of other settings."""
-    ref = reference_for(series, info, {versus})
-    return ref if ref is not None and distance(info, series, ref) == 0 else None
+    """The series `series` is compared with, or None: a series is never paired with a partner of other
+    settings. `versus` a method: the series of that method with the same settings as `series` wherever
+    both have them (`distance` 0). `versus` `PATH=VALUE`: the series of the same task and method whose
+    config has VALUE at PATH (or, for a PATH of a block such as `model.name`, at PATH) and the same
+    settings as `series` elsewhere, fields of one side only aside (a model's own fields); None for a
+    series that has VALUE there itself."""
+    setting = versus_setting(versus)
+    if setting is None:
+        ref = reference_for(series, info, {versus})
+        return ref if ref is not None and distance(info, series, ref) == 0 else None
+    path, value = setting
+    own = info.loc[series, "flat"]
+    if path not in own or _exact(own[path]) == _exact(value):
+        return None
+    same = info[(info["task"] == info.loc[series, "task"]) & (info["method"] == info.loc[series, "method"])]
+    for ref in same.index:
+        theirs = info.loc[ref, "flat"]
+        if path in theirs and _exact(theirs[path]) == _exact(value) and distance(info, series, ref, ignore=path) == 0:
+            return ref
+    return None
 
 
-def distance(info: pd.DataFrame, a: str, b: str) -> int:
+def has_versus(info: pd.DataFrame, versus: str) -> bool:
+    """Whether any series is a partner of `versus`: of that method, or with VALUE at PATH."""
+    setting = versus_setting(versus)
+    if setting is None:
+        return versus in set(info["method"])
+    path, value = setting
+    return any(path in flat and _exact(flat[path]) == _exact(value) for flat in info["flat"])
+
+
+def distance(info: pd.DataFrame, a: str, b: str, ignore: str | None = None) -> int:
     """How many settings two series differ in: fields both configs have (a field set to None, as older
-    rows give a setting their method does not use, counts as absent), and coordinates both have."""
+    rows give a setting their method does not use, counts as absent; `ignore`: a field left out), and
+    coordinates both have."""
     fa, fb = info.loc[a, "flat"], info.loc[b, "flat"]
-    both = [p for p in set(fa) & set(fb) if fa[p] is not None and fb[p] is not None]
+    both = [p for p in set(fa) & set(fb) if fa[p] is not None and fb[p] is not None and p != ignore]
     differ = sum(_exact(fa[p]) != _exact(fb[p]) for p in both)
     pairs = [(info.loc[a, c], info.loc[b, c]) for c in coordinates(info.columns)]
     return differ + sum(not pd.isna(x) and not pd.isna(y) and x != y for x, y in pairs)

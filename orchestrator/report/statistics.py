@@ -25,6 +25,7 @@ of either side failed, `undecided` otherwise, one seed included: "not detected" 
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from typing import Any
@@ -35,7 +36,7 @@ from scipy import stats
 
 from orchestrator import results
 from orchestrator.config import ConfigError
-from orchestrator.report.series import axis_groups, partner, prepare, reference_for
+from orchestrator.report.series import axis_groups, has_versus, partner, prepare, reference_for, versus_setting
 
 METRIC = "test_acc"
 LEVEL = 0.95
@@ -218,16 +219,23 @@ def _with_ratio(head: pd.DataFrame, info: pd.DataFrame) -> pd.DataFrame:
 
 
 def _check_versus(info: pd.DataFrame, versus: str) -> None:
-    if versus not in set(info["method"]):
+    if has_versus(info, versus):
+        return
+    if (setting := versus_setting(versus)) is None:
         have = ", ".join(sorted(set(info["method"]))) or "none"
         raise ConfigError(f"--versus {versus}: no finished trial ran {versus!r}; methods with results: {have}")
+    path, _ = setting
+    values = sorted({json.dumps(flat[path], default=str) for flat in info["flat"] if path in flat})
+    have = f"its values here: {', '.join(values)}" if values else "no finished trial's config has that path"
+    raise ConfigError(f"--versus {versus}: no finished trial has that value at {path}; {have}")
 
 
 def paired_differences(table: pd.DataFrame, versus: str, metric: str = METRIC, level: float = LEVEL) -> pd.DataFrame:
-    """Each series against its `series.partner` of method `versus` (the same settings wherever both
-    have them): per budget, the difference of `metric` paired by seed (a seed's two trials share its
-    source model and data draw), its mean and CI (`interval`) over the seeds both have. A series without
-    a partner is left out, never paired with another. ConfigError when no finished trial ran `versus`."""
+    """Each series against its `series.partner` of `versus`, a method (the same settings wherever both
+    have them) or `PATH=VALUE` (the same method and settings but VALUE at PATH): per budget, the
+    difference of `metric` paired by seed (a seed's two trials share its source model and data draw),
+    its mean and CI (`interval`) over the seeds both have. A series without a partner is left out,
+    never paired with another. ConfigError when no finished trial has `versus`."""
     done, info = prepare(table)
     _check_versus(info, versus)
     by_series, gated = _seed_frames(done, metric), _gated(done)

@@ -192,3 +192,12 @@ def test_a_seed_rule_runs_its_first_round_and_a_list_is_unchanged():
     assert "then 3 more per round (up to 20)" in str(ruled.seeds) and "+-0.03" in str(ruled.seeds)
     listed = load_sweep(tiny_raw(seeds=[4, 2]))
     assert listed.seeds == listed.first_seeds == (4, 2) and listed.canonical()["seeds"] == [4, 2]
+
+
+def test_report_versus_takes_methods_and_settings():
+    from tests.conftest import tiny_raw
+
+    config = load_sweep(tiny_raw(report={"versus": ["scratch", "model.name=gpt"]}))
+    assert config.report.versus == ("scratch", "model.name=gpt")
+    with pytest.raises(ConfigError, match="report.versus: 'l2sp' is not one of methods"):
+        load_sweep(tiny_raw(report={"versus": ["l2sp", "model.name=gpt"]}))

@@ -439,3 +439,25 @@ def test_summary_flags_cells_with_fewer_seeds_than_bimodal_outcomes_need():
     flags = summarise(table).set_index("n_train")["few_seeds"]
     assert flags[10] and not flags[100]
     assert flags.dtype == bool
+
+
+def test_versus_a_setting_pairs_each_series_with_its_twin_of_that_value():
+    """`--versus model.name=gpt`: each series against the series of the same method and settings but
+    that value at that path; fields one model has and the other has not (its own sizes) are no
+    difference, any other setting is, and the series that have the value are not compared."""
+    si_gpt = series_rows("subtask_induction", 0.75, {99: [0.5, 0.6, 0.7]}, name="gpt", dropout=0.1)
+    sc_gpt = series_rows("scratch", None, {99: [0.3, 0.3, 0.4]}, name="gpt", dropout=0.1)
+    si_hf = series_rows("subtask_induction", 0.75, {99: [0.6, 0.8, 0.7]}, name="hf_gpt2", n_embd=64)
+    sc_hf = series_rows("scratch", None, {99: [0.3, 0.5, 0.4]}, name="hf_gpt2", n_embd=64)
+    deeper = series_rows("scratch", None, {99: [0.9, 0.9, 0.9]}, name="hf_gpt2", n_embd=64, n_layers=4)
+    table = pd.concat([si_gpt, sc_gpt, si_hf, sc_hf, deeper], ignore_index=True)
+    diffs = paired_differences(table, "model.name=gpt")
+    by = diffs.set_index("method")
+    assert len(diffs) == 2 and set(by.index) == {"subtask_induction", "scratch"}  # depth 4 has no gpt twin
+    assert by.loc["subtask_induction", "diff_mean"] == pytest.approx(0.1)
+    assert by.loc["scratch", "diff_mean"] == pytest.approx(0.2 / 3)
+    assert by.loc["scratch", "pairs"] == 3
+    assert findings(diffs)["verdict"].isin(["better", "undecided"]).all()
+    with pytest.raises(ConfigError, match=r"model.name=llama: no finished trial has that value at model.name; "
+                       r'its values here: "gpt", "hf_gpt2"'):  # fmt: skip
+        paired_differences(table, "model.name=llama")
