@@ -81,8 +81,10 @@ class TrainConfig(Frozen):
     keep_initial: bool = Field(
         True, description="the model as it came (epoch 0) is a candidate for the best epoch; false: always train"
     )
-    select: Literal["val_acc", "val_loss"] = Field(
-        "val_acc", description="what picks the best epoch (restored at the end) and what patience watches"
+    select: Literal["val_acc", "val_loss", "last"] = Field(
+        "val_acc",
+        description="what picks the best epoch (restored at the end) and what patience watches; last: keep the "
+        "last epoch (no selection, patience never stops), as papers that report the end of training do",
     )
     ties: Literal["first", "last"] = Field("first", description="of epochs equal in `select`, keep the first or last")
 
@@ -749,7 +751,8 @@ class _Loop:
             row["lr"] = lr
         m.history.append(score)
         m.measured.append(row)
-        if key > m.best_key or (cfg.ties == "last" and key == m.best_key):  # patience restarts
+        later = cfg.ties == "last" or cfg.select == "last"  # an equal key replaces the kept epoch
+        if key > m.best_key or (later and key == m.best_key):  # patience restarts
             m.best, m.best_key, m.stale = (score, epoch, objective.snapshot()), key, 0
         else:
             m.stale += 1
@@ -839,9 +842,12 @@ class _Loop:
 
 def selection_key(cfg: TrainConfig, objective: Objective, score: float, row: dict[str, float]) -> float:
     """This epoch's value of `cfg.select`, higher is better: the score, or minus the validation
-    loss (which is added to the epoch's measurements `row`)."""
+    loss (which is added to the epoch's measurements `row`); `last`: +inf, every epoch replaces the
+    one before (`_epoch_end`), so the last is kept."""
     if cfg.select == "val_acc":
         return score
+    if cfg.select == "last":
+        return math.inf
     row["val_loss"] = objective.val_loss()
     return -row["val_loss"]
 

@@ -80,8 +80,9 @@ def _ctx(source, config=None, data=None, **training) -> MethodContext:
         task=None,
         data=data or _data(),
         config=config,
-        training=TrainConfig(**{"epochs": 2, "lr": 1e-2, "batch_size": 8, "eval_batch_size": 100,
-                                 "keep_initial": False, **training}),  # these tests look at what training moves
+        training=TrainConfig(
+            **{"epochs": 2, "lr": 1e-2, "batch_size": 8, "eval_batch_size": 100, "keep_initial": False, **training}
+        ),  # these tests look at what training moves
         artifacts={"source": source},
         generator=torch_generator(0, "method"),
         device=torch.device("cpu"),
@@ -327,7 +328,8 @@ def test_cbft_refuses_a_task_without_a_cued_stream(source):
 
 
 def test_cbft_steps_alternate_barrier_and_clean_and_warm_up(source):
-    ctx = _ctx(source, CBFTConfig(barrier=1.5, invariance=2.0, warmup_epochs=1))
+    # 24 rows in batches of 8, 2 epochs: 12 optimiser steps; warm-up 0.5 of them: steps 0 to 5.
+    ctx = _ctx(source, CBFTConfig(barrier=1.5, invariance=2.0, warmup=0.5))
     method = get_method("cbft")
     model = method.build(ctx)
     objective = method.objective(ctx, model)
@@ -347,14 +349,14 @@ def test_cbft_steps_alternate_barrier_and_clean_and_warm_up(source):
             value, _ = objective.loss(batch, step)
             expected, _ = barrier_loss(model, anchor, cued.x, cued.y, draw_t(ts), 1.5)
             torch.testing.assert_close(value, expected)
-        # Step 1 (odd), warm-up epoch: clean cross-entropy alone.
+        # Odd steps in the warm-up (steps 1, 3, 5): clean cross-entropy alone.
+        for step in (1, 5):
+            probe = copy.deepcopy(model)
+            value, _ = objective.loss(batch, step)
+            torch.testing.assert_close(value, F.cross_entropy(probe(clean.x), clean.y))
+        # After it: plus lambda times the invariance of the penultimate features.
         probe = copy.deepcopy(model)
-        value, _ = objective.loss(batch, 1)
-        torch.testing.assert_close(value, F.cross_entropy(probe(clean.x), clean.y))
-        # After the warm-up epoch: plus lambda times the invariance of the penultimate features.
-        objective.end_epoch(1)
-        probe = copy.deepcopy(model)
-        value, _ = objective.loss(batch, 3)
+        value, _ = objective.loss(batch, 7)
         logits, f_clean = probe(clean.x, intermediates=True)
         _, f_cued = probe(cued.x, intermediates=True)
         inv = invariance_loss(f_clean["pool"], clean.y, f_cued["pool"], cued.y, K)
@@ -364,7 +366,7 @@ def test_cbft_steps_alternate_barrier_and_clean_and_warm_up(source):
 
 def test_cbft_trains_with_the_invariance_term_off_in_warm_up(source):
     before = _state(source)
-    ctx = _ctx(source, CBFTConfig(warmup_epochs=1), epochs=3)
+    ctx = _ctx(source, CBFTConfig(warmup=1 / 3), epochs=3)  # the first of 3 epochs
     model, result = _run("cbft", ctx)
     rows = result.measurements
     assert [set(r) for r in rows] == [{"barrier_loss", "barrier_ce", "t", "ce", "invariance"}] * 3
@@ -374,13 +376,21 @@ def test_cbft_trains_with_the_invariance_term_off_in_warm_up(source):
     assert result.steps == 3 * 3 * 2  # 24 rows in batches of 8: 3 batches an epoch, two steps each
     assert _changed(before, _state(model)) and not _changed(before, _state(source))
     # No warm-up: the term is on from the first epoch.
-    _, result = _run("cbft", _ctx(source, CBFTConfig(warmup_epochs=0), epochs=1))
+    _, result = _run("cbft", _ctx(source, CBFTConfig(warmup=0), epochs=1))
     assert result.measurements[0]["invariance"] > 0
 
 
 def test_config_blocks_are_validated():
-    assert CBFTConfig().model_dump() == {"barrier": 1.0, "invariance": 1.0, "warmup_epochs": 1}
-    assert LPFTConfig().probe_epochs == 20
+    assert CBFTConfig().model_dump() == {"barrier": 1.0, "invariance": 1.0, "warmup": 0.05}
+    assert LPFTConfig().probe_epochs == 20 and LPFTConfig().probe_training == {}
+    with pytest.raises(ValidationError, match="lpft.probe_epochs"):
+        LPFTConfig(probe_training={"epochs": 3})
+    with pytest.raises(ValidationError, match="lrr"):
+        LPFTConfig(probe_training={"lrr": 3})
+    with pytest.raises(ValidationError):
+        LPFTConfig(probe_training={"lr": -1})
+    with pytest.raises(ValidationError):
+        CBFTConfig(warmup=1.5)
     with pytest.raises(ValidationError):
         CBFTConfig(barrier=-1)
     with pytest.raises(ValidationError):
@@ -431,7 +441,9 @@ def trials(tmp_path_factory):
     from orchestrator.trial import TrialSpec, run_trial
 
     tmp = tmp_path_factory.mktemp("cbft_trials")
-    sweep = load_sweep(_cued_raw(tmp, analyses=["lmc_barrier"]))
+    # The paper's protocol, the last epoch kept: else LPFT may keep its probed model (epoch 0 of fine-tuning).
+    raw = _cued_raw(tmp, analyses=["lmc_barrier"])
+    sweep = load_sweep({**raw, "training": {**raw["training"], "select": "last"}})
     store = ArtifactStore(tmp / "store")
     with _one_thread():
         return {m: run_trial(sweep, TrialSpec(method=m, data_fraction=1.0, seed=0), store) for m in sweep.methods}
@@ -441,8 +453,13 @@ def trials(tmp_path_factory):
 def test_each_method_runs_as_a_trial_with_the_lmc_barrier(trials, method):
     row = trials[method]
     assert row["status"] == "done", row
-    assert math.isfinite(row["lmc_barrier"]) and row["lmc_barrier"] >= 0
-    assert 0 <= row["test_acc"] <= 1
+    # LLRT moves only the head: its barrier is 0 by construction, so it is reported as no evidence.
+    assert row["lmc_barrier_head_only"] == float(method == "llrt")
+    if method == "llrt":
+        assert math.isnan(row["lmc_barrier"]) and math.isfinite(row["lmc_barrier_loss_mid"])
+    else:
+        assert math.isfinite(row["lmc_barrier"]) and row["lmc_barrier"] >= 0
+    assert 0 <= row["test_acc"] <= 1 and 0 <= row["test_acc_last"] <= 1
     measured = json.loads(row["measurements_json"])
     if method == "cbft":
         assert all({"barrier_loss", "invariance"} <= set(m) for m in measured)
@@ -467,18 +484,18 @@ def test_a_cbft_trial_on_a_task_without_a_cue_fails_at_build(tmp_path):
         run_trial(load_sweep(raw), TrialSpec(method="cbft", data_fraction=1.0, seed=0), ArtifactStore(tmp_path / "s"))
 
 
-def test_cbft_warm_up_covers_the_first_epoch_even_when_it_is_one_batch(source):
-    # 24 rows in one batch: one iteration (barrier step, clean step) per epoch. The warm-up epoch
-    # still has its clean step without the invariance term, and every epoch logs both kinds.
-    _, result = _run("cbft", _ctx(source, CBFTConfig(warmup_epochs=1), epochs=3, batch_size=64))
+def test_cbft_warm_up_is_a_share_of_the_run_however_many_epochs_min_steps_makes(source):
+    # 24 rows in one batch: one iteration (barrier step, clean step) per epoch; min_steps 20 makes it
+    # 10 epochs, and a warm-up of 0.2 is their first 2 (4 of 20 optimiser steps), not one epoch.
+    _, result = _run("cbft", _ctx(source, CBFTConfig(warmup=0.2), epochs=1, batch_size=64, min_steps=20))
     rows = result.measurements
-    assert result.steps == 3 * 2
-    assert [set(r) for r in rows] == [{"barrier_loss", "barrier_ce", "t", "ce", "invariance"}] * 3
-    assert rows[0]["invariance"] == 0 and rows[1]["invariance"] > 0
+    assert result.steps == 20 and result.epochs_run == 10
+    assert [set(r) for r in rows] == [{"barrier_loss", "barrier_ce", "t", "ce", "invariance"}] * 10
+    assert [r["invariance"] == 0 for r in rows] == [True, True] + [False] * 8
 
 
 def test_cbft_clean_step_keeps_batch_norm_statistics_clean(source):
-    ctx = _ctx(source, CBFTConfig(warmup_epochs=0, barrier=1.0, invariance=1.0))
+    ctx = _ctx(source, CBFTConfig(warmup=0, barrier=1.0, invariance=1.0))
     model = get_method("cbft").build(ctx)
     objective = get_method("cbft").objective(ctx, model)
     data = ctx.data
@@ -489,3 +506,101 @@ def test_cbft_clean_step_keeps_batch_norm_statistics_clean(source):
     probe(batch["train"].x)  # what a clean-only forward does to the running statistics
     for (name, b), (_, expected) in zip(model.named_buffers(), probe.named_buffers(), strict=True):
         assert torch.equal(b, expected), name
+
+
+# --- the paper's protocol: the last epoch, the probe's own optimiser ------------------------------
+
+
+def test_select_last_keeps_the_last_epoch_whatever_validation_says(source):
+    kept = {}
+    for select in ("val_acc", "last"):
+        ctx = _ctx(source, epochs=6, lr=0.5, select=select, keep_initial=True)
+        model, result = _run("naive_finetune", ctx)
+        kept[select] = (result, _state(model))
+    (best, _), (last, weights) = kept["val_acc"], kept["last"]
+    assert best.best_epoch < 6 and best.last_state is not None, "validation picks an earlier epoch"
+    # Selection does not change the trajectory: `last` keeps exactly the weights of the last epoch.
+    assert last.epochs_run == 6 and last.best_epoch == 6 and last.last_state is None
+    assert last.best_val_acc == last.history[-1] and last.history == best.history
+    assert _changed(weights, best.last_state) == set()
+    # Patience never stops it (no epoch is worse than the kept one).
+    _, patient = _run("naive_finetune", _ctx(source, epochs=6, lr=0.5, select="last", patience=1))
+    assert patient.epochs_run == 6
+
+
+def test_lpft_probe_phase_takes_its_own_training_fields(source, monkeypatch):
+    configs = []
+    real_fit = finetune_module.fit
+
+    def recording_fit(objective, data, cfg, *args, **kwargs):
+        configs.append(cfg)
+        return real_fit(objective, data, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "fit", recording_fit)
+    probe = {"optimizer": "sgd", "lr": 3.0, "momentum": 0.9, "weight_decay": 0.0, "lr_schedule": "cosine"}
+    ctx = _ctx(source, LPFTConfig(probe_epochs=2, probe_training=probe), epochs=3)
+    _run("lpft", ctx)
+    first, second = configs
+    assert (first.optimizer, first.lr, first.momentum, first.weight_decay, first.lr_schedule, first.epochs) == (
+        "sgd", 3.0, 0.9, 0.0, "cosine", 2)  # fmt: skip
+    assert second == ctx.training, "the fine-tuning phase runs on the training block as it is"
+
+
+# --- lmc_barrier: statistics from enough data; a head-only model is no evidence -------------------
+
+
+def test_barrier_statistics_come_from_the_sources_training_data(tmp_path):
+    from methods.analyses.lmc_barrier import LMCConfig, _norm_data
+    from tasks import TASKS
+
+    Task = TASKS.get("shapes")
+    task = Task(Task.Config(**{**_cued_raw(tmp_path)["task"], "n_base": 40}))
+    ctx = type("Ctx", (), {"task": task, "seed": 0, "data": task.downstream_data(0, 0.5)})()
+    model = task.build_model(MODELS.get("resnet18").Config(width=4))
+    got = _norm_data(ctx, model, LMCConfig(bn_images=25))
+    assert torch.equal(got.x, task.base_data(0).train.x[:25])
+    assert len(_norm_data(ctx, model, LMCConfig())) == 40, "all of them when there are fewer"
+    assert torch.equal(_norm_data(ctx, model, LMCConfig(bn_data="train")).x, ctx.data.train.x)
+    assert _norm_data(ctx, _cnn("a"), LMCConfig()) is not None  # plain_cnn has batch norm
+    assert _norm_data(ctx, nn.Linear(3, 3), LMCConfig()) is None
+
+
+def test_only_head_differs_tells_a_retrained_head_from_a_moved_trunk(source):
+    from methods.analyses.lmc_barrier import only_head_differs
+    from methods.masking import effective_state_dict
+
+    x = _data().train.x[:1]
+    head = copy.deepcopy(source)
+    with torch.no_grad():
+        head.fc.weight.add_(1.0)
+    trunk = copy.deepcopy(head)
+    with torch.no_grad():
+        next(trunk.parameters()).add_(1.0)
+    src = effective_state_dict(source)
+    assert only_head_differs(head, effective_state_dict(head), src, x)
+    assert not only_head_differs(trunk, effective_state_dict(trunk), src, x)
+    assert not only_head_differs(source, src, src, x), "nothing moved: not a head-only model"
+
+
+# --- the report: the paper's Table 1 -------------------------------------------------------------
+
+
+def test_table_1_shows_each_evaluation_per_series_and_budget():
+    import pandas as pd
+
+    from methods.cbft import table_1
+
+    rows = []
+    for label, ri in (("cbft", 0.1), ("naive_finetune", 0.7)):
+        row = {"task": "shapes", "label": label, "n_train": 50, "seeds": 10}
+        for column, mean in (("splits_test_acc", 0.6), ("splits_cue_acc", 0.9), ("splits_randomised_cue_acc", 0.5),
+                             ("splits_randomised_image_acc", ri)):  # fmt: skip
+            row.update({f"{column}_mean": mean, f"{column}_ci_lo": mean - 0.05, f"{column}_ci_hi": mean + 0.05})
+        rows.append(row)
+    frame, shown = table_1(pd.DataFrame(rows))
+    assert list(shown["label"]) == ["cbft", "naive_finetune"]
+    assert list(shown.columns[-4:]) == ["clean (NC)", "cue (C)", "randomised cue (RC)",
+                                        "randomised image (RI, lower is better)"]  # fmt: skip
+    assert shown.iloc[0]["randomised image (RI, lower is better)"] == "0.100 [0.050, 0.150]"
+    assert frame.iloc[1]["splits_randomised_image_acc_mean"] == 0.7
+    assert table_1(pd.DataFrame([{"label": "x", "test_acc_mean": 0.5}])) is None, "no cue evaluations, no table"

@@ -108,18 +108,22 @@ def test_source_images_carry_their_class_box_on_fraction_p(tmp_path):
     assert not torch.equal(make(tmp_path, cue={"fraction": 0.3}).base_data(1).train.x, again.x)
 
 
-def test_downstream_training_is_clean_and_the_cued_stream_boxes_every_image(tmp_path):
+def test_downstream_training_is_clean_and_the_cued_stream_is_the_sources_training_distribution(tmp_path):
     task, plain = make(tmp_path, cue={"fraction": 0.6}), make(tmp_path)
     data, clean = task.downstream_data(0, 0.5), plain.downstream_data(0, 0.5)
     assert torch.equal(data.train.x, clean.train.x) and torch.equal(data.train.y, clean.train.y)
     assert torch.equal(data.val.x, clean.val.x), "downstream validation is clean"
     assert torch.equal(data.evals["test"].x, clean.evals["test"].x), "the clean test stays as it is"
     assert set(clean.evals) < set(data.evals) and not clean.streams
-    cued = data.streams["cued"]
-    assert len(cued) == len(data.train) == 50 and torch.equal(cued.y, data.train.y)
-    assert box_at(task, cued.x, cued.y).all(), "every cued image has its class's box"
-    keep = outside_box(task, cued.y).expand_as(cued.x)
-    assert torch.equal(cued.x[keep], data.train.x[keep]), "the same images"
+    # CBFT's cued set: the cue model's own training images (n_base of them, not the n downstream
+    # ones), the box on exactly round(p * n_base), as the source saw them.
+    cued, source = data.streams["cued"], task.base_data(0).train
+    assert len(cued) == 200 != len(data.train)
+    assert torch.equal(cued.x, source.x) and torch.equal(cued.y, source.y)
+    boxed = (cued.x != plain.base_data(0).train.x).flatten(1).any(1)
+    assert int(boxed.sum()) == round(0.6 * 200) and box_at(task, cued.x[boxed], cued.y[boxed]).all()
+    # The same stream at every budget.
+    assert torch.equal(task.downstream_data(0, 0.2).streams["cued"].x, cued.x)
 
     from methods.training import _stream
 
@@ -344,9 +348,7 @@ def test_a_trial_with_cue_and_bias_reports_the_variant_evaluations(tmp_path):
     assert load_sweep(sweep.canonical()) == sweep
     plain = load_sweep(vision_raw(tmp_path, methods=["scratch"]))
     assert sweep.config_hash != plain.config_hash
-    row = run_trial(
-        sweep, TrialSpec(method="scratch", data_fraction=0.5, seed=0), ArtifactStore(tmp_path / "s")
-    )
+    row = run_trial(sweep, TrialSpec(method="scratch", data_fraction=0.5, seed=0), ArtifactStore(tmp_path / "s"))
     for col in ("splits_cue_acc", "splits_randomised_cue_acc", "splits_randomised_cue_acc_cue",
                 "splits_randomised_image_acc", "splits_randomised_image_acc_shape", "splits_bias_aligned_acc",
                 "test_acc"):  # fmt: skip

@@ -173,9 +173,9 @@ def test_lmc_barrier_with_batch_norm():
     task, data, config, ctx, a, b = _resnet_setup()
     ctx.artifacts["source"] = a
     before = _state(a), _state(b)
-    self_barrier = _run("lmc_barrier", ctx, a, LMCConfig(points=3))["lmc_barrier"]
+    self_barrier = _run("lmc_barrier", ctx, a, LMCConfig(points=3, bn_data="train"))["lmc_barrier"]
     assert 0.0 <= self_barrier < 1e-5
-    out = _run("lmc_barrier", ctx, b, LMCConfig(points=3))
+    out = _run("lmc_barrier", ctx, b, LMCConfig(points=3, bn_data="train"))
     assert out["lmc_barrier"] >= 0.0 and math.isfinite(out["lmc_barrier_loss_mid"])
     # The inputs keep their own statistics and momentum; only the analysis's probe model is re-estimated.
     assert _unchanged(a, before[0]) and _unchanged(b, before[1])
