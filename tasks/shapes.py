@@ -62,9 +62,11 @@ class CueConfig(Frozen):
 
 class BiasConfig(Frozen):
     """A feature that predicts the class in training (seed 001, Biased MNIST): with probability p it
-    takes the class's value (colour k mod 10, or texture k), else a uniformly random other value."""
+    takes the class's value (colour k mod 10, or texture k), else a uniformly random other value.
+    `both`: two bias variables, colour and texture, each drawn so on its own stream (independently
+    of each other given the class), as Biased MNIST's seven are."""
 
-    feature: Literal["colour", "texture"]
+    feature: Literal["colour", "texture", "both"]
     p: float = Field(0.95, ge=0, le=1, description="probability that the feature agrees with the class in training")
 
 
@@ -138,11 +140,26 @@ class Shapes:
             return None
         if split in TRAINING_SPLITS:
             return {"feature": b.feature, "draw": "biased", "p": b.p}
-        if split == "test" and b.feature == "texture":
+        if split == "test" and b.feature in ("texture", "both"):
             return {"feature": b.feature, "draw": "uniform"}
-        if split == "bias_aligned" and b.feature == "colour":
+        if split == "bias_aligned" and b.feature in ("colour", "both"):
             return {"feature": b.feature, "draw": "aligned"}
         return None
+
+    def _feature_draws(self, split: str) -> dict[str, dict]:
+        """Per bias variable (colour, texture), how `split` draws it ({}: as the plain task). Under
+        `both`, only the variables the plain split does not already draw so: the test split draws
+        texture uniformly (colour already is), `bias_aligned` sets colour (texture already is)."""
+        draw = self._bias_draw(split)
+        if draw is None:
+            return {}
+        if draw["feature"] != "both":
+            return {draw["feature"]: draw}
+        if draw["draw"] == "uniform":
+            return {"texture": draw}
+        if draw["draw"] == "aligned":
+            return {"colour": draw}
+        return {"colour": draw, "texture": draw}
 
     @functools.lru_cache(maxsize=16)  # noqa: B019 - a task object lives for one trial
     def split_arrays(self, split: str, n: int, seed: int) -> dict[str, np.ndarray]:
@@ -183,11 +200,14 @@ class Shapes:
         else:
             mode = "textured"
         colour = None
-        if (draw := self._bias_draw(split)) is not None:
-            # its own stream, so that `rng` (and with it every pose) is the plain split's
-            n_values = len(COLOURS) if draw["feature"] == "colour" else k
-            value = _draw_feature(numpy_generator(seed, f"shapes:bias:{split}"), shape % n_values, n_values, draw)
-            if draw["feature"] == "colour":
+        for feature, draw in self._feature_draws(split).items():
+            # its own stream, so that `rng` (and with it every pose) is the plain split's; under
+            # `both` texture gets a second one, so the two variables are independent given the class
+            second = feature == "texture" and draw["feature"] == "both"
+            stream = f"shapes:bias:texture:{split}" if second else f"shapes:bias:{split}"
+            n_values = len(COLOURS) if feature == "colour" else k
+            value = _draw_feature(numpy_generator(seed, stream), shape % n_values, n_values, draw)
+            if feature == "colour":
                 colour = value
             else:
                 texture = value

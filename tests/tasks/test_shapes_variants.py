@@ -311,7 +311,9 @@ def test_biased_splits_get_their_own_cache_files_and_unbiased_ones_keep_theirs(t
     assert len(keys) == 3 and colour.key_fields("subtask") == plain.key_fields("subtask")
 
 
-@pytest.mark.parametrize("bias", [None, {"feature": "colour", "p": 0.95}, {"feature": "texture", "p": 0.95}])
+@pytest.mark.parametrize(
+    "bias", [None, {"feature": "colour", "p": 0.95}, {"feature": "texture", "p": 0.95}, {"feature": "both", "p": 0.95}]
+)
 def test_probe_colours_match_the_images(tmp_path, bias):
     task = make(tmp_path, bias=bias, n_test=60)
     fit, ev = task.probe_features(0, "cue_conflict")
@@ -353,3 +355,34 @@ def test_a_trial_with_cue_and_bias_reports_the_variant_evaluations(tmp_path):
                 "splits_randomised_image_acc", "splits_randomised_image_acc_shape", "splits_bias_aligned_acc",
                 "test_acc"):  # fmt: skip
         assert 0.0 <= row[col] <= 1.0, col
+
+
+def test_two_bias_variables_each_predict_the_class_in_training_only(tmp_path):
+    """`feature: both`: colour and texture each agree with the class with probability p, on their own
+    streams (so independently given the class); the test split draws both independently of the
+    class, and `bias_aligned` sets both to the class."""
+    task, plain = make(tmp_path, bias={"feature": "both", "p": 0.9}, **BIASED), make(tmp_path, **BIASED)
+    for split in ("base", "pool", "val"):
+        arrays, same = task.split_arrays(split, 400, 0), plain.split_arrays(split, 400, 0)
+        assert np.array_equal(arrays["shape"], same["shape"]), "the plain split's shapes"
+        colour_agrees = arrays["colour"] == arrays["shape"] % len(COLOURS)
+        texture_agrees = arrays["texture"] == arrays["shape"]
+        assert within_binomial(int(colour_agrees.sum()), 400, 0.9), (split, colour_agrees.mean())
+        assert within_binomial(int(texture_agrees.sum()), 400, 0.9), (split, texture_agrees.mean())
+        # Independent given the class: both disagree on about 1% of images, not 10%.
+        assert within_binomial(int((~colour_agrees & ~texture_agrees).sum()), 400, 0.01)
+        decoded = decoded_colours(arrays["images"])
+        assert np.array_equal(decoded[decoded >= 0], arrays["colour"][decoded >= 0]), "the stored colour is drawn"
+    data = task.downstream_data(0, 0.5)
+    test = task.split_arrays("test", 400, 0)
+    assert within_binomial(int((test["texture"] == test["shape"]).sum()), 400, 0.1), "unbiased texture"
+    test_colour = decoded_colours(test["images"])
+    assert within_binomial(int((test_colour == test["shape"] % len(COLOURS)).sum()), 400, 0.1), "unbiased colour"
+    aligned = task.split_arrays("bias_aligned", 400, 0)
+    aligned_colour = decoded_colours(aligned["images"])
+    y = data.evals["bias_aligned"].y.numpy()
+    assert np.array_equal(aligned_colour[aligned_colour >= 0], (y % len(COLOURS))[aligned_colour >= 0])
+    assert np.array_equal(aligned["texture"], aligned["shape"]), "texture = shape there"
+    # Single-variable keys are unchanged; `both` has its own source key.
+    keys = {stable_hash(make(tmp_path, bias={"feature": f}).key_fields("source")) for f in ("colour", "both")}
+    assert len(keys) == 2
