@@ -20,12 +20,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
 
+from common.provenance import code_version
 from orchestrator.artifacts import ArtifactStore, open_filesystem
 from orchestrator.config import ConfigError, SweepConfig, import_plugins, plugin_paths
 from orchestrator.trial import TrialSpec, trial_hash
@@ -148,9 +154,29 @@ def prepare_out_dir(
         for stale in out.list(folder, suffix):  # left by a driver that was killed
             out.delete(stale)
     record = {"name": sweep.name, "config_hash": sweep.config_hash, "config": sweep.canonical()}
-    record = json.dumps({**record, "overrides": list(overrides), "plugin_paths": plugin_paths(sweep.plugins)}, indent=1)
+    record = json.dumps({**record, "overrides": list(overrides), "plugin_paths": plugin_paths(sweep.plugins),
+                         "invocation": invocation()}, indent=1)  # fmt: skip
     out.write_text(f"sweeps/{sweep.config_hash}.json", record)
     out.write_text("sweep.json", record)
+
+
+def invocation() -> dict[str, Any]:
+    """What the report's provenance needs of this run and no row holds: the command line, when, the
+    driver's code version, and its machine (CPU model, GPU names from `nvidia-smi`, if any)."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        models = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")]  # fmt: skip
+        cpu = models[0] if models else cpu
+    gpus: list[str] = []
+    if shutil.which("nvidia-smi"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            query = ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"]
+            gpus = subprocess.run(query, capture_output=True, text=True, timeout=20, check=True).stdout.split("\n")
+            gpus = [g.strip() for g in gpus if g.strip()]
+    return {"argv": list(sys.argv), "cwd": os.getcwd(), "started": time.time(), "code_version": code_version(),
+            "machine": {"host": platform.node(), "cpu": cpu, "cpus": os.cpu_count(), "gpus": gpus,
+                        "platform": platform.platform()}}  # fmt: skip
 
 
 def read_sweep(out_dir: str | Path | OutDir) -> tuple[dict[str, Any] | None, list[str]]:

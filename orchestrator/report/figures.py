@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 
 from methods.reports import pyplot
-from orchestrator.report.series import coordinates
-from orchestrator.report.statistics import METRIC
+from orchestrator.report import palette
+from orchestrator.report.layout import layout
+from orchestrator.report.statistics import METRIC, bounds
 
 
 def save(fig, stem: Path) -> list[Path]:
@@ -30,44 +31,74 @@ def _legend_names(frame: pd.DataFrame) -> dict[str, str]:
     }
 
 
-def plot_curves(summary: pd.DataFrame, stem: Path, metric: str = METRIC, ylabel: str | None = None) -> list[Path]:
-    """Metric against budget: one panel per value of the series' coordinates (`series.coordinates`;
-    series without coordinates in every panel), one line per series, t-interval bands. A family
-    keeps one colour in every panel; each panel has its own legend, below it, so no curve is hidden."""
+def _limits(values: list[np.ndarray], metric: str) -> tuple[float, float] | None:
+    """The y range that shows `values`, never beyond the metric's own range (`statistics.bounds`)."""
+    finite = np.concatenate([v[np.isfinite(v)] for v in values]) if values else np.array([])
+    if not finite.size:
+        return None
+    lo, hi = bounds(metric)
+    pad = 0.04 * max(finite.max() - finite.min(), 1e-9)
+    return max(finite.min() - pad, lo - 0.02 * (hi - lo) if np.isfinite(lo) else -np.inf), min(
+        finite.max() + pad, hi + 0.02 * (hi - lo) if np.isfinite(hi) else np.inf
+    )
+
+
+def plot_curves(
+    summary: pd.DataFrame,
+    stem: Path,
+    metric: str = METRIC,
+    ylabel: str | None = None,
+    seeds: pd.DataFrame | None = None,
+) -> list[Path]:
+    """Metric against budget as small multiples (`layout`: one panel per value of the axes the series
+    differ in), a line per series coloured by its method (`palette`), its 95% interval as a band (kept
+    inside the metric's range), each seed's value as a point under it (`seeds`: rows with `series`,
+    `n_train` and `metric`), one legend for the figure."""
     plt = pyplot()
-    coords = coordinates(summary.columns)
-    # A series' point: its (coordinate, value) pairs; it is drawn in every panel whose point holds them.
-    firsts = summary.groupby("series").first()
-    point = {s: tuple((c, r[c]) for c in coords if not pd.isna(r[c])) for s, r in firsts.iterrows()}
-    panels = sorted({p for p in point.values() if p}) or [()]
-    names = _legend_names(summary)
-    family = dict(zip(summary["series"], summary.get("family", summary["label"]), strict=True))
-    families = sorted(set(family.values()))
-    palette = plt.cm.tab10 if len(families) <= 10 else plt.cm.tab20
-    colours = {f: palette(i % palette.N) for i, f in enumerate(families)}
-    members = [[s for s, p in point.items() if set(p) <= set(panel)] for panel in panels]
-    rows = max(len(m) for m in members)
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6 + 0.2 * rows), squeeze=False, sharey=True)
-    for ax, panel, inside in zip(axes[0], panels, members, strict=True):
-        part = summary[summary["series"].isin(inside)]
-        for series, group in part.groupby("series", sort=False):
+    part = summary[summary[f"{metric}_mean"].notna()] if f"{metric}_mean" in summary else summary.iloc[:0]
+    plan = layout(part if not part.empty else summary)
+    n_cols = min(len(plan.panels), 4)
+    n_rows = -(-len(plan.panels) // n_cols)
+    legend_rows = -(-len(plan.lines()) // 3)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.3 * n_cols, 3.3 * n_rows + 0.3 * legend_rows + 0.3),
+                             squeeze=False, sharey=True, sharex=True)  # fmt: skip
+    by_series = dict(tuple(seeds.groupby("series"))) if seeds is not None and metric in seeds else {}
+    shown: list[np.ndarray] = []
+    handles: dict[str, object] = {}
+    for ax, (title, inside) in zip(axes.flat, plan.panels, strict=False):
+        lines = sorted({plan.line[s] for s in inside}, key=lambda n: (plan._method_of(n), n))
+        for series, group in part[part["series"].isin(inside)].groupby("series", sort=False):
             group = group.sort_values("n_train")
-            if f"{metric}_mean" not in group or group[f"{metric}_mean"].isna().all():
-                continue
+            colour = plan.colour[plan.method[series]]
+            dash = palette.DASHES[plan.dash[plan.line[series]]][0]
             x = group["n_train"].to_numpy(dtype=float)
-            colour = colours[family[series]]
-            ax.plot(x, group[f"{metric}_mean"], marker="o", ms=3, label=names[series], color=colour)
-            ax.fill_between(x, group[f"{metric}_ci_lo"], group[f"{metric}_ci_hi"], alpha=0.15, color=colour, lw=0)
+            offset = lines.index(plan.line[series]) - (len(lines) - 1) / 2  # points of one budget side by side
+            if series in by_series:
+                pts = by_series[series]
+                values = pd.to_numeric(pts[metric], errors="coerce").to_numpy(dtype=float)
+                px = pts["n_train"].to_numpy(dtype=float)
+                ax.scatter(np.where(px > 0, px * 1.05**offset, 0.4 * offset), values, s=7, color=colour, alpha=0.35,
+                           lw=0, zorder=1)  # fmt: skip
+                shown.append(values)
+            (handle,) = ax.plot(x, group[f"{metric}_mean"], marker="o", ms=3, color=colour, ls=dash, lw=1.6, zorder=3)
+            handles.setdefault(plan.line[series], handle)
+            ax.fill_between(x, group[f"{metric}_ci_lo"], group[f"{metric}_ci_hi"], alpha=0.13, color=colour, lw=0)
+            shown += [group[f"{metric}_{k}"].to_numpy(dtype=float) for k in ("mean", "ci_lo", "ci_hi")]
         ax.set_xscale("symlog", linthresh=10)
-        ax.set_xlabel("training budget n (log scale)")
-        ax.set_title(", ".join(f"{c} = {v:g}" if isinstance(v, float) else f"{c} = {v}" for c, v in panel))
+        ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-        handles, labels = ax.get_legend_handles_labels()
-        order = sorted(range(len(labels)), key=labels.__getitem__)
-        ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=7,
-                  loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)  # fmt: skip
-    axes[0][0].set_ylabel(ylabel or metric)
-    fig.subplots_adjust(wspace=0.06)  # the legends sit below the panels; savefig's tight box keeps them
+    for ax in list(axes.flat)[len(plan.panels) :]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("training budget n (log scale)")
+    for row in axes:
+        row[0].set_ylabel(ylabel or metric)
+    if (limits := _limits(shown, metric)) is not None:
+        axes.flat[0].set_ylim(*limits)
+    names = [n for n in plan.lines() if n in handles]
+    fig.legend([handles[n] for n in names], names, fontsize=8, loc="lower center", ncol=min(3, len(names)),
+               frameon=False, bbox_to_anchor=(0.5, 0))  # fmt: skip
+    fig.tight_layout(rect=(0, (0.3 * legend_rows + 0.2) / fig.get_figheight(), 1, 1))
     return save(fig, stem)
 
 

@@ -3,6 +3,7 @@ sections; with them what the registered report extras (`methods.reports`) return
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import logging
@@ -12,15 +13,15 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
-from methods import ANALYSES
 from methods.reports import REPORTS, Figure, ReportContext, Table
 from orchestrator import results
 from orchestrator.artifacts import ArtifactStore, CorruptArtifact
 from orchestrator.config import ConfigError
-from orchestrator.outdir import as_outdir, read_sweep
-from orchestrator.report import statistics, tables
+from orchestrator.outdir import as_outdir
+from orchestrator.report import interactive, statistics, tables
 from orchestrator.report.figures import plot_curves, plot_profiles, save
-from orchestrator.report.series import differing_fields, flatten
+from orchestrator.report.provenance import provenance
+from orchestrator.report.series import differing_fields, flatten, prepare
 from orchestrator.report.statistics import METRIC
 
 log = logging.getLogger(__name__)
@@ -39,17 +40,23 @@ class Section:
     end: str = ""  # summary.md's text after the table or `empty`
     page: str | None = None  # the heading on index.html; None: in summary.md only
     lead: bool = False
+    markdown_too: bool = True  # False: on index.html only
+    scroll: bool = False  # on index.html in a box of limited height (a long list on the first screen)
+    after: str = ""  # HTML after the table on index.html
 
     def markdown(self) -> str:
-        body = self.empty if self.table.empty else _markdown(self.table)
+        if not self.markdown_too:
+            return ""
+        body = self.empty if self.table.empty else _markdown(tables.fit(self.table))
         note = f"{self.note}\n\n" if self.note else ""
         return f"\n## {self.title}\n\n{note}{body}{self.end}"
 
     def html(self) -> str:
         note = f"<p>{html.escape(self.note)}</p>\n" if self.note else ""
         empty = "<p>(no finished trials)</p>"
-        table = empty if self.table.empty else self.table.to_html(index=False, border=0, classes="t")
-        return f"<h2>{html.escape(self.page)}</h2>\n{note}{table}"
+        table = empty if self.table.empty else tables.fit(self.table).to_html(index=False, border=0, classes="t")
+        table = f'<div class="scroll">{table}</div>' if self.scroll and not self.table.empty else table
+        return f"<h2>{html.escape(self.page)}</h2>\n{note}{table}{self.after}"
 
 
 def _markdown(frame: pd.DataFrame) -> str:
@@ -58,14 +65,17 @@ def _markdown(frame: pd.DataFrame) -> str:
     return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols), *rows]) + "\n"
 
 
-def load_tables(out_dirs: list) -> pd.DataFrame:
-    """The results of `out_dirs` (paths or URIs), merged."""
+def load_tables(out_dirs: list, sources: list | None = None) -> pd.DataFrame:
+    """The results of `out_dirs` (paths or URIs), merged; `sources`, if given, receives each row's
+    index into `out_dirs`."""
     frames = []
     for location in out_dirs:
         out = as_outdir(location)
         if not out.exists("results.parquet"):
             raise ConfigError(f"{out.join('results.parquet')}: missing; run `instill run SWEEP --out {out}` first")
         frames.append(pq.read_table(out.path("results.parquet"), filesystem=out.fs).to_pandas())
+    if sources is not None:
+        sources += [k for k, frame in enumerate(frames) for _ in range(len(frame))]
     return pd.concat(frames, ignore_index=True)
 
 
@@ -110,30 +120,6 @@ def _differences(configs: list[dict]) -> list[str]:
     return [", ".join(fields) for fields in differing_fields([flatten(c) for c in configs])]
 
 
-def _provenance(out_dirs: list, table: pd.DataFrame) -> Section | None:
-    """Each output directory's `--set` overrides and plug-ins (imported here from where its run found
-    them), with a warning for each plug-in that cannot be imported and each analysis that ran but is
-    not registered here: their columns stay in results.parquet, unsummarised. None if nothing to say."""
-    rows, problems = [], []
-    for location in out_dirs:
-        record, failed = read_sweep(location)
-        record = record or {}
-        found = record.get("plugin_paths", {})
-        plugins = [f"{m} ({found.get(m, 'Python path')})" for m in (record.get("config") or {}).get("plugins", [])]
-        overrides = " ".join(record.get("overrides", []))
-        rows.append({"results": str(location), "--set": overrides, "plug-ins": ", ".join(plugins)})
-        problems += [f"{location}: {problem}" for problem in failed]
-    configs = table["config_json"].dropna().unique() if "config_json" in table else []
-    ran = {a["name"] for text in configs for a in json.loads(text).get("analyses", [])}
-    if missing := sorted(ran - set(ANALYSES.names())):
-        problems.append(f"analyses {', '.join(missing)} ran but no plug-in imported here registers them")
-    if not problems and not any(row["--set"] or row["plug-ins"] for row in rows):
-        return None
-    note = "".join(f"Warning: {p}. " for p in problems)
-    note += "Their columns are in results.parquet but not summarised." if problems else ""
-    return Section("Provenance", pd.DataFrame(rows), note=note.strip(), page="Provenance")
-
-
 def _joined(frames: list[pd.DataFrame]) -> pd.DataFrame | None:
     return pd.concat(frames, ignore_index=True) if frames else None
 
@@ -155,21 +141,26 @@ def write_report(
     finding with a verdict (`statistics.findings`; `margin`: the equivalence margin declared in
     advance); `over`: an axis the series are also averaged over (`mean_over`; with `versus`,
     `mean_over_differences` too)."""
-    table = load_tables(out_dirs)
-    provenance = _provenance(out_dirs, table)  # imports the runs' plug-ins: their columns are summarised
+    sources: list[int] = []
+    table = load_tables(out_dirs, sources)
+    if report_dir is None and "://" in str(out_dirs[0]):
+        raise ConfigError(f"{out_dirs[0]} is not a local directory: give the report a local one with --to DIR")
+    report_dir = Path(report_dir or Path(out_dirs[0]) / "report")
+    settings = {"versus": [versus] if isinstance(versus, str) else list(versus or []), "margin": margin,
+                "mean_over": over, "target": target}  # fmt: skip
+    # Imports the runs' plug-ins (their columns are summarised); reads sweep.json and the rows' records.
+    origin, origin_note, configs = provenance(out_dirs, table.assign(_source=sources), report_dir, settings)
     # Each raises on a bad --versus, --mean-over or --margin, before anything is written.
-    versus = [versus] if isinstance(versus, str) else list(versus or [])
+    versus = settings["versus"]
     diffs = _joined([statistics.paired_differences(table, v) for v in versus])
     means = statistics.mean_over(table, over) if over else None
     gaps = _joined([statistics.mean_over_differences(table, over, v) for v in versus]) if over else None
     found = statistics.findings(diffs, margin=margin) if versus else None
     if found is not None and gaps is not None:
         found = pd.concat([found, statistics.findings(gaps, margin=margin).assign(over=over)], ignore_index=True)
-    if report_dir is None and "://" in str(out_dirs[0]):
-        raise ConfigError(f"{out_dirs[0]} is not a local directory: give the report a local one with --to DIR")
-    report_dir = Path(report_dir or Path(out_dirs[0]) / "report")
     report_dir.mkdir(parents=True, exist_ok=True)
     summary, head = statistics.summarise(table), statistics.headline(table, target=target)
+    done = prepare(table)[0] if not summary.empty else None
     context = ReportContext(summary, table, stored_artifacts(artifact_roots(out_dirs)), _differences)
     extras = [out for _, extra in REPORTS.items() for out in extra(context)]
     plotted = [column for column in results.plotted_columns(table) if _has(summary, column)]
@@ -185,61 +176,98 @@ def write_report(
     for stem, frame in parquets.items():
         if frame is not None:
             frame.to_parquet(report_dir / f"{stem}.parquet", index=False)
+    # The full pivots (a column per series), which summary.md and the page show long.
+    pivots = {f"{METRIC}_by_budget": tables.curve_pivot(summary),
+              **{f"{c}_by_budget": tables.curve_pivot(summary, c) for c in plotted},
+              "versus_by_budget": tables.versus_pivot(diffs, found.iloc[: len(diffs)]) if versus else None}  # fmt: skip
+    for stem, frame in pivots.items():
+        if frame is not None and not frame.empty:
+            frame.to_csv(report_dir / f"{stem}.csv", index=False)
+    for file, config in configs:
+        (report_dir / file).write_text(json.dumps(config, indent=1, sort_keys=True))
 
+    csv = f"the full pivot (a column per series): {METRIC}_by_budget.csv"
     sections = [
-        Section(f"{METRIC} (mean [95% CI] over seeds)", tables.curve_table(summary), page=CURVES),
-        Section("Headline", tables.headline_table(head), page="Headline", lead=True),
+        Section(f"{METRIC} (mean [95% CI] over seeds)", tables.curve_table(summary), page=CURVES, note=csv),
+        Section("Headline", tables.headline_table(head), page="Headline", lead=not versus),
     ]
     if over:
         title = f"{METRIC}, mean over {over} (per seed, then mean [95% CI] over seeds)"
-        sections.append(Section(title, tables.curve_table(means), empty=f"No series differ only in {over}.\n"))
+        sections.append(Section(title, tables.curve_table(means), empty=f"No series differ only in {over}.\n",
+                                page=title))  # fmt: skip
     if versus:
         names, bound = " / ".join(versus), f"±{margin:g}" if margin else "none declared"
-        sections.insert(0, Section(
+        listed = Section("Every finding", tables.findings_list(found), page="Every finding", lead=True,
+                         markdown_too=False, scroll=True)  # fmt: skip
+        sections[:0] = [Section(
             "Findings", tables.findings_counts(found), page="Findings", lead=True,
             note=f"Each series minus its {names} partner, paired by seed, at each budget: better / worse where the "
             f"95% interval excludes 0, equivalent where it lies inside the margin ({bound}), gated where a quality "
             "gate failed, undecided otherwise. Every finding: findings.md, findings.parquet.",
-        ))  # fmt: skip
+        ), listed]  # fmt: skip
         (report_dir / "findings.md").write_text(tables.findings_markdown(found))
         title = f"{METRIC}: each series minus the {names} series of the same settings, paired by seed (mean [95% CI])"
         shown = tables.versus_table(diffs, found.iloc[: len(diffs)])
-        sections.append(Section(title, shown, empty=f"No series has a {names} partner.\n"))
+        sections.append(Section(title, shown, empty=f"No series has a {names} partner.\n", page=title))
     if over and versus:
         title = f"{METRIC}: each series minus its {' / '.join(versus)} partner, mean over {over}"
         gap_table = tables.versus_table(gaps.assign(versus=gaps["versus"].astype(str) + f" (same {over})"))
         empty = "No group has a partner at every value."
-        sections.append(Section(f"{title} (per seed, then mean [95% CI] over seeds)", gap_table, empty=empty, end="\n"))
+        title = f"{title} (per seed, then mean [95% CI] over seeds)"
+        sections.append(Section(title, gap_table, empty=empty, end="\n", page=title))
     gates = tables.failed_gates(table)
     if not gates.empty:
         note = "These upstream artifacts failed a quality gate; the findings of their trials are gated."
         sections.insert(0, Section("Failed quality gates", gates, note=note, page="Failed quality gates", lead=True))
     for column in plotted:
-        wide = tables.non_empty(tables.curve_table(summary, column))
-        sections.append(Section(f"{column} (mean [95% CI] over seeds)", wide))
+        wide = tables.curve_table(summary, column)
+        title = f"{column} (mean [95% CI] over seeds)"
+        sections.append(Section(title, wide, page=title, note=f"the full pivot: {column}_by_budget.csv"))
     for name, _, long in profiles:
         title = f"{name} by depth, at each series' largest budget (mean [95% CI] over seeds)"
-        sections.append(Section(title, tables.profile_markdown(long)))
+        sections.append(Section(title, tables.profile_markdown(long), page=title))
     sections += [Section(t.title, t.shown, t.note, page=t.title) for t in extras if isinstance(t, Table)]
-    sections += [provenance] if provenance is not None else []
+    details = "".join(f"<details><summary>Resolved sweep config ({html.escape(file)})</summary><pre>"
+                      f"{html.escape(json.dumps(config, indent=1, sort_keys=True))}</pre></details>"
+                      for file, config in configs)  # fmt: skip
+    sections.append(Section("Provenance", origin, note=origin_note, page="Provenance", after=details))
     (report_dir / "summary.md").write_text(_notes(summary, table) + "".join(s.markdown() for s in sections))
 
-    figures: list[tuple[str, str]] = []  # (file, caption)
+    static: list[str] = []  # files for papers, linked from the page
+    charts: list[dict] = []  # the page's figures: {id, caption, spec | png, rows?}
     if not summary.empty:
-        plot_curves(summary, report_dir / "data_efficiency", ylabel="test accuracy")
-        figures.append(("data_efficiency.svg", "Data-efficiency curves (mean, 95% CI over seeds)"))
+        plot_curves(summary, report_dir / "data_efficiency", ylabel="test accuracy", seeds=done)
+        static.append("data_efficiency")
+        metrics = [c for c in results.summarised_columns(table) if _has(summary, c)]
+        data = interactive.curves_data(summary, done, metrics)
+        charts.append({"id": "curves", "caption": CURVES_CAPTION, "spec": interactive.curves_chart(data, METRIC),
+                       "rows": data})  # fmt: skip
     for column in plotted:
-        plot_curves(summary, report_dir / column, metric=column, ylabel=column.replace("_", " "))
-        figures.append((f"{column}.svg", f"{column} against budget (mean, 95% CI over seeds)"))
+        plot_curves(summary, report_dir / column, metric=column, ylabel=column.replace("_", " "), seeds=done)
+        static.append(column)
     for name, profile, long in profiles:
         plot_profiles(long, report_dir / f"{name}_profile", profile.xlabel, profile.ylabel)
-        figures.append((f"{name}_profile.svg", f"{name} against depth at each series' largest budget (95% CI)"))
+        static.append(f"{name}_profile")
+        caption = f"{name} against depth at each series' largest budget (95% CI)"
+        charts.append({"id": f"{name}_profile", "caption": caption, "png": f"{name}_profile.png"})
     for extra in (e for e in extras if isinstance(e, Figure)):
-        save(extra.figure, report_dir / extra.name)
-        figures.append((f"{extra.name}.svg", extra.caption))
-    sources = ", ".join(str(Path(d)) for d in out_dirs)
-    (report_dir / "index.html").write_text(_page(sources, len(table), sections, figures))
+        if extra.figure is not None:
+            save(extra.figure, report_dir / extra.name)
+            static.append(extra.name)
+        chart = {"id": extra.name, "caption": extra.caption}
+        chart.update({"spec": extra.vega} if extra.vega is not None else {"png": f"{extra.name}.png"})
+        charts.append(chart)
+    sources_text = ", ".join(str(Path(d)) for d in out_dirs)
+    head_line = _head_line(origin)
+    page = _page(report_dir, sources_text, len(table), head_line, sections, charts, static)
+    (report_dir / "index.html").write_text(page)
     return report_dir
+
+
+def _head_line(origin: pd.DataFrame) -> str:
+    """The page's first line on what produced it: command, sweep, code version."""
+    items = origin.drop_duplicates("item", keep="first").set_index("item")["value"]
+    return " · ".join(f"{k}: {items[k]}" for k in ("command", "sweep", "code version", "dates") if k in items)
 
 
 def _notes(summary: pd.DataFrame, table: pd.DataFrame) -> str:
@@ -268,40 +296,110 @@ def _notes(summary: pd.DataFrame, table: pd.DataFrame) -> str:
     return text
 
 
-def _page(sources: str, n_rows: int, sections: list[Section], figures: list[tuple[str, str]]) -> str:
-    """index.html: offline, one page; the figures load from files beside it."""
+def _page(
+    report_dir: Path,
+    sources: str,
+    n_rows: int,
+    head_line: str,
+    sections: list[Section],
+    charts: list[dict],
+    static: list[str],
+) -> str:
+    """index.html: one file that reads offline (`interactive`: the Vega scripts inside it; the PNGs
+    of figures without a Vega-Lite spec inside it as data: URIs); findings and failed gates first,
+    then the main figure. Shrinks to links for the PNGs if it would weigh more than MAX_PAGE."""
     shown = [s for s in sections if s.page]
     lead = "\n".join(s.html() for s in shown if s.lead)
     rest = "\n".join(s.html() for s in shown if not s.lead)
-    figs = "\n".join(
-        f'<figure><img src="{html.escape(src)}" alt="{html.escape(cap)}"><figcaption>{html.escape(cap)}'
-        f"</figcaption></figure>"
-        for src, cap in figures
-    )
-    return f"""<!doctype html>
+    files = " ".join(f'<a href="{html.escape(n)}.png">{html.escape(n)}.png</a> / '
+                     f'<a href="{html.escape(n)}.svg">.svg</a>' for n in static)  # fmt: skip
+
+    def figures(inline: bool) -> str:
+        out = []
+        for chart in charts:
+            body = f'<div class="chart" id="chart-{html.escape(chart["id"])}"></div>'
+            if "png" in chart:
+                src = chart["png"]
+                if inline:
+                    src = "data:image/png;base64," + base64.b64encode((report_dir / src).read_bytes()).decode()
+                body = f'<img src="{html.escape(src)}" alt="{html.escape(chart["caption"])}">'
+            out.append(f"<figure>{body}<figcaption>{html.escape(chart['caption'])}</figcaption></figure>")
+        return "\n".join(out)
+
+    specs = [{"id": f"chart-{c['id']}", "spec": c["spec"], "rows": c.get("rows")} for c in charts if "spec" in c]
+    payload = interactive.script_json(specs)
+    for inline in (True, False):
+        text = _PAGE.format(sources=html.escape(sources), n_rows=n_rows, head=html.escape(head_line), lead=lead,
+                            figures=figures(inline), files=files, rest=rest, bundle=interactive.bundle(),
+                            specs=payload, expand=interactive.EXPAND, n_charts=len(specs))  # fmt: skip
+        if len(text.encode()) <= interactive.MAX_PAGE:
+            return text
+        log.warning(
+            "report: index.html would weigh %.1f MB; its PNG figures are linked, not inside it",
+            len(text.encode()) / 2**20,
+        )
+    return text
+
+
+CURVES_CAPTION = ("Data-efficiency curves: mean over seeds (line), 95% CI (band), one point per seed; hover a point "
+                  "for its seed and value, click a legend entry to show that method alone (shift-click: several), "
+                  "pick the column drawn in the menu.")  # fmt: skip
+
+_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Instill report</title>
 <style>
-body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; background: #fff; }}
-figure {{ display: inline-block; margin: 1em 1em 1em 0; }} img {{ max-width: 100%; }}
-table.t {{ border-collapse: collapse; font-size: 0.9em; }}
-table.t td, table.t th {{ padding: 0.25em 0.7em; border-bottom: 1px solid #ddd; text-align: left; }}
+body {{ font-family: system-ui, sans-serif; margin: 1.2em 2em; color: #222; background: #fff; }}
+h1 {{ margin: 0 0 0.2em 0; font-size: 1.5em; }} h2 {{ font-size: 1.15em; margin: 1.1em 0 0.4em 0; }}
+p.origin {{ font-size: 0.85em; color: #444; margin: 0.2em 0 0.6em 0; }}
+figure {{ display: inline-block; margin: 0.6em 1em 0.6em 0; vertical-align: top; }} img {{ max-width: 100%; }}
+figcaption {{ font-size: 0.85em; color: #444; max-width: 60em; }}
+table.t {{ border-collapse: collapse; font-size: 0.85em; }}
+table.t td, table.t th {{ padding: 0.2em 0.6em; border-bottom: 1px solid #ddd; text-align: left; }}
+div.scroll {{ max-height: 11em; overflow: auto; display: inline-block; border: 1px solid #eee; }}
+details pre {{ font-size: 0.8em; max-height: 30em; overflow: auto; background: #f7f7f7; padding: 0.5em; }}
+.vega-bind {{ font-size: 0.9em; margin: 0.3em 0; }}
 </style></head>
 <body>
 <h1>Instill report</h1>
-<p>Results from {html.escape(sources)} ({n_rows} rows). Budgets on a log axis; bands are 95% confidence
-intervals of the mean over seeds (Student t below 10 seeds; none for a single seed). A series is one configuration;
-different configurations are never averaged.</p>
+<p class="origin">Results from {sources} ({n_rows} rows). {head}</p>
 {lead}
 <h2>Figures</h2>
-{figs}
+{figures}
+<p class="origin">Budgets on a log axis; bands are 95% confidence intervals of the mean over seeds (none for a
+single seed), kept inside the column's range. A series is one configuration; different configurations are never
+averaged. The same figures for papers (matplotlib): {files}.</p>
 {rest}
 <script>
-window.addEventListener("load", function () {{
-  var imgs = Array.prototype.slice.call(document.images);
-  document.body.setAttribute("data-figures", imgs.length);
-  document.body.setAttribute("data-figures-loaded",
-    imgs.filter(function (i) {{ return i.complete && i.naturalWidth > 0; }}).length);
-}});
+{bundle}
+</script>
+<script type="application/json" id="instill-charts">{specs}</script>
+<script>
+{expand}
+(function () {{
+  var charts = JSON.parse(document.getElementById("instill-charts").textContent);
+  var drawn = 0, failed = 0;
+  function done() {{
+    document.body.setAttribute("data-charts", charts.length);
+    document.body.setAttribute("data-charts-rendered", drawn);
+    document.body.setAttribute("data-charts-failed", failed);
+  }}
+  done();
+  charts.forEach(function (c) {{
+    if (c.rows) {{ c.spec.datasets = {{rows: instillRows(c.rows)}}; }}
+    vegaEmbed("#" + c.id, c.spec, {{actions: false, renderer: "svg"}}).then(function () {{
+      drawn += 1; done();
+    }}).catch(function (err) {{
+      failed += 1; done();
+      document.getElementById(c.id).textContent = "This chart could not be drawn: " + err;
+    }});
+  }});
+  window.addEventListener("load", function () {{
+    var imgs = Array.prototype.slice.call(document.images);
+    document.body.setAttribute("data-images", imgs.length);
+    document.body.setAttribute("data-images-loaded",
+      imgs.filter(function (i) {{ return i.complete && i.naturalWidth > 0; }}).length);
+  }});
+}})();
 </script>
 </body></html>
 """

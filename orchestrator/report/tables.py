@@ -1,13 +1,18 @@
-"""The report's tables as people read them: budgets as rows, series as columns, cells `mean [95% CI]`
-(long format stays in the Parquet files)."""
+"""The report's tables as people read them: at most `MAX_COLUMNS` (12) columns, a row per series
+grouped by the values of the axes the series differ in, a column per budget, cells `mean [95% CI]`
+(long where budgets are too many; `fit` makes any table long that would be wider). The full pivots
+go to CSV files and the long data to the Parquet files."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-from orchestrator.report.series import prepare
+from orchestrator.report.layout import panel_axes
+from orchestrator.report.series import _fmt_value, prepare
 from orchestrator.report.statistics import METRIC, VERDICTS
+
+MAX_COLUMNS = 12  # no table in summary.md or on index.html is wider; the full pivots are CSV files
 
 
 def _cell(mean: float, lo: float, hi: float, spec: str = ".3f") -> str:
@@ -16,8 +21,8 @@ def _cell(mean: float, lo: float, hi: float, spec: str = ".3f") -> str:
 
 
 def _wide(frame: pd.DataFrame, columns: list[str], cells: list[str]) -> pd.DataFrame:
-    """Rows (task, n_train), one column per distinct `columns` entry in order of first appearance,
-    cells from `cells` ("" where a column has no value at a budget)."""
+    """The full pivot, for the CSV files: rows (task, n_train), one column per distinct `columns`
+    entry in order of first appearance, cells from `cells` ("" where a column has no value at a budget)."""
     long = frame.assign(_column=columns, _cell=cells)
     wide = long.pivot_table(index=["task", "n_train"], columns="_column", values="_cell", aggfunc="first")
     wide = wide[[c for c in dict.fromkeys(columns) if c in wide.columns]]
@@ -25,32 +30,110 @@ def _wide(frame: pd.DataFrame, columns: list[str], cells: list[str]) -> pd.DataF
     return wide.fillna("").reset_index()
 
 
+def _ids(frame: pd.DataFrame) -> list[str]:
+    """The columns a table's rows are grouped by: the task where there are several, then the axes
+    that differ between the series (`layout.panel_axes`)."""
+    return [c for c in panel_axes(frame) if c != "task"] if frame["task"].nunique() == 1 else panel_axes(frame)
+
+
+def by_budget(frame: pd.DataFrame, names: list[str], cells: list[str], name: str = "series") -> pd.DataFrame:
+    """Long by series, grouped by axis values: a row per series (`names`) with its axis values, a column
+    per budget (`n = 99`), or, where that would be wider than MAX_COLUMNS, a row per series and budget."""
+    ids = _ids(frame)
+    long = frame[[*ids, "n_train"]].assign(**{name: names, "_cell": cells})
+    long = long.sort_values([*ids, name], key=lambda c: c.map(_order), kind="stable")
+    for a in ids:
+        long[a] = long[a].map(lambda v: "-" if pd.isna(v) else _fmt_value(v))
+    budgets = sorted(long["n_train"].unique())
+    if len(ids) + 1 + len(budgets) > MAX_COLUMNS:
+        out = long.rename(columns={"_cell": "mean [95% CI]"}).sort_values([*ids, name, "n_train"], kind="stable")
+        return out.reset_index(drop=True)
+    wide = long.pivot_table(index=[*ids, name], columns="n_train", values="_cell", aggfunc="first", sort=False)
+    wide = wide.reindex(columns=budgets)
+    wide.columns = [f"n = {n:g}" for n in budgets]
+    return wide.fillna("").reset_index()
+
+
+def _order(value):
+    """Sort key of a table cell: numbers by value, before text."""
+    try:
+        return (0, float(value), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(value))
+
+
+def fit(frame: pd.DataFrame, limit: int | None = None) -> pd.DataFrame:
+    """`frame` as it is where it has at most `limit` (MAX_COLUMNS) columns; otherwise long: its first
+    three columns, then one row per remaining column (`column`, `value`), so that no table is wider."""
+    limit = limit or MAX_COLUMNS
+    if frame.shape[1] <= limit:
+        return frame
+    ids = [str(c) for c in frame.columns[:3]]
+    long = frame.astype({c: object for c in frame.columns}).melt(id_vars=ids, var_name="column", value_name="value")
+    order = {c: i for i, c in enumerate(frame.columns[3:])}
+    long = long.assign(_row=long.groupby("column").cumcount(), _col=long["column"].map(order))
+    return long.sort_values(["_row", "_col"], kind="stable").drop(columns=["_row", "_col"]).reset_index(drop=True)
+
+
+def _cells(summary: pd.DataFrame, metric: str) -> list[str]:
+    cols = [summary[f"{metric}_{s}"] for s in ("mean", "ci_lo", "ci_hi")]
+    return ["" if pd.isna(mu) else _cell(mu, lo, hi) for mu, lo, hi in zip(*cols, strict=True)]
+
+
 def curve_table(summary: pd.DataFrame, metric: str = METRIC) -> pd.DataFrame:
-    """Budgets as rows, series (by label) as columns, cells `mean [95% CI]` (the mean alone for one
-    seed; empty where the series has no value, e.g. an ablation of a model without a transplant)."""
+    """Series as rows grouped by their axis values, budgets as columns (`by_budget`), cells
+    `mean [95% CI]` (the mean alone for one seed); series with no value of `metric` are left out."""
     if summary.empty or f"{metric}_mean" not in summary:
         return pd.DataFrame()
-    cols = [summary[f"{metric}_{s}"] for s in ("mean", "ci_lo", "ci_hi")]
-    cells = ["" if pd.isna(mu) else _cell(mu, lo, hi) for mu, lo, hi in zip(*cols, strict=True)]
-    return _wide(summary, list(summary["label"]), cells)
+    part = summary[summary[f"{metric}_mean"].notna()]
+    return by_budget(part, list(part["label"]), _cells(part, metric)) if not part.empty else pd.DataFrame()
 
 
-def non_empty(wide: pd.DataFrame) -> pd.DataFrame:
-    """`wide` without the series columns that have no value at any budget."""
-    keep = [c for c in wide.columns if c in ("task", "n_train") or (wide[c] != "").any()]
-    return wide[keep]
-
-
-def versus_table(diffs: pd.DataFrame, found: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Budgets as rows, series (`label − versus`) as columns, cells `mean [95% CI]`, followed by the
-    finding's verdict when `found` (`statistics.findings` of `diffs`, row for row) is given."""
-    if diffs is None or diffs.empty:
+def curve_pivot(summary: pd.DataFrame, metric: str = METRIC) -> pd.DataFrame:
+    """The full pivot (budgets as rows, a column per series), for `<metric>_by_budget.csv`."""
+    if summary.empty or f"{metric}_mean" not in summary:
         return pd.DataFrame()
-    columns = [f"{a} − {b}" for a, b in zip(diffs["label"], diffs["versus"], strict=True)]
+    return _wide(summary, list(summary["label"]), _cells(summary, metric))
+
+
+def _versus_cells(diffs: pd.DataFrame, found: pd.DataFrame | None) -> list[str]:
     cells = [_cell(*t, "+.3f") for t in diffs[["diff_mean", "diff_ci_lo", "diff_ci_hi"]].itertuples(index=False)]
     if found is not None:
         cells = [f"{cell} {verdict}" for cell, verdict in zip(cells, found["verdict"], strict=True)]
-    return _wide(diffs, columns, cells)
+    return cells
+
+
+def versus_table(diffs: pd.DataFrame, found: pd.DataFrame | None = None) -> pd.DataFrame:
+    """A row per comparison (`label − versus`) grouped by axis values, budgets as columns, cells
+    `mean [95% CI]`, followed by the finding's verdict when `found` (`statistics.findings` of
+    `diffs`, row for row) is given."""
+    if diffs is None or diffs.empty:
+        return pd.DataFrame()
+    names = [f"{a} − {b}" for a, b in zip(diffs["label"], diffs["versus"], strict=True)]
+    return by_budget(diffs, names, _versus_cells(diffs, found), name="comparison")
+
+
+def versus_pivot(diffs: pd.DataFrame, found: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The full pivot of `versus_table` (budgets as rows), for the CSV file."""
+    if diffs is None or diffs.empty:
+        return pd.DataFrame()
+    names = [f"{a} − {b}" for a, b in zip(diffs["label"], diffs["versus"], strict=True)]
+    return _wide(diffs, names, _versus_cells(diffs, found))
+
+
+def findings_list(found: pd.DataFrame) -> pd.DataFrame:
+    """Every finding, for the page: comparison, budget, difference [95% CI], seeds, verdict."""
+    if found is None or found.empty:
+        return pd.DataFrame()
+    over = found["over"] if "over" in found else pd.Series([None] * len(found), index=found.index)
+    return pd.DataFrame({
+        "comparison": found["label"] + " − " + found["versus"] + over.map(lambda o: f" (mean over {o})"
+                                                                            if isinstance(o, str) else ""),
+        "n": found["n_train"].map(lambda n: f"{n:g}"),
+        "difference [95% CI]": [_cell(d, lo, hi, "+.3f") for d, lo, hi in
+                                zip(found["diff"], found["ci_lo"], found["ci_hi"], strict=True)],
+        "seeds": found["seeds"], "verdict": found["verdict"],
+    })  # fmt: skip
 
 
 def findings_counts(found: pd.DataFrame) -> pd.DataFrame:

@@ -1,6 +1,7 @@
 """The report's files: summary.md, index.html (in a real browser), figures and Parquet tables."""
 
 import json
+import re
 import shutil
 import subprocess
 
@@ -48,37 +49,55 @@ FLAGS = [
 ]
 
 
+def _requests_from_the_page(netlog) -> list[str]:
+    """The URLs that a page opened from file:// asked for, from Chromium's --log-net-log (the
+    browser's own background requests have no file:// site and are not counted)."""
+    log = json.loads(netlog.read_text())
+    start = log["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"]
+    return [e["params"]["url"] for e in log["events"] if e["type"] == start
+            and "site=file://" in e["params"].get("site_for_cookies", "")
+            and not e["params"]["url"].startswith(("file:", "data:"))]  # fmt: skip
+
+
+def _dump_dom(url, profile, netlog):
+    # The proxy goes nowhere: a page that needed the network would not draw; the net log records any try.
+    argv = [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--proxy-server=http://127.0.0.1:9",
+            f"--log-net-log={netlog}", "--virtual-time-budget=15000", "--dump-dom", url]  # fmt: skip
+    return subprocess.run(argv, capture_output=True, text=True, timeout=180).stdout
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
-def test_index_html_renders_in_a_real_browser_with_every_figure(tmp_path):
+def test_index_html_draws_its_charts_in_a_real_browser_with_no_network(tmp_path):
+    """Opened as a person would, offline: every chart drawn by the page's own scripts (one point per
+    seed, findings above the chart), no request leaving the machine, and a screenshot with ink."""
     from PIL import Image
 
-    table = curves_table(
-        {"subtask_induction": {0: [0.3, 0.35], 99: [0.95, 0.9]}, "scratch": {0: [0.2, 0.25], 99: [0.4, 0.5]}}, 0.75
-    )
+    control = tmp_path / "control.html"  # the check can fail: a page that loads from the network
+    control.write_text('<html><body><img src="http://192.0.2.1/x.png"><script src="https://example.invalid/a.js">'
+                       "</script></body></html>")  # fmt: skip
+    _dump_dom(control.as_uri(), tmp_path / "p0", tmp_path / "control.json")
+    assert len(_requests_from_the_page(tmp_path / "control.json")) == 2
+
+    table = pd.concat([series_rows("subtask_induction", 0.75, {0: [0.3, 0.35, 0.3], 99: [0.9, 0.92, 0.91]}),
+                       series_rows("scratch", None, {0: [0.2, 0.25, 0.3], 99: [0.4, 0.5, 0.45]})],
+                      ignore_index=True)  # fmt: skip
     write_results(tmp_path / "run", table)
-    report = write_report([tmp_path / "run"])
-    url = (report / "index.html").as_uri()
-    dom = subprocess.run(
-        [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'p1'}", "--virtual-time-budget=5000", "--dump-dom", url],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout
-    assert 'data-figures="2"' in dom and 'data-figures-loaded="2"' in dom, dom[-500:]
+    report = write_report([tmp_path / "run"], versus="scratch")
+    page = (report / "index.html").read_text()
+    assert len(page.encode()) <= 5 * 2**20
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.I)  # nothing to fetch
+    dom = _dump_dom((report / "index.html").as_uri(), tmp_path / "p1", tmp_path / "net.json")
+    drawn = 'data-charts="1"' in dom and 'data-charts-rendered="1"' in dom and 'data-charts-failed="0"' in dom
+    assert drawn, dom[-800:]
+    assert dom.count('aria-roledescription="circle"') == len(table)  # one point per seed, budget and series
+    assert dom.count('aria-roledescription="line mark"') == 2
+    assert 'class="vega-bind"' in dom and '<option value="val_acc">' in dom  # the column menu
+    assert dom.index("Every finding") < dom.index('id="chart-curves"')
+    assert _requests_from_the_page(tmp_path / "net.json") == []
     shot = tmp_path / "shot.png"
-    subprocess.run(
-        [
-            CHROMIUM,
-            *FLAGS,
-            f"--user-data-dir={tmp_path / 'p2'}",
-            "--window-size=1200,1400",
-            f"--screenshot={shot}",
-            url,
-        ],
-        capture_output=True,
-        timeout=120,
-        check=True,
-    )
+    subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'p2'}", "--window-size=1200,1400",
+                    "--virtual-time-budget=15000", f"--screenshot={shot}", (report / "index.html").as_uri()],
+                   capture_output=True, timeout=180, check=True)  # fmt: skip
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert pixels.std() > 10, "the screenshot is blank"
     assert (pixels < 128).mean() > 0.01, "too little ink: text and figures did not render"
@@ -166,7 +185,7 @@ def test_findings_come_first_with_their_verdicts_and_cited_anchors(tmp_path):
     assert text.index("## Findings") < text.index("## test_acc (mean") and "(±0.03)" in text
     assert "+0.403 [" in text and "] better" in text
     page = (tmp_path / "rep" / "index.html").read_text()
-    assert page.index("Findings") < page.index("<img")
+    assert page.index("Findings") < page.index('id="chart-curves"')
     assert "Fewer than 15 seeds at some budgets" in text and "subtask_induction @0.75" in text
     assert main([*argv, "--margin", "0"]) == 2  # a margin must be positive
 

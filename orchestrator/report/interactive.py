@@ -1,0 +1,193 @@
+"""index.html's interactive charts: Vega-Lite specs drawn by vega-embed, its scripts inside the page.
+
+Why Vega-Lite: the page must be one file that reads offline and weighs at most 5 MB. The Vega,
+Vega-Lite and vega-embed bundle that `vl-convert-python` ships (`vl_convert.javascript_bundle()`,
+no download at run time) is about 0.9 MB, against 3.5-4.7 MB for plotly.js, which would leave little
+of the 5 MB for the data. The specs are plain dicts (a Vega-Lite spec is JSON), so the report needs
+no plotting library beyond matplotlib, which draws the PNG/SVG files kept for papers.
+
+The curves chart (`curves_chart`): small multiples as in the static figure (`layout`), a line per
+series coloured by its method (`palette`), its 95% interval as a band and each seed's value as a
+point under it; hovering a point shows its series, seed, budget and value; a click on a legend entry
+shows that method (or line) alone (shift-click: several); a menu picks the summarised column drawn.
+Its rows travel compactly (per series, then [series, column, n, values...]) and are expanded in the
+page (`EXPAND`), so that a paper-sized sweep stays far below 5 MB."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+
+import pandas as pd
+
+from orchestrator.report import palette
+from orchestrator.report.layout import layout
+
+MAX_PAGE = 5 * 1024 * 1024  # bytes: index.html's limit (a page people mail and attach)
+PANEL_WIDTH, PANEL_HEIGHT = 250, 170
+
+
+@functools.cache
+def bundle() -> str:
+    """The Vega + Vega-Lite + vega-embed script (defines window.vegaEmbed), from the installed
+    vl-convert-python: nothing is fetched."""
+    import vl_convert
+
+    script = vl_convert.javascript_bundle()
+    return script.replace("</script", "<\\/script")
+
+
+def _num(value) -> float | None:
+    """A value for the page: 4 significant digits (what a tooltip shows), None for missing."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return float(f"{v:.4g}") if math.isfinite(v) else None
+
+
+def curves_data(summary: pd.DataFrame, seeds: pd.DataFrame | None, metrics: list[str]) -> dict:
+    """The curves chart's rows, compact: series (label, method, line, panels), the metrics, the means
+    ([series, metric, n, mean, lo, hi, seeds]) and each seed's value ([series, metric, n, seed, value])."""
+    plan = layout(summary)
+    panels = {s: [] for s in plan.line}
+    for title, inside in plan.panels:
+        for s in inside:
+            panels[s].append(title)
+    order = list(plan.line)
+    index = {s: i for i, s in enumerate(order)}
+    labels = summary.drop_duplicates("series").set_index("series")["label"].to_dict()
+    series = [{"s": str(labels[s]), "m": plan.method[s], "l": plan.line[s], "p": panels[s]} for s in order]
+    means, points = [], []
+    for mi, metric in enumerate(metrics):
+        if f"{metric}_mean" not in summary:
+            continue
+        part = summary[summary[f"{metric}_mean"].notna()]
+        cols = ["series", "n_train", f"{metric}_mean", f"{metric}_ci_lo", f"{metric}_ci_hi", "seeds"]
+        for s, n, mean, lo, hi, k in part[cols].itertuples(index=False):
+            means.append([index[s], mi, _num(n), _num(mean), _num(lo), _num(hi), int(k)])
+        if seeds is not None and metric in seeds:
+            values = pd.to_numeric(seeds[metric], errors="coerce")
+            kept = seeds[values.notna() & seeds["series"].isin(index)]
+            for s, n, seed, v in zip(kept["series"], kept["n_train"], kept["seed"], values[kept.index], strict=True):
+                points.append([index[s], mi, _num(n), _num(seed), _num(v)])
+    return {"series": series, "metrics": metrics, "means": means, "seeds": points,
+            "panels": [title for title, _ in plan.panels], "budgets": sorted({r[2] for r in means}),
+            "colours": plan.colour,
+            "dashes": {line: palette.DASHES[i][1] for line, i in plan.dash.items()}}  # fmt: skip
+
+
+def curves_chart(data: dict, metric: str) -> dict:
+    """The Vega-Lite spec of the curves chart; its rows (`datasets.rows`) are filled in by the page."""
+    methods = sorted(data["colours"])
+    dashed = any(data["dashes"].values())
+    colour = {"field": "method", "type": "nominal", "title": "method",
+              "scale": {"domain": methods, "range": [data["colours"][m] for m in methods]},
+              "legend": {"orient": "bottom", "columns": 4, "symbolType": "stroke", "symbolOpacity": 1,
+                         "symbolStrokeWidth": 3}}  # fmt: skip
+    x = {"field": "n", "type": "quantitative", "title": "training budget n (log scale)",
+         "scale": {"type": "symlog", "constant": 10}, "axis": {"grid": True, "values": data["budgets"]}}  # fmt: skip
+    shown = {"and": [{"param": "pick_method"}] + ([{"param": "pick_line"}] if dashed else [])}
+    opacity = {"condition": {"test": shown, "value": 1}, "value": 0.07}
+    picks = [{"name": "pick_method", "select": {"type": "point", "fields": ["method"]}, "bind": "legend"}]
+    if dashed:
+        picks.append({"name": "pick_line", "select": {"type": "point", "fields": ["line"]}, "bind": "legend"})
+    line = {
+        "transform": [{"filter": "datum.kind === 'mean'"}],
+        "mark": {"type": "line", "point": {"size": 25}, "strokeWidth": 1.8},
+        "params": picks,
+        "encoding": {
+            "x": x,
+            "y": {"field": "y", "type": "quantitative", "title": "mean and seeds", "scale": {"zero": False}},
+            "color": colour,
+            "detail": {"field": "series"},
+            "opacity": opacity,
+            "tooltip": [
+                {"field": "series"},
+                {"field": "n", "title": "budget n"},
+                {"field": "y", "title": "mean", "format": ".4g"},
+                {"field": "lo", "title": "95% CI low"},
+                {"field": "hi", "title": "95% CI high"},
+                {"field": "seeds", "title": "seeds"},
+            ],
+        },  # fmt: skip
+    }
+    if dashed:
+        lines = sorted(data["dashes"])
+        line["encoding"]["strokeDash"] = {"field": "line", "type": "nominal", "title": "line",
+                                          "scale": {"domain": lines, "range": [data["dashes"][n] or [1, 0]
+                                                                               for n in lines]},
+                                          "legend": {"orient": "bottom", "columns": 2}}  # fmt: skip
+    band = {
+        "transform": [{"filter": "datum.kind === 'mean' && isValid(datum.lo)"}],
+        "mark": {"type": "area", "opacity": 0.14},
+        "encoding": {
+            "x": x,
+            "y": {"field": "lo", "type": "quantitative"},
+            "y2": {"field": "hi"},
+            "color": colour,
+            "detail": {"field": "series"},
+            "opacity": {"condition": {"test": shown, "value": 0.14}, "value": 0.02},
+        },  # fmt: skip
+    }
+    points = {
+        "transform": [{"filter": "datum.kind === 'seed'"}],
+        "mark": {"type": "circle", "size": 16},
+        "encoding": {
+            "x": x,
+            "y": {"field": "y", "type": "quantitative"},
+            "color": colour,
+            "opacity": {"condition": {"test": shown, "value": 0.45}, "value": 0.03},
+            "tooltip": [
+                {"field": "series"},
+                {"field": "seed"},
+                {"field": "n", "title": "budget n"},
+                {"field": "y", "title": "value", "format": ".4g"},
+            ],
+        },  # fmt: skip
+    }
+    inner = {"width": PANEL_WIDTH, "height": PANEL_HEIGHT, "layer": [band, points, line]}
+    base = {
+        "params": [{"name": "metric", "value": metric,
+                    "bind": {"input": "select", "options": data["metrics"], "name": "column drawn: "}}],
+        "datasets": {"rows": []},
+        "data": {"name": "rows"},
+        "transform": [{"filter": "datum.metric === metric"}],
+        "title": {"text": {"expr": "metric + ' against training budget (mean, 95% CI, one point per seed)'"},
+                  "anchor": "start", "fontSize": 13},
+        "config": {"font": "system-ui, sans-serif", "view": {"stroke": "#ccc"}},
+    }  # fmt: skip
+    if len(data["panels"]) > 1:
+        facet = {"field": "panel", "type": "nominal", "sort": data["panels"], "title": None,
+                 "header": {"labelFontSize": 11, "labelLimit": 400}}  # fmt: skip
+        return {**base, "facet": facet, "columns": min(len(data["panels"]), 3), "spec": inner}
+    return {**base, **inner}
+
+
+# Expands `curves_data` into the rows `curves_chart` reads (one per panel a series is drawn in).
+EXPAND = """
+function instillRows(d) {
+  var rows = [];
+  d.means.forEach(function (r) {
+    var s = d.series[r[0]];
+    s.p.forEach(function (p) {
+      rows.push({kind: "mean", panel: p, series: s.s, method: s.m, line: s.l, metric: d.metrics[r[1]],
+                 n: r[2], y: r[3], lo: r[4], hi: r[5], seeds: r[6]});
+    });
+  });
+  d.seeds.forEach(function (r) {
+    var s = d.series[r[0]];
+    s.p.forEach(function (p) {
+      rows.push({kind: "seed", panel: p, series: s.s, method: s.m, line: s.l, metric: d.metrics[r[1]],
+                 n: r[2], seed: r[3], y: r[4]});
+    });
+  });
+  return rows;
+}
+"""
+
+
+def script_json(value) -> str:
+    """JSON to place inside a <script> element (no `</` that would end it)."""
+    return json.dumps(value, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
