@@ -9,6 +9,7 @@ from methods import hard_concrete as _hard_concrete  # noqa: F401  (registers th
 from methods import l2sp as _l2sp  # noqa: F401  (registers the l2sp method)
 from methods import linearized_gp as _linearized_gp  # noqa: F401  (registers the linearized_gp method)
 from methods import mask_reports as _mask_reports  # noqa: F401  (the mask kind's report extras)
+from methods import occam_reports as _occam_reports  # noqa: F401  (OccamNets: the occam_exits analysis and table)
 from methods.analysis import ANALYSES, AnalysisContext, Column, Profile, register_analysis
 from methods.artifacts import ARTIFACTS, ArtifactContext, ArtifactKind, register_artifact
 from methods.discovery import DISCOVERERS, Discovery, DiscoveryConfig, discover

@@ -22,9 +22,15 @@ default objective, `methods.training.cross_entropy`, to use it), summed over the
 2. Gate BCE, weight `gate_loss` (1.0), against "this exit's argmax is correct", on the raw gate
    logit (`binary_cross_entropy_with_logits`: finite when a gate saturates), class-balanced: the
    positives' mean and the negatives' mean count half each (a batch with one kind only: its mean).
+   Targets are frozen as the paper's: while exit i's running training accuracy (an exponential
+   average over training batches, momentum `ACC_MOMENTUM`) is under `gate_thresholds[i]` ([0.5,
+   0.6, 0.7, 0.8]), the target is the exit's current correctness; once it has passed, each training
+   example's target is fixed at its correctness the first time the example is seen from then on
+   (examples are told apart by a hash of their pixels: the loop passes no example ids).
 3. Main CE, per example weighted by p_true^gamma0 (exit 0; gamma0 = 3; p_true the exit's own
    softmax probability of the true class, detached) or by 1 - the previous exit's gate probability
-   (detached) for exits 1-3; mean over the batch.
+   (detached) for exits 1-3, each exit's weights divided by their maximum over the batch plus the
+   paper's offset `weight_offset` (0.1); mean over the batch.
 
 Computation
 - Exit logits are the Conv1x1 applied to the pooled `cam_in` (`F.linear` with the conv's weight): the
@@ -34,13 +40,13 @@ Computation
   with its running statistics instead of failing; it does not update them.
 
 Departures from the paper's code (erobic/occam-nets-v1)
-- Gate targets are the exit's current correctness on the batch. The paper freezes each training
-  example's target once the exit's running training accuracy passes a per-exit threshold
-  ([0.5, 0.6, 0.7, 0.8]); that needs example ids and epoch state, which a model does not see.
+- The running accuracy that freezes gate targets is an exponential average over batches (momentum
+  0.9), not the epoch's accuracy (a model does not see epochs); examples are identified by a hash
+  of their pixels, not by ids.
 - Class balancing: each kind counts half (the brief's choice); theirs weights by
   (1 / normalised count) ** 0.5.
-- Main-CE weights are used as they are: no division by the running maximum weight of the epoch and
-  no +0.1 offset (again epoch state).
+- Main-CE weights are divided by their maximum over the batch, not the running maximum of the epoch,
+  before the +0.1 offset.
 - CAM suppression is averaged over the suppressed cells; theirs averages over all cells (so a map
   with fewer suppressed cells weighs less there).
 - The gate BCE uses raw logits, theirs `binary_cross_entropy` of the sigmoid (which saturates).
@@ -57,6 +63,7 @@ gates' linears are ordinary maskable weights, their norms norms.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Literal
 
@@ -72,6 +79,7 @@ from tasks.models.vision import SmallImageResNet
 N_EXITS = 4
 FIRST_INFERENCE_EXIT = 1
 GATE_HIDDEN = 16
+ACC_MOMENTUM = 0.9  # of the exits' running training accuracy (gate-target freezing)
 
 
 class OccamResNet18Config(Frozen):
@@ -80,6 +88,10 @@ class OccamResNet18Config(Frozen):
     cam_suppression: float = Field(0.1, ge=0, description="weight of the CAM suppression term")
     gate_loss: float = Field(1.0, ge=0, description="weight of the gates' BCE term")
     gamma0: float = Field(3.0, ge=0, description="exit 0's CE weight is p_true ** gamma0")
+    gate_thresholds: tuple[float, float, float, float] = Field(
+        (0.5, 0.6, 0.7, 0.8), description="per exit: running training accuracy above which its gate targets freeze"
+    )
+    weight_offset: float = Field(0.1, ge=0, description="added to each exit's main-CE weights after max-normalising")
 
 
 class Exit(nn.Module):
@@ -170,6 +182,11 @@ class OccamResNet(SmallImageResNet):
         for m in [*self.exits.modules(), *self.head.modules()]:  # the trunk's (and paper's) conv init
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        # Training state of the gate targets (not parameters, not in the state dict): each exit's
+        # running training accuracy, and per exit the frozen target of each example seen since it passed
+        # its threshold, keyed by a hash of the example's pixels.
+        self.exit_accuracy: list[float | None] = [None] * N_EXITS
+        self.frozen_targets: list[dict[bytes, float]] = [{} for _ in range(N_EXITS)]
 
     def feature_names(self) -> tuple[str, ...]:
         """Names of the features `forward(..., intermediates=True)` returns, in order."""
@@ -200,17 +217,48 @@ class OccamResNet(SmallImageResNet):
         if targets is not None:
             if intermediates:
                 raise ValueError("forward: pass either targets (for the loss) or intermediates, not both")
-            return self.loss(cam_ins, pooled, gates, targets)
+            return self.loss(cam_ins, pooled, gates, targets, x)
         used = slice(FIRST_INFERENCE_EXIT, None)
         features["pool"] = torch.cat([*pooled[used], torch.stack(gates[used], 1)], 1)
         logits = self.head(features["pool"])
         return (logits, features) if intermediates else logits
 
-    def loss(self, cam_ins, pooled, gates, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The summed per-exit loss and its parts (detached), per exit."""
+    def exit_choice(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,) the exit (1-3) inference takes for each image of `x` (the model's current mode)."""
+        _, _, _, gates = self.run(x)
+        return FIRST_INFERENCE_EXIT + route(torch.stack(gates[FIRST_INFERENCE_EXIT:], 1))
+
+    def gate_targets(self, i: int, correct: torch.Tensor, keys: list[bytes] | None) -> tuple[torch.Tensor, float]:
+        """Exit i's gate targets (B,) for a batch whose current correctness is `correct`, and the
+        share of them that are frozen. In training mode this also updates the exit's running
+        accuracy and freezes the targets of examples first seen after it passed its threshold;
+        in eval mode it only reads frozen targets."""
+        frozen = self.frozen_targets[i]
+        acc = self.exit_accuracy[i]
+        passed = acc is not None and acc >= self.cfg.gate_thresholds[i]
+        targets, n_frozen = correct.clone(), 0
+        if keys is not None and (passed or frozen):
+            values = correct.tolist()
+            for j, key in enumerate(keys):
+                if key in frozen:
+                    values[j], n_frozen = frozen[key], n_frozen + 1
+                elif passed and self.training:
+                    frozen[key], n_frozen = values[j], n_frozen + 1
+            targets = torch.tensor(values, dtype=correct.dtype, device=correct.device)
+        if self.training:
+            batch_acc = float(correct.mean())
+            self.exit_accuracy[i] = batch_acc if acc is None else ACC_MOMENTUM * acc + (1 - ACC_MOMENTUM) * batch_acc
+        return targets, n_frozen / max(1, len(correct))
+
+    def loss(
+        self, cam_ins, pooled, gates, y: torch.Tensor, x: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The summed per-exit loss and its parts (detached), per exit. `x` (the batch's images)
+        identifies examples for gate-target freezing (None: targets are the current correctness)."""
         cfg = self.cfg
         total = torch.zeros((), device=y.device)
         measured: dict[str, torch.Tensor] = {}
+        keys = example_keys(x) if x is not None else None
         for i in range(N_EXITS):
             logits = self.head.logits(i, pooled[i]).float()
             gate = gates[i].float()
@@ -220,8 +268,10 @@ class OccamResNet(SmallImageResNet):
                     weight = ce_weight_first(logits, y, cfg.gamma0)
                 else:
                     weight = 1 - torch.sigmoid(gates[i - 1].float())
+                weight = normalised_weights(weight, cfg.weight_offset)
+                target, share_frozen = self.gate_targets(i, correct, keys)
             main = (weight * F.cross_entropy(logits, y, reduction="none")).mean()
-            gate_bce = balanced_gate_bce(gate, correct)
+            gate_bce = balanced_gate_bce(gate, target)
             supp = cam_suppression(self.head.maps(i, cam_ins[i]).float(), y)
             total = total + main + cfg.gate_loss * gate_bce + cfg.cam_suppression * supp
             measured |= {
@@ -229,6 +279,7 @@ class OccamResNet(SmallImageResNet):
                 f"exit{i}_gate": gate_bce.detach(),
                 f"exit{i}_supp": supp.detach(),
                 f"exit{i}_acc": correct.mean(),
+                f"exit{i}_frozen": torch.tensor(share_frozen, device=y.device),
             }
         with torch.no_grad():
             choice = route(torch.stack(gates[FIRST_INFERENCE_EXIT:], 1))
@@ -262,6 +313,18 @@ def balanced_gate_bce(gate_logits: torch.Tensor, target: torch.Tensor) -> torch.
     kinds = (pos > 0).to(bce.dtype) + (neg > 0).to(bce.dtype)
     weight = torch.where(target > 0, 1 / pos.clamp(min=1), 1 / neg.clamp(min=1)) / kinds
     return (weight * bce).sum()
+
+
+def normalised_weights(weight: torch.Tensor, offset: float) -> torch.Tensor:
+    """Per-example CE weights (B,) divided by their maximum over the batch, plus `offset`."""
+    return weight / weight.max().clamp(min=torch.finfo(weight.dtype).tiny) + offset
+
+
+def example_keys(x: torch.Tensor) -> list[bytes]:
+    """One key per example of `x` (B, ...): a 16-byte BLAKE2 digest of its pixels' bytes, the same
+    for the same image whatever batch it comes in."""
+    rows = x.detach().float().cpu().contiguous().flatten(1).numpy()
+    return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows]
 
 
 def ce_weight_first(logits: torch.Tensor, y: torch.Tensor, gamma0: float) -> torch.Tensor:

@@ -214,6 +214,7 @@ def test_gate_loss_stays_finite_when_gates_saturate():
 
 
 def test_main_ce_weights_are_p_true_cubed_then_one_minus_the_previous_gate():
+    """Each exit's weights, divided by their batch maximum, plus the paper's 0.1 offset."""
     model = build().train()
     x, y = batch()
     loss, measured = model(x, targets=y)
@@ -221,7 +222,9 @@ def test_main_ce_weights_are_p_true_cubed_then_one_minus_the_previous_gate():
     logits = [model.head.logits(i, pooled[i]) for i in range(4)]
     p_true = F.softmax(logits[0], 1)[torch.arange(B), y]
     torch.testing.assert_close(ce_weight_first(logits[0], y, 3.0), p_true**3)
-    weights = [p_true**3] + [1 - torch.sigmoid(gates[i - 1]) for i in range(1, 4)]
+    raw = [p_true**3] + [1 - torch.sigmoid(gates[i - 1]) for i in range(1, 4)]
+    weights = [w / w.max() + 0.1 for w in raw]
+    assert all(w.max().item() == pytest.approx(1.1) for w in weights)
     for i in range(4):
         expected = (weights[i] * F.cross_entropy(logits[i], y, reduction="none")).mean()
         torch.testing.assert_close(measured[f"exit{i}_ce"], expected.detach())
@@ -242,8 +245,52 @@ def test_ce_weights_are_detached():
     _, _, pooled, _ = model.run(x)
     logits = model.head.logits(0, pooled[0])
     weight = (F.softmax(logits, 1)[torch.arange(B), y] ** 3).detach()
+    weight = weight / weight.max() + 0.1
     (weight * F.cross_entropy(logits, y, reduction="none")).mean().backward()
     torch.testing.assert_close(got, model.head.cams[0].weight.grad)
+
+
+def test_gate_targets_follow_correctness_until_the_threshold_then_freeze_per_example():
+    model = build().train()
+    keys = [bytes([k]) for k in range(4)]
+    right, wrong = torch.ones(4), torch.zeros(4)
+    # Exit 1 (threshold 0.6): under it, the targets are the current correctness and nothing freezes.
+    target, frozen = model.gate_targets(1, torch.tensor([1.0, 0.0, 1.0, 0.0]), keys)
+    assert torch.equal(target, torch.tensor([1.0, 0.0, 1.0, 0.0])) and frozen == 0
+    assert model.exit_accuracy[1] == pytest.approx(0.5) and not model.frozen_targets[1]
+    for _ in range(20):  # the running accuracy climbs past 0.6 (momentum 0.9)
+        model.gate_targets(1, right[:2], keys[2:])
+    assert model.exit_accuracy[1] > 0.6
+    # Examples seen from now on freeze at their correctness of that moment ...
+    target, frozen = model.gate_targets(1, torch.tensor([0.0, 1.0, 1.0, 1.0]), keys)
+    assert torch.equal(target, torch.tensor([0.0, 1.0, 1.0, 1.0])) and frozen == 1.0
+    # ... and keep it whatever the exit answers later, in training and in eval mode.
+    target, _ = model.gate_targets(1, right, keys)
+    assert torch.equal(target, torch.tensor([0.0, 1.0, 1.0, 1.0]))
+    model.eval()
+    target, _ = model.gate_targets(1, wrong, [*keys[:2], b"new", b"other"])
+    assert torch.equal(target, torch.tensor([0.0, 1.0, 0.0, 0.0])), "eval reads frozen targets, freezes none"
+    assert b"new" not in model.frozen_targets[1]
+    # Another exit has its own threshold and state.
+    assert model.exit_accuracy[2] is None and not model.frozen_targets[2]
+
+
+def test_example_keys_identify_an_image_in_any_batch():
+    from tasks.models.occam import example_keys
+
+    x, _ = batch()
+    keys = example_keys(x)
+    assert len(set(keys)) == B
+    assert example_keys(x[[3, 1]]) == [keys[3], keys[1]]
+
+
+def test_the_loss_freezes_gate_targets_through_training():
+    model = build(gate_thresholds=(0.0, 0.0, 0.0, 0.0)).train()  # every exit past its threshold at once
+    x, y = batch()
+    model(x, targets=y)  # the first batch sets the running accuracies
+    _, measured = model(x, targets=y)
+    assert all(measured[f"exit{i}_frozen"] == 1.0 for i in range(4))
+    assert all(len(model.frozen_targets[i]) == B for i in range(4))
 
 
 def test_a_one_row_training_batch_uses_the_gates_running_statistics():
