@@ -1,50 +1,72 @@
 """Linearised networks as GP priors (Maddox, Tang, Garcia, Wilson, Izmailov, AISTATS 2021, "Fast
 adaptation with linearized neural networks"): a downstream method with no gradient training.
 
-The source network, in eval mode, is linearised at its weights θ: f_lin(x) = f(x; θ) + J(x) Δw,
-with J(x) the (C x P) Jacobian of the C logits with respect to *all* P parameters. Its kernel is
-k(x, x') = J(x) J(x')ᵀ; on the N training examples K_XX is (N·C x N·C), example-major (row i·C + c
-is logit c of example i). The prediction is the GP posterior mean with the network as prior mean,
-on one-hot targets Y (N x C):
+The source network, in eval mode, is linearised at its weights θ over *all* P of its parameters:
+f_lin(x; w) = f(x; θ) + J(x) w, J(x) the (C x P) Jacobian of the C logits. Classification is the
+paper's: the linearised logits are trained with cross-entropy under a Gaussian prior w ~ N(0, δ⁻¹ I)
+(the MAP), a Laplace approximation around the MAP gives the posterior, the prior precision δ is the
+one that maximises the Laplace marginal likelihood (evidence) of the training data, and predictions
+are predictive probabilities (Monte Carlo over the Laplace posterior's logits).
 
-    f(x*) = f(x*; θ) + J(x*) Δw,   Δw = J(X)ᵀ β,   β = (K_XX + σ² I)⁻¹ vec(Y − f(X; θ))
-
-which is the linearised model at θ + Δw, Δw the ridge regression of the residuals on the Jacobian's
-features, solved in function space (N·C < P). Δw (buffer `gp_delta`) is computed once at fit time,
-so `forward` costs one `torch.func.jvp` per batch: about two forward passes.
-
-- σ²: each value of `sigma2_grid` times the kernel's mean diagonal, so the grid means the same for
-  any architecture. One float64 eigendecomposition K = U diag(λ) Uᵀ serves every candidate. The best
-  validation accuracy (`data.val`, labels `y`) wins; ties go to the larger σ². `history`: every
-  candidate's validation accuracy in grid order; `measurements`: one row (`sigma2` (absolute),
-  `sigma2_relative`, `kernel_mean_diag`, `kernel_size` (N·C), `explicit_jacobian` (1 or 0),
-  `train_acc`). `best_epoch`, `epochs_run` and `steps` are 0; the source's weights never change.
+- The MAP, in function space. The prior is isotropic, so the MAP w lies in the span of J(X)ᵀ:
+  w = J(X)ᵀ a / δ, and f(X) = f(X; θ) + K a / δ with K = J(X) J(X)ᵀ the (N·C x N·C) Jacobian
+  kernel, example-major (row i·C + c is logit c of example i). This is GP classification with
+  kernel K / δ and the network as prior mean, solved by Newton's method on a (Rasmussen & Williams,
+  "Gaussian processes for machine learning", algorithm 3.1 with a block-diagonal W; a halving line
+  search keeps every step an ascent). W = blockdiag(diag πᵢ − πᵢπᵢᵀ) is the softmax Hessian; for the
+  linearised model J(X)ᵀ W J(X) is the exact Hessian of the cross-entropy in w (the GGN is exact).
+- The evidence: log Z(δ) = Σᵢ log πᵢ[yᵢ] − aᵀ K a / (2δ) − ½ log det(I + W^½ K W^½ / δ), at the MAP
+  (Sylvester's identity turns the P x P determinant of the Laplace Hessian into this N·C one).
+  δ = `prior_precision_relative` x the kernel's mean diagonal, the relative value searched on a
+  log10 grid of step 0.5 over `prior_precision_bounds`, then refined by golden-section search
+  around the grid's best to `search_tolerance` decades; the largest evidence wins. Only the
+  training data are read: validation accuracy is reported, never used to choose.
+- The posterior: N(w_MAP, Σ), Σ = (δ I + J(X)ᵀ W J(X))⁻¹. The predictive logits at x* are
+  Gaussian, mean f(x*; θ) + J(x*) w_MAP and covariance J(x*) Σ J(x*)ᵀ; the prediction is
+  E[softmax] over `samples` draws (fixed standard-normal draws, taken once from the method's
+  generator, so a prediction is the same for any batching). The covariance is taken over the
+  parameters of the source's head (its `head_name` module, `methods.finetune.find_head`): their
+  exact marginal under Σ, Σ_HH = (I − J_Hᵀ W^½ B⁻¹ W^½ J_H / δ) / δ with B = I + W^½ K W^½ / δ,
+  the other parameters held at the MAP at prediction time (the full covariance would need the
+  Jacobian of every test example against all P parameters: see the departures).
+- `forward` returns log predictive probabilities (softmax of them is the predictive distribution;
+  argmax, accuracy and cross-entropy read them as logits); `predict_proba` the probabilities.
+  One `torch.func.jvp` per batch (the mean) and one vmapped Jacobian against the head.
+- `history`: the validation accuracy of the prediction (one entry); `measurements`: one row
+  (`prior_precision` (δ), `prior_precision_relative`, `log_evidence`, `at_bound` (1 where the best δ
+  is an end of the bounds), `newton_steps` (at the chosen δ), `kernel_mean_diag`, `kernel_size`
+  (N·C), `head_params`, `explicit_jacobian` (1 or 0), `train_acc`, `map_val_acc` (the MAP's logits
+  without the predictive average)). `best_epoch`, `epochs_run` and `steps` are 0; the source's
+  weights never change.
+- Without training data the posterior is the prior and δ is undefined: the prediction is the
+  source's softmax (no covariance).
 - K_XX: from the explicit Jacobian J(X) (`vmap(jacrev)`, chunked) when N·C·P·(bytes per element) ≤
   `jacobian_max_bytes`, else matrix-free: column (i, c) is J(X) (J(x_i)ᵀ e_c), one vjp on example i
-  and one jvp over examples i..N (the rest by symmetry), about N·C/2 jvp passes over X. Δw = J(X)ᵀ β
-  comes from the explicit Jacobian, or one vjp pass over X.
-- Size: the solve is O((N·C)³) time and (N·C)² float64 memory; `max_train` caps N (5000 examples x
-  10 classes is a 20 GB kernel, as much again for its eigenvectors). The explicit Jacobian costs
-  N·C·P·4 bytes (45 GB for 100 examples x 10 classes of a ResNet-18): such models go matrix-free.
-- Not checkpointed: the fit does not go through `methods.training.fit`; an interrupted trial fits again.
+  and one jvp over examples i..N (the rest by symmetry). w = J(X)ᵀ a / δ comes from the explicit
+  Jacobian, or one vjp pass over X.
+- Size: every Newton step is a Cholesky factorisation of an (N·C)² float64 matrix; `max_train`
+  caps N. The explicit Jacobian costs N·C·P·4 bytes (45 GB for 100 examples x 10 classes of a
+  ResNet-18): such models go matrix-free.
+- Not checkpointed: the fit does not go through `methods.training.fit`; an interrupted trial fits
+  again. A kept model reloads (`load_state_dict` resizes the fitted buffers).
 - Features (`intermediates=True`, `feature_names()`) are the source's. Dropout and batch norm are the
   source's in eval mode, also when the model is put in train mode.
 - Attention runs with the math kernel of `scaled_dot_product_attention` (the fused kernels have no
   forward-mode derivative), for every pass, the prior mean included.
 - Analyses: `subnetwork_ablation` gives NaN (nothing was transplanted); `lmc_barrier` gives NaN, as
   the model declares `weight_space_point = False` (no weights of the source's architecture compute
-  the GP's function: θ + Δw through the nonlinear network does not).
+  the GP's function: θ + w through the nonlinear network does not); `calibration` reads
+  `predict_proba`.
 - No mixed precision: Jacobian products run in the model's dtype, the kernel is accumulated in
-  float64 (`gram`), the solve is float64.
+  float64 (`gram`), Newton's method and the covariance are float64.
 
-Departures from the paper:
-- Classification here is regression on one-hot targets of the logits, with the network's output as
-  prior mean (as their classification experiments do), not a GP classifier; the kernel is the full
-  multi-output one (C x C blocks), not one output's.
-- σ² is chosen on a validation grid, not by maximising the marginal likelihood.
-- No conjugate gradients: a direct eigendecomposition of K_XX in float64, which caps N·C
-  (`max_train`) but is exact and makes the σ² search cost one decomposition.
-- Only the posterior mean is used; no predictive uncertainty is output.
+Departures from the paper (docs/COMPARISON.md gives their measured effect where measured):
+- The predictive covariance is the head's marginal (above), not J(x*) Σ J(x*)ᵀ over all parameters;
+  the MAP and the evidence are over all parameters.
+- Monte Carlo over the Gaussian logits (`samples` draws), not a probit approximation.
+- No conjugate gradients: direct Cholesky factorisations of the (N·C)² system in float64, exact,
+  which caps N·C (`max_train`).
+- The kernel is the full multi-output one (C x C blocks per pair of examples).
 """
 
 from __future__ import annotations
@@ -54,40 +76,48 @@ import functools
 import math
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, model_validator
 from torch import nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common.config import Frozen
+from methods.finetune import find_head
 from methods.registry import Method, MethodContext, register_method
 from methods.training import TrainResult, evaluate
 from tasks.base import Split
 
 _BLOCK_BYTES = 2**28  # working memory of one chunk (Jacobian rows, float64 column blocks)
+_GRID_STEP = 0.5  # decades between the evidence grid's prior precisions
+_GOLDEN = (math.sqrt(5) - 1) / 2
+_NEWTON_TOL = 1e-10  # relative increase of the log posterior below which Newton's method stops
+_NEWTON_MAX = 200
 
 
 class LinearizedGPConfig(Frozen):
     """The `linearized_gp:` block of a sweep file."""
 
-    sigma2_grid: tuple[float, ...] = Field(
-        (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0),
-        min_length=1,
-        description="noise variances to try, relative to the kernel's mean diagonal; best validation accuracy wins",
+    prior_precision_bounds: tuple[float, float] = Field(
+        (1e-4, 1e4),
+        description="range of the prior precision δ searched by the evidence, relative to the kernel's mean "
+        "diagonal (1 / the prior variance of a logit's change)",
     )
+    search_tolerance: float = Field(
+        0.01, gt=0, le=_GRID_STEP, description="decades to which the golden-section search refines δ"
+    )
+    samples: int = Field(1000, ge=1, description="Monte Carlo draws of the predictive logits per prediction")
     jacobian_max_bytes: int = Field(
         2**30, ge=0, description="largest explicit Jacobian J(X) (N·C·P elements) to form; beyond it, matrix-free"
     )
-    max_train: int = Field(5000, ge=1, description="most training examples; the solve costs O((N·C)^3)")
+    max_train: int = Field(5000, ge=1, description="most training examples; each Newton step costs O((N·C)^3)")
 
-    @field_validator("sigma2_grid")
-    @classmethod
-    def _positive(cls, grid: tuple[float, ...]) -> tuple[float, ...]:
-        bad = [g for g in grid if not (g > 0 and math.isfinite(g))]
-        if bad:
-            raise ValueError(f"every sigma2 must be positive and finite; got {bad}")
-        return grid
+    @model_validator(mode="after")
+    def _bounds(self) -> LinearizedGPConfig:
+        lo, hi = self.prior_precision_bounds
+        if not (0 < lo <= hi and math.isfinite(hi)):
+            raise ValueError(f"prior_precision_bounds must be two positive finite numbers, low <= high; got {[lo, hi]}")
+        return self
 
 
 def _attention_math():
@@ -95,10 +125,16 @@ def _attention_math():
     return sdpa_kernel([SDPBackend.MATH])
 
 
+_FITTED = ("gp_delta", "gp_alpha", "gp_head_factor", "gp_draws")  # buffers whose shape the fit sets
+
+
 class LinearizedGP(nn.Module):
-    """The GP posterior mean of a frozen source network's linearisation (see the module doc): a deep
-    copy of the source (eval mode, no gradients) and the fitted buffers `gp_delta` (Δw = J(X)ᵀ β, flat,
-    P), `gp_beta` (β, N·C, float64) and `gp_sigma2`. Before `fit_gp` Δw is 0: the source's function."""
+    """The Laplace-approximated posterior of a frozen source network's linearisation (see the module
+    doc): a deep copy of the source (eval mode, no gradients) and the fitted buffers `gp_delta` (the
+    MAP w = J(X)ᵀ a / δ, flat, P), `gp_alpha` (a, N·C, float64), `gp_prior_precision` (δ),
+    `gp_head_factor` (R with R Rᵀ = Σ_HH, the head's posterior covariance, float64) and `gp_draws`
+    (standard-normal draws, samples x C). Before `fit_gp` w is 0 and there is no covariance: the
+    prediction is the source's softmax."""
 
     weight_space_point = False  # no network weights compute this function: lmc_barrier gives NaN
 
@@ -111,11 +147,21 @@ class LinearizedGP(nn.Module):
         self._names = [n for n, _ in named]
         self._shapes = [p.shape for _, p in named]
         self._numels = [p.numel() for _, p in named]
+        self._head: list[str] | None = None  # the head's parameter names, found on the first input
         dtype = functools.reduce(torch.promote_types, (p.dtype for _, p in named))
         device = named[0][1].device
+        f64 = {"dtype": torch.float64, "device": device}
         self.register_buffer("gp_delta", torch.zeros(sum(self._numels), dtype=dtype, device=device))
-        self.register_buffer("gp_beta", torch.zeros(0, dtype=torch.float64, device=device))
-        self.register_buffer("gp_sigma2", torch.tensor(math.nan, dtype=torch.float64, device=device))
+        self.register_buffer("gp_alpha", torch.zeros(0, **f64))
+        self.register_buffer("gp_prior_precision", torch.tensor(math.nan, **f64))
+        self.register_buffer("gp_head_factor", torch.zeros(0, 0, **f64))
+        self.register_buffer("gp_draws", torch.zeros(0, 0, **f64))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in _FITTED:  # a fitted model's buffers have the fit's shapes: take them
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name], device=self.gp_delta.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def n_params(self) -> int:
@@ -150,12 +196,32 @@ class LinearizedGP(nn.Module):
     def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([tensors[n].reshape(-1) for n in self._names])
 
+    def head_names(self, example: torch.Tensor) -> list[str]:
+        """The parameters of the source's head (the module that outputs its logits), in order."""
+        if self._head is None:
+            head = find_head(self.source, example[:2])
+            self._head = [n for n in self._names if n.startswith(f"{head}.")]
+            if not self._head:
+                raise ValueError(f"linearized_gp: the source's head {head!r} has no parameters of its own (a tied "
+                                 f"head?); the predictive covariance is taken over the head's parameters")  # fmt: skip
+        return self._head
+
+    def head_jacobian(self, x: torch.Tensor) -> torch.Tensor:
+        """J_H(x) (B, C, P_H): the logits' Jacobian against the head's parameters, per example."""
+        params, head = self.params(), self.head_names(x)
+        fixed = {n: v for n, v in params.items() if n not in head}
+
+        def one(h, xi):
+            return self.call({**fixed, **h}, xi.unsqueeze(0)).squeeze(0)
+
+        with _attention_math():
+            jac = vmap(jacrev(one), in_dims=(None, 0))({n: params[n] for n in head}, x)
+        return torch.cat([jac[n].reshape(len(x), jac[n].shape[1], -1) for n in head], dim=2)
+
     # --- the predictor ---------------------------------------------------------------------
 
-    def forward(
-        self, x: torch.Tensor, intermediates: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """f(x; θ) + J(x) Δw (B, C); with `intermediates`, `(logits, source features)`."""
+    def map_logits(self, x: torch.Tensor, intermediates: bool = False):
+        """f(x; θ) + J(x) w_MAP (B, C); with `intermediates`, `(logits, source features)`."""
         params, tangent = self.params(), self.unflatten(self.gp_delta)
         with _attention_math():
             if intermediates:
@@ -163,6 +229,30 @@ class LinearizedGP(nn.Module):
                 return logits + jv, features
             logits, jv = jvp(lambda p: self.call(p, x), (params,), (tangent,))
         return logits + jv
+
+    def forward(
+        self, x: torch.Tensor, intermediates: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Log predictive probabilities (B, C); with `intermediates`, `(them, source features)`."""
+        out = self.map_logits(x, intermediates)
+        mean, features = out if intermediates else (out, None)
+        logp = self._predictive(x, mean)
+        return (logp, features) if intermediates else logp
+
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """The predictive probabilities (B, C): E[softmax(f)] under the Laplace posterior."""
+        return self(x).exp()
+
+    def _predictive(self, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        if self.gp_head_factor.numel() == 0 or self.gp_draws.numel() == 0:  # no posterior covariance
+            return F.log_softmax(mean.double(), dim=-1).to(mean.dtype)
+        u = self.head_jacobian(x).double() @ self.gp_head_factor  # (B, C, P_H): J_H R
+        cov = u @ u.transpose(1, 2)  # (B, C, C)
+        lam, vec = torch.linalg.eigh((cov + cov.transpose(1, 2)) / 2)
+        root = vec * lam.clamp_min(0).sqrt().unsqueeze(1)  # (B, C, C): root rootᵀ = cov
+        logits = mean.double().unsqueeze(1) + self.gp_draws @ root.transpose(1, 2)  # (B, S, C)
+        logp = torch.logsumexp(F.log_softmax(logits, dim=-1), dim=1) - math.log(len(self.gp_draws))
+        return logp.to(mean.dtype)
 
 
 # --- Jacobian products -----------------------------------------------------------------------
@@ -267,82 +357,184 @@ def kernel_matrix_free(model: LinearizedGP, x: torch.Tensor, n_classes: int, bat
     return torch.tril(k) + torch.tril(k, -1).T  # every lower-triangle entry was computed
 
 
+# --- GP classification: Newton's method and the evidence ------------------------------------------
+
+
+def _blocks(pi: torch.Tensor) -> torch.Tensor:
+    """W^½ (N, C, C): the symmetric square root of each softmax Hessian diag(πᵢ) − πᵢπᵢᵀ."""
+    w = torch.diag_embed(pi) - pi.unsqueeze(2) * pi.unsqueeze(1)
+    lam, vec = torch.linalg.eigh(w)
+    return (vec * lam.clamp_min(0).sqrt().unsqueeze(1)) @ vec.transpose(1, 2)
+
+
+def _block_left(s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """blockdiag(s) @ m for m (N·C, ·)."""
+    n, c, _ = s.shape
+    return torch.einsum("iab,ibk->iak", s, m.reshape(n, c, -1)).reshape(n * c, -1)
+
+
+class _Posterior:
+    """The MAP and Laplace evidence of GP classification with kernel K / δ and prior mean f0 (see
+    the module doc), at one δ: `a` (N·C), the latent `f` (N, C), `log_evidence`, `steps`, and the
+    factors at the MAP: `root` (W^½ blocks) and `chol` (the Cholesky factor of B)."""
+
+    def __init__(self, k: torch.Tensor, f0: torch.Tensor, y: torch.Tensor, delta: float, a0: torch.Tensor):
+        n, c = f0.shape
+        kd = k / delta
+        eye = torch.eye(n * c, dtype=k.dtype, device=k.device)
+        labels = y.argmax(1)
+
+        def objective(a: torch.Tensor) -> tuple[float, torch.Tensor]:
+            g = kd @ a
+            f = f0 + g.view(n, c)
+            loglik = F.log_softmax(f, dim=1).gather(1, labels[:, None]).sum()
+            return float(loglik - 0.5 * (a @ g)), f
+
+        a = a0
+        psi, f = objective(a)
+        self.steps = 0
+        for _ in range(_NEWTON_MAX):
+            pi = F.softmax(f, dim=1)
+            root = _blocks(pi)
+            w_g = _block_left(root, _block_left(root, (f - f0).reshape(-1, 1))).reshape(-1)
+            b = w_g + (y - pi).reshape(-1)
+            chol = torch.linalg.cholesky(eye + _block_left(root, _block_left(root, kd).T))  # B, symmetric
+            inner = torch.cholesky_solve(_block_left(root, (kd @ b).reshape(-1, 1)), chol)
+            step = b - _block_left(root, inner).reshape(-1) - a
+            t = 1.0
+            while True:  # halve until the log posterior does not fall (it is concave: t small suffices)
+                new_psi, new_f = objective(a + t * step)
+                if new_psi >= psi or t < 1e-12:
+                    break
+                t /= 2
+            self.steps += 1
+            gain = new_psi - psi
+            if gain >= 0:
+                a, psi, f = a + t * step, new_psi, new_f
+            if gain < _NEWTON_TOL * (1 + abs(psi)):
+                break
+        pi = F.softmax(f, dim=1)
+        self.root = _blocks(pi)
+        self.chol = torch.linalg.cholesky(eye + _block_left(self.root, _block_left(self.root, kd).T))
+        self.a, self.f, self.delta = a, f, delta
+        self.log_evidence = psi - float(torch.log(self.chol.diagonal()).sum())  # − ½ log det B
+
+
+def _search(k, f0, y, scale: float, cfg: LinearizedGPConfig) -> tuple[_Posterior, float, bool]:
+    """The posterior at the δ of largest evidence: a log10 grid over the bounds (relative to
+    `scale`), then golden-section search around its best (module doc). Returns it, its relative δ
+    and whether that δ is an end of the bounds."""
+    lo, hi = (math.log10(b) for b in cfg.prior_precision_bounds)
+    found: dict[float, _Posterior] = {}
+    warm = [torch.zeros(f0.numel(), dtype=f0.dtype, device=f0.device), 1.0]  # the last a and its δ
+
+    def at(u: float) -> float:
+        if u not in found:
+            delta = scale * 10**u
+            found[u] = _Posterior(k, f0, y, delta, warm[0] * (delta / warm[1]))  # the same f to start from
+            warm[:] = [found[u].a, delta]
+        return found[u].log_evidence
+
+    grid = [lo + i * _GRID_STEP for i in range(int(math.floor((hi - lo) / _GRID_STEP + 1e-9)) + 1)]
+    if grid[-1] < hi:
+        grid.append(hi)
+    for u in reversed(grid):  # from the tight prior (near the source) outwards: warm starts stay close
+        at(u)
+    best = max(grid, key=lambda u: (at(u), u))
+    a, b = max(lo, best - _GRID_STEP), min(hi, best + _GRID_STEP)
+    x1, x2 = b - _GOLDEN * (b - a), a + _GOLDEN * (b - a)
+    while b - a > cfg.search_tolerance:
+        if at(x1) >= at(x2):
+            b, x2 = x2, x1
+            x1 = b - _GOLDEN * (b - a)
+        else:
+            a, x1 = x1, x2
+            x2 = a + _GOLDEN * (b - a)
+    u = max(found, key=lambda v: (found[v].log_evidence, v))  # ties: the tighter prior
+    return found[u], 10**u, u in (lo, hi)
+
+
+def _head_factor(post: _Posterior, j_head: torch.Tensor) -> torch.Tensor:
+    """R (P_H, P_H) with R Rᵀ = Σ_HH = (I − J_Hᵀ W^½ B⁻¹ W^½ J_H / δ) / δ, the head's marginal."""
+    m = torch.linalg.solve_triangular(post.chol, _block_left(post.root, j_head), upper=False)
+    cov = (torch.eye(j_head.shape[1], dtype=m.dtype, device=m.device) - m.T @ m / post.delta) / post.delta
+    lam, vec = torch.linalg.eigh((cov + cov.T) / 2)
+    return vec * lam.clamp_min(0).sqrt()
+
+
 # --- the fit ---------------------------------------------------------------------------------
 
 
-def fit_gp(model: LinearizedGP, train: Split, val: Split, cfg: LinearizedGPConfig, batch_size: int) -> TrainResult:
-    """Fit the GP posterior mean on `train` and choose σ² on `val` (see the module doc). Only
-    `train` and `val` are read."""
+def fit_gp(
+    model: LinearizedGP,
+    train: Split,
+    val: Split,
+    cfg: LinearizedGPConfig,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+) -> TrainResult:
+    """Fit the Laplace posterior of the linearised model on `train`, δ by the evidence (module doc);
+    `val` is only scored. `generator` draws the predictive's standard-normal draws."""
     n = len(train)
     if n > cfg.max_train:
         raise ValueError(
             f"linearized_gp: the budget has {n} training examples, more than linearized_gp.max_train = "
-            f"{cfg.max_train}; the GP solve costs O((N·C)^3) time and (N·C)^2 memory. Raise "
+            f"{cfg.max_train}; each Newton step costs O((N·C)^3) time and (N·C)^2 memory. Raise "
             f"linearized_gp.max_train or use a smaller data fraction."
         )
     was_training = model.training
     model.eval()
     device = model.gp_delta.device
-    x = train.x.to(device)
-    f_x = prior_mean(model, x, batch_size) if n else None
-    c = int(f_x.shape[1]) if n else int(_prior_width(model, val))
-    explicit = n * c * model.n_params * model.gp_delta.element_size() <= cfg.jacobian_max_bytes
-    sigma2s = torch.tensor(cfg.sigma2_grid, dtype=torch.float64, device=device)
+    row = {"prior_precision": math.nan, "prior_precision_relative": math.nan, "log_evidence": math.nan,
+           "at_bound": math.nan, "newton_steps": 0.0, "kernel_mean_diag": math.nan, "kernel_size": 0.0,
+           "head_params": math.nan, "explicit_jacobian": math.nan, "train_acc": math.nan}  # fmt: skip
+    _load(model, torch.zeros(model.n_params), torch.zeros(0), math.nan, torch.zeros(0, 0), torch.zeros(0, 0))
     if n:
-        y = F.one_hot(train.y.to(device).long(), c).double()
-        residual = (y - f_x).reshape(-1)  # example-major, (N·C,)
+        x = train.x.to(device)
+        f0 = prior_mean(model, x, batch_size)
+        c = f0.shape[1]
+        explicit = n * c * model.n_params * model.gp_delta.element_size() <= cfg.jacobian_max_bytes
         j = jacobian(model, x, c, batch_size) if explicit else None
         k = gram(j) if explicit else kernel_matrix_free(model, x, c, batch_size)
-        k = (k + k.T) / 2  # exact symmetry for eigh
+        k = (k + k.T) / 2
         scale = float(k.diagonal().mean())
         if not (scale > 0 and math.isfinite(scale)):
             raise ValueError(f"linearized_gp: the kernel's mean diagonal is {scale}; the source's Jacobian is zero")
-        sigma2s = sigma2s * scale
-        lam, u = torch.linalg.eigh(k)
-        betas = u @ ((u.T @ residual)[:, None] / (lam[:, None] + sigma2s))  # (N·C, G): one column per candidate
-        deltas = transpose_product(j, betas) if explicit else None  # (P, G), one pass over J
-    else:  # no training data: the posterior is the prior, the source itself
-        scale = 1.0
-    history, best = [], None
-    for g, relative in enumerate(cfg.sigma2_grid):
-        sigma2 = float(sigma2s[g])
-        if n:
-            beta = betas[:, g]
-            delta = deltas[:, g] if explicit else vjp_sum(model, x, beta.view(n, c), batch_size)
-        else:
-            beta = torch.zeros(0, dtype=torch.float64, device=device)
-            delta = torch.zeros(model.n_params, dtype=torch.float64, device=device)
-        _load(model, beta, delta, sigma2)
-        acc = evaluate(model, val, batch_size)["y"]
-        history.append(acc)
-        if best is None or (acc, sigma2) >= (best[0], best[1]):  # ties: the larger σ²
-            best = (acc, sigma2, relative, beta, delta)
-    acc, sigma2, relative, beta, delta = best
-    _load(model, beta, delta, sigma2)
-    train_acc = evaluate(model, train, batch_size)["y"] if n else math.nan
+        y = F.one_hot(train.y.to(device).long(), c).double()
+        post, relative, at_bound = _search(k, f0, y, scale, cfg)
+        coef = post.a / post.delta
+        delta = transpose_product(j, coef) if explicit else vjp_sum(model, x, coef.view(n, c), batch_size)
+        del j
+        j_head = torch.cat([model.head_jacobian(xb).double() for _, xb in _rows(x, batch_size)])
+        factor = _head_factor(post, j_head.reshape(n * c, -1))
+        draws = torch.randn(cfg.samples, c, generator=generator, dtype=torch.float64)
+        _load(model, delta, post.a, post.delta, factor, draws)
+        row.update(prior_precision=post.delta, prior_precision_relative=relative, log_evidence=post.log_evidence,
+                   at_bound=float(at_bound), newton_steps=float(post.steps), kernel_mean_diag=scale,
+                   kernel_size=float(n * c), head_params=float(factor.shape[0]), explicit_jacobian=float(explicit),
+                   train_acc=evaluate(model, train, batch_size)["y"])  # fmt: skip
+    acc = evaluate(model, val, batch_size)["y"]
+    row["map_val_acc"] = _map_accuracy(model, val, batch_size)
     model.train(was_training)
-    row = {
-        "sigma2": sigma2,
-        "sigma2_relative": relative,
-        "kernel_mean_diag": scale,
-        "kernel_size": float(n * c),
-        "explicit_jacobian": float(explicit),
-        "train_acc": train_acc,
-    }
-    return TrainResult(best_val_acc=acc, best_epoch=0, epochs_run=0, steps=0, history=history, measurements=[row])
-
-
-def _load(model: LinearizedGP, beta: torch.Tensor, delta: torch.Tensor, sigma2: float) -> None:
-    model.gp_beta = beta.contiguous().clone()
-    model.gp_delta = delta.to(model.gp_delta.dtype).contiguous().clone()
-    model.gp_sigma2 = torch.tensor(sigma2, dtype=torch.float64, device=model.gp_delta.device)
+    return TrainResult(best_val_acc=acc, best_epoch=0, epochs_run=0, steps=0, history=[acc], measurements=[row])
 
 
 @torch.no_grad()
-def _prior_width(model: LinearizedGP, split: Split) -> int:
-    """The number of logits, read from one example (for a fit without training data)."""
-    with _attention_math():
-        return model.call(model.params(), split.x[:1].to(model.gp_delta.device)).shape[1]
+def _map_accuracy(model: LinearizedGP, split: Split, batch_size: int) -> float:
+    """Accuracy of the MAP's logits (no predictive average) on `split`."""
+    device = model.gp_delta.device
+    hits = sum(int((model.map_logits(xb.to(device)).argmax(-1).cpu() == split.y[s : s + len(xb)]).sum())
+               for s, xb in _rows(split.x, batch_size))  # fmt: skip
+    return hits / max(1, len(split))
+
+
+def _load(model: LinearizedGP, delta, alpha, precision: float, factor, draws) -> None:
+    device = model.gp_delta.device
+    model.gp_delta = delta.to(device, model.gp_delta.dtype).contiguous().clone()
+    model.gp_alpha = alpha.to(device, torch.float64).contiguous().clone()
+    model.gp_prior_precision = torch.tensor(precision, dtype=torch.float64, device=device)
+    model.gp_head_factor = factor.to(device, torch.float64).contiguous().clone()
+    model.gp_draws = draws.to(device, torch.float64).contiguous().clone()
 
 
 # --- the method ------------------------------------------------------------------------------
@@ -352,14 +544,15 @@ def _prior_width(model: LinearizedGP, split: Split) -> int:
     "linearized_gp",
     needs=("source",),
     config=LinearizedGPConfig,
-    description="GP posterior mean with the source's Jacobian kernel J(x) J(x')ᵀ (linearised network), no training",
+    description="the source's linearisation trained by cross-entropy (MAP), Laplace posterior, prior by the "
+    "evidence, predictive probabilities; no gradient step",
 )
 class LinearizedGPMethod(Method):
     def build(self, ctx: MethodContext) -> nn.Module:
         return LinearizedGP(ctx.artifact("source"))
 
     def objective(self, ctx: MethodContext, model: nn.Module):
-        raise TypeError("linearized_gp is fitted in closed form by its train(); it has no gradient objective")
+        raise TypeError("linearized_gp is fitted by Newton's method in its train(); it has no gradient objective")
 
     def train(
         self, ctx: MethodContext, model: nn.Module, generator: torch.Generator, mixed_precision: bool = False
@@ -370,4 +563,4 @@ class LinearizedGPMethod(Method):
             )
         if not isinstance(model, LinearizedGP):
             raise TypeError(f"linearized_gp trains the LinearizedGP its build() returns, got {type(model).__name__}")
-        return fit_gp(model, ctx.data.train, ctx.data.val, ctx.config, ctx.training.eval_batch_size)
+        return fit_gp(model, ctx.data.train, ctx.data.val, ctx.config, ctx.training.eval_batch_size, generator)

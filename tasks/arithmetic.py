@@ -108,7 +108,7 @@ class ModularArithmetic:
     Config = ModularArithmeticConfig
     n_positions = 4  # [a, b, =, y] as in the paper; the model reads the first three
     trains_on_zero = True  # n = 0 still leaves the ambiguous samples to train on
-    default_analyses = ("splits",)  # accuracy under the competing readings
+    default_analyses = ("splits", "calibration")  # accuracy under the competing readings; calibration
 
     def __init__(self, config: ModularArithmeticConfig):
         self.config = config

@@ -102,7 +102,7 @@ class ImageNet16:
 
     Config = ImageNet16Config
     trains_on_zero = False
-    default_analyses = ("splits", "shape_bias")
+    default_analyses = ("splits", "shape_bias", "calibration")
 
     def __init__(self, config: ImageNet16Config):
         self.config = config

@@ -112,7 +112,7 @@ class Shapes:
 
     Config = ShapesConfig
     trains_on_zero = False  # downstream training needs at least one textured image
-    default_analyses = ("splits", "shape_bias")
+    default_analyses = ("splits", "shape_bias", "calibration")
 
     def __init__(self, config: ShapesConfig):
         self.config = config
