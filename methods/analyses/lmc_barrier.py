@@ -20,7 +20,8 @@ in one linearly connected basin, large when the path climbs over a ridge (Frankl
   `llrt`'s retrained last layer over frozen features) has a barrier of 0 by construction: along the
   path the logits are linear in t and the cross-entropy of linear logits is convex in t, so it never
   rises above the chord. Its `lmc_barrier` is NaN (no evidence either way: nothing but the head
-  moved) and `lmc_barrier_head_only` is 1; the midpoint columns are measured as for any model.
+  moved; the path is not evaluated) and `lmc_barrier_head_only` is 1; the midpoint columns are
+  measured as for any model.
 - A model that is not a point of its architecture's weight space (it declares
   `weight_space_point = False`, e.g. `linearized_gp`'s GP predictor, whose function no network
   weights compute) has no straight line to its source: every column is NaN. Any other model whose
@@ -88,14 +89,15 @@ def lmc_barrier(ctx, model: nn.Module, config: LMCConfig | None) -> dict[str, fl
 
     n = config.points
     ts = sorted({i / (n - 1) for i in range(n)} | {0.5})  # i / (n - 1): exactly 0.0 and 1.0 at the ends
+    if head_only:  # no barrier to measure: the midpoint alone, for its columns
+        ts = [0.5]
     losses, accs = {}, {}
     for t in ts:
         probe.load_state_dict(interpolate(trained, source, t))
         recalibrate_batch_norm(probe, norm_data, ctx.eval_batch_size)
         losses[t] = mean_loss(probe, split, ctx.eval_batch_size)
         accs[t] = evaluate(probe, split, ctx.eval_batch_size)["y"]
-    start, end = losses[0.0], losses[1.0]
-    barrier = nan if head_only else max(losses[t] - ((1 - t) * start + t * end) for t in ts)
+    barrier = nan if head_only else max(losses[t] - ((1 - t) * losses[0.0] + t * losses[1.0]) for t in ts)
     return {"lmc_barrier": barrier, "lmc_barrier_loss_mid": losses[0.5], "lmc_barrier_acc_mid": accs[0.5],
             "lmc_barrier_head_only": float(head_only)}  # fmt: skip
 
