@@ -13,10 +13,12 @@ from orchestrator.report.layout import layout
 from orchestrator.report.statistics import METRIC, bounds
 
 
-def save(fig, stem: Path) -> list[Path]:
+def save(fig, stem: Path, tight: bool = True) -> list[Path]:
+    """`fig` as `stem`.png and .svg; `tight`: cropped to what is drawn (a figure whose margins are set
+    need not be: cropping draws it once more)."""
     written = [stem.with_suffix(f".{ext}") for ext in ("png", "svg")]
     for file in written:
-        fig.savefig(file, dpi=130, bbox_inches="tight")  # legends below the axes stay in
+        fig.savefig(file, dpi=130, bbox_inches="tight" if tight else None)  # legends below the axes stay in
     pyplot().close(fig)
     return written
 
@@ -60,8 +62,11 @@ def plot_curves(
     n_cols = min(len(plan.panels), 4)
     n_rows = -(-len(plan.panels) // n_cols)
     legend_rows = -(-len(plan.lines()) // 3)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.3 * n_cols, 3.3 * n_rows + 0.3 * legend_rows + 0.3),
-                             squeeze=False, sharey=True, sharex=True)  # fmt: skip
+    width, height = 3.9 * n_cols + 0.9, 3.0 * n_rows + 0.28 * legend_rows + 0.75
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(width, height), squeeze=False, sharey=True, sharex=True)
+    # Fixed margins in inches (not tight_layout, which draws the figure once more: slow for many panels).
+    fig.subplots_adjust(left=0.75 / width, right=1 - 0.15 / width, top=1 - 0.3 / height,
+                        bottom=(0.28 * legend_rows + 0.6) / height, wspace=0.08, hspace=0.35)  # fmt: skip
     by_series = dict(tuple(seeds.groupby("series"))) if seeds is not None and metric in seeds else {}
     shown: list[np.ndarray] = []
     handles: dict[str, object] = {}
@@ -98,8 +103,7 @@ def plot_curves(
     names = [n for n in plan.lines() if n in handles]
     fig.legend([handles[n] for n in names], names, fontsize=8, loc="lower center", ncol=min(3, len(names)),
                frameon=False, bbox_to_anchor=(0.5, 0))  # fmt: skip
-    fig.tight_layout(rect=(0, (0.3 * legend_rows + 0.2) / fig.get_figheight(), 1, 1))
-    return save(fig, stem)
+    return save(fig, stem, tight=False)
 
 
 def plot_profiles(long: pd.DataFrame, stem: Path, xlabel: str, ylabel: str) -> list[Path]:
@@ -110,6 +114,12 @@ def plot_profiles(long: pd.DataFrame, stem: Path, xlabel: str, ylabel: str) -> l
     shared = long.groupby("series")["position"].apply(tuple).nunique() == 1
     x_col = "depth" if shared else "relative_depth"
     names = _legend_names(long)
+    methods = long.drop_duplicates("series").set_index("series")["method"] if "method" in long else None
+    colours = palette.colours(methods.unique()) if methods is not None else {}
+    by_method: dict[str, list[str]] = {}
+    for series in long["series"].unique():
+        by_method.setdefault(methods[series] if methods is not None else "", []).append(series)
+    dash = palette.dashes(by_method)
     cols = min(len(lines), 3)
     n_rows = -(-len(lines) // cols)
     fig, axes = plt.subplots(n_rows, cols, figsize=(4.4 * cols, 3.2 * n_rows + 0.25 * long["series"].nunique()),
@@ -119,7 +129,9 @@ def plot_profiles(long: pd.DataFrame, stem: Path, xlabel: str, ylabel: str) -> l
             group = group.sort_values("depth")
             err = np.vstack([group["mean"] - group["ci_lo"], group["ci_hi"] - group["mean"]])
             err = np.where(np.isfinite(err), err, 0)
-            ax.errorbar(group[x_col], group["mean"], yerr=err, marker="o", ms=3, capsize=2, label=names[series])
+            colour = colours.get(methods[series]) if methods is not None else None
+            ax.errorbar(group[x_col], group["mean"], yerr=err, marker="o", ms=3, capsize=2, label=names[series],
+                        color=colour, ls=palette.DASHES[dash[series]][0] or "-")  # fmt: skip
         if shared:
             ticks = long.drop_duplicates("depth").sort_values("depth")
             ax.set_xticks(ticks["depth"], ticks["position"], rotation=30, ha="right", fontsize=7)

@@ -18,11 +18,13 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
+from pathlib import Path
 
 import pandas as pd
 
 from orchestrator.report import palette
-from orchestrator.report.layout import layout
+from orchestrator.report.layout import layout, line_name
 
 MAX_PAGE = 5 * 1024 * 1024  # bytes: index.html's limit (a page people mail and attach)
 PANEL_WIDTH, PANEL_HEIGHT = 250, 170
@@ -31,11 +33,25 @@ PANEL_WIDTH, PANEL_HEIGHT = 250, 170
 @functools.cache
 def bundle() -> str:
     """The Vega + Vega-Lite + vega-embed script (defines window.vegaEmbed), from the installed
-    vl-convert-python: nothing is fetched."""
+    vl-convert-python: nothing is fetched. Bundling takes seconds, so the script is kept in the user's
+    cache folder per vl-convert version (rebuilt where that cannot be read or written)."""
     import vl_convert
 
-    script = vl_convert.javascript_bundle()
-    return script.replace("</script", "<\\/script")
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "instill"
+    file = cache / f"vega-embed-{vl_convert.__version__}.js"
+    try:
+        return file.read_text()
+    except OSError:
+        pass
+    script = vl_convert.javascript_bundle().replace("</script", "<\\/script")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        temporary = file.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(script)
+        temporary.replace(file)
+    except OSError:
+        pass
+    return script
 
 
 def _num(value) -> float | None:
@@ -47,9 +63,15 @@ def _num(value) -> float | None:
     return float(f"{v:.4g}") if math.isfinite(v) else None
 
 
-def curves_data(summary: pd.DataFrame, seeds: pd.DataFrame | None, metrics: list[str]) -> dict:
+def curves_data(
+    summary: pd.DataFrame,
+    seeds: pd.DataFrame | None,
+    metrics: list[str],
+    means_over: tuple[str, pd.DataFrame] | None = None,
+) -> dict:
     """The curves chart's rows, compact: series (label, method, line, panels), the metrics, the means
-    ([series, metric, n, mean, lo, hi, seeds]) and each seed's value ([series, metric, n, seed, value])."""
+    ([series, metric, n, mean, lo, hi, seeds]) and each seed's value ([series, metric, n, seed, value]).
+    `means_over`: (axis, `statistics.mean_over` of the first metric), drawn as one more panel."""
     plan = layout(summary)
     panels = {s: [] for s in plan.line}
     for title, inside in plan.panels:
@@ -72,6 +94,19 @@ def curves_data(summary: pd.DataFrame, seeds: pd.DataFrame | None, metrics: list
             kept = seeds[values.notna() & seeds["series"].isin(index)]
             for s, n, seed, v in zip(kept["series"], kept["n_train"], kept["seed"], values[kept.index], strict=True):
                 points.append([index[s], mi, _num(n), _num(seed), _num(v)])
+    if means_over is not None and not means_over[1].empty and metrics:
+        axis, frame = means_over
+        title = f"mean over {axis}"
+        plan.panels.append((title, []))
+        for label, group in frame.groupby("label", sort=True):
+            method = str(group["method"].iloc[0])
+            plan.colour.setdefault(method, palette.colours([*plan.colour, method])[method])
+            line = line_name(str(label).split(" [mean over ")[0], plan.axes)
+            series.append({"s": str(label), "m": method, "l": line, "p": [title]})
+            plan.dash.setdefault(line, 0)
+            cols = ["n_train", f"{metrics[0]}_mean", f"{metrics[0]}_ci_lo", f"{metrics[0]}_ci_hi", "seeds"]
+            for n, mean, lo, hi, k in group[cols].itertuples(index=False):
+                means.append([len(series) - 1, 0, _num(n), _num(mean), _num(lo), _num(hi), int(k)])
     return {"series": series, "metrics": metrics, "means": means, "seeds": points,
             "panels": [title for title, _ in plan.panels], "budgets": sorted({r[2] for r in means}),
             "colours": plan.colour,

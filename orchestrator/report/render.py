@@ -239,7 +239,8 @@ def write_report(
         plot_curves(summary, report_dir / "data_efficiency", ylabel="test accuracy", seeds=done)
         static.append("data_efficiency")
         metrics = [c for c in results.summarised_columns(table) if _has(summary, c)]
-        data = interactive.curves_data(summary, done, metrics)
+        data = interactive.curves_data(summary, done, [METRIC, *(m for m in metrics if m != METRIC)],
+                                       (over, means) if over and means is not None else None)  # fmt: skip
         charts.append({"id": "curves", "caption": CURVES_CAPTION, "spec": interactive.curves_chart(data, METRIC),
                        "rows": data})  # fmt: skip
     for column in plotted:

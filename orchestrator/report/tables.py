@@ -211,7 +211,8 @@ def profile_table(summary: pd.DataFrame, table: pd.DataFrame, profile, columns: 
             if position not in order:
                 continue
             depth = order.index(position)
-            rows.append({"task": top["task"], "label": top["label"], "series": series, "n_train": top["n_train"],
+            rows.append({"task": top["task"], "label": top["label"], "method": top["method"], "series": series,
+                         "n_train": top["n_train"],
                          "seeds": top["seeds"], "line": line, "position": position, "depth": depth,
                          "relative_depth": depth / max(len(order) - 1, 1), "mean": top[f"{col}_mean"],
                          "ci_lo": top[f"{col}_ci_lo"], "ci_hi": top[f"{col}_ci_hi"]})  # fmt: skip
