@@ -199,11 +199,14 @@ def write_report(
         names, bound = " / ".join(versus), f"±{margin:g}" if margin else "none declared"
         listed = Section("Every finding", tables.findings_list(found), page="Every finding", lead=True,
                          markdown_too=False, scroll=True)  # fmt: skip
+        totals = found["verdict"].value_counts()
+        total = ", ".join(f"{totals.get(v, 0)} {v}" for v in statistics.VERDICTS)
         sections[:0] = [Section(
-            "Findings", tables.findings_counts(found), page="Findings", lead=True,
-            note=f"Each series minus its {names} partner, paired by seed, at each budget: better / worse where the "
-            f"95% interval excludes 0, equivalent where it lies inside the margin ({bound}), gated where a quality "
-            "gate failed, undecided otherwise. Every finding: findings.md, findings.parquet.",
+            "Findings", tables.findings_counts(found), page="Findings", lead=True, scroll=True,
+            note=f"{len(found)} findings: {total}. Each series minus its {names} partner, paired by seed, at each "
+            f"budget: better / worse where the 95% interval excludes 0, equivalent where it lies inside the margin "
+            f"({bound}), gated where a quality gate failed, undecided otherwise. Every finding: findings.md, "
+            "findings.parquet.",
         ), listed]  # fmt: skip
         (report_dir / "findings.md").write_text(tables.findings_markdown(found))
         title = f"{METRIC}: each series minus the {names} series of the same settings, paired by seed (mean [95% CI])"
@@ -211,7 +214,8 @@ def write_report(
         sections.append(Section(title, shown, empty=f"No series has a {names} partner.\n", page=title))
     if over and versus:
         title = f"{METRIC}: each series minus its {' / '.join(versus)} partner, mean over {over}"
-        gap_table = tables.versus_table(gaps.assign(versus=gaps["versus"].astype(str) + f" (same {over})"))
+        gap_table = (tables.versus_table(gaps.assign(versus=gaps["versus"].astype(str) + f" (same {over})"))
+                     if not gaps.empty else pd.DataFrame())  # fmt: skip
         empty = "No group has a partner at every value."
         title = f"{title} (per seed, then mean [95% CI] over seeds)"
         sections.append(Section(title, gap_table, empty=empty, end="\n", page=title))
@@ -356,7 +360,7 @@ figure {{ display: inline-block; margin: 0.6em 1em 0.6em 0; vertical-align: top;
 figcaption {{ font-size: 0.85em; color: #444; max-width: 60em; }}
 table.t {{ border-collapse: collapse; font-size: 0.85em; }}
 table.t td, table.t th {{ padding: 0.2em 0.6em; border-bottom: 1px solid #ddd; text-align: left; }}
-div.scroll {{ max-height: 11em; overflow: auto; display: inline-block; border: 1px solid #eee; }}
+div.scroll {{ max-height: 12em; overflow: auto; display: inline-block; border: 1px solid #eee; }}
 details pre {{ font-size: 0.8em; max-height: 30em; overflow: auto; background: #f7f7f7; padding: 0.5em; }}
 .vega-bind {{ font-size: 0.9em; margin: 0.3em 0; }}
 </style></head>
