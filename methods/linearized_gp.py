@@ -36,8 +36,8 @@ are predictive probabilities (Monte Carlo over the Laplace posterior's logits).
   (`prior_precision` (δ), `prior_precision_relative`, `log_evidence`, `at_bound` (1 where the best δ
   is an end of the bounds), `newton_steps` (at the chosen δ), `kernel_mean_diag`, `kernel_size`
   (N·C), `head_params`, `explicit_jacobian` (1 or 0), `train_acc`, `map_val_acc` (the MAP's logits
-  without the predictive average)). `best_epoch`, `epochs_run` and `steps` are 0; the source's
-  weights never change.
+  without the predictive average), `prior_val_acc` (the source's own)). `best_epoch`, `epochs_run`
+  and `steps` are 0; the source's weights never change.
 - Without training data the posterior is the prior and δ is undefined: the prediction is the
   source's softmax (no covariance).
 - K_XX: from the explicit Jacobian J(X) (`vmap(jacrev)`, chunked) when N·C·P·(bytes per element) ≤
@@ -489,6 +489,7 @@ def fit_gp(
            "at_bound": math.nan, "newton_steps": 0.0, "kernel_mean_diag": math.nan, "kernel_size": 0.0,
            "head_params": math.nan, "explicit_jacobian": math.nan, "train_acc": math.nan}  # fmt: skip
     _load(model, torch.zeros(model.n_params), torch.zeros(0), math.nan, torch.zeros(0, 0), torch.zeros(0, 0))
+    row["prior_val_acc"] = evaluate(model, val, batch_size)["y"]  # the prior: the source's softmax
     if n:
         x = train.x.to(device)
         f0 = prior_mean(model, x, batch_size)

@@ -218,7 +218,7 @@ def test_without_training_data_the_prediction_is_the_sources_softmax():
     result = fit_gp(model, _split(x[:0], y[:0]), _split(x, y), LinearizedGPConfig(), 4)
     assert torch.allclose(model(x), F.log_softmax(source(x), 1), atol=1e-12)
     assert math.isnan(result.measurements[0]["prior_precision"])
-    assert result.best_val_acc == evaluate(source, _split(x, y))["y"]
+    assert result.best_val_acc == evaluate(source, _split(x, y))["y"] == result.measurements[0]["prior_val_acc"]
 
 
 # --- validation is never read to choose ----------------------------------------------------------
