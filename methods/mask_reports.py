@@ -110,10 +110,9 @@ def plot_overlap(overlap: pd.DataFrame):
     return fig
 
 
-def plot_sparsity(summary: pd.DataFrame):
-    """The masked model's subtask accuracy against the mask's sparsity: one line per series family;
-    families with identical curves (controls reusing one mask) share a line."""
-    plt = pyplot()
+def sparsity_lines(summary: pd.DataFrame) -> dict[tuple, list[str]]:
+    """(task, sparsities, subtask accuracies) -> the series families drawn by that line: families with
+    identical curves (controls reusing one mask) share it."""
     part = summary[summary[AXIS].notna() & summary["subtask_acc_mean"].notna()]
     points = part.groupby(["task", "family", AXIS], as_index=False)["subtask_acc_mean"].mean()
     lines: dict[tuple, list[str]] = {}
@@ -121,6 +120,37 @@ def plot_sparsity(summary: pd.DataFrame):
     for (task, family), group in points.groupby(["task", "family"]):
         curve = (task, tuple(group[AXIS]), tuple(np.round(group["subtask_acc_mean"], 9)))
         lines.setdefault(curve, []).append(f"{task}: {family}" if several else family)
+    return lines
+
+
+def sparsity_chart(summary: pd.DataFrame) -> dict:
+    """`plot_sparsity` as a Vega-Lite spec for index.html: hover a point for its families and value,
+    click a legend entry to show that line alone."""
+    values = [{"line": " / ".join(names), "sparsity": float(x), "subtask_acc": float(y)}
+              for (_task, xs, ys), names in sparsity_lines(summary).items()
+              for x, y in zip(xs, ys, strict=True)]  # fmt: skip
+    pick = {"name": "pick", "select": {"type": "point", "fields": ["line"]}, "bind": "legend"}
+    return {
+        "data": {"values": values}, "width": 320, "height": 220, "params": [pick],
+        "mark": {"type": "line", "point": True},
+        "encoding": {
+            "x": {"field": "sparsity", "type": "quantitative", "scale": {"domain": [0, 1]},
+                  "title": "mask sparsity (fraction of masked weights set to 0)"},
+            "y": {"field": "subtask_acc", "type": "quantitative", "scale": {"domain": [0, 1]},
+                  "title": "subtask accuracy of the masked model"},
+            "color": {"field": "line", "type": "nominal", "title": None,
+                      "legend": {"orient": "bottom", "labelLimit": 500}},
+            "opacity": {"condition": {"param": "pick", "value": 1}, "value": 0.1},
+            "tooltip": [{"field": "line"}, {"field": "sparsity"}, {"field": "subtask_acc", "format": ".3f"}],
+        },
+    }  # fmt: skip
+
+
+def plot_sparsity(summary: pd.DataFrame):
+    """The masked model's subtask accuracy against the mask's sparsity: one line per series family;
+    families with identical curves (controls reusing one mask) share a line."""
+    plt = pyplot()
+    lines = sparsity_lines(summary)
     fig, ax = plt.subplots(figsize=(4.6, 3.6))
     for (_task, x, y), labels in lines.items():
         ax.plot(x, y, marker="o", label="\n".join(labels))  # series sharing masks: one line, all named
@@ -149,4 +179,4 @@ def _sparsity_vs_subtask(ctx: ReportContext) -> list:
     if AXIS not in summary or acc is None or not (summary[AXIS].notna() & acc.notna()).any():
         return []
     caption = "Mask sparsity against the masked model's subtask accuracy"
-    return [Figure("sparsity_vs_subtask", caption, plot_sparsity(summary))]
+    return [Figure("sparsity_vs_subtask", caption, plot_sparsity(summary), vega=sparsity_chart(summary))]

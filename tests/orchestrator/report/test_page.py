@@ -158,3 +158,12 @@ def test_an_extra_may_give_an_interactive_chart_beside_its_static_figure(tmp_pat
     assert (report / "probe_vega.svg").exists() and (report / "probe_png.png").exists()
     page = (report / "index.html").read_text()
     assert 'id="chart-probe_vega"' in page and 'src="data:image/png;base64,' in page  # the PNG inside the page
+
+
+def test_the_mask_extra_draws_sparsity_against_subtask_accuracy_as_an_interactive_chart(tmp_path):
+    write_results(tmp_path / "run", curves_table({"subtask_induction": {0: [0.3, 0.35], 99: [0.95, 0.9]}}, 0.75))
+    report = write_report([tmp_path / "run"], tmp_path / "rep")
+    charts = {c["id"]: c["spec"] for c in _page_data(report)}
+    values = charts["chart-sparsity_vs_subtask"]["data"]["values"]
+    assert values == [{"line": "subtask_induction", "sparsity": 0.75, "subtask_acc": 0.99}]
+    assert (report / "sparsity_vs_subtask.png").exists()  # the static figure stays, for papers
