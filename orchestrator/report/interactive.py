@@ -182,7 +182,8 @@ def curves_chart(data: dict, metric: str) -> dict:
             ],
         },  # fmt: skip
     }
-    inner = {"width": PANEL_WIDTH, "height": PANEL_HEIGHT, "layer": [band, points, line]}
+    scale = {1: 1.8, 2: 1.35}.get(len(data["panels"]), 1.0)  # few panels: larger ones
+    inner = {"width": round(PANEL_WIDTH * scale), "height": round(PANEL_HEIGHT * scale), "layer": [band, points, line]}
     base = {
         "params": [{"name": "metric", "value": metric,
                     "bind": {"input": "select", "options": data["metrics"], "name": "column drawn: "}}],

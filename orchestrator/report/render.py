@@ -316,7 +316,7 @@ def _page(
     shown = [s for s in sections if s.page]
     lead = "\n".join(s.html() for s in shown if s.lead)
     rest = "\n".join(s.html() for s in shown if not s.lead)
-    files = " ".join(f'<a href="{html.escape(n)}.png">{html.escape(n)}.png</a> / '
+    files = ", ".join(f'<a href="{html.escape(n)}.png">{html.escape(n)}.png</a> / '
                      f'<a href="{html.escape(n)}.svg">.svg</a>' for n in static)  # fmt: skip
 
     def figures(inline: bool) -> str:
