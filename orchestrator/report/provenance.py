@@ -1,8 +1,8 @@
-"""What produced a report, as a table of (item, value) rows per results directory: the command, the
-sweep (name, hash, `--set` overrides; its resolved config beside the report as sweep[-k].json), the
-code version (commit, dirty or not), plug-in hashes, package versions, the machine, seeds, dates,
-wall time and compute, and the command that rebuilds the report. What a run did not record (older
-runs) reads "not recorded".
+"""What produced a report, as a table of (item, value) rows per results directory: the command,
+the sweep (name, hash, `--set` overrides; its resolved config beside the report as
+sweep_config[-k].json), the code version (commit, dirty or not), plug-in hashes, package versions,
+the machine, seeds, dates, wall time and compute, and the command that rebuilds the report. What a
+run did not record (older runs) reads "not recorded".
 
 From OUT/sweep.json (`orchestrator.outdir.prepare_out_dir`: the config, overrides, plug-in paths and,
 since runs record it, `invocation`: argv, start, driver code version and machine) and from the rows
@@ -23,7 +23,8 @@ from methods import ANALYSES
 from orchestrator.outdir import read_sweep
 
 NOT_RECORDED = "not recorded"
-CONFIG_FILE = "sweep{}.json"  # the resolved sweep config beside the report ("" or "-2", "-3", ...)
+CONFIG_FILE = "sweep_config{}.json"  # the resolved sweep config beside the report ("" or "-2", ...); never
+# sweep.json, which a report written into its own results directory would overwrite
 
 
 def _date(ts) -> str:

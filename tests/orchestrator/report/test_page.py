@@ -132,7 +132,10 @@ def test_provenance_names_command_code_machine_and_rebuild_command(tmp_path, mon
     section = (report / "summary.md").read_text().split("## Provenance")[1]
     assert "| command | instill run sweep.yaml --out runs/x (in " in section
     assert "| machine | driver: " in section and "CPUs), GPUs: " in section
-    assert "resolved config: sweep.json" in section and json.loads((report / "sweep.json").read_text())["name"]
+    assert (
+        "resolved config: sweep_config.json" in section
+        and json.loads((report / "sweep_config.json").read_text())["name"]
+    )
     page = (report / "index.html").read_text()
     assert page.index("instill run sweep.yaml") < page.index("<h2>")  # named on the first line
 
