@@ -136,7 +136,8 @@ def plot_reliability(panels: list[dict]):
             [c for _, c in conf], [c for _, c in conf], ls="none", marker="_", color="black", ms=8, label="confidence"
         )
         ax.plot([0, 1], [0, 1], ls=":", color="0.5", lw=1)
-        ax.set_title(f"{panel['method']}, n = {panel['n']}\nECE {panel['ece']:.3f}, {panel['seeds']} seeds", fontsize=8)
+        seeds = f"{panel['seeds']} seed{'s' * (panel['seeds'] != 1)}"
+        ax.set_title(f"{panel['method']}, n = {panel['n']}\nECE {panel['ece']:.3f}, {seeds}", fontsize=8)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
