@@ -78,9 +78,9 @@ def test_index_html_draws_its_charts_in_a_real_browser_with_no_network(tmp_path)
     _dump_dom(control.as_uri(), tmp_path / "p0", tmp_path / "control.json")
     assert len(_requests_from_the_page(tmp_path / "control.json")) == 2
 
-    table = pd.concat([series_rows("subtask_induction", 0.75, {0: [0.3, 0.35, 0.3], 99: [0.9, 0.92, 0.91]}),
-                       series_rows("scratch", None, {0: [0.2, 0.25, 0.3], 99: [0.4, 0.5, 0.45]})],
-                      ignore_index=True)  # fmt: skip
+    table = pd.concat([series_rows("subtask_induction", 0.75, {0: [0.3, 0.35, 0.3], 99: [0.9, 0.92, 0.91]}, n_layers=d)
+                       for d in (2, 4)] + [series_rows("scratch", None, {0: [0.2, 0.25, 0.3], 99: [0.4, 0.5, 0.45]},
+                                                       n_layers=d) for d in (2, 4)], ignore_index=True)  # fmt: skip
     write_results(tmp_path / "run", table)
     report = write_report([tmp_path / "run"], versus="scratch")
     page = (report / "index.html").read_text()
@@ -90,7 +90,8 @@ def test_index_html_draws_its_charts_in_a_real_browser_with_no_network(tmp_path)
     drawn = 'data-charts="1"' in dom and 'data-charts-rendered="1"' in dom and 'data-charts-failed="0"' in dom
     assert drawn, dom[-800:]
     assert dom.count('aria-roledescription="circle"') == len(table)  # one point per seed, budget and series
-    assert dom.count('aria-roledescription="line mark"') == 2
+    assert dom.count('aria-roledescription="line mark"') == 4  # two panels (depths), two methods in each
+    assert "model.n_layers = 2" in dom and "model.n_layers = 4" in dom
     assert 'class="vega-bind"' in dom and '<option value="val_acc">' in dom  # the column menu
     assert dom.index("Every finding") < dom.index('id="chart-curves"')
     assert _requests_from_the_page(tmp_path / "net.json") == []
