@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from orchestrator.report import palette
-from orchestrator.report.layout import layout, line_name
+from orchestrator.report.layout import layout, line_name, panel_axes
 
 MAX_PAGE = 5 * 1024 * 1024  # bytes: index.html's limit (a page people mail and attach)
 PANEL_WIDTH, PANEL_HEIGHT = 250, 170
@@ -63,24 +63,38 @@ def _num(value) -> float | None:
     return float(f"{v:.4g}") if math.isfinite(v) else None
 
 
+def panelings(summary: pd.DataFrame) -> list[tuple[str, list[str] | None]]:
+    """The ways the page may lay out the curves, the first the default: (menu label, panel axes):
+    a panel per combination of every axis the series differ in, per value of one of them, or one panel."""
+    axes = panel_axes(summary)
+    out: list[tuple[str, list[str] | None]] = [(f"a panel per {' × '.join(axes)}" if axes else "one panel", None)]
+    if len(axes) > 1:
+        out += [(f"a panel per {a}", [a]) for a in axes]
+    if axes:
+        out.append(("one panel", []))
+    return out
+
+
 def curves_data(
     summary: pd.DataFrame,
     seeds: pd.DataFrame | None,
     metrics: list[str],
     means_over: tuple[str, pd.DataFrame] | None = None,
 ) -> dict:
-    """The curves chart's rows, compact: series (label, method, line, panels), the metrics, the means
-    ([series, metric, n, mean, lo, hi, seeds]) and each seed's value ([series, metric, n, seed, value]).
-    `means_over`: (axis, `statistics.mean_over` of the first metric), drawn as one more panel."""
-    plan = layout(summary)
-    panels = {s: [] for s in plan.line}
-    for title, inside in plan.panels:
-        for s in inside:
-            panels[s].append(title)
+    """The curves chart's rows, compact: series (label, method, and per layout of `panelings` its line
+    name and panels), the metrics, the means ([series, metric, n, mean, lo, hi, seeds]) and each seed's
+    value ([series, metric, n, seed, value]). `means_over`: (axis, `statistics.mean_over` of the first
+    metric), drawn as one more panel of the default layout."""
+    choices = panelings(summary)
+    plans = [layout(summary, axes) for _, axes in choices]
+    plan = plans[0]
     order = list(plan.line)
     index = {s: i for i, s in enumerate(order)}
     labels = summary.drop_duplicates("series").set_index("series")["label"].to_dict()
-    series = [{"s": str(labels[s]), "m": plan.method[s], "l": plan.line[s], "p": panels[s]} for s in order]
+    series = []
+    for s in order:
+        where = [[p.line[s], [title for title, inside in p.panels if s in inside]] for p in plans]
+        series.append({"s": str(labels[s]), "m": plan.method[s], "o": where})
     means, points = [], []
     for mi, metric in enumerate(metrics):
         if f"{metric}_mean" not in summary:
@@ -94,23 +108,33 @@ def curves_data(
             kept = seeds[values.notna() & seeds["series"].isin(index)]
             for s, n, seed, v in zip(kept["series"], kept["n_train"], kept["seed"], values[kept.index], strict=True):
                 points.append([index[s], mi, _num(n), _num(seed), _num(v)])
+    colours, titles = dict(plan.colour), [title for p in plans for title, _ in p.panels]
+    by_method: dict[str, list[str]] = {}
+    for p in plans:
+        for s in order:
+            lines = by_method.setdefault(p.method[s], [])
+            if p.line[s] not in lines:
+                lines.append(p.line[s])
     if means_over is not None and not means_over[1].empty and metrics:
         axis, frame = means_over
         title = f"mean over {axis}"
-        plan.panels.append((title, []))
+        titles.insert(len(plan.panels), title)
         for label, group in frame.groupby("label", sort=True):
             method = str(group["method"].iloc[0])
-            plan.colour.setdefault(method, palette.colours([*plan.colour, method])[method])
+            colours.setdefault(method, palette.colours([*colours, method])[method])
             line = line_name(str(label).split(" [mean over ")[0], plan.axes)
-            series.append({"s": str(label), "m": method, "l": line, "p": [title]})
-            plan.dash.setdefault(line, 0)
+            by_method.setdefault(method, [])
+            if line not in by_method[method]:
+                by_method[method].append(line)
+            series.append({"s": str(label), "m": method, "o": [[line, [title]]] + [[line, []]] * (len(plans) - 1)})
             cols = ["n_train", f"{metrics[0]}_mean", f"{metrics[0]}_ci_lo", f"{metrics[0]}_ci_hi", "seeds"]
             for n, mean, lo, hi, k in group[cols].itertuples(index=False):
                 means.append([len(series) - 1, 0, _num(n), _num(mean), _num(lo), _num(hi), int(k)])
+    dash = palette.dashes({m: sorted(lines) for m, lines in by_method.items()})
     return {"series": series, "metrics": metrics, "means": means, "seeds": points,
-            "panels": [title for title, _ in plan.panels], "budgets": sorted({r[2] for r in means}),
-            "colours": plan.colour,
-            "dashes": {line: palette.DASHES[i][1] for line, i in plan.dash.items()}}  # fmt: skip
+            "options": [label for label, _ in choices], "panels": list(dict.fromkeys(titles)),
+            "n_panels": len(plan.panels) + (means_over is not None), "budgets": sorted({r[2] for r in means}),
+            "colours": colours, "dashes": {line: palette.DASHES[i][1] for line, i in dash.items()}}  # fmt: skip
 
 
 def curves_chart(data: dict, metric: str) -> dict:
@@ -182,42 +206,46 @@ def curves_chart(data: dict, metric: str) -> dict:
             ],
         },  # fmt: skip
     }
-    scale = {1: 1.8, 2: 1.35}.get(len(data["panels"]), 1.0)  # few panels: larger ones
+    scale = {1: 1.8, 2: 1.35}.get(data["n_panels"], 1.0)  # few panels: larger ones
     inner = {"width": round(PANEL_WIDTH * scale), "height": round(PANEL_HEIGHT * scale), "layer": [band, points, line]}
     base = {
         "params": [{"name": "metric", "value": metric,
-                    "bind": {"input": "select", "options": data["metrics"], "name": "column drawn: "}}],
+                    "bind": {"input": "select", "options": data["metrics"], "name": "column drawn: "}},
+                   {"name": "paneling", "value": data["options"][0],
+                    **({"bind": {"input": "select", "options": data["options"], "name": "panels: "}}
+                       if len(data["options"]) > 1 else {})}],
         "datasets": {"rows": []},
         "data": {"name": "rows"},
-        "transform": [{"filter": "datum.metric === metric"}],
+        "transform": [{"filter": "datum.metric === metric && datum.opt === paneling"}],
         "title": {"text": {"expr": "metric + ' against training budget (mean, 95% CI, one point per seed)'"},
                   "anchor": "start", "fontSize": 13},
         "config": {"font": "system-ui, sans-serif", "view": {"stroke": "#ccc"}},
     }  # fmt: skip
-    if len(data["panels"]) > 1:
-        facet = {"field": "panel", "type": "nominal", "sort": data["panels"], "title": None,
-                 "header": {"labelFontSize": 11, "labelLimit": 400}}  # fmt: skip
-        return {**base, "facet": facet, "columns": min(len(data["panels"]), 3), "spec": inner}
-    return {**base, **inner}
+    facet = {"field": "panel", "type": "nominal", "sort": data["panels"], "title": None,
+             "header": {"labelFontSize": 11, "labelLimit": 400}}  # fmt: skip
+    return {**base, "facet": facet, "columns": min(len(data["panels"]), 3), "spec": inner}
 
 
 # Expands `curves_data` into the rows `curves_chart` reads (one per panel a series is drawn in).
 EXPAND = """
 function instillRows(d) {
   var rows = [];
-  d.means.forEach(function (r) {
+  function add(r, make) {
     var s = d.series[r[0]];
-    s.p.forEach(function (p) {
-      rows.push({kind: "mean", panel: p, series: s.s, method: s.m, line: s.l, metric: d.metrics[r[1]],
-                 n: r[2], y: r[3], lo: r[4], hi: r[5], seeds: r[6]});
+    s.o.forEach(function (where, k) {
+      where[1].forEach(function (p) {
+        var row = make(r);
+        row.opt = d.options[k]; row.panel = p; row.series = s.s; row.method = s.m; row.line = where[0];
+        row.metric = d.metrics[r[1]];
+        rows.push(row);
+      });
     });
+  }
+  d.means.forEach(function (r) {
+    add(r, function (r) { return {kind: "mean", n: r[2], y: r[3], lo: r[4], hi: r[5], seeds: r[6]}; });
   });
   d.seeds.forEach(function (r) {
-    var s = d.series[r[0]];
-    s.p.forEach(function (p) {
-      rows.push({kind: "seed", panel: p, series: s.s, method: s.m, line: s.l, metric: d.metrics[r[1]],
-                 n: r[2], seed: r[3], y: r[4]});
-    });
+    add(r, function (r) { return {kind: "seed", n: r[2], seed: r[3], y: r[4]}; });
   });
   return rows;
 }

@@ -53,10 +53,11 @@ def _sort_key(value) -> tuple:
         return (1, 0.0, str(value))
 
 
-def layout(frame: pd.DataFrame) -> Layout:
+def layout(frame: pd.DataFrame, axes: list[str] | None = None) -> Layout:
     """The panels, lines, colours and dashes of the curves of `frame` (one row per series and budget,
-    with `series`, `task`, `method`, `family` and the axis columns)."""
-    axes = panel_axes(frame)
+    with `series`, `task`, `method`, `family` and the axis columns); `axes`: the panel axes, default
+    `panel_axes(frame)` ([]: one panel of every series)."""
+    axes = panel_axes(frame) if axes is None else axes
     firsts = frame.drop_duplicates("series").set_index("series")
     point = {s: tuple((a, r[a]) for a in axes if not pd.isna(r[a])) for s, r in firsts.iterrows()}
     points = set(point.values())
@@ -66,7 +67,7 @@ def layout(frame: pd.DataFrame) -> Layout:
     panels = []
     for p in maximal:
         inside = [s for s in firsts.index if set(point[s]) <= set(p)]
-        title = ", ".join(f"{v}" if a == TASK else f"{a} = {_fmt_value(v)}" for a, v in p)
+        title = ", ".join(f"{v}" if a == TASK else f"{a} = {_fmt_value(v)}" for a, v in p) or "every series"
         panels.append((title, inside))
     line = {s: line_name(str(r.get("family", r["method"])), axes) for s, r in firsts.iterrows()}
     method = firsts["method"].astype(str).to_dict()

@@ -93,6 +93,7 @@ def test_index_html_draws_its_charts_in_a_real_browser_with_no_network(tmp_path)
     assert dom.count('aria-roledescription="line mark"') == 4  # two panels (depths), two methods in each
     assert "model.n_layers = 2" in dom and "model.n_layers = 4" in dom
     assert 'class="vega-bind"' in dom and '<option value="val_acc">' in dom  # the column menu
+    assert '<option value="one panel">' in dom  # the layout menu
     assert dom.index("Every finding") < dom.index('id="chart-curves"')
     assert _requests_from_the_page(tmp_path / "net.json") == []
     shot = tmp_path / "shot.png"
