@@ -2,7 +2,7 @@
 values of the axes that differ between the series (the task too, when the report holds several), a
 line per series inside its panel, coloured by its method (`palette`).
 
-A series without a value on a panel axis (a method without a mask, on the mask's sparsity) is drawn
+A series without a value on a panel axis (a method that uses no artifact declaring that axis) is drawn
 in every panel along that axis, as the reference it is. Inside a panel, the lines of one method are
 told apart by their dash and by their name: the series' `family` without the panel's own fields."""
 
