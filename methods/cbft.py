@@ -38,8 +38,9 @@ last epoch as they report it). One optimiser, so one momentum buffer for both ki
 authors' single SGD has.
 
 Departures from the paper (and its code):
-- Batch 64 with at least 200 iterations (`training.min_steps`: 400 optimiser steps) at every
-  budget, not batch 256 for 20 epochs of 2,500 clean images (10 iterations an epoch, 200 in all).
+- Batch 64 with at least 200 iterations (`training.min_steps`, counted in iterations: 400
+  optimiser steps) at every budget, not batch 256 for 20 epochs of 2,500 clean images (10
+  iterations an epoch, 200 in all).
 - Their schedule stays at the base rate through the warm-up epoch and the one after; here the
   cosine runs over every step.
 - Their code interpolates conv, linear and batch-norm parameters and (a bug: an undefined name in
@@ -178,8 +179,8 @@ class CBFT(Method):
         feature = penultimate_feature(model)
         t_generator = torch_generator(ctx.generator.initial_seed(), "cbft:t")
         base = cross_entropy(model, ctx.data, ctx.training.eval_batch_size)  # its score, params, snapshots
-        per_epoch = 2 * math.ceil(len(ctx.data.train) / ctx.training.batch_size)  # optimiser steps
-        warm_steps = cfg.warmup * ctx.training.max_epochs(per_epoch) * per_epoch
+        batches = math.ceil(len(ctx.data.train) / ctx.training.batch_size)  # an epoch's iterations
+        warm_steps = cfg.warmup * ctx.training.max_epochs(batches) * 2 * batches  # in optimiser steps
         sums: dict[str, torch.Tensor | float] = {}
         counts = {"barrier": 0, "clean": 0}
 

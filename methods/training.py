@@ -72,7 +72,12 @@ class TrainConfig(Frozen):
     warmup_steps: int = Field(0, ge=0, description="steps of linear warm-up before the schedule")
     batch_size: int = Field(50, ge=1)
     epochs: int = Field(20, ge=1, description="maximum epochs")
-    min_steps: int = Field(0, ge=0, description="at least this many optimiser steps: more epochs on small data")
+    min_steps: int = Field(
+        0,
+        ge=0,
+        description="at least this many iterations (batches): more epochs on small data; an objective "
+        "with several optimiser steps per batch (steps_per_batch) takes that many per iteration",
+    )
     target_val_acc: float | None = Field(
         None, gt=0, le=1, description="stop early once validation accuracy reaches this"
     )
@@ -95,9 +100,9 @@ class TrainConfig(Frozen):
             raise ValueError("nesterov needs optimizer: sgd and momentum > 0")
         return v
 
-    def max_epochs(self, steps_per_epoch: int) -> int:
-        """The epoch budget: `epochs`, or more where they would take fewer than `min_steps` steps."""
-        return max(self.epochs, math.ceil(self.min_steps / max(1, steps_per_epoch)))
+    def max_epochs(self, batches_per_epoch: int) -> int:
+        """The epoch budget: `epochs`, or more where they would take fewer than `min_steps` iterations."""
+        return max(self.epochs, math.ceil(self.min_steps / max(1, batches_per_epoch)))
 
 
 def optimizer(named: Sequence[tuple[str, torch.Tensor]], cfg: TrainConfig, **kwargs) -> torch.optim.Optimizer:
@@ -641,8 +646,9 @@ class _Loop:
         ]
         self.results: list[TrainResult | BaseException | None] = [None] * len(objectives)
         self.epoch = self.steps = 0
-        per_epoch = math.ceil(self.sizes[self.streams[0]] / cfg.batch_size) * lead.steps_per_batch
-        self.max_epochs = cfg.max_epochs(per_epoch)
+        batches = math.ceil(self.sizes[self.streams[0]] / cfg.batch_size)
+        per_epoch = batches * lead.steps_per_batch  # optimiser steps
+        self.max_epochs = cfg.max_epochs(batches)  # min_steps counts iterations (batches)
         # The schedule runs over the maximum number of steps, whether or not the run stops early.
         self.factor = lr_factor(cfg, self.max_epochs * per_epoch)
 

@@ -485,9 +485,9 @@ def test_a_cbft_trial_on_a_task_without_a_cue_fails_at_build(tmp_path):
 
 
 def test_cbft_warm_up_is_a_share_of_the_run_however_many_epochs_min_steps_makes(source):
-    # 24 rows in one batch: one iteration (barrier step, clean step) per epoch; min_steps 20 makes it
-    # 10 epochs, and a warm-up of 0.2 is their first 2 (4 of 20 optimiser steps), not one epoch.
-    _, result = _run("cbft", _ctx(source, CBFTConfig(warmup=0.2), epochs=1, batch_size=64, min_steps=20))
+    # 24 rows in one batch: one iteration (barrier step, clean step) per epoch; min_steps 10 (iterations)
+    # makes it 10 epochs, and a warm-up of 0.2 is their first 2 (4 of 20 optimiser steps), not one epoch.
+    _, result = _run("cbft", _ctx(source, CBFTConfig(warmup=0.2), epochs=1, batch_size=64, min_steps=10))
     rows = result.measurements
     assert result.steps == 20 and result.epochs_run == 10
     assert [set(r) for r in rows] == [{"barrier_loss", "barrier_ce", "t", "ce", "invariance"}] * 10
