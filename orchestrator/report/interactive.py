@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from orchestrator.config import ConfigError
 from orchestrator.report import palette
 from orchestrator.report.layout import layout, line_name, panel_axes
 
@@ -35,7 +36,13 @@ def bundle() -> str:
     """The Vega + Vega-Lite + vega-embed script (defines window.vegaEmbed), from the installed
     vl-convert-python: nothing is fetched. Bundling takes seconds, so the script is kept in the user's
     cache folder per vl-convert version (rebuilt where that cannot be read or written)."""
-    import vl_convert
+    try:
+        import vl_convert
+    except ImportError as err:  # an environment installed before the dependency was
+        raise ConfigError(
+            "index.html's charts need vl-convert-python (a dependency of instill): run `bash scripts/setup.sh` "
+            "or `pip install vl-convert-python`"
+        ) from err
 
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "instill"
     file = cache / f"vega-embed-{vl_convert.__version__}.js"
