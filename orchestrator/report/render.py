@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
@@ -189,7 +190,7 @@ def write_report(
     csv = f"the full pivot (a column per series): {METRIC}_by_budget.csv"
     sections = [
         Section(f"{METRIC} (mean [95% CI] over seeds)", tables.curve_table(summary), page=CURVES, note=csv),
-        Section("Headline", tables.headline_table(head), page="Headline", lead=not versus),
+        Section("Headline", tables.headline_table(head), page="Headline", lead=not versus, note=_unreached(head)),
     ]
     if over:
         title = f"{METRIC}, mean over {over} (per seed, then mean [95% CI] over seeds)"
@@ -267,6 +268,15 @@ def write_report(
     page = _page(report_dir, sources_text, len(table), head_line, sections, charts, static)
     (report_dir / "index.html").write_text(page)
     return report_dir
+
+
+def _unreached(head: pd.DataFrame) -> str:
+    """A note when no series reaches the target accuracy (its budget column then says nothing)."""
+    if head.empty or np.isfinite(head["n_to_target"].to_numpy(dtype=float)).any():
+        return ""
+    best = head["max_budget"].max()
+    return (f"No series reaches {head['target'].iloc[0]:g} test accuracy within its budgets (up to {best:g}); "
+            "`instill report ... --target T` sets another target.")  # fmt: skip
 
 
 def _head_line(origin: pd.DataFrame) -> str:

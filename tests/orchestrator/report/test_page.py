@@ -170,3 +170,11 @@ def test_the_mask_extra_draws_sparsity_against_subtask_accuracy_as_an_interactiv
     values = charts["chart-sparsity_vs_subtask"]["data"]["values"]
     assert values == [{"line": "subtask_induction", "sparsity": 0.75, "subtask_acc": 0.99}]
     assert (report / "sparsity_vs_subtask.png").exists()  # the static figure stays, for papers
+
+
+def test_the_headline_says_when_no_series_reaches_the_target(tmp_path):
+    write_results(tmp_path / "run", curves_table({"scratch": {10: [0.2, 0.3], 99: [0.4, 0.5]}}))
+    md = (write_report([tmp_path / "run"], tmp_path / "rep") / "summary.md").read_text()
+    assert "No series reaches 0.9 test accuracy within its budgets (up to 99)" in md
+    md = (write_report([tmp_path / "run"], tmp_path / "rep", target=0.4) / "summary.md").read_text()
+    assert "No series reaches" not in md
