@@ -61,8 +61,12 @@ def expected_calibration_error(table: list[list[float]]) -> float:
 @register_analysis(
     NAME,
     columns={
-        "calibration_nll": Column("float64", summarise=True, description="mean −log p(true class), test split"),
-        "calibration_ece": Column("float64", summarise=True, description="15-bin ECE on the top probability, test"),
+        "calibration_nll": Column(
+            "float64", summarise=True, plot=True, description="mean −log p(true class), test split"
+        ),
+        "calibration_ece": Column(
+            "float64", summarise=True, plot=True, description="15-bin ECE on the top probability, test"
+        ),
         "calibration_bins": Column("string", summarise=False, description="[count, confidence, accuracy] per bin"),
     },
     description="negative log-likelihood and expected calibration error of the predicted probabilities on test",
