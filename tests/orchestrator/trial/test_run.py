@@ -157,4 +157,4 @@ def test_a_kept_model_gives_the_analyses_the_trial_would_have_run(tiny, tmp_path
             assert analysed[column] == expected[column], (spec.name, column)
         assert analysed["test_acc"] == row["test_acc"] and analysed["trial_hash"] == row["trial_hash"]
         listed = [a["name"] for a in json.loads(analysed["config_json"])["analyses"]]
-        assert listed == ["splits", "probe", "lmc_barrier"]
+        assert listed == ["splits", "calibration", "probe", "lmc_barrier"]
