@@ -3,6 +3,10 @@ target model trained on cross-entropy plus an alignment of its layers to a froze
 
     loss = CE(target(x), y) + alpha * sum over mapped pairs (t, g) of (1 - CKA_linear(A_t, G_g))
 
+- Known limitation: the `guide` kind declares the source as a static need, so every guided trial
+  also loads (and trains) the source and records its quality gate, even where the guide is another
+  architecture or untrained and never reads it; with an untrainable target the unused source
+  fails `learnt` and gates the findings (docs/COMPARISON.md, guidance section).
 - The guide is an artifact kind, `guide`, with its own block `guide: {trained, model}`. `trained:
   true` trains it on the base task with the source's settings (with `model: null`, the sweep's own
   model, the guide *is* the source model: same key, same weights); `trained: false` is a fresh init
