@@ -18,6 +18,9 @@ from orchestrator.report.statistics import interval
 
 def line(name: str, values) -> str:
     values = np.asarray(values, dtype=float)
+    values = values[~np.isnan(values)]  # rows without the measurement (older code) are left out
+    if not len(values):
+        return f"| {name} | 0 | not measured | | |"
     lo, hi = interval(values) if len(values) > 1 else (np.nan, np.nan)
     spread = f"{values.min():+.4f} | {values.max():+.4f}"
     return f"| {name} | {len(values)} | {values.mean():+.4f} [{lo:+.4f}, {hi:+.4f}] | {spread} |"
