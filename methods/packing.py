@@ -97,6 +97,9 @@ def _unsupported(objective: Objective) -> str | None:
         return "has an `end_epoch` hook (it would act on one model's Python state for all)"
     if objective.state is not None:
         return "keeps its own state between epochs (`state` / `load_state`)"
+    held = [type(m).__name__ for m in objective.module.modules() if getattr(m, "python_state", False)]
+    if held:
+        return f"has a module that keeps Python state between steps ({held[0]}.python_state)"
     return None
 
 

@@ -185,6 +185,9 @@ class OccamResNet(SmallImageResNet):
         # Training state of the gate targets (not parameters, not in the state dict): each exit's
         # running training accuracy, and per exit the frozen target of each example seen since it passed
         # its threshold, keyed by a hash of the example's pixels.
+        # Python state read and written per example: the vmapped engine cannot hold one per model,
+        # so OccamNets train alone (`methods.packing` refuses a module with `python_state`).
+        self.python_state = True
         self.exit_accuracy: list[float | None] = [None] * N_EXITS
         self.frozen_targets: list[dict[bytes, float]] = [{} for _ in range(N_EXITS)]
 

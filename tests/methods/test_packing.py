@@ -344,6 +344,8 @@ def _unpackable(case: str, objectives: list[Objective], models, datas):
     }
     if case in changes:
         objectives[2] = changes[case](objectives[2])
+    elif case == "python state":  # a module that keeps per-example Python state (OccamNet's gate targets)
+        models[2].blocks[0].python_state = True
     elif case == "shared module":
         objectives[2] = cross_entropy(models[0], datas[2])
     elif case == "another architecture":
@@ -370,6 +372,7 @@ def _noisy(loss):
         ("loose params", "beyond the module's"),
         ("end_epoch", "`end_epoch` hook"),
         ("own state", "`state` / `load_state`"),
+        ("python state", "keeps Python state between steps"),
         ("shared module", "same module"),
         ("another architecture", "module is a Sequential"),
         ("another loss", "loss is another function"),
