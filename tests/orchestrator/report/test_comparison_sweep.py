@@ -56,7 +56,11 @@ def test_every_system_runs_in_one_sweep_on_both_architectures(comparison):
                    "representation_r2_layers"):  # fmt: skip
         assert table[column].notna().all(), column
     gp = table["method"] == "linearized_gp"
-    assert table.loc[gp, "lmc_barrier"].isna().all() and table.loc[~gp, "lmc_barrier"].notna().all()
+    # No barrier for the GP (no weight-space point) nor where only the head moved (0 by construction):
+    # LLRT always, LPFT when it keeps its probed model.
+    none = gp | (table["lmc_barrier_head_only"] == 1)
+    assert table.loc[none, "lmc_barrier"].isna().all() and table.loc[~none, "lmc_barrier"].notna().all()
+    assert (table.loc[table["method"] == "llrt", "lmc_barrier_head_only"] == 1).all()
     assert (table.loc[gp, "epochs_run"] == 0).all()  # no gradient training
     occam = table["config_json"].str.contains('"occam_resnet18"')
     logged = table.loc[occam & (table["method"] == "scratch"), "measurements_json"]
