@@ -127,6 +127,13 @@ def _parser() -> argparse.ArgumentParser:
         "'equivalent'; default: the sweep's report.margin, else none (never 'equivalent')",
     )
     report.add_argument(
+        "--metric",
+        action="append",
+        metavar="COLUMN",
+        help="also judge this summarised column with findings, besides test_acc (repeatable; with --versus), "
+        "e.g. splits_randomised_image_acc; default: the sweep's report.metrics",
+    )
+    report.add_argument(
         "--mean-over", metavar="AXIS", help="also average the series that differ only in AXIS (e.g. model.n_layers)"
     )
 
@@ -239,7 +246,8 @@ def _run(args) -> int:
 
         if isinstance(outcome.out_dir, Path):
             r = sweep.report
-            out = write_report([outcome.out_dir], target=r.target, versus=r.versus, over=r.mean_over, margin=r.margin)
+            out = write_report([outcome.out_dir], target=r.target, versus=r.versus, over=r.mean_over, margin=r.margin,
+                               metrics=r.metrics)  # fmt: skip
             _print_report(out)
         else:
             print(f"report: run `instill report {outcome.out_dir} --to DIR` to write it to a local directory")
@@ -319,7 +327,9 @@ def _report(args) -> int:
     target = args.target if args.target is not None else settings.get("target", 0.9)
     margin = args.margin if args.margin is not None else settings.get("margin")
     versus, over = args.versus or settings.get("versus"), args.mean_over or settings.get("mean_over")
-    _print_report(write_report(args.out, args.to, target=target, versus=versus, over=over, margin=margin))
+    metrics = args.metric or settings.get("metrics") or ()
+    _print_report(write_report(args.out, args.to, target=target, versus=versus, over=over, margin=margin,
+                               metrics=metrics))  # fmt: skip
     return 0
 
 

@@ -324,7 +324,7 @@ def _check_shared(config: SweepConfig) -> list[str]:
     return errors
 
 
-def _check_metric(config: SweepConfig, metric: str) -> list[str]:
+def _check_metric(config: SweepConfig, metric: str, where: str = "seeds.until.metric") -> list[str]:
     """`seeds.until.metric`: a column the report summarises (accuracies, what the artifact kinds the
     sweep needs report, the summarised columns of its analyses)."""
     kinds = needed_kinds(config.methods, [a["name"] for a in config.analyses])
@@ -333,7 +333,7 @@ def _check_metric(config: SweepConfig, metric: str) -> list[str]:
         known += [pattern for pattern, column in ANALYSES.get(name).columns.items() if column.summarise]
     if any(fnmatch.fnmatchcase(metric, pattern) for pattern in known):
         return []
-    return [f"seeds.until.metric: {metric!r} is not a column the report summarises; one of: {', '.join(known)}"]
+    return [f"{where}: {metric!r} is not a column the report summarises; one of: {', '.join(known)}"]
 
 
 def _check_space(config: SweepConfig) -> list[str]:
@@ -369,6 +369,8 @@ def load_sweep(raw: Any, source: str = "sweep", search: tuple[Path, ...] = ()) -
         errors += _check_overlay(config) + _check_space(config)
         errors += [f"report.versus: {m!r} is not one of methods {list(config.methods)}; add it or drop it"
                    for m in config.report.versus if "=" not in m and m not in config.methods]  # fmt: skip
+        for metric in config.report.metrics:
+            errors += _check_metric(config, metric, "report.metrics")
         rule = config.seeds if isinstance(config.seeds, SeedRule) else None
         if rule and rule.until.versus is not None and rule.until.versus not in config.methods:
             errors.append(f"seeds.until.versus: {rule.until.versus!r} is not one of methods {list(config.methods)}")

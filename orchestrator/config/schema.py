@@ -91,8 +91,12 @@ class ReportSettings(Frozen):
     margin: float | None = Field(None, gt=0, description="inside +-margin a difference is equivalent")
     target: float = Field(0.9, gt=0, le=1, description="accuracy whose required budget the headline reports")
     mean_over: str | None = Field(None, description="an axis the series are also averaged over (e.g. model.n_layers)")
+    metrics: tuple[str, ...] = Field(
+        (),
+        description="summarised columns judged with findings besides test_acc (e.g. splits_randomised_image_acc)",
+    )
 
-    @field_validator("versus", mode="before")
+    @field_validator("versus", "metrics", mode="before")
     @classmethod
     def _one_or_many(cls, v):
         return (v,) if isinstance(v, str) else v

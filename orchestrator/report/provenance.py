@@ -105,6 +105,8 @@ def rebuild_command(out_dirs: list, report_dir: Path, settings: dict) -> str:
     parts = ["instill", "report", *map(str, out_dirs), "--to", str(report_dir)]
     for v in settings.get("versus") or []:
         parts += ["--versus", v]
+    for m in settings.get("metrics") or []:
+        parts += ["--metric", m]
     for option in ("margin", "mean_over", "target"):
         if settings.get(option) is not None:
             parts += [f"--{option.replace('_', '-')}", f"{settings[option]:g}" if option != "mean_over" else

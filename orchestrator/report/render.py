@@ -136,8 +136,10 @@ def write_report(
     versus: str | list[str] | None = None,
     over: str | None = None,
     margin: float | None = None,
+    metrics: list[str] | tuple[str, ...] = (),
 ) -> Path:
     """Summarise the results of `out_dirs` (merged) into `report_dir` (default: first dir's report/).
+    `metrics`: summarised columns judged with findings too, besides test accuracy.
     `versus`: methods each series is also compared with (`paired_differences`), each comparison a
     finding with a verdict (`statistics.findings`; `margin`: the equivalence margin declared in
     advance); `over`: an axis the series are also averaged over (`mean_over`; with `versus`,
@@ -148,7 +150,7 @@ def write_report(
         raise ConfigError(f"{out_dirs[0]} is not a local directory: give the report a local one with --to DIR")
     report_dir = Path(report_dir or Path(out_dirs[0]) / "report")
     settings = {"versus": [versus] if isinstance(versus, str) else list(versus or []), "margin": margin,
-                "mean_over": over, "target": target}  # fmt: skip
+                "mean_over": over, "target": target, "metrics": [m for m in metrics if m != METRIC]}  # fmt: skip
     # Imports the runs' plug-ins (their columns are summarised); reads sweep.json and the rows' records.
     origin, origin_note, configs = provenance(out_dirs, table.assign(_source=sources), report_dir, settings)
     # Each raises on a bad --versus, --mean-over or --margin, before anything is written.
@@ -159,6 +161,12 @@ def write_report(
     found = statistics.findings(diffs, margin=margin) if versus else None
     if found is not None and gaps is not None:
         found = pd.concat([found, statistics.findings(gaps, margin=margin).assign(over=over)], ignore_index=True)
+    for metric in settings["metrics"]:  # after the test-accuracy findings, which the versus table shows
+        if metric not in table or not pd.api.types.is_numeric_dtype(table[metric]):
+            raise ConfigError(f"--metric {metric}: not a numeric column of these results; e.g. {METRIC}, val_acc")
+        if versus:
+            judged = _joined([statistics.paired_differences(table, v, metric=metric) for v in versus])
+            found = pd.concat([found, statistics.findings(judged, metric=metric, margin=margin)], ignore_index=True)
     report_dir.mkdir(parents=True, exist_ok=True)
     summary, head = statistics.summarise(table), statistics.headline(table, target=target)
     done = prepare(table)[0] if not summary.empty else None

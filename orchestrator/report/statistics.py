@@ -287,10 +287,13 @@ def verdict(lo: float, hi: float, margin: float | None = None, gated: bool = Fal
     return "undecided"
 
 
-def finding_id(label: str, versus: str, n_train: float) -> str:
-    """A finding's anchor (`findings.md`) and key (`findings.parquet`'s `id`): `{label}-vs-{versus}-n{n}`,
-    lower case, each run of characters other than letters, digits, `.` and `_` as one `-`."""
-    return re.sub(r"[^a-z0-9._]+", "-", f"{label}-vs-{versus}-n{float(n_train):g}".lower()).strip("-")
+def finding_id(label: str, versus: str, n_train: float, metric: str = METRIC) -> str:
+    """A finding's anchor (`findings.md`) and key (`findings.parquet`'s `id`): `{label}-vs-{versus}-n{n}`
+    (`{metric}-{label}-vs-...` for a metric other than test accuracy), lower case, each run of
+    characters other than letters, digits, `.` and `_` as one `-`."""
+    text = f"{label}-vs-{versus}-n{float(n_train):g}"
+    text = text if metric == METRIC else f"{metric}-{text}"
+    return re.sub(r"[^a-z0-9._]+", "-", text.lower()).strip("-")
 
 
 def findings(diffs: pd.DataFrame, metric: str = METRIC, margin: float | None = None) -> pd.DataFrame:
@@ -311,7 +314,7 @@ def findings(diffs: pd.DataFrame, metric: str = METRIC, margin: float | None = N
     })  # fmt: skip
     cells = zip(out["ci_lo"], out["ci_hi"], out["gates_failed"], strict=True)
     out["verdict"] = [verdict(lo, hi, margin, bool(gates)) for lo, hi, gates in cells]
-    out["id"] = [finding_id(*key) for key in zip(out["label"], out["versus"], out["n_train"], strict=True)]
+    out["id"] = [finding_id(*key, metric) for key in zip(out["label"], out["versus"], out["n_train"], strict=True)]
     return out
 
 

@@ -127,8 +127,7 @@ def findings_list(found: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     over = found["over"] if "over" in found else pd.Series([None] * len(found), index=found.index)
     return pd.DataFrame({
-        "comparison": found["label"] + " − " + found["versus"] + over.map(lambda o: f" (mean over {o})"
-                                                                            if isinstance(o, str) else ""),
+        "comparison": _pair(found) + over.map(lambda o: f" (mean over {o})" if isinstance(o, str) else ""),
         "n": found["n_train"].map(lambda n: f"{n:g}"),
         "difference [95% CI]": [_cell(d, lo, hi, "+.3f") for d, lo, hi in
                                 zip(found["diff"], found["ci_lo"], found["ci_hi"], strict=True)],
@@ -136,11 +135,17 @@ def findings_list(found: pd.DataFrame) -> pd.DataFrame:
     })  # fmt: skip
 
 
+def _pair(found: pd.DataFrame) -> pd.Series:
+    """`label − versus`, with the judged column where it is not test accuracy."""
+    metric = found["metric"] if "metric" in found else pd.Series([METRIC] * len(found), index=found.index)
+    return found["label"] + " − " + found["versus"] + metric.map(lambda m: "" if m == METRIC else f", {m}")
+
+
 def findings_counts(found: pd.DataFrame) -> pd.DataFrame:
     """Per comparison (`label − versus`): how many budgets got each verdict."""
     if found is None or found.empty:
         return pd.DataFrame()
-    pair = found["label"] + " − " + found["versus"]
+    pair = _pair(found)
     counts = pd.crosstab(pair, found["verdict"]).reindex(columns=list(VERDICTS), fill_value=0)
     return counts.rename_axis(None, axis=1).reset_index(names="comparison")
 
@@ -151,7 +156,8 @@ def findings_markdown(found: pd.DataFrame) -> str:
     for row in found.itertuples(index=False):
         over = f", mean over {row.over}" if isinstance(getattr(row, "over", None), str) else ""
         cell = _cell(row.diff, row.ci_lo, row.ci_hi, "+.3f")
-        lines.append(f'- <a id="{row.id}"></a>**{row.verdict}**: {row.label} − {row.versus}, '
+        judged = "" if getattr(row, "metric", METRIC) == METRIC else f", {row.metric}"
+        lines.append(f'- <a id="{row.id}"></a>**{row.verdict}**: {row.label} − {row.versus}{judged}, '
                      f"n = {row.n_train:g}{over}: {cell}, {row.seeds} seeds")  # fmt: skip
     return "\n".join(lines) + "\n"
 

@@ -201,3 +201,11 @@ def test_report_versus_takes_methods_and_settings():
     assert config.report.versus == ("scratch", "model.name=gpt")
     with pytest.raises(ConfigError, match="report.versus: 'l2sp' is not one of methods"):
         load_sweep(tiny_raw(report={"versus": ["l2sp", "model.name=gpt"]}))
+
+
+def test_report_metrics_are_summarised_columns():
+    from tests.conftest import tiny_raw
+
+    assert load_sweep(tiny_raw(report={"metrics": "val_acc"})).report.metrics == ("val_acc",)
+    with pytest.raises(ConfigError, match="report.metrics: 'nope_acc' is not a column the report summarises"):
+        load_sweep(tiny_raw(report={"metrics": ["nope_acc"]}))

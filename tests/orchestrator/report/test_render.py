@@ -192,6 +192,27 @@ def test_findings_come_first_with_their_verdicts_and_cited_anchors(tmp_path):
     assert main([*argv, "--margin", "0"]) == 2  # a margin must be positive
 
 
+def test_findings_judge_other_columns_on_request(tmp_path):
+    """`--metric COLUMN`: that column's paired differences are findings too, with their own ids (the
+    test-accuracy findings keep theirs); a column the results lack is a clear error (exit 2)."""
+    si = series_rows("subtask_induction", 0.75, {99: [0.9, 0.92, 0.91]})
+    ft = series_rows("full_transfer", None, {99: [0.5, 0.52, 0.5]})
+    si["splits_randomised_image_acc"], ft["splits_randomised_image_acc"] = [0.2, 0.25, 0.22], [0.6, 0.62, 0.61]
+    write_results(tmp_path / "run", pd.concat([si, ft], ignore_index=True))
+    argv = ["report", str(tmp_path / "run"), "--to", str(tmp_path / "rep"), "--versus", "full_transfer"]
+    assert main([*argv, "--metric", "splits_randomised_image_acc", "--margin", "0.03"]) == 0
+    found = pd.read_parquet(tmp_path / "rep" / "findings.parquet").set_index("metric")
+    assert list(found.index) == ["test_acc", "splits_randomised_image_acc"]
+    assert list(found["verdict"]) == ["better", "worse"]
+    assert found.loc["test_acc", "id"] == "subtask_induction-0.75-vs-full_transfer-n99"
+    assert found.loc["splits_randomised_image_acc", "id"] == (
+        "splits_randomised_image_acc-subtask_induction-0.75-vs-full_transfer-n99"
+    )
+    md = (tmp_path / "rep" / "findings.md").read_text()
+    assert "**worse**: subtask_induction @0.75 − full_transfer, splits_randomised_image_acc, n = 99" in md
+    assert main([*argv, "--metric", "splits_nope_acc"]) == 2
+
+
 def test_the_sweeps_report_block_sets_what_the_report_compares(tmp_path):
     table = pd.concat([series_rows("subtask_induction", 0.75, {99: [0.9, 0.92, 0.91]}),
                        series_rows("full_transfer", None, {99: [0.5, 0.52, 0.5]})], ignore_index=True)  # fmt: skip
