@@ -131,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         metavar="COLUMN",
         help="also judge this summarised column with findings, besides test_acc (repeatable; with --versus), "
-        "e.g. splits_randomised_image_acc; default: the sweep's report.metrics",
+        "e.g. an analysis column; default: the sweep's report.metrics",
     )
     report.add_argument(
         "--mean-over", metavar="AXIS", help="also average the series that differ only in AXIS (e.g. model.n_layers)"

@@ -93,7 +93,7 @@ class ReportSettings(Frozen):
     mean_over: str | None = Field(None, description="an axis the series are also averaged over (e.g. model.n_layers)")
     metrics: tuple[str, ...] = Field(
         (),
-        description="summarised columns judged with findings besides test_acc (e.g. splits_randomised_image_acc)",
+        description="summarised columns judged with findings besides test_acc (val_acc, analysis columns)",
     )
 
     @field_validator("versus", "metrics", mode="before")
