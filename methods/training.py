@@ -669,6 +669,10 @@ class _Loop:
             live = self._resume(saved)
         else:
             live = [m for m in live if not self._start(m)]
+        if live and self.sizes[first] == 0:  # no training data (a budget of n = 0): the model as it came
+            for m in live:
+                self.results[m.index] = m.result(0, 0)
+            live = []
         if self.factor is not None:
             engine.set_lr(self.factor(self.steps))
         while live:

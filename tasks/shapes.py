@@ -23,6 +23,17 @@ Two variants (docs/VISION.md), both off by default and both absent from every ke
   base_val, pool, val) the feature takes the class's value with probability p; `test` is unbiased and
   `bias_aligned` shows the other side of the gap.
 
+A third option, also off by default and absent from every key when off, sets what the source is
+trained on (issue 22 item 6, budgets that mean the same for every method):
+
+- `source_textures: other_family`: the source's images (base, base_val) carry textures drawn uniformly
+  at random from the family the downstream task never uses (`TEXTURES[n_classes:]`), so texture says
+  nothing about the class there and the source must learn shape. No source image is a downstream
+  image or has a downstream texture: the downstream texture-class pairing, the downstream task's easy
+  cue, is seen only in the n downstream images, by every method alike. The shape classes are the
+  same, so the source's head reads the downstream classes: its zero-shot accuracy is defined (the
+  `n = 0` row, `data_fraction: 0`), and every method built from the source runs unchanged.
+
 Every split is a pure function of (generator settings, split name, seed) and is cached on disk as a
 uint8 `.npz` (loaded with `allow_pickle=False`).
 """
@@ -37,7 +48,7 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, model_serializer
+from pydantic import Field, model_serializer, model_validator
 from torch import nn
 
 from common.config import Frozen, stable_hash
@@ -89,17 +100,35 @@ class ShapesConfig(Frozen):
     cache_dir: str | None = Field(None, description="where splits are cached; default ~/.cache/instill/shapes")
     cue: CueConfig | None = Field(None, description="the CBFT cue variant (a class-coding box); None: no cue")
     bias: BiasConfig | None = Field(None, description="the biased variant (colour or texture predicts the class)")
+    source_textures: Literal["downstream", "other_family"] = Field(
+        "downstream",
+        description="the source's textures: 'downstream' (class k wears texture k, as downstream: the source is "
+        "trained on the downstream task itself) or 'other_family' (textures drawn at random from those the "
+        "downstream task never uses, TEXTURES[n_classes:]: the source learns shape, never a downstream image)",
+    )
     not_identity: ClassVar[tuple[str, ...]] = ("cache_dir",)  # moving the cache changes no result
 
     @model_serializer(mode="wrap")
     def _variants_only_when_set(self, handler) -> dict:
-        """Every field, but `cue` and `bias` only when set, in every dump (nested in a sweep too): the
-        plain task's trial identity and config hash stay what they were before the variants existed."""
+        """Every field, but `cue`, `bias` and `source_textures` only when set, in every dump (nested in a
+        sweep too): the plain task's trial identity and config hash stay what they were before the
+        variants existed."""
         out = handler(self)
         for variant in ("cue", "bias"):
             if out.get(variant, 0) is None:
                 del out[variant]
+        if out.get("source_textures") == "downstream":
+            del out["source_textures"]
         return out
+
+    @model_validator(mode="after")
+    def _other_family_exists(self) -> ShapesConfig:
+        if self.source_textures == "other_family" and len(TEXTURES) - self.n_classes < 2:
+            raise ValueError(
+                f"source_textures: other_family needs at least 2 textures beyond the {self.n_classes} classes' "
+                f"({len(TEXTURES)} exist); use n_classes <= {len(TEXTURES) - 2}"
+            )
+        return self
 
 
 def _normalise(images: np.ndarray) -> torch.Tensor:
@@ -111,11 +140,13 @@ class Shapes:
     """Procedural shape/texture images; see the module docstring."""
 
     Config = ShapesConfig
-    trains_on_zero = False  # downstream training needs at least one textured image
     default_analyses = ("splits", "shape_bias", "calibration")
 
     def __init__(self, config: ShapesConfig):
         self.config = config
+        # n = 0 (no downstream image: every method as it comes, the source's zero-shot accuracy) is a
+        # budget only where the source is not trained on the downstream task itself
+        self.trains_on_zero = config.source_textures != "downstream"
         if len(TEXTURES) < config.n_classes:
             raise ValueError(f"only {len(TEXTURES)} textures for {config.n_classes} classes")
 
@@ -169,6 +200,8 @@ class Shapes:
         key = {**self._generator_fields(), "split": split, "n": n, "seed": seed}
         if (draw := self._bias_draw(split)) is not None:
             key["bias"] = draw  # only when set: every plain split keeps its file
+        if self._other_family(split):
+            key["source_textures"] = "other_family"  # likewise
         path = self.cache_dir / f"{split}-{stable_hash(key, 20)}.npz"
         if path.exists():
             try:
@@ -183,6 +216,10 @@ class Shapes:
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
         return arrays
+
+    def _other_family(self, split: str) -> bool:
+        """Whether `split` is the source's and draws its textures from the other family."""
+        return self.config.source_textures == "other_family" and split in ("base", "base_val")
 
     def _render(self, split: str, n: int, seed: int) -> dict[str, np.ndarray]:
         k = self.config.n_classes
@@ -211,6 +248,9 @@ class Shapes:
                 colour = value
             else:
                 texture = value
+        if self._other_family(split):
+            # its own stream, as the bias draws: every pose stays the plain split's
+            texture = numpy_generator(seed, f"shapes:source_textures:{split}").integers(k, len(TEXTURES), n)
         images = render(shape, texture, rng, self.config.image_size, k, mode=mode,
                         texture_rotation=self.config.texture_rotation, colour_ids=colour)  # fmt: skip
         out = {"images": images, "shape": shape.astype(np.int64), "texture": texture.astype(np.int64)}
@@ -279,6 +319,8 @@ class Shapes:
                 out["cue"] = self._cue_fields()
             if c.bias is not None:
                 out["bias"] = {"feature": c.bias.feature, "p": c.bias.p}
+            if c.source_textures != "downstream":
+                out["source_textures"] = c.source_textures
             return out
         if stage == "subtask":
             return {**self._generator_fields(), "n_subtask": c.n_subtask, "n_val": c.n_val}
@@ -302,8 +344,11 @@ class Shapes:
     def downstream_data(self, seed: int, data_fraction: float) -> StageData:
         c = self.config
         n = self.downstream_size(data_fraction)
-        if n < 1:
-            raise ValueError(f"data fraction {data_fraction} of pool_size {c.pool_size} leaves no training images")
+        if n < 1 and not self.trains_on_zero:
+            raise ValueError(
+                f"data fraction {data_fraction} of pool_size {c.pool_size} leaves no training images; n = 0 is a "
+                "budget only with source_textures: other_family (the source then never saw the downstream task)"
+            )
         pool = self._split("pool", c.pool_size, seed)
         train = Split(pool.x[:n], {"y": pool.y[:n]})
         test = self._split("test", c.n_test, seed)
