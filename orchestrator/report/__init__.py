@@ -18,6 +18,8 @@ from orchestrator.report.statistics import (
     findings,
     first_crossing,
     headline,
+    headline_differences,
+    headline_metric,
     mean_over,
     mean_over_differences,
     paired_differences,
@@ -27,5 +29,6 @@ from orchestrator.report.statistics import (
 )
 
 __all__ = ["artifact_roots", "budget_interval", "budget_to_reach", "curve_area", "differing_fields", "findings",
-           "first_crossing", "headline", "mean_over", "mean_over_differences", "paired_differences",
-           "summarise", "t_interval", "verdict", "write_report"]  # fmt: skip
+           "first_crossing", "headline", "headline_differences", "headline_metric", "mean_over",
+           "mean_over_differences", "paired_differences", "summarise", "t_interval", "verdict",
+           "write_report"]  # fmt: skip

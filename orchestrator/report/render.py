@@ -161,6 +161,11 @@ def write_report(
     found = statistics.findings(diffs, margin=margin) if versus else None
     if found is not None and gaps is not None:
         found = pd.concat([found, statistics.findings(gaps, margin=margin).assign(over=over)], ignore_index=True)
+    if versus:  # the headline: the data each series saves in reaching the target (no margin: log10 units)
+        reach = _joined([statistics.headline_differences(table, v, target=target) for v in versus])
+        if reach is not None and not reach.empty:
+            judged = statistics.findings(reach, metric=statistics.headline_metric(target))
+            found = pd.concat([found, judged], ignore_index=True)
     for metric in settings["metrics"]:  # after the test-accuracy findings, which the versus table shows
         if metric not in table or not pd.api.types.is_numeric_dtype(table[metric]):
             raise ConfigError(f"--metric {metric}: not a numeric column of these results; e.g. {METRIC}, val_acc")
@@ -214,8 +219,9 @@ def write_report(
             "Findings", tables.findings_counts(found), page="Findings", lead=True, scroll=True,
             note=f"{len(found)} findings: {total}. Each series minus its {names} partner, paired by seed, at each "
             f"budget: better / worse where the 95% interval excludes 0, equivalent where it lies inside the margin "
-            f"({bound}), gated where a quality gate failed, undecided otherwise. Every finding: findings.md, "
-            "findings.parquet.",
+            f"({bound}), gated where a quality gate failed, undecided otherwise; and budget_to_{target:g}: per seed, "
+            f"the data the series saves in first reaching {target:g} (log10 of the budgets' ratio; no margin; a side "
+            "a curve that never reaches it cannot bound stays open). Every finding: findings.md, findings.parquet.",
         ), listed]  # fmt: skip
         (report_dir / "findings.md").write_text(tables.findings_markdown(found))
         title = f"{METRIC}: each series minus the {names} series of the same settings, paired by seed (mean [95% CI])"

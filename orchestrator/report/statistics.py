@@ -276,12 +276,13 @@ def verdict(lo: float, hi: float, margin: float | None = None, gated: bool = Fal
     """The verdict on a difference with interval [lo, hi] (module docstring)."""
     if gated:
         return "gated"
+    # An infinite bound is one side left open (`headline_differences`): the other side still decides.
+    if lo > 0 and not np.isnan(hi):
+        return "better"
+    if hi < 0 and not np.isnan(lo):
+        return "worse"
     if not (np.isfinite(lo) and np.isfinite(hi)):
         return "undecided"
-    if lo > 0:
-        return "better"
-    if hi < 0:
-        return "worse"
     if margin is not None and -margin < lo and hi < margin:
         return "equivalent"
     return "undecided"
@@ -316,6 +317,67 @@ def findings(diffs: pd.DataFrame, metric: str = METRIC, margin: float | None = N
     out["verdict"] = [verdict(lo, hi, margin, bool(gates)) for lo, hi, gates in cells]
     out["id"] = [finding_id(*key, metric) for key in zip(out["label"], out["versus"], out["n_train"], strict=True)]
     return out
+
+
+def headline_metric(target: float) -> str:
+    """The `metric` of the headline's findings: `budget_to_{target}`."""
+    return f"budget_to_{target:g}"
+
+
+def headline_differences(
+    table: pd.DataFrame, versus: str, target: float = 0.9, metric: str = METRIC, level: float = LEVEL
+) -> pd.DataFrame:
+    """The headline as paired differences: each series against its `versus` partner (as
+    `paired_differences` pairs them), per seed the data its curve saves in reaching `target`,
+    d = log10(1 + n_partner) - log10(1 + n_series) (each n from `first_crossing` on that seed's curve,
+    over the budgets both have; d > 0: the series reaches the target with less data, 10**d the factor),
+    then the mean and CI (`interval`) of d over the seeds both have. A curve that never reaches the
+    target only bounds its n from below by the largest budget, one already at the target at the first
+    budget only from above by it: d is then a bound from one side, and the side of the interval it
+    cannot support is left open (-inf or +inf; both when a seed's d is bounded from neither or both
+    sides). `censored`: the seeds whose d is such a bound. `n_train` is the largest budget, the range
+    the crossing was sought in. Pairs with fewer than two budgets in common are left out."""
+    done, info = prepare(table)
+    _check_versus(info, versus)
+    by_series, gated = _seed_frames(done, metric), _gated(done)
+    rows = []
+    for series in info.index:
+        ref = partner(series, info, versus) if info.loc[series, "method"] != versus else None
+        if ref is None:
+            continue
+        budgets = sorted(set(by_series[series].columns) & set(by_series[ref].columns))
+        if len(budgets) < 2:  # one budget has no crossing to find
+            continue
+        a, b = by_series[series][budgets], by_series[ref][budgets]
+        seeds = a.index.intersection(b.index)
+        a, b = a.loc[seeds], b.loc[seeds]
+        both = a.notna().all(axis=1) & b.notna().all(axis=1)  # a seed counts with its whole curve on both sides
+        a, b = a[both].to_numpy(dtype=float), b[both].to_numpy(dtype=float)
+        if len(a) == 0:
+            continue
+        n = np.asarray(budgets, dtype=float)
+        mine, theirs = first_crossing(n, a, target), first_crossing(n, b, target)
+        # Above the range: n is only known to exceed the largest budget; at the first budget, only to be
+        # at most it. Each makes d a bound from one side.
+        above_mine, above_theirs = ~np.isfinite(mine), ~np.isfinite(theirs)
+        below_mine, below_theirs = (a[:, 0] >= target) & (n[0] > 0), (b[:, 0] >= target) & (n[0] > 0)
+        x_mine = log_budget(np.where(above_mine, n.max(), mine))
+        x_theirs = log_budget(np.where(above_theirs, n.max(), theirs))
+        d = np.where(above_mine & above_theirs, np.nan, x_theirs - x_mine)
+        lo, hi = interval(d[np.isfinite(d)], level) if np.isfinite(d).sum() >= 2 else (np.nan, np.nan)
+        d_low, d_high = above_theirs | below_mine, above_mine | below_theirs  # d only a lower / upper bound
+        if np.isnan(d).any() or (d_low & d_high).any():
+            lo, hi = -np.inf, np.inf
+        else:
+            lo = -np.inf if d_high.any() else lo
+            hi = np.inf if d_low.any() else hi
+        failed = sorted(set().union(*(gated.get((s, m), set()) for s in (series, ref) for m in budgets)))
+        rows.append({**_ident(info, series), "versus": info.loc[ref, "label"], "n_train": float(n.max()),
+                     "pairs": len(d), "diff_mean": float(np.nanmean(d)) if np.isfinite(d).any() else np.nan,
+                     "diff_ci_lo": lo, "diff_ci_hi": hi, "target": target,
+                     "censored": int((d_low | d_high).sum()),
+                     "gates_failed": ",".join(failed)})  # fmt: skip
+    return _ordered(pd.DataFrame(rows), ["n_train"])
 
 
 def mean_over(table: pd.DataFrame, axis: str, metric: str = METRIC, level: float = LEVEL) -> pd.DataFrame:

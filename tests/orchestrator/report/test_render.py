@@ -179,8 +179,13 @@ def test_findings_come_first_with_their_verdicts_and_cited_anchors(tmp_path):
     write_results(tmp_path / "run", table)
     argv = ["report", str(tmp_path / "run"), "--to", str(tmp_path / "rep"), "--versus", "full_transfer"]
     assert main([*argv, "--margin", "0.03"]) == 0
-    found = pd.read_parquet(tmp_path / "rep" / "findings.parquet").set_index("n_train")
+    every = pd.read_parquet(tmp_path / "rep" / "findings.parquet")
+    found = every[every["metric"] == "test_acc"].set_index("n_train")
     assert list(found["verdict"]) == ["better", "equivalent"] and set(found["margin"]) == {0.03}
+    # The headline: subtask induction is at 0.9 by n = 99 in every seed, full transfer never by 300.
+    (reach,) = every[every["metric"] == "budget_to_0.9"].itertuples()
+    assert reach.verdict == "better" and reach.ci_hi == float("inf") and reach.n_train == 300
+    assert reach.id == "budget_to_0.9-subtask_induction-0.75-vs-full_transfer-n300"
     md = (tmp_path / "rep" / "findings.md").read_text()
     assert f'<a id="{found.loc[99, "id"]}"></a>**better**' in md
     text = (tmp_path / "rep" / "summary.md").read_text()
@@ -202,7 +207,7 @@ def test_findings_judge_other_columns_on_request(tmp_path):
     argv = ["report", str(tmp_path / "run"), "--to", str(tmp_path / "rep"), "--versus", "full_transfer"]
     assert main([*argv, "--metric", "splits_randomised_image_acc", "--margin", "0.03"]) == 0
     found = pd.read_parquet(tmp_path / "rep" / "findings.parquet").set_index("metric")
-    assert list(found.index) == ["test_acc", "splits_randomised_image_acc"]
+    assert list(found.index) == ["test_acc", "splits_randomised_image_acc"]  # one budget: no headline finding
     assert list(found["verdict"]) == ["better", "worse"]
     assert found.loc["test_acc", "id"] == "subtask_induction-0.75-vs-full_transfer-n99"
     assert found.loc["splits_randomised_image_acc", "id"] == (
@@ -220,7 +225,8 @@ def test_the_sweeps_report_block_sets_what_the_report_compares(tmp_path):
     config = {"report": {"versus": ["full_transfer"], "margin": 0.05}}
     (tmp_path / "run" / "sweep.json").write_text(json.dumps({"config": config}))
     assert main(["report", str(tmp_path / "run"), "--to", str(tmp_path / "rep")]) == 0
-    assert set(pd.read_parquet(tmp_path / "rep" / "findings.parquet")["margin"]) == {0.05}
+    found = pd.read_parquet(tmp_path / "rep" / "findings.parquet")
+    assert set(found.loc[found["metric"] == "test_acc", "margin"]) == {0.05}
     assert main(["report", str(tmp_path / "run"), "--to", str(tmp_path / "rep"), "--margin", "0.02"]) == 0
     assert set(pd.read_parquet(tmp_path / "rep" / "findings.parquet")["margin"]) == {0.02}  # the option wins
 

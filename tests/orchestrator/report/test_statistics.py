@@ -20,6 +20,8 @@ from orchestrator.report import (
     findings,
     first_crossing,
     headline,
+    headline_differences,
+    headline_metric,
     mean_over,
     mean_over_differences,
     paired_differences,
@@ -461,3 +463,57 @@ def test_versus_a_setting_pairs_each_series_with_its_twin_of_that_value():
     with pytest.raises(ConfigError, match=r"model.name=llama: no finished trial has that value at model.name; "
                        r'its values here: "gpt", "hf_gpt2"'):  # fmt: skip
         paired_differences(table, "model.name=llama")
+
+
+def _reach_table(rng, seeds: int, shift: float, noise: float) -> pd.DataFrame:
+    """Curves acc = sigmoid(2 (x - c)) on x = log10(1 + n): scratch crosses 0.9 at c_s + 1.1, the method
+    `shift` decades earlier, each seed's centre jittered by `noise` (shared, then own)."""
+    budgets = [9, 31, 99, 315, 999, 3161, 9999]
+    x = np.log10(1 + np.asarray(budgets, dtype=float))
+    curves: dict[str, dict[int, list[float]]] = {"scratch": {}, "subtask_induction": {}}
+    centre = 2.5 + rng.normal(0, noise, seeds)
+    for method, c in (("scratch", centre), ("subtask_induction", centre - shift + rng.normal(0, noise, seeds))):
+        acc = 1 / (1 + np.exp(-4 * (x[None, :] - c[:, None])))
+        for j, n in enumerate(budgets):
+            curves[method][n] = list(acc[:, j])
+    return curves_table(curves, sparsity=0.8)
+
+
+def test_headline_findings_give_the_data_saved_and_the_right_verdict():
+    rng = np.random.default_rng(0)
+    truth = {0.5: "better", 0.0: None, -0.5: "worse"}
+    for shift, expected in truth.items():
+        verdicts = []
+        for _ in range(40):
+            reach = headline_differences(_reach_table(rng, 10, shift, 0.05), "scratch", target=0.9)
+            (row,) = reach.itertuples()
+            assert row.censored == 0 and row.pairs == 10
+            found = findings(reach, metric=headline_metric(0.9))
+            verdicts.append(found["verdict"].iloc[0])
+            assert found["id"].iloc[0] == "budget_to_0.9-subtask_induction-0.8-vs-scratch-n9999"
+            if shift:
+                assert row.diff_mean == pytest.approx(shift, abs=0.1)
+        if expected:
+            assert verdicts.count(expected) >= 36
+        else:  # no difference: better or worse in at most about 5% of the tables
+            assert verdicts.count("better") + verdicts.count("worse") <= 4
+
+
+def test_headline_findings_leave_open_the_side_a_curve_that_never_reaches_cannot_support():
+    table = curves_table({"subtask_induction": {10: [0.85, 0.86, 0.84], 1000: [0.99, 0.99, 0.98]},
+                          "scratch": {10: [0.2, 0.25, 0.3], 1000: [0.6, 0.5, 0.7]}}, sparsity=0.8)  # fmt: skip
+    (row,) = headline_differences(table, "scratch", target=0.9).itertuples()
+    assert row.censored == 3 and row.diff_ci_hi == np.inf and np.isfinite(row.diff_ci_lo)
+    assert verdict(row.diff_ci_lo, row.diff_ci_hi) == "better"  # scratch needs more than 1000 in every seed
+    flipped = curves_table({"scratch": {10: [0.85, 0.86, 0.84], 1000: [0.99, 0.99, 0.98]},
+                            "subtask_induction": {10: [0.2, 0.25, 0.3], 1000: [0.6, 0.5, 0.7]}}, 0.8)  # fmt: skip
+    (row,) = headline_differences(flipped, "scratch", target=0.9).itertuples()
+    assert row.diff_ci_lo == -np.inf and verdict(row.diff_ci_lo, row.diff_ci_hi) == "worse"
+    neither = curves_table({"scratch": {10: [0.1, 0.2], 100: [0.3, 0.4]},
+                            "subtask_induction": {10: [0.2, 0.3], 100: [0.5, 0.6]}}, sparsity=0.8)  # fmt: skip
+    (row,) = headline_differences(neither, "scratch", target=0.9).itertuples()
+    assert np.isnan(row.diff_mean) and verdict(row.diff_ci_lo, row.diff_ci_hi) == "undecided"
+    early = curves_table({"scratch": {10: [0.95, 0.92], 100: [0.99, 0.99]},
+                          "subtask_induction": {10: [0.95, 0.97], 100: [0.99, 0.99]}}, sparsity=0.8)  # fmt: skip
+    (row,) = headline_differences(early, "scratch", target=0.9).itertuples()
+    assert (row.diff_ci_lo, row.diff_ci_hi) == (-np.inf, np.inf)  # both reached it by the first budget
