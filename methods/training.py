@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import math
 import re
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, Protocol
 
@@ -567,7 +568,16 @@ class Engine:
 
 class Serial(Engine):
     """One model, stepped by its own loss, backward and optimiser; its dropout draws from torch's
-    global RNG, seeded from its generator inside a forked RNG state."""
+    global RNG, seeded from its generator inside a forked RNG state.
+
+    `compile`: True, False or "auto" (see `compiles`); None (the default) takes the setting of the
+    enclosing `compiling(...)` block, False outside any. Compiled, the loss (forward and loss, its
+    backward through AOTAutograd) runs through `torch.compile` (`_CompiledLoss`) and the optimiser
+    is the fused one; on CPU the numbers follow the eager run's within float rounding (a step's loss
+    within 1e-6 relative, tests/methods/test_compile.py), not bit for bit."""
+
+    def __init__(self, compile: CompileSetting | None = None):
+        self.compile = compile
 
     def refuses(self, objectives, datas):
         return None if len(objectives) == 1 else f"the serial engine trains one model, not {len(objectives)}"
@@ -581,9 +591,24 @@ class Serial(Engine):
         names = {id(p): n for n, p in module.named_parameters()}
         self.loose = _loose(self.objective)
         named = [(names.get(id(p), f"loose.{i}"), p) for i, p in enumerate(self.objective.params)]
-        self.opt = optimizer(named, cfg)
+        setting = _COMPILE.get() if self.compile is None else self.compile
+        batches = math.ceil(len(self.splits[self.objective.streams[0]]) / cfg.batch_size)
+        planned = cfg.max_epochs(batches) * batches * self.objective.steps_per_batch
+        self.compiled = compiles(setting, self.objective, self.device, planned)
+        # Compiled: the fused optimiser (one kernel over all tensors; measured faster on CPU, see
+        # docs/PERFORMANCE.md); eager: the default, so that eager numbers do not move.
+        self.fused = True if self.compiled and self.device.type in ("cpu", "cuda") else None
+        self.opt = optimizer(named, cfg, fused=self.fused)
+        self.loss = _CompiledLoss(self.objective, self._eager) if self.compiled else self.objective.loss
         with torch.random.fork_rng(devices=[]) if self.objective.global_rng else contextlib.nullcontext():
             yield self
+
+    def _eager(self) -> None:
+        """Compiling failed (before this run's first optimiser step, or at a new batch shape): the
+        rest of the run is the eager engine's, its optimiser's kernels included."""
+        self.compiled, self.fused = False, None
+        for group in self.opt.param_groups:
+            group["fused"] = None
 
     def seed(self, seeds, initial):
         if seeds[0] is not None:
@@ -593,7 +618,7 @@ class Serial(Engine):
         objective = self.objective
         batch = {name: self.splits[name].take(i.to(self.device)) for name, i in idx[0].items()}
         with autocast(objective.module, self.mixed_precision):
-            loss, measurements = objective.loss(batch, step)
+            loss, measurements = self.loss(batch, step)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -618,10 +643,102 @@ class Serial(Engine):
             for param, saved in zip(self.loose, state["loose_params"], strict=True):
                 param.copy_(saved)
         self.opt.load_state_dict(state["optimizer"])
+        for group in self.opt.param_groups:  # a checkpoint of the other engine resumes in this one's kernels
+            group["fused"] = self.fused
         if self.objective.global_rng:
             torch.set_rng_state(state["cpu_rng"])
             if state["cuda_rng"] is not None and self.device.type == "cuda":
                 torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+
+
+# --- the compiled step --------------------------------------------------------------------------
+
+CompileSetting = bool | Literal["auto"]
+_COMPILE: contextvars.ContextVar[CompileSetting] = contextvars.ContextVar("compile", default=False)
+
+# `auto` compiles a run of at least this many planned optimiser steps (or one whose loss is already
+# compiled in this process, which costs nothing more): the break-even of a first compile against
+# the step time it saves, measured by benchmarks/step_speed.py (docs/PERFORMANCE.md).
+AUTO_MIN_STEPS = 2000
+_WARM: set[tuple] = set()  # (loss code, module type, parameter shapes, device type) compiled in this process
+_BROKEN: list[str] = []  # why torch.compile failed in this process (then every run trains eagerly)
+
+
+@contextlib.contextmanager
+def compiling(setting: CompileSetting) -> Iterator[None]:
+    """Every serial `fit` inside the block (on this thread) compiles its step per `setting`:
+    True, False, or "auto" (`compiles`)."""
+    token = _COMPILE.set(setting)
+    try:
+        yield
+    finally:
+        _COMPILE.reset(token)
+
+
+def _key(objective: Objective, device: torch.device) -> tuple:
+    shapes = tuple((n, tuple(p.shape), p.dtype) for n, p in objective.module.named_parameters())
+    return (_code(objective.loss), type(objective.module), shapes, device.type)
+
+
+def _code(fn: Any) -> Any:
+    return getattr(fn, "__code__", type(fn))
+
+
+def compiles(setting: CompileSetting, objective: Objective, device: torch.device, planned_steps: int) -> bool:
+    """Whether a serial run compiles its step: `setting` True or False, or "auto": unless
+    torch.compile failed before in this process, when the run plans at least `AUTO_MIN_STEPS`
+    optimiser steps or its loss is already compiled in this process for a model like its own."""
+    if setting != "auto":
+        return bool(setting) and not _BROKEN
+    if _BROKEN or device.type not in ("cpu", "cuda"):
+        return False
+    return planned_steps >= AUTO_MIN_STEPS or _key(objective, device) in _WARM
+
+
+class _CompiledLoss:
+    """`objective.loss` through `torch.compile` (Inductor; random draws through torch's own
+    generators, `fallback_random`, so dropout draws the eager run's masks). Compiled code lives in
+    the process, keyed by the loss function's code: a later run of the same loss on a model of the
+    same structure (another trial in this worker) reuses it, guarded by module type, shapes and
+    mode. Batch tensors are marked static: a last, smaller batch compiles its own graph once and the
+    full batches keep theirs (no recompile per epoch). If compiling or the compiled call fails, the
+    run goes on eagerly (the same batch again, the random state as it was; `on_fallback` puts the
+    optimiser back to its eager kernels) after a one-line warning, and later runs in this process
+    train eagerly."""
+
+    def __init__(self, objective: Objective, on_fallback: Callable[[], None]):
+        self.eager, self.key = objective.loss, _key(objective, _device_of(objective.module))
+        self.on_fallback = on_fallback
+        config = torch._dynamo.config
+        # Every loss x module type x batch shape x mode of a worker's trials keeps its compiled graph.
+        config.recompile_limit = max(config.recompile_limit, 64)
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 1024)
+        self.compiled = torch.compile(self.eager, options={"fallback_random": True})
+
+    def __call__(self, batch: Batch, step: int) -> tuple[torch.Tensor, Measurements]:
+        if self.compiled is not None and not _BROKEN:
+            for split in batch.values():
+                for tensor in (split.x, *split.labels.values()):
+                    torch._dynamo.mark_static(tensor)
+            rng = torch.get_rng_state()
+            try:
+                out = self.compiled(batch, step)
+            except Exception as error:  # noqa: BLE001 - any failure: eager, which raises a real error again
+                first = (str(error).strip().splitlines() or [""])[0][:200]
+                _BROKEN.append(f"{type(error).__name__}: {first}")
+                warnings.warn(
+                    f"torch.compile failed ({_BROKEN[-1]}); training eagerly in this process "
+                    "(resources.compile: false avoids trying)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self.compiled = None
+                torch.set_rng_state(rng)
+                self.on_fallback()
+            else:
+                _WARM.add(self.key)
+                return out
+        return self.eager(batch, step)
 
 
 class _Loop:

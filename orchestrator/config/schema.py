@@ -56,6 +56,15 @@ class Resources(Frozen):
         "CPU, and on GPUs it is not measured yet. A packed artifact's key and its trials' identity say so.",
     )
     mixed_precision: bool = Field(False, description="bfloat16 autocast for training on GPU (ignored on CPU)")
+    compile: Literal["auto"] | bool = Field(
+        "auto",
+        description="a trial trained alone (not packed) runs its training step through torch.compile (forward, "
+        "loss and backward; fused optimiser), compiled once per worker process and reused by its later trials: "
+        "'auto' (the default) where it pays (a run of at least methods.training.AUTO_MIN_STEPS steps, or a "
+        "loss already compiled in the process; docs/PERFORMANCE.md), true always, false never. Numbers follow "
+        "the eager ones within float rounding, not bit for bit; where compiling fails the trial trains eagerly "
+        "after a warning",
+    )
     checkpoint_every_s: float | None = Field(
         300.0,
         ge=0,
@@ -375,12 +384,13 @@ class SweepConfig(Frozen):
         return out
 
 
-def needed_kinds(methods, analyses) -> list[str]:
-    """The artifact kinds that `methods` and `analyses` (names) need, each after what it needs."""
+def needed_kinds(methods, analyses, uses=None) -> list[str]:
+    """The artifact kinds that `methods` and `analyses` (names) need, each after what it needs
+    (`uses`: a kind's needs in one configuration, `methods.artifacts.closure`)."""
     from methods.artifacts import closure
 
     needs = [k for m in methods for k in METHODS.get(m).needs]
-    return closure(needs + [k for a in analyses for k in ANALYSES.get(a).needs])
+    return closure(needs + [k for a in analyses for k in ANALYSES.get(a).needs], uses)
 
 
 def shared_blocks() -> set[str]:

@@ -23,7 +23,7 @@ from common.config import stable_hash
 from common.provenance import plugin_sources
 from common.seeding import torch_generator
 from methods import ANALYSES, AnalysisContext, MethodContext, evaluate, get_method
-from methods.training import Interrupted, supervised
+from methods.training import Interrupted, compiling, supervised
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.config import SweepConfig
 from orchestrator.trial.grid import (
@@ -107,7 +107,8 @@ class Trial:
     def train_alone(self) -> dict[str, Any]:
         """Train with the method's own `train` (checkpointed, stoppable, reporting epochs); the row."""
         checkpointer = self.supervisor.checkpointer(self.row["trial_hash"])
-        with supervised(self.supervisor.supervision("train", checkpointer)):
+        supervision = self.supervisor.supervision("train", checkpointer)
+        with supervised(supervision), compiling(self.effective.resources.compile):
             result = self.method.train(
                 self.ctx, self.model, self.train_generator(), mixed_precision=self.effective.resources.mixed_precision
             )

@@ -1,0 +1,235 @@
+"""The compiled serial engine (methods/training.py: `Serial(compile=...)`, `compiling`, `compiles`):
+it follows the eager engine step by step, is deterministic, resumes from checkpoints, reuses its
+compiled graphs across runs in a process, and falls back to eager with a warning where compiling
+fails. Compiling takes seconds, so every test that compiles is marked slow (about two minutes in
+all on one core); the fast ones stand torch.compile in with a function that fails."""
+
+import io
+import warnings
+
+import pytest
+import torch
+
+from methods import training
+from methods.training import (
+    AUTO_MIN_STEPS,
+    Interrupted,
+    Serial,
+    Supervision,
+    TrainConfig,
+    compiles,
+    cross_entropy,
+    fit_many,
+    supervised,
+)
+from tasks.base import Split, StageData
+from tasks.models.gpt import GPT, GPTConfig
+from tasks.models.plain_cnn import PlainCNN, PlainCNNConfig
+
+# The quickstart's model (configs/quickstart.yaml) on sequences of its length (3 tokens).
+QUICKSTART_GPT = GPTConfig(n_layers=2, d_model=64, n_heads=4, dropout=0.1)
+# 230 rows at batch 50: four full batches and a last one of 30 every epoch; 20 epochs, 100 steps.
+CFG = TrainConfig(lr=1e-3, batch_size=50, epochs=20, keep_initial=False, select="last")
+
+
+def _gpt_data(seed: int = 0, n: int = 230) -> StageData:
+    gen = torch.Generator().manual_seed(seed)
+
+    def split(rows):
+        x = torch.randint(0, 40, (rows, 3), generator=gen)
+        return Split(x, {"y": (x[:, 0] * 3 + x[:, 1]) % 7})
+
+    return StageData(train=split(n), val=split(40))
+
+
+def _gpt(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(QUICKSTART_GPT, vocab_size=40, n_positions=3, n_classes=7)
+
+
+def _cnn_data(seed: int = 0, n: int = 230) -> StageData:
+    gen = torch.Generator().manual_seed(seed)
+
+    def split(rows):
+        x = torch.randn(rows, 3, 8, 8, generator=gen)
+        return Split(x, {"y": (x[:, 0].mean((1, 2)) > 0).long() + (x[:, 1].mean((1, 2)) > 0).long()})
+
+    return StageData(train=split(n), val=split(40))
+
+
+def _cnn(seed: int = 0) -> PlainCNN:
+    torch.manual_seed(seed)
+    return PlainCNN(PlainCNNConfig(n_blocks=2, width=8), n_classes=3, image_size=8)
+
+
+class Recording(Serial):
+    """The serial engine, keeping every step's loss."""
+
+    def __init__(self, compile):
+        super().__init__(compile)
+        self.losses: list[torch.Tensor] = []
+
+    def step(self, idx, step):
+        loss, measurements = super().step(idx, step)
+        self.losses.append(loss)
+        return loss, measurements
+
+
+def _run(model, data, compile, cfg=CFG, seed=0):
+    engine = Recording(compile)
+    (result,) = fit_many([cross_entropy(model, data)], [data], cfg, [torch.Generator().manual_seed(seed)], engine)
+    return result, torch.cat(engine.losses), model
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def _failing_compile(monkeypatch):
+    """torch.compile standing for a machine without a compiler: the compiled call raises."""
+
+    def compile(fn, **kwargs):
+        def broken(*args, **kw):
+            raise RuntimeError("InductorError: no C++ compiler found\nmore detail")
+
+        return broken
+
+    monkeypatch.setattr(torch, "compile", compile)
+    monkeypatch.setattr(training, "_BROKEN", [])
+
+
+# --- fast: no real compiling ---------------------------------------------------------------------
+
+
+def test_auto_compiles_long_runs_and_warm_losses_and_never_after_a_failure(monkeypatch):
+    monkeypatch.setattr(training, "_WARM", set())
+    monkeypatch.setattr(training, "_BROKEN", [])
+    objective, cpu = cross_entropy(_gpt(), _gpt_data()), torch.device("cpu")
+    assert compiles(True, objective, cpu, 1) and not compiles(False, objective, cpu, 10**9)
+    assert compiles("auto", objective, cpu, AUTO_MIN_STEPS)
+    assert not compiles("auto", objective, cpu, AUTO_MIN_STEPS - 1)
+    training._WARM.add(training._key(objective, cpu))  # compiled before in this process: free
+    assert compiles("auto", objective, cpu, 1)
+    assert not compiles("auto", cross_entropy(_cnn(), _cnn_data()), cpu, 1)  # another model is not warm
+    training._BROKEN.append("RuntimeError: no compiler")
+    assert not compiles("auto", objective, cpu, 10**9) and not compiles(True, objective, cpu, 1)
+
+
+def test_a_failing_compile_trains_eagerly_after_one_warning(monkeypatch):
+    cfg = CFG.model_copy(update={"epochs": 2})
+    eager, eager_losses, eager_model = _run(_gpt(), _gpt_data(), False, cfg)
+    _failing_compile(monkeypatch)
+    with pytest.warns(RuntimeWarning, match=r"torch.compile failed \(RuntimeError: InductorError: no C\+\+ compiler"):
+        result, losses, model = _run(_gpt(), _gpt_data(), True, cfg)
+    # The same numbers as eager, bit for bit: the failed call drew nothing from the random state.
+    assert torch.equal(losses, eager_losses) and result == eager
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), eager_model.state_dict().values(), strict=True)
+    )
+    # The process does not try again: later runs are eager from their first step, without a warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine = Serial(True)
+        fit_many([cross_entropy(_gpt(), _gpt_data())], [_gpt_data()], cfg, [torch.Generator()], engine)
+    assert not engine.compiled
+
+
+def test_a_trial_compiles_as_its_resources_say(tmp_path, monkeypatch):
+    """The trial's `resources.compile` reaches its training runs (seen through the fallback's warning)."""
+    from orchestrator.artifacts import ArtifactStore
+    from orchestrator.config import load_sweep
+    from orchestrator.trial import TrialSpec, run_trial
+    from tests.conftest import tiny_raw
+
+    _failing_compile(monkeypatch)
+    sweep = load_sweep(tiny_raw(methods=["scratch"], resources={"compile": False}))
+    spec = TrialSpec(method="scratch", data_fraction=0.5, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        off = run_trial(sweep, spec, ArtifactStore(tmp_path / "a"))
+    on = load_sweep(tiny_raw(methods=["scratch"], resources={"compile": True}))
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        row = run_trial(on, spec, ArtifactStore(tmp_path / "b"))
+    assert row["val_acc"] == off["val_acc"] and row["trial_hash"] == off["trial_hash"]
+    assert sweep.resources.model_copy(update={"compile": "auto"}) == load_sweep(tiny_raw()).resources
+
+
+# --- slow: compiled ------------------------------------------------------------------------------
+
+
+def _close(compiled: torch.Tensor, eager: torch.Tensor, rtol: float = 1e-5) -> float:
+    worst = float(((compiled - eager).abs() / eager.abs()).max())
+    assert worst <= rtol, f"a compiled step's loss is {worst:.2e} relative from the eager one's"
+    return worst
+
+
+@pytest.mark.slow
+def test_the_compiled_gpt_follows_eager_is_deterministic_and_compiles_once_per_shape():
+    data = _gpt_data()
+    eager, eager_losses, eager_model = _run(_gpt(), data, False)
+    before = _graphs()
+    compiled, losses, model = _run(_gpt(), data, True)
+    assert len(losses) == 100
+    # Dropout on: the compiled step draws the eager step's masks. (The weights are not compared
+    # element by element: AdamW scales the rounding noise of near-zero gradients up to steps of lr.)
+    _close(losses, eager_losses)
+    # A full and a last, smaller batch: two graphs for 20 epochs, not one per epoch.
+    assert 1 <= _graphs() - before <= 2
+    # Another model of the same structure (the next trial in this worker): no new graph, the same numbers.
+    again, losses_again, model_again = _run(_gpt(), data, True)
+    assert _graphs() - before <= 2
+    assert torch.equal(losses_again, losses) and again == compiled
+    assert all(
+        torch.equal(a, b) for a, b in zip(model_again.state_dict().values(), model.state_dict().values(), strict=True)
+    )
+
+
+@pytest.mark.slow
+def test_the_compiled_cnn_follows_eager():
+    data, cfg = _cnn_data(n=200), CFG.model_copy(update={"epochs": 25})  # 4 full batches an epoch: one graph
+    _, eager_losses, _ = _run(_cnn(), data, False, cfg)
+    before = _graphs()
+    _, losses, _ = _run(_cnn(), data, True, cfg)
+    assert len(losses) == 100 and _graphs() - before == 1
+    _close(losses, eager_losses)  # batch norm in training mode: batch statistics, running ones updated
+
+
+class MemoryCheckpointer:
+    def __init__(self):
+        self.slots: dict[int, bytes] = {}
+
+    def due(self) -> bool:
+        return True
+
+    def save(self, slot, state):
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        self.slots[slot] = buffer.getvalue()
+
+    def load(self, slot):
+        blob = self.slots.get(slot)
+        return None if blob is None else torch.load(io.BytesIO(blob), weights_only=True)
+
+
+@pytest.mark.slow
+def test_a_compiled_run_stopped_and_resumed_equals_one_never_stopped():
+    data, cfg = _gpt_data(), CFG.model_copy(update={"epochs": 6})
+    whole, whole_losses, whole_model = _run(_gpt(), data, True, cfg)
+    checkpointer, epochs = MemoryCheckpointer(), []
+
+    def stop():
+        epochs.append(None)
+        return len(epochs) == 3
+
+    with supervised(Supervision(checkpointer=checkpointer, should_stop=stop)), pytest.raises(Interrupted):
+        _run(_gpt(), data, True, cfg)
+    # A fresh model (a new process would build one): the run resumes after epoch 3.
+    with supervised(Supervision(checkpointer=checkpointer, should_stop=lambda: False)):
+        resumed, losses, model = _run(_gpt(), data, True, cfg)
+    assert len(losses) == 3 * 5 and torch.equal(losses, whole_losses[-15:])
+    assert resumed == whole
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), whole_model.state_dict().values(), strict=True)
+    )
