@@ -1,22 +1,34 @@
 """How fast one training step of a sweep's downstream model runs, against what the CPU's matrix
-products allow (the starting point of "Training at the hardware's speed").
+products allow ("Training at the hardware's speed").
 
-One thread. For the sweep's model and batch size (default: the quickstart's), steps/s of:
-  - eager: the loop's step as `methods.training.Serial` runs it (AdamW, per-parameter loop on CPU);
-  - eager, fused AdamW: the same with `torch.optim.AdamW(fused=True)`;
-  - compiled: `torch.compile` over the loss (forward, loss; backward through AOTAutograd) with a
-    compiled optimiser step (compile time reported apart);
+One thread. For the sweep's model and batch size (default: the quickstart's), on the same batch,
+steps/s and achieved GFLOP/s (6 x weights in linear layers x tokens per step) of:
+  - eager: the loop's serial engine (`methods.training.Serial(compile=False)`), AdamW as the loop
+    builds it (per-parameter loop on CPU);
+  - eager, fused AdamW: the same step with `torch.optim.AdamW(fused=True)`;
+  - compiled loss, compiled optimiser step: `torch.compile` of the loss and of a foreach AdamW's
+    `step` (the alternative to the fused optimiser the compiled engine takes);
+  - compiled: the compiled engine (`Serial(compile=True)`: the loss through `torch.compile`, its
+    backward through AOTAutograd, the fused optimiser); its compile time (the first step, in this
+    process) is reported apart and also spread over one run of the sweep's trial (`amortised`),
+    with the number of steps at which compiling pays for itself (`break-even`);
   - packed (eager): model-steps/s of `methods.packing.calibrate` at K = 1, 2, 4, ... (vmapped);
-and the matrix-product rate (GFLOP/s) at the model's linear shapes and at 1024^3, so the step's
-achieved GFLOP/s (6 x non-embedding parameters x tokens per step) can be read as a fraction of it.
-Timed runs alternate between variants and the best of `--repeats` is kept.
+  - packed and compiled: not built yet (the vmapped engine runs eagerly);
+beside the matrix-product rate at the model's linear shapes and at 1024^3. Timed runs alternate
+between the variants and the best of `--repeats` is kept: on a shared machine, compare figures of
+one run only (the load average is printed with them).
 
     python benchmarks/step_speed.py [SWEEP.yaml] [--steps 100] [--repeats 5]
+
+A cold compile (no Inductor cache on disk, as in a fresh container):
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python benchmarks/step_speed.py
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import platform
 import time
 
@@ -55,10 +67,11 @@ def main() -> None:
     parser.add_argument("sweep", nargs="?", default="configs/quickstart.yaml")
     parser.add_argument("--steps", type=int, default=100, help="steps per timed run")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--k-max", type=int, default=16, help="largest pack measured")
     args = parser.parse_args()
 
     from methods.packing import calibrate
-    from methods.training import cross_entropy
+    from methods.training import Serial, cross_entropy
     from orchestrator.config import load_sweep_file
     from orchestrator.trial import fresh_model
 
@@ -68,6 +81,7 @@ def main() -> None:
     data = task.downstream_data(0, 1.0)
     idx = torch.arange(min(cfg.batch_size, len(data.train)))
     x, y = data.train.x[idx], data.train.y[idx]
+    load = os.getloadavg()[0]
 
     def build(**adamw):
         model = fresh_model(sweep, task, 0, "init").train()
@@ -82,21 +96,38 @@ def main() -> None:
 
         return step
 
-    variants = {"eager": eager_step(*build()), "eager, fused AdamW": eager_step(*build(fused=True))}
+    def engine_step(compile: bool):
+        """The loop's serial engine, as `fit` runs it, stepping on the fixed batch."""
+        model = fresh_model(sweep, task, 0, "init").train()
+        engine = Serial(compile=compile)
+        running = engine.running([cross_entropy(model, data)], [data], cfg, False)
+        running.__enter__()  # held open for the benchmark's life
+        engine.seed([0], [0])
+        assert engine.compiled is compile
+        counter = iter(range(10**9))
+        return lambda: engine.step([{"train": idx}], next(counter))
+
+    variants = {"eager (the loop's serial engine)": engine_step(False)}
+    variants["eager, fused AdamW"] = eager_step(*build(fused=True))
     model, opt = build(foreach=True)
     loss_fn = torch.compile(lambda inputs, labels: F.cross_entropy(model(inputs).float(), labels))
     opt_step = torch.compile(opt.step)
 
-    def compiled():
+    def compiled_opt():
         loss = loss_fn(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt_step()
 
     start = time.perf_counter()
+    compiled_opt()
+    compile_opt_s = time.perf_counter() - start
+    variants["compiled loss, compiled AdamW step"] = compiled_opt
+    compiled = engine_step(True)
+    start = time.perf_counter()
     compiled()
     compile_s = time.perf_counter() - start
-    variants["compiled (loss and optimiser step)"] = compiled
+    variants["compiled (the compiled serial engine)"] = compiled
     for step in variants.values():
         _rate(step, 5)  # warm-up
     best = dict.fromkeys(variants, 0.0)
@@ -105,7 +136,7 @@ def main() -> None:
             best[name] = max(best[name], _rate(step, args.steps))
 
     probe = fresh_model(sweep, task, 0, "init")
-    packed = calibrate(cross_entropy(probe, data), data, cfg, 16, min_seconds=1.0, min_gain=0.0)
+    packed = calibrate(cross_entropy(probe, data), data, cfg, args.k_max, min_seconds=1.0, min_gain=0.0)
 
     linears = [m for m in probe.modules() if isinstance(m, torch.nn.Linear)]
     weights = sum(m.weight.numel() for m in linears)
@@ -114,15 +145,29 @@ def main() -> None:
     shapes = sorted({(tokens, m.in_features, m.out_features) for m in linears})
     peak = {s: matmul_gflops(*s) for s in shapes}
     big = matmul_gflops(1024, 1024, 1024)
+    eager_rate, compiled_rate = best["eager (the loop's serial engine)"], best["compiled (the compiled serial engine)"]
+    batches = math.ceil(len(data.train) / cfg.batch_size)
+    trial_steps = cfg.max_epochs(batches) * batches
+    saved = 1 / eager_rate - 1 / compiled_rate
 
     print(f"{args.sweep}: {type(probe).__name__}, {weights:,} weights in linear layers, {tokens} tokens per step")
-    print(f"machine: {cpu_name()}, torch {torch.__version__}, 1 thread")
-    print(f"{'variant':40s} {'steps/s':>9s} {'GFLOP/s':>8s}")
+    print(f"machine: {cpu_name()}, torch {torch.__version__}, 1 thread; load average at start {load:.2f}, "
+          f"at end {os.getloadavg()[0]:.2f}")  # fmt: skip
+    print(f"{'variant':45s} {'steps/s':>9s} {'GFLOP/s':>8s}")
     for name, rate in best.items():
-        print(f"{name:40s} {rate:9.1f} {rate * flop / 1e9:8.1f}")
-    print(f"compile time (first compiled step): {compile_s:.1f} s")
+        print(f"{name:45s} {rate:9.1f} {rate * flop / 1e9:8.1f}")
+    amortised = trial_steps / (trial_steps / compiled_rate + compile_s)
+    name = f"compiled, amortised over one trial ({trial_steps} steps)"
+    print(f"{name:45s} {amortised:9.1f} {amortised * flop / 1e9:8.1f}")
     for k, rate in packed.rates.items():
-        print(f"{f'packed, eager, K = {k}':40s} {rate:9.1f} {rate * flop / 1e9:8.1f}")
+        print(f"{f'packed, eager, K = {k} (model-steps/s)':45s} {rate:9.1f} {rate * flop / 1e9:8.1f}")
+    print(f"{'packed and compiled':45s} {'not built':>9s}")
+    print(f"compile time (first step in this process): compiled engine {compile_s:.1f} s, "
+          f"compiled loss and AdamW step {compile_opt_s:.1f} s")  # fmt: skip
+    if saved > 0:
+        print(f"break-even: compiling pays after {compile_s / saved:.0f} steps ({saved * 1e3:.2f} ms saved per step)")
+    else:
+        print("break-even: never (the compiled step is not faster here)")
     print("matrix products (GFLOP/s): " + ", ".join(f"{m}x{k}x{n}: {g:.0f}" for (m, k, n), g in peak.items())
           + f", 1024^3: {big:.0f}")  # fmt: skip
 
