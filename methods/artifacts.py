@@ -83,6 +83,12 @@ class ArtifactKind:
     def columns(self, meta: dict[str, Any]) -> dict[str, Any]:
         return {}
 
+    def uses(self, settings: Any) -> tuple[str, ...]:
+        """The kinds of `needs` that this artifact reads under `settings` (what `ctx.settings` shows
+        it): all of them unless a kind says otherwise. A trial computes, loads and gates on only
+        these, so a kind left unread by a configuration neither costs time nor gates its findings."""
+        return self.needs
+
     def gates(self, meta: dict[str, Any], chance: float) -> dict[str, bool]:
         """Quality gates: name -> whether this artifact passed it, `chance` being the task's chance
         accuracy. A trial needing an artifact that failed one records it (`gates_failed`) and the
@@ -141,12 +147,13 @@ def register_artifact(
     return add
 
 
-def closure(kinds: tuple[str, ...] | list[str]) -> list[str]:
-    """`kinds` and everything they need, each after what it needs."""
+def closure(kinds: tuple[str, ...] | list[str], uses: Callable[[str], tuple[str, ...]] | None = None) -> list[str]:
+    """`kinds` and everything they need, each after what it needs; `uses(kind)`: the kinds it needs
+    in one configuration (`ArtifactKind.uses`), its declared `needs` without it."""
     out: list[str] = []
 
     def visit(kind: str) -> None:
-        for dep in ARTIFACTS.get(kind).needs:
+        for dep in uses(kind) if uses else ARTIFACTS.get(kind).needs:
             visit(dep)
         if kind not in out:
             out.append(kind)

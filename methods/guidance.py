@@ -3,10 +3,9 @@ target model trained on cross-entropy plus an alignment of its layers to a froze
 
     loss = CE(target(x), y) + alpha * sum over mapped pairs (t, g) of (1 - CKA_linear(A_t, G_g))
 
-- Known limitation: the `guide` kind declares the source as a static need, so every guided trial
-  also loads (and trains) the source and records its quality gate, even where the guide is another
-  architecture or untrained and never reads it; with an untrainable target the unused source
-  fails `learnt` and gates the findings (docs/COMPARISON.md, guidance section).
+- The `guide` kind declares the source as a need but uses it only where the guide is the source
+  itself (`uses`): a guide of another architecture, or an untrained one, neither trains nor loads
+  the source, and the source's quality gate does not gate its findings.
 - The guide is an artifact kind, `guide`, with its own block `guide: {trained, model}`. `trained:
   true` trains it on the base task with the source's settings (with `model: null`, the sweep's own
   model, the guide *is* the source model: same key, same weights); `trained: false` is a fresh init
@@ -93,10 +92,11 @@ class GuideConfig(Frozen):
         return None if self.model is None else parse_block(tasks.MODELS, dict(self.model), "guide.model")
 
 
-def _guide_model_cfg(ctx) -> tuple[Frozen, bool]:
-    """The guide's model config and whether it is the sweep's own architecture."""
-    own = ctx.settings.model
-    block = ctx.settings.block("guide")
+def _guide_model_cfg(settings) -> tuple[Frozen, bool]:
+    """The guide's model config and whether it is the sweep's own architecture (`settings`: what
+    `ctx.settings` shows the guide kind)."""
+    own = settings.model
+    block = settings.block("guide")
     if block.model is None or block.model == own.canonical():
         return own, True
     return block.model_cfg(), False
@@ -108,7 +108,7 @@ class Guide(ArtifactKind):
     source, or a fresh (untrained) initialisation."""
 
     def key(self, ctx):
-        cfg, own = _guide_model_cfg(ctx)
+        cfg, own = _guide_model_cfg(ctx.settings)
         trained = ctx.settings.block("guide").trained
         if trained and own:
             return {"source": ctx.key_of("source"), "trained": True}
@@ -121,7 +121,7 @@ class Guide(ArtifactKind):
         }
 
     def compute(self, ctx):
-        cfg, own = _guide_model_cfg(ctx)
+        cfg, own = _guide_model_cfg(ctx.settings)
         trained = ctx.settings.block("guide").trained
         if trained and own:
             source = ctx.get("source")
@@ -136,8 +136,12 @@ class Guide(ArtifactKind):
             meta.update(val_acc=result.best_val_acc, best_epoch=result.best_epoch, epochs_run=result.epochs_run)
         return {n: t.detach().cpu() for n, t in model.state_dict().items()}, meta
 
+    def uses(self, settings):  # only the source itself as the guide reads the source
+        _, own = _guide_model_cfg(settings)
+        return ("source",) if settings.block("guide").trained and own else ()
+
     def load(self, ctx, tensors, meta):
-        cfg, _ = _guide_model_cfg(ctx)
+        cfg, _ = _guide_model_cfg(ctx.settings)
         with seeded_init(ctx.seed, "guide_init"):
             model = ctx.task.build_model(cfg)
         model.load_state_dict(tensors)

@@ -19,7 +19,7 @@ from methods import ARTIFACTS
 from methods.artifacts import closure
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.config import SweepConfig, load_sweep
-from orchestrator.trial import TrialSpec, TrialSupervisor, Upstream, near_equal, pick_device, trial_needs
+from orchestrator.trial import TrialSpec, TrialSupervisor, Upstream, kind_uses, near_equal, pick_device, trial_needs
 
 
 def _compute(sweep_json: str, spec_json: str, kind: str, store_root: str, points_json: str | None = None) -> float:
@@ -108,7 +108,8 @@ def precompute(
         up = Upstream(sweep, spec, None, pick_device(sweep))
         for kind in trial_needs(sweep, spec):
             key = up.key(kind)
-            deps = [(dep, stable_hash(up.key(dep))) for dep in closure(ARTIFACTS.get(kind).needs)]
+            uses = kind_uses(spec.config(sweep))
+            deps = [(dep, stable_hash(up.key(dep))) for dep in closure(uses(kind), uses)]
             jobs.setdefault((kind, stable_hash(key)), {"kind": kind, "spec": spec, "key": key, "deps": deps})
     # One existence check per distinct artifact (each is a request on an object store), not per trial.
     from orchestrator.worker import pack_limit  # the worker's, for the upstream packs too

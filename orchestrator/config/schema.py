@@ -384,12 +384,13 @@ class SweepConfig(Frozen):
         return out
 
 
-def needed_kinds(methods, analyses) -> list[str]:
-    """The artifact kinds that `methods` and `analyses` (names) need, each after what it needs."""
+def needed_kinds(methods, analyses, uses=None) -> list[str]:
+    """The artifact kinds that `methods` and `analyses` (names) need, each after what it needs
+    (`uses`: a kind's needs in one configuration, `methods.artifacts.closure`)."""
     from methods.artifacts import closure
 
     needs = [k for m in methods for k in METHODS.get(m).needs]
-    return closure(needs + [k for a in analyses for k in ANALYSES.get(a).needs])
+    return closure(needs + [k for a in analyses for k in ANALYSES.get(a).needs], uses)
 
 
 def shared_blocks() -> set[str]:

@@ -180,6 +180,13 @@ def series_of(config: dict[str, Any]) -> str:
 
 
 def trial_needs(sweep: SweepConfig, spec: TrialSpec, tuning: bool = False) -> list[str]:
-    """Artifact kinds the trial needs (its method's and its analyses'), each after its own needs."""
-    analyses = [] if tuning else [name for name, _ in spec.config(sweep).analysis_list()]
-    return needed_kinds([spec.method], analyses)
+    """Artifact kinds the trial needs (its method's and its analyses'), each after the kinds it uses
+    in the trial's config (`ArtifactKind.uses`)."""
+    config = spec.config(sweep)
+    analyses = [] if tuning else [name for name, _ in config.analysis_list()]
+    return needed_kinds([spec.method], analyses, kind_uses(config))
+
+
+def kind_uses(effective: SweepConfig):
+    """kind -> the kinds it reads in `effective` (`ArtifactKind.uses` on what it may read)."""
+    return lambda kind: ARTIFACTS.get(kind).uses(kind_settings(effective, kind))

@@ -173,3 +173,26 @@ def test_a_bad_guide_model_field_is_reported_by_path(tmp_path, capsys):
     path.write_text(yaml.safe_dump(tiny_raw(methods=["guidance"], guide={"model": bad})))
     assert main(["validate", str(path)]) == 2
     assert "guide.model.n_layers" in capsys.readouterr().err
+
+
+def test_a_guide_that_does_not_read_the_source_neither_needs_nor_is_gated_by_it(tiny, tmp_path):
+    """`Guide.uses`: only the source itself as the guide reads the source. An untrained guide, or
+    one of another architecture, leaves it out of the trial's needs, so a source that never learnt
+    (here: trained for no step at all) neither costs time nor gates the guided trial's findings."""
+    from orchestrator.artifacts import ArtifactStore
+    from orchestrator.trial import TrialSpec, run_trial, trial_needs
+
+    spec = TrialSpec(method="guidance", data_fraction=0.5, seed=0)
+    own = tiny(plugins=[], methods=["guidance"], guide={"trained": True})
+    assert trial_needs(own, spec) == ["source", "guide"]
+    mlp = {"name": "mlp", "n_layers": 2, "width": 16}
+    for guide in ({"trained": False}, {"trained": True, "model": mlp}, {"trained": False, "model": mlp}):
+        assert trial_needs(tiny(plugins=[], methods=["guidance"], guide=guide), spec) == ["guide"], guide
+    store = ArtifactStore(tmp_path)
+    unlearnt = {"source": {"epochs": 1, "lr": 1e-12}}
+    row = run_trial(tiny(plugins=[], methods=["guidance"], guide={"trained": False}, **unlearnt), spec, store)
+    assert row["status"] == "done", row
+    assert "source.learnt" not in row["gates_failed"] and "source_computed" not in row
+    assert store.entries("source") == []
+    scratch = run_trial(tiny(plugins=[], methods=["guidance"], guide={"trained": True}, **unlearnt), spec, store)
+    assert "source.learnt" in scratch["gates_failed"], "the source as guide is still checked"
