@@ -37,7 +37,7 @@ def box_following(sweep, p: float, seed: int) -> dict:
     data = task.base_data(seed)
     model = fresh_model(sweep, task, seed, "source_init")
     start = time.perf_counter()
-    result = train(model, data, sweep.source, torch_generator(seed, "source_train"))
+    result = train(model, data, sweep.block("source"), torch_generator(seed, "source_train"))
     clean_val = task._split("base_val", sweep.task.n_val, seed)  # the validation images, no box yet
     evals = task._cue_evals(clean_val, seed)  # the test evaluations' construction, on validation images
     model.eval()
