@@ -35,6 +35,8 @@ from torch.utils._pytree import tree_map
 
 from common.seeding import stage_seed
 from methods.training import (
+    Compiled,
+    CompileSetting,
     Engine,
     EpochObserver,
     Measurements,
@@ -46,8 +48,11 @@ from methods.training import (
     _loose,
     _stream,
     autocast,
+    compile_key,
+    compiles,
     fit_many,
     optimizer,
+    planned_steps,
 )
 from tasks.base import Split, StageData
 from tasks.models.dropout import dropout_through_modules
@@ -156,7 +161,16 @@ def fit_packed(
 
 class Vmapped(Engine):
     """K models of one architecture stepped as one: stacked tensors, one vmapped loss, one foreach
-    optimiser, a dropout stream per model (see the module doc)."""
+    optimiser, a dropout stream per model (see the module doc).
+
+    `compile` as `methods.training.Serial`'s (None: the enclosing `compiling(...)` block's): compiled,
+    the vmapped loss runs through `torch.compile` (`methods.training.Compiled`: one graph per pack
+    size and batch shape, reused by later packs of the same models in the process; eager after a
+    warning where compiling fails) and the optimiser is the fused one. Each model's losses then
+    follow its eager pack's within float rounding, not bit for bit."""
+
+    def __init__(self, compile: CompileSetting | None = None):
+        self.compile = compile
 
     def refuses(self, objectives, datas):
         return packable(objectives, datas)
@@ -175,8 +189,10 @@ class Vmapped(Engine):
                 for n, ys in ((n, _stream(datas[0], n).labels) for n in self.streams)
             }
             self.live = list(range(len(objectives)))
-            self.pack = _Pack(objectives, cfg)
-            self.step_fn = _stepper(lead, mixed_precision, self.feed)
+            self.compiled = compiles(self.compile, lead, device, planned_steps(cfg, lead, datas[0]))
+            self.pack = _Pack(objectives, cfg, fused=True if self.compiled and device.type in ("cpu", "cuda") else None)
+            compiled = ("vmapped", *compile_key(lead, device)), self._eager
+            self.step_fn = _stepper(lead, mixed_precision, self.feed, compiled if self.compiled else None)
             # Before any generator is drawn from: the dropout sites at every batch shape a step can
             # have (a full or a last, partial batch of each stream); a loss that draws random numbers
             # past the stand-ins is refused.
@@ -192,6 +208,11 @@ class Vmapped(Engine):
     @property
     def opt(self) -> torch.optim.Optimizer:
         return self.pack.opt
+
+    def _eager(self) -> None:
+        """Compiling failed: the rest of the run is the eager engine's, its optimiser's kernels included."""
+        self.compiled = False
+        self.pack.eager_optimizer()
 
     def seed(self, seeds, initial):
         self.dropout = [
@@ -231,6 +252,7 @@ class Vmapped(Engine):
             for name, tensor in self.pack.tensors.items():
                 tensor.copy_(state["tensors"][name])
         self.pack.opt.load_state_dict(state["optimizer"])
+        self.pack.kernels()  # a checkpoint of the other engine resumes in this one's kernels
         for g, saved in zip(self.dropout, state["dropout"], strict=True):
             g.set_state(saved)
 
@@ -250,7 +272,8 @@ class _LossCall(nn.Module):
 class _Pack:
     """The stacked tensors of the live models (dim 0: one row per model) and their optimiser."""
 
-    def __init__(self, objectives: list[Objective], cfg: TrainConfig):
+    def __init__(self, objectives: list[Objective], cfg: TrainConfig, fused: bool | None = None):
+        self.fused = fused  # True: the fused optimiser (compiled packs), None: foreach
         lead = objectives[0].module
         trained = {id(p) for p in objectives[0].params}
         self.trained = [n for n, p in lead.named_parameters() if id(p) in trained]
@@ -267,7 +290,17 @@ class _Pack:
         self.opt = self._optimizer()
 
     def _optimizer(self) -> torch.optim.Optimizer:
-        return optimizer([(n, self.tensors[n]) for n in self.trained], self.cfg, foreach=True)
+        kernels = {"fused": True} if self.fused else {"foreach": True}
+        return optimizer([(n, self.tensors[n]) for n in self.trained], self.cfg, **kernels)
+
+    def kernels(self) -> None:
+        """The optimiser's kernels as this pack's (`fused`), whatever a loaded state said."""
+        for group in self.opt.param_groups:
+            group["fused"], group["foreach"] = (True, None) if self.fused else (None, True)
+
+    def eager_optimizer(self) -> None:
+        self.fused = None
+        self.kernels()
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only the models at `rows` (their optimiser state with them)."""
@@ -303,10 +336,12 @@ class _stepper:
     x and y holding each stream's (K, B, ...) batch, `masks` each dropout site's (K, ...) mask in the
     order the forward applies them (`sites`, then `_draw`)."""
 
-    def __init__(self, lead: Objective, mixed_precision: bool, feed: _Feed):
+    def __init__(self, lead: Objective, mixed_precision: bool, feed: _Feed, compiled: tuple | None = None):
         self.lead, self.mixed_precision, self.feed = lead, mixed_precision, feed
         self.call = _LossCall(lead)
         self._sites: dict[tuple, list[tuple[tuple[int, ...], float]]] = {}
+        # compiled: (key, on_fallback) of `methods.training.Compiled` over the vmapped loss; None: eager.
+        self._run = self._vmapped if compiled is None else Compiled(self._vmapped, *compiled)
 
     def _losses(self, tensors: dict[str, torch.Tensor], x, y, masks: list[torch.Tensor], step: int):
         # One model: its tensors (no leading K), its batch of each stream, its dropout masks.
@@ -351,7 +386,7 @@ class _stepper:
         return self._sites[key]
 
     def __call__(self, pack: _Pack, x, y, step: int, masks: list[torch.Tensor]):
-        loss, measurements = self._vmapped(pack.tensors, x, y, masks, step)
+        loss, measurements = self._run(pack.tensors, x, y, masks, step)
         pack.opt.zero_grad(set_to_none=True)
         loss.sum().backward()
         pack.opt.step()

@@ -572,9 +572,9 @@ class Serial(Engine):
 
     `compile`: True, False or "auto" (see `compiles`); None (the default) takes the setting of the
     enclosing `compiling(...)` block, False outside any. Compiled, the loss (forward and loss, its
-    backward through AOTAutograd) runs through `torch.compile` (`_CompiledLoss`) and the optimiser
-    is the fused one; on CPU the numbers follow the eager run's within float rounding (a step's loss
-    within 1e-6 relative, tests/methods/test_compile.py), not bit for bit."""
+    backward through AOTAutograd) runs through `torch.compile` (`Compiled`) and the optimiser
+    is the fused one; on CPU the numbers follow the eager run's within float rounding (each step's
+    loss within 1e-5 relative over 100 steps, tests/methods/test_compile.py), not bit for bit."""
 
     def __init__(self, compile: CompileSetting | None = None):
         self.compile = compile
@@ -591,15 +591,16 @@ class Serial(Engine):
         names = {id(p): n for n, p in module.named_parameters()}
         self.loose = _loose(self.objective)
         named = [(names.get(id(p), f"loose.{i}"), p) for i, p in enumerate(self.objective.params)]
-        setting = _COMPILE.get() if self.compile is None else self.compile
-        batches = math.ceil(len(self.splits[self.objective.streams[0]]) / cfg.batch_size)
-        planned = cfg.max_epochs(batches) * batches * self.objective.steps_per_batch
-        self.compiled = compiles(setting, self.objective, self.device, planned)
+        self.compiled = compiles(self.compile, self.objective, self.device, planned_steps(cfg, self.objective, data))
         # Compiled: the fused optimiser (one kernel over all tensors; measured faster on CPU, see
         # docs/PERFORMANCE.md); eager: the default, so that eager numbers do not move.
         self.fused = True if self.compiled and self.device.type in ("cpu", "cuda") else None
         self.opt = optimizer(named, cfg, fused=self.fused)
-        self.loss = _CompiledLoss(self.objective, self._eager) if self.compiled else self.objective.loss
+        self.loss = (
+            Compiled(self.objective.loss, compile_key(self.objective, self.device), self._eager)
+            if self.compiled
+            else self.objective.loss
+        )
         with torch.random.fork_rng(devices=[]) if self.objective.global_rng else contextlib.nullcontext():
             yield self
 
@@ -675,7 +676,8 @@ def compiling(setting: CompileSetting) -> Iterator[None]:
         _COMPILE.reset(token)
 
 
-def _key(objective: Objective, device: torch.device) -> tuple:
+def compile_key(objective: Objective, device: torch.device) -> tuple:
+    """What `_WARM` knows a compiled loss by: its code, the module's type and parameter shapes, the device."""
     shapes = tuple((n, tuple(p.shape), p.dtype) for n, p in objective.module.named_parameters())
     return (_code(objective.loss), type(objective.module), shapes, device.type)
 
@@ -684,45 +686,53 @@ def _code(fn: Any) -> Any:
     return getattr(fn, "__code__", type(fn))
 
 
-def compiles(setting: CompileSetting, objective: Objective, device: torch.device, planned_steps: int) -> bool:
-    """Whether a serial run compiles its step: `setting` True or False, or "auto": unless
-    torch.compile failed before in this process, when the run plans at least `AUTO_MIN_STEPS`
-    optimiser steps or its loss is already compiled in this process for a model like its own."""
+def planned_steps(cfg: TrainConfig, objective: Objective, data: StageData) -> int:
+    """The optimiser steps a run of `objective` on `data` takes if it never stops early."""
+    batches = math.ceil(len(_stream(data, objective.streams[0])) / cfg.batch_size)
+    return cfg.max_epochs(batches) * batches * objective.steps_per_batch
+
+
+def compiles(setting: CompileSetting | None, objective: Objective, device: torch.device, planned_steps: int) -> bool:
+    """Whether a run compiles its step: `setting` True or False, or "auto": unless torch.compile
+    failed before in this process, when the run plans at least `AUTO_MIN_STEPS` optimiser steps or
+    its loss is already compiled in this process for a model like its own. None: the setting of
+    the enclosing `compiling(...)` block (False outside any)."""
+    setting = _COMPILE.get() if setting is None else setting
     if setting != "auto":
         return bool(setting) and not _BROKEN
     if _BROKEN or device.type not in ("cpu", "cuda"):
         return False
-    return planned_steps >= AUTO_MIN_STEPS or _key(objective, device) in _WARM
+    return planned_steps >= AUTO_MIN_STEPS or compile_key(objective, device) in _WARM
 
 
-class _CompiledLoss:
-    """`objective.loss` through `torch.compile` (Inductor; random draws through torch's own
-    generators, `fallback_random`, so dropout draws the eager run's masks). Compiled code lives in
-    the process, keyed by the loss function's code: a later run of the same loss on a model of the
-    same structure (another trial in this worker) reuses it, guarded by module type, shapes and
-    mode. Batch tensors are marked static: a last, smaller batch compiles its own graph once and the
-    full batches keep theirs (no recompile per epoch). If compiling or the compiled call fails, the
-    run goes on eagerly (the same batch again, the random state as it was; `on_fallback` puts the
-    optimiser back to its eager kernels) after a one-line warning, and later runs in this process
-    train eagerly."""
+class Compiled:
+    """`fn` through `torch.compile` (Inductor; random draws through torch's own generators,
+    `fallback_random`, so dropout draws the eager run's masks). Compiled code lives in the process,
+    keyed by `fn`'s code: a later run of the same function on a model of the same structure (another
+    trial in this worker) reuses it, guarded by module type, shapes and mode. The tensors of every
+    call (a `Split`'s too) are marked static: a last, smaller batch compiles its own graph once and
+    the full batches keep theirs (no recompile per epoch). If compiling or the compiled call fails,
+    the call runs eagerly (the random state as it was; `on_fallback` puts the caller's other kernels
+    back to eager ones) after a one-line warning, and every later call and run in this process is
+    eager. `key` joins `_WARM` (for `compiles`) once a compiled call has run."""
 
-    def __init__(self, objective: Objective, on_fallback: Callable[[], None]):
-        self.eager, self.key = objective.loss, _key(objective, _device_of(objective.module))
-        self.on_fallback = on_fallback
+    def __init__(self, fn: Callable[..., Any], key: tuple, on_fallback: Callable[[], None]):
+        self.eager, self.key, self.on_fallback = fn, key, on_fallback
         config = torch._dynamo.config
-        # Every loss x module type x batch shape x mode of a worker's trials keeps its compiled graph.
+        # Every function x module type x batch shape x mode of a worker's runs keeps its compiled graph.
         config.recompile_limit = max(config.recompile_limit, 64)
         config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 1024)
-        self.compiled = torch.compile(self.eager, options={"fallback_random": True})
+        self.compiled = torch.compile(fn, options={"fallback_random": True})
 
-    def __call__(self, batch: Batch, step: int) -> tuple[torch.Tensor, Measurements]:
+    def __call__(self, *args: Any) -> Any:
         if self.compiled is not None and not _BROKEN:
-            for split in batch.values():
-                for tensor in (split.x, *split.labels.values()):
-                    torch._dynamo.mark_static(tensor)
+            for leaf in torch.utils._pytree.tree_leaves(args):
+                for tensor in (leaf.x, *leaf.labels.values()) if isinstance(leaf, Split) else (leaf,):
+                    if isinstance(tensor, torch.Tensor):
+                        torch._dynamo.mark_static(tensor)
             rng = torch.get_rng_state()
             try:
-                out = self.compiled(batch, step)
+                out = self.compiled(*args)
             except Exception as error:  # noqa: BLE001 - any failure: eager, which raises a real error again
                 first = (str(error).strip().splitlines() or [""])[0][:200]
                 _BROKEN.append(f"{type(error).__name__}: {first}")
@@ -738,7 +748,7 @@ class _CompiledLoss:
             else:
                 _WARM.add(self.key)
                 return out
-        return self.eager(batch, step)
+        return self.eager(*args)
 
 
 class _Loop:

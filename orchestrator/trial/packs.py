@@ -16,7 +16,7 @@ import torch
 from common.config import stable_hash
 from methods import get_method
 from methods.packing import NotPackable, calibrate, fit_packed, packable
-from methods.training import Interrupted, Supervision, supervised
+from methods.training import Interrupted, Supervision, compiling, supervised
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.config import SweepConfig
 from orchestrator.trial.grid import TrialSpec
@@ -139,9 +139,8 @@ def _train_pack(members: list[tuple[int, Trial]], should_stop) -> dict[int, dict
     checkpointer = trials[0].supervisor.checkpointer(owner) if reason is None else None
     if reason is None:
         try:
-            with supervised(
-                Supervision(name="train", checkpointer=checkpointer, should_stop=should_stop, on_epoch=None)
-            ):
+            supervision = Supervision(name="train", checkpointer=checkpointer, should_stop=should_stop, on_epoch=None)
+            with supervised(supervision), compiling(trials[0].effective.resources.compile):
                 results = fit_packed(
                     objectives,
                     [t.ctx.data for t in trials],

@@ -2,7 +2,8 @@
 it follows the eager engine step by step, is deterministic, resumes from checkpoints, reuses its
 compiled graphs across runs in a process, and falls back to eager with a warning where compiling
 fails. Compiling takes seconds, so every test that compiles is marked slow (about two minutes in
-all on one core); the fast ones stand torch.compile in with a function that fails."""
+all on one loaded core with a cold Inductor cache); the fast ones stand torch.compile in with a
+function that fails."""
 
 import io
 import warnings
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from methods import training
+from methods.packing import Vmapped
 from methods.training import (
     AUTO_MIN_STEPS,
     Interrupted,
@@ -81,6 +83,27 @@ def _run(model, data, compile, cfg=CFG, seed=0):
     return result, torch.cat(engine.losses), model
 
 
+class RecordingPack(Vmapped):
+    """The vmapped engine, keeping every step's losses (K,)."""
+
+    def __init__(self, compile):
+        super().__init__(compile)
+        self.losses: list[torch.Tensor] = []
+
+    def step(self, idx, step):
+        loss, measurements = super().step(idx, step)
+        self.losses.append(loss)
+        return loss, measurements
+
+
+def _run_pack(compile, k=3, cfg=CFG, n=230):
+    models, datas = [_gpt(seed) for seed in range(k)], [_gpt_data(seed, n) for seed in range(k)]
+    engine = RecordingPack(compile)
+    gens = [torch.Generator().manual_seed(seed) for seed in range(k)]
+    results = fit_many([cross_entropy(m, d) for m, d in zip(models, datas, strict=True)], datas, cfg, gens, engine)
+    return results, torch.stack(engine.losses), models
+
+
 def _graphs() -> int:
     from torch._dynamo.utils import counters
 
@@ -110,7 +133,7 @@ def test_auto_compiles_long_runs_and_warm_losses_and_never_after_a_failure(monke
     assert compiles(True, objective, cpu, 1) and not compiles(False, objective, cpu, 10**9)
     assert compiles("auto", objective, cpu, AUTO_MIN_STEPS)
     assert not compiles("auto", objective, cpu, AUTO_MIN_STEPS - 1)
-    training._WARM.add(training._key(objective, cpu))  # compiled before in this process: free
+    training._WARM.add(training.compile_key(objective, cpu))  # compiled before in this process: free
     assert compiles("auto", objective, cpu, 1)
     assert not compiles("auto", cross_entropy(_cnn(), _cnn_data()), cpu, 1)  # another model is not warm
     training._BROKEN.append("RuntimeError: no compiler")
@@ -134,6 +157,20 @@ def test_a_failing_compile_trains_eagerly_after_one_warning(monkeypatch):
         engine = Serial(True)
         fit_many([cross_entropy(_gpt(), _gpt_data())], [_gpt_data()], cfg, [torch.Generator()], engine)
     assert not engine.compiled
+
+
+def test_a_pack_whose_compile_fails_trains_as_the_eager_pack(monkeypatch):
+    cfg = CFG.model_copy(update={"epochs": 2})
+    eager, eager_losses, eager_models = _run_pack(False, cfg=cfg)
+    _failing_compile(monkeypatch)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        results, losses, models = _run_pack(True, cfg=cfg)
+    assert torch.equal(losses, eager_losses) and results == eager
+    for model, eager_model in zip(models, eager_models, strict=True):
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(model.state_dict().values(), eager_model.state_dict().values(), strict=True)
+        )
 
 
 def test_a_trial_compiles_as_its_resources_say(tmp_path, monkeypatch):
@@ -184,6 +221,18 @@ def test_the_compiled_gpt_follows_eager_is_deterministic_and_compiles_once_per_s
     assert all(
         torch.equal(a, b) for a, b in zip(model_again.state_dict().values(), model.state_dict().values(), strict=True)
     )
+
+
+@pytest.mark.slow
+def test_the_compiled_pack_follows_the_eager_pack_and_is_deterministic():
+    # 250 rows: five full batches an epoch, one graph (the serial test covers the last, smaller batch).
+    _, eager_losses, _ = _run_pack(False, n=250)
+    before = _graphs()
+    results, losses, _ = _run_pack(True, n=250)
+    assert losses.shape == (100, 3) and _graphs() - before == 1
+    _close(losses, eager_losses)  # each model's dropout masks from its own stream, as eagerly
+    again, losses_again, _ = _run_pack(True, n=250)  # a later pack of these models in the process: no new graph
+    assert _graphs() - before == 1 and torch.equal(losses_again, losses) and again == results
 
 
 @pytest.mark.slow
