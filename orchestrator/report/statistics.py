@@ -336,7 +336,8 @@ def headline_differences(
     budget only from above by it: d is then a bound from one side, and the side of the interval it
     cannot support is left open (-inf or +inf; both when a seed's d is bounded from neither or both
     sides). `censored`: the seeds whose d is such a bound. `n_train` is the largest budget, the range
-    the crossing was sought in. Pairs with fewer than two budgets in common are left out."""
+    the crossing was sought in. Pairs with fewer than two budgets in common, or where neither curve
+    reaches the target in any seed, are left out."""
     done, info = prepare(table)
     _check_versus(info, versus)
     by_series, gated = _seed_frames(done, metric), _gated(done)
@@ -364,6 +365,8 @@ def headline_differences(
         x_mine = log_budget(np.where(above_mine, n.max(), mine))
         x_theirs = log_budget(np.where(above_theirs, n.max(), theirs))
         d = np.where(above_mine & above_theirs, np.nan, x_theirs - x_mine)
+        if np.isnan(d).all():  # neither curve reaches the target in any seed: nothing to compare
+            continue
         lo, hi = interval(d[np.isfinite(d)], level) if np.isfinite(d).sum() >= 2 else (np.nan, np.nan)
         d_low, d_high = above_theirs | below_mine, above_mine | below_theirs  # d only a lower / upper bound
         if np.isnan(d).any() or (d_low & d_high).any():

@@ -511,8 +511,11 @@ def test_headline_findings_leave_open_the_side_a_curve_that_never_reaches_cannot
     assert row.diff_ci_lo == -np.inf and verdict(row.diff_ci_lo, row.diff_ci_hi) == "worse"
     neither = curves_table({"scratch": {10: [0.1, 0.2], 100: [0.3, 0.4]},
                             "subtask_induction": {10: [0.2, 0.3], 100: [0.5, 0.6]}}, sparsity=0.8)  # fmt: skip
-    (row,) = headline_differences(neither, "scratch", target=0.9).itertuples()
-    assert np.isnan(row.diff_mean) and verdict(row.diff_ci_lo, row.diff_ci_hi) == "undecided"
+    assert headline_differences(neither, "scratch", target=0.9).empty  # nothing reaches it: no finding
+    some = curves_table({"scratch": {10: [0.1, 0.2], 100: [0.3, 0.95]},
+                         "subtask_induction": {10: [0.2, 0.3], 100: [0.5, 0.6]}}, sparsity=0.8)  # fmt: skip
+    (row,) = headline_differences(some, "scratch", target=0.9).itertuples()
+    assert (row.diff_ci_lo, row.diff_ci_hi) == (-np.inf, np.inf)  # seed 0: neither reaches it
     early = curves_table({"scratch": {10: [0.95, 0.92], 100: [0.99, 0.99]},
                           "subtask_induction": {10: [0.95, 0.97], 100: [0.99, 0.99]}}, sparsity=0.8)  # fmt: skip
     (row,) = headline_differences(early, "scratch", target=0.9).itertuples()
