@@ -12,13 +12,14 @@ steps/s and achieved GFLOP/s (6 x weights in linear layers x tokens per step) of
     backward through AOTAutograd, the fused optimiser); its compile time (the first step, in this
     process) is reported apart and also spread over one run of the sweep's trial (`amortised`),
     with the number of steps at which compiling pays for itself (`break-even`);
-  - packed (eager): model-steps/s of `methods.packing.calibrate` at K = 1, 2, 4, ... (vmapped);
-  - packed and compiled: not built yet (the vmapped engine runs eagerly);
+  - packed, eager and compiled: model-steps/s of the vmapped engine (`methods.packing.Vmapped`,
+    compile False / True: the vmapped loss through `torch.compile`, the fused optimiser) at each
+    K of `--ks` (each compiled K is a graph of its own: its compile time is reported apart);
 beside the matrix-product rate at the model's linear shapes and at 1024^3. Timed runs alternate
 between the variants and the best of `--repeats` is kept: on a shared machine, compare figures of
 one run only (the load average is printed with them).
 
-    python benchmarks/step_speed.py [SWEEP.yaml] [--steps 100] [--repeats 5]
+    python benchmarks/step_speed.py [SWEEP.yaml] [--steps 100] [--repeats 5] [--ks 4 16]
 
 A cold compile (no Inductor cache on disk, as in a fresh container):
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python benchmarks/step_speed.py
@@ -67,10 +68,10 @@ def main() -> None:
     parser.add_argument("sweep", nargs="?", default="configs/quickstart.yaml")
     parser.add_argument("--steps", type=int, default=100, help="steps per timed run")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--k-max", type=int, default=16, help="largest pack measured")
+    parser.add_argument("--ks", type=int, nargs="+", default=[4, 16], help="pack sizes measured")
     args = parser.parse_args()
 
-    from methods.packing import calibrate
+    from methods.packing import Vmapped
     from methods.training import Serial, cross_entropy
     from orchestrator.config import load_sweep_file
     from orchestrator.trial import fresh_model
@@ -96,16 +97,29 @@ def main() -> None:
 
         return step
 
+    held = []  # the engines' open `running` contexts
+
     def engine_step(compile: bool):
         """The loop's serial engine, as `fit` runs it, stepping on the fixed batch."""
         model = fresh_model(sweep, task, 0, "init").train()
         engine = Serial(compile=compile)
-        running = engine.running([cross_entropy(model, data)], [data], cfg, False)
-        running.__enter__()  # held open for the benchmark's life
+        held.append(engine.running([cross_entropy(model, data)], [data], cfg, False))
+        held[-1].__enter__()  # open for the benchmark's life (held: a dropped context would close)
         engine.seed([0], [0])
         assert engine.compiled is compile
         counter = iter(range(10**9))
         return lambda: engine.step([{"train": idx}], next(counter))
+
+    def pack_step(compile: bool, k: int):
+        """The vmapped engine as `fit_many` runs it, K models stepping on the fixed batch."""
+        objectives = [cross_entropy(fresh_model(sweep, task, seed, "init").train(), data) for seed in range(k)]
+        engine = Vmapped(compile=compile)
+        held.append(engine.running(objectives, [data] * k, cfg, False))
+        held[-1].__enter__()
+        engine.seed(list(range(k)), list(range(k)))
+        assert engine.compiled is compile
+        counter = iter(range(10**9))
+        return lambda: engine.step([{"train": idx}] * k, next(counter))
 
     variants = {"eager (the loop's serial engine)": engine_step(False)}
     variants["eager, fused AdamW"] = eager_step(*build(fused=True))
@@ -128,6 +142,15 @@ def main() -> None:
     compiled()
     compile_s = time.perf_counter() - start
     variants["compiled (the compiled serial engine)"] = compiled
+    pack_compile_s = {}
+    for k in args.ks:
+        variants[f"packed, eager, K = {k}"] = pack_step(False, k)
+        step = pack_step(True, k)
+        start = time.perf_counter()
+        step()
+        pack_compile_s[k] = time.perf_counter() - start
+        variants[f"packed, compiled, K = {k}"] = step
+    per_step = {name: int(name.rsplit("= ", 1)[1]) if "K =" in name else 1 for name in variants}  # models per step
     for step in variants.values():
         _rate(step, 5)  # warm-up
     best = dict.fromkeys(variants, 0.0)
@@ -136,7 +159,6 @@ def main() -> None:
             best[name] = max(best[name], _rate(step, args.steps))
 
     probe = fresh_model(sweep, task, 0, "init")
-    packed = calibrate(cross_entropy(probe, data), data, cfg, args.k_max, min_seconds=1.0, min_gain=0.0)
 
     linears = [m for m in probe.modules() if isinstance(m, torch.nn.Linear)]
     weights = sum(m.weight.numel() for m in linears)
@@ -153,17 +175,16 @@ def main() -> None:
     print(f"{args.sweep}: {type(probe).__name__}, {weights:,} weights in linear layers, {tokens} tokens per step")
     print(f"machine: {cpu_name()}, torch {torch.__version__}, 1 thread; load average at start {load:.2f}, "
           f"at end {os.getloadavg()[0]:.2f}")  # fmt: skip
-    print(f"{'variant':45s} {'steps/s':>9s} {'GFLOP/s':>8s}")
+    print(f"{'variant':45s} {'model-steps/s':>13s} {'GFLOP/s':>8s}")
     for name, rate in best.items():
-        print(f"{name:45s} {rate:9.1f} {rate * flop / 1e9:8.1f}")
+        rate *= per_step[name]
+        print(f"{name:45s} {rate:13.1f} {rate * flop / 1e9:8.1f}")
     amortised = trial_steps / (trial_steps / compiled_rate + compile_s)
     name = f"compiled, amortised over one trial ({trial_steps} steps)"
-    print(f"{name:45s} {amortised:9.1f} {amortised * flop / 1e9:8.1f}")
-    for k, rate in packed.rates.items():
-        print(f"{f'packed, eager, K = {k} (model-steps/s)':45s} {rate:9.1f} {rate * flop / 1e9:8.1f}")
-    print(f"{'packed and compiled':45s} {'not built':>9s}")
+    print(f"{name:45s} {amortised:13.1f} {amortised * flop / 1e9:8.1f}")
+    packs = ", ".join(f"packed K = {k} {s:.1f} s" for k, s in pack_compile_s.items())
     print(f"compile time (first step in this process): compiled engine {compile_s:.1f} s, "
-          f"compiled loss and AdamW step {compile_opt_s:.1f} s")  # fmt: skip
+          f"compiled loss and AdamW step {compile_opt_s:.1f} s, {packs}")  # fmt: skip
     if saved > 0:
         print(f"break-even: compiling pays after {compile_s / saved:.0f} steps ({saved * 1e3:.2f} ms saved per step)")
     else:
