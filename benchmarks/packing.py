@@ -1,6 +1,7 @@
 """Packed against serial trials: one sweep (default: the quickstart) run twice on the local Ray, on
-the same machine, in one invocation: `resources.pack: 1` (every model trains alone), then
-`resources.pack: auto` (trials of one budget and setting train as packs of models).
+the same machine, in one invocation: `resources.pack: 1, compile: false` (every model trains alone,
+eagerly), then the defaults, `resources.pack: auto, compile: auto` (trials of one budget and setting
+train as packs of models, their steps compiled where `methods.training.compiles` says it pays).
 
 Both runs share one artifact store, filled before either is timed, so they time the same work: the
 trials (training, evaluation, analyses). Prints, for each: the wall time of the trial phase, trials
@@ -80,12 +81,12 @@ def main() -> None:
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="instill-packing-"))
     root.mkdir(parents=True, exist_ok=True)
     raw.setdefault("storage", {})["artifacts"] = str(root / "artifacts")
-    variants = {"serial": (0, 1), "packed": (0, "auto")}
+    variants = {"serial": (0, 1, False), "packed": (0, "auto", "auto")}
     if args.gpu:
-        variants = {"serial": (1, 1), "gpu/4": (0.25, 1), "packed": (1, "auto")}
+        variants = {"serial": (1, 1, False), "gpu/4": (0.25, 1, False), "packed": (1, "auto", "auto")}
     sweeps = {}
-    for name, (gpu, pack) in variants.items():
-        raw.setdefault("resources", {}).update(gpu=gpu, pack=pack)
+    for name, (gpu, pack, compile) in variants.items():
+        raw.setdefault("resources", {}).update(gpu=gpu, pack=pack, compile=compile)
         sweeps[name] = load_sweep(raw)
     try:
         start_ray(num_cpus=args.num_cpus, num_gpus=torch.cuda.device_count() if args.gpu else None)
