@@ -313,6 +313,8 @@ def findings(diffs: pd.DataFrame, metric: str = METRIC, margin: float | None = N
         "diff": diffs["diff_mean"], "ci_lo": diffs["diff_ci_lo"], "ci_hi": diffs["diff_ci_hi"],
         "seeds": diffs["pairs"], "margin": np.nan if margin is None else margin, "gates_failed": gates.fillna(""),
     })  # fmt: skip
+    if "censored" in diffs:  # headline findings: seeds whose d is only a bound (`headline_differences`)
+        out["censored"] = diffs["censored"].to_numpy()
     cells = zip(out["ci_lo"], out["ci_hi"], out["gates_failed"], strict=True)
     out["verdict"] = [verdict(lo, hi, margin, bool(gates)) for lo, hi, gates in cells]
     out["id"] = [finding_id(*key, metric) for key in zip(out["label"], out["versus"], out["n_train"], strict=True)]

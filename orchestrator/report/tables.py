@@ -157,8 +157,10 @@ def findings_markdown(found: pd.DataFrame) -> str:
         over = f", mean over {row.over}" if isinstance(getattr(row, "over", None), str) else ""
         cell = _cell(row.diff, row.ci_lo, row.ci_hi, "+.3f")
         judged = "" if getattr(row, "metric", METRIC) == METRIC else f", {row.metric}"
+        censored = getattr(row, "censored", 0)
+        bound = f" ({censored:g} of them only a bound: a curve outside the budgets)" if censored > 0 else ""
         lines.append(f'- <a id="{row.id}"></a>**{row.verdict}**: {row.label} − {row.versus}{judged}, '
-                     f"n = {row.n_train:g}{over}: {cell}, {row.seeds} seeds")  # fmt: skip
+                     f"n = {row.n_train:g}{over}: {cell}, {row.seeds} seeds{bound}")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -188,5 +188,16 @@ def trial_needs(sweep: SweepConfig, spec: TrialSpec, tuning: bool = False) -> li
 
 
 def kind_uses(effective: SweepConfig):
-    """kind -> the kinds it reads in `effective` (`ArtifactKind.uses` on what it may read)."""
-    return lambda kind: ARTIFACTS.get(kind).uses(kind_settings(effective, kind))
+    """kind -> the kinds it reads in `effective` (`ArtifactKind.uses` on what it may read), which
+    must be among its declared `needs`. What a trial computes, loads and is gated by follows this;
+    its identity (`identity_blocks`) keeps the blocks of every declared need, so that a trial's hash
+    does not move with a kind's `uses`."""
+
+    def uses(kind: str) -> tuple[str, ...]:
+        art = ARTIFACTS.get(kind)
+        used = tuple(art.uses(kind_settings(effective, kind)))
+        if not set(used) <= set(art.needs):
+            raise ValueError(f"artifact kind {kind!r}: uses() returned {used}, not all among its needs {art.needs}")
+        return used
+
+    return uses
