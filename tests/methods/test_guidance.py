@@ -180,14 +180,18 @@ def test_a_guide_that_does_not_read_the_source_neither_needs_nor_is_gated_by_it(
     one of another architecture, leaves it out of the trial's needs, so a source that never learnt
     (here: trained for no step at all) neither costs time nor gates the guided trial's findings."""
     from orchestrator.artifacts import ArtifactStore
-    from orchestrator.trial import TrialSpec, run_trial, trial_needs
+    from orchestrator.trial import TrialSpec, Upstream, run_trial, trial_needs
 
     spec = TrialSpec(method="guidance", data_fraction=0.5, seed=0)
     own = tiny(plugins=[], methods=["guidance"], guide={"trained": True})
     assert trial_needs(own, spec) == ["source", "guide"]
     mlp = {"name": "mlp", "n_layers": 2, "width": 16}
     for guide in ({"trained": False}, {"trained": True, "model": mlp}, {"trained": False, "model": mlp}):
-        assert trial_needs(tiny(plugins=[], methods=["guidance"], guide=guide), spec) == ["guide"], guide
+        sweep = tiny(plugins=[], methods=["guidance"], guide=guide)
+        assert trial_needs(sweep, spec) == ["guide"], guide
+        up = Upstream(sweep, spec, None, torch.device("cpu"))
+        up.key("guide")
+        assert list(up.keys) == ["guide"], "no key is made for a need the config leaves unread"
     store = ArtifactStore(tmp_path)
     unlearnt = {"source": {"epochs": 1, "lr": 1e-12}}
     row = run_trial(tiny(plugins=[], methods=["guidance"], guide={"trained": False}, **unlearnt), spec, store)
