@@ -41,13 +41,14 @@ def box_following(sweep, p: float, seed: int) -> dict:
     clean_val = task._split("base_val", sweep.task.n_val, seed)  # the validation images, no box yet
     evals = task._cue_evals(clean_val, seed)  # the test evaluations' construction, on validation images
     model.eval()
+    randomised = evaluate(model, evals["randomised_image"])  # y: the box's class, shape: the image's
     return {
         "fraction": p,
         "seed": seed,
         "val_acc": result.best_val_acc,
         "clean_val_acc": evaluate(model, clean_val)["y"],
-        "randomised_image_val_acc": evaluate(model, evals["randomised_image"])["y"],  # follows the box
-        "randomised_image_val_shape_acc": evaluate(model, evals["randomised_image"])["shape"],
+        "randomised_image_val_acc": randomised["y"],  # follows the box
+        "randomised_image_val_shape_acc": randomised["shape"],
         "train_s": round(time.perf_counter() - start, 1),
     }
 
