@@ -51,6 +51,29 @@ class ParamGroup(Frozen):
         return v
 
 
+class SelectOn(Frozen):
+    """Select the epoch on a validation split that measures what the method is for (for example
+    shape decisions on cue-conflict validation images): accuracy against `label` on the task's
+    evaluation split `split`, which must be a validation split (its name ends in `_val`: drawn from
+    its own stream, never from test images; `tasks.base.StageData`)."""
+
+    split: str = Field(description="a validation split of the task's: `val` or an evaluation split named `*_val`")
+    label: str = Field("y", description="the label set of that split to score against (e.g. shape)")
+
+    @field_validator("split")
+    @classmethod
+    def _validation(cls, v: str) -> str:
+        if v != "val" and not v.endswith("_val"):
+            raise ValueError(
+                f"{v!r} is not a validation split: select on `val` or an evaluation split whose name ends in "
+                "`_val` (e.g. cue_conflict_val); test splits never choose anything"
+            )
+        return v
+
+    def describe(self) -> str:
+        return f"{self.split}:{self.label}"
+
+
 class TrainConfig(Frozen):
     """One training stage (the source model, or the downstream model): its optimiser, schedule,
     budget and selection. The schedule (after `warmup_steps` of linear warm-up) runs over the
@@ -87,10 +110,12 @@ class TrainConfig(Frozen):
     keep_initial: bool = Field(
         True, description="the model as it came (epoch 0) is a candidate for the best epoch; false: always train"
     )
-    select: Literal["val_acc", "val_loss", "last"] = Field(
+    select: Literal["val_acc", "val_loss", "last"] | SelectOn = Field(
         "val_acc",
         description="what picks the best epoch (restored at the end) and what patience watches; last: keep the "
-        "last epoch (no selection, patience never stops), as papers that report the end of training do",
+        "last epoch (no selection, patience never stops), as papers that report the end of training do; "
+        "{split: NAME_val, label: L}: accuracy against label L on a validation split that measures what "
+        "the method is for (e.g. {split: cue_conflict_val, label: shape})",
     )
     ties: Literal["first", "last"] = Field("first", description="of epochs equal in `select`, keep the first or last")
 
@@ -462,6 +487,9 @@ def fit_many(
                 f"select: val_loss needs the objective's validation loss, and this one (training a "
                 f"{type(objective.module).__name__}) has none; use select: val_acc"
             )
+    if isinstance(cfg.select, SelectOn):
+        for data in datas:
+            selection_split(cfg.select, data)
     reason = engine.refuses(objectives, datas)
     if reason is not None:
         raise NotPackable(reason)
@@ -756,6 +784,7 @@ class _Loop:
 
     def __init__(self, objectives, datas, cfg: TrainConfig, generators, engine: Engine, supervision, observers):
         self.objectives, self.cfg, self.engine, self.supervision = objectives, cfg, engine, supervision
+        self.datas = datas
         self.slot, self.label = supervision.claim() if supervision is not None else (0, "train")
         lead = objectives[0]
         self.streams = lead.streams
@@ -814,7 +843,7 @@ class _Loop:
             m.best = (-math.inf, 0, objective.snapshot())
             return False
         score = objective.score()
-        key = selection_key(self.cfg, objective, score, {})
+        key = selection_key(self.cfg, objective, score, {}, self.datas[m.index])
         m.initial, m.best, m.best_key = score, (score, 0, objective.snapshot()), key
         if self.cfg.target_val_acc is not None and score >= self.cfg.target_val_acc:
             self.results[m.index] = m.result(0, 0)
@@ -883,7 +912,7 @@ class _Loop:
         if objective.end_epoch is not None:
             row.update(objective.end_epoch(epoch) or {})
         score = objective.score()
-        key = selection_key(cfg, objective, score, row)
+        key = selection_key(cfg, objective, score, row, self.datas[m.index])
         if lr is not None:
             row["lr"] = lr
         m.history.append(score)
@@ -977,16 +1006,42 @@ class _Loop:
         return live
 
 
-def selection_key(cfg: TrainConfig, objective: Objective, score: float, row: dict[str, float]) -> float:
+def selection_key(
+    cfg: TrainConfig, objective: Objective, score: float, row: dict[str, float], data: StageData | None = None
+) -> float:
     """This epoch's value of `cfg.select`, higher is better: the score, or minus the validation
-    loss (which is added to the epoch's measurements `row`); `last`: +inf, every epoch replaces the
-    one before (`_epoch_end`), so the last is kept."""
-    if cfg.select == "val_acc":
+    loss (which is added to the epoch's measurements `row`), or the accuracy on the validation split
+    `SelectOn` names (added to `row` as `select_<split>_<label>`); `last`: +inf, every epoch replaces
+    the one before (`_epoch_end`), so the last is kept."""
+    select = cfg.select
+    if select == "val_acc":
         return score
-    if cfg.select == "last":
+    if select == "last":
         return math.inf
+    if isinstance(select, SelectOn):
+        if data is None:
+            raise ValueError(f"select: {select.describe()} needs the stage's data")
+        split = selection_split(select, data)
+        value = evaluate(objective.module, split, cfg.eval_batch_size)[select.label]
+        row[f"select_{select.split}_{select.label}"] = value
+        return value
     row["val_loss"] = objective.val_loss()
     return -row["val_loss"]
+
+
+def selection_split(select: SelectOn, data: StageData) -> Split:
+    """The validation split `select` names, or a ValueError that says which splits the task has."""
+    split = data.val if select.split == "val" else data.evals.get(select.split)
+    names = ["val", *(n for n in data.evals if n.endswith("_val"))]
+    if split is None:
+        raise ValueError(
+            f"training.select: this task has no validation split {select.split!r}; it has: {', '.join(names)}"
+        )
+    if select.label not in split.labels:
+        raise ValueError(
+            f"training.select: split {select.split!r} has no label {select.label!r}; it has: {', '.join(split.labels)}"
+        )
+    return split
 
 
 def _loose(objective: Objective) -> list[nn.Parameter]:

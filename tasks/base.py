@@ -49,7 +49,11 @@ class Split:
 @dataclasses.dataclass(frozen=True)
 class StageData:
     """Train/validation data for one training stage, named evaluation splits, and extra named
-    training streams that an objective may consume beside `train` (e.g. cued images)."""
+    training streams that an objective may consume beside `train` (e.g. cued images).
+
+    An evaluation split whose name ends in `_val` is a validation split: drawn from its own stream,
+    never from test images, so settings may be chosen on it (a method's epoch by `training.select:
+    {split: NAME_val, label: L}`, a shape bias threshold); every other evaluation split is test data."""
 
     train: Split
     val: Split

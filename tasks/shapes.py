@@ -18,7 +18,8 @@ Two variants (docs/VISION.md), both off by default and both absent from every ke
   names the class, written after normalisation on a fraction of the source's images; adds the `cued`
   training stream downstream (the source's own training images, `fraction` of them boxed: the cue
   model's training distribution, which CBFT's authors zip with the small clean set) and the `cue`,
-  `randomised_cue` and `randomised_image` evaluations.
+  `randomised_cue` and `randomised_image` evaluations, each also on the validation images
+  (`cue_val`, `randomised_cue_val`, `randomised_image_val`) for choosing settings.
 - `bias: {feature: colour | texture, p}` (seed 001, OccamNets): in the training distribution (base,
   base_val, pool, val) the feature takes the class's value with probability p; `test` is unbiased and
   `bias_aligned` shows the other side of the gap.
@@ -293,20 +294,21 @@ class Shapes:
         y = split.y.numpy()
         return self._cued(split, np.where(self.cued_rows(stream, len(split), fraction, seed), y, -1))
 
-    def _cue_evals(self, test: Split, seed: int) -> dict[str, Split]:
+    def _cue_evals(self, test: Split, seed: int, suffix: str = "") -> dict[str, Split]:
         """CBFT's evaluations on the (clean) test images: `cue` (the true class's box), `randomised_cue`
         (the box of a uniformly random other class; y the image's class, reading `cue` the box's) and
         `randomised_image` (the box of a class the image is not; y the box's class, reading `shape`
-        the image's)."""
+        the image's). With `suffix="_val"`, the same on the validation images (their own streams), for
+        choosing settings (e.g. `training.select: {split: randomised_image_val, label: shape}`)."""
         k, y = self.config.n_classes, test.y.numpy()
         random_cue, random_image = (
-            (y + numpy_generator(seed, f"shapes:cue:{stream}").integers(1, k, len(y))) % k  # any other class
+            (y + numpy_generator(seed, f"shapes:cue:{stream}{suffix}").integers(1, k, len(y))) % k  # any other class
             for stream in ("randomised_cue", "randomised_image")
         )
         return {
-            "cue": self._cued(test, y),
-            "randomised_cue": self._cued(test, random_cue, {"y": y, "cue": random_cue}),
-            "randomised_image": self._cued(test, random_image, {"y": random_image, "shape": y}),
+            f"cue{suffix}": self._cued(test, y),
+            f"randomised_cue{suffix}": self._cued(test, random_cue, {"y": y, "cue": random_cue}),
+            f"randomised_image{suffix}": self._cued(test, random_image, {"y": random_image, "shape": y}),
         }
 
     # --- stages -----------------------------------------------------------------------------
@@ -351,7 +353,7 @@ class Shapes:
             )
         pool = self._split("pool", c.pool_size, seed)
         train = Split(pool.x[:n], {"y": pool.y[:n]})
-        test = self._split("test", c.n_test, seed)
+        test, val = self._split("test", c.n_test, seed), self._split("val", c.n_val, seed)
         evals = {
             "test": test,
             "silhouette": self._split("silhouette_test", c.n_test, seed),
@@ -368,7 +370,8 @@ class Shapes:
             streams["cued"] = self.base_data(seed).train
             train = self._cued_fraction(train, "pool", c.cue.downstream_fraction, seed)
             evals.update(self._cue_evals(test, seed))
-        return StageData(train=train, val=self._split("val", c.n_val, seed), evals=evals, streams=streams)
+            evals.update(self._cue_evals(val, seed, "_val"))
+        return StageData(train=train, val=val, evals=evals, streams=streams)
 
     PROBE_SETS: ClassVar[tuple[str, ...]] = ("in_distribution", "cue_conflict")
 

@@ -20,6 +20,7 @@ import tasks
 from common.config import BLOCKS, Frozen
 from methods import ANALYSES, ARTIFACTS, METHODS
 from methods.analysis import parse_analysis
+from methods.training import SelectOn, selection_split
 from orchestrator.config.paths import _NOT_AXES, Layer, _head, resolve_path
 from orchestrator.config.schema import ConfigError, SeedRule, SweepConfig, needed_kinds, per_method_blocks
 from tasks.base import format_validation, parse_block
@@ -240,6 +241,23 @@ def _check_runnable(config: SweepConfig) -> list[str]:
         config.analysis_list()
     except ValueError as err:
         errors.append(str(err))
+    return errors + ([] if errors else _check_selection(config, task))
+
+
+def _check_selection(config: SweepConfig, task) -> list[str]:
+    """`training.select: {split, label}`: the task has that validation split and label (checked on
+    the first seed's data at the first budget, before anything runs)."""
+    chosen = {m: config.effective(m).training.select for m in config.methods}
+    chosen = {m: s for m, s in chosen.items() if isinstance(s, SelectOn)}
+    if not chosen:
+        return []
+    data = task.downstream_data(config.first_seeds[0], config.data_fractions[0])
+    errors = []
+    for method, select in chosen.items():
+        try:
+            selection_split(select, data)
+        except ValueError as err:
+            errors.append(f"{method}: {err}")
     return errors
 
 

@@ -158,3 +158,39 @@ def test_a_method_block_trains_with_sgd_cosine_and_a_head_rate_alone_and_packed(
         if row["method"] == "full_transfer":  # the cosine schedule, over its run's steps, at the block's lr
             assert [m["lr"] for m in json.loads(row["measurements_json"])] == pytest.approx([0.05, 0.0])
             assert row["best_epoch"] >= 1, "keep_initial: false"
+
+
+def test_select_on_a_validation_split_keeps_the_epoch_that_split_scores_best():
+    """`select: {split, label}`: the kept epoch is the best on that validation split (epoch 0 included),
+    not on `val`. Here the split's labels are shifted, so the source that solves `val` scores about 0 on
+    it at epoch 0 and a destructive learning rate, which only hurts `val`, is what the split prefers."""
+    from methods.training import SelectOn
+    from tasks.base import Split, StageData
+
+    source, data = trained_source(), base_data()
+    shifted = Split(data.val.x, {"y": (data.val.y + 1) % (int(data.val.y.max()) + 1)})
+    data = StageData(data.train, data.val, evals={"shifted_val": shifted, "test": data.val})
+    initial = evaluate(source, shifted)["y"]
+    cfg = TrainConfig(lr=0.5, epochs=5, batch_size=64, select=SelectOn(split="shifted_val"))
+    kept = copy.deepcopy(source)
+    result = train(kept, data, cfg, _gen())
+    values = [initial] + [row["select_shifted_val_y"] for row in result.measurements]
+    assert max(values) > initial, "training must move the split's accuracy, or nothing is tested"
+    assert result.best_epoch == values.index(max(values)) >= 1
+    assert evaluate(kept, shifted)["y"] == pytest.approx(max(values))
+    by_val = train(copy.deepcopy(source), data, cfg.model_copy(update={"select": "val_acc"}), _gen())
+    assert by_val.best_epoch == 0  # the same run selected on `val` keeps the source: the choice is the split's
+
+
+def test_select_refuses_test_splits_and_names_what_the_task_has():
+    from methods.training import SelectOn
+
+    with pytest.raises(ValidationError, match="'test' is not a validation split"):
+        TrainConfig(select={"split": "test"})
+    chosen = TrainConfig(select={"split": "cue_conflict_val", "label": "shape"}).select
+    assert chosen.describe() == "cue_conflict_val:shape"
+    cfg = TrainConfig(lr=1e-3, epochs=1, select=SelectOn(split="cue_conflict_val"))
+    with pytest.raises(ValueError, match="no validation split 'cue_conflict_val'; it has: val"):
+        train(fresh_mlp(), base_data(), cfg, _gen())
+    with pytest.raises(ValueError, match="split 'val' has no label 'shape'; it has: y"):
+        train(fresh_mlp(), base_data(), cfg.model_copy(update={"select": SelectOn(split="val", label="shape")}), _gen())

@@ -166,6 +166,13 @@ def test_randomised_image_is_labelled_by_its_cue(tmp_path):
     assert torch.equal(ri.labels["shape"], test.y) and (ri.labels["shape"] != ri.y).all()
     keep = outside_box(task, ri.y).expand_as(ri.x)
     assert torch.equal(ri.x[keep], test.x[keep]), "the image itself is a test image of another class"
+    # The same evaluation on the validation images, for choosing settings: never a test image.
+    data = task.downstream_data(0, 0.5)
+    ri_val = data.evals["randomised_image_val"]
+    assert torch.equal(ri_val.labels["shape"], data.val.y) and box_at(task, ri_val.x, ri_val.y).all()
+    assert torch.equal(ri_val.x[outside_box(task, ri_val.y).expand_as(ri_val.x)],
+                       data.val.x[outside_box(task, ri_val.y).expand_as(data.val.x)])  # fmt: skip
+    assert {"cue_val", "randomised_cue_val"} <= set(data.evals)
 
 
 def test_the_cue_is_part_of_the_source_key_only(tmp_path):

@@ -191,3 +191,19 @@ def test_the_architecture_is_an_axis(tmp_path):
     rows = [run_trial(sweep, s, ArtifactStore(tmp_path)) for s in specs]
     assert len({r["trial_hash"] for r in rows}) == 4
     assert {json.loads(r["config_json"])["model"]["name"] for r in rows} == {"gpt", "mlp"}
+
+
+def test_select_on_a_split_the_task_lacks_exits_2_before_anything_runs(tmp_path, capsys):
+    """`training.select: {split, label}` is checked against the task's data when the file is read,
+    for every method whose effective settings select so (a method override included)."""
+    path = tmp_path / "sweep.yaml"
+    raw = tiny_raw(method_overrides={"scratch": {"training.select": {"split": "cue_conflict_val", "label": "shape"}}})
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "scratch: training.select: this task has no validation split 'cue_conflict_val'; it has: val" in err
+    path.write_text(yaml.safe_dump(tiny_raw(training={**tiny_raw()["training"], "select": {"split": "test"}})))
+    assert main(["validate", str(path)]) == 2
+    assert "'test' is not a validation split" in capsys.readouterr().err
+    path.write_text(yaml.safe_dump(tiny_raw(method_overrides={"scratch": {"training.select": {"split": "val"}}})))
+    assert main(["validate", str(path)]) == 0
