@@ -20,12 +20,24 @@ target model trained on cross-entropy plus an alignment of its layers to a froze
   The logits are never aligned (no activation follows them). Guide layer g goes to target layer
   round(g (n_t - 1) / (n_g - 1)) (`methods.cka.layer_map`); when several guide layers map to one
   target layer every pair is kept, so the sum has one term per guide pre-activation.
-- Activations are flattened per example; linear CKA on the minibatch in fp32 (`methods.cka`), by
-  default with the unbiased HSIC estimator (`guidance.estimator`), whose estimate does not depend
-  on the batch size and does not inflate when features outnumber examples; each layer's Gram
-  matrix is computed once however many pairs use it.
+- Activations are flattened per example; linear CKA in fp32 (`methods.cka`), by default with the
+  unbiased HSIC estimator (`guidance.estimator`), whose estimate does not depend on the number of
+  examples and does not inflate when features outnumber examples; each layer's Gram matrix is
+  computed once however many pairs use it.
+- Which examples CKA is estimated on (`guidance.cka_examples`): null (the default), the loop's
+  training batch (`training.batch_size`); m, a CKA batch of its own each guided step, min(m,
+  n_train) downstream training examples drawn without replacement by the method's own seeded
+  generator (`CkaRows`; all of them, without a draw, when m >= n_train), while cross-entropy stays
+  on the loop's batch, so the training budget (batches, steps, learning rate) is every method's.
+  The paper computes both on one training batch of 256; m = 256 is its number of examples per CKA
+  estimate. Chosen over the alternatives because it is the closest to the paper that keeps the
+  shared training settings: a CKA batch that extends the loop's batch to m rows would need the
+  loop's row indices, which an objective does not see; accumulating features over several batches
+  would not give one gradient through a 256-example CKA.
 - One forward pass of the target per step gives the logits and, through the hooks, the
-  pre-activations; the guide runs under `torch.no_grad` on the same batch.
+  pre-activations: on the loop's batch, or on the loop's batch and the CKA batch concatenated
+  (one forward, one batch-norm update, over both; the CE reads the first rows' logits, CKA the
+  CKA batch's pre-activations). The guide runs under `torch.no_grad` on the CKA rows.
 - `guidance.guidance_steps = N`: the alignment term only for the first N optimisation steps, then
   cross-entropy only, without running the guide at all. With `alpha = 0` (or N = 0) the guide is
   never run and the method is `scratch` bit for bit.
@@ -42,9 +54,13 @@ Departures from the paper (and its code):
   here only the inputs of the nonlinearities, so a conv followed by batch norm counts once (its
   normalised output), and attention / projection outputs not followed by a nonlinearity (in a
   transformer) are not aligned.
-- The paper estimates CKA with the biased HSIC on batches of 256; here on the downstream block's
-  `batch_size` with the unbiased HSIC (`estimator: biased` gives the paper's estimator, which on a
-  batch of 64 with thousands of features scores even independent representations near 1).
+- The paper estimates CKA with the biased HSIC on its training batches of 256; here with the
+  unbiased HSIC (`estimator: biased` gives the paper's estimator, which on a batch of 64 with
+  thousands of features scores even independent representations near 1), by default on the
+  downstream block's `batch_size` (50-64; at n = 20, all 20); `cka_examples: 256` gives the paper's
+  256 examples per estimate where n_train allows, on a CKA batch drawn apart from the CE batch (the
+  paper's CE batch is the same 256), and with batch norm the target's batch statistics then span
+  both batches. Effect of 256 against the batch: docs/COMPARISON.md (guidance in its paper's setting).
 - The optimiser is the shared loop's AdamW with the downstream settings, not the paper's per-target
   optimiser schedules.
 """
@@ -63,7 +79,7 @@ from torch.nn import functional as F
 
 import tasks
 from common.config import Frozen
-from common.seeding import seeded_init, torch_generator
+from common.seeding import seeded_init, stage_seed, torch_generator
 from methods.artifacts import ArtifactKind, learnt, register_artifact
 from methods.cka import Estimator, cka_of_grams, gram, layer_map
 from methods.registry import Method, MethodContext, register_method
@@ -162,6 +178,12 @@ class GuidanceConfig(Frozen):
         None, ge=0, description="align only for the first N optimisation steps, then CE only (null: always)"
     )
     estimator: Estimator = Field("unbiased", description="the HSIC estimator of CKA: unbiased or biased (the paper's)")
+    cka_examples: int | None = Field(
+        None,
+        ge=4,
+        description="CKA on a batch of its own of min(this, n_train) training examples drawn each guided step "
+        "(the paper's 256), CE on the loop's batch; null: CKA on the loop's batch",
+    )
 
 
 @register_method(
@@ -181,6 +203,7 @@ class Guidance(Method):
         alpha, limit, estimator = ctx.config.alpha, ctx.config.guidance_steps, ctx.config.estimator
         guide = ctx.artifact("guide")
         pairs: list[tuple[int, int]] = []  # (target, guide) pre-activation indices, set at the first guided step
+        rows = None if ctx.config.cka_examples is None else CkaRows(ctx, ctx.config.cka_examples)
 
         def loss(batch, step):
             x, y = batch["train"].x, batch["train"].y
@@ -190,11 +213,15 @@ class Guidance(Method):
                     zero = torch.zeros((), device=ce.device)
                     return ce, {"ce": ce, "cka_loss": zero, "guided": zero}
                 return ce, {"ce": ce}
+            aligned = x if rows is None else rows.draw()  # the examples CKA is estimated on
             with preactivations(model) as feats:
-                logits = model(x)
+                # One forward: the loop's batch (for CE), then the CKA batch when it is another.
+                logits = model(x if rows is None else torch.cat([x, aligned]))
+            if rows is not None:
+                logits, feats[:] = logits[: len(x)], [f[len(x) :] for f in feats]
             guide.eval()
             with torch.no_grad(), preactivations(guide) as guide_feats:
-                guide(x)
+                guide(aligned)
             if not pairs:
                 pairs.extend(layer_map(len(feats), len(guide_feats)))
             ce = F.cross_entropy(logits.float(), y)
@@ -202,7 +229,38 @@ class Guidance(Method):
             one = torch.ones((), device=ce.device)
             return ce + alpha * cka_loss, {"ce": ce, "cka_loss": cka_loss.detach(), "guided": one}
 
-        return dataclasses.replace(base, loss=loss)
+        if rows is None:
+            return dataclasses.replace(base, loss=loss)
+        return dataclasses.replace(base, loss=loss, state=rows.state, load_state=rows.load_state)
+
+
+class CkaRows:
+    """The CKA batches of `guidance.cka_examples = m`: each call of `draw` gives min(m, n_train)
+    training inputs on the model's device, drawn without replacement (all of them, in order, when
+    m >= n_train, without a draw) by a generator of the method's own, seeded by (the method
+    stream's seed, "guidance_cka") without drawing from that stream. Its state is the objective's
+    (`state` / `load_state`), so a resumed run draws what an uninterrupted one would. The draw runs
+    eagerly under torch.compile (`torch.compiler.disable`), so that a compiled run draws the eager
+    run's rows at every step (tested)."""
+
+    def __init__(self, ctx: MethodContext, examples: int):
+        self.x = ctx.data.train.x.to(ctx.device)
+        self.n, self.m = len(self.x), min(examples, len(self.x))
+        self.generator = torch.Generator()
+        self.generator.manual_seed(stage_seed(ctx.generator.initial_seed(), "guidance_cka"))
+
+    @torch.compiler.disable
+    def draw(self) -> torch.Tensor:
+        if self.m >= self.n:
+            return self.x
+        idx = torch.randperm(self.n, generator=self.generator)[: self.m]
+        return self.x[idx.to(self.x.device)]
+
+    def state(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
 
 
 ACTIVATIONS = (nn.ReLU, nn.GELU, nn.Tanh, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Sigmoid, nn.Hardtanh, nn.Mish)

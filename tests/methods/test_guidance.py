@@ -1,6 +1,9 @@
 """Representational guidance: alpha = 0 (or guidance_steps = 0) is scratch bit for bit, a strong
 alignment term raises the target's CKA to the guide, the guide stays frozen, a guide of another
-architecture runs end to end, and a bad guide model field is reported by its path."""
+architecture runs end to end, a bad guide model field is reported by its path, and CKA on a batch
+of its own (`cka_examples`) sees that many training rows, is deterministic and resumes."""
+
+import io
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ from methods import guidance as _guidance  # noqa: F401  (registers the guide ki
 from methods.cka import layer_map
 from methods.guidance import GuidanceConfig, GuideConfig, alignment_loss, preactivation_count, preactivations
 from methods.registry import MethodContext, get_method
-from methods.training import fit
+from methods.training import Interrupted, Supervision, fit, supervised
 from tests.conftest import tiny_raw
 
 
@@ -32,18 +35,22 @@ def setup():
     return sweep, task, fresh, guide
 
 
-def _run(setup, name: str, config, guide=None):
+def _ctx(setup, config, guide=None, method_seed=0):
     sweep, task, fresh, default_guide = setup
-    ctx = MethodContext(
+    return MethodContext(
         task=task,
         data=task.downstream_data(0, 0.5),
         config=config,
         training=sweep.training,
         artifacts={"guide": default_guide if guide is None else guide},
-        generator=torch_generator(0, "method"),
+        generator=torch_generator(method_seed, "method"),
         device=torch.device("cpu"),
         fresh_model=fresh,
     )
+
+
+def _run(setup, name: str, config, guide=None, method_seed=0):
+    ctx = _ctx(setup, config, guide, method_seed)
     method = get_method(name)
     model = method.build(ctx)
     result = fit(method.objective(ctx, model), ctx.data, ctx.training, torch_generator(0, "downstream_train"))
@@ -200,3 +207,165 @@ def test_a_guide_that_does_not_read_the_source_neither_needs_nor_is_gated_by_it(
     assert store.entries("source") == []
     scratch = run_trial(tiny(plugins=[], methods=["guidance"], guide={"trained": True}, **unlearnt), spec, store)
     assert "source.learnt" in scratch["gates_failed"], "the source as guide is still checked"
+
+
+# --- CKA on a batch of its own (`cka_examples`) ---------------------------------------------------
+
+
+def _recording(monkeypatch, setup):
+    """Record the rows of every Gram matrix, every input of the guide and of the target."""
+    seen = {"gram": [], "guide": [], "target": []}
+    real = _guidance.gram
+
+    def gram(x, estimator="biased"):
+        seen["gram"].append(x.shape[0])
+        return real(x, estimator)
+
+    monkeypatch.setattr(_guidance, "gram", gram)
+    guide = setup[3]
+    handle = guide.register_forward_pre_hook(lambda _m, args: seen["guide"].append(args[0].clone()))
+    return seen, handle
+
+
+def test_cka_examples_is_the_number_of_rows_of_every_cka_estimate(setup, monkeypatch):
+    train = setup[1].downstream_data(0, 0.5).train  # 80 rows, batches of 10
+    assert len(train) == 80 and setup[0].training.batch_size == 10
+    rows = {tuple(r.tolist()) for r in train.x}
+    for examples, expected in ((None, 10), (32, 32), (500, 80)):  # 500 > n_train: all 80 rows
+        seen, handle = _recording(monkeypatch, setup)
+        model = setup[2]("init")
+        hook = model.register_forward_pre_hook(  # training forwards only (evaluation runs without gradient)
+            lambda _m, args, seen=seen: seen["target"].append(args[0].shape[0]) if torch.is_grad_enabled() else None
+        )
+        ctx = _ctx(setup, GuidanceConfig(alpha=1.0, cka_examples=examples))
+        objective = get_method("guidance").objective(ctx, model)
+        fit(objective, ctx.data, ctx.training, torch_generator(0, "downstream_train"))
+        handle.remove(), hook.remove()
+        steps = 3 * 8
+        assert len(seen["guide"]) == steps and set(seen["gram"]) == {expected}, (examples, set(seen["gram"]))
+        assert all(len(g) == expected for g in seen["guide"])
+        # One forward of the target a training step: the loop's 10 rows, then the CKA batch's.
+        assert seen["target"] == [10 if examples is None else 10 + expected] * steps
+        if examples == 32:  # training rows, drawn afresh every step
+            assert all({tuple(r.tolist()) for r in g} <= rows for g in seen["guide"])
+            assert len({tuple(g.flatten().tolist()) for g in seen["guide"]}) == steps
+        if examples == 500:
+            assert all(torch.equal(g, train.x) for g in seen["guide"])
+
+
+def test_cka_examples_keeps_cross_entropy_on_the_loops_batch(setup):
+    """The logits of the loop's rows alone enter the CE; the CKA rows only the alignment term."""
+    from methods.cka import linear_cka
+
+    model = setup[2]("init").eval()  # no dropout: the same forward twice
+    ctx = _ctx(setup, GuidanceConfig(alpha=1.0, cka_examples=32))
+    objective = get_method("guidance").objective(ctx, model)
+    batch = ctx.data.train.take(torch.arange(10))
+    state = objective.state()
+    loss, measured = objective.loss({"train": batch}, 0)
+    with torch.no_grad():
+        ce = torch.nn.functional.cross_entropy(model(batch.x), batch.y)
+    torch.testing.assert_close(measured["ce"], ce)
+    # The alignment term is that of the rows the objective's generator drew.
+    aligned = _guidance.CkaRows(ctx, 32)
+    aligned.load_state(state)
+    x = aligned.draw()
+    assert x.shape[0] == 32
+    with torch.no_grad(), preactivations(model) as t, preactivations(setup[3]) as g:
+        model(x), setup[3](x)
+    expected = sum(1 - linear_cka(t[i], g[j], "unbiased") for i, j in layer_map(len(t), len(g)))
+    torch.testing.assert_close(measured["cka_loss"], expected)
+    torch.testing.assert_close(loss.detach(), ce + expected)
+    # Gradients flow through the CKA rows: the alignment term alone moves the parameters.
+    objective.load_state(state)
+    model.zero_grad()
+    loss, measured = objective.loss({"train": batch}, 0)
+    (loss - measured["ce"]).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_cka_examples_are_deterministic_and_seeded_by_the_method_stream(setup):
+    config = GuidanceConfig(alpha=1.0, cka_examples=32)
+    a, ra = _run(setup, "guidance", config)
+    b, rb = _run(setup, "guidance", config)
+    assert ra == rb and _same(a, b)
+    _, rc = _run(setup, "guidance", config, method_seed=1)  # other CKA rows, the same CE batches
+    assert rc.measurements != ra.measurements
+
+
+def test_strong_alignment_on_cka_batches_lowers_the_cka_loss(setup):
+    _, result = _run(setup, "guidance", GuidanceConfig(alpha=10.0, cka_examples=32))
+    losses = [m["cka_loss"] for m in result.measurements]
+    assert all(m["guided"] == 1 for m in result.measurements) and losses[-1] < losses[0], losses
+
+
+class _MemoryCheckpointer:
+    def __init__(self):
+        self.slots: dict[int, bytes] = {}
+
+    def due(self) -> bool:
+        return True
+
+    def save(self, slot, state):
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        self.slots[slot] = buffer.getvalue()
+
+    def load(self, slot):
+        blob = self.slots.get(slot)
+        return None if blob is None else torch.load(io.BytesIO(blob), weights_only=True)
+
+
+def test_a_run_with_cka_batches_stopped_and_resumed_equals_one_never_stopped(setup):
+    config = GuidanceConfig(alpha=1.0, cka_examples=32)
+    whole, whole_result = _run(setup, "guidance", config)
+    checkpointer, epochs = _MemoryCheckpointer(), []
+
+    def stop():
+        epochs.append(None)
+        return len(epochs) == 1
+
+    with supervised(Supervision(checkpointer=checkpointer, should_stop=stop)), pytest.raises(Interrupted):
+        _run(setup, "guidance", config)
+    with supervised(Supervision(checkpointer=checkpointer, should_stop=lambda: False)):
+        resumed, result = _run(setup, "guidance", config)
+    assert result == whole_result and _same(resumed, whole)
+
+
+def test_cka_batches_are_refused_by_the_vmapped_engine(setup):
+    from methods.packing import packable
+
+    ctx = _ctx(setup, GuidanceConfig(alpha=1.0, cka_examples=32))
+    reason = packable([get_method("guidance").objective(ctx, setup[2]("init"))])
+    assert reason is not None and "own state" in reason
+    assert not get_method("guidance").packable
+
+
+def test_cka_examples_below_four_is_refused():
+    with pytest.raises(ValueError, match="cka_examples"):
+        GuidanceConfig(cka_examples=3)
+
+
+@pytest.mark.slow
+def test_a_compiled_run_draws_its_cka_rows_every_step_as_the_eager_one(setup):
+    """The draw runs outside the compiled graph: the compiled run's generator ends where the eager
+    run's does, and its measurements follow the eager run's within float rounding."""
+    import warnings
+
+    from methods.training import Serial, fit_many
+
+    runs = []
+    for compile in (False, True):
+        ctx = _ctx(setup, GuidanceConfig(alpha=1.0, cka_examples=32))
+        model = setup[2]("init")
+        objective = get_method("guidance").objective(ctx, model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no fall back to eager
+            (result,) = fit_many(
+                [objective], [ctx.data], ctx.training, [torch_generator(0, "downstream_train")], Serial(compile)
+            )
+        runs.append((result, objective.state()["generator"]))
+    (eager, eager_gen), (compiled, compiled_gen) = runs
+    assert torch.equal(eager_gen, compiled_gen)
+    for a, b in zip(eager.measurements, compiled.measurements, strict=True):
+        assert a.keys() == b.keys() and all(b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5) for k in a)
