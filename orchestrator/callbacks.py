@@ -240,10 +240,24 @@ def forget_results(trial) -> None:
 
 
 def error_text(trial) -> str:
+    """Why a Tune trial ended in error: `orchestrator.worker_loss.WORKER_DIED` where its worker died,
+    else the last line of its error file (a traceback's last line names the exception and its message)."""
+    from ray import cloudpickle
+
+    from orchestrator.worker_loss import death_message
+
+    pickled = getattr(trial, "pickled_error_file", None)
+    if pickled and os.path.exists(pickled):
+        try:
+            with open(pickled, "rb") as f:
+                died = death_message(cloudpickle.load(f))
+        except Exception:  # unreadable: the text below still tells
+            died = None
+        if died:
+            return died
     path = getattr(trial, "error_file", None)
     if path and os.path.exists(path):
         text = Path(path).read_text().strip().splitlines()
-        # The last line of a traceback names the exception and its message.
         return text[-1] if text else "unknown error"
     return str(getattr(trial, "error_msg", None) or "unknown error")
 

@@ -40,6 +40,9 @@ def make_tuner(
     `make_queue` of `todo`, stopped by `should_stop()`). Tune's state and trial logs go to OUT/tune."""
     from ray import tune
 
+    from orchestrator.worker_loss import survive_worker_loss
+
+    survive_worker_loss()  # a worker killed for memory fails its trials, not the driver
     for name, value in TUNE_DEFAULTS.items():
         os.environ.setdefault(name, value)  # read when fit() builds Tune's controller
 

@@ -88,6 +88,7 @@ def tune_methods(sweep: SweepConfig, out_dir: str | Path, *, address: str | None
 
     from orchestrator.outdir import store_for
     from orchestrator.ray_session import start_ray
+    from orchestrator.worker_loss import survive_worker_loss
 
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -130,6 +131,7 @@ def tune_methods(sweep: SweepConfig, out_dir: str | Path, *, address: str | None
                 name=f"tune-{method}", storage_path=str(out_dir / "tune"), verbose=0, log_to_file=True
             ),
         )
+        survive_worker_loss()  # a worker killed for memory fails its Tune trial, not the search
         result = tuner.fit().get_best_result(metric="val_acc", mode="max")
         if result.metrics is None or "val_acc" not in result.metrics:
             raise RuntimeError(f"tuning {method}: no trial finished; see {out_dir / 'tune'}")
