@@ -16,6 +16,7 @@ import contextlib
 import contextvars
 import copy
 import dataclasses
+import itertools
 import math
 import re
 import warnings
@@ -312,15 +313,34 @@ def _eval_pass(model: nn.Module, split: Split, batch_size: int, fn: Callable[[to
 
 def evaluate(model: nn.Module, split: Split, batch_size: int = 2000) -> dict[str, float]:
     """Accuracy of argmax predictions against every label set of `split`."""
-    preds = _eval_pass(model, split, batch_size, lambda x, idx: model(x).argmax(-1).cpu())
-    pred = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
-    return {name: float((pred == y).float().mean()) for name, y in split.labels.items()}
+    preds = _eval_pass(model, split, batch_size, lambda x, idx: forward(model, x).argmax(-1).cpu())
+    return _accuracies(preds, split)
 
 
 def mean_loss(model: nn.Module, split: Split, batch_size: int = 2000) -> float:
     """Mean cross-entropy of `model` on `split` (eval mode)."""
-    ce = lambda x, idx: float(F.cross_entropy(model(x).float(), split.y[idx].to(x.device), reduction="sum"))  # noqa: E731
+    ce = lambda x, idx: _ce_sum(forward(model, x), split, idx)  # noqa: E731
     return sum(_eval_pass(model, split, batch_size, ce)) / max(1, len(split))
+
+
+def evaluate_with_loss(model: nn.Module, split: Split, batch_size: int = 2000) -> tuple[dict[str, float], float]:
+    """`evaluate` and `mean_loss` from one forward pass per batch (the same numbers as the two calls)."""
+
+    def both(x, idx):
+        logits = forward(model, x)
+        return logits.argmax(-1).cpu(), _ce_sum(logits, split, idx)
+
+    out = _eval_pass(model, split, batch_size, both)
+    return _accuracies([p for p, _ in out], split), sum(ce for _, ce in out) / max(1, len(split))
+
+
+def _ce_sum(logits: torch.Tensor, split: Split, idx: torch.Tensor) -> float:
+    return float(F.cross_entropy(logits.float(), split.y[idx].to(logits.device), reduction="sum"))
+
+
+def _accuracies(preds: list[torch.Tensor], split: Split) -> dict[str, float]:
+    pred = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+    return {name: float((pred == y).float().mean()) for name, y in split.labels.items()}
 
 
 def training_loss(model: nn.Module, split: Split, batch_size: int = 2000) -> float:
@@ -497,7 +517,9 @@ def fit_many(
         supervision = _SUPERVISION.get()
         if observers is None:
             observers = [supervision.on_epoch if supervision is not None and k == 1 else None] * k
-        return _Loop(list(objectives), list(datas), cfg, list(generators), engine, supervision, list(observers)).run()
+        loop = _Loop(list(objectives), list(datas), cfg, list(generators), engine, supervision, list(observers))
+        with _recorded(engine, k * (loop.max_epochs + 1)):
+            return loop.run()
 
 
 @dataclasses.dataclass
@@ -619,16 +641,14 @@ class Serial(Engine):
         names = {id(p): n for n, p in module.named_parameters()}
         self.loose = _loose(self.objective)
         named = [(names.get(id(p), f"loose.{i}"), p) for i, p in enumerate(self.objective.params)]
-        self.compiled = compiles(self.compile, self.objective, self.device, planned_steps(cfg, self.objective, data))
+        self.key = compile_key(self.objective, self.device)
+        steps, shapes = planned_steps(cfg, self.objective, data), batch_shapes(cfg, self.objective, data)
+        self.compiled = compiles(self.compile, self.objective, self.device, steps, shapes)
         # Compiled: the fused optimiser (one kernel over all tensors; measured faster on CPU, see
         # docs/PERFORMANCE.md); eager: the default, so that eager numbers do not move.
         self.fused = True if self.compiled and self.device.type in ("cpu", "cuda") else None
         self.opt = optimizer(named, cfg, fused=self.fused)
-        self.loss = (
-            Compiled(self.objective.loss, compile_key(self.objective, self.device), self._eager)
-            if self.compiled
-            else self.objective.loss
-        )
+        self.loss = Compiled(self.objective.loss, self.key, self._eager) if self.compiled else self.objective.loss
         with torch.random.fork_rng(devices=[]) if self.objective.global_rng else contextlib.nullcontext():
             yield self
 
@@ -648,6 +668,8 @@ class Serial(Engine):
         batch = {name: self.splits[name].take(i.to(self.device)) for name, i in idx[0].items()}
         with autocast(objective.module, self.mixed_precision):
             loss, measurements = self.loss(batch, step)
+        if self.compiled:  # this batch shape's graph exists now: a later run that needs only warm shapes is free
+            warmed((*self.key, tuple((name, len(i)) for name, i in idx[0].items())))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -689,19 +711,117 @@ _COMPILE: contextvars.ContextVar[CompileSetting] = contextvars.ContextVar("compi
 # compiled in this process, which costs nothing more): the break-even of a first compile against
 # the step time it saves, measured by benchmarks/step_speed.py (docs/PERFORMANCE.md).
 AUTO_MIN_STEPS = 2000
-_WARM: set[tuple] = set()  # (loss code, module type, parameter shapes, device type) compiled in this process
+# (loss code, module type, parameter shapes, device type[, batch shape]) compiled in this process
+_WARM: set[tuple] = set()
 _BROKEN: list[str] = []  # why torch.compile failed in this process (then every run trains eagerly)
 
 
+@dataclasses.dataclass
+class CompileRecord:
+    """What the training runs inside one `compiling(...)` block did: how many ran, and how many of
+    them ran compiled (a run whose compile failed before its first step counts as eager)."""
+
+    runs: int = 0
+    compiled: int = 0
+
+
+_RECORD: contextvars.ContextVar[CompileRecord | None] = contextvars.ContextVar("compile_record", default=None)
+_STEPS_COMPILED = [0]  # compiled training calls that ran in this process (`Compiled(counts=True)`)
+
+
 @contextlib.contextmanager
-def compiling(setting: CompileSetting) -> Iterator[None]:
-    """Every serial `fit` inside the block (on this thread) compiles its step per `setting`:
-    True, False, or "auto" (`compiles`)."""
-    token = _COMPILE.set(setting)
+def compiling(setting: CompileSetting) -> Iterator[CompileRecord]:
+    """Every `fit` / `fit_many` inside the block (on this thread) compiles its step per `setting`:
+    True, False, or "auto" (`compiles`). Yields the block's `CompileRecord` (a trial's row says
+    from it whether its training ran compiled)."""
+    record = CompileRecord()
+    tokens = _COMPILE.set(setting), _RECORD.set(record)
+    try:
+        yield record
+    finally:
+        _RECORD.reset(tokens[1])
+        _COMPILE.reset(tokens[0])
+
+
+@contextlib.contextmanager
+def _recorded(engine: Engine, passes: int) -> Iterator[None]:
+    """One training run through `engine`, planning `passes` validation passes (all its models'):
+    its validation compiled per `eval_policy`, and the run counted in the enclosing
+    `compiling(...)` block's record."""
+    before = _STEPS_COMPILED[0]
+    try:
+        with compiled_eval(eval_policy(engine, passes)):
+            yield
+    finally:
+        record = _RECORD.get()
+        if record is not None:  # compiled: some step ran compiled, or the engine still compiles (a run
+            record.runs += 1  # resumed after its last epoch steps no more; a failed compile turns it off)
+            record.compiled += _STEPS_COMPILED[0] > before or bool(getattr(engine, "compiled", False))
+
+
+# --- compiled evaluation -------------------------------------------------------------------------
+
+# `auto` compiles the validation passes of a compiled run that plans at least this many (all its
+# models' together), or whose evaluation graph this process has compiled already (free): the
+# break-even of a compile from a warm Inductor cache (3.6 s) at the 5.6 ms a compiled pass saved on
+# the quickstart's GPT (benchmarks/eval_speed.py, docs/PERFORMANCE.md).
+AUTO_MIN_EVAL_PASSES = 650
+EvalSetting = bool | Literal["warm"]
+_EVAL: contextvars.ContextVar[EvalSetting] = contextvars.ContextVar("compiled_eval", default=False)
+_FORWARD: list[Compiled] = []  # `_logits` through torch.compile, made once per process
+_WARM_EVAL: set[tuple] = set()  # (model type, parameter shapes, mode, input shape and dtype, device) compiled
+
+
+def eval_policy(engine: Engine, passes: int) -> EvalSetting:
+    """How a run's validation passes run: eager unless its step compiles; then compiled with
+    `resources.compile: true`, and with `auto` when it plans at least `AUTO_MIN_EVAL_PASSES` passes,
+    else compiled only where this process has the graph already ("warm")."""
+    if not getattr(engine, "compiled", False):
+        return False
+    setting = engine.compile if getattr(engine, "compile", None) is not None else _COMPILE.get()
+    return True if setting is True or passes >= AUTO_MIN_EVAL_PASSES else "warm"
+
+
+@contextlib.contextmanager
+def compiled_eval(enabled: EvalSetting = True) -> Iterator[None]:
+    """Inside the block (on this thread) `forward`, and so `evaluate`, `mean_loss` and
+    `evaluate_with_loss`, runs models through torch.compile when `enabled` ("warm": only where this
+    process has compiled the graph already). A training run sets it by `eval_policy`. The argmax
+    predictions follow the eager ones (tests/methods/test_compile.py); losses within float rounding."""
+    token = _EVAL.set(enabled)
     try:
         yield
     finally:
-        _COMPILE.reset(token)
+        _EVAL.reset(token)
+
+
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x)
+
+
+def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`model(x)`; inside `compiled_eval(True)` through torch.compile (Inductor): one graph per
+    model type, parameter shapes, mode and input shape, kept in the process and reused by every
+    model like it (a later trial's, an analysis' probe); eager after a one-line warning where
+    compiling fails, as the training step (`Compiled`)."""
+    setting = _EVAL.get()
+    if not setting or _BROKEN:
+        return model(x)
+    shapes = tuple((n, tuple(p.shape), p.dtype) for n, p in model.named_parameters())
+    key = (type(model), shapes, model.training, tuple(x.shape), x.dtype, x.device.type)
+    if setting == "warm" and key not in _WARM_EVAL:
+        return model(x)
+    if not _FORWARD:
+        _FORWARD.append(Compiled(_logits, None, lambda: None, counts=False))
+    out = _FORWARD[0](model, x)
+    if not _BROKEN:
+        _WARM_EVAL.add(key)
+    return out
+
+
+def warmed(key: tuple) -> None:
+    """`key` (a compiled loss at one batch shape, see `compiles`) has its graph in this process."""
+    _WARM.add(key)
 
 
 def compile_key(objective: Objective, device: torch.device) -> tuple:
@@ -720,17 +840,39 @@ def planned_steps(cfg: TrainConfig, objective: Objective, data: StageData) -> in
     return cfg.max_epochs(batches) * batches * objective.steps_per_batch
 
 
-def compiles(setting: CompileSetting | None, objective: Objective, device: torch.device, planned_steps: int) -> bool:
+def batch_shapes(cfg: TrainConfig, objective: Objective, data: StageData, models: int | None = None) -> list[tuple]:
+    """Every batch shape a run's step is called with: per stream (in the objective's order) its
+    rows, a full batch or an epoch's last, smaller one, in every combination (streams cycle apart);
+    a pack's with its number of models first."""
+    sizes = []
+    for name in objective.streams:
+        n = len(_stream(data, name))
+        sizes.append(sorted({min(cfg.batch_size, n), n % cfg.batch_size} - {0}))
+    shapes = [tuple(zip(objective.streams, rows, strict=True)) for rows in itertools.product(*sizes)]
+    return shapes if models is None else [(models, shape) for shape in shapes]
+
+
+def compiles(
+    setting: CompileSetting | None,
+    objective: Objective,
+    device: torch.device,
+    planned_steps: int,
+    shapes: Sequence[tuple] = (),
+    kind: tuple = (),
+) -> bool:
     """Whether a run compiles its step: `setting` True or False, or "auto": unless torch.compile
     failed before in this process, when the run plans at least `AUTO_MIN_STEPS` optimiser steps or
-    its loss is already compiled in this process for a model like its own. None: the setting of
-    the enclosing `compiling(...)` block (False outside any)."""
+    its loss is already compiled in this process, for a model like its own, at every batch shape of
+    the run (`shapes`, `batch_shapes`; a shape not compiled yet costs a compile of its own: a last,
+    smaller batch at another budget). `kind` prefixes the key (a pack's: "vmapped"). None: the
+    setting of the enclosing `compiling(...)` block (False outside any)."""
     setting = _COMPILE.get() if setting is None else setting
     if setting != "auto":
         return bool(setting) and not _BROKEN
     if _BROKEN or device.type not in ("cpu", "cuda"):
         return False
-    return planned_steps >= AUTO_MIN_STEPS or compile_key(objective, device) in _WARM
+    key = (*kind, *compile_key(objective, device))
+    return planned_steps >= AUTO_MIN_STEPS or all(k in _WARM for k in ([(*key, s) for s in shapes] or [key]))
 
 
 class Compiled:
@@ -742,10 +884,11 @@ class Compiled:
     the full batches keep theirs (no recompile per epoch). If compiling or the compiled call fails,
     the call runs eagerly (the random state as it was; `on_fallback` puts the caller's other kernels
     back to eager ones) after a one-line warning, and every later call and run in this process is
-    eager. `key` joins `_WARM` (for `compiles`) once a compiled call has run."""
+    eager. `key` (unless None) joins `_WARM` (for `compiles`) once a compiled call has run; a call
+    of a training step (`counts`) is counted for the enclosing `compiling(...)` block's record."""
 
-    def __init__(self, fn: Callable[..., Any], key: tuple, on_fallback: Callable[[], None]):
-        self.eager, self.key, self.on_fallback = fn, key, on_fallback
+    def __init__(self, fn: Callable[..., Any], key: tuple | None, on_fallback: Callable[[], None], counts: bool = True):
+        self.eager, self.key, self.on_fallback, self.counts = fn, key, on_fallback, counts
         config = torch._dynamo.config
         # Every function x module type x batch shape x mode of a worker's runs keeps its compiled graph.
         config.recompile_limit = max(config.recompile_limit, 64)
@@ -774,7 +917,9 @@ class Compiled:
                 torch.set_rng_state(rng)
                 self.on_fallback()
             else:
-                _WARM.add(self.key)
+                if self.key is not None:
+                    _WARM.add(self.key)
+                _STEPS_COMPILED[0] += self.counts
                 return out
         return self.eager(*args)
 

@@ -34,6 +34,7 @@ TRAILING = [
     "device",
     "pack",
     "packed",
+    "compiled",
     "worker",
     "started_at",
     "finished_at",

@@ -42,7 +42,7 @@ from torch import nn
 from common.config import Frozen
 from methods.analysis import Column, register_analysis
 from methods.masking import check_same_architecture, effective_state_dict
-from methods.training import evaluate, mean_loss
+from methods.training import evaluate_with_loss
 from tasks.base import Split, StageData
 
 
@@ -95,8 +95,8 @@ def lmc_barrier(ctx, model: nn.Module, config: LMCConfig | None) -> dict[str, fl
     for t in ts:
         probe.load_state_dict(interpolate(trained, source, t))
         recalibrate_batch_norm(probe, norm_data, ctx.eval_batch_size)
-        losses[t] = mean_loss(probe, split, ctx.eval_batch_size)
-        accs[t] = evaluate(probe, split, ctx.eval_batch_size)["y"]
+        acc, losses[t] = evaluate_with_loss(probe, split, ctx.eval_batch_size)  # one forward pass per batch
+        accs[t] = acc["y"]
     barrier = nan if head_only else max(losses[t] - ((1 - t) * losses[0.0] + t * losses[1.0]) for t in ts)
     return {"lmc_barrier": barrier, "lmc_barrier_loss_mid": losses[0.5], "lmc_barrier_acc_mid": accs[0.5],
             "lmc_barrier_head_only": float(head_only)}  # fmt: skip

@@ -70,9 +70,10 @@ def run_pack(
     their `total_s` is the compute spent. A pack checkpoints its training as a trial does, owned by
     its set of trials (a stop or a lost worker resumes it when the same pack forms again), and
     reports each trial's epochs and stages to `report(spec, metrics)`; its rows have `pack` = its number of models
-    and `packed` = True. A packable trial with no company trains as a pack of one: a packed model's
-    numbers do not depend on what else is in its pack (`methods.packing`), so a trial gives the same
-    row whichever packs a run forms (resumed, extended, on another machine)."""
+    and `packed` = True, and `compiled` whether its steps ran compiled. A packable trial with no company trains
+    as a pack of one: a packed model's numbers do not depend on what else is in its pack
+    (`methods.packing`), so a trial gives the same row whichever packs a run forms (resumed, extended,
+    on another machine)."""
     outcomes: dict[int, dict[str, Any] | BaseException] = {}
     ready: dict[tuple, list[tuple[int, Trial]]] = {}
     for i, spec in enumerate(specs):
@@ -140,7 +141,7 @@ def _train_pack(members: list[tuple[int, Trial]], should_stop) -> dict[int, dict
     if reason is None:
         try:
             supervision = Supervision(name="train", checkpointer=checkpointer, should_stop=should_stop, on_epoch=None)
-            with supervised(supervision), compiling(trials[0].effective.resources.compile):
+            with supervised(supervision), compiling(trials[0].effective.resources.compile) as record:
                 results = fit_packed(
                     objectives,
                     [t.ctx.data for t in trials],
@@ -172,7 +173,7 @@ def _train_pack(members: list[tuple[int, Trial]], should_stop) -> dict[int, dict
             trial.times["train_s"] = share
             trial.clock = time.perf_counter()
             trial.trained(result, timed=False)
-            trial.row.update(pack=len(trials), packed=True)
+            trial.row.update(pack=len(trials), packed=True, compiled=record.compiled > 0)
             outcomes[i] = trial.finish()
         except Exception as error:
             outcomes[i] = error

@@ -108,10 +108,11 @@ class Trial:
         """Train with the method's own `train` (checkpointed, stoppable, reporting epochs); the row."""
         checkpointer = self.supervisor.checkpointer(self.row["trial_hash"])
         supervision = self.supervisor.supervision("train", checkpointer)
-        with supervised(supervision), compiling(self.effective.resources.compile):
+        with supervised(supervision), compiling(self.effective.resources.compile) as record:
             result = self.method.train(
                 self.ctx, self.model, self.train_generator(), mixed_precision=self.effective.resources.mixed_precision
             )
+        self.row["compiled"] = record.compiled > 0  # whether any of its training runs stepped compiled
         self.trained(result)
         row = self.finish()
         if checkpointer is not None:
@@ -181,6 +182,7 @@ class Trial:
         row.update(times, status="done", device=str(self.device), finished_at=time.time())
         row.setdefault("pack", 1)
         row.setdefault("packed", False)
+        row.setdefault("compiled", False)
         self.report({"stage": "done", "row_json": json.dumps(row), "val_acc": row["val_acc"]})
         return row
 

@@ -121,6 +121,25 @@ def _failing_compile(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", compile)
     monkeypatch.setattr(training, "_BROKEN", [])
+    monkeypatch.setattr(training, "_FORWARD", [])
+
+
+def _counting_compile(monkeypatch) -> dict:
+    """torch.compile standing for one that works (the function itself), counting the calls of each
+    function it was given by name."""
+    calls: dict[str, int] = {}
+
+    def compile(fn, **kwargs):
+        def counted(*args, **kw):
+            calls[fn.__name__] = calls.get(fn.__name__, 0) + 1
+            return fn(*args, **kw)
+
+        return counted
+
+    monkeypatch.setattr(torch, "compile", compile)
+    monkeypatch.setattr(training, "_BROKEN", [])
+    monkeypatch.setattr(training, "_FORWARD", [])
+    return calls
 
 
 # --- fast: no real compiling ---------------------------------------------------------------------
@@ -138,6 +157,44 @@ def test_auto_compiles_long_runs_and_warm_losses_and_never_after_a_failure(monke
     assert not compiles("auto", cross_entropy(_cnn(), _cnn_data()), cpu, 1)  # another model is not warm
     training._BROKEN.append("RuntimeError: no compiler")
     assert not compiles("auto", objective, cpu, 10**9) and not compiles(True, objective, cpu, 1)
+
+
+def test_auto_counts_a_run_warm_only_where_every_batch_shape_it_needs_is_compiled(monkeypatch):
+    monkeypatch.setattr(training, "_WARM", set())
+    _counting_compile(monkeypatch)
+    cfg, cpu = CFG.model_copy(update={"epochs": 1}), torch.device("cpu")
+    with training.compiling(True):
+        _run(_gpt(), _gpt_data(n=230), None, cfg)  # batches of 50 and a last one of 30
+        _run_pack(None, k=2, cfg=cfg, n=250)  # a pack of 2, batches of 50
+    objective = cross_entropy(_gpt(1), _gpt_data(1))
+
+    def warm(n, models=None):
+        shapes = training.batch_shapes(cfg, objective, _gpt_data(n=n), models)
+        return compiles("auto", objective, cpu, 1, shapes, kind=("vmapped",) if models else ())
+
+    assert training.batch_shapes(cfg, objective, _gpt_data(n=230)) == [(("train", 30),), (("train", 50),)]
+    assert warm(230) and warm(80) and warm(100)  # 50 + 30, 50 + 30, 50 + 50
+    assert not warm(240) and not warm(20)  # a last batch of 40, a batch of 20: graphs of their own
+    assert warm(250, models=2) and not warm(250, models=3) and not warm(230, models=2)
+
+
+def test_auto_compiles_a_compiled_runs_validation_where_it_pays_or_is_warm(monkeypatch):
+    calls = _counting_compile(monkeypatch)
+    monkeypatch.setattr(training, "_WARM_EVAL", set())
+    monkeypatch.setattr(training, "AUTO_MIN_STEPS", 10)  # every run below compiles its step
+    cfg = CFG.model_copy(update={"epochs": 3, "keep_initial": True, "select": "val_acc"})
+    with training.compiling("auto"):
+        _run(_gpt(), _gpt_data(), None, cfg)  # 4 passes, none compiled before: eager
+        assert calls.get("_logits", 0) == 0 and calls["loss"] == 15
+        monkeypatch.setattr(training, "AUTO_MIN_EVAL_PASSES", 4)
+        _run(_gpt(), _gpt_data(), None, cfg)  # 4 passes pay: compiled
+        assert calls["_logits"] == 4
+        monkeypatch.setattr(training, "AUTO_MIN_EVAL_PASSES", 5)
+        _run(_gpt(1), _gpt_data(1), None, cfg)  # too few to pay, but the graph is there: compiled
+        assert calls["_logits"] == 8
+        other = StageData(train=_gpt_data().train, val=_gpt_data(n=60).train)  # 60 validation rows: another graph
+        _run(_gpt(), other, None, cfg)
+        assert calls["_logits"] == 8
 
 
 def test_a_failing_compile_trains_eagerly_after_one_warning(monkeypatch):
@@ -193,7 +250,91 @@ def test_a_trial_compiles_as_its_resources_say(tmp_path, monkeypatch):
     assert sweep.resources.model_copy(update={"compile": "auto"}) == load_sweep(tiny_raw()).resources
 
 
+def test_a_compiled_run_validates_through_the_compiled_forward_and_an_eager_one_does_not(monkeypatch):
+    calls = _counting_compile(monkeypatch)
+    cfg = CFG.model_copy(update={"epochs": 3, "keep_initial": True, "select": "val_acc"})
+    _run(_gpt(), _gpt_data(), False, cfg)
+    assert calls == {}
+    with training.compiling(True) as record:
+        _run(_gpt(), _gpt_data(), None, cfg)  # the engine takes the block's setting
+    # every epoch's validation pass and the one before the first step; 5 steps an epoch
+    assert calls == {"_logits": 4, "loss": 15} and (record.runs, record.compiled) == (1, 1)
+    # outside a training run evaluation stays eager, whatever ran before
+    training.evaluate(_gpt(), _gpt_data().val)
+    assert calls["_logits"] == 4
+
+
+def test_the_record_counts_compiled_runs_and_a_failed_compile_as_eager(monkeypatch):
+    cfg = CFG.model_copy(update={"epochs": 1})
+    with training.compiling(False) as record:
+        _run(_gpt(), _gpt_data(), None, cfg)
+        _run_pack(None, cfg=cfg)
+    assert (record.runs, record.compiled) == (2, 0)
+    _counting_compile(monkeypatch)
+    with training.compiling(True) as record:
+        _run(_gpt(), _gpt_data(), None, cfg)
+        _run_pack(None, cfg=cfg)
+    assert (record.runs, record.compiled) == (2, 2)
+    _failing_compile(monkeypatch)
+    with training.compiling(True) as record, pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        _run(_gpt(), _gpt_data(), None, cfg)
+    assert (record.runs, record.compiled) == (1, 0)
+
+
+def test_a_trials_row_says_whether_its_training_ran_compiled(tmp_path, monkeypatch):
+    from orchestrator.artifacts import ArtifactStore
+    from orchestrator.config import load_sweep
+    from orchestrator.trial import TrialSpec, run_trial
+    from tests.conftest import tiny_raw
+
+    spec = TrialSpec(method="scratch", data_fraction=0.5, seed=0)
+    _counting_compile(monkeypatch)
+    rows = {
+        setting: run_trial(
+            load_sweep(tiny_raw(methods=["scratch"], resources={"compile": setting})),
+            spec,
+            ArtifactStore(tmp_path / str(setting)),
+        )
+        for setting in (False, True)
+    }
+    assert rows[False]["compiled"] is False and rows[True]["compiled"] is True
+
+
+def test_evaluate_with_loss_is_evaluate_and_mean_loss_in_one_pass():
+    model, data = _gpt(), _gpt_data(n=50)
+    accs, loss = training.evaluate_with_loss(model, data.train, batch_size=16)
+    assert accs == training.evaluate(model, data.train, 16)
+    assert loss == training.mean_loss(model, data.train, 16)
+
+
 # --- slow: compiled ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("build", ["gpt", "cnn"])
+def test_compiled_evaluation_gives_the_eager_accuracies_and_reuses_its_graph(build):
+    make, data_of = (_gpt, _gpt_data) if build == "gpt" else (_cnn, _cnn_data)
+    cfg = CFG.model_copy(update={"epochs": 3})
+    models = [_run(make(seed), data_of(seed), False, cfg)[2] for seed in range(3)]  # trained a little, eagerly
+    before = None
+    for model, seed in zip(models, range(3), strict=True):
+        split = data_of(seed, n=300).train
+        eager_acc, eager_loss = training.evaluate_with_loss(model, split, 128)
+        with training.compiled_eval(True):
+            acc, loss = training.evaluate_with_loss(model, split, 128)
+            assert training.evaluate(model, split, 128) == acc
+        assert acc == eager_acc, f"compiled accuracy {acc} against eager {eager_acc}"
+        assert abs(loss - eager_loss) <= 1e-5 * abs(eager_loss)
+        if before is None:
+            before = _graphs()  # the first model compiled its graphs: batches of 128 and the last of 44
+        assert _graphs() == before  # the others, trained apart, reuse them
+
+
+def _warm_validation(model, data) -> None:
+    """The compiled validation graph of `model`'s kind on `data`, compiled now: the graphs counted
+    after it are the training step's."""
+    with training.compiled_eval(True):
+        training.evaluate(model, data.val)
 
 
 def _close(compiled: torch.Tensor, eager: torch.Tensor, rtol: float = 1e-5) -> float:
@@ -206,6 +347,7 @@ def _close(compiled: torch.Tensor, eager: torch.Tensor, rtol: float = 1e-5) -> f
 def test_the_compiled_gpt_follows_eager_is_deterministic_and_compiles_once_per_shape():
     data = _gpt_data()
     eager, eager_losses, eager_model = _run(_gpt(), data, False)
+    _warm_validation(_gpt(), data)
     before = _graphs()
     compiled, losses, model = _run(_gpt(), data, True)
     assert len(losses) == 100
@@ -227,18 +369,22 @@ def test_the_compiled_gpt_follows_eager_is_deterministic_and_compiles_once_per_s
 def test_the_compiled_pack_follows_the_eager_pack_and_is_deterministic():
     # 250 rows: five full batches an epoch, one graph (the serial test covers the last, smaller batch).
     _, eager_losses, _ = _run_pack(False, n=250)
+    _warm_validation(_gpt(), _gpt_data(n=250))
     before = _graphs()
     results, losses, _ = _run_pack(True, n=250)
-    assert losses.shape == (100, 3) and _graphs() - before == 1
+    # The step's graph, and the validation graph of the pack's lead model (its dropouts stood in for
+    # while the pack trains: another module structure than a model's alone).
+    assert losses.shape == (100, 3) and _graphs() - before == 2
     _close(losses, eager_losses)  # each model's dropout masks from its own stream, as eagerly
     again, losses_again, _ = _run_pack(True, n=250)  # a later pack of these models in the process: no new graph
-    assert _graphs() - before == 1 and torch.equal(losses_again, losses) and again == results
+    assert _graphs() - before == 2 and torch.equal(losses_again, losses) and again == results
 
 
 @pytest.mark.slow
 def test_the_compiled_cnn_follows_eager():
     data, cfg = _cnn_data(n=200), CFG.model_copy(update={"epochs": 25})  # 4 full batches an epoch: one graph
     _, eager_losses, _ = _run(_cnn(), data, False, cfg)
+    _warm_validation(_cnn(), data)
     before = _graphs()
     _, losses, _ = _run(_cnn(), data, True, cfg)
     assert len(losses) == 100 and _graphs() - before == 1
