@@ -137,7 +137,9 @@ class MaskedModel(nn.Module):
     def __init__(self, base: nn.Module, fns: dict[str, nn.Module]):
         super().__init__()
         self.base = base
-        self.names = list(fns)
+        # One order whatever the order of `fns` (a mask loaded from the store may list its tensors in
+        # another): a compiled forward guards on this list, so every trial of a worker shares its graph.
+        self.names = sorted(fns)
         self.fns = nn.ModuleDict({_key(n): f for n, f in fns.items()})
         params = dict(base.named_parameters())
         missing = [n for n in self.names if n not in params]

@@ -300,6 +300,15 @@ def test_a_trials_row_says_whether_its_training_ran_compiled(tmp_path, monkeypat
     assert rows[False]["compiled"] is False and rows[True]["compiled"] is True
 
 
+def test_a_masked_model_lists_its_masked_names_in_one_order_whatever_its_masks_order():
+    from methods.masking import MaskedModel, ScoreMask
+
+    names = [n for n, p in _gpt().named_parameters() if p.ndim == 2][:4]
+    fns = {n: ScoreMask(dict(_gpt().named_parameters())[n].shape, 0.0) for n in names}
+    # A compiled forward guards on this list: one order lets every trial's model reuse one graph.
+    assert MaskedModel(_gpt(), fns).names == MaskedModel(_gpt(), dict(reversed(fns.items()))).names
+
+
 def test_evaluate_with_loss_is_evaluate_and_mean_loss_in_one_pass():
     model, data = _gpt(), _gpt_data(n=50)
     accs, loss = training.evaluate_with_loss(model, data.train, batch_size=16)
