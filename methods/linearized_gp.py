@@ -281,12 +281,17 @@ def jacobian(model: LinearizedGP, x: torch.Tensor, n_classes: int, batch_size: i
     def one(p, xi):
         return model.call(p, xi.unsqueeze(0)).squeeze(0)  # (C,)
 
-    rows = []
+    # Filled in place: one copy of J at a time (a list of row blocks joined at the end held two).
+    out = torch.empty(len(x) * n_classes, model.n_params, dtype=model.gp_delta.dtype, device=device)
     with _attention_math():
-        for _, xb in _rows(x, chunk):
+        for start, xb in _rows(x, chunk):
             jac = vmap(jacrev(one), in_dims=(None, 0))(params, xb.to(device))  # name -> (B, C, *shape)
-            rows.append(torch.cat([jac[n].reshape(len(xb) * n_classes, -1) for n in model._names], dim=1))
-    return torch.cat(rows)
+            rows, col = slice(start * n_classes, (start + len(xb)) * n_classes), 0
+            for n in model._names:
+                block = jac.pop(n).reshape(len(xb) * n_classes, -1)
+                out[rows, col : col + block.shape[1]] = block
+                col += block.shape[1]
+    return out
 
 
 def _column_blocks(n_rows: int, n_cols: int) -> int:
