@@ -1,9 +1,11 @@
 """The compiled serial engine (methods/training.py: `Serial(compile=...)`, `compiling`, `compiles`):
 it follows the eager engine step by step, is deterministic, resumes from checkpoints, reuses its
 compiled graphs across runs in a process, and falls back to eager with a warning where compiling
-fails. Compiling takes seconds, so every test that compiles is marked slow (about two minutes in
-all on one loaded core with a cold Inductor cache); the fast ones stand torch.compile in with a
-function that fails."""
+fails. Compiled validation (`compiled_eval`, `eval_policy`) gives the eager accuracies; `auto`
+counts a run warm per batch shape; a trial's row says whether it trained compiled. Compiling
+takes seconds, so every test that compiles is marked slow (about two minutes in all on one loaded
+core with a cold Inductor cache); the fast ones stand torch.compile in with a function that fails
+or with the function itself."""
 
 import io
 import warnings
