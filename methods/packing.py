@@ -48,13 +48,11 @@ from methods.training import (
     _loose,
     _stream,
     autocast,
-    batch_shapes,
     compile_key,
     compiles,
     fit_many,
     optimizer,
     planned_steps,
-    warmed,
 )
 from tasks.base import Split, StageData
 from tasks.models.dropout import dropout_through_modules
@@ -191,9 +189,7 @@ class Vmapped(Engine):
                 for n, ys in ((n, _stream(datas[0], n).labels) for n in self.streams)
             }
             self.live = list(range(len(objectives)))
-            shapes = batch_shapes(cfg, lead, datas[0], len(objectives))
-            steps = planned_steps(cfg, lead, datas[0])
-            self.compiled = compiles(self.compile, lead, device, steps, shapes, kind=("vmapped",))
+            self.compiled = compiles(self.compile, device, planned_steps(cfg, lead, datas[0]))
             self.key = ("vmapped", *compile_key(lead, device))
             self.pack = _Pack(objectives, cfg, fused=True if self.compiled and device.type in ("cpu", "cuda") else None)
             compiled = self.key, self._eager
@@ -232,8 +228,6 @@ class Vmapped(Engine):
         y = {n: {key: t[rows, at[n]] for key, t in self.labels[n].items()} for n in self.streams}
         masks = _draw(self.step_fn.sites(self.pack, x, y, step), [self.dropout[k] for k in self.live], self.device)
         loss, measurements = self.step_fn(self.pack, x, y, step, masks)
-        if self.compiled:  # this pack size and batch shape's graph exists now (`compiles`)
-            warmed((*self.key, (len(self.live), tuple((n, len(idx[0][n])) for n in self.streams))))
         return loss.detach(), {key: v.detach().float() for key, v in measurements.items()}
 
     def sync(self):

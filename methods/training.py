@@ -16,7 +16,6 @@ import contextlib
 import contextvars
 import copy
 import dataclasses
-import itertools
 import math
 import re
 import warnings
@@ -642,8 +641,7 @@ class Serial(Engine):
         self.loose = _loose(self.objective)
         named = [(names.get(id(p), f"loose.{i}"), p) for i, p in enumerate(self.objective.params)]
         self.key = compile_key(self.objective, self.device)
-        steps, shapes = planned_steps(cfg, self.objective, data), batch_shapes(cfg, self.objective, data)
-        self.compiled = compiles(self.compile, self.objective, self.device, steps, shapes)
+        self.compiled = compiles(self.compile, self.device, planned_steps(cfg, self.objective, data))
         # Compiled: the fused optimiser (one kernel over all tensors; measured faster on CPU, see
         # docs/PERFORMANCE.md); eager: the default, so that eager numbers do not move.
         self.fused = True if self.compiled and self.device.type in ("cpu", "cuda") else None
@@ -668,8 +666,6 @@ class Serial(Engine):
         batch = {name: self.splits[name].take(i.to(self.device)) for name, i in idx[0].items()}
         with autocast(objective.module, self.mixed_precision):
             loss, measurements = self.loss(batch, step)
-        if self.compiled:  # this batch shape's graph exists now: a later run that needs only warm shapes is free
-            warmed((*self.key, tuple((name, len(i)) for name, i in idx[0].items())))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -707,12 +703,12 @@ class Serial(Engine):
 CompileSetting = bool | Literal["auto"]
 _COMPILE: contextvars.ContextVar[CompileSetting] = contextvars.ContextVar("compile", default=False)
 
-# `auto` compiles a run of at least this many planned optimiser steps (or one whose loss is already
-# compiled in this process, which costs nothing more): the break-even of a first compile against
-# the step time it saves, measured by benchmarks/step_speed.py (docs/PERFORMANCE.md).
+# `auto` compiles a run of at least this many planned optimiser steps: the break-even of a first
+# compile against the step time it saves, measured by benchmarks/step_speed.py (docs/PERFORMANCE.md).
+# The rule reads only the run itself, never what the process ran before: compiled and eager numbers
+# differ by float rounding, so a rule that depended on a worker's history (which trials it ran
+# first) would give the same trial different numbers from one run of a sweep to the next.
 AUTO_MIN_STEPS = 2000
-# (loss code, module type, parameter shapes, device type[, batch shape]) compiled in this process
-_WARM: set[tuple] = set()
 _BROKEN: list[str] = []  # why torch.compile failed in this process (then every run trains eagerly)
 
 
@@ -762,32 +758,30 @@ def _recorded(engine: Engine, passes: int) -> Iterator[None]:
 # --- compiled evaluation -------------------------------------------------------------------------
 
 # `auto` compiles the validation passes of a compiled run that plans at least this many (all its
-# models' together), or whose evaluation graph this process has compiled already (free): the
+# models' together; never by what the process compiled before, as `AUTO_MIN_STEPS`): the
 # break-even of a compile from a warm Inductor cache (3.6 s) at the 5.6 ms a compiled pass saved on
 # the quickstart's GPT (benchmarks/eval_speed.py, docs/PERFORMANCE.md).
 AUTO_MIN_EVAL_PASSES = 650
-EvalSetting = bool | Literal["warm"]
+EvalSetting = bool
 _EVAL: contextvars.ContextVar[EvalSetting] = contextvars.ContextVar("compiled_eval", default=False)
 _FORWARD: list[Compiled] = []  # `_logits` through torch.compile, made once per process
-_WARM_EVAL: set[tuple] = set()  # (model type, parameter shapes, mode, input shape and dtype, device) compiled
 
 
 def eval_policy(engine: Engine, passes: int) -> EvalSetting:
     """How a run's validation passes run: eager unless its step compiles; then compiled with
-    `resources.compile: true`, and with `auto` when it plans at least `AUTO_MIN_EVAL_PASSES` passes,
-    else compiled only where this process has the graph already ("warm")."""
+    `resources.compile: true`, and with `auto` when it plans at least `AUTO_MIN_EVAL_PASSES` passes."""
     if not getattr(engine, "compiled", False):
         return False
     setting = engine.compile if getattr(engine, "compile", None) is not None else _COMPILE.get()
-    return True if setting is True or passes >= AUTO_MIN_EVAL_PASSES else "warm"
+    return setting is True or passes >= AUTO_MIN_EVAL_PASSES
 
 
 @contextlib.contextmanager
 def compiled_eval(enabled: EvalSetting = True) -> Iterator[None]:
     """Inside the block (on this thread) `forward`, and so `evaluate`, `mean_loss` and
-    `evaluate_with_loss`, runs models through torch.compile when `enabled` ("warm": only where this
-    process has compiled the graph already). A training run sets it by `eval_policy`. The argmax
-    predictions follow the eager ones (tests/methods/test_compile.py); losses within float rounding."""
+    `evaluate_with_loss`, runs models through torch.compile when `enabled`. A training run sets it
+    by `eval_policy`. The argmax predictions follow the eager ones (tests/methods/test_compile.py);
+    losses within float rounding."""
     token = _EVAL.set(enabled)
     try:
         yield
@@ -807,25 +801,13 @@ def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     setting = _EVAL.get()
     if not setting or _BROKEN:
         return model(x)
-    shapes = tuple((n, tuple(p.shape), p.dtype) for n, p in model.named_parameters())
-    key = (type(model), shapes, model.training, tuple(x.shape), x.dtype, x.device.type)
-    if setting == "warm" and key not in _WARM_EVAL:
-        return model(x)
     if not _FORWARD:
         _FORWARD.append(Compiled(_logits, None, lambda: None, counts=False))
-    out = _FORWARD[0](model, x)
-    if not _BROKEN:
-        _WARM_EVAL.add(key)
-    return out
-
-
-def warmed(key: tuple) -> None:
-    """`key` (a compiled loss at one batch shape, see `compiles`) has its graph in this process."""
-    _WARM.add(key)
+    return _FORWARD[0](model, x)
 
 
 def compile_key(objective: Objective, device: torch.device) -> tuple:
-    """What `_WARM` knows a compiled loss by: its code, the module's type and parameter shapes, the device."""
+    """A compiled loss's identity: its code, the module's type and parameter shapes, the device."""
     shapes = tuple((n, tuple(p.shape), p.dtype) for n, p in objective.module.named_parameters())
     return (_code(objective.loss), type(objective.module), shapes, device.type)
 
@@ -840,39 +822,18 @@ def planned_steps(cfg: TrainConfig, objective: Objective, data: StageData) -> in
     return cfg.max_epochs(batches) * batches * objective.steps_per_batch
 
 
-def batch_shapes(cfg: TrainConfig, objective: Objective, data: StageData, models: int | None = None) -> list[tuple]:
-    """Every batch shape a run's step is called with: per stream (in the objective's order) its
-    rows, a full batch or an epoch's last, smaller one, in every combination (streams cycle apart);
-    a pack's with its number of models first."""
-    sizes = []
-    for name in objective.streams:
-        n = len(_stream(data, name))
-        sizes.append(sorted({min(cfg.batch_size, n), n % cfg.batch_size} - {0}))
-    shapes = [tuple(zip(objective.streams, rows, strict=True)) for rows in itertools.product(*sizes)]
-    return shapes if models is None else [(models, shape) for shape in shapes]
-
-
-def compiles(
-    setting: CompileSetting | None,
-    objective: Objective,
-    device: torch.device,
-    planned_steps: int,
-    shapes: Sequence[tuple] = (),
-    kind: tuple = (),
-) -> bool:
+def compiles(setting: CompileSetting | None, device: torch.device, planned_steps: int) -> bool:
     """Whether a run compiles its step: `setting` True or False, or "auto": unless torch.compile
-    failed before in this process, when the run plans at least `AUTO_MIN_STEPS` optimiser steps or
-    its loss is already compiled in this process, for a model like its own, at every batch shape of
-    the run (`shapes`, `batch_shapes`; a shape not compiled yet costs a compile of its own: a last,
-    smaller batch at another budget). `kind` prefixes the key (a pack's: "vmapped"). None: the
-    setting of the enclosing `compiling(...)` block (False outside any)."""
+    failed before in this process, when the run plans at least `AUTO_MIN_STEPS` optimiser steps (a
+    function of the run alone, so a trial's numbers never depend on what its worker ran before).
+    A later run of a model like it reuses the process's graphs either way. None: the setting of the
+    enclosing `compiling(...)` block (False outside any)."""
     setting = _COMPILE.get() if setting is None else setting
     if setting != "auto":
         return bool(setting) and not _BROKEN
     if _BROKEN or device.type not in ("cpu", "cuda"):
         return False
-    key = (*kind, *compile_key(objective, device))
-    return planned_steps >= AUTO_MIN_STEPS or all(k in _WARM for k in ([(*key, s) for s in shapes] or [key]))
+    return planned_steps >= AUTO_MIN_STEPS
 
 
 class Compiled:
@@ -884,8 +845,7 @@ class Compiled:
     the full batches keep theirs (no recompile per epoch). If compiling or the compiled call fails,
     the call runs eagerly (the random state as it was; `on_fallback` puts the caller's other kernels
     back to eager ones) after a one-line warning, and every later call and run in this process is
-    eager. `key` (unless None) joins `_WARM` (for `compiles`) once a compiled call has run; a call
-    of a training step (`counts`) is counted for the enclosing `compiling(...)` block's record."""
+    eager. A call of a training step (`counts`) is counted for the enclosing `compiling(...)` block's record."""
 
     def __init__(self, fn: Callable[..., Any], key: tuple | None, on_fallback: Callable[[], None], counts: bool = True):
         self.eager, self.key, self.on_fallback, self.counts = fn, key, on_fallback, counts
@@ -917,8 +877,6 @@ class Compiled:
                 torch.set_rng_state(rng)
                 self.on_fallback()
             else:
-                if self.key is not None:
-                    _WARM.add(self.key)
                 _STEPS_COMPILED[0] += self.counts
                 return out
         return self.eager(*args)

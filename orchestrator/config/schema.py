@@ -60,10 +60,10 @@ class Resources(Frozen):
         "auto",
         description="a trial trained alone (not packed) runs its training step through torch.compile (forward, "
         "loss and backward; fused optimiser), compiled once per worker process and reused by its later trials: "
-        "'auto' (the default) where it pays (a run of at least methods.training.AUTO_MIN_STEPS steps, or a "
-        "loss already compiled in the process; docs/PERFORMANCE.md), true always, false never. Numbers follow "
-        "the eager ones within float rounding, not bit for bit; where compiling fails the trial trains eagerly "
-        "after a warning",
+        "'auto' (the default) where it pays (a run of at least methods.training.AUTO_MIN_STEPS steps, decided "
+        "from the run alone, never the worker's history; docs/PERFORMANCE.md), true always, false never. "
+        "Numbers follow the eager ones within float rounding, not bit for bit; where compiling fails the trial "
+        "trains eagerly after a warning",
     )
     checkpoint_every_s: float | None = Field(
         300.0,

@@ -2,8 +2,8 @@
 it follows the eager engine step by step, is deterministic, resumes from checkpoints, reuses its
 compiled graphs across runs in a process, and falls back to eager with a warning where compiling
 fails. Compiled validation (`compiled_eval`, `eval_policy`) gives the eager accuracies; `auto`
-counts a run warm per batch shape; a trial's row says whether it trained compiled. Compiling
-takes seconds, so every test that compiles is marked slow (about two minutes in all on one loaded
+reads only the run (never the worker's history); a trial's row says whether it trained compiled.
+Compiling takes seconds, so every test that compiles is marked slow (about two minutes in all on one loaded
 core with a cold Inductor cache); the fast ones stand torch.compile in with a function that fails
 or with the function itself."""
 
@@ -147,56 +147,47 @@ def _counting_compile(monkeypatch) -> dict:
 # --- fast: no real compiling ---------------------------------------------------------------------
 
 
-def test_auto_compiles_long_runs_and_warm_losses_and_never_after_a_failure(monkeypatch):
-    monkeypatch.setattr(training, "_WARM", set())
+def test_auto_compiles_long_runs_only_and_never_after_a_failure(monkeypatch):
     monkeypatch.setattr(training, "_BROKEN", [])
-    objective, cpu = cross_entropy(_gpt(), _gpt_data()), torch.device("cpu")
-    assert compiles(True, objective, cpu, 1) and not compiles(False, objective, cpu, 10**9)
-    assert compiles("auto", objective, cpu, AUTO_MIN_STEPS)
-    assert not compiles("auto", objective, cpu, AUTO_MIN_STEPS - 1)
-    training._WARM.add(training.compile_key(objective, cpu))  # compiled before in this process: free
-    assert compiles("auto", objective, cpu, 1)
-    assert not compiles("auto", cross_entropy(_cnn(), _cnn_data()), cpu, 1)  # another model is not warm
+    cpu = torch.device("cpu")
+    assert compiles(True, cpu, 1) and not compiles(False, cpu, 10**9)
+    assert compiles("auto", cpu, AUTO_MIN_STEPS)
+    assert not compiles("auto", cpu, AUTO_MIN_STEPS - 1)
     training._BROKEN.append("RuntimeError: no compiler")
-    assert not compiles("auto", objective, cpu, 10**9) and not compiles(True, objective, cpu, 1)
+    assert not compiles("auto", cpu, 10**9) and not compiles(True, cpu, 1)
 
 
-def test_auto_counts_a_run_warm_only_where_every_batch_shape_it_needs_is_compiled(monkeypatch):
-    monkeypatch.setattr(training, "_WARM", set())
-    _counting_compile(monkeypatch)
-    cfg, cpu = CFG.model_copy(update={"epochs": 1}), torch.device("cpu")
-    with training.compiling(True):
-        _run(_gpt(), _gpt_data(n=230), None, cfg)  # batches of 50 and a last one of 30
-        _run_pack(None, k=2, cfg=cfg, n=250)  # a pack of 2, batches of 50
-    objective = cross_entropy(_gpt(1), _gpt_data(1))
-
-    def warm(n, models=None):
-        shapes = training.batch_shapes(cfg, objective, _gpt_data(n=n), models)
-        return compiles("auto", objective, cpu, 1, shapes, kind=("vmapped",) if models else ())
-
-    assert training.batch_shapes(cfg, objective, _gpt_data(n=230)) == [(("train", 30),), (("train", 50),)]
-    assert warm(230) and warm(80) and warm(100)  # 50 + 30, 50 + 30, 50 + 50
-    assert not warm(240) and not warm(20)  # a last batch of 40, a batch of 20: graphs of their own
-    assert warm(250, models=2) and not warm(250, models=3) and not warm(230, models=2)
-
-
-def test_auto_compiles_a_compiled_runs_validation_where_it_pays_or_is_warm(monkeypatch):
+def test_auto_does_not_depend_on_what_the_worker_ran_before(monkeypatch):
+    """A trial's numbers never depend on which trials its worker ran first: a short run trains
+    eagerly (and validates eagerly) under `auto` even right after a compiled run of the same model
+    at the same batch shapes, whose graphs are in the process."""
     calls = _counting_compile(monkeypatch)
-    monkeypatch.setattr(training, "_WARM_EVAL", set())
+    cfg = CFG.model_copy(update={"epochs": 3, "keep_initial": True, "select": "val_acc"})
+    with training.compiling(True):
+        _run(_gpt(), _gpt_data(), None, cfg)
+    compiled_steps, compiled_passes = calls["loss"], calls.get("_logits", 0)
+    assert compiled_steps > 0 and compiled_passes > 0
+    with training.compiling("auto"):
+        first = _run(_gpt(1), _gpt_data(1), None, cfg)
+    assert (calls["loss"], calls.get("_logits", 0)) == (compiled_steps, compiled_passes), "auto reused the graphs"
+    with training.compiling(False):
+        eager = _run(_gpt(1), _gpt_data(1), None, cfg)
+    assert first[0] == eager[0] and torch.equal(first[1], eager[1])
+
+
+def test_auto_compiles_a_compiled_runs_validation_where_it_pays(monkeypatch):
+    calls = _counting_compile(monkeypatch)
     monkeypatch.setattr(training, "AUTO_MIN_STEPS", 10)  # every run below compiles its step
     cfg = CFG.model_copy(update={"epochs": 3, "keep_initial": True, "select": "val_acc"})
     with training.compiling("auto"):
-        _run(_gpt(), _gpt_data(), None, cfg)  # 4 passes, none compiled before: eager
+        _run(_gpt(), _gpt_data(), None, cfg)  # 4 passes: too few to pay, eager
         assert calls.get("_logits", 0) == 0 and calls["loss"] == 15
         monkeypatch.setattr(training, "AUTO_MIN_EVAL_PASSES", 4)
         _run(_gpt(), _gpt_data(), None, cfg)  # 4 passes pay: compiled
         assert calls["_logits"] == 4
         monkeypatch.setattr(training, "AUTO_MIN_EVAL_PASSES", 5)
-        _run(_gpt(1), _gpt_data(1), None, cfg)  # too few to pay, but the graph is there: compiled
-        assert calls["_logits"] == 8
-        other = StageData(train=_gpt_data().train, val=_gpt_data(n=60).train)  # 60 validation rows: another graph
-        _run(_gpt(), other, None, cfg)
-        assert calls["_logits"] == 8
+        _run(_gpt(1), _gpt_data(1), None, cfg)  # too few to pay, though the graph is there: eager
+        assert calls["_logits"] == 4
 
 
 def test_a_failing_compile_trains_eagerly_after_one_warning(monkeypatch):
