@@ -48,6 +48,8 @@ class Column:
     plot: bool = False  # whether the report draws its curve against the budget (one figure per column)
     description: str = ""
     profile: Profile | None = None  # whether (and how) the report draws the family as profiles
+    bounds: tuple[float, float] | None = None  # the range the value can take (e.g. (0, 1) for a share):
+    # the report keeps its intervals inside it (accuracies, columns named `*acc`, are kept in [0, 1] anyway)
 
 
 @dataclasses.dataclass

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -48,7 +48,6 @@ from methods.training import (
     _loose,
     _stream,
     autocast,
-    compile_key,
     compiles,
     fit_many,
     optimizer,
@@ -190,10 +189,8 @@ class Vmapped(Engine):
             }
             self.live = list(range(len(objectives)))
             self.compiled = compiles(self.compile, device, planned_steps(cfg, lead, datas[0]))
-            self.key = ("vmapped", *compile_key(lead, device))
             self.pack = _Pack(objectives, cfg, fused=True if self.compiled and device.type in ("cpu", "cuda") else None)
-            compiled = self.key, self._eager
-            self.step_fn = _stepper(lead, mixed_precision, self.feed, compiled if self.compiled else None)
+            self.step_fn = _stepper(lead, mixed_precision, self.feed, self._eager if self.compiled else None)
             # Before any generator is drawn from: the dropout sites at every batch shape a step can
             # have (a full or a last, partial batch of each stream); a loss that draws random numbers
             # past the stand-ins is refused.
@@ -337,12 +334,15 @@ class _stepper:
     x and y holding each stream's (K, B, ...) batch, `masks` each dropout site's (K, ...) mask in the
     order the forward applies them (`sites`, then `_draw`)."""
 
-    def __init__(self, lead: Objective, mixed_precision: bool, feed: _Feed, compiled: tuple | None = None):
+    def __init__(
+        self, lead: Objective, mixed_precision: bool, feed: _Feed, on_fallback: Callable[[], None] | None = None
+    ):
         self.lead, self.mixed_precision, self.feed = lead, mixed_precision, feed
         self.call = _LossCall(lead)
         self._sites: dict[tuple, list[tuple[tuple[int, ...], float]]] = {}
-        # compiled: (key, on_fallback) of `methods.training.Compiled` over the vmapped loss; None: eager.
-        self._run = self._vmapped if compiled is None else Compiled(self._vmapped, *compiled)
+        # on_fallback given: the vmapped loss through `methods.training.Compiled` (which calls it if
+        # compiling fails); None: eager.
+        self._run = self._vmapped if on_fallback is None else Compiled(self._vmapped, on_fallback)
 
     def _losses(self, tensors: dict[str, torch.Tensor], x, y, masks: list[torch.Tensor], step: int):
         # One model: its tensors (no leading K), its batch of each stream, its dropout masks.

@@ -119,6 +119,16 @@ class TrainConfig(Frozen):
     )
     ties: Literal["first", "last"] = Field("first", description="of epochs equal in `select`, keep the first or last")
 
+    @field_validator("select", mode="before")
+    @classmethod
+    def _select_name(cls, v: Any) -> Any:
+        if isinstance(v, str) and v not in ("val_acc", "val_loss", "last"):
+            raise ValueError(
+                f"{v!r} is not val_acc, val_loss or last; to select on a validation split write "
+                f"{{split: {v}, label: LABEL}} (e.g. {{split: cue_conflict_val, label: shape}})"
+            )
+        return v
+
     @field_validator("nesterov")
     @classmethod
     def _nesterov(cls, v: bool, info) -> bool:
@@ -517,7 +527,7 @@ def fit_many(
         if observers is None:
             observers = [supervision.on_epoch if supervision is not None and k == 1 else None] * k
         loop = _Loop(list(objectives), list(datas), cfg, list(generators), engine, supervision, list(observers))
-        with _recorded(engine, k * (loop.max_epochs + 1)):
+        with _recorded(engine, loop.max_epochs + 1):  # one model's passes: the same whatever the pack
             return loop.run()
 
 
@@ -640,13 +650,12 @@ class Serial(Engine):
         names = {id(p): n for n, p in module.named_parameters()}
         self.loose = _loose(self.objective)
         named = [(names.get(id(p), f"loose.{i}"), p) for i, p in enumerate(self.objective.params)]
-        self.key = compile_key(self.objective, self.device)
         self.compiled = compiles(self.compile, self.device, planned_steps(cfg, self.objective, data))
         # Compiled: the fused optimiser (one kernel over all tensors; measured faster on CPU, see
         # docs/PERFORMANCE.md); eager: the default, so that eager numbers do not move.
         self.fused = True if self.compiled and self.device.type in ("cpu", "cuda") else None
         self.opt = optimizer(named, cfg, fused=self.fused)
-        self.loss = Compiled(self.objective.loss, self.key, self._eager) if self.compiled else self.objective.loss
+        self.loss = Compiled(self.objective.loss, self._eager) if self.compiled else self.objective.loss
         with torch.random.fork_rng(devices=[]) if self.objective.global_rng else contextlib.nullcontext():
             yield self
 
@@ -741,7 +750,8 @@ def compiling(setting: CompileSetting) -> Iterator[CompileRecord]:
 
 @contextlib.contextmanager
 def _recorded(engine: Engine, passes: int) -> Iterator[None]:
-    """One training run through `engine`, planning `passes` validation passes (all its models'):
+    """One training run through `engine`, planning `passes` validation passes per model (not all its
+    models' together: a trial's numbers do not depend on how many models share its pack):
     its validation compiled per `eval_policy`, and the run counted in the enclosing
     `compiling(...)` block's record."""
     before = _STEPS_COMPILED[0]
@@ -802,18 +812,8 @@ def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not setting or _BROKEN:
         return model(x)
     if not _FORWARD:
-        _FORWARD.append(Compiled(_logits, None, lambda: None, counts=False))
+        _FORWARD.append(Compiled(_logits, lambda: None, counts=False))
     return _FORWARD[0](model, x)
-
-
-def compile_key(objective: Objective, device: torch.device) -> tuple:
-    """A compiled loss's identity: its code, the module's type and parameter shapes, the device."""
-    shapes = tuple((n, tuple(p.shape), p.dtype) for n, p in objective.module.named_parameters())
-    return (_code(objective.loss), type(objective.module), shapes, device.type)
-
-
-def _code(fn: Any) -> Any:
-    return getattr(fn, "__code__", type(fn))
 
 
 def planned_steps(cfg: TrainConfig, objective: Objective, data: StageData) -> int:
@@ -847,8 +847,8 @@ class Compiled:
     back to eager ones) after a one-line warning, and every later call and run in this process is
     eager. A call of a training step (`counts`) is counted for the enclosing `compiling(...)` block's record."""
 
-    def __init__(self, fn: Callable[..., Any], key: tuple | None, on_fallback: Callable[[], None], counts: bool = True):
-        self.eager, self.key, self.on_fallback, self.counts = fn, key, on_fallback, counts
+    def __init__(self, fn: Callable[..., Any], on_fallback: Callable[[], None], counts: bool = True):
+        self.eager, self.on_fallback, self.counts = fn, on_fallback, counts
         config = torch._dynamo.config
         # Every function x module type x batch shape x mode of a worker's runs keeps its compiled graph.
         config.recompile_limit = max(config.recompile_limit, 64)
@@ -856,7 +856,10 @@ class Compiled:
         self.compiled = torch.compile(fn, options={"fallback_random": True})
 
     def __call__(self, *args: Any) -> Any:
-        if self.compiled is not None and not _BROKEN:
+        if self.compiled is not None and _BROKEN:  # another compiled call (validation's) failed: eager now
+            self.compiled = None
+            self.on_fallback()
+        if self.compiled is not None:
             for leaf in torch.utils._pytree.tree_leaves(args):
                 for tensor in (leaf.x, *leaf.labels.values()) if isinstance(leaf, Split) else (leaf,):
                     if isinstance(tensor, torch.Tensor):

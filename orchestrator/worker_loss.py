@@ -79,7 +79,7 @@ def _kill(manager, tracked_actor) -> None:
     if handle is not None:
         try:
             ray.kill(handle, no_restart=True)
-        except Exception:  # already gone
+        except (RayError, ValueError):  # already gone (ray.kill raises ValueError for a dead handle)
             pass
 
 

@@ -65,7 +65,11 @@ def expected_calibration_error(table: list[list[float]]) -> float:
             "float64", summarise=True, plot=True, description="mean −log p(true class), test split"
         ),
         "calibration_ece": Column(
-            "float64", summarise=True, plot=True, description="15-bin ECE on the top probability, test"
+            "float64",
+            summarise=True,
+            plot=True,
+            bounds=(0.0, 1.0),
+            description="15-bin ECE on the top probability, test",
         ),
         "calibration_bins": Column("string", summarise=False, description="[count, confidence, accuracy] per bin"),
     },

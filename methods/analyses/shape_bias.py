@@ -14,8 +14,8 @@ from methods.training import evaluate
 @register_analysis(
     "shape_bias",
     columns={
-        "shape_bias": Column("float64", summarise=True, plot=True),
-        "shape_bias_val": Column("float64", summarise=True),
+        "shape_bias": Column("float64", summarise=True, plot=True, bounds=(0.0, 1.0)),
+        "shape_bias_val": Column("float64", summarise=True, bounds=(0.0, 1.0)),
     },
     description="shape decisions / (shape + texture decisions) on cue-conflict images",
 )

@@ -22,7 +22,7 @@ from methods import ANALYSES, ARTIFACTS, METHODS
 from methods.analysis import parse_analysis
 from methods.training import SelectOn, selection_split
 from orchestrator.config.paths import _NOT_AXES, Layer, _head, resolve_path
-from orchestrator.config.schema import ConfigError, SeedRule, SweepConfig, needed_kinds, per_method_blocks
+from orchestrator.config.schema import VARIANT, ConfigError, SeedRule, SweepConfig, needed_kinds, per_method_blocks
 from tasks.base import format_validation, parse_block
 
 
@@ -245,19 +245,30 @@ def _check_runnable(config: SweepConfig) -> list[str]:
 
 
 def _check_selection(config: SweepConfig, task) -> list[str]:
-    """`training.select: {split, label}`: the task has that validation split and label (checked on
-    the first seed's data at the first budget, before anything runs)."""
-    chosen = {m: config.effective(m).training.select for m in config.methods}
-    chosen = {m: s for m, s in chosen.items() if isinstance(s, SelectOn)}
-    if not chosen:
-        return []
-    data = task.downstream_data(config.first_seeds[0], config.data_fractions[0])
-    errors = []
-    for method, select in chosen.items():
+    """`select: {split, label}` in the downstream `training` or the `source:` block, however set
+    (the file, a method's block or overrides, a variant, an axis value): the task's data for that
+    stage has that validation split and label (checked on the first seed's data, at the first budget
+    downstream, before anything runs)."""
+    points = [{}] + [{path: value} for path, values in config.axes.items() for value in values]
+    points += [{**point, VARIANT: name} for name in config.variants for point in list(points)]
+    chosen: dict[tuple[str, str], tuple[SelectOn, list[str]]] = {}
+    for method in config.methods:
+        for point in points:
+            effective = config.effective(method, point)
+            source = effective.block("source")
+            for stage, select in (("training", effective.training.select), ("source", getattr(source, "select", None))):
+                if isinstance(select, SelectOn):
+                    users = chosen.setdefault((stage, select.describe()), (select, []))[1]
+                    users += [method] if method not in users else []
+    errors, seed, data = [], config.first_seeds[0], {}
+    for (stage, _), (select, users) in chosen.items():
+        if stage not in data:
+            downstream = stage == "training"
+            data[stage] = task.downstream_data(seed, config.data_fractions[0]) if downstream else task.base_data(seed)
         try:
-            selection_split(select, data)
+            selection_split(select, data[stage])
         except ValueError as err:
-            errors.append(f"{method}: {err}")
+            errors.append(f"{stage}.select ({', '.join(users)}): {str(err).removeprefix('training.select: ')}")
     return errors
 
 

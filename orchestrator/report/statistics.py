@@ -25,6 +25,7 @@ of either side failed, `undecided` otherwise, one seed included: "not detected" 
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import warnings
@@ -34,6 +35,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from methods import ANALYSES
 from orchestrator import results
 from orchestrator.config import ConfigError
 from orchestrator.report.series import axis_groups, has_versus, partner, prepare, reference_for, versus_setting
@@ -78,8 +80,15 @@ def interval(values, level: float = LEVEL, axis: int = -1):
 
 
 def bounds(metric: str) -> tuple[float, float]:
-    """The range `metric` can take: accuracies (columns named `*acc`) lie in [0, 1]."""
-    return (0.0, 1.0) if metric.endswith("acc") else (-np.inf, np.inf)
+    """The range `metric` can take: accuracies (columns named `*acc`) lie in [0, 1], an analysis'
+    column in the `bounds` it declares (a share such as shape bias: [0, 1]); others are unbounded."""
+    if metric.endswith("acc"):
+        return 0.0, 1.0
+    for _, analysis in ANALYSES.items():
+        for pattern, column in analysis.columns.items():
+            if column.bounds is not None and fnmatch.fnmatchcase(metric, pattern):
+                return column.bounds
+    return -np.inf, np.inf
 
 
 def clipped(interval: tuple[float, float], low: float, high: float) -> tuple[float, float]:

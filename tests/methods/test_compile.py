@@ -190,6 +190,31 @@ def test_auto_compiles_a_compiled_runs_validation_where_it_pays(monkeypatch):
         assert calls["_logits"] == 4
 
 
+def test_a_packed_models_validation_policy_does_not_depend_on_the_pack_size(monkeypatch):
+    """`auto` counts one model's planned validation passes: a model validates the same way (here
+    eagerly) in a pack of 2 and in a pack of 3, whose passes together would repay a compile."""
+    calls = _counting_compile(monkeypatch)
+    monkeypatch.setattr(training, "AUTO_MIN_STEPS", 1)  # every pack compiles its step
+    cfg = CFG.model_copy(update={"epochs": 3})  # 4 passes per model (epoch 0 included)
+    monkeypatch.setattr(training, "AUTO_MIN_EVAL_PASSES", 9)  # more than one model's, fewer than 3 models'
+    with training.compiling("auto"):
+        _run_pack(None, k=2, cfg=cfg, n=100)
+        _run_pack(None, k=3, cfg=cfg, n=100)
+    assert calls.get("_logits", 0) == 0 and calls["_vmapped"] > 0
+
+
+def test_a_step_turns_eager_with_its_engine_when_validation_broke_compiling(monkeypatch):
+    """A compile failure elsewhere in the process (validation's forward) stops the training step's
+    compiled calls too, and through the engine's fallback: its fused optimiser is put back."""
+    _counting_compile(monkeypatch)
+    fallbacks = []
+    step = training.Compiled(lambda x: x + 1, lambda: fallbacks.append(1))
+    assert step(torch.ones(1)).item() == 2 and fallbacks == []
+    training._BROKEN.append("RuntimeError: validation's compile failed")
+    assert step(torch.ones(1)).item() == 2 and step(torch.ones(1)).item() == 2
+    assert fallbacks == [1] and step.compiled is None
+
+
 def test_a_failing_compile_trains_eagerly_after_one_warning(monkeypatch):
     cfg = CFG.model_copy(update={"epochs": 2})
     eager, eager_losses, eager_model = _run(_gpt(), _gpt_data(), False, cfg)

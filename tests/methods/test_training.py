@@ -187,6 +187,8 @@ def test_select_refuses_test_splits_and_names_what_the_task_has():
 
     with pytest.raises(ValidationError, match="'test' is not a validation split"):
         TrainConfig(select={"split": "test"})
+    with pytest.raises(ValidationError, match=r"write \{split: randomised_image_val, label: LABEL\}"):
+        TrainConfig(select="randomised_image_val")
     chosen = TrainConfig(select={"split": "cue_conflict_val", "label": "shape"}).select
     assert chosen.describe() == "cue_conflict_val:shape"
     cfg = TrainConfig(lr=1e-3, epochs=1, select=SelectOn(split="cue_conflict_val"))

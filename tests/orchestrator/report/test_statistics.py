@@ -520,3 +520,19 @@ def test_headline_findings_leave_open_the_side_a_curve_that_never_reaches_cannot
                           "subtask_induction": {10: [0.95, 0.97], 100: [0.99, 0.99]}}, sparsity=0.8)  # fmt: skip
     (row,) = headline_differences(early, "scratch", target=0.9).itertuples()
     assert (row.diff_ci_lo, row.diff_ci_hi) == (-np.inf, np.inf)  # both reached it by the first budget
+
+
+def test_an_analysis_share_keeps_its_interval_in_the_range_it_declares():
+    """Shape bias (a share, `Column(bounds=(0, 1))`) stays inside [0, 1] in the report's summary however
+    few and spread the seeds, as accuracies do; a column without declared bounds is left as it is."""
+    from orchestrator.report.statistics import bounds, summarise
+
+    assert bounds("shape_bias") == bounds("calibration_ece") == bounds("test_acc") == (0.0, 1.0)
+    assert bounds("calibration_nll") == (-np.inf, np.inf)
+    table = curves_table({"m": {100: [0.5, 0.6, 0.7]}})
+    table["shape_bias"], table["calibration_nll"] = [0.46, 0.78, 0.62], [0.46, 0.78, 0.62]
+    row = summarise(table, columns=["shape_bias", "calibration_nll"]).iloc[0]
+    raw = interval(np.array([0.46, 0.78, 0.62]), 0.95)
+    assert raw[1] > 1.0, "the raw interval must leave [0, 1], or the clipping is not tested"
+    assert (row["shape_bias_ci_lo"], row["shape_bias_ci_hi"]) == (pytest.approx(raw[0]), 1.0)
+    assert row["calibration_nll_ci_hi"] == pytest.approx(raw[1])
