@@ -307,7 +307,20 @@ def gram(j: torch.Tensor) -> torch.Tensor:
     step = _column_blocks(len(j), j.shape[1])
     for a in range(0, j.shape[1], step):
         block = j[:, a : a + step]
-        k += (block @ block.T).double()
+        k += block @ block.T  # promoted to float64 element by element: no float64 copy of the product
+    return k
+
+
+def _symmetrise_(k: torch.Tensor) -> torch.Tensor:
+    """k ← (k + kᵀ) / 2 in place, tile by tile: the same numbers as `(k + k.T) / 2` (each entry is
+    the same sum, halved) without its two (N·C)² temporaries."""
+    step = _column_blocks(len(k), len(k))
+    for a in range(0, len(k), step):
+        for b in range(a, len(k), step):
+            upper, lower = k[a : a + step, b : b + step], k[b : b + step, a : a + step]
+            mean = (upper + lower.T) / 2
+            upper.copy_(mean)
+            lower.copy_(mean.T)
     return k
 
 
@@ -386,7 +399,6 @@ class _Posterior:
     def __init__(self, k: torch.Tensor, f0: torch.Tensor, y: torch.Tensor, delta: float, a0: torch.Tensor):
         n, c = f0.shape
         kd = k / delta
-        eye = torch.eye(n * c, dtype=k.dtype, device=k.device)
         labels = y.argmax(1)
 
         def objective(a: torch.Tensor) -> tuple[float, torch.Tensor]:
@@ -403,8 +415,9 @@ class _Posterior:
             root = _blocks(pi)
             w_g = _block_left(root, _block_left(root, (f - f0).reshape(-1, 1))).reshape(-1)
             b = w_g + (y - pi).reshape(-1)
-            chol = torch.linalg.cholesky(eye + _block_left(root, _block_left(root, kd).T))  # B, symmetric
+            chol = _b_factor(root, kd)
             inner = torch.cholesky_solve(_block_left(root, (kd @ b).reshape(-1, 1)), chol)
+            del chol  # (N·C)²: freed before the next factorisation
             step = b - _block_left(root, inner).reshape(-1) - a
             t = 1.0
             while True:  # halve until the log posterior does not fall (it is concave: t small suffices)
@@ -418,11 +431,26 @@ class _Posterior:
                 a, psi, f = a + t * step, new_psi, new_f
             if gain < _NEWTON_TOL * (1 + abs(psi)):
                 break
-        pi = F.softmax(f, dim=1)
-        self.root = _blocks(pi)
-        self.chol = torch.linalg.cholesky(eye + _block_left(self.root, _block_left(self.root, kd).T))
         self.a, self.f, self.delta = a, f, delta
+        self.factor(kd)
         self.log_evidence = psi - float(torch.log(self.chol.diagonal()).sum())  # − ½ log det B
+
+    def factor(self, kd: torch.Tensor) -> None:
+        """`root` and `chol` at the MAP, for kd = K / δ (again, after `drop`: the same numbers)."""
+        self.root = _blocks(F.softmax(self.f, dim=1))
+        self.chol = _b_factor(self.root, kd)
+
+    def drop(self) -> None:
+        """Free the (N·C)² Cholesky factor (the search keeps it for its best δ only)."""
+        self.chol = None
+
+
+def _b_factor(root: torch.Tensor, kd: torch.Tensor) -> torch.Tensor:
+    """The Cholesky factor of B = I + W^½ (K/δ) W^½, with one (N·C)² temporary besides the factor
+    (the same numbers as `cholesky(eye + ...)`: adding the identity's zeros changes no entry)."""
+    b = _block_left(root, _block_left(root, kd).T)  # symmetric
+    b.diagonal().add_(1.0)
+    return torch.linalg.cholesky(b)
 
 
 def _search(k, f0, y, scale: float, cfg: LinearizedGPConfig) -> tuple[_Posterior, float, bool]:
@@ -431,6 +459,8 @@ def _search(k, f0, y, scale: float, cfg: LinearizedGPConfig) -> tuple[_Posterior
     and whether that δ is an end of the bounds."""
     lo, hi = (math.log10(b) for b in cfg.prior_precision_bounds)
     found: dict[float, _Posterior] = {}
+    key = lambda v: (found[v].log_evidence, v)  # noqa: E731  (ties: the tighter prior)
+    kept: list[float] = []  # the best δ so far: only its posterior keeps its (N·C)² Cholesky factor
     warm = [torch.zeros(f0.numel(), dtype=f0.dtype, device=f0.device), 1.0]  # the last a and its δ
 
     def at(u: float) -> float:
@@ -438,6 +468,13 @@ def _search(k, f0, y, scale: float, cfg: LinearizedGPConfig) -> tuple[_Posterior
             delta = scale * 10**u
             found[u] = _Posterior(k, f0, y, delta, warm[0] * (delta / warm[1]))  # the same f to start from
             warm[:] = [found[u].a, delta]
+            if not kept:
+                kept.append(u)
+            elif key(u) > key(kept[0]):
+                found[kept[0]].drop()
+                kept[0] = u
+            else:
+                found[u].drop()
         return found[u].log_evidence
 
     grid = [lo + i * _GRID_STEP for i in range(int(math.floor((hi - lo) / _GRID_STEP + 1e-9)) + 1)]
@@ -455,7 +492,9 @@ def _search(k, f0, y, scale: float, cfg: LinearizedGPConfig) -> tuple[_Posterior
         else:
             a, x1 = x1, x2
             x2 = a + _GOLDEN * (b - a)
-    u = max(found, key=lambda v: (found[v].log_evidence, v))  # ties: the tighter prior
+    u = max(found, key=key)
+    if found[u].chol is None:  # only where an evidence was NaN (no total order): factor it again
+        found[u].factor(k / found[u].delta)
     return found[u], 10**u, u in (lo, hi)
 
 
@@ -500,19 +539,27 @@ def fit_gp(
         f0 = prior_mean(model, x, batch_size)
         c = f0.shape[1]
         explicit = n * c * model.n_params * model.gp_delta.element_size() <= cfg.jacobian_max_bytes
-        j = jacobian(model, x, c, batch_size) if explicit else None
-        k = gram(j) if explicit else kernel_matrix_free(model, x, c, batch_size)
-        k = (k + k.T) / 2
+        if explicit:
+            j = jacobian(model, x, c, batch_size)
+            k = gram(j)
+            del j  # N·C·P: not held through the search; formed again below for w (the same numbers)
+        else:
+            k = kernel_matrix_free(model, x, c, batch_size)
+        _symmetrise_(k)
         scale = float(k.diagonal().mean())
         if not (scale > 0 and math.isfinite(scale)):
             raise ValueError(f"linearized_gp: the kernel's mean diagonal is {scale}; the source's Jacobian is zero")
         y = F.one_hot(train.y.to(device).long(), c).double()
         post, relative, at_bound = _search(k, f0, y, scale, cfg)
-        coef = post.a / post.delta
-        delta = transpose_product(j, coef) if explicit else vjp_sum(model, x, coef.view(n, c), batch_size)
-        del j
+        del k
         j_head = torch.cat([model.head_jacobian(xb).double() for _, xb in _rows(x, batch_size)])
         factor = _head_factor(post, j_head.reshape(n * c, -1))
+        post.drop()
+        coef = post.a / post.delta
+        if explicit:
+            delta = transpose_product(jacobian(model, x, c, batch_size), coef)
+        else:
+            delta = vjp_sum(model, x, coef.view(n, c), batch_size)
         draws = torch.randn(cfg.samples, c, generator=generator, dtype=torch.float64)
         _load(model, delta, post.a, post.delta, factor, draws)
         row.update(prior_precision=post.delta, prior_precision_relative=relative, log_evidence=post.log_evidence,

@@ -357,3 +357,46 @@ def test_a_trial_on_shapes_with_a_resnet(tmp_path):
     assert 0.0 <= row["shape_bias"] <= 1.0 or math.isnan(row["shape_bias"])
     assert any(k.startswith("representation_r2_pool_") for k in row)
     assert row["calibration_nll"] > 0
+
+
+# --- memory: the same numbers with fewer (N·C)² and N·C·P arrays alive ---------------------------------
+
+
+def test_in_place_symmetrisation_and_float32_gram_give_the_old_numbers(monkeypatch):
+    monkeypatch.setattr(_linearized_gp, "_BLOCK_BYTES", 8 * 13 * 4)  # tiles of 4 columns: many tiles
+    k = torch.randn(13, 13, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = (k + k.T) / 2
+    assert torch.equal(_linearized_gp._symmetrise_(k.clone()), expected)
+    j = torch.randn(13, 50, generator=torch.Generator().manual_seed(1))  # float32, as a float32 source's
+    step = _linearized_gp._column_blocks(13, 50)
+    old = torch.zeros(13, 13, dtype=torch.float64)
+    for a in range(0, 50, step):
+        old += (j[:, a : a + step] @ j[:, a : a + step].T).double()
+    assert torch.equal(gram(j), old)
+
+
+def test_the_search_keeps_one_cholesky_factor_and_the_fit_is_unchanged(monkeypatch):
+    source = _seeded(lambda: TanhMLP(3, 5, 3))
+    x, y = _data(9, 3, 3)
+    cfg = LinearizedGPConfig(samples=20)
+    made = []
+    init = _linearized_gp._Posterior.__init__
+
+    def record(self, *args):
+        init(self, *args)
+        made.append(self)
+
+    monkeypatch.setattr(_linearized_gp._Posterior, "__init__", record)
+    lean, lean_row = _fit(source, x, y, cfg=cfg)
+    assert len(made) > 5 and sum(p.chol is not None for p in made) == 0  # the fit dropped the last one too
+    monkeypatch.setattr(_linearized_gp._Posterior, "drop", lambda self: None)  # every factor kept, as before
+    kept, kept_row = _fit(source, x, y, cfg=cfg)
+    assert lean_row == kept_row
+    for name in ("gp_delta", "gp_alpha", "gp_head_factor", "gp_draws"):
+        assert torch.equal(getattr(lean, name), getattr(kept, name))
+    post = made[-1]  # a factor formed again after `drop` is the same factor
+    chol = post.chol.clone()
+    post.drop()
+    k = gram(jacobian(LinearizedGP(source), x, 3, 4))
+    post.factor(_linearized_gp._symmetrise_(k) / post.delta)
+    assert torch.equal(post.chol, chol)
