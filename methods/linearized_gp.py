@@ -47,6 +47,12 @@ are predictive probabilities (Monte Carlo over the Laplace posterior's logits).
 - Size: every Newton step is a Cholesky factorisation of an (N·C)² float64 matrix; `max_train`
   caps N. The explicit Jacobian costs N·C·P·4 bytes (45 GB for 100 examples x 10 classes of a
   ResNet-18): such models go matrix-free.
+- Memory (docs/PERFORMANCE.md, "Linearised GP memory"): J(X) lives only while K is accumulated
+  (peak J + K + one float32 (N·C)² product) and again, formed anew with the same numbers, for
+  w = J(X)ᵀ a / δ after the search has freed K; the search holds K, K / δ, the Newton step's B and
+  its factor, and the Cholesky factor of the best δ so far only (not one per δ tried); K is
+  symmetrised in place. At compare-arithmetic's N = 1290 (N·C = 9030, P ≈ 120k) the fit's peak is
+  about J + K + (N·C)²·4 bytes = 4.4 + 0.65 + 0.33 ≈ 5.4 GB above the process's own.
 - Not checkpointed: the fit does not go through `methods.training.fit`; an interrupted trial fits
   again. A kept model reloads (`load_state_dict` resizes the fitted buffers).
 - Features (`intermediates=True`, `feature_names()`) are the source's. Dropout and batch norm are the
