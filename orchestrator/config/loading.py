@@ -245,30 +245,30 @@ def _check_runnable(config: SweepConfig) -> list[str]:
 
 
 def _check_selection(config: SweepConfig, task) -> list[str]:
-    """`select: {split, label}` in the downstream `training` or the `source:` block, however set
-    (the file, a method's block or overrides, a variant, an axis value): the task's data for that
-    stage has that validation split and label (checked on the first seed's data, at the first budget
-    downstream, before anything runs)."""
+    """`training.select: {split, label}`, however set (the file, a method's block or overrides, a
+    variant, an axis value): the task's downstream data has that validation split and label (checked
+    on the first seed's data at the first budget, before anything runs). A stage of a method's own
+    that selects on a split is checked when it trains (`methods.training.fit_many`)."""
     points = [{}] + [{path: value} for path, values in config.axes.items() for value in values]
     points += [{**point, VARIANT: name} for name in config.variants for point in list(points)]
-    chosen: dict[tuple[str, str], tuple[SelectOn, list[str]]] = {}
+    chosen: dict[str, tuple[SelectOn, list[str]]] = {}
     for method in config.methods:
         for point in points:
-            effective = config.effective(method, point)
-            source = effective.block("source")
-            for stage, select in (("training", effective.training.select), ("source", getattr(source, "select", None))):
-                if isinstance(select, SelectOn):
-                    users = chosen.setdefault((stage, select.describe()), (select, []))[1]
-                    users += [method] if method not in users else []
-    errors, seed, data = [], config.first_seeds[0], {}
-    for (stage, _), (select, users) in chosen.items():
-        if stage not in data:
-            downstream = stage == "training"
-            data[stage] = task.downstream_data(seed, config.data_fractions[0]) if downstream else task.base_data(seed)
+            try:
+                select = config.effective(method, point).training.select
+            except ValueError:  # a value this method cannot take: reported by the overlay's checks
+                continue
+            if isinstance(select, SelectOn):
+                users = chosen.setdefault(select.describe(), (select, []))[1]
+                users += [method] if method not in users else []
+    if not chosen:
+        return []
+    errors, data = [], task.downstream_data(config.first_seeds[0], config.data_fractions[0])
+    for select, users in chosen.values():
         try:
-            selection_split(select, data[stage])
+            selection_split(select, data)
         except ValueError as err:
-            errors.append(f"{stage}.select ({', '.join(users)}): {str(err).removeprefix('training.select: ')}")
+            errors.append(f"training.select ({', '.join(users)}): {str(err).removeprefix('training.select: ')}")
     return errors
 
 

@@ -202,14 +202,11 @@ def test_select_on_a_split_the_task_lacks_exits_2_before_anything_runs(tmp_path,
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert "training.select (scratch): this task has no validation split 'cue_conflict_val'; it has: val" in err
-    # Set by an axis, or in the source's block (whose data has no evaluation splits), alike.
+    # Set by an axis alike.
     select = {"split": "cue_conflict_val", "label": "shape"}
     path.write_text(yaml.safe_dump(tiny_raw(axes={"training.select": ["val_acc", select]})))
     assert main(["validate", str(path)]) == 2
     assert "training.select (subtask_induction, scratch): this task has no validation split" in capsys.readouterr().err
-    path.write_text(yaml.safe_dump(tiny_raw(source={**tiny_raw()["source"], "select": select})))
-    assert main(["validate", str(path)]) == 2
-    assert "source.select (" in capsys.readouterr().err
     path.write_text(yaml.safe_dump(tiny_raw(training={**tiny_raw()["training"], "select": {"split": "test"}})))
     assert main(["validate", str(path)]) == 2
     assert "'test' is not a validation split" in capsys.readouterr().err
