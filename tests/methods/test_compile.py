@@ -7,7 +7,6 @@ Compiling takes seconds, so every test that compiles is marked slow (about two m
 core with a cold Inductor cache); the fast ones stand torch.compile in with a function that fails
 or with the function itself."""
 
-import io
 import warnings
 
 import pytest
@@ -29,6 +28,7 @@ from methods.training import (
 from tasks.base import Split, StageData
 from tasks.models.gpt import GPT, GPTConfig
 from tasks.models.plain_cnn import PlainCNN, PlainCNNConfig
+from tests.orchestrator.test_checkpoints import MemoryCheckpointer
 
 # The quickstart's model (configs/quickstart.yaml) on sequences of its length (3 tokens).
 QUICKSTART_GPT = GPTConfig(n_layers=2, d_model=64, n_heads=4, dropout=0.1)
@@ -416,23 +416,6 @@ def test_the_compiled_cnn_follows_eager():
     _, losses, _ = _run(_cnn(), data, True, cfg)
     assert len(losses) == 100 and _graphs() - before == 1
     _close(losses, eager_losses)  # batch norm in training mode: batch statistics, running ones updated
-
-
-class MemoryCheckpointer:
-    def __init__(self):
-        self.slots: dict[int, bytes] = {}
-
-    def due(self) -> bool:
-        return True
-
-    def save(self, slot, state):
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        self.slots[slot] = buffer.getvalue()
-
-    def load(self, slot):
-        blob = self.slots.get(slot)
-        return None if blob is None else torch.load(io.BytesIO(blob), weights_only=True)
 
 
 @pytest.mark.slow

@@ -3,8 +3,6 @@ alignment term raises the target's CKA to the guide, the guide stays frozen, a g
 architecture runs end to end, a bad guide model field is reported by its path, and CKA on a batch
 of its own (`cka_examples`) sees that many training rows, is deterministic and resumes."""
 
-import io
-
 import pytest
 import torch
 import yaml
@@ -16,6 +14,7 @@ from methods.guidance import GuidanceConfig, GuideConfig, alignment_loss, preact
 from methods.registry import MethodContext, get_method
 from methods.training import Interrupted, Supervision, fit, supervised
 from tests.conftest import tiny_raw
+from tests.orchestrator.test_checkpoints import MemoryCheckpointer
 
 
 @pytest.fixture(scope="module")
@@ -299,27 +298,10 @@ def test_strong_alignment_on_cka_batches_lowers_the_cka_loss(setup):
     assert all(m["guided"] == 1 for m in result.measurements) and losses[-1] < losses[0], losses
 
 
-class _MemoryCheckpointer:
-    def __init__(self):
-        self.slots: dict[int, bytes] = {}
-
-    def due(self) -> bool:
-        return True
-
-    def save(self, slot, state):
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        self.slots[slot] = buffer.getvalue()
-
-    def load(self, slot):
-        blob = self.slots.get(slot)
-        return None if blob is None else torch.load(io.BytesIO(blob), weights_only=True)
-
-
 def test_a_run_with_cka_batches_stopped_and_resumed_equals_one_never_stopped(setup):
     config = GuidanceConfig(alpha=1.0, cka_examples=32)
     whole, whole_result = _run(setup, "guidance", config)
-    checkpointer, epochs = _MemoryCheckpointer(), []
+    checkpointer, epochs = MemoryCheckpointer(), []
 
     def stop():
         epochs.append(None)
