@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from methods import ANALYSES, ARTIFACTS
 from orchestrator.config import VARIANT, SweepConfig
 from orchestrator.outdir import read_row
-from orchestrator.trial import TrialSpec, base_row
+from orchestrator.trial import TrialSpec, base_row, own_settings
 
 IDENTIFYING = ["trial", "trial_hash", "task", "model", "method", "data_fraction", "n_train", "seed"]
 HEADLINE = ["status", "test_acc", "val_acc", "test_acc_last"]
@@ -42,6 +42,7 @@ TRAILING = [
     "analysis_errors",
     "gates_failed",
     "series",
+    "own_settings",
     "config_json",
     "measurements_json",
     "code_version",
@@ -71,6 +72,7 @@ def collect(out_dir: Path, sweep: SweepConfig, specs: list[TrialSpec]) -> pd.Dat
             row = {**base_row(sweep, spec), "status": "pending"}
         else:  # a reused row: the trial may be named and placed on other axes in this version of the sweep
             row.update({path: spec.axes.get(path) for path in sweep.grid}, trial=spec.name)
+            row["own_settings"] = own_settings(sweep, spec.method)
         rows.append(row)
     return frame(rows, axes=list(sweep.grid))
 

@@ -339,6 +339,13 @@ class SweepConfig(Frozen):
             out.append(Layer(f"method_overrides.{m}", {p: v for p, v in values.items() if p not in own}, owner=m))
         return out + [Layer(f"variants.{name}", values, variant=name) for name, values in self.variants.items()]
 
+    def own_settings(self, method: str) -> tuple[str, ...]:
+        """The config paths `method`'s own layers set (its block's `training:`, its `method_overrides`,
+        tuned values among them), axis and variant paths aside: part of the method, so a report pairing
+        its series with another method's does not count them as settings the two must share."""
+        varied = set(self.grid) | {p for values in self.variants.values() for p in values}
+        return tuple(sorted({p for layer in self.layers() if layer.method == method for p in layer.values} - varied))
+
     def effective(self, method: str, axes: dict[str, Any] | None = None) -> SweepConfig:
         """The config a trial of `method` at grid point `axes` runs with: every layer that reaches
         it, then its axis values."""

@@ -85,8 +85,10 @@ def _series_info(done: pd.DataFrame, configs: list[dict]) -> pd.DataFrame:
     for (_, row), config in zip(done.iterrows(), configs, strict=True):
         if row["series"] not in rows:
             flat = {k: v for k, v in flatten(config).items() if k != "method" and k not in coords}
-            rows[row["series"]] = {**row[["series", "task", "method", *axes]].to_dict(), "flat": flat}
-    info = pd.DataFrame(list(rows.values()), columns=["series", "task", "method", *axes, "flat"])
+            rows[row["series"]] = {**row[["series", "task", "method", *axes]].to_dict(), "flat": flat, "own": set()}
+        own = row.get("own_settings")
+        rows[row["series"]]["own"] |= set(own.split(",")) if isinstance(own, str) and own else set()
+    info = pd.DataFrame(list(rows.values()), columns=["series", "task", "method", *axes, "flat", "own"])
     base = [_label(row["method"], row[coords]) for _, row in info.iterrows()]
     # Named axes (`variant`: not a config path) label a series by name where the name alone tells it apart.
     named = [
@@ -249,10 +251,12 @@ def has_versus(info: pd.DataFrame, versus: str) -> bool:
 
 def distance(info: pd.DataFrame, a: str, b: str, ignore: str | None = None) -> int:
     """How many settings two series differ in: fields both configs have (a field set to None, as older
-    rows give a setting their method does not use, counts as absent; `ignore`: a field left out), and
-    coordinates both have."""
+    rows give a setting their method does not use, counts as absent; `ignore`: a field left out; a
+    field either series' method set for itself, its `own_settings` such as a tuned learning rate,
+    is part of the method, not a setting), and coordinates both have."""
     fa, fb = info.loc[a, "flat"], info.loc[b, "flat"]
-    both = [p for p in set(fa) & set(fb) if fa[p] is not None and fb[p] is not None and p != ignore]
+    own = _own(info, a) | _own(info, b) | ({ignore} if ignore else set())
+    both = [p for p in set(fa) & set(fb) if fa[p] is not None and fb[p] is not None and p not in own]
     differ = sum(_exact(fa[p]) != _exact(fb[p]) for p in both)
     pairs = [(info.loc[a, c], info.loc[b, c]) for c in coordinates(info.columns)]
     return differ + sum(not pd.isna(x) and not pd.isna(y) and x != y for x, y in pairs)
@@ -288,3 +292,8 @@ def axis_groups(table: pd.DataFrame, axis: str) -> tuple[pd.DataFrame, pd.DataFr
             values = ", ".join(_fmt_value(v) for v in sorted(info.loc[members, axis].tolist()))
             kept.append((members, f"{label} [mean over {axis} = {values}]", first))
     return done, info, kept
+
+
+def _own(info: pd.DataFrame, series: str) -> set[str]:
+    """The paths the series' method set for itself (`own_settings`; none in older tables)."""
+    return info.loc[series, "own"] if "own" in info.columns else set()

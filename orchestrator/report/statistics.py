@@ -172,7 +172,7 @@ def summarise(table: pd.DataFrame, level: float = LEVEL, columns: list[str] | No
 
 def _ident(info: pd.DataFrame, series: str) -> dict[str, Any]:
     """The identifying columns every summary row of a series starts with."""
-    return {k: v for k, v in info.loc[series].items() if k != "flat"}
+    return {k: v for k, v in info.loc[series].items() if k not in ("flat", "own")}
 
 
 def _ordered(frame: pd.DataFrame, extra: list[str]) -> pd.DataFrame:

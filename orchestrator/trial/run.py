@@ -254,6 +254,12 @@ def analyse_trial(
     return {**trial.row, **trial.times, "config_json": json.dumps(config, sort_keys=True)}
 
 
+def own_settings(sweep: SweepConfig, method: str) -> str:
+    """The row's `own_settings`: the paths `method`'s own layers set (`SweepConfig.own_settings`),
+    comma-separated; the report does not require a series and its partner of another method to share them."""
+    return ",".join(sweep.own_settings(method))
+
+
 def base_row(sweep: SweepConfig, spec: TrialSpec) -> dict[str, Any]:
     """The identifying columns of a trial's row, filled for done and failed trials alike."""
     effective, config = spec.config(sweep), identity(sweep, spec)
@@ -261,6 +267,7 @@ def base_row(sweep: SweepConfig, spec: TrialSpec) -> dict[str, Any]:
         "trial": spec.name,
         "trial_hash": stable_hash(config, 20),
         "series": series_of(config),
+        "own_settings": own_settings(sweep, spec.method),
         "task": effective.task.name,
         "model": effective.model.name,
         "method": spec.method,

@@ -232,3 +232,33 @@ def test_tuning_in_run_tunes_every_method_first_and_reuses_it(tmp_path, capsys, 
     assert main(["run", str(path), "--out", str(out), "--no-report", "--num-cpus", "2"]) == 0
     text = capsys.readouterr().out
     assert "tuned before, for this config" in text and "0 trials run" in text
+
+
+def test_methods_tuned_apart_still_pair_by_every_other_setting(tiny):
+    # Each method at its own tuned learning rate: the report pairs it with the other method's series
+    # of the same settings (the axis value here), counting the tuned value as part of the method.
+    from orchestrator.report import paired_differences
+    from orchestrator.results import frame
+    from orchestrator.trial import base_row, expand
+
+    sweep = tiny(
+        methods=["full_transfer", "scratch"],
+        axes={"training.epochs": [2, 3]},
+        seeds=[0, 1, 2],
+        method_overrides={"full_transfer": {"training.lr": 0.003}, "scratch": {"training.lr": 0.01}},
+    )
+    assert sweep.own_settings("scratch") == ("training.lr",)
+    rows = []
+    for spec in expand(sweep):
+        row = base_row(sweep, spec)
+        assert row["own_settings"] == "training.lr"
+        epochs = spec.axes["training.epochs"]
+        acc = 0.5 + 0.1 * (epochs - 2) + 0.01 * spec.seed + (0.2 if spec.method == "full_transfer" else 0.0)
+        rows.append({**row, "status": "done", "test_acc": acc, "val_acc": acc})
+    diffs = paired_differences(frame(rows, axes=list(sweep.grid)), "scratch")
+    assert len(diffs) == 2  # one pair per axis value, never across them
+    assert diffs["diff_mean"].tolist() == pytest.approx([0.2, 0.2])
+    assert (diffs["pairs"] == 3).all() and "own" not in diffs
+    # Without the column (rows from before it), a differing learning rate is a differing setting: no pair.
+    old = [{k: v for k, v in r.items() if k != "own_settings"} for r in rows]
+    assert paired_differences(frame(old, axes=list(sweep.grid)), "scratch").empty
