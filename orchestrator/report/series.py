@@ -193,13 +193,18 @@ def _check_duplicates(done: pd.DataFrame, info: pd.DataFrame) -> None:
 
 def reference_for(series: str, info: pd.DataFrame, methods: set[str] | None = None) -> str | None:
     """The reference series to compare `series` with: same task, a method of `methods` (default: the
-    no-transfer references, `reference=True`), and of those the one at the least `distance`."""
+    no-transfer references, `reference=True`), and of those the one at the least `distance`; of those
+    equally near, one whose method set the same paths for itself (`own_settings`: a tuned series
+    pairs with a tuned partner, not one of an untuned run merged beside it)."""
     task = info.loc[series, "task"]
     methods = {name for name, method in METHODS.items() if method.reference} if methods is None else methods
     candidates = info[info["method"].isin(methods) & (info["task"] == task)]
     if candidates.empty:
         return None
-    ranked = sorted(candidates.itertuples(), key=lambda c: (distance(info, series, c.series), c.label))
+    near = {
+        c.series: (distance(info, series, c.series), _unshared(info, series, c.series)) for c in candidates.itertuples()
+    }
+    ranked = sorted(candidates.itertuples(), key=lambda c: (*near[c.series], c.label))
     return ranked[0].series
 
 
@@ -233,11 +238,14 @@ def partner(series: str, info: pd.DataFrame, versus: str) -> str | None:
     if path not in own or _exact(own[path]) == _exact(value):
         return None
     same = info[(info["task"] == info.loc[series, "task"]) & (info["method"] == info.loc[series, "method"])]
-    for ref in same.index:
-        theirs = info.loc[ref, "flat"]
-        if path in theirs and _exact(theirs[path]) == _exact(value) and distance(info, series, ref, ignore=path) == 0:
-            return ref
-    return None
+    found = [
+        ref
+        for ref in same.index
+        if path in (theirs := info.loc[ref, "flat"])
+        and _exact(theirs[path]) == _exact(value)
+        and distance(info, series, ref, ignore=path) == 0
+    ]
+    return min(found, key=lambda ref: _unshared(info, series, ref), default=None)
 
 
 def has_versus(info: pd.DataFrame, versus: str) -> bool:
@@ -297,3 +305,8 @@ def axis_groups(table: pd.DataFrame, axis: str) -> tuple[pd.DataFrame, pd.DataFr
 def _own(info: pd.DataFrame, series: str) -> set[str]:
     """The paths the series' method set for itself (`own_settings`; none in older tables)."""
     return info.loc[series, "own"] if "own" in info.columns else set()
+
+
+def _unshared(info: pd.DataFrame, a: str, b: str) -> int:
+    """How many paths one of two series' methods set for itself and the other's did not."""
+    return len(_own(info, a) ^ _own(info, b))

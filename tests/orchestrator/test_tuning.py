@@ -262,3 +262,34 @@ def test_methods_tuned_apart_still_pair_by_every_other_setting(tiny):
     # Without the column (rows from before it), a differing learning rate is a differing setting: no pair.
     old = [{k: v for k, v in r.items() if k != "own_settings"} for r in rows]
     assert paired_differences(frame(old, axes=list(sweep.grid)), "scratch").empty
+
+
+def test_a_tuned_series_pairs_with_the_tuned_partner_of_a_merged_untuned_run(tiny):
+    # A tuned run and an untuned run of one sweep, reported together: each method's series has two
+    # partners of `versus` at distance 0 (the tuned rate is part of the method). The tuned series pairs
+    # with the tuned partner, the untuned with the untuned, never across (whichever label sorts first).
+    from orchestrator.report import paired_differences
+    from orchestrator.report.series import partner, prepare
+    from orchestrator.results import frame
+    from orchestrator.trial import base_row, expand
+
+    def rows_of(sweep, gain):
+        for spec in expand(sweep):
+            acc = 0.5 + 0.01 * spec.seed + gain[spec.method]
+            yield {**base_row(sweep, spec), "status": "done", "test_acc": acc, "val_acc": acc}
+
+    methods, seeds = ["full_transfer", "scratch"], [0, 1, 2]
+    untuned = tiny(methods=methods, seeds=seeds, axes={"training.epochs": [2, 3]})
+    lrs = {"full_transfer": {"training.lr": 0.003}, "scratch": {"training.lr": 0.01}}
+    tuned = tiny(methods=methods, seeds=seeds, axes={"training.epochs": [2, 3]}, method_overrides=lrs)
+    untuned_rows = rows_of(untuned, {"full_transfer": 0.1, "scratch": 0.0})
+    rows = [*untuned_rows, *rows_of(tuned, {"full_transfer": 0.2, "scratch": 0.15})]
+    table = frame(rows)
+    diffs = paired_differences(table, "scratch")
+    assert len(diffs) == 4 and sorted(diffs["diff_mean"]) == pytest.approx([0.05, 0.05, 0.1, 0.1])
+    # The same for a partner of another value at a path: a tuned series pairs with the tuned one there.
+    _, info = prepare(table)
+    for series in info.index:
+        ref = partner(series, info, "training.epochs=3")
+        if ref is not None:
+            assert info.loc[ref, "own"] == info.loc[series, "own"]
