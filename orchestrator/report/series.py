@@ -303,8 +303,8 @@ def axis_groups(table: pd.DataFrame, axis: str) -> tuple[pd.DataFrame, pd.DataFr
 
 
 def _own(info: pd.DataFrame, series: str) -> set[str]:
-    """The paths the series' method set for itself (`own_settings`; none in older tables)."""
-    return info.loc[series, "own"] if "own" in info.columns else set()
+    """The paths the series' method set for itself (`own_settings`; empty for older tables' rows)."""
+    return info.loc[series, "own"]
 
 
 def _unshared(info: pd.DataFrame, a: str, b: str) -> int:
