@@ -6,7 +6,7 @@ or seven variants. This prints the same numbers regrouped: one table per setting
 an axis and the paired gaps when the report has them (`--mean-over`, `--versus`); and the masks'
 subtask accuracy. Nothing is computed here but the layout: every cell is a report value.
 
-    python scripts/repro_tables.py docs/paper-cpu-report [--metric test_acc] [--paper]
+    python scripts/repro_tables.py docs/paper-depth2 [--metric test_acc] [--paper]
     python scripts/repro_tables.py docs/shapes-limits-report --at 1000 --columns val_acc shape_bias_val
 
 `--at N --columns ...`: instead, one row per series at budget N with those columns.
