@@ -17,13 +17,14 @@ import pyarrow.parquet as pq
 from methods.reports import REPORTS, Figure, ReportContext, Table
 from orchestrator import results
 from orchestrator.artifacts import ArtifactStore, CorruptArtifact
-from orchestrator.config import ConfigError
-from orchestrator.outdir import as_outdir
+from orchestrator.config import ConfigError, load_sweep
+from orchestrator.outdir import as_outdir, read_sweep
 from orchestrator.report import interactive, statistics, tables
 from orchestrator.report.figures import plot_curves, plot_profiles, save
 from orchestrator.report.provenance import provenance
 from orchestrator.report.series import differing_fields, flatten, prepare
 from orchestrator.report.statistics import METRIC
+from orchestrator.trial import own_settings
 
 log = logging.getLogger(__name__)
 CURVES = "Test accuracy by budget (mean [95% CI] over seeds)"
@@ -74,10 +75,32 @@ def load_tables(out_dirs: list, sources: list | None = None) -> pd.DataFrame:
         out = as_outdir(location)
         if not out.exists("results.parquet"):
             raise ConfigError(f"{out.join('results.parquet')}: missing; run `instill run SWEEP --out {out}` first")
-        frames.append(pq.read_table(out.path("results.parquet"), filesystem=out.fs).to_pandas())
+        table = pq.read_table(out.path("results.parquet"), filesystem=out.fs).to_pandas()
+        frames.append(_with_own_settings(table, out))
     if sources is not None:
         sources += [k for k, frame in enumerate(frames) for _ in range(len(frame))]
     return pd.concat(frames, ignore_index=True)
+
+
+def _with_own_settings(table: pd.DataFrame, out) -> pd.DataFrame:
+    """`table` with `own_settings` filled where its rows lack it (rows written before the column
+    existed) from OUT/sweep.json, as `instill run` would collect them today; left as it is where
+    there is no sweep.json or it no longer loads (a plug-in gone, an older schema)."""
+    if "method" not in table or ("own_settings" in table and table["own_settings"].notna().all()):
+        return table
+    record, problems = read_sweep(out)
+    if record is None or problems:
+        return table
+    try:
+        sweep = load_sweep(record["config"], out.join("sweep.json"))
+    except ConfigError as err:
+        log.info("report: %s: own_settings not filled (%s)", out, err)
+        return table
+    own = {m: own_settings(sweep, m) for m in table["method"].dropna().unique()}
+    filled = table["method"].map(own)
+    table = table.copy()
+    table["own_settings"] = table["own_settings"].fillna(filled) if "own_settings" in table else filled
+    return table
 
 
 def artifact_roots(out_dirs: list) -> list[str]:

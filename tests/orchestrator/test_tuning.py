@@ -293,3 +293,33 @@ def test_a_tuned_series_pairs_with_the_tuned_partner_of_a_merged_untuned_run(tin
         ref = partner(series, info, "training.epochs=3")
         if ref is not None:
             assert info.loc[ref, "own"] == info.loc[series, "own"]
+
+
+def test_a_report_fills_own_settings_of_rows_written_before_the_column(tiny, tmp_path):
+    # A run whose results.parquet predates `own_settings`: the report recomputes the column from the
+    # run's sweep.json, so a method with its own learning rate pairs as a run collected today would.
+    from orchestrator.outdir import prepare_out_dir
+    from orchestrator.report import paired_differences
+    from orchestrator.report.render import load_tables
+    from orchestrator.results import frame, write
+    from orchestrator.trial import base_row, expand
+
+    sweep = tiny(methods=["full_transfer", "scratch"], seeds=[0, 1, 2],
+                 method_overrides={"full_transfer": {"training.lr": 0.003}})  # fmt: skip
+    rows = []
+    for spec in expand(sweep):
+        acc = 0.5 + 0.01 * spec.seed + (0.2 if spec.method == "full_transfer" else 0.0)
+        row = {k: v for k, v in base_row(sweep, spec).items() if k != "own_settings"}
+        rows.append({**row, "status": "done", "test_acc": acc, "val_acc": acc})
+    out = tmp_path / "run"
+    prepare_out_dir(sweep, out)
+    write(frame(rows, axes=list(sweep.grid)).drop(columns="own_settings"), out / "results.parquet")
+    table = load_tables([out])
+    own = dict(zip(table["method"], table["own_settings"], strict=True))
+    assert own == {"full_transfer": "training.lr", "scratch": ""}
+    diffs = paired_differences(table, "scratch")
+    assert len(diffs) == 1 and diffs["diff_mean"].tolist() == pytest.approx([0.2])
+    # Without a sweep.json to read it from, the rows stay as they are and do not pair.
+    (out / "sweep.json").unlink()
+    assert "own_settings" not in load_tables([out])
+    assert paired_differences(load_tables([out]), "scratch").empty
