@@ -20,6 +20,9 @@ from pathlib import Path
 
 import pandas as pd
 
+# The sparsity column of a summary (the axis path; older reports named it `sparsity`).
+SPARSITY = "mask.sparsity"
+
 # METHOD.md's table (mean of six depths, one seed each), at the paper's budgets.
 PAPER = {
     "subtask_induction": {10: 0.36, 100: 0.62, 250: 0.82, 1000: 0.98, 2500: 1.0},
@@ -96,7 +99,8 @@ def mean_over(report: Path, metric: str, paper: bool) -> None:
 
 
 def gaps(report: Path) -> None:
-    """One table: budgets x settings as rows (each setting, then the mean over the axis), series as columns."""
+    """One table per partner (`--versus`): budgets x settings as rows (each setting, then the mean
+    over the axis), series as columns."""
     parts = []
     for name in ("versus.parquet", "versus_mean_over.parquet"):
         if (report / name).exists():
@@ -104,19 +108,20 @@ def gaps(report: Path) -> None:
     if not parts:
         return
     diffs = pd.concat(parts, ignore_index=True)
-    versus = diffs["versus"].iloc[0].split(" [")[0].split(" (")[0].split(" @")[0]
     diffs = diffs.assign(
+        partner=[v.split(" [")[0].split(" (")[0].split(" @")[0] for v in diffs["versus"]],
         series=[split_label(x)[0] for x in diffs["label"]],
         setting=[split_label(x)[1] or "all" for x in diffs["label"]],
         value=[cell(m, lo, hi, signed=True) for m, lo, hi in zip(diffs["diff_mean"], diffs["diff_ci_lo"],
                                                                 diffs["diff_ci_hi"], strict=True)],
     )  # fmt: skip
-    table = diffs.pivot_table(index=["n_train", "setting"], columns="series", values="value", aggfunc="first")
-    table = table[sorted(table.columns, key=_order)].fillna("")
-    table = table.loc[sorted(table.index, key=lambda i: (i[0], i[1].startswith("mean over"), i[1]))]
-    table.columns.name = None
-    print(f"\n#### Paired gap to {versus} of the same settings and sparsity (mean [95% CI] over seeds)\n")
-    print(markdown(table.reset_index().rename(columns={"n_train": "n"})))
+    for versus, part in diffs.groupby("partner", sort=False):
+        table = part.pivot_table(index=["n_train", "setting"], columns="series", values="value", aggfunc="first")
+        table = table[sorted(table.columns, key=_order)].fillna("")
+        table = table.loc[sorted(table.index, key=lambda i: (i[0], i[1].startswith("mean over"), i[1]))]
+        table.columns.name = None
+        print(f"\n#### Paired gap to {versus} of the same settings and sparsity (mean [95% CI] over seeds)\n")
+        print(markdown(table.reset_index().rename(columns={"n_train": "n"})))
 
 
 def masks(summary: pd.DataFrame) -> None:
@@ -133,7 +138,9 @@ def masks(summary: pd.DataFrame) -> None:
             "subtask acc (chance 1/7)": cell(r["subtask_acc_mean"], r["subtask_acc_ci_lo"], r["subtask_acc_ci_hi"]),
             "natural density": cell(r["natural_density_mean"], r["natural_density_ci_lo"], r["natural_density_ci_hi"]),
         }
-        for (g, s), r in frame.set_index(["group", "sparsity"]).sort_index().iterrows()
+        for (g, s), r in frame.set_index(["group", SPARSITY if SPARSITY in frame else "sparsity"])
+        .sort_index()
+        .iterrows()
     ]
     print("\n#### Discovered masks (mean [95% CI] over seeds)\n")
     print(markdown(pd.DataFrame(rows)))

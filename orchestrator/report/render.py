@@ -84,19 +84,24 @@ def load_tables(out_dirs: list, sources: list | None = None) -> pd.DataFrame:
 
 def _with_own_settings(table: pd.DataFrame, out) -> pd.DataFrame:
     """`table` with `own_settings` filled where its rows lack it (rows written before the column
-    existed) from OUT/sweep.json, as `instill run` would collect them today; left as it is where
-    there is no sweep.json or it no longer loads (a plug-in gone, an older schema)."""
+    existed) from OUT/sweep.json, as `instill run` would collect them today. Where that sweep cannot
+    be loaded here (no sweep.json, a plug-in gone, an older schema) the rows stay as they are, with a
+    warning: their series then pair only with series of the same settings on every path."""
     if "method" not in table or ("own_settings" in table and table["own_settings"].notna().all()):
         return table
     record, problems = read_sweep(out)
-    if record is None or problems:
+    config = (record or {}).get("config")
+    why = "no sweep.json with its config" if config is None else "; ".join(problems)
+    if not why:
+        try:
+            sweep = load_sweep(config, out.join("sweep.json"))
+            own = {m: own_settings(sweep, m) for m in table["method"].dropna().unique()}
+        except Exception as err:  # noqa: BLE001 - any failure leaves the rows as they are, said below
+            why = f"{type(err).__name__}: {err}"
+    if why:
+        log.warning("report: %s: rows without own_settings left so (%s); methods with settings of "
+                    "their own may find no partner", out, why)  # fmt: skip
         return table
-    try:
-        sweep = load_sweep(record["config"], out.join("sweep.json"))
-    except ConfigError as err:
-        log.info("report: %s: own_settings not filled (%s)", out, err)
-        return table
-    own = {m: own_settings(sweep, m) for m in table["method"].dropna().unique()}
     filled = table["method"].map(own)
     table = table.copy()
     table["own_settings"] = table["own_settings"].fillna(filled) if "own_settings" in table else filled

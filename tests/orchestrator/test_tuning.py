@@ -315,10 +315,22 @@ def test_a_report_fills_own_settings_of_rows_written_before_the_column(tiny, tmp
     prepare_out_dir(sweep, out)
     write(frame(rows, axes=list(sweep.grid)).drop(columns="own_settings"), out / "results.parquet")
     table = load_tables([out])
-    own = dict(zip(table["method"], table["own_settings"], strict=True))
-    assert own == {"full_transfer": "training.lr", "scratch": ""}
+    assert table.groupby("method")["own_settings"].unique().map(list).to_dict() == {
+        "full_transfer": ["training.lr"], "scratch": [""]}  # fmt: skip
     diffs = paired_differences(table, "scratch")
     assert len(diffs) == 1 and diffs["diff_mean"].tolist() == pytest.approx([0.2])
+    # Rows that have the column keep their value; only the missing ones are filled.
+    partial = frame(rows, axes=list(sweep.grid)).assign(own_settings=None)
+    partial.loc[0, "own_settings"] = "kept"
+    write(partial, out / "results.parquet")
+    filled = load_tables([out])["own_settings"]
+    assert filled[0] == "kept" and filled[1:].notna().all()
+    # A sweep.json that does not load here leaves the rows as they are (and says so), never fails.
+    write(frame(rows, axes=list(sweep.grid)).drop(columns="own_settings"), out / "results.parquet")
+    (out / "sweep.json").write_text(json.dumps({"name": sweep.name}))
+    assert "own_settings" not in load_tables([out])
+    (out / "sweep.json").write_text(json.dumps({"name": sweep.name, "config": {"name": sweep.name, "task": 3}}))
+    assert "own_settings" not in load_tables([out])
     # Without a sweep.json to read it from, the rows stay as they are and do not pair.
     (out / "sweep.json").unlink()
     assert "own_settings" not in load_tables([out])
