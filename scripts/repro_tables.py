@@ -130,6 +130,7 @@ def masks(summary: pd.DataFrame) -> None:
     frame = summary[summary["subtask_acc_mean"].notna()].copy()
     frame["group"] = [split_label(x)[1] for x in frame["label"]]
     frame = frame[frame["method"] == frame["method"].iloc[0]].sort_values("n_train").groupby("label").tail(1)
+    sparsity = SPARSITY if SPARSITY in frame else "sparsity"
     rows = [
         {
             "setting": g or "all",
@@ -138,9 +139,7 @@ def masks(summary: pd.DataFrame) -> None:
             "subtask acc (chance 1/7)": cell(r["subtask_acc_mean"], r["subtask_acc_ci_lo"], r["subtask_acc_ci_hi"]),
             "natural density": cell(r["natural_density_mean"], r["natural_density_ci_lo"], r["natural_density_ci_hi"]),
         }
-        for (g, s), r in frame.set_index(["group", SPARSITY if SPARSITY in frame else "sparsity"])
-        .sort_index()
-        .iterrows()
+        for (g, s), r in frame.set_index(["group", sparsity]).sort_index().iterrows()
     ]
     print("\n#### Discovered masks (mean [95% CI] over seeds)\n")
     print(markdown(pd.DataFrame(rows)))
