@@ -8,10 +8,14 @@ steps/s and achieved GFLOP/s (6 x weights in linear layers x tokens per step) of
   - eager, fused AdamW: the same step with `torch.optim.AdamW(fused=True)`;
   - compiled loss, compiled optimiser step: `torch.compile` of the loss and of a foreach AdamW's
     `step` (the alternative to the fused optimiser the compiled engine takes);
-  - compiled: the compiled engine (`Serial(compile=True)`: the loss through `torch.compile`, its
-    backward through AOTAutograd, the fused optimiser); its compile time (the first step, in this
-    process) is reported apart and also spread over one run of the sweep's trial (`amortised`),
-    with the number of steps at which compiling pays for itself (`break-even`);
+  - compiled loss, fused AdamW: the compiled engine for a loss that does not allow the whole step
+    (`Serial(compile=True)` on a loss without `through_module`: the loss through `torch.compile`,
+    its backward through AOTAutograd, the fused optimiser);
+  - compiled whole step: the compiled engine (`Serial(compile=True)`) on the sweep's cross-entropy
+    objective: forward, backward (`torch.func.grad`) and torch's AdamW update as one graph
+    (`methods.training.whole_step`); its compile time (the first step, in this process) is reported
+    apart and also spread over one run of the sweep's trial (`amortised`), with the number of steps
+    at which compiling pays for itself (`break-even`);
   - packed, eager and compiled: model-steps/s of the vmapped engine (`methods.packing.Vmapped`,
     compile False / True: the vmapped loss through `torch.compile`, the fused optimiser) at each
     K of `--ks` (each compiled K is a graph of its own: its compile time is reported apart);
@@ -28,6 +32,7 @@ A cold compile (no Inductor cache on disk, as in a fresh container):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import platform
@@ -99,14 +104,18 @@ def main() -> None:
 
     held = []  # the engines' open `running` contexts
 
-    def engine_step(compile: bool):
-        """The loop's serial engine, as `fit` runs it, stepping on the fixed batch."""
+    def engine_step(compile: bool, whole: bool = True):
+        """The loop's serial engine, as `fit` runs it, stepping on the fixed batch (`whole`: False
+        hides from the engine that the loss reads its tensors through the module only)."""
         model = fresh_model(sweep, task, 0, "init").train()
         engine = Serial(compile=compile)
-        held.append(engine.running([cross_entropy(model, data)], [data], cfg, False))
+        objective = cross_entropy(model, data)
+        if not whole:
+            objective = dataclasses.replace(objective, loss=lambda batch, step, loss=objective.loss: loss(batch, step))
+        held.append(engine.running([objective], [data], cfg, False))
         held[-1].__enter__()  # open for the benchmark's life (held: a dropped context would close)
         engine.seed([0], [0])
-        assert engine.compiled is compile
+        assert engine.compiled is compile and (engine.whole is not None) is (compile and whole)
         counter = iter(range(10**9))
         return lambda: engine.step([{"train": idx}], next(counter))
 
@@ -137,11 +146,16 @@ def main() -> None:
     compiled_opt()
     compile_opt_s = time.perf_counter() - start
     variants["compiled loss, compiled AdamW step"] = compiled_opt
+    loss_only = engine_step(True, whole=False)
+    start = time.perf_counter()
+    loss_only()
+    compile_loss_s = time.perf_counter() - start
+    variants["compiled loss, fused AdamW"] = loss_only
     compiled = engine_step(True)
     start = time.perf_counter()
     compiled()
     compile_s = time.perf_counter() - start
-    variants["compiled (the compiled serial engine)"] = compiled
+    variants["compiled whole step (the serial engine)"] = compiled
     pack_compile_s = {}
     for k in args.ks:
         variants[f"packed, eager, K = {k}"] = pack_step(False, k)
@@ -167,7 +181,12 @@ def main() -> None:
     shapes = sorted({(tokens, m.in_features, m.out_features) for m in linears})
     peak = {s: matmul_gflops(*s) for s in shapes}
     big = matmul_gflops(1024, 1024, 1024)
-    eager_rate, compiled_rate = best["eager (the loop's serial engine)"], best["compiled (the compiled serial engine)"]
+    # The rate the model's matrix products allow: every linear layer's FLOP at its shape's rate.
+    allowed = sum(m.weight.numel() for m in linears) / sum(
+        m.weight.numel() / peak[(tokens, m.in_features, m.out_features)] for m in linears
+    )
+    eager_rate = best["eager (the loop's serial engine)"]
+    compiled_rate = best["compiled whole step (the serial engine)"]
     batches = math.ceil(len(data.train) / cfg.batch_size)
     trial_steps = cfg.max_epochs(batches) * batches
     saved = 1 / eager_rate - 1 / compiled_rate
@@ -175,22 +194,22 @@ def main() -> None:
     print(f"{args.sweep}: {type(probe).__name__}, {weights:,} weights in linear layers, {tokens} tokens per step")
     print(f"machine: {cpu_name()}, torch {torch.__version__}, 1 thread; load average at start {load:.2f}, "
           f"at end {os.getloadavg()[0]:.2f}")  # fmt: skip
-    print(f"{'variant':45s} {'model-steps/s':>13s} {'GFLOP/s':>8s}")
+    print(f"{'variant':45s} {'model-steps/s':>13s} {'GFLOP/s':>8s} {'of matmul':>9s}")
     for name, rate in best.items():
-        rate *= per_step[name]
-        print(f"{name:45s} {rate:13.1f} {rate * flop / 1e9:8.1f}")
+        gflops = rate * per_step[name] * flop / 1e9
+        print(f"{name:45s} {rate * per_step[name]:13.1f} {gflops:8.1f} {gflops / allowed:9.0%}")
     amortised = trial_steps / (trial_steps / compiled_rate + compile_s)
-    name = f"compiled, amortised over one trial ({trial_steps} steps)"
-    print(f"{name:45s} {amortised:13.1f} {amortised * flop / 1e9:8.1f}")
+    name = f"whole step, amortised over {trial_steps} steps"
+    print(f"{name:45s} {amortised:13.1f} {amortised * flop / 1e9:8.1f} {amortised * flop / 1e9 / allowed:9.0%}")
     packs = ", ".join(f"packed K = {k} {s:.1f} s" for k, s in pack_compile_s.items())
-    print(f"compile time (first step in this process): compiled engine {compile_s:.1f} s, "
-          f"compiled loss and AdamW step {compile_opt_s:.1f} s, {packs}")  # fmt: skip
+    print(f"compile time (first step in this process): whole step {compile_s:.1f} s, compiled loss "
+          f"{compile_loss_s:.1f} s, compiled loss and AdamW step {compile_opt_s:.1f} s, {packs}")  # fmt: skip
     if saved > 0:
         print(f"break-even: compiling pays after {compile_s / saved:.0f} steps ({saved * 1e3:.2f} ms saved per step)")
     else:
         print("break-even: never (the compiled step is not faster here)")
     print("matrix products (GFLOP/s): " + ", ".join(f"{m}x{k}x{n}: {g:.0f}" for (m, k, n), g in peak.items())
-          + f", 1024^3: {big:.0f}")  # fmt: skip
+          + f", 1024^3: {big:.0f}; the model's layers together: {allowed:.0f}")  # fmt: skip
 
 
 if __name__ == "__main__":

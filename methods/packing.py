@@ -35,6 +35,7 @@ from torch.utils._pytree import tree_map
 
 from common.seeding import stage_seed
 from methods.training import (
+    _WHOLE_BROKEN,
     Compiled,
     CompileSetting,
     Engine,
@@ -47,11 +48,16 @@ from methods.training import (
     _device_of,
     _loose,
     _stream,
+    adamw_hyper,
+    adamw_moments,
+    adamw_rates,
+    adamw_update,
     autocast,
     compiles,
     fit_many,
     optimizer,
     planned_steps,
+    whole_step_refuses,
 )
 from tasks.base import Split, StageData
 from tasks.models.dropout import dropout_through_modules
@@ -191,6 +197,8 @@ class Vmapped(Engine):
             self.compiled = compiles(self.compile, device, planned_steps(cfg, lead, datas[0]))
             self.pack = _Pack(objectives, cfg, fused=True if self.compiled and device.type in ("cpu", "cuda") else None)
             self.step_fn = _stepper(lead, mixed_precision, self.feed, self._eager if self.compiled else None)
+            if self.compiled and device.type == "cpu":  # on CUDA not measured yet
+                self.step_fn.whole_step(self.pack.opt)
             # Before any generator is drawn from: the dropout sites at every batch shape a step can
             # have (a full or a last, partial batch of each stream); a loss that draws random numbers
             # past the stand-ins is refused.
@@ -343,6 +351,39 @@ class _stepper:
         # on_fallback given: the vmapped loss through `methods.training.Compiled` (which calls it if
         # compiling fails); None: eager.
         self._run = self._vmapped if on_fallback is None else Compiled(self._vmapped, on_fallback)
+        self.whole: Compiled | None = None  # `whole(opt)` turns it on
+
+    def whole_step(self, opt: torch.optim.Optimizer) -> None:
+        """Compiled, on CPU, where the lead objective allows it (`whole_step_refuses`): every model's
+        forward, backward and AdamW update as one graph (`_whole`); if that fails to compile, the
+        compiled vmapped loss and the fused optimiser after a warning, for the rest of the process."""
+        if whole_step_refuses(self.lead, opt, []) is None:
+            self.whole = Compiled(
+                self._whole,
+                self._loss_only,
+                instead=lambda *args: self._loss_step(self.pack, *args[-4:]),
+                failures=_WHOLE_BROKEN,
+                then="stepping through the compiled loss and the fused optimiser instead in this process",
+            )
+            self.lrs = [torch.tensor(0.0) for _ in opt.param_groups]
+
+    def _loss_only(self) -> None:
+        self.whole = None
+
+    def _whole(self, names, trained, rest, moments, lrs, hyper, x, y, step, masks):
+        """Each model's gradient (`torch.func.grad` under the vmap) and AdamW's update of the stacked
+        tensors (elementwise, so each model's own) in one function: `methods.training.whole_step` for a pack."""
+
+        def one(trained, rest, x, y, masks):
+            losses, measurements = self._losses({**dict(zip(names, trained, strict=True)), **rest}, x, y, masks, step)
+            return losses, (losses.detach(), {key: v.detach() for key, v in measurements.items()})
+
+        with autocast(self.lead.module, self.mixed_precision), sdpa_kernel([SDPBackend.MATH]):
+            grads, (losses, measurements) = vmap(torch.func.grad(one, has_aux=True), randomness="error")(
+                trained, rest, x, y, masks
+            )
+        adamw_update(trained, grads, moments, lrs, hyper)
+        return losses, measurements
 
     def _losses(self, tensors: dict[str, torch.Tensor], x, y, masks: list[torch.Tensor], step: int):
         # One model: its tensors (no leading K), its batch of each stream, its dropout masks.
@@ -387,6 +428,18 @@ class _stepper:
         return self._sites[key]
 
     def __call__(self, pack: _Pack, x, y, step: int, masks: list[torch.Tensor]):
+        if self.whole is None:
+            return self._loss_step(pack, x, y, step, masks)
+        self.pack = pack  # for a fallback's `instead`
+        opt = pack.opt  # (a new one after `keep`: the moments are looked up every step)
+        name_of = {id(pack.tensors[n]): n for n in pack.trained}
+        in_order = [p for group in opt.param_groups for p in group["params"]]
+        names = tuple(name_of[id(p)] for p in in_order)
+        rest = {n: t for n, t in pack.tensors.items() if n not in name_of.values()}
+        trained, moments, lrs = [p.detach() for p in in_order], adamw_moments(opt), adamw_rates(opt, self.lrs)
+        return self.whole(names, trained, rest, moments, lrs, adamw_hyper(opt), x, y, step, masks)
+
+    def _loss_step(self, pack: _Pack, x, y, step: int, masks: list[torch.Tensor]):
         loss, measurements = self._run(pack.tensors, x, y, masks, step)
         pack.opt.zero_grad(set_to_none=True)
         loss.sum().backward()

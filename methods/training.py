@@ -26,6 +26,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 from torch.nn import functional as F
+from torch.optim.adamw import adamw
 
 from common.config import Frozen
 from common.seeding import stage_seed
@@ -294,6 +295,7 @@ def cross_entropy(
         ce = F.cross_entropy(model(batch["train"].x).float(), batch["train"].y)
         return ce, {"ce": ce}
 
+    loss.through_module = True  # reads what it trains through `model` only: `whole_step` may swap them
     return Objective(
         loss=loss,
         module=model,
@@ -656,23 +658,60 @@ class Serial(Engine):
         self.fused = True if self.compiled and self.device.type in ("cpu", "cuda") else None
         self.opt = optimizer(named, cfg, fused=self.fused)
         self.loss = Compiled(self.objective.loss, self._eager) if self.compiled else self.objective.loss
+        # Compiled, and where the objective allows it: forward, backward and the AdamW update as one graph.
+        self.whole = None
+        if (
+            self.compiled
+            and self.device.type == "cpu"  # on CUDA not measured yet: the compiled loss and the fused optimiser
+            and whole_step_refuses(self.objective, self.opt, self.loose) is None
+        ):
+            self.whole = Compiled(
+                whole_step,
+                self._loss_only,
+                instead=lambda *args: self._step(args[-2], args[-1]),
+                failures=_WHOLE_BROKEN,
+                then="stepping through the compiled loss and the fused optimiser instead in this process",
+            )
+            self.call = _LossCall(module, self.objective.loss)
+            name_of = {id(p): n for n, p in named}
+            in_order = [p for group in self.opt.param_groups for p in group["params"]]  # the optimiser's order
+            self.names = tuple(name_of[id(p)] for p in in_order)
+            self.values = [p.detach() for p in in_order]  # aliases: the update writes the module's tensors
+            self.lrs = [torch.tensor(0.0, device=self.device) for _ in self.opt.param_groups]
+            self.moments: list[tuple[torch.Tensor, ...]] | None = None  # AdamW's state, made at the first step
         with torch.random.fork_rng(devices=[]) if self.objective.global_rng else contextlib.nullcontext():
             yield self
 
     def _eager(self) -> None:
         """Compiling failed (before this run's first optimiser step, or at a new batch shape): the
         rest of the run is the eager engine's, its optimiser's kernels included."""
-        self.compiled, self.fused = False, None
+        self.compiled, self.fused, self.whole = False, None, None
         for group in self.opt.param_groups:
             group["fused"] = None
+
+    def _loss_only(self) -> None:
+        """The whole step failed to compile: the run's later steps compile the loss only."""
+        self.whole = None
 
     def seed(self, seeds, initial):
         if seeds[0] is not None:
             torch.manual_seed(seeds[0])
 
     def step(self, idx, step):
-        objective = self.objective
         batch = {name: self.splits[name].take(i.to(self.device)) for name, i in idx[0].items()}
+        if self.whole is not None:
+            if self.moments is None:
+                self.moments = adamw_moments(self.opt)
+            loss, measurements = self.whole(
+                self.call, self.names, self.values, self.moments, adamw_rates(self.opt, self.lrs),
+                adamw_hyper(self.opt), batch, step,
+            )  # fmt: skip
+            return loss.reshape(1), {key: v.float().reshape(1) for key, v in measurements.items()}
+        return self._step(batch, step)
+
+    def _step(self, batch: Batch, step: int) -> tuple[torch.Tensor, Measurements]:
+        """One step by the objective's loss (compiled or not), autograd and the optimiser's kernels."""
+        objective = self.objective
         with autocast(objective.module, self.mixed_precision):
             loss, measurements = self.loss(batch, step)
         self.opt.zero_grad(set_to_none=True)
@@ -701,6 +740,7 @@ class Serial(Engine):
         self.opt.load_state_dict(state["optimizer"])
         for group in self.opt.param_groups:  # a checkpoint of the other engine resumes in this one's kernels
             group["fused"] = self.fused
+        self.moments = None  # the loaded state's tensors, not the ones made before
         if self.objective.global_rng:
             torch.set_rng_state(state["cpu_rng"])
             if state["cuda_rng"] is not None and self.device.type == "cuda":
@@ -708,6 +748,102 @@ class Serial(Engine):
 
 
 # --- the compiled step --------------------------------------------------------------------------
+
+
+def whole_step_refuses(objective: Objective, opt: torch.optim.Optimizer, loose: list[nn.Parameter]) -> str | None:
+    """Why a compiled serial run of `objective` cannot take its whole step (forward, backward and
+    optimiser update) as one graph, or None. It can where its loss reads every tensor it trains
+    through its module only (the loss function says so: `through_module`; `cross_entropy`'s does),
+    every one of them is the module's own and requires a gradient, and the optimiser is AdamW
+    without amsgrad. Otherwise the compiled run compiles its loss and steps the fused optimiser."""
+    if not getattr(objective.loss, "through_module", False):
+        return "its loss does not say it reads its tensors through its module only"
+    if loose or not all(p.requires_grad for p in objective.params):
+        return "it trains tensors outside its module, or tensors that need no gradient"
+    if type(opt) is not torch.optim.AdamW or any(g["amsgrad"] or g["maximize"] for g in opt.param_groups):
+        return "its optimiser is not plain AdamW"
+    if getattr(objective.module, "own_loss", False):
+        return "its module has a loss of its own, which may keep state"
+    if objective.train_mode and any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in objective.module.modules()
+    ):
+        return "its batch norm updates running statistics in place, which torch.func.grad does not allow"
+    if _WHOLE_BROKEN:
+        return f"a whole step failed to compile in this process ({_WHOLE_BROKEN[0]})"
+    return None
+
+
+class _LossCall(nn.Module):
+    """A loss that reads its module's tensors, as a module call: `functional_call` swaps them."""
+
+    def __init__(self, module: nn.Module, loss: Callable[[Batch, int], tuple[torch.Tensor, Measurements]]):
+        super().__init__()
+        self.module, self.loss = module, loss
+
+    def forward(self, batch: Batch, step: int):
+        return self.loss(batch, step)
+
+
+def whole_step(call, names, values, moments, lrs, hyper, batch, step):
+    """One optimiser step as one function, for `torch.compile` to take whole: the loss's gradient in
+    the trained tensors `values` (aliases of the module's, named `names`, in the optimiser's order)
+    by `torch.func.grad`, then AdamW's update in place (`adamw_update`). `call`: the loss as a
+    module call (`_LossCall`). Returns the loss and the measurements, detached."""
+
+    def scored(values):
+        out, measurements = torch.func.functional_call(
+            call, {f"module.{n}": v for n, v in zip(names, values, strict=True)}, (batch, step)
+        )
+        return out, (out.detach(), {key: v.detach() for key, v in measurements.items()})
+
+    grads, (out, measurements) = torch.func.grad(scored, has_aux=True)(values)
+    adamw_update(values, grads, moments, lrs, hyper)
+    return out, measurements
+
+
+def adamw_moments(opt: torch.optim.Optimizer) -> list[tuple[torch.Tensor, ...]]:
+    """Each tensor's AdamW state (first and second moments, step count), in the optimiser's order,
+    from its own `state`; made where missing as `torch.optim.AdamW` makes it on a first step, so
+    that checkpoints and the optimiser's own kernels (after a fallback) read and resume it as theirs."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if not opt.state[p]:
+                opt.state[p] = {
+                    "step": torch.tensor(0.0, dtype=torch.float32),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                }
+    keys = ("exp_avg", "exp_avg_sq", "step")
+    return [tuple(opt.state[p][key] for key in keys) for group in opt.param_groups for p in group["params"]]
+
+
+def adamw_hyper(opt: torch.optim.Optimizer) -> tuple[tuple[int, float, float, float, float], ...]:
+    """Per parameter group: its size, betas, eps and weight decay (constants of a compiled graph)."""
+    return tuple((len(g["params"]), *g["betas"], g["eps"], g["weight_decay"]) for g in opt.param_groups)
+
+
+def adamw_rates(opt: torch.optim.Optimizer, lrs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each group's learning rate now, written into the tensors `lrs`: a new rate (the schedule's)
+    is data for a compiled graph, not a new graph."""
+    for lr, group in zip(lrs, opt.param_groups, strict=True):
+        lr.fill_(group["lr"])
+    return lrs
+
+
+def adamw_update(values, grads, moments, lrs, hyper) -> None:
+    """Torch's own AdamW update (`torch.optim.adamw.adamw`, the single-tensor one, which Inductor
+    fuses) in place, one call per parameter group, tensors in the optimiser's order."""
+    start = 0
+    with torch.no_grad():
+        for (count, beta1, beta2, eps, decay), lr in zip(hyper, lrs, strict=True):
+            at = slice(start, start + count)
+            adamw(
+                list(values[at]), list(grads[at]), [m[0] for m in moments[at]], [m[1] for m in moments[at]], [],
+                [m[2] for m in moments[at]], foreach=False, capturable=False, amsgrad=False, beta1=beta1,
+                beta2=beta2, lr=lr, weight_decay=decay, eps=eps, maximize=False,
+            )  # fmt: skip
+            start += count
+
 
 CompileSetting = bool | Literal["auto"]
 _COMPILE: contextvars.ContextVar[CompileSetting] = contextvars.ContextVar("compile", default=False)
@@ -719,6 +855,7 @@ _COMPILE: contextvars.ContextVar[CompileSetting] = contextvars.ContextVar("compi
 # first) would give the same trial different numbers from one run of a sweep to the next.
 AUTO_MIN_STEPS = 2000
 _BROKEN: list[str] = []  # why torch.compile failed in this process (then every run trains eagerly)
+_WHOLE_BROKEN: list[str] = []  # why a whole step failed to compile (then runs compile their loss only)
 
 
 @dataclasses.dataclass
@@ -845,10 +982,23 @@ class Compiled:
     the full batches keep theirs (no recompile per epoch). If compiling or the compiled call fails,
     the call runs eagerly (the random state as it was; `on_fallback` puts the caller's other kernels
     back to eager ones) after a one-line warning, and every later call and run in this process is
-    eager. A call of a training step (`counts`) is counted for the enclosing `compiling(...)` block's record."""
+    eager. A call of a training step (`counts`) is counted for the enclosing `compiling(...)` block's record.
 
-    def __init__(self, fn: Callable[..., Any], on_fallback: Callable[[], None], counts: bool = True):
-        self.eager, self.on_fallback, self.counts = fn, on_fallback, counts
+    `instead` (default: `fn` itself) runs a call that did not run compiled, and `failures` (default:
+    `_BROKEN`, which turns every compiled call of the process eager) records why compiling failed:
+    the whole step (`whole_step`) falls back to the compiled loss, and only the whole step stops."""
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        on_fallback: Callable[[], None],
+        counts: bool = True,
+        instead: Callable[..., Any] | None = None,
+        failures: list[str] | None = None,
+        then: str = "training eagerly in this process",
+    ):
+        self.eager, self.on_fallback, self.counts = instead or fn, on_fallback, counts
+        self.failures, self.then = _BROKEN if failures is None else failures, then
         config = torch._dynamo.config
         # Every function x module type x batch shape x mode of a worker's runs keeps its compiled graph.
         config.recompile_limit = max(config.recompile_limit, 64)
@@ -869,10 +1019,9 @@ class Compiled:
                 out = self.compiled(*args)
             except Exception as error:  # noqa: BLE001 - any failure: eager, which raises a real error again
                 first = (str(error).strip().splitlines() or [""])[0][:200]
-                _BROKEN.append(f"{type(error).__name__}: {first}")
+                self.failures.append(f"{type(error).__name__}: {first}")
                 warnings.warn(
-                    f"torch.compile failed ({_BROKEN[-1]}); training eagerly in this process "
-                    "(resources.compile: false avoids trying)",
+                    f"torch.compile failed ({self.failures[-1]}); {self.then} (resources.compile: false avoids trying)",
                     RuntimeWarning,
                     stacklevel=2,
                 )

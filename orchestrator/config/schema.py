@@ -58,8 +58,10 @@ class Resources(Frozen):
     mixed_precision: bool = Field(False, description="bfloat16 autocast for training on GPU (ignored on CPU)")
     compile: Literal["auto"] | bool = Field(
         "auto",
-        description="a trial trained alone (not packed) runs its training step through torch.compile (forward, "
-        "loss and backward; fused optimiser), compiled once per worker process and reused by its later trials: "
+        description="a trial trained alone (not packed) runs its training step through torch.compile (on CPU, "
+        "for a cross-entropy objective, forward, backward and the AdamW update as one graph; otherwise the loss "
+        "and its backward, with the fused optimiser), compiled once per worker process and reused by its later "
+        "trials: "
         "'auto' (the default) where it pays (a run of at least methods.training.AUTO_MIN_STEPS steps, decided "
         "from the run alone, never the worker's history; docs/PERFORMANCE.md), true always, false never. "
         "Numbers follow the eager ones within float rounding, not bit for bit; where compiling fails the trial "

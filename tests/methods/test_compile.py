@@ -7,6 +7,7 @@ Compiling takes seconds, so every test that compiles is marked slow (about two m
 core with a cold Inductor cache); the fast ones stand torch.compile in with a function that fails
 or with the function itself."""
 
+import dataclasses
 import warnings
 
 import pytest
@@ -17,6 +18,7 @@ from methods.packing import Vmapped
 from methods.training import (
     AUTO_MIN_STEPS,
     Interrupted,
+    ParamGroup,
     Serial,
     Supervision,
     TrainConfig,
@@ -123,6 +125,7 @@ def _failing_compile(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", compile)
     monkeypatch.setattr(training, "_BROKEN", [])
+    monkeypatch.setattr(training, "_WHOLE_BROKEN", [])
     monkeypatch.setattr(training, "_FORWARD", [])
 
 
@@ -140,6 +143,7 @@ def _counting_compile(monkeypatch) -> dict:
 
     monkeypatch.setattr(torch, "compile", compile)
     monkeypatch.setattr(training, "_BROKEN", [])
+    monkeypatch.setattr(training, "_WHOLE_BROKEN", [])
     monkeypatch.setattr(training, "_FORWARD", [])
     return calls
 
@@ -149,6 +153,7 @@ def _counting_compile(monkeypatch) -> dict:
 
 def test_auto_compiles_long_runs_only_and_never_after_a_failure(monkeypatch):
     monkeypatch.setattr(training, "_BROKEN", [])
+    monkeypatch.setattr(training, "_WHOLE_BROKEN", [])
     cpu = torch.device("cpu")
     assert compiles(True, cpu, 1) and not compiles(False, cpu, 10**9)
     assert compiles("auto", cpu, AUTO_MIN_STEPS)
@@ -165,11 +170,11 @@ def test_auto_does_not_depend_on_what_the_worker_ran_before(monkeypatch):
     cfg = CFG.model_copy(update={"epochs": 3, "keep_initial": True, "select": "val_acc"})
     with training.compiling(True):
         _run(_gpt(), _gpt_data(), None, cfg)
-    compiled_steps, compiled_passes = calls["loss"], calls.get("_logits", 0)
+    compiled_steps, compiled_passes = calls["whole_step"], calls.get("_logits", 0)
     assert compiled_steps > 0 and compiled_passes > 0
     with training.compiling("auto"):
         first = _run(_gpt(1), _gpt_data(1), None, cfg)
-    assert (calls["loss"], calls.get("_logits", 0)) == (compiled_steps, compiled_passes), "auto reused the graphs"
+    assert (calls["whole_step"], calls.get("_logits", 0)) == (compiled_steps, compiled_passes), "auto reused the graphs"
     with training.compiling(False):
         eager = _run(_gpt(1), _gpt_data(1), None, cfg)
     assert first[0] == eager[0] and torch.equal(first[1], eager[1])
@@ -181,7 +186,7 @@ def test_auto_compiles_a_compiled_runs_validation_where_it_pays(monkeypatch):
     cfg = CFG.model_copy(update={"epochs": 3, "keep_initial": True, "select": "val_acc"})
     with training.compiling("auto"):
         _run(_gpt(), _gpt_data(), None, cfg)  # 4 passes: too few to pay, eager
-        assert calls.get("_logits", 0) == 0 and calls["loss"] == 15
+        assert calls.get("_logits", 0) == 0 and calls["whole_step"] == 15
         monkeypatch.setattr(training, "AUTO_MIN_EVAL_PASSES", 4)
         _run(_gpt(), _gpt_data(), None, cfg)  # 4 passes pay: compiled
         assert calls["_logits"] == 4
@@ -200,7 +205,7 @@ def test_a_packed_models_validation_policy_does_not_depend_on_the_pack_size(monk
     with training.compiling("auto"):
         _run_pack(None, k=2, cfg=cfg, n=100)
         _run_pack(None, k=3, cfg=cfg, n=100)
-    assert calls.get("_logits", 0) == 0 and calls["_vmapped"] > 0
+    assert calls.get("_logits", 0) == 0 and calls["_whole"] > 0
 
 
 def test_a_step_turns_eager_with_its_engine_when_validation_broke_compiling(monkeypatch):
@@ -276,10 +281,91 @@ def test_a_compiled_run_validates_through_the_compiled_forward_and_an_eager_one_
     with training.compiling(True) as record:
         _run(_gpt(), _gpt_data(), None, cfg)  # the engine takes the block's setting
     # every epoch's validation pass and the one before the first step; 5 steps an epoch
-    assert calls == {"_logits": 4, "loss": 15} and (record.runs, record.compiled) == (1, 1)
+    assert calls == {"_logits": 4, "whole_step": 15} and (record.runs, record.compiled) == (1, 1)
     # outside a training run evaluation stays eager, whatever ran before
     training.evaluate(_gpt(), _gpt_data().val)
     assert calls["_logits"] == 4
+
+
+def test_the_compiled_engine_takes_the_whole_step_where_the_objective_allows_it(monkeypatch):
+    """Forward, backward and AdamW as one graph (`whole_step`) for a loss that reads its tensors
+    through its module; the compiled loss and the fused optimiser for the others, said why."""
+    calls = _counting_compile(monkeypatch)
+    cfg = CFG.model_copy(update={"epochs": 1})
+    _run(_gpt(), _gpt_data(), True, cfg)
+    assert calls.get("whole_step") == 5 and "loss" not in calls
+    calls.clear()
+    _run(_cnn(), _cnn_data(), True, cfg)  # batch norm in training mode: running statistics updated in place
+    assert calls.get("loss") == 5 and "whole_step" not in calls
+    model, opt = _gpt(), None
+    objective = cross_entropy(model, _gpt_data())
+    opt = training.optimizer(list(model.named_parameters()), cfg)
+    assert training.whole_step_refuses(objective, opt, []) is None
+    own = dataclasses.replace(objective, loss=lambda batch, step: objective.loss(batch, step))
+    assert "does not say" in training.whole_step_refuses(own, opt, [])
+    sgd = training.optimizer(list(model.named_parameters()), cfg.model_copy(update={"optimizer": "sgd"}))
+    assert "not plain AdamW" in training.whole_step_refuses(objective, sgd, [])
+    assert "outside its module" in training.whole_step_refuses(objective, opt, [torch.nn.Parameter(torch.zeros(1))])
+    cnn = _cnn()
+    assert "batch norm" in training.whole_step_refuses(cross_entropy(cnn, _cnn_data()), opt, [])
+    frozen = dataclasses.replace(cross_entropy(cnn, _cnn_data()), train_mode=False)
+    assert training.whole_step_refuses(frozen, opt, []) is None  # running statistics read, not updated
+
+
+def test_the_whole_step_follows_the_eager_engines_with_parameter_groups_and_early_stops(monkeypatch):
+    """The whole step (run by the function itself here: what it computes, not how it compiles) in
+    the optimiser's order of tensors, which parameter groups reorder, and a pack whose models stop
+    at their own epochs (each stop gives the pack a new optimiser)."""
+    head = ParamGroup(match="^head\\.", lr_scale=10.0, weight_decay=0.0)
+    groups = [head, ParamGroup(match="bias|ln", weight_decay=0.0)]
+    cfg = CFG.model_copy(update={"groups": groups})
+    _, eager_losses, eager_model = _run(_gpt(), _gpt_data(), False, cfg)
+    calls = _counting_compile(monkeypatch)
+    _, losses, model = _run(_gpt(), _gpt_data(), True, cfg)
+    assert calls.get("whole_step") == 100
+    _close(losses, eager_losses)
+    for a, b in zip(model.parameters(), eager_model.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=2e-3)  # AdamW scales the rounding of near-zero gradients (see below)
+    stopping = cfg.model_copy(update={"epochs": 30, "patience": 2, "select": "val_acc", "batch_size": 26})
+    eager_results = _pack_results(False, stopping)
+    calls = _counting_compile(monkeypatch)
+    results = _pack_results(True, stopping)
+    assert calls.get("_whole", 0) > 0
+    stops = lambda rs: [(r.epochs_run, r.best_epoch, r.steps) for r in rs]  # noqa: E731
+    assert stops(results) == stops(eager_results)
+    assert len({r.epochs_run for r in results}) > 1, "the test needs models that stop at different epochs"
+    for got, want in zip(results, eager_results, strict=True):
+        assert got.history == pytest.approx(want.history, rel=1e-4, abs=1e-6)
+
+
+def _pack_results(compile, cfg, k=3):
+    models, datas = [_gpt(seed) for seed in range(k)], [_gpt_data(seed) for seed in range(k)]
+    gens = [torch.Generator().manual_seed(seed) for seed in range(k)]
+    objectives = [cross_entropy(m, d) for m, d in zip(models, datas, strict=True)]
+    return fit_many(objectives, datas, cfg, gens, Vmapped(compile))
+
+
+def test_a_whole_step_that_fails_to_compile_falls_back_to_the_compiled_loss(monkeypatch):
+    """Only the whole step stops: the run, and later runs, compile their loss, after one warning."""
+    calls = _counting_compile(monkeypatch)
+    counted = torch.compile
+
+    def compile(fn, **kwargs):
+        if fn.__name__ == "whole_step":
+            return lambda *args: (_ for _ in ()).throw(RuntimeError("unsupported in-place op\nmore"))
+        return counted(fn, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", compile)
+    cfg = CFG.model_copy(update={"epochs": 1})
+    eager, eager_losses, _ = _run(_gpt(), _gpt_data(), False, cfg)
+    with pytest.warns(RuntimeWarning, match="unsupported in-place op.*compiled loss and the fused optimiser"):
+        result, losses, _ = _run(_gpt(), _gpt_data(), True, cfg)
+    assert calls.get("loss") == 5 and training._WHOLE_BROKEN and not training._BROKEN
+    _close(losses, eager_losses)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _run(_gpt(), _gpt_data(), True, cfg)
+    assert calls.get("loss") == 10
 
 
 def test_the_record_counts_compiled_runs_and_a_failed_compile_as_eager(monkeypatch):
