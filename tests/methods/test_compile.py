@@ -524,3 +524,30 @@ def test_a_compiled_run_stopped_and_resumed_equals_one_never_stopped():
     assert all(
         torch.equal(a, b) for a, b in zip(model.state_dict().values(), whole_model.state_dict().values(), strict=True)
     )
+
+
+@pytest.mark.slow
+def test_a_transplanted_masked_model_takes_the_whole_step_and_follows_eager():
+    """Subtask Induction's model (a `MaskedModel` whose masked weights are `where(mask, source, own)`)
+    through the compiled whole step: no fallback, losses within 1e-5 of the eager engine's."""
+    from methods.masking import MaskedModel, Transplant
+
+    def build():
+        source, fresh = _gpt(1), _gpt(2)
+        generator, weights = torch.Generator().manual_seed(0), dict(source.named_parameters())
+        fns = {
+            n: Transplant(weights[n].detach(), torch.rand(p.shape, generator=generator) < 0.3, False)
+            for n, p in fresh.named_parameters()
+            if p.ndim == 2 and "emb" not in n
+        }
+        return MaskedModel(fresh, fns)
+
+    data = _gpt_data()
+    _, eager_losses, _ = _run(build(), data, False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a failed whole step would warn
+        engine = Recording(True)
+        model = build()
+        fit_many([cross_entropy(model, data)], [data], CFG, [torch.Generator().manual_seed(0)], engine)
+    assert engine.whole is not None and not training._WHOLE_BROKEN
+    _close(torch.cat(engine.losses), eager_losses)
