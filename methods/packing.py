@@ -35,7 +35,6 @@ from torch.utils._pytree import tree_map
 
 from common.seeding import stage_seed
 from methods.training import (
-    _WHOLE_BROKEN,
     Compiled,
     CompileSetting,
     Engine,
@@ -57,6 +56,7 @@ from methods.training import (
     fit_many,
     optimizer,
     planned_steps,
+    whole_failures,
     whole_step_refuses,
 )
 from tasks.base import Split, StageData
@@ -362,7 +362,7 @@ class _stepper:
                 self._whole,
                 self._loss_only,
                 instead=lambda *args: self._loss_step(self.pack, *args[-4:]),
-                failures=_WHOLE_BROKEN,
+                failures=whole_failures(self.lead),
                 then="stepping through the compiled loss and the fused optimiser instead in this process",
             )
             self.lrs = [torch.tensor(0.0) for _ in opt.param_groups]

@@ -295,7 +295,7 @@ def cross_entropy(
         ce = F.cross_entropy(model(batch["train"].x).float(), batch["train"].y)
         return ce, {"ce": ce}
 
-    loss.through_module = True  # reads what it trains through `model` only: `whole_step` may swap them
+    loss.through_module = model  # reads what it trains through `model` only: `whole_step` may swap them
     return Objective(
         loss=loss,
         module=model,
@@ -669,7 +669,7 @@ class Serial(Engine):
                 whole_step,
                 self._loss_only,
                 instead=lambda *args: self._step(args[-2], args[-1]),
-                failures=_WHOLE_BROKEN,
+                failures=whole_failures(self.objective),
                 then="stepping through the compiled loss and the fused optimiser instead in this process",
             )
             self.call = _LossCall(module, self.objective.loss)
@@ -677,7 +677,7 @@ class Serial(Engine):
             in_order = [p for group in self.opt.param_groups for p in group["params"]]  # the optimiser's order
             self.names = tuple(name_of[id(p)] for p in in_order)
             self.values = [p.detach() for p in in_order]  # aliases: the update writes the module's tensors
-            self.lrs = [torch.tensor(0.0, device=self.device) for _ in self.opt.param_groups]
+            self.lrs = [torch.tensor(0.0) for _ in self.opt.param_groups]
             self.moments: list[tuple[torch.Tensor, ...]] | None = None  # AdamW's state, made at the first step
         with torch.random.fork_rng(devices=[]) if self.objective.global_rng else contextlib.nullcontext():
             yield self
@@ -751,13 +751,20 @@ class Serial(Engine):
 
 
 def whole_step_refuses(objective: Objective, opt: torch.optim.Optimizer, loose: list[nn.Parameter]) -> str | None:
-    """Why a compiled serial run of `objective` cannot take its whole step (forward, backward and
+    """Why a compiled run of `objective` cannot take its whole step (forward, backward and
     optimiser update) as one graph, or None. It can where its loss reads every tensor it trains
-    through its module only (the loss function says so: `through_module`; `cross_entropy`'s does),
-    every one of them is the module's own and requires a gradient, and the optimiser is AdamW
-    without amsgrad. Otherwise the compiled run compiles its loss and steps the fused optimiser."""
-    if not getattr(objective.loss, "through_module", False):
-        return "its loss does not say it reads its tensors through its module only"
+    through its module only (the loss function says so, naming the module: `through_module`;
+    `cross_entropy`'s does), every one of them is the module's own and requires a gradient, the
+    optimiser is AdamW without amsgrad, the module has no loss of its own and no batch norm that
+    updates running statistics, and no whole step of this module type and loss failed to compile
+    in the process before. Otherwise the compiled run compiles its loss and steps the fused optimiser.
+
+    One difference from `torch.optim.AdamW` that no model here has: `torch.func.grad` gives a
+    trained tensor the loss does not use a zero gradient where autograd gives None, so such a
+    tensor would get AdamW's weight decay and moment updates where the eager step skips it. A
+    model with trainable parameters outside its forward should not mark its loss `through_module`."""
+    if getattr(objective.loss, "through_module", None) is not objective.module:
+        return "its loss does not say it reads its tensors through this module only"
     if loose or not all(p.requires_grad for p in objective.params):
         return "it trains tensors outside its module, or tensors that need no gradient"
     if type(opt) is not torch.optim.AdamW or any(g["amsgrad"] or g["maximize"] for g in opt.param_groups):
@@ -768,9 +775,16 @@ def whole_step_refuses(objective: Objective, opt: torch.optim.Optimizer, loose: 
         isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in objective.module.modules()
     ):
         return "its batch norm updates running statistics in place, which torch.func.grad does not allow"
-    if _WHOLE_BROKEN:
-        return f"a whole step failed to compile in this process ({_WHOLE_BROKEN[0]})"
+    if whole_failures(objective):
+        return f"a whole step of this model and loss failed to compile in this process ({whole_failures(objective)[0]})"
     return None
+
+
+def whole_failures(objective: Objective) -> list[str]:
+    """Why whole steps of this objective's module type and loss code failed to compile in this
+    process (empty: none did). Kept per model and loss, not per process, so that one model whose
+    whole step cannot compile does not change how another model's trials run (and so their numbers)."""
+    return _WHOLE_BROKEN.setdefault((type(objective.module), objective.loss.__code__), [])
 
 
 class _LossCall(nn.Module):
@@ -855,7 +869,7 @@ _COMPILE: contextvars.ContextVar[CompileSetting] = contextvars.ContextVar("compi
 # first) would give the same trial different numbers from one run of a sweep to the next.
 AUTO_MIN_STEPS = 2000
 _BROKEN: list[str] = []  # why torch.compile failed in this process (then every run trains eagerly)
-_WHOLE_BROKEN: list[str] = []  # why a whole step failed to compile (then runs compile their loss only)
+_WHOLE_BROKEN: dict[tuple, list[str]] = {}  # (module type, loss code) -> why its whole step failed to compile
 
 
 @dataclasses.dataclass

@@ -81,8 +81,11 @@ class Recording(Serial):
         return loss, measurements
 
 
+LAST: dict[str, object] = {}  # the engine of the last `_run` / `_run_pack`
+
+
 def _run(model, data, compile, cfg=CFG, seed=0):
-    engine = Recording(compile)
+    engine = LAST["engine"] = Recording(compile)
     (result,) = fit_many([cross_entropy(model, data)], [data], cfg, [torch.Generator().manual_seed(seed)], engine)
     return result, torch.cat(engine.losses), model
 
@@ -102,7 +105,7 @@ class RecordingPack(Vmapped):
 
 def _run_pack(compile, k=3, cfg=CFG, n=230):
     models, datas = [_gpt(seed) for seed in range(k)], [_gpt_data(seed, n) for seed in range(k)]
-    engine = RecordingPack(compile)
+    engine = LAST["engine"] = RecordingPack(compile)
     gens = [torch.Generator().manual_seed(seed) for seed in range(k)]
     results = fit_many([cross_entropy(m, d) for m, d in zip(models, datas, strict=True)], datas, cfg, gens, engine)
     return results, torch.stack(engine.losses), models
@@ -125,7 +128,7 @@ def _failing_compile(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", compile)
     monkeypatch.setattr(training, "_BROKEN", [])
-    monkeypatch.setattr(training, "_WHOLE_BROKEN", [])
+    monkeypatch.setattr(training, "_WHOLE_BROKEN", {})
     monkeypatch.setattr(training, "_FORWARD", [])
 
 
@@ -143,7 +146,7 @@ def _counting_compile(monkeypatch) -> dict:
 
     monkeypatch.setattr(torch, "compile", compile)
     monkeypatch.setattr(training, "_BROKEN", [])
-    monkeypatch.setattr(training, "_WHOLE_BROKEN", [])
+    monkeypatch.setattr(training, "_WHOLE_BROKEN", {})
     monkeypatch.setattr(training, "_FORWARD", [])
     return calls
 
@@ -153,7 +156,7 @@ def _counting_compile(monkeypatch) -> dict:
 
 def test_auto_compiles_long_runs_only_and_never_after_a_failure(monkeypatch):
     monkeypatch.setattr(training, "_BROKEN", [])
-    monkeypatch.setattr(training, "_WHOLE_BROKEN", [])
+    monkeypatch.setattr(training, "_WHOLE_BROKEN", {})
     cpu = torch.device("cpu")
     assert compiles(True, cpu, 1) and not compiles(False, cpu, 10**9)
     assert compiles("auto", cpu, AUTO_MIN_STEPS)
@@ -360,7 +363,7 @@ def test_a_whole_step_that_fails_to_compile_falls_back_to_the_compiled_loss(monk
     eager, eager_losses, _ = _run(_gpt(), _gpt_data(), False, cfg)
     with pytest.warns(RuntimeWarning, match="unsupported in-place op.*compiled loss and the fused optimiser"):
         result, losses, _ = _run(_gpt(), _gpt_data(), True, cfg)
-    assert calls.get("loss") == 5 and training._WHOLE_BROKEN and not training._BROKEN
+    assert calls.get("loss") == 5 and any(training._WHOLE_BROKEN.values()) and not training._BROKEN
     _close(losses, eager_losses)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -463,7 +466,7 @@ def test_the_compiled_gpt_follows_eager_is_deterministic_and_compiles_once_per_s
     _warm_validation(_gpt(), data)
     before = _graphs()
     compiled, losses, model = _run(_gpt(), data, True)
-    assert len(losses) == 100
+    assert len(losses) == 100 and LAST["engine"].whole is not None  # the whole step, not the compiled loss
     # Dropout on: the compiled step draws the eager step's masks. (The weights are not compared
     # element by element: AdamW scales the rounding noise of near-zero gradients up to steps of lr.)
     _close(losses, eager_losses)
@@ -485,6 +488,7 @@ def test_the_compiled_pack_follows_the_eager_pack_and_is_deterministic():
     _warm_validation(_gpt(), _gpt_data(n=250))
     before = _graphs()
     results, losses, _ = _run_pack(True, n=250)
+    assert LAST["engine"].step_fn.whole is not None  # the pack's whole step
     # The step's graph, and the validation graph of the pack's lead model (its dropouts stood in for
     # while the pack trains: another module structure than a model's alone).
     assert losses.shape == (100, 3) and _graphs() - before == 2
@@ -519,6 +523,7 @@ def test_a_compiled_run_stopped_and_resumed_equals_one_never_stopped():
     # A fresh model (a new process would build one): the run resumes after epoch 3.
     with supervised(Supervision(checkpointer=checkpointer, should_stop=lambda: False)):
         resumed, losses, model = _run(_gpt(), data, True, cfg)
+    assert LAST["engine"].whole is not None
     assert len(losses) == 3 * 5 and torch.equal(losses, whole_losses[-15:])
     assert resumed == whole
     assert all(
@@ -549,5 +554,5 @@ def test_a_transplanted_masked_model_takes_the_whole_step_and_follows_eager():
         engine = Recording(True)
         model = build()
         fit_many([cross_entropy(model, data)], [data], CFG, [torch.Generator().manual_seed(0)], engine)
-    assert engine.whole is not None and not training._WHOLE_BROKEN
+    assert engine.whole is not None and not any(training._WHOLE_BROKEN.values())
     _close(torch.cat(engine.losses), eager_losses)
