@@ -364,6 +364,7 @@ class _stepper:
                 instead=lambda *args: self._loss_step(self.pack, *args[-4:]),
                 failures=whole_failures(self.lead),
                 then="stepping through the compiled loss and the fused optimiser instead in this process",
+                whole=True,
             )
             self.lrs = [torch.tensor(0.0) for _ in opt.param_groups]
 

@@ -671,6 +671,7 @@ class Serial(Engine):
                 instead=lambda *args: self._step(args[-2], args[-1]),
                 failures=whole_failures(self.objective),
                 then="stepping through the compiled loss and the fused optimiser instead in this process",
+                whole=True,
             )
             self.call = _LossCall(module, self.objective.loss)
             name_of = {id(p): n for n, p in named}
@@ -879,10 +880,12 @@ class CompileRecord:
 
     runs: int = 0
     compiled: int = 0
+    whole: int = 0  # of them, runs that stepped through the compiled whole step (`whole_step`)
 
 
 _RECORD: contextvars.ContextVar[CompileRecord | None] = contextvars.ContextVar("compile_record", default=None)
 _STEPS_COMPILED = [0]  # compiled training calls that ran in this process (`Compiled(counts=True)`)
+_STEPS_WHOLE = [0]  # of them, whole steps (`Compiled(whole=True)`)
 
 
 @contextlib.contextmanager
@@ -905,7 +908,7 @@ def _recorded(engine: Engine, passes: int) -> Iterator[None]:
     models' together: a trial's numbers do not depend on how many models share its pack):
     its validation compiled per `eval_policy`, and the run counted in the enclosing
     `compiling(...)` block's record."""
-    before = _STEPS_COMPILED[0]
+    before, before_whole = _STEPS_COMPILED[0], _STEPS_WHOLE[0]
     try:
         with compiled_eval(eval_policy(engine, passes)):
             yield
@@ -914,6 +917,7 @@ def _recorded(engine: Engine, passes: int) -> Iterator[None]:
         if record is not None:  # compiled: some step ran compiled, or the engine still compiles (a run
             record.runs += 1  # resumed after its last epoch steps no more; a failed compile turns it off)
             record.compiled += _STEPS_COMPILED[0] > before or bool(getattr(engine, "compiled", False))
+            record.whole += _STEPS_WHOLE[0] > before_whole
 
 
 # --- compiled evaluation -------------------------------------------------------------------------
@@ -1010,9 +1014,10 @@ class Compiled:
         instead: Callable[..., Any] | None = None,
         failures: list[str] | None = None,
         then: str = "training eagerly in this process",
+        whole: bool = False,
     ):
         self.eager, self.on_fallback, self.counts = instead or fn, on_fallback, counts
-        self.failures, self.then = _BROKEN if failures is None else failures, then
+        self.failures, self.then, self.whole = _BROKEN if failures is None else failures, then, whole
         config = torch._dynamo.config
         # Every function x module type x batch shape x mode of a worker's runs keeps its compiled graph.
         config.recompile_limit = max(config.recompile_limit, 64)
@@ -1044,6 +1049,7 @@ class Compiled:
                 self.on_fallback()
             else:
                 _STEPS_COMPILED[0] += self.counts
+                _STEPS_WHOLE[0] += self.whole
                 return out
         return self.eager(*args)
 

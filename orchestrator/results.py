@@ -35,6 +35,7 @@ TRAILING = [
     "pack",
     "packed",
     "compiled",
+    "compiled_whole",
     "worker",
     "started_at",
     "finished_at",

@@ -173,7 +173,8 @@ def _train_pack(members: list[tuple[int, Trial]], should_stop) -> dict[int, dict
             trial.times["train_s"] = share
             trial.clock = time.perf_counter()
             trial.trained(result, timed=False)
-            trial.row.update(pack=len(trials), packed=True, compiled=record.compiled > 0)
+            compiled = {"compiled": record.compiled > 0, "compiled_whole": record.whole > 0}
+            trial.row.update(pack=len(trials), packed=True, **compiled)
             outcomes[i] = trial.finish()
         except Exception as error:
             outcomes[i] = error

@@ -113,6 +113,7 @@ class Trial:
                 self.ctx, self.model, self.train_generator(), mixed_precision=self.effective.resources.mixed_precision
             )
         self.row["compiled"] = record.compiled > 0  # whether any of its training runs stepped compiled
+        self.row["compiled_whole"] = record.whole > 0  # ... through the compiled whole step
         self.trained(result)
         row = self.finish()
         if checkpointer is not None:
@@ -183,6 +184,7 @@ class Trial:
         row.setdefault("pack", 1)
         row.setdefault("packed", False)
         row.setdefault("compiled", False)
+        row.setdefault("compiled_whole", False)
         self.report({"stage": "done", "row_json": json.dumps(row), "val_acc": row["val_acc"]})
         return row
 

@@ -405,6 +405,7 @@ def test_a_trials_row_says_whether_its_training_ran_compiled(tmp_path, monkeypat
         for setting in (False, True)
     }
     assert rows[False]["compiled"] is False and rows[True]["compiled"] is True
+    assert rows[False]["compiled_whole"] is False and rows[True]["compiled_whole"] is True  # scratch: cross-entropy
 
 
 def test_a_masked_model_lists_its_masked_names_in_one_order_whatever_its_masks_order():
