@@ -1004,7 +1004,10 @@ class Compiled:
 
     `instead` (default: `fn` itself) runs a call that did not run compiled, and `failures` (default:
     `_BROKEN`, which turns every compiled call of the process eager) records why compiling failed:
-    the whole step (`whole_step`) falls back to the compiled loss, and only the whole step stops."""
+    the whole step (`whole_step`) falls back to the compiled loss, and only the whole step stops.
+    A whole step (`whole`) updates weights in place, so once one has run, a failure that is not
+    torch.compile's own (a `TorchDynamoException`: tracing or compiling a new graph, before any
+    kernel runs) is raised, not retried from weights it may have half updated."""
 
     def __init__(
         self,
@@ -1018,6 +1021,7 @@ class Compiled:
     ):
         self.eager, self.on_fallback, self.counts = instead or fn, on_fallback, counts
         self.failures, self.then, self.whole = _BROKEN if failures is None else failures, then, whole
+        self.ran = False  # a compiled call returned
         config = torch._dynamo.config
         # Every function x module type x batch shape x mode of a worker's runs keeps its compiled graph.
         config.recompile_limit = max(config.recompile_limit, 64)
@@ -1037,6 +1041,8 @@ class Compiled:
             try:
                 out = self.compiled(*args)
             except Exception as error:  # noqa: BLE001 - any failure: eager, which raises a real error again
+                if self.whole and self.ran and not isinstance(error, torch._dynamo.exc.TorchDynamoException):
+                    raise
                 first = (str(error).strip().splitlines() or [""])[0][:200]
                 self.failures.append(f"{type(error).__name__}: {first}")
                 warnings.warn(
@@ -1050,6 +1056,7 @@ class Compiled:
             else:
                 _STEPS_COMPILED[0] += self.counts
                 _STEPS_WHOLE[0] += self.whole
+                self.ran = True
                 return out
         return self.eager(*args)
 

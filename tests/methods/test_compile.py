@@ -315,6 +315,36 @@ def test_the_compiled_engine_takes_the_whole_step_where_the_objective_allows_it(
     assert training.whole_step_refuses(frozen, opt, []) is None  # running statistics read, not updated
 
 
+def test_a_whole_step_that_fails_after_running_raises_instead_of_stepping_again(monkeypatch):
+    """A whole step updates weights in place: once one has run, a failure of a later call (say, out
+    of memory inside its kernels) is the run's error, not a retry from half-updated weights."""
+    _counting_compile(monkeypatch)
+    counted = torch.compile
+
+    def compile(fn, **kwargs):
+        if fn.__name__ != "whole_step":
+            return counted(fn, **kwargs)
+        calls = []
+
+        def flaky(*args):
+            calls.append(None)
+            if len(calls) == 3:
+                raise RuntimeError("out of memory inside a kernel")
+            return fn(*args)
+
+        return flaky
+
+    monkeypatch.setattr(torch, "compile", compile)
+    try:
+        results = fit_many(
+            [cross_entropy(_gpt(), _gpt_data())], [_gpt_data()], CFG, [torch.Generator().manual_seed(0)], Serial(True)
+        )
+    except RuntimeError as error:
+        results = [error]
+    assert isinstance(results[0], RuntimeError) and "out of memory" in str(results[0])
+    assert not any(training._WHOLE_BROKEN.values())  # not taken for a failure to compile
+
+
 def test_the_whole_step_follows_the_eager_engines_with_parameter_groups_and_early_stops(monkeypatch):
     """The whole step (run by the function itself here: what it computes, not how it compiles) in
     the optimiser's order of tensors, which parameter groups reorder, and a pack whose models stop
