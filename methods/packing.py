@@ -39,24 +39,25 @@ from methods.training import (
     CompileSetting,
     Engine,
     EpochObserver,
-    Measurements,
     NotPackable,
     Objective,
     TrainConfig,
     TrainResult,
     _device_of,
     _loose,
+    _LossCall,
     _stream,
     adamw_hyper,
     adamw_moments,
     adamw_rates,
     adamw_update,
     autocast,
+    compiled_whole,
     compiles,
     fit_many,
+    in_optimizer_order,
     optimizer,
     planned_steps,
-    whole_failures,
     whole_step_refuses,
 )
 from tasks.base import Split, StageData
@@ -263,18 +264,6 @@ class Vmapped(Engine):
             g.set_state(saved)
 
 
-class _LossCall(nn.Module):
-    """The lead objective's loss as a module call, so `functional_call` can swap its module's tensors."""
-
-    def __init__(self, objective: Objective):
-        super().__init__()
-        self.module = objective.module
-        self._loss = objective.loss
-
-    def forward(self, batch: dict[str, Split], step: int) -> tuple[torch.Tensor, Measurements]:
-        return self._loss(batch, step)
-
-
 class _Pack:
     """The stacked tensors of the live models (dim 0: one row per model) and their optimiser."""
 
@@ -346,7 +335,7 @@ class _stepper:
         self, lead: Objective, mixed_precision: bool, feed: _Feed, on_fallback: Callable[[], None] | None = None
     ):
         self.lead, self.mixed_precision, self.feed = lead, mixed_precision, feed
-        self.call = _LossCall(lead)
+        self.call = _LossCall(lead.module, lead.loss)
         self._sites: dict[tuple, list[tuple[tuple[int, ...], float]]] = {}
         # on_fallback given: the vmapped loss through `methods.training.Compiled` (which calls it if
         # compiling fails); None: eager.
@@ -358,13 +347,8 @@ class _stepper:
         forward, backward and AdamW update as one graph (`_whole`); if that fails to compile, the
         compiled vmapped loss and the fused optimiser after a warning, for the rest of the process."""
         if whole_step_refuses(self.lead, opt, []) is None:
-            self.whole = Compiled(
-                self._whole,
-                self._loss_only,
-                instead=lambda *args: self._loss_step(self.pack, *args[-4:]),
-                failures=whole_failures(self.lead),
-                then="stepping through the compiled loss and the fused optimiser instead in this process",
-                whole=True,
+            self.whole = compiled_whole(
+                self._whole, self.lead, self._loss_only, lambda *args: self._loss_step(self.pack, *args[-4:])
             )
             self.lrs = [torch.tensor(0.0) for _ in opt.param_groups]
 
@@ -433,11 +417,9 @@ class _stepper:
             return self._loss_step(pack, x, y, step, masks)
         self.pack = pack  # for a fallback's `instead`
         opt = pack.opt  # (a new one after `keep`: the moments are looked up every step)
-        name_of = {id(pack.tensors[n]): n for n in pack.trained}
-        in_order = [p for group in opt.param_groups for p in group["params"]]
-        names = tuple(name_of[id(p)] for p in in_order)
-        rest = {n: t for n, t in pack.tensors.items() if n not in name_of.values()}
-        trained, moments, lrs = [p.detach() for p in in_order], adamw_moments(opt), adamw_rates(opt, self.lrs)
+        names, trained = in_optimizer_order(opt, {id(pack.tensors[n]): n for n in pack.trained})
+        rest = {n: t for n, t in pack.tensors.items() if n not in pack.trained}  # frozen tensors and buffers
+        moments, lrs = adamw_moments(opt), adamw_rates(opt, self.lrs)
         return self.whole(names, trained, rest, moments, lrs, adamw_hyper(opt), x, y, step, masks)
 
     def _loss_step(self, pack: _Pack, x, y, step: int, masks: list[torch.Tensor]):

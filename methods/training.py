@@ -665,19 +665,12 @@ class Serial(Engine):
             and self.device.type == "cpu"  # on CUDA not measured yet: the compiled loss and the fused optimiser
             and whole_step_refuses(self.objective, self.opt, self.loose) is None
         ):
-            self.whole = Compiled(
-                whole_step,
-                self._loss_only,
-                instead=lambda *args: self._step(args[-2], args[-1]),
-                failures=whole_failures(self.objective),
-                then="stepping through the compiled loss and the fused optimiser instead in this process",
-                whole=True,
+            self.whole = compiled_whole(
+                whole_step, self.objective, self._loss_only, lambda *args: self._step(args[-2], args[-1])
             )
             self.call = _LossCall(module, self.objective.loss)
-            name_of = {id(p): n for n, p in named}
-            in_order = [p for group in self.opt.param_groups for p in group["params"]]  # the optimiser's order
-            self.names = tuple(name_of[id(p)] for p in in_order)
-            self.values = [p.detach() for p in in_order]  # aliases: the update writes the module's tensors
+            # aliases: the update writes the module's tensors
+            self.names, self.values = in_optimizer_order(self.opt, {id(p): n for n, p in named})
             self.lrs = [torch.tensor(0.0) for _ in self.opt.param_groups]
             self.moments: list[tuple[torch.Tensor, ...]] | None = None  # AdamW's state, made at the first step
         with torch.random.fork_rng(devices=[]) if self.objective.global_rng else contextlib.nullcontext():
@@ -781,6 +774,31 @@ def whole_step_refuses(objective: Objective, opt: torch.optim.Optimizer, loose: 
     return None
 
 
+def compiled_whole(
+    fn: Callable[..., Any], objective: Objective, on_fallback: Callable[[], None], instead: Callable[..., Any]
+) -> Compiled:
+    """`fn`, an engine's whole step for `objective`, through `Compiled`: a failure to compile it is
+    recorded for the objective's module type and loss (`whole_failures`) and the call runs `instead`
+    (the engine's compiled loss and fused optimiser)."""
+    return Compiled(
+        fn,
+        on_fallback,
+        instead=instead,
+        failures=whole_failures(objective),
+        then="stepping through the compiled loss and the fused optimiser instead in this process",
+        whole=True,
+    )
+
+
+def in_optimizer_order(
+    opt: torch.optim.Optimizer, name_of: dict[int, str]
+) -> tuple[tuple[str, ...], list[torch.Tensor]]:
+    """The optimiser's tensors in its order (group by group, as `adamw_moments` and `adamw_hyper`
+    list them): their names (`name_of`: by tensor id) and detached aliases of them."""
+    in_order = [p for group in opt.param_groups for p in group["params"]]
+    return tuple(name_of[id(p)] for p in in_order), [p.detach() for p in in_order]
+
+
 def whole_failures(objective: Objective) -> list[str]:
     """Why whole steps of this objective's module type and loss code failed to compile in this
     process (empty: none did). Kept per model and loss, not per process, so that one model whose
@@ -788,7 +806,7 @@ def whole_failures(objective: Objective) -> list[str]:
     return _WHOLE_BROKEN.setdefault((type(objective.module), objective.loss.__code__), [])
 
 
-class _LossCall(nn.Module):
+class _LossCall(nn.Module):  # also the vmapped engine's (methods/packing.py)
     """A loss that reads its module's tensors, as a module call: `functional_call` swaps them."""
 
     def __init__(self, module: nn.Module, loss: Callable[[Batch, int], tuple[torch.Tensor, Measurements]]):
