@@ -180,7 +180,7 @@ def main() -> None:
 
         import ray
 
-        slots = int(ray.cluster_resources().get("CPU", 1) // sweep.resources.cpu)
+        slots = int(ray.cluster_resources().get("CPU", 1) // outcome.table["threads"].max())  # CPUs per trial
         table = outcome.table
         n = len(table)
         upstream = sum(c["seconds"] for c in store_for(sweep, outcome.out_dir).computations())

@@ -74,6 +74,7 @@ def main() -> None:
     from orchestrator.outdir import store_for
     from orchestrator.ray_session import concurrency, start_ray
     from orchestrator.sweep import run_sweep
+    from orchestrator.threads import resolve
     from orchestrator.trial import expand
     from orchestrator.upstream import precompute
 
@@ -90,7 +91,7 @@ def main() -> None:
         sweeps[name] = load_sweep(raw)
     try:
         start_ray(num_cpus=args.num_cpus, num_gpus=torch.cuda.device_count() if args.gpu else None)
-        first = sweeps["serial"]
+        first = resolve(sweeps["serial"], store_for(sweeps["serial"], root / "serial"))  # `cpu: auto`: measured once
         slots = concurrency(first.resources.cpu, first.resources.max_concurrent)
         start = time.perf_counter()
         precompute(first, store_for(first, root / "serial"), expand(first), slots)

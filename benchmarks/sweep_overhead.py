@@ -46,7 +46,7 @@ def main() -> None:
 
         import ray
 
-        slots = int(ray.cluster_resources().get("CPU", 1) // sweep.resources.cpu)
+        slots = int(ray.cluster_resources().get("CPU", 1) // outcome.table["threads"].max())  # CPUs per trial
         if sweep.resources.max_concurrent:
             slots = min(slots, sweep.resources.max_concurrent)
         table = outcome.table
@@ -60,7 +60,7 @@ def main() -> None:
         keys = {k for spec in expand(sweep) for k in upstream_keys(sweep, spec)}
 
         print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}")
-        print(f"sweep: {args.sweep} ({len(table)} trials, {slots} at once, {int(sweep.resources.cpu)} CPU each)")
+        print(f"sweep: {args.sweep} ({len(table)} trials, {slots} at once, {int(table['threads'].max())} CPU each)")
         print(f"wall time (incl. Ray start):           {wall:8.1f} s")
         print(f"upstream compute (artifacts):          {upstream:8.1f} s")
         print(f"trial compute (transfer, train, eval): {trials:8.1f} s")

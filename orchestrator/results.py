@@ -32,6 +32,7 @@ TRAILING = [
     "train_s",
     "wait_s",
     "device",
+    "threads",
     "pack",
     "packed",
     "compiled",

@@ -28,6 +28,7 @@ from orchestrator.ray_session import concurrency as cluster_concurrency
 from orchestrator.ray_session import start_ray
 from orchestrator.stop import GracefulStop, driver_stopping
 from orchestrator.storage import check_shared
+from orchestrator.threads import resolve as resolve_threads
 from orchestrator.tracking import callbacks as tracking_callbacks
 from orchestrator.trial import TrialSpec, trial_hash
 from orchestrator.tuner import make_queue, make_tuner
@@ -105,6 +106,7 @@ def run_sweep(
                 start_ray(address, num_cpus=num_cpus, num_gpus=None)
                 stopper.connect()
                 check_shared({"--out": out.root if out.posix else None, "storage.artifacts": store.location})
+                sweep = resolve_threads(sweep, store)
                 concurrency = cluster_concurrency(sweep.resources.cpu, sweep.resources.max_concurrent)
                 while todo and not stopper.stopping:  # one pass per round of a seed rule
                     precompute(sweep, store, todo, concurrency, should_stop=lambda: stopper.stopping)

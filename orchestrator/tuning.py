@@ -96,6 +96,9 @@ def tune_methods(sweep: SweepConfig, out_dir: str | Path, *, address: str | None
     start_ray(address, num_cpus=num_cpus)
     import ray
 
+    from orchestrator.threads import resolve
+
+    sweep = resolve(sweep, store)
     concurrency = max(1, int(ray.cluster_resources().get("CPU", 1) // sweep.resources.cpu))
     best: dict[str, dict[str, float]] = {}
     scores: dict[str, float] = {}

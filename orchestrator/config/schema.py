@@ -9,7 +9,16 @@ import math
 import re
 from typing import Any, Literal
 
-from pydantic import Field, PositiveInt, PrivateAttr, SerializeAsAny, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    PrivateAttr,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 import tasks
 from common.config import Frozen, stable_hash
@@ -34,7 +43,13 @@ class DownstreamTraining(TrainConfig):
 class Resources(Frozen):
     """What each trial gets, and how many run at once."""
 
-    cpu: float = Field(1.0, gt=0, description="CPUs per trial; torch threads are pinned to this")
+    cpu: Literal["auto"] | PositiveFloat = Field(
+        "auto",
+        description="CPUs per trial, torch threads pinned to it: 'auto' (the default) measures, once per machine "
+        "and model, whether trials of 1, 2, 4, ... threads give the node the most model-steps/s, and keeps the "
+        "fewest threads within 5% of the fastest (orchestrator/threads.py; the artifact store keeps the "
+        "measurement, so a resumed sweep keeps its threads); a number: that many",
+    )
     gpu: float = Field(0.0, ge=0, description="GPUs per trial; 0.25 packs four trials on a GPU")
     max_concurrent: int | None = Field(None, ge=1, description="cap on trials running at once")
     group: Literal["auto"] | PositiveInt = Field(

@@ -181,6 +181,7 @@ class Trial:
         # Compute time: the stages' wall time less the time spent waiting on another trial's lock.
         times["total_s"] = sum(v for k, v in times.items() if k != "wait_s") - times["wait_s"]
         row.update(times, status="done", device=str(self.device), finished_at=time.time())
+        row["threads"] = torch.get_num_threads()  # numbers are bit-identical at one thread count only
         row.setdefault("pack", 1)
         row.setdefault("packed", False)
         row.setdefault("compiled", False)
