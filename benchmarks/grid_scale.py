@@ -152,6 +152,8 @@ def main() -> None:
     from orchestrator.config import load_sweep
     from orchestrator.outdir import store_for
     from orchestrator.sweep import run_sweep
+    from orchestrator.threads import KIND as THREADS
+    from orchestrator.threads import resolve
 
     sweep = load_sweep(tiny_sweep(args.n, args.epochs))
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="instill-grid-"))
@@ -180,10 +182,11 @@ def main() -> None:
 
         import ray
 
-        slots = int(ray.cluster_resources().get("CPU", 1) // outcome.table["threads"].max())  # CPUs per trial
+        cpu = resolve(sweep, store_for(sweep, outcome.out_dir)).resources.cpu  # `cpu: auto`: kept in the store
+        slots = int(ray.cluster_resources().get("CPU", 1) // cpu)
         table = outcome.table
         n = len(table)
-        upstream = sum(c["seconds"] for c in store_for(sweep, outcome.out_dir).computations())
+        upstream = sum(c["seconds"] for c in store_for(sweep, outcome.out_dir).computations() if c["kind"] != THREADS)
         trials = float(table["total_s"].sum())
         ideal = (upstream + trials) / slots
         fixed = phases.seconds.get("ray start", 0.0)

@@ -33,6 +33,8 @@ def main() -> None:
     from orchestrator.config import load_sweep_file
     from orchestrator.outdir import store_for
     from orchestrator.sweep import run_sweep
+    from orchestrator.threads import KIND as THREADS
+    from orchestrator.threads import resolve
     from orchestrator.trial import expand, upstream_keys
 
     sweep = load_sweep_file(args.sweep)
@@ -46,12 +48,13 @@ def main() -> None:
 
         import ray
 
-        slots = int(ray.cluster_resources().get("CPU", 1) // outcome.table["threads"].max())  # CPUs per trial
+        store: ArtifactStore = store_for(sweep, outcome.out_dir)
+        cpu = resolve(sweep, store).resources.cpu  # `cpu: auto`: the run's measurement, kept in the store
+        slots = int(ray.cluster_resources().get("CPU", 1) // cpu)
         if sweep.resources.max_concurrent:
             slots = min(slots, sweep.resources.max_concurrent)
         table = outcome.table
-        store: ArtifactStore = store_for(sweep, outcome.out_dir)
-        done = store.computations()
+        done = [c for c in store.computations() if c["kind"] != THREADS]
         upstream = sum(c["seconds"] for c in done)  # source training and discovery, before the trials
         trials = float(table["total_s"].sum())
         compute = upstream + trials
@@ -60,7 +63,7 @@ def main() -> None:
         keys = {k for spec in expand(sweep) for k in upstream_keys(sweep, spec)}
 
         print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}")
-        print(f"sweep: {args.sweep} ({len(table)} trials, {slots} at once, {int(table['threads'].max())} CPU each)")
+        print(f"sweep: {args.sweep} ({len(table)} trials, {slots} at once, {cpu:g} CPU each)")
         print(f"wall time (incl. Ray start):           {wall:8.1f} s")
         print(f"upstream compute (artifacts):          {upstream:8.1f} s")
         print(f"trial compute (transfer, train, eval): {trials:8.1f} s")

@@ -160,14 +160,20 @@ def prepare_out_dir(
     out.write_text("sweep.json", record)
 
 
-def invocation() -> dict[str, Any]:
-    """What the report's provenance needs of this run and no row holds: the command line, when, the
-    driver's code version, and its machine (CPU model, GPU names from `nvidia-smi`, if any)."""
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """This machine's CPU model name (Linux: /proc/cpuinfo), else what `platform` knows."""
     with contextlib.suppress(OSError):
         models = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")]  # fmt: skip
-        cpu = models[0] if models else cpu
+        if models:
+            return models[0]
+    return platform.processor() or platform.machine()
+
+
+def invocation() -> dict[str, Any]:
+    """What the report's provenance needs of this run and no row holds: the command line, when, the
+    driver's code version, and its machine (CPU model, GPU names from `nvidia-smi`, if any)."""
+    cpu = cpu_model()
     gpus: list[str] = []
     if shutil.which("nvidia-smi"):
         with contextlib.suppress(OSError, subprocess.SubprocessError):

@@ -4,24 +4,25 @@ A node of C CPUs can run C trials of 1 thread, C/2 trials of 2 threads, and so o
 most model-steps per second depends on the model (a tiny one is bound by per-operation overhead,
 which threads do not share out; a wide one by arithmetic or memory, which they may), the batch
 shape and the CPU, so it is measured, not assumed: for each t = 1, 2, 4, ... up to C, C // t
-processes of t threads each train a fresh copy of the sweep's model (eager AdamW steps on its
-training batch shape) at the same time for `WINDOW_S` seconds, and the node's rate is the sum of
+processes of t threads each (at most `resources.max_concurrent`) train a fresh copy of the sweep's
+model (its default objective, eager AdamW steps on its training batch shape) at the same time for `WINDOW_S` seconds, and the node's rate is the sum of
 theirs. The choice is the smallest t within `MARGIN` of the fastest: fewer threads run more trials
 at once and keep numbers closest to one thread's (a trial's numbers are bit-identical only at the
 same thread count: rows carry `threads`).
 
 The measurement runs as one Ray task holding a whole node (the largest), so on a cluster it
-measures a worker, and is kept in the artifact store under the node's CPU model and count, the
-torch version, the task and the model and the training batch size: a resumed or extended sweep
-keeps its thread count, and its numbers, without measuring again. Trials given a GPU take 1 CPU
-each (not measured: the GPU paces them). Where the measurement fails, trials take 1 CPU, with a
-warning naming why.
+measures a worker, and is kept in the artifact store under the node's CPU model and count,
+`max_concurrent`, the torch version, the task and the model and the training batch size: a resumed
+or extended sweep keeps its thread count, and its numbers, without measuring again. Trials given a
+GPU take 1 CPU each (not measured: the GPU paces them). Where the measurement fails or takes longer
+than `TIMEOUT_S`, trials take 1 CPU, with a warning naming why. Opt-in (the default `cpu` is 1): a
+choice made from timings can differ between two fresh runs, and so can their numbers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -30,23 +31,13 @@ import warnings
 from typing import Any
 
 from orchestrator.config import SweepConfig, load_sweep
+from orchestrator.outdir import cpu_model
 
 MARGIN = 1.05  # more threads per trial only for at least 5% more model-steps/s on the node
 WINDOW_S = 2.0  # seconds each option trains, all its processes at once
 WARMUP_STEPS = 5
 KIND = "threads"  # the artifact store's kind for measurements
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+TIMEOUT_S = 600.0  # the most a measurement may take, node scheduling included
 
 
 def options(cpus: int) -> list[int]:
@@ -65,12 +56,14 @@ def choose(rates: dict[int, float], margin: float = MARGIN) -> int:
 
 
 def key(sweep: SweepConfig, cpus: int) -> dict[str, Any]:
-    """What a measurement depends on: the node, torch, and the shapes one training step computes."""
+    """What a measurement depends on: the node, torch, the trials allowed at once, and the shapes one
+    training step computes."""
     import torch
 
     return {
         "cpu_model": cpu_model(),
         "cpus": cpus,
+        "max_concurrent": sweep.resources.max_concurrent,
         "torch": torch.__version__,
         "task": sweep.task.canonical(),
         "model": sweep.model.canonical(),
@@ -79,13 +72,19 @@ def key(sweep: SweepConfig, cpus: int) -> dict[str, Any]:
     }
 
 
-def measure(sweep_json: str, cpus: int, window_s: float = WINDOW_S) -> dict[str, Any]:
-    """Model-steps/s of the whole node for each option (`options(cpus)`), and the choice."""
+def measure(
+    sweep_json: str, cpus: int, window_s: float = WINDOW_S, max_concurrent: int | None = None
+) -> dict[str, Any]:
+    """Model-steps/s of the whole node for each option (`options(cpus)`: as many trials as fit, at
+    most `max_concurrent`), the choice, and each process's start and end (`spans`)."""
     rates: dict[int, float] = {}
+    spans: dict[int, list[tuple[float, float]]] = {}
     for threads in options(cpus):
-        done = _together(sweep_json, threads, cpus // threads, window_s)
+        n = min(cpus // threads, max_concurrent or cpus)
+        done = _together(sweep_json, threads, n, window_s)
         rates[threads] = sum(d["steps"] / d["seconds"] for d in done)
-    return {"rates": rates, "threads": choose(rates), "measured_at": time.time()}
+        spans[threads] = [(d["start"], d["end"]) for d in done]
+    return {"rates": rates, "threads": choose(rates), "spans": spans, "measured_at": time.time()}
 
 
 def _together(sweep_json: str, threads: int, n: int, window_s: float) -> list[dict[str, float]]:
@@ -95,16 +94,16 @@ def _together(sweep_json: str, threads: int, n: int, window_s: float) -> list[di
         procs = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True)
                  for _ in range(n)]  # fmt: skip
         try:
-            for p in procs:
-                p.stdin.write(sweep_json + "\n")
-                p.stdin.flush()
-            ready = [p.stdout.readline().strip() == "ready" for p in procs]  # each has built its model, warmed up
-            for p in procs:
-                p.stdin.write("go\n")
-                p.stdin.flush()
-            done = [
-                json.loads(p.stdout.readline() or "null") if ok else None for p, ok in zip(procs, ready, strict=True)
-            ]
+            done: list[dict[str, float] | None] = [None] * n
+            with contextlib.suppress(BrokenPipeError):  # a process that died says why on stderr
+                for p in procs:
+                    p.stdin.write(sweep_json + "\n")
+                    p.stdin.flush()
+                if all(p.stdout.readline().strip() == "ready" for p in procs):  # each built its model, warmed up
+                    for p in procs:  # then all start at once
+                        p.stdin.write("go\n")
+                        p.stdin.flush()
+                    done = [json.loads(p.stdout.readline() or "null") for p in procs]
         finally:
             for p in procs:
                 if p.poll() is None:
@@ -124,14 +123,24 @@ def resolve(sweep: SweepConfig, store) -> SweepConfig:
     if sweep.resources.gpu == 0:
         import ray
 
-        cpus = int(max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1))
+        cpus = int(max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0))
         try:
-            on_node = ray.remote(num_cpus=cpus)(_on_node)
-            meta, computed = ray.get(on_node.remote(json.dumps(sweep.canonical()), cpus, store))
-            chosen = int(meta["threads"])
-            rates = ", ".join(f"{t} thread(s) x {cpus // int(t)}: {r:.0f}" for t, r in meta["rates"].items())
+            if cpus < 1:
+                raise RuntimeError("no node with CPUs is up yet")
+            on_node = ray.remote(num_cpus=cpus)(_on_node).remote(json.dumps(sweep.canonical()), cpus, store)
+            try:
+                meta, computed = ray.get(on_node, timeout=TIMEOUT_S)
+            except ray.exceptions.GetTimeoutError:
+                ray.cancel(on_node, force=True)
+                raise RuntimeError(
+                    f"no answer in {TIMEOUT_S:.0f} s (no node free, or a measuring process hung)"
+                ) from None
+            rates = {int(t): float(r) for t, r in meta["rates"].items()}
+            chosen = choose(rates)  # from the stored rates: the rule is this code's
+            listed = ", ".join(f"{t} thread(s) x {min(cpus // t, sweep.resources.max_concurrent or cpus)}: {r:.0f}"
+                               for t, r in rates.items())  # fmt: skip
             how = "measured" if computed else "kept from an earlier measurement in the artifact store"
-            how = f"{how}; model-steps/s of a {cpus}-CPU node ({meta['cpu_model']}): {rates}"
+            how = f"{how}; model-steps/s of a {cpus}-CPU node ({meta['cpu_model']}): {listed}"
         except Exception as error:  # a failed measurement never stops a sweep
             warnings.warn(f"resources.cpu: auto could not measure ({error}); trials take 1 CPU each", stacklevel=2)
             chosen, how = 1, "the measurement failed"
@@ -143,10 +152,16 @@ def resolve(sweep: SweepConfig, store) -> SweepConfig:
 def _on_node(sweep_json: str, cpus: int, store) -> tuple[dict[str, Any], bool]:
     """On the node that measures (a Ray task holding all its CPUs): its stored measurement, or a
     new one; and whether it was measured now."""
-    found = key(load_sweep(json.loads(sweep_json)), cpus)
-    fetched = store.get_or_compute(
-        KIND, found, lambda: ({}, {**measure(sweep_json, cpus), "cpu_model": found["cpu_model"]})
-    )
+    sweep = load_sweep(json.loads(sweep_json))
+    found = key(sweep, cpus)
+
+    def measured() -> tuple[dict, dict[str, Any]]:
+        return {}, {
+            **measure(sweep_json, cpus, max_concurrent=sweep.resources.max_concurrent),
+            "cpu_model": found["cpu_model"],
+        }
+
+    fetched = store.get_or_compute(KIND, found, measured)
     return fetched.meta, fetched.computed
 
 
@@ -154,24 +169,21 @@ def _measure_here(threads: int, window_s: float) -> None:
     """One measuring process: build the model from the sweep on stdin, warm up, say ready, wait for
     go, train for `window_s`, print the steps and seconds."""
     import torch
-    import torch.nn.functional as F
 
+    from methods.training import cross_entropy
     from orchestrator.trial import fresh_model
 
     torch.set_num_threads(threads)
     sweep = load_sweep(json.loads(sys.stdin.readline()))
     task, cfg = sweep.build_task(), sweep.training
     data = task.downstream_data(0, 1.0)
-    idx = torch.arange(min(cfg.batch_size, len(data.train)))
-    x, y = data.train.x[idx], data.train.y[idx]
+    batch = {"train": data.train.take(torch.arange(min(cfg.batch_size, len(data.train))))}
     model = fresh_model(sweep, task, 0, "init").train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    objective = cross_entropy(model, data)  # the default objective (a model's own loss where it has one)
+    opt = torch.optim.AdamW(objective.params, lr=cfg.lr)
 
     def step() -> None:
-        if getattr(model, "own_loss", False):
-            loss = model(x, targets=y)[0]
-        else:
-            loss = F.cross_entropy(model(x).float(), y)
+        loss, _ = objective.loss(batch, 0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -180,11 +192,12 @@ def _measure_here(threads: int, window_s: float) -> None:
         step()
     print("ready", flush=True)
     sys.stdin.readline()  # go
-    start, steps = time.perf_counter(), 0
+    wall, start, steps = time.time(), time.perf_counter(), 0
     while time.perf_counter() - start < window_s:
         step()
         steps += 1
-    print(json.dumps({"steps": steps, "seconds": time.perf_counter() - start}), flush=True)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"steps": steps, "seconds": seconds, "start": wall, "end": wall + seconds}), flush=True)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ def tiny_raw(**overrides):
         "sparsities": [0.5],
         "data_fractions": [0.5],
         "seeds": [0],
-        "resources": {"cpu": 1},  # not measured (`cpu: auto`, tests/orchestrator/test_threads.py)
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(raw.get(key), dict):

@@ -44,11 +44,12 @@ class Resources(Frozen):
     """What each trial gets, and how many run at once."""
 
     cpu: Literal["auto"] | PositiveFloat = Field(
-        "auto",
-        description="CPUs per trial, torch threads pinned to it: 'auto' (the default) measures, once per machine "
-        "and model, whether trials of 1, 2, 4, ... threads give the node the most model-steps/s, and keeps the "
-        "fewest threads within 5% of the fastest (orchestrator/threads.py; the artifact store keeps the "
-        "measurement, so a resumed sweep keeps its threads); a number: that many",
+        1.0,
+        description="CPUs per trial, torch threads pinned to it; 'auto' measures, once per machine and model, "
+        "whether trials of 1, 2, 4, ... threads give the node the most model-steps/s and keeps the fewest threads "
+        "within 5% of the fastest (orchestrator/threads.py; the artifact store keeps the measurement, so a resumed "
+        "sweep keeps its threads). Not the default: a choice made from timings could differ between two fresh runs, "
+        "and numbers are bit-identical at one thread count only",
     )
     gpu: float = Field(0.0, ge=0, description="GPUs per trial; 0.25 packs four trials on a GPU")
     max_concurrent: int | None = Field(None, ge=1, description="cap on trials running at once")

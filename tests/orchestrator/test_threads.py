@@ -24,10 +24,8 @@ def test_choice_is_the_fewest_threads_within_the_margin_of_the_fastest():
     assert choose({1: 300.0, 2: 9.0}) == 1
 
 
-def test_cpu_is_auto_by_default_and_a_number_is_kept(tiny):
-    raw = tiny_raw()
-    del raw["resources"]
-    assert load_sweep(raw).resources.cpu == "auto"
+def test_cpu_is_one_by_default_and_a_number_is_kept(tiny):
+    assert tiny().resources.cpu == 1.0  # auto is opt-in: a choice from timings could differ between runs
     pinned = tiny(resources={"cpu": 2})
     assert resolve(pinned, store=None) is pinned  # a number is never measured
 
@@ -45,17 +43,23 @@ def test_gpu_trials_take_one_cpu_without_measuring(tiny):
 
 def test_measure_times_every_option_with_all_its_processes_at_once(tiny):
     sweep = tiny()
-    found = measure(json.dumps(sweep.canonical()), 2, window_s=0.2)
+    found = measure(json.dumps(sweep.canonical()), 2, window_s=0.3)
     assert set(found["rates"]) == {1, 2}
     assert all(rate > 0 for rate in found["rates"].values())
     assert found["threads"] == choose(found["rates"])
+    (a, b) = found["spans"][1]  # the two 1-thread processes ran at the same time
+    assert max(a[0], b[0]) < min(a[1], b[1])
+    assert len(found["spans"][2]) == 1
+    capped = measure(json.dumps(sweep.canonical()), 2, window_s=0.1, max_concurrent=1)
+    assert len(capped["spans"][1]) == 1  # no more processes than trials may run at once
 
 
-def test_a_failing_measurement_names_the_error():
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_a_failing_measurement_names_the_error(cpus):
     raw = tiny_raw()
     raw["model"] = {**raw["model"], "d_model": 15}  # 15 is not divisible by 2 heads: building fails
-    with pytest.raises(RuntimeError, match="measuring process failed"):
-        measure(json.dumps(raw), 1, window_s=0.1)
+    with pytest.raises(RuntimeError, match=r"(?s)measuring process failed: .*divisible"):
+        measure(json.dumps(raw), cpus, window_s=0.1)
 
 
 @pytest.mark.slow
