@@ -5,9 +5,10 @@ most model-steps per second depends on the model (a tiny one is bound by per-ope
 which threads do not share out; a wide one by arithmetic or memory, which they may), the batch
 shape and the CPU, so it is measured, not assumed: for each t = 1, 2, 4, ... up to C, C // t
 processes of t threads each (at most `resources.max_concurrent`) train a fresh copy of the sweep's
-model (its default objective, eager AdamW steps on its training batch shape) at the same time for `WINDOW_S` seconds, and the node's rate is the sum of
-theirs. The choice is the smallest t within `MARGIN` of the fastest: fewer threads run more trials
-at once and keep numbers closest to one thread's (a trial's numbers are bit-identical only at the
+model (its default objective, eager AdamW steps on its training batch shape) at the same time
+for `WINDOW_S` seconds, and the node's rate is the sum of theirs. The choice is the smallest t
+within `MARGIN` of the fastest: fewer threads run more trials at once and keep numbers closest to
+one thread's (a trial's numbers are bit-identical only at the
 same thread count: rows carry `threads`).
 
 The measurement runs as one Ray task holding a whole node (the largest), so on a cluster it
