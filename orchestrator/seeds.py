@@ -92,7 +92,7 @@ def _widths(table, rule: SeedRule) -> tuple[dict, dict, dict]:
     """({(series, n_train): half-width of the interval judged}, {judged cell: its partner's cell},
     {series: label}), from the report's statistics of the finished rows."""
     from orchestrator.report import statistics
-    from orchestrator.report.series import partner, prepare
+    from orchestrator.report.series import has_versus, partner, prepare
 
     metric, versus = rule.until.metric, rule.until.versus
     summary = statistics.summarise(table, columns=[metric])  # only the judged metric: planning runs every round
@@ -102,7 +102,7 @@ def _widths(table, rule: SeedRule) -> tuple[dict, dict, dict]:
     labels = dict(zip(summary.get("series", []), summary.get("label", []), strict=True))
     partners: dict = {}
     _, info = prepare(table)
-    if versus is None or versus not in set(info["method"]):
+    if versus is None or not has_versus(info, versus):
         return widths, partners, labels
     diffs = statistics.paired_differences(table, versus, metric)
     paired = {(r["series"], r["n_train"]): (r["diff_ci_hi"] - r["diff_ci_lo"]) / 2 for r in diffs.to_dict("records")}

@@ -401,8 +401,8 @@ def load_sweep(raw: Any, source: str = "sweep", search: tuple[Path, ...] = ()) -
         for metric in config.report.metrics:
             errors += _check_metric(config, metric, "report.metrics")
         rule = config.seeds if isinstance(config.seeds, SeedRule) else None
-        if rule and rule.until.versus is not None and rule.until.versus not in config.methods:
-            errors.append(f"seeds.until.versus: {rule.until.versus!r} is not one of methods {list(config.methods)}")
+        if rule and rule.until.versus is not None:
+            errors += _check_seeds_versus(config, rule.until.versus)
         if not errors:
             errors += _check_runnable(config)
         if not errors and rule:
@@ -410,6 +410,27 @@ def load_sweep(raw: Any, source: str = "sweep", search: tuple[Path, ...] = ()) -
     if not errors:
         return config
     raise ConfigError(f"{source}: invalid sweep file\n  " + "\n  ".join("\n".join(errors).splitlines()))
+
+
+def _check_seeds_versus(config: SweepConfig, versus: str) -> list[str]:
+    """`seeds.until.versus`: a method of the sweep, or `PATH=VALUE` with PATH an axis and VALUE one of
+    its values (the partner whose cells get the seeds of the pairs must be in the grid)."""
+    if "=" not in versus:
+        return [] if versus in config.methods else [
+            f"seeds.until.versus: {versus!r} is not one of methods {list(config.methods)}"]  # fmt: skip
+    path, _, text = versus.partition("=")
+    path = path.strip()
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return [f"seeds.until.versus: {versus!r}: VALUE is not YAML; e.g. versus: model.name=resnet18"]
+    if path not in config.axes:
+        return [f"seeds.until.versus: {path!r} is not an axis of this sweep (axes: {list(config.axes)}); "
+                "give a method or PATH=VALUE with PATH an axis"]  # fmt: skip
+    values = list(config.axes[path])
+    if value not in values:
+        return [f"seeds.until.versus: {value!r} is not a value of the axis {path} ({values})"]
+    return []
 
 
 def load_sweep_file(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
