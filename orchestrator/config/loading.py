@@ -413,23 +413,28 @@ def load_sweep(raw: Any, source: str = "sweep", search: tuple[Path, ...] = ()) -
 
 
 def _check_seeds_versus(config: SweepConfig, versus: str) -> list[str]:
-    """`seeds.until.versus`: a method of the sweep, or `PATH=VALUE` with PATH an axis and VALUE one of
-    its values (the partner whose cells get the seeds of the pairs must be in the grid)."""
+    """`seeds.until.versus`: a method of the sweep, or `PATH=VALUE` with PATH an axis (or set by the
+    variants) and VALUE one of its values, compared as the report pairs them (the partner whose cells
+    get the seeds of the pairs must be in the grid)."""
+    from orchestrator.report.series import same_value
+
     if "=" not in versus:
         return [] if versus in config.methods else [
-            f"seeds.until.versus: {versus!r} is not one of methods {list(config.methods)}"]  # fmt: skip
+            f"seeds.until.versus: {versus!r} is not one of methods {list(config.methods)}; "
+            "give a method or PATH=VALUE with PATH an axis, e.g. model.name=resnet18"]  # fmt: skip
     path, _, text = versus.partition("=")
     path = path.strip()
     try:
         value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return [f"seeds.until.versus: {versus!r}: VALUE is not YAML; e.g. versus: model.name=resnet18"]
-    if path not in config.axes:
-        return [f"seeds.until.versus: {path!r} is not an axis of this sweep (axes: {list(config.axes)}); "
-                "give a method or PATH=VALUE with PATH an axis"]  # fmt: skip
-    values = list(config.axes[path])
-    if value not in values:
-        return [f"seeds.until.versus: {value!r} is not a value of the axis {path} ({values})"]
+    except yaml.YAMLError as err:
+        return [f"seeds.until.versus: {versus!r}: VALUE is not YAML ({err}); e.g. versus: model.name=resnet18"]
+    values = [*config.axes.get(path, ()), *(v[path] for v in config.variants.values() if path in v)]
+    if not values:
+        return [f"seeds.until.versus: {path!r} is not an axis of this sweep (axes: {list(config.axes)}) nor set "
+                "by its variants; give a method or PATH=VALUE with PATH an axis"]  # fmt: skip
+    if not any(same_value(v, value) for v in values):
+        return [f"seeds.until.versus: {value!r} is not a value of {path} ({values}); write VALUE as the axis "
+                f"lists it, e.g. {path}={values[0]}"]  # fmt: skip
     return []
 
 

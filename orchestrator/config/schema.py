@@ -168,7 +168,9 @@ class SeedTarget(Frozen):
 
     half_width: float = Field(gt=0, description="the 95% interval's (hi - lo) / 2 at or below which a cell stops")
     metric: str = Field("test_acc", description="a summarised column (test_acc, val_acc, ...)")
-    versus: str | None = Field(None, description="a method: judge the interval of the paired difference to it")
+    versus: str | None = Field(
+        None, description="a method, or PATH=VALUE (an axis value): judge the interval of the paired difference to it"
+    )
 
 
 class SeedRule(Frozen):

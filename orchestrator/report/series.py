@@ -162,6 +162,13 @@ def _exact(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
+def same_value(a: Any, b: Any) -> bool:
+    """Whether a config value equals a `--versus PATH=VALUE`'s VALUE: numbers by value (`8` and `8.0`,
+    as a schema may store an int as a float), anything else exactly (`true` is not `1`)."""
+    numbers = [isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b)]
+    return float(a) == float(b) if all(numbers) else _exact(a) == _exact(b)
+
+
 def _fmt_value(value: Any) -> str:
     """A value as text for a label."""
     if isinstance(value, bool) or value is None:
@@ -235,14 +242,14 @@ def partner(series: str, info: pd.DataFrame, versus: str) -> str | None:
         return ref if ref is not None and distance(info, series, ref) == 0 else None
     path, value = setting
     own = info.loc[series, "flat"]
-    if path not in own or _exact(own[path]) == _exact(value):
+    if path not in own or same_value(own[path], value):
         return None
     same = info[(info["task"] == info.loc[series, "task"]) & (info["method"] == info.loc[series, "method"])]
     found = [
         ref
         for ref in same.index
         if path in (theirs := info.loc[ref, "flat"])
-        and _exact(theirs[path]) == _exact(value)
+        and same_value(theirs[path], value)
         and distance(info, series, ref, ignore=path) == 0
     ]
     return min(found, key=lambda ref: _unshared(info, series, ref), default=None)
@@ -254,7 +261,7 @@ def has_versus(info: pd.DataFrame, versus: str) -> bool:
     if setting is None:
         return versus in set(info["method"])
     path, value = setting
-    return any(path in flat and _exact(flat[path]) == _exact(value) for flat in info["flat"])
+    return any(path in flat and same_value(flat[path], value) for flat in info["flat"])
 
 
 def distance(info: pd.DataFrame, a: str, b: str, ignore: str | None = None) -> int:

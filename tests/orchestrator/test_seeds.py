@@ -128,11 +128,15 @@ def test_status_counts_the_trials_of_every_round_planned_so_far(tmp_path, capsys
     assert "8 done" in text and "4 pending" in text, text
 
 
-def test_versus_an_axis_value_judges_each_series_on_its_difference_to_that_value(tmp_path):
-    # seed_noise's accuracy depends on the seed only, so the series at lr 0.2 minus its twin at lr 0.1
-    # is 0 at every seed: narrow at `min`, where each series alone is wide and goes to `max`.
-    rule = {**RULE, "until": {**RULE["until"], "versus": "training.lr=0.1"}}
-    raw = _raw(methods=["seed_noise"], seeds=rule, axes={"training.lr": [0.1, 0.2]})
+@pytest.mark.parametrize(("axis", "versus"), [
+    ({"training.lr": [0.1, 0.2]}, "training.lr=0.1"),
+    ({"training.epochs": [1, 2]}, "training.epochs=1.0"),  # a number pairs by value, whatever its type
+])  # fmt: skip
+def test_versus_an_axis_value_judges_each_series_on_its_difference_to_that_value(tmp_path, axis, versus):
+    # seed_noise's accuracy depends on the seed only, so each series minus its twin at VALUE is 0 at
+    # every seed: narrow at `min`, where each series alone is wide and goes to `max`.
+    rule = {**RULE, "until": {**RULE["until"], "versus": versus}}
+    raw = _raw(methods=["seed_noise"], seeds=rule, axes=axis)
     done = _run_rounds(load_sweep(raw), OutDir(tmp_path))
     assert sorted(set(_seeds(done).values())) == [(2, "narrow"), (2, "partner")]
     alone = _run_rounds(load_sweep({**raw, "seeds": RULE}), OutDir(tmp_path / "alone"))
@@ -140,7 +144,9 @@ def test_versus_an_axis_value_judges_each_series_on_its_difference_to_that_value
 
 
 @pytest.mark.parametrize(("versus", "message"), [
-    ("training.lr=0.3", "0.3 is not a value of the axis training.lr"),
+    ("training.lr=0.3", "0.3 is not a value of training.lr"),
+    ("training.lr=1e-1", "'1e-1' is not a value of training.lr .* write VALUE as the axis lists it"),
+    ("training.lr=true", "True is not a value of training.lr"),
     ("training.epochs=2", "'training.epochs' is not an axis of this sweep"),
     ("scratch", "'scratch' is not one of methods"),
 ])  # fmt: skip
