@@ -12,13 +12,14 @@ verdict is not the one that governs it. Inline code is not read. Verdicts in pla
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 import pandas as pd
 
 from orchestrator.config import ConfigError
-from orchestrator.report.statistics import VERDICTS
+from orchestrator.report.statistics import FEW_SEEDS, VERDICTS
 
 _TOKEN = re.compile(
     r"\*\*(?P<verdict>" + "|".join(VERDICTS) + r")\*\*|\]\((?P<target>[^)#\s]*findings\.md)#(?P<anchor>[^)\s]+)\)",
@@ -98,9 +99,9 @@ def check(path: Path, cache: dict[Path, pd.DataFrame] | None = None) -> list[str
     return problems
 
 
-def _verdict(target: Path, anchor: str, cache: dict[Path, pd.DataFrame]) -> str:
-    """The verdict of finding `anchor` of the report whose `findings.md` is `target`; LookupError
-    saying why when there is none."""
+def _finding(target: Path, anchor: str, cache: dict[Path, pd.DataFrame]) -> pd.Series:
+    """Finding `anchor` of the report whose `findings.md` is `target`; LookupError saying why when
+    there is none."""
     parquet = target.with_suffix(".parquet")
     if parquet not in cache:
         if not parquet.exists():
@@ -109,7 +110,50 @@ def _verdict(target: Path, anchor: str, cache: dict[Path, pd.DataFrame]) -> str:
     frame = cache[parquet]
     if anchor not in frame.index:
         raise LookupError(f"cites finding {anchor!r}, which {parquet} does not hold")
-    return str(frame.loc[anchor, "verdict"])
+    return frame.loc[anchor]
+
+
+def _verdict(target: Path, anchor: str, cache: dict[Path, pd.DataFrame]) -> str:
+    return str(_finding(target, anchor, cache)["verdict"])
+
+
+def cited(paths: list[Path]) -> pd.DataFrame:
+    """Each finding the files cite, once: its report folder (as cited, resolved), id, verdict and
+    seeds (pairs), and `few_seeds` (fewer than `FEW_SEEDS`, where the report's interval may undercover
+    bimodal outcomes: docs/STATISTICS.md). Citations that resolve to no finding are left out
+    (`check_files` names them)."""
+    cache: dict[Path, pd.DataFrame] = {}
+    rows = {}
+    for path in paths:
+        for _, sentence in sentences(path.read_text()):
+            for token in _TOKEN.finditer(_CODE.sub("", sentence)):
+                if not token["target"]:
+                    continue
+                target = Path(os.path.normpath(path.parent / token["target"]))
+                try:
+                    found = _finding(target, token["anchor"], cache)
+                except LookupError:
+                    continue
+                rows[(str(target.parent), token["anchor"])] = (str(found["verdict"]), int(found["seeds"]))
+    frame = pd.DataFrame(
+        [(report, anchor, verdict, seeds) for (report, anchor), (verdict, seeds) in rows.items()],
+        columns=["report", "id", "verdict", "seeds"],
+    )
+    return frame.assign(few_seeds=frame["seeds"] < FEW_SEEDS)
+
+
+def seeds_summary(found: pd.DataFrame) -> str:
+    """One line: how many cited findings rest on fewer than `FEW_SEEDS` seeds, decisive ones apart."""
+    if found.empty:
+        return "no finding cited"
+    few = found[found["few_seeds"]]
+    decisive = found["verdict"].isin(["better", "worse", "equivalent"])
+    counts = ", ".join(f"{n} at {k}" for k, n in found["seeds"].value_counts().sort_index().items())
+    return (
+        f"{len(found)} finding(s) cited ({counts} seeds); {len(few)} rest on fewer than {FEW_SEEDS} seeds, "
+        f"{int((found['few_seeds'] & decisive).sum())} of them better, worse or equivalent "
+        "(their intervals may undercover bimodal outcomes: docs/STATISTICS.md)"
+    )
 
 
 def check_files(paths: list[Path]) -> list[str]:

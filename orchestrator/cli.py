@@ -139,6 +139,9 @@ def _parser() -> argparse.ArgumentParser:
 
     claims = sub.add_parser("check-claims", help="check each bold verdict in documents against its finding")
     claims.add_argument("files", nargs="+", type=Path, help="Markdown files (e.g. docs/*.md)")
+    claims.add_argument(
+        "--seeds", action="store_true", help="also list, per report folder, the cited findings' seed counts"
+    )
     return parser
 
 
@@ -334,12 +337,21 @@ def _report(args) -> int:
 
 
 def _check_claims(args) -> int:
-    from orchestrator.claims import check_files
+    from orchestrator.claims import check_files, cited, seeds_summary
+    from orchestrator.report.statistics import FEW_SEEDS
 
     problems = check_files(args.files)
     for problem in problems:
         print(problem)
+    found = cited(args.files)
+    if args.seeds and not found.empty:
+        by = found.groupby("report").agg(
+            cited=("id", "size"), min_seeds=("seeds", "min"), max_seeds=("seeds", "max"),
+            below=("few_seeds", "sum"),
+        )  # fmt: skip
+        print(by.rename(columns={"below": f"below_{FEW_SEEDS}"}).to_string())
     print(f"{len(args.files)} file(s): {len(problems)} claim(s) disagree with their findings or cite none")
+    print(seeds_summary(found))
     return 1 if problems else 0
 
 

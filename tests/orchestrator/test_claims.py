@@ -111,3 +111,20 @@ def test_the_command_exits_1_naming_each_failed_claim_0_when_all_agree_2_on_a_mi
     assert main(["check-claims", str(good), str(bad)]) == 1
     assert f"BAD.md:1: **worse** cites {report[100]}, whose verdict is better" in capsys.readouterr().out
     assert main(["check-claims", str(tmp_path / "missing.md")]) == 2
+
+
+def test_cited_findings_carry_their_seed_counts_and_the_summary_counts_the_few(tmp_path, report):
+    from orchestrator.claims import cited, seeds_summary
+
+    doc = _doc(
+        tmp_path,
+        f"It is **better** at n = 100 ([f](cmp/findings.md#{report[100]})), again ([f](cmp/findings.md#{report[100]})),"
+        f" and **undecided** at 200 ([f](cmp/findings.md#{report[200]})); a dead link ([f](cmp/findings.md#nope)).\n",
+    )
+    found = cited([doc])
+    assert sorted(found["verdict"]) == ["better", "undecided"]  # each finding once, the dead link left out
+    assert set(found["seeds"]) == {3} and found["few_seeds"].all()
+    assert found["report"].str.endswith("docs/cmp").all()
+    line = seeds_summary(found)
+    assert line.startswith("2 finding(s) cited (2 at 3 seeds); 2 rest on fewer than 15 seeds, 1 of them better")
+    assert seeds_summary(found.iloc[:0]) == "no finding cited"
