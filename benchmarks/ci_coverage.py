@@ -21,10 +21,11 @@ Intervals: Student t; percentile bootstrap (rliable's stratified bootstrap with 
 bootstrap-t (studentized resamples); scipy's BCa; for a mean of accuracies, a t interval on the logit
 scale (delta method: logit(m) ± t · se / (m (1 - m)), mapped back); and the report's
 (`orchestrator.report.statistics.interval`: Student t, widened from BCA_FROM seeds on to hold BCa's
-interval too). Each is clipped to the range of the values ([0, 1], or [-1, 1] for a difference) as
-the report clips, and shown as coverage (median width); NaN bounds count as a miss. A well-calibrated
-95% interval covers about 0.95; the count's standard error is about sqrt(0.95 * 0.05 / REPS) (0.005
-at 2000).
+interval too; for a mean of accuracies `bounded_interval`, which also holds the logit t interval
+where the t interval reaches past 0 or 1). Each is clipped to the range of the values ([0, 1], or
+[-1, 1] for a difference) as the report clips, and shown as coverage (median width); NaN bounds
+count as a miss. A well-calibrated 95% interval covers about 0.95; the count's standard error is
+about sqrt(0.95 * 0.05 / REPS) (0.005 at 2000).
 
     python benchmarks/ci_coverage.py [--reps 2000] [--boot 1000] [--seed 0] [--seeds 3 5 10 15 20]
 """
@@ -41,7 +42,7 @@ import numpy as np
 from scipy import stats
 
 from orchestrator.report import budget_interval, first_crossing, t_interval
-from orchestrator.report.statistics import BCA_FROM, interval
+from orchestrator.report.statistics import BCA_FROM, bounded_interval, interval
 
 SEEDS = (3, 5, 10, 15, 20)
 BETA = (45.0, 5.0)
@@ -187,10 +188,12 @@ def main() -> None:
             values, truth = draw(rng, process, args.reps, seeds)
             percentile, boot_t = bootstraps(values, args.boot, rng)
             bc = bca(values, args.boot, rng)
-            intervals = (t_interval(values), logit_t(values), percentile, boot_t, bc, interval(values))
+            report = bounded_interval(values, 0.0, 1.0)
+            intervals = (t_interval(values), logit_t(values), percentile, boot_t, bc, report)
             rows.append((process, seeds, [scored(i, truth, 0.0, 1.0) for i in intervals]))
-    print(f"\n(the report's interval holds BCa's from {BCA_FROM} seeds on)")
-    columns = ["Student t", "logit t", "percentile bootstrap", "bootstrap-t", "BCa", "report: t ∪ BCa"]
+    print(f"\n(the report's interval holds BCa's from {BCA_FROM} seeds on, and logit t's where t passes 0 or 1)")
+    report = "report: t ∪ BCa ∪ logit near a bound"
+    columns = ["Student t", "logit t", "percentile bootstrap", "bootstrap-t", "BCa", report]
     table(f"Coverage of the 95% CI of a series' mean ({args.reps} tables per cell)", rows, columns)
 
     rows = []

@@ -29,7 +29,7 @@ from orchestrator.report import (
     t_interval,
     verdict,
 )
-from orchestrator.report.statistics import BCA_FROM, FEW_SEEDS, interval
+from orchestrator.report.statistics import BCA_FROM, FEW_SEEDS, bounded_interval, interval
 from tests.orchestrator.report.synthetic import curves_table, series_rows
 
 REPS = 10_000  # the coverage count's standard error is 0.0022 at 95%
@@ -287,10 +287,10 @@ def test_mean_over_an_axis_averages_each_seed_over_its_values_then_takes_the_t_i
     row = means.iloc[0]
     per_seed = [(0.5 + 0.3 + 0.1) / 3, (0.6 + 0.4 + 0.2) / 3]  # seed 2 lacks depth 6
     assert (row["seeds"], row["test_acc_mean"]) == (2, pytest.approx(np.mean(per_seed)))
-    half = 12.7062 * np.std(per_seed, ddof=1) / np.sqrt(2)  # t(1)
-    assert (row["test_acc_ci_lo"], row["test_acc_ci_hi"]) == pytest.approx(
-        (np.mean(per_seed) - half, np.mean(per_seed) + half), rel=1e-4
-    )
+    half = 12.7062 * np.std(per_seed, ddof=1) / np.sqrt(2)  # t(1): reaches below 0, so the logit interval too
+    lo, hi = bounded_interval(per_seed, 0.0, 1.0)
+    assert (row["test_acc_ci_lo"], row["test_acc_ci_hi"]) == pytest.approx((lo, hi))
+    assert lo == 0.0 and hi == pytest.approx(np.mean(per_seed) + half, rel=1e-4)
     message = "--mean-over model.depth: not a config path .* axes: mask.sparsity, model.n_layers"
     with pytest.raises(ConfigError, match=message):
         mean_over(si2, "model.depth")
@@ -399,7 +399,8 @@ def _pairs(rng, process: str, p: float, shape) -> tuple[np.ndarray, np.ndarray]:
 
 
 CLAIMS = [  # (process, p, seeds, of what): where docs/STATISTICS.md claims coverage >= 0.93
-    ("ceiling", 0.0, 5, "mean"), ("ceiling", 0.0, 10, "mean"), ("ceiling", 0.0, 3, "difference"),
+    ("ceiling", 0.0, 3, "mean"), ("ceiling", 0.0, 5, "mean"), ("ceiling", 0.0, 10, "mean"),
+    ("ceiling", 0.0, 3, "difference"),
     ("ceiling", 0.0, 10, "difference"), ("mask", 0.33, 10, "mean"), ("mask", 0.33, 10, "difference"),
     ("mask", 0.2, 15, "mean"), ("mask", 0.2, 15, "difference"), ("acc", 0.2, 15, "mean"),
     ("acc", 0.2, 15, "difference"),
@@ -413,8 +414,29 @@ def test_the_report_interval_covers_bimodal_and_ceiling_outcomes_from_the_claime
     truth = big_a.mean() - (big_b.mean() if of == "difference" else 0.0)
     a, b = _pairs(rng, process, p, (2000, seeds))
     values = a - b if of == "difference" else a
-    lo, hi = interval(values)  # clipping to [0, 1] as the report does cannot lower coverage
+    # a mean of accuracies as `summarise` gives it; a difference as `paired_differences` (whose
+    # clipping to [-1, 1] cannot lower coverage)
+    lo, hi = bounded_interval(values, 0.0, 1.0) if of == "mean" else interval(values)
     assert 0.93 <= _coverage(lo, hi, truth) <= 0.99
+
+
+def test_near_a_bound_the_mean_interval_also_holds_the_logit_interval_and_elsewhere_is_interval():
+    """Symmetric t undercovers accuracies at the ceiling at 3 seeds (0.92); where t reaches past a
+    bound the summary's interval also holds the logit-scale t interval, which reaches further from it."""
+    rng = np.random.default_rng(7)
+    a, _ = _pairs(rng, "ceiling", 0.0, (2000, 3))
+    truth = _pairs(np.random.default_rng(8), "ceiling", 0.0, 2_000_000)[0].mean()
+    assert _coverage(*interval(a), truth) < 0.93 <= _coverage(*bounded_interval(a, 0.0, 1.0), truth)
+    lo, hi = bounded_interval([0.99, 1.0, 0.995], 0.0, 1.0)
+    t_lo, _ = t_interval([0.99, 1.0, 0.995])
+    assert lo < t_lo and hi == 1.0  # further from the bound, clipped at it
+    mid = [0.5, 0.7, 0.6]
+    assert bounded_interval(mid, 0.0, 1.0) == pytest.approx(interval(mid))  # t inside the range: unchanged
+    assert bounded_interval(mid) == pytest.approx(interval(mid))  # no range: unchanged
+    assert bounded_interval([1.0, 1.0, 1.0], 0.0, 1.0) == (1.0, 1.0)  # all at the bound: no spread
+    assert all(np.isnan(bounded_interval([0.9], 0.0, 1.0)))  # one seed: no interval
+    lo, hi = bounded_interval(np.array([[0.99, 1.0, 0.995], mid]), 0.0, 1.0)  # rows, as `interval` takes
+    assert lo[0] < t_lo and lo[1] == pytest.approx(interval(mid)[0])
 
 
 def test_no_interval_covers_failures_three_seeds_have_not_shown():
