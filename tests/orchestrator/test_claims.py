@@ -110,6 +110,9 @@ def test_the_command_exits_1_naming_each_failed_claim_0_when_all_agree_2_on_a_mi
     bad.write_text(f"The method is **worse** at n = 100 ([f](cmp/findings.md#{report[100]})).\n")
     assert main(["check-claims", str(good), str(bad)]) == 1
     assert f"BAD.md:1: **worse** cites {report[100]}, whose verdict is better" in capsys.readouterr().out
+    assert main(["check-claims", str(good), "--seeds"]) == 0
+    out = capsys.readouterr().out
+    assert "below_15" in out and "1 finding(s) cited (1 at 3 seeds); 1 rest on fewer than 15 seeds" in out
     assert main(["check-claims", str(tmp_path / "missing.md")]) == 2
 
 
