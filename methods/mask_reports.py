@@ -165,11 +165,15 @@ def plot_sparsity(summary: pd.DataFrame):
 
 @register_report("mask_overlap")
 def _mask_overlap(ctx: ReportContext) -> list:
-    overlap = mask_overlap(load_masks(ctx.artifacts("mask")), ctx.differences)
-    if overlap.empty:
-        return []
+    masks, note = load_masks(ctx.artifacts("mask")), NOTE
+    overlap = mask_overlap(masks, ctx.differences) if masks else None
+    if overlap is None or overlap.empty:  # no masks here: keep the rebuilt report's own table, if any
+        overlap = ctx.previous("mask_overlap")
+        if overlap is None or overlap.empty:
+            return []
+        note = NOTE + " Kept from the report this one was rebuilt from: its masks are not in these folders."
     caption = "Jaccard overlap of discovered masks against random masks"
-    return [Table("mask_overlap", MASKS, overlap, overlap_table(overlap), NOTE),
+    return [Table("mask_overlap", MASKS, overlap, overlap_table(overlap), note),
             Figure("mask_overlap", caption, plot_overlap(overlap))]  # fmt: skip
 
 

@@ -24,12 +24,15 @@ class ReportContext:
     """`summary`: per series and budget, `label`, `family`, `task`, one column per axis and
     `<column>_mean`/`_ci_lo`/`_ci_hi` per summarised column; `table`: the merged rows;
     `artifacts(kind)`: (key, tensors) of every readable artifact of `kind` in the sweeps' stores;
-    `differences(configs)`: per nested dict, the `path=value` fields that tell it apart ("" for none)."""
+    `differences(configs)`: per nested dict, the `path=value` fields that tell it apart ("" for none);
+    `previous(name)`: the table `<name>.parquet` of the report already in the input folders (a
+    committed report rebuilt from its rows, without the artifacts it was made from), or None."""
 
     summary: Any  # pandas.DataFrame
     table: Any  # pandas.DataFrame
     artifacts: Callable[[str], list[tuple[dict, dict[str, Any]]]]
     differences: Callable[[list[dict]], list[str]]
+    previous: Callable[[str], Any] = lambda name: None
 
 
 @dataclasses.dataclass(frozen=True)

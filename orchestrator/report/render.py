@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 import logging
 from dataclasses import dataclass
@@ -119,6 +120,23 @@ def artifact_roots(out_dirs: list) -> list[str]:
     return list(dict.fromkeys(roots))
 
 
+def previous_tables(out_dirs: list):
+    """`previous(name)`: `<name>.parquet` of the report already in the input folders (a committed report
+    folder itself, or a run's `report/`), all found concatenated; None when none has it."""
+
+    def previous(name: str):
+        frames = []
+        for location in out_dirs:
+            out = as_outdir(location)
+            for candidate in (f"{name}.parquet", f"report/{name}.parquet"):
+                if out.exists(candidate):
+                    frames.append(pd.read_parquet(io.BytesIO(out.read_bytes(candidate))))
+                    break
+        return pd.concat(frames, ignore_index=True) if frames else None
+
+    return previous
+
+
 def stored_artifacts(roots: list[str]):
     """`artifacts(kind)`: (key, tensors) of every readable artifact of `kind` in the stores at `roots`;
     a store that does not exist or cannot be reached, or an unreadable artifact, is skipped (logged)."""
@@ -203,7 +221,8 @@ def write_report(
     report_dir.mkdir(parents=True, exist_ok=True)
     summary, head = statistics.summarise(table), statistics.headline(table, target=target)
     done = prepare(table)[0] if not summary.empty else None
-    context = ReportContext(summary, table, stored_artifacts(artifact_roots(out_dirs)), _differences)
+    context = ReportContext(summary, table, stored_artifacts(artifact_roots(out_dirs)), _differences,
+                            previous_tables(out_dirs))  # fmt: skip
     extras = [out for _, extra in REPORTS.items() for out in extra(context)]
     plotted = [column for column in results.plotted_columns(table) if _has(summary, column)]
     profiles = []
@@ -333,7 +352,9 @@ def _notes(summary: pd.DataFrame, table: pd.DataFrame) -> str:
     text = (
         f"Intervals are 95% intervals of the mean over seeds: Student t (mean ± t(0.975, k-1) · s/√k) below "
         f"{statistics.BCA_FROM} seeds, from then on the smallest interval holding the t and the BCa bootstrap "
-        "intervals (docs/STATISTICS.md); the budget interval inverts the t bands of the mean curve.\n"
+        "intervals; a mean whose t interval reaches past its metric's range (0 or 1 for an accuracy) also "
+        "holds the t interval on the logit scale (docs/STATISTICS.md); the budget interval inverts the t "
+        "bands of the mean curve.\n"
     )
     few = sorted(set(summary.loc[summary["few_seeds"], "label"])) if "few_seeds" in summary else []
     if few:

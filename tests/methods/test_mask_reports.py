@@ -2,6 +2,7 @@
 masks of the same densities, and the sparsity-against-subtask figure."""
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -77,3 +78,26 @@ def test_no_mask_overlap_figure_with_fewer_than_two_masks(tmp_path):
     report = write_report([out])
     assert not (report / "mask_overlap.png").exists() and not (report / "mask_overlap.parquet").exists()
     assert "mask_overlap.svg" not in (report / "index.html").read_text()
+
+
+def test_a_report_rebuilt_from_its_folder_without_the_masks_keeps_their_overlap(tmp_path):
+    """A committed report folder holds its rows but not the masks: rebuilding it from itself keeps the
+    mask overlap it was made with, and says so, rather than dropping the section."""
+    out = tmp_path / "run"
+    write_results(out, curves_table({"subtask_induction": {0: [0.3, 0.35], 99: [0.95, 0.9]}}, 0.5))
+    store = ArtifactStore(out / "artifacts")
+    _store_mask(store, _mask_key(0, 0.5), slice(0, 500))
+    _store_mask(store, _mask_key(1, 0.5), slice(100, 600))
+    committed = tmp_path / "docs" / "run"
+    write_report([out], committed)
+    shutil.copy(out / "results.parquet", committed / "results.parquet")
+    first = pd.read_parquet(committed / "mask_overlap.parquet")
+    write_report([committed], committed)  # no artifacts beside it
+    again = pd.read_parquet(committed / "mask_overlap.parquet")
+    pd.testing.assert_frame_equal(first, again)
+    summary = (committed / "summary.md").read_text()
+    assert "Mask overlap" in summary and "its masks are not in these folders" in summary
+    shutil.rmtree(out / "artifacts")
+    (committed / "mask_overlap.parquet").unlink()
+    write_report([committed], committed)  # nothing to keep: no section
+    assert "Mask overlap" not in (committed / "summary.md").read_text()
