@@ -166,12 +166,13 @@ def plot_sparsity(summary: pd.DataFrame):
 @register_report("mask_overlap")
 def _mask_overlap(ctx: ReportContext) -> list:
     masks, note = load_masks(ctx.artifacts("mask")), NOTE
-    overlap = mask_overlap(masks, ctx.differences) if masks else None
-    if overlap is None or overlap.empty:  # no masks here: keep the rebuilt report's own table, if any
+    if masks:
+        overlap = mask_overlap(masks, ctx.differences)
+    else:  # no masks here (a committed report rebuilt from its rows): keep its own table, if any
         overlap = ctx.previous("mask_overlap")
-        if overlap is None or overlap.empty:
-            return []
         note = NOTE + " Kept from the report this one was rebuilt from: its masks are not in these folders."
+    if overlap is None or overlap.empty:
+        return []
     caption = "Jaccard overlap of discovered masks against random masks"
     return [Table("mask_overlap", MASKS, overlap, overlap_table(overlap), note),
             Figure("mask_overlap", caption, plot_overlap(overlap))]  # fmt: skip

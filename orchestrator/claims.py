@@ -118,7 +118,7 @@ def _verdict(target: Path, anchor: str, cache: dict[Path, pd.DataFrame]) -> str:
 
 
 def cited(paths: list[Path]) -> pd.DataFrame:
-    """Each finding the files cite, once: its report folder (as cited, resolved), id, verdict and
+    """Each finding the files cite, once: its report folder (as cited, normalised), id, verdict and
     seeds (pairs), and `few_seeds` (fewer than `FEW_SEEDS`, where the report's interval may undercover
     bimodal outcomes: docs/STATISTICS.md). Citations that resolve to no finding are left out
     (`check_files` names them)."""
@@ -134,12 +134,13 @@ def cited(paths: list[Path]) -> pd.DataFrame:
                     found = _finding(target, token["anchor"], cache)
                 except LookupError:
                     continue
-                rows[(str(target.parent), token["anchor"])] = (str(found["verdict"]), int(found["seeds"]))
+                seeds = pd.to_numeric(found.get("seeds"), errors="coerce")
+                rows[(str(target.parent), token["anchor"])] = (str(found["verdict"]), seeds)
     frame = pd.DataFrame(
         [(report, anchor, verdict, seeds) for (report, anchor), (verdict, seeds) in rows.items()],
         columns=["report", "id", "verdict", "seeds"],
     )
-    return frame.assign(few_seeds=frame["seeds"] < FEW_SEEDS)
+    return frame.assign(few_seeds=frame["seeds"] < FEW_SEEDS)  # a finding without seeds: not counted as few
 
 
 def seeds_summary(found: pd.DataFrame) -> str:
@@ -147,8 +148,8 @@ def seeds_summary(found: pd.DataFrame) -> str:
     if found.empty:
         return "no finding cited"
     few = found[found["few_seeds"]]
-    decisive = found["verdict"].isin(["better", "worse", "equivalent"])
-    counts = ", ".join(f"{n} at {k}" for k, n in found["seeds"].value_counts().sort_index().items())
+    decisive = found["verdict"].isin([v for v in VERDICTS if v not in ("undecided", "gated")])
+    counts = ", ".join(f"{n} at {k:g}" for k, n in found["seeds"].value_counts().sort_index().items())
     return (
         f"{len(found)} finding(s) cited ({counts} seeds); {len(few)} rest on fewer than {FEW_SEEDS} seeds, "
         f"{int((found['few_seeds'] & decisive).sum())} of them better, worse or equivalent "

@@ -122,16 +122,20 @@ def artifact_roots(out_dirs: list) -> list[str]:
 
 def previous_tables(out_dirs: list):
     """`previous(name)`: `<name>.parquet` of the report already in the input folders (a committed report
-    folder itself, or a run's `report/`), all found concatenated; None when none has it."""
+    folder itself, or a run's `report/`), all found concatenated; None when none has it. A folder that
+    cannot be read is skipped (logged). Extras call it only where their own inputs are absent."""
 
     def previous(name: str):
         frames = []
         for location in out_dirs:
             out = as_outdir(location)
             for candidate in (f"{name}.parquet", f"report/{name}.parquet"):
-                if out.exists(candidate):
-                    frames.append(pd.read_parquet(io.BytesIO(out.read_bytes(candidate))))
-                    break
+                try:
+                    if out.exists(candidate):
+                        frames.append(pd.read_parquet(io.BytesIO(out.read_bytes(candidate))))
+                        break
+                except (OSError, ValueError) as err:  # unreachable remote folder or unreadable table
+                    log.info("report: skipping %s in %s (%s)", candidate, location, err)
         return pd.concat(frames, ignore_index=True) if frames else None
 
     return previous

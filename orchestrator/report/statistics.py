@@ -88,8 +88,10 @@ def bounded_interval(values, low: float = -np.inf, high: float = np.inf, level: 
     [0, 1], mapped back), then clipped to the range. Near a bound the values pile up against it, the
     mean's sampling distribution is skewed away from it, and symmetric t undercovers (0.92 at 3-5
     seeds on accuracies at the ceiling); the logit interval reaches further from the bound (0.96).
-    Where t stays inside the range, or the range is not finite, this is `interval`, clipped. Bounds as
-    `t_interval`'s. Measured: docs/STATISTICS.md."""
+    Where t stays inside the range, or the range is not finite, this is `interval`, clipped, so the
+    interval jumps where t first reaches the bound; where seeds sit exactly at the bound the logit
+    interval is wide (seeds 1, 1, 0.97: [0.56, 1]). Bounds as `t_interval`'s. Measured:
+    docs/STATISTICS.md."""
     v = np.asarray(values, dtype=float)
     lo, hi = interval(v, level, axis)
     if np.isfinite(low) and np.isfinite(high):
@@ -183,7 +185,8 @@ def curve_area(n: np.ndarray, acc: np.ndarray) -> float:
 
 def summarise(table: pd.DataFrame, level: float = LEVEL, columns: list[str] | None = None) -> pd.DataFrame:
     """Per (series, n_train): seeds, `few_seeds` (fewer than `FEW_SEEDS`: the interval may undercover
-    bimodal outcomes), and mean/std/CI (`interval`, `level`) of every summarised column (or of `columns`)."""
+    bimodal outcomes), and mean/std/CI (`bounded_interval` in the column's `bounds`, `level`) of every
+    summarised column (or of `columns`)."""
     done, info = prepare(table)
     metrics = [c for c in (columns or results.summarised_columns(done)) if c in done.columns]
     out = []
@@ -467,7 +470,8 @@ def mean_over_differences(
 def _per_seed_means(frames: list[pd.DataFrame], level: float, limits: tuple[float, float] | None = None):
     """For each budget every frame has: (budget, seeds, mean, lo, hi) of the per-seed means over
     `frames`, over the seeds every frame has there; the interval is `bounded_interval`'s in `limits`
-    (a metric's `bounds`), else `interval`'s inside [-1, 1] (a difference of accuracies)."""
+    (a metric's `bounds`), else `interval`'s inside [-1, 1], as `mean_over_differences` has always
+    clipped it."""
     for n in sorted(set.intersection(*(set(f.columns) for f in frames))):
         per_value = pd.concat([f[n] for f in frames], axis=1).dropna()
         if not per_value.empty:

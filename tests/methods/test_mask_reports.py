@@ -3,6 +3,7 @@ masks of the same densities, and the sparsity-against-subtask figure."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -97,7 +98,20 @@ def test_a_report_rebuilt_from_its_folder_without_the_masks_keeps_their_overlap(
     pd.testing.assert_frame_equal(first, again)
     summary = (committed / "summary.md").read_text()
     assert "Mask overlap" in summary and "its masks are not in these folders" in summary
-    shutil.rmtree(out / "artifacts")
     (committed / "mask_overlap.parquet").unlink()
     write_report([committed], committed)  # nothing to keep: no section
     assert "Mask overlap" not in (committed / "summary.md").read_text()
+
+
+def test_a_run_whose_masks_no_longer_pair_does_not_reuse_its_last_overlap_table(tmp_path):
+    out = tmp_path / "run"
+    write_results(out, curves_table({"subtask_induction": {0: [0.3, 0.35], 99: [0.95, 0.9]}}, 0.5))
+    store = ArtifactStore(out / "artifacts")
+    _store_mask(store, _mask_key(0, 0.5), slice(0, 500))
+    _store_mask(store, _mask_key(1, 0.5), slice(100, 600))
+    report = write_report([out])  # OUT/report/, which the next report reads as the previous one
+    assert "Mask overlap" in (report / "summary.md").read_text()
+    [(_, _, path)] = [entry for entry in store.entries("mask") if entry[0]["source"]["seed"] == 1]
+    Path(path).unlink()
+    write_report([out])  # one mask left: no pair, and the old table is not reused
+    assert "Mask overlap" not in (report / "summary.md").read_text()

@@ -287,7 +287,7 @@ def test_mean_over_an_axis_averages_each_seed_over_its_values_then_takes_the_t_i
     row = means.iloc[0]
     per_seed = [(0.5 + 0.3 + 0.1) / 3, (0.6 + 0.4 + 0.2) / 3]  # seed 2 lacks depth 6
     assert (row["seeds"], row["test_acc_mean"]) == (2, pytest.approx(np.mean(per_seed)))
-    half = 12.7062 * np.std(per_seed, ddof=1) / np.sqrt(2)  # t(1): reaches below 0, so the logit interval too
+    half = 12.7062 * np.std(per_seed, ddof=1) / np.sqrt(2)  # t(1): reaches below 0, so `bounded_interval`
     lo, hi = bounded_interval(per_seed, 0.0, 1.0)
     assert (row["test_acc_ci_lo"], row["test_acc_ci_hi"]) == pytest.approx((lo, hi))
     assert lo == 0.0 and hi == pytest.approx(np.mean(per_seed) + half, rel=1e-4)
@@ -418,6 +418,15 @@ def test_the_report_interval_covers_bimodal_and_ceiling_outcomes_from_the_claime
     # clipping to [-1, 1] cannot lower coverage)
     lo, hi = bounded_interval(values, 0.0, 1.0) if of == "mean" else interval(values)
     assert 0.93 <= _coverage(lo, hi, truth) <= 0.99
+
+
+def test_the_summary_interval_of_an_accuracy_at_the_ceiling_reaches_below_the_t_interval():
+    table = curves_table({"method": {100: [1.0, 1.0, 0.97], 200: [0.5, 0.7, 0.6]}})
+    summary = summarise(table).set_index("n_train")
+    t_lo, _ = t_interval([1.0, 1.0, 0.97])
+    lo, hi = summary.loc[100, ["test_acc_ci_lo", "test_acc_ci_hi"]]
+    assert (lo, hi) == pytest.approx(bounded_interval([1.0, 1.0, 0.97], 0.0, 1.0)) and lo < t_lo and hi == 1.0
+    assert summary.loc[200, "test_acc_ci_lo"] == pytest.approx(t_interval([0.5, 0.7, 0.6])[0])  # inside: t
 
 
 def test_near_a_bound_the_mean_interval_also_holds_the_logit_interval_and_elsewhere_is_interval():
