@@ -42,7 +42,7 @@ import numpy as np
 from scipy import stats
 
 from orchestrator.report import budget_interval, first_crossing, t_interval
-from orchestrator.report.statistics import BCA_FROM, bounded_interval, interval
+from orchestrator.report.statistics import BCA_FROM, bounded_interval, interval, logit_t_interval
 
 SEEDS = (3, 5, 10, 15, 20)
 BETA = (45.0, 5.0)
@@ -120,14 +120,8 @@ def bca(values: np.ndarray, n_boot: int, rng):
 def logit_t(values: np.ndarray):
     """t interval of a mean of accuracies on the logit scale (delta method), per row; the plain t
     interval where the mean is 0 or 1."""
-    k = values.shape[1]
-    m, se = values.mean(axis=1), values.std(axis=1, ddof=1) / np.sqrt(k)
-    inside = (m > 0) & (m < 1)
-    mm = np.where(inside, m, 0.5)
-    half = stats.t.ppf(0.975, k - 1) * se / (mm * (1 - mm))
-    lo, hi = stats.logistic.cdf(stats.logistic.ppf(mm) - half), stats.logistic.cdf(stats.logistic.ppf(mm) + half)
-    t_lo, t_hi = t_interval(values)
-    return np.where(inside, lo, t_lo), np.where(inside, hi, t_hi)
+    (lo, hi), (t_lo, t_hi) = logit_t_interval(values), t_interval(values)
+    return np.where(np.isnan(lo), t_lo, lo), np.where(np.isnan(hi), t_hi, hi)
 
 
 def coverage(interval, truth) -> float:

@@ -87,7 +87,7 @@ def check(path: Path, cache: dict[Path, pd.DataFrame] | None = None) -> list[str
             owner = max(at, 0)  # citations before the first verdict belong to it
             governed[owner] += 1
             try:
-                found = _verdict(path.parent / token["target"], token["anchor"], cache)
+                found = _verdict(_target(path, token["target"]), token["anchor"], cache)
             except LookupError as missing:
                 problems.append(f"{where}: {missing}: {short}")
                 continue
@@ -97,6 +97,11 @@ def check(path: Path, cache: dict[Path, pd.DataFrame] | None = None) -> list[str
         unbacked = [verdict for verdict, n in zip(verdicts, governed, strict=True) if not n]
         problems += [f"{where}: **{verdict}** cites no finding: {short}" for verdict in unbacked]
     return problems
+
+
+def _target(document: Path, link: str) -> Path:
+    """The `findings.md` a document's link points at, normalised (one cache key per report)."""
+    return Path(os.path.normpath(document.parent / link))
 
 
 def _finding(target: Path, anchor: str, cache: dict[Path, pd.DataFrame]) -> pd.Series:
@@ -117,19 +122,19 @@ def _verdict(target: Path, anchor: str, cache: dict[Path, pd.DataFrame]) -> str:
     return str(_finding(target, anchor, cache)["verdict"])
 
 
-def cited(paths: list[Path]) -> pd.DataFrame:
+def cited(paths: list[Path], cache: dict[Path, pd.DataFrame] | None = None) -> pd.DataFrame:
     """Each finding the files cite, once: its report folder (as cited, normalised), id, verdict and
     seeds (pairs), and `few_seeds` (fewer than `FEW_SEEDS`, where the report's interval may undercover
     bimodal outcomes: docs/STATISTICS.md). Citations that resolve to no finding are left out
-    (`check_files` names them)."""
-    cache: dict[Path, pd.DataFrame] = {}
+    (`check_files` names them). `cache`: findings tables already read, as `check_files` fills it."""
+    cache = {} if cache is None else cache
     rows = {}
     for path in paths:
         for _, sentence in sentences(path.read_text()):
             for token in _TOKEN.finditer(_CODE.sub("", sentence)):
                 if not token["target"]:
                     continue
-                target = Path(os.path.normpath(path.parent / token["target"]))
+                target = _target(path, token["target"])
                 try:
                     found = _finding(target, token["anchor"], cache)
                 except LookupError:
@@ -157,10 +162,11 @@ def seeds_summary(found: pd.DataFrame) -> str:
     )
 
 
-def check_files(paths: list[Path]) -> list[str]:
-    """The failed claims of every file; ConfigError when a file does not exist."""
+def check_files(paths: list[Path], cache: dict[Path, pd.DataFrame] | None = None) -> list[str]:
+    """The failed claims of every file; ConfigError when a file does not exist. `cache`: findings
+    tables read, kept for a later `cited`."""
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise ConfigError(f"check-claims: no such file: {', '.join(missing)}")
-    cache: dict[Path, pd.DataFrame] = {}
+    cache = {} if cache is None else cache
     return [problem for path in paths for problem in check(path, cache)]

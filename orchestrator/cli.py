@@ -340,10 +340,11 @@ def _check_claims(args) -> int:
     from orchestrator.claims import check_files, cited, seeds_summary
     from orchestrator.report.statistics import FEW_SEEDS
 
-    problems = check_files(args.files)
+    cache = {}  # each findings table read once, for both
+    problems = check_files(args.files, cache)
     for problem in problems:
         print(problem)
-    found = cited(args.files)
+    found = cited(args.files, cache)
     if args.seeds and not found.empty:
         by = found.groupby("report").agg(
             cited=("id", "size"), min_seeds=("seeds", "min"), max_seeds=("seeds", "max"),

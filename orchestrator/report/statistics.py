@@ -96,21 +96,32 @@ def bounded_interval(values, low: float = -np.inf, high: float = np.inf, level: 
     lo, hi = interval(v, level, axis)
     if np.isfinite(low) and np.isfinite(high):
         t_lo, t_hi = t_interval(v, level, axis)
-        v = np.where(np.isfinite(v), v, np.nan)
-        k = np.sum(np.isfinite(v), axis=axis)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # k < 2 and constant rows: NaN, t stands
-            u = (v - low) / (high - low)
-            m, se = np.nanmean(u, axis=axis), np.nanstd(u, axis=axis, ddof=1) / np.sqrt(np.maximum(k, 1))
-            half = stats.t.ppf(0.5 + level / 2, np.maximum(k - 1, 1)) * se / (m * (1 - m))
-            centre = np.log(m) - np.log1p(-m)
-            l_lo = low + (high - low) * stats.logistic.cdf(centre - half)
-            l_hi = low + (high - low) * stats.logistic.cdf(centre + half)
-        use = (k >= 2) & ((t_lo < low) | (t_hi > high)) & (m > 0) & (m < 1) & np.isfinite(half)
+        l_lo, l_hi = logit_t_interval(v, low, high, level, axis)
+        use = ((t_lo < low) | (t_hi > high)) & np.isfinite(l_lo) & np.isfinite(l_hi)
         lo, hi = np.where(use, np.fmin(lo, l_lo), lo), np.where(use, np.fmax(hi, l_hi), hi)
     lo = np.where(np.isnan(lo), lo, np.maximum(lo, low))
     hi = np.where(np.isnan(hi), hi, np.minimum(hi, high))
     return (float(lo), float(hi)) if np.ndim(lo) == 0 else (lo, hi)
+
+
+def logit_t_interval(values, low: float = 0.0, high: float = 1.0, level: float = LEVEL, axis: int = -1):
+    """The t interval of the mean of values in [`low`, `high`] on the logit scale of the range (delta
+    method: logit(m) ± t · se / (m (1 - m)), m and se scaled to [0, 1]), mapped back: (lo, hi) as
+    `t_interval`'s, NaN where fewer than two values are finite or the mean lies on a bound."""
+    v = np.asarray(values, dtype=float)
+    v = np.where(np.isfinite(v), v, np.nan)
+    k = np.sum(np.isfinite(v), axis=axis)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # k < 2 and means on a bound: NaN
+        u = (v - low) / (high - low)
+        m, se = np.nanmean(u, axis=axis), np.nanstd(u, axis=axis, ddof=1) / np.sqrt(np.maximum(k, 1))
+        half = stats.t.ppf(0.5 + level / 2, np.maximum(k - 1, 1)) * se / (m * (1 - m))
+        centre = np.log(m) - np.log1p(-m)
+        lo = low + (high - low) * stats.logistic.cdf(centre - half)
+        hi = low + (high - low) * stats.logistic.cdf(centre + half)
+    ok = (k >= 2) & (m > 0) & (m < 1) & np.isfinite(half)
+    lo, hi = np.where(ok, lo, np.nan), np.where(ok, hi, np.nan)
+    return (float(lo), float(hi)) if lo.ndim == 0 else (lo, hi)
 
 
 def bounds(metric: str) -> tuple[float, float]:
